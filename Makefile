@@ -1,0 +1,35 @@
+.DEFAULT_GOAL := help
+.PHONY: help install run test lint format worker api migrate clean
+
+help:  ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
+
+install:  ## Create .venv with the pinned runtime and dev requirements
+	scripts/bootstrap.sh requirements-dev.txt
+
+run:  ## Install and run everything on embedded defaults (SQLite, local Redis, worker, API :5000)
+	scripts/run_local.sh
+
+test:  ## Run the whole test suite against real Redis, PostgreSQL, SQLite and a worker
+	scripts/test.sh
+
+lint:  ## ruff lint and format check
+	scripts/bootstrap.sh requirements-dev.txt
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+format:  ## Apply ruff fixes and formatting
+	.venv/bin/ruff check --fix .
+	.venv/bin/ruff format .
+
+migrate:  ## Apply database migrations to DATABASE_URL
+	.venv/bin/python -m shared.migrate upgrade
+
+worker:  ## Run one classification worker in the foreground
+	.venv/bin/celery -A worker.celery_app worker --loglevel INFO
+
+api:  ## Run the API under gunicorn on :5000
+	.venv/bin/gunicorn --bind 0.0.0.0:5000 --worker-class gthread --threads 32 --timeout 90 'api.wsgi:app'
+
+clean:  ## Remove local state (var/, caches)
+	rm -rf var .cache .pytest_cache test-output

@@ -1,0 +1,78 @@
+"""The HTTP API: ``create_app(config=None)`` builds a Flask app from shared.config."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, request
+from flask_smorest import Api
+from flask_swagger_ui import get_swaggerui_blueprint
+
+from api.errors import register_error_handlers
+from api.schemas import ErrorSchema
+from api.services import Services, close_db
+from shared.config import Config
+from shared.errors import InvalidJSON
+
+API_TITLE = "imgclf: queued batch image classification"
+MULTIPART_OVERHEAD = 1024 * 1024
+
+
+def create_app(config: Config | None = None, **overrides: Any) -> Flask:
+    config = config or Config.from_env()
+    if overrides:
+        config = config.replace(**overrides)
+    logging.basicConfig(level=config.log_level)
+    app = Flask(__name__)
+    app.config.update(
+        MAX_CONTENT_LENGTH=config.max_image_bytes + MULTIPART_OVERHEAD,
+        API_TITLE=API_TITLE,
+        API_VERSION="v1",
+        OPENAPI_VERSION="3.0.3",
+        OPENAPI_URL_PREFIX="/",
+        OPENAPI_JSON_PATH="openapi.json",
+    )
+    app.extensions["imgclf"] = Services.build(config)
+    app.teardown_appcontext(close_db)
+    app.before_request(_reject_malformed_json)
+
+    app.json.sort_keys = False
+    api = ServiceApi(app, spec_kwargs={"components": _security_components(), "security": _SECURITY})
+    from api.routes import admin, health, jobs, legacy, users
+
+    for blp in (users.blp, admin.blp, jobs.blp, health.blp, legacy.blp):
+        api.register_blueprint(blp)
+    app.register_blueprint(
+        get_swaggerui_blueprint("/docs", "/openapi.json", config={"app_name": API_TITLE}),
+        url_prefix="/docs",
+    )
+    register_error_handlers(app)
+
+    from api.cli import register_cli
+
+    register_cli(app)
+    return app
+
+
+class ServiceApi(Api):
+    # Default error responses in the spec use the service's own error format.
+    ERROR_SCHEMA = ErrorSchema
+
+
+_SECURITY = [{"bearerAuth": []}, {"basicAuth": []}]
+
+
+def _security_components() -> dict:
+    return {
+        "securitySchemes": {
+            "bearerAuth": {"type": "http", "scheme": "bearer", "description": "API key"},
+            "basicAuth": {"type": "http", "scheme": "basic"},
+        }
+    }
+
+
+def _reject_malformed_json() -> None:
+    # One check for every endpoint: a JSON body that does not parse is a 400, not a 422.
+    if request.is_json and request.content_length and request.get_json(silent=True) is None:
+        raise InvalidJSON()

@@ -1,0 +1,127 @@
+"""Authentication: HTTP Basic (bcrypt) or Bearer API keys (sha256 lookup, no bcrypt per request)."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import secrets
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import bcrypt
+from flask import g, request
+from sqlalchemy import select, update
+
+from api.services import db, services
+from shared.errors import Forbidden, Unauthorized, ValidationFailed
+from shared.models import ApiKey, User, utcnow
+
+KEY_PREFIX = "ick_"
+PREFIX_LEN = len(KEY_PREFIX) + 8
+LAST_USED_RESOLUTION = timedelta(minutes=1)
+MAX_PASSWORD_BYTES = 72  # bcrypt ignores (bcrypt>=5: rejects) anything longer
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Checked against when the username is unknown, so timing does not reveal which names exist.
+_DUMMY_HASH = bcrypt.hashpw(b"not-a-password", bcrypt.gensalt(rounds=4))
+
+
+def hash_password(password: str) -> str:
+    rounds = services().config.bcrypt_rounds
+    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=rounds)).decode()
+
+
+def check_password(password: str, password_hash: str | None) -> bool:
+    data = password.encode()
+    if len(data) > MAX_PASSWORD_BYTES:
+        return False
+    if password_hash is None:
+        bcrypt.checkpw(data, _DUMMY_HASH)
+        return False
+    return bcrypt.checkpw(data, password_hash.encode())
+
+
+def validate_password(password: str) -> None:
+    if len(password) < 6 or len(password.encode()) > MAX_PASSWORD_BYTES:
+        raise ValidationFailed("Password must be 6 to 72 bytes long.", code="invalid_password")
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_api_key(user_id: int, name: str = "") -> tuple[ApiKey, str]:
+    """Create a key row (caller adds and commits); the plain key is returned once, never stored."""
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    row = ApiKey(user_id=user_id, name=name, prefix=key[:PREFIX_LEN], key_hash=hash_key(key))
+    return row, key
+
+
+def user_by_password(username: str | None, password: str | None) -> User:
+    if not username or password is None:
+        raise Unauthorized("Username and password are required.")
+    user = db().scalars(select(User).where(User.username == username)).first()
+    if not check_password(password, user.password_hash if user else None):
+        raise Unauthorized("Wrong username or password.", code="invalid_credentials")
+    return user
+
+
+def _user_by_key(key: str) -> User:
+    session = db()
+    row = session.execute(
+        select(ApiKey, User)
+        .join(User, User.id == ApiKey.user_id)
+        .where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None))
+    ).first()
+    if row is None:
+        raise Unauthorized("Invalid or revoked API key.", code="invalid_api_key")
+    api_key, user = row
+    now = utcnow()
+    last = api_key.last_used_at
+    # Record use at a coarse resolution, so authenticating is not a write per request.
+    if last is None or _aware(last) < now - LAST_USED_RESOLUTION:
+        session.execute(update(ApiKey).where(ApiKey.id == api_key.id).values(last_used_at=now))
+        session.commit()
+    g.api_key_id = api_key.id
+    return user
+
+
+def _aware(dt: datetime) -> datetime:
+    # SQLite hands back naive datetimes; everything we store is UTC.
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
+def authenticate() -> User:
+    header = request.headers.get("Authorization", "")
+    scheme, _, credentials = header.partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return _user_by_key(credentials.strip())
+    if scheme.lower() == "basic" and request.authorization:
+        auth = request.authorization
+        return user_by_password(auth.username, auth.password)
+    raise Unauthorized(
+        "Send an API key as 'Authorization: Bearer <key>' or use HTTP Basic auth.",
+        headers={"WWW-Authenticate": 'Basic realm="imgclf", Bearer'},
+    )
+
+
+def login_required(view: F) -> F:
+    @functools.wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        g.user = authenticate()
+        return view(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def admin_required(view: F) -> F:
+    @functools.wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        g.user = authenticate()
+        if not g.user.is_admin:
+            raise Forbidden("This action needs an administrator.", code="admin_required")
+        return view(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]

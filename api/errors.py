@@ -1,0 +1,87 @@
+"""Every error leaves the API as ``{"error": {"code", "message"}}`` with the right status."""
+
+from __future__ import annotations
+
+import logging
+
+import redis.exceptions
+from flask import Flask, jsonify
+from kombu.exceptions import OperationalError as BrokerError
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from werkzeug.exceptions import HTTPException
+
+from shared.errors import ServiceError, ServiceUnavailable
+
+log = logging.getLogger(__name__)
+
+# Werkzeug's HTTP errors get stable codes too (routing, method, size limits).
+HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "rate_limited",
+}
+
+UNAVAILABLE = (
+    OperationalError,
+    PoolTimeout,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    BrokerError,
+)
+
+
+def error_response(err: ServiceError):
+    response = jsonify(err.to_dict())
+    response.status_code = err.status
+    response.headers.update(err.headers)
+    return response
+
+
+def _http_error(exc: HTTPException):
+    data = getattr(exc, "data", None) or {}
+    details = data.get("messages") or data.get("errors")
+    err = ServiceError(
+        data.get("message") or exc.description,
+        code=HTTP_CODES.get(exc.code or 500, "http_error"),
+        status=exc.code or 500,
+        details={"fields": _flatten(details)} if details else None,
+        headers=data.get("headers"),
+    )
+    return error_response(err)
+
+
+def _flatten(messages):
+    # webargs nests errors by location ({"json": {"url": [...]}}); clients want fields.
+    if isinstance(messages, dict) and len(messages) == 1:
+        (only,) = messages.values()
+        if isinstance(only, dict):
+            return only
+    return messages
+
+
+def _unavailable(exc: Exception):
+    log.warning("dependency unavailable: %r", exc)
+    return error_response(ServiceUnavailable())
+
+
+def _unexpected(exc: Exception):
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return _unavailable(exc)
+    log.exception("unhandled error")
+    return error_response(ServiceError())
+
+
+def register_error_handlers(app: Flask) -> None:
+    app.register_error_handler(ServiceError, error_response)
+    app.register_error_handler(HTTPException, _http_error)
+    for exc_type in UNAVAILABLE:
+        app.register_error_handler(exc_type, _unavailable)
+    app.register_error_handler(Exception, _unexpected)

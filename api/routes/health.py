@@ -1,0 +1,44 @@
+"""Liveness and readiness probes."""
+
+from __future__ import annotations
+
+from flask_smorest import Blueprint
+from sqlalchemy import text
+
+from api import schemas
+from api.services import services
+
+blp = Blueprint("health", __name__, description="Probes")
+
+
+@blp.route("/healthz", methods=["GET"])
+@blp.doc(security=[])
+@blp.response(200, schemas.Health)
+def healthz():
+    """The process is up (no dependency is checked)."""
+    return {"status": "ok", "checks": {}}
+
+
+@blp.route("/readyz", methods=["GET"])
+@blp.doc(security=[])
+@blp.response(200, schemas.Health)
+@blp.alt_response(503, schema=schemas.Health, description="A dependency is down")
+def readyz():
+    """The database and Redis answer."""
+    svc = services()
+    checks = {"database": _check(lambda: _ping_db(svc)), "redis": _check(svc.redis.ping)}
+    ok = all(v == "ok" for v in checks.values())
+    return {"status": "ok" if ok else "unavailable", "checks": checks}, 200 if ok else 503
+
+
+def _ping_db(svc) -> None:
+    with svc.engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+
+
+def _check(probe) -> str:
+    try:
+        probe()
+    except Exception as exc:  # a probe reports, it never raises
+        return f"error: {type(exc).__name__}"
+    return "ok"

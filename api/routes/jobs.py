@@ -1,0 +1,197 @@
+"""Classification jobs: submit by URL or upload, read (with long-poll), list, cancel."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from datetime import datetime
+
+import marshmallow as ma
+from flask import g, request
+from flask_smorest import Blueprint
+from sqlalchemy import and_, or_, select
+
+from api import schemas
+from api.auth import login_required
+from api.services import db, services
+from api.submission import build_request, submit, wait_for
+from shared import events, jobs
+from shared.errors import Conflict, NotFound, ValidationFailed
+from shared.models import Job
+from shared.status import JobStatus
+
+blp = Blueprint("jobs", __name__, url_prefix="/v1/jobs", description="Classification jobs")
+
+PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+)", re.I)
+JOB_CREATE_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": "JobCreate"},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "model": {"type": "string"},
+                        "top_k": {"type": "integer", "minimum": 1, "maximum": 20},
+                    },
+                }
+            },
+        },
+    },
+    "parameters": [
+        {
+            "in": "header",
+            "name": "Idempotency-Key",
+            "schema": {"type": "string", "maxLength": 255},
+            "description": "Repeat-safe submission: the same key and body return the first response.",
+        },
+        {
+            "in": "header",
+            "name": "Prefer",
+            "schema": {"type": "string", "example": "wait=30"},
+            "description": "wait=N (N <= 60): answer 200 with the finished job if it ends in time.",
+        },
+    ],
+}
+
+
+def _parse_job_request():
+    if request.mimetype == "multipart/form-data":
+        upload = request.files.get("file")
+        if upload is None:
+            raise ValidationFailed("The multipart form needs a 'file' field.", code="missing_input")
+        fields = _load(request.form.to_dict())
+        return build_request(upload=upload.read(), filename=upload.filename, **fields)
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise ValidationFailed("Send a JSON object or a multipart form.", code="invalid_body")
+    fields = _load({k: v for k, v in body.items() if k != "url"})
+    return build_request(url=body.get("url"), **fields)
+
+
+def _load(data: dict) -> dict:
+    try:
+        return schemas.JobCreate().load(data)
+    except ma.ValidationError as exc:
+        raise ValidationFailed(details={"fields": exc.messages}) from None
+
+
+def _prefer_wait() -> int | None:
+    match = PREFER_WAIT.search(request.headers.get("Prefer", ""))
+    return min(int(match.group(1)), services().config.max_wait_s) if match else None
+
+
+def _idempotency_key() -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not 1 <= len(key) <= 255:
+        raise ValidationFailed(
+            "Idempotency-Key must be 1 to 255 characters.", code="invalid_header"
+        )
+    return key
+
+
+@blp.route("", methods=["POST"])
+@login_required
+@blp.doc(**JOB_CREATE_DOC)
+@blp.response(202, schemas.Job, description="Accepted and queued")
+@blp.alt_response(200, schema=schemas.Job, description="Finished within Prefer: wait")
+@blp.alt_response(402, schema=schemas.ErrorSchema, description="insufficient_tokens")
+@blp.alt_response(409, schema=schemas.ErrorSchema, description="idempotency_key_reused")
+@blp.alt_response(413, schema=schemas.ErrorSchema, description="payload_too_large")
+@blp.alt_response(415, schema=schemas.ErrorSchema, description="unsupported_image_format")
+@blp.alt_response(503, schema=schemas.ErrorSchema, description="service_unavailable")
+def create_job():
+    """Submit one image by URL (JSON) or upload (multipart); costs one token."""
+    wait_s = _prefer_wait()
+    job_request = _parse_job_request()
+    status, body = submit(g.user, job_request, _idempotency_key())
+    if wait_s and status == 202:
+        job = wait_for(body["id"], wait_s)
+        if JobStatus(job.status).is_terminal():
+            return jobs.job_to_dict(job), 200, {"Preference-Applied": f"wait={wait_s}"}
+    return body, status
+
+
+def _own_job(job_id: str) -> Job:
+    job = db().get(Job, job_id)
+    # Someone else's job is indistinguishable from a missing one.
+    if job is None or job.user_id != g.user.id:
+        raise NotFound("No such job.", code="job_not_found")
+    return job
+
+
+@blp.route("/<job_id>", methods=["GET"])
+@login_required
+@blp.arguments(schemas.WaitQuery, location="query")
+@blp.response(200, schemas.Job)
+@blp.alt_response(404, schema=schemas.ErrorSchema, description="job_not_found")
+def get_job(query, job_id: str):
+    """A job; with ?wait=N, answer as soon as it is final or after N seconds."""
+    job = _own_job(job_id)
+    wait_s = min(query["wait"], services().config.max_wait_s)
+    if wait_s and not JobStatus(job.status).is_terminal():
+        job = wait_for(job_id, wait_s)
+    return jobs.job_to_dict(job)
+
+
+@blp.route("", methods=["GET"])
+@login_required
+@blp.arguments(schemas.JobListQuery, location="query")
+@blp.response(200, schemas.JobList)
+def list_jobs(query):
+    """The caller's jobs, newest first; follow next_cursor for the next page."""
+    stmt = select(Job).where(Job.user_id == g.user.id)
+    if "status" in query:
+        stmt = stmt.where(Job.status == query["status"])
+    if "cursor" in query:
+        created, last_id = _decode_cursor(query["cursor"])
+        stmt = stmt.where(
+            or_(Job.created_at < created, and_(Job.created_at == created, Job.id < last_id))
+        )
+    limit = query["limit"]
+    rows = list(db().scalars(stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
+    next_cursor = _encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+    return {"items": [jobs.job_to_dict(j) for j in rows[:limit]], "next_cursor": next_cursor}
+
+
+def _encode_cursor(job: Job) -> str:
+    raw = f"{job.created_at.isoformat()}|{job.id}"
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        created, job_id = raw.split("|", 1)
+        return datetime.fromisoformat(created), job_id
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        raise ValidationFailed("The cursor is not valid.", code="invalid_cursor") from None
+
+
+@blp.route("/<job_id>/cancel", methods=["POST"])
+@login_required
+@blp.response(200, schemas.Job)
+@blp.alt_response(409, schema=schemas.ErrorSchema, description="job_not_cancelable")
+def cancel_job(job_id: str):
+    """Cancel a queued job and refund its token; a job already processing finishes."""
+    job = _own_job(job_id)
+    session = db()
+    if not jobs.cancel(session, job):
+        session.rollback()
+        raise Conflict(
+            f"The job is {session.get(Job, job_id).status}; only queued jobs can be canceled.",
+            code="job_not_cancelable",
+        )
+    session.commit()
+    svc = services()
+    try:
+        svc.uploads.delete(job_id)
+        events.publish_done(svc.redis, svc.config, [job_id])
+    except Exception:  # waiters re-check SQL; the upload's TTL removes it
+        pass
+    session.refresh(job)
+    return jobs.job_to_dict(job)

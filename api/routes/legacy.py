@@ -1,0 +1,162 @@
+"""The seed apps' endpoints, kept for older clients.
+
+They answer with the seed apps' bodies (``status`` and ``msg`` fields, the
+top-5 ``{label: percent}`` map, ``predicted_class``/``confidence_score``), but
+with real HTTP status codes, and errors also carry the v1 ``error`` object.
+Classification runs through the same queue, worker and batching as /v1/jobs.
+"""
+
+from __future__ import annotations
+
+from flask import jsonify, request
+from flask_smorest import Blueprint
+
+from api.auth import authenticate, user_by_password
+from api.routes.admin import refill_user
+from api.routes.users import create_user
+from api.services import services
+from api.submission import build_request, submit, wait_for
+from shared.errors import (
+    Forbidden,
+    ServiceError,
+    Unauthorized,
+    ValidationFailed,
+)
+from shared.models import Job, User
+from shared.status import JobStatus
+
+blp = Blueprint(
+    "legacy", __name__, description="The seed apps' endpoints, kept for older clients; prefer /v1."
+)
+
+
+def _doc(required: list[str], optional: tuple[str, ...] = (), security: list | None = None):
+    props = {
+        name: {"type": "integer" if name == "refill" else "string"}
+        for name in (*required, *optional)
+    }
+    body = {"type": "object", "required": required, "properties": props}
+    return blp.doc(
+        security=[] if security is None else security,
+        requestBody={"required": True, "content": {"application/json": {"schema": body}}},
+    )
+
+
+# The seed app's in-body status codes, by our error code.
+SEED_STATUS = {
+    "username_taken": 301,
+    "user_not_found": 301,
+    "invalid_credentials": 302,
+    "unauthorized": 302,
+    "insufficient_tokens": 303,
+    "admin_required": 304,
+}
+
+
+class Timeout(ServiceError):
+    status, code = 504, "timeout"
+
+
+def _json() -> dict:
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise ValidationFailed("Send a JSON object.", code="invalid_body")
+    return body
+
+
+@blp.errorhandler(ServiceError)
+def _seed_error(err: ServiceError):
+    body = {"status": SEED_STATUS.get(err.code, err.status), "msg": err.message, **err.to_dict()}
+    return jsonify(body), err.status, err.headers
+
+
+@blp.route("/register", methods=["POST"])
+@_doc(["username", "password"])
+def register():
+    """Sign up (seed format); 5 tokens."""
+    body = _json()
+    # The seed app let a client make itself admin with "is_admin"; that field is ignored.
+    create_user(str(body.get("username", "")), str(body.get("password", "")))
+    return {"status": 200, "msg": "You have successfully signed up for the API"}
+
+
+@blp.route("/token", methods=["POST"])
+@_doc(["username", "password"])
+def token():
+    """The caller's balance (free, unlike the seed app)."""
+    body = _json()
+    user = user_by_password(body.get("username"), body.get("password"))
+    # Unlike the seed app, asking for the balance costs nothing.
+    return {
+        "status": 200,
+        "msg": f"You have {user.tokens} tokens remaining.",
+        "tokens": user.tokens,
+    }
+
+
+@blp.route("/refill", methods=["POST"])
+@_doc(["username", "password", "user", "refill"])
+def refill():
+    """Admin: add 'refill' tokens to 'user'."""
+    body = _json()
+    admin = user_by_password(body.get("username"), body.get("password"))
+    if not admin.is_admin:
+        raise Forbidden("You are not authorized to perform this operation.", code="admin_required")
+    amount = body.get("refill")
+    if not isinstance(amount, int) or isinstance(amount, bool) or not 1 <= amount <= 1_000_000:
+        raise ValidationFailed("'refill' must be an integer from 1 to 1000000.")
+    refill_user(str(body.get("user", "")), amount, admin)
+    return {"status": 200, "msg": "Refilled Successfully!"}
+
+
+def _finished(user: User, **job_fields) -> Job:
+    """Submit through the queue and wait for the result, as the seed's synchronous call did."""
+    _, job_body = submit(user, build_request(**job_fields))
+    job = wait_for(job_body["id"], services().config.max_wait_s)
+    if job.status == JobStatus.SUCCEEDED:
+        return job
+    if job.status == JobStatus.FAILED:
+        raise ServiceError(job.error_message, code=job.error_code, status=422)
+    raise Timeout(f"The job {job.id} is still {job.status}; poll GET /v1/jobs/{job.id}.")
+
+
+@blp.route("/classify", methods=["POST"])
+@_doc(["username", "password", "url"])
+def classify():
+    """Classify an image URL; answers the top 5 as {label: percent}. Costs a token."""
+    body = _json()
+    user = user_by_password(body.get("username"), body.get("password"))
+    if not body.get("url"):
+        raise ValidationFailed("No url provided", code="missing_input")
+    job = _finished(user, url=body.get("url"), top_k=5)
+    return {p["label"]: p["score"] * 100 for p in job.result["predictions"]}
+
+
+@blp.route("/predict", methods=["POST"])
+@blp.doc(
+    requestBody={
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                }
+            }
+        },
+    }
+)
+def predict():
+    """Classify an uploaded file; answers predicted_class and confidence_score."""
+    try:
+        user = authenticate()
+    except Unauthorized as err:
+        err.message = "/predict needs HTTP Basic auth (or a Bearer API key): it costs a token."
+        raise
+    upload = request.files.get("file")
+    if upload is None:
+        raise ValidationFailed("Send the image as multipart field 'file'.", code="missing_input")
+    job = _finished(user, upload=upload.read(), filename=upload.filename)
+    top = job.result["predictions"][0]
+    return {"predicted_class": top["label"], "confidence_score": top["score"]}

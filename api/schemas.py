@@ -1,0 +1,132 @@
+"""Request and response schemas: they validate input and generate the OpenAPI document."""
+
+from __future__ import annotations
+
+import marshmallow as ma
+from marshmallow import validate
+
+from shared.status import JobStatus
+
+USERNAME = validate.Regexp(
+    r"^[A-Za-z0-9_.-]{3,64}$", error="3 to 64 letters, digits, '_', '.' or '-'."
+)
+
+
+class ErrorBody(ma.Schema):
+    code = ma.fields.String(required=True, metadata={"example": "insufficient_tokens"})
+    message = ma.fields.String(required=True)
+    details = ma.fields.Dict()
+
+
+class ErrorSchema(ma.Schema):
+    error = ma.fields.Nested(ErrorBody, required=True)
+
+
+class Credentials(ma.Schema):
+    username = ma.fields.String(required=True, validate=USERNAME)
+    password = ma.fields.String(required=True, metadata={"description": "6 to 72 bytes"})
+
+
+class UserCreated(ma.Schema):
+    username = ma.fields.String()
+    tokens = ma.fields.Integer()
+    api_key = ma.fields.String(metadata={"description": "Shown once; store it now."})
+    api_key_id = ma.fields.String()
+
+
+class Me(ma.Schema):
+    username = ma.fields.String()
+    tokens = ma.fields.Integer()
+    is_admin = ma.fields.Boolean()
+    created_at = ma.fields.String()
+
+
+class KeyCreate(ma.Schema):
+    name = ma.fields.String(load_default="", validate=validate.Length(max=100))
+
+
+class KeyInfo(ma.Schema):
+    id = ma.fields.String()
+    name = ma.fields.String()
+    prefix = ma.fields.String(metadata={"description": "First characters of the key"})
+    created_at = ma.fields.String()
+    last_used_at = ma.fields.String(allow_none=True)
+
+
+class KeyCreated(KeyInfo):
+    key = ma.fields.String(metadata={"description": "Shown once; store it now."})
+
+
+class KeyList(ma.Schema):
+    items = ma.fields.List(ma.fields.Nested(KeyInfo))
+
+
+class Refill(ma.Schema):
+    username = ma.fields.String(required=True)
+    amount = ma.fields.Integer(required=True, validate=validate.Range(min=1, max=1_000_000))
+
+
+class Balance(ma.Schema):
+    username = ma.fields.String()
+    tokens = ma.fields.Integer()
+
+
+class JobCreate(ma.Schema):
+    """JSON body; the multipart form takes the same fields plus ``file``."""
+
+    url = ma.fields.String(metadata={"description": "http(s) URL of a JPEG/PNG/WebP/GIF/BMP"})
+    model = ma.fields.String(metadata={"example": "mobilenet"})
+    top_k = ma.fields.Integer(validate=validate.Range(min=1, max=20))
+
+
+class Prediction(ma.Schema):
+    label = ma.fields.String(metadata={"example": "malamute"})
+    class_id = ma.fields.Integer(metadata={"example": 249})
+    score = ma.fields.Float(metadata={"example": 0.2437})
+
+
+class JobResult(ma.Schema):
+    predictions = ma.fields.List(ma.fields.Nested(Prediction))
+
+
+class JobInput(ma.Schema):
+    url = ma.fields.String()
+    filename = ma.fields.String()
+
+
+class Job(ma.Schema):
+    id = ma.fields.String()
+    status = ma.fields.String(validate=validate.OneOf([s.value for s in JobStatus]))
+    created_at = ma.fields.String()
+    started_at = ma.fields.String(allow_none=True)
+    completed_at = ma.fields.String(allow_none=True)
+    input = ma.fields.Nested(JobInput)
+    model = ma.fields.String()
+    top_k = ma.fields.Integer()
+    result = ma.fields.Nested(JobResult, allow_none=True)
+    error = ma.fields.Nested(ErrorBody, allow_none=True)
+    batch_id = ma.fields.String(allow_none=True)
+
+
+class JobList(ma.Schema):
+    items = ma.fields.List(ma.fields.Nested(Job))
+    next_cursor = ma.fields.String(allow_none=True)
+
+
+class WaitQuery(ma.Schema):
+    wait = ma.fields.Integer(
+        load_default=0,
+        validate=validate.Range(min=0, max=60),
+        metadata={"description": "Long-poll: seconds to wait for a final status"},
+    )
+
+
+class JobListQuery(ma.Schema):
+    status = ma.fields.String(validate=validate.OneOf([s.value for s in JobStatus]))
+    limit = ma.fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
+    cursor = ma.fields.String()
+
+
+class Health(ma.Schema):
+    status = ma.fields.String()
+    checks = ma.fields.Dict()

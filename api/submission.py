@@ -1,0 +1,242 @@
+"""Submitting a job: validate, charge and insert in one transaction, then enqueue.
+
+Order matters for "nothing half-written":
+1. an upload goes to Redis first (Redis down: 503 before any SQL write);
+2. one SQL transaction charges the token, inserts the job and the idempotency record;
+3. only after the commit is the job id sent to the broker; if that fails, a
+   compensating transaction deletes the job and its charge and returns 503.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from redis.exceptions import RedisError
+from sqlalchemy import delete, select, update
+from sqlalchemy.exc import IntegrityError
+
+from api.services import db, services
+from shared import events, ledger
+from shared.errors import (
+    Conflict,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    UnsupportedMediaType,
+    ValidationFailed,
+)
+from shared.images import ALLOWED_FORMATS, sniff_format
+from shared.jobs import job_to_dict
+from shared.models import IdempotencyRecord, Job, LedgerEntry, User, new_id
+from shared.queue import enqueue_jobs
+from shared.status import JobStatus
+
+log = logging.getLogger(__name__)
+
+MAX_URL_LENGTH = 2048
+POLL_S = 0.25
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    model: str
+    top_k: int
+    url: str | None = None
+    upload: bytes | None = None
+    filename: str | None = None
+
+    def fingerprint(self) -> str:
+        payload = {"model": self.model, "top_k": self.top_k, "url": self.url}
+        if self.upload is not None:
+            payload["upload"] = hashlib.sha256(self.upload).hexdigest()
+            payload["filename"] = self.filename
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def validate_url(url: Any) -> str:
+    if not isinstance(url, str) or not url.strip():
+        raise ValidationFailed("A 'url' or a 'file' upload is required.", code="missing_input")
+    url = url.strip()
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValidationFailed("The url must be an absolute http(s) URL.", code="invalid_url")
+    if len(url) > MAX_URL_LENGTH:
+        raise ValidationFailed(f"The url is longer than {MAX_URL_LENGTH}.", code="invalid_url")
+    return url
+
+
+def validate_upload(data: bytes, filename: str | None) -> None:
+    config = services().config
+    if len(data) > config.max_image_bytes:
+        raise PayloadTooLarge(f"The file is larger than {config.max_image_bytes} bytes.")
+    if not data:
+        raise ValidationFailed("The uploaded file is empty.", code="empty_file")
+    if sniff_format(data) is None:
+        raise UnsupportedMediaType(
+            f"The file is not an image in a supported format ({', '.join(sorted(ALLOWED_FORMATS))}).",
+            code="unsupported_image_format",
+        )
+
+
+def build_request(
+    *,
+    url: Any = None,
+    upload: bytes | None = None,
+    filename: str | None = None,
+    model: str | None = None,
+    top_k: int | None = None,
+) -> JobRequest:
+    config = services().config
+    model = model or config.default_model
+    if model not in config.models:
+        raise ValidationFailed(
+            f"Unknown model {model!r}; available: {', '.join(config.models)}.",
+            code="unknown_model",
+        )
+    top_k = config.default_top_k if top_k is None else top_k
+    if upload is not None:
+        if url:
+            raise ValidationFailed("Send either a url or a file, not both.", code="ambiguous_input")
+        validate_upload(upload, filename)
+        return JobRequest(model=model, top_k=top_k, upload=upload, filename=filename or "upload")
+    return JobRequest(model=model, top_k=top_k, url=validate_url(url))
+
+
+def submit(user: User, req: JobRequest, idempotency_key: str | None = None) -> tuple[int, dict]:
+    """Charge, insert, commit, enqueue. Returns (HTTP status, job body)."""
+    fingerprint = req.fingerprint()
+    if idempotency_key:
+        replay = _replay(user.id, idempotency_key, fingerprint)
+        if replay is not None:
+            return replay
+    svc = services()
+    job = Job(
+        id=new_id(),
+        user_id=user.id,
+        model=req.model,
+        top_k=req.top_k,
+        input_url=req.url,
+        input_filename=req.filename if req.upload is not None else None,
+        status=JobStatus.QUEUED.value,
+    )
+    if req.upload is not None:
+        svc.uploads.put(job.id, req.upload)
+    try:
+        body = _commit_new_job(user.id, job, idempotency_key, fingerprint)
+    except IntegrityError:
+        # A concurrent request with the same idempotency key committed first.
+        db().rollback()
+        _forget_upload(job.id, req)
+        replay = _replay(user.id, idempotency_key, fingerprint) if idempotency_key else None
+        if replay is None:
+            raise
+        return replay
+    except Exception:
+        db().rollback()
+        _forget_upload(job.id, req)
+        raise
+    _enqueue_or_undo(user.id, job.id, req)
+    return 202, body
+
+
+def _commit_new_job(user_id: int, job: Job, key: str | None, fingerprint: str) -> dict:
+    session = db()
+    ledger.charge_jobs(session, user_id, [job.id])
+    session.add(job)
+    session.flush()
+    body = job_to_dict(job)
+    if key:
+        session.add(
+            IdempotencyRecord(
+                user_id=user_id, key=key, fingerprint=fingerprint, status_code=202, body=body
+            )
+        )
+    session.commit()
+    return body
+
+
+def _replay(user_id: int, key: str, fingerprint: str) -> tuple[int, dict] | None:
+    record = (
+        db()
+        .scalars(
+            select(IdempotencyRecord).where(
+                IdempotencyRecord.user_id == user_id, IdempotencyRecord.key == key
+            )
+        )
+        .first()
+    )
+    if record is None:
+        return None
+    if record.fingerprint != fingerprint:
+        raise Conflict(
+            "This Idempotency-Key was already used with a different request.",
+            code="idempotency_key_reused",
+        )
+    return record.status_code, record.body
+
+
+def _forget_upload(job_id: str, req: JobRequest) -> None:
+    if req.upload is not None:
+        try:
+            services().uploads.delete(job_id)
+        except Exception:  # the TTL removes it anyway
+            log.warning("could not delete upload of job %s", job_id)
+
+
+def _enqueue_or_undo(user_id: int, job_id: str, req: JobRequest) -> None:
+    svc = services()
+    try:
+        enqueue_jobs(svc.celery, svc.config, [job_id])
+    except Exception as exc:
+        log.warning("enqueue failed for job %s: %r; undoing the submission", job_id, exc)
+        _undo(user_id, job_id)
+        _forget_upload(job_id, req)
+        raise ServiceUnavailable("The job queue is unavailable; nothing was charged.") from exc
+
+
+def _undo(user_id: int, job_id: str) -> None:
+    """Remove a job whose message never reached the broker, with its charge."""
+    session = db()
+    session.rollback()
+    session.execute(
+        delete(IdempotencyRecord).where(
+            IdempotencyRecord.user_id == user_id,
+            IdempotencyRecord.body["id"].as_string() == job_id,
+        )
+    )
+    session.execute(delete(LedgerEntry).where(LedgerEntry.job_id == job_id))
+    removed = session.execute(
+        delete(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
+    ).rowcount
+    if removed:
+        session.execute(update(User).where(User.id == user_id).values(tokens=User.tokens + 1))
+    session.commit()
+
+
+def wait_for(job_id: str, timeout_s: float) -> Job:
+    """Long-poll: return the job once final, or as it is when the timeout passes."""
+    svc = services()
+    session = db()
+
+    def load() -> Job:
+        session.expire_all()
+        session.commit()  # end the read transaction so the next read sees new commits
+        return session.get(Job, job_id)
+
+    def finished() -> bool:
+        return JobStatus(load().status).is_terminal()
+
+    if timeout_s > 0:
+        try:
+            events.wait_until(svc.redis, svc.config, job_id, timeout_s, finished)
+        except RedisError:
+            # Notifications are a shortcut; SQL is the truth, so poll it instead.
+            deadline = time.monotonic() + timeout_s
+            while not finished() and time.monotonic() < deadline:
+                time.sleep(POLL_S)
+    return load()

@@ -1,0 +1,122 @@
+"""The one place that reads the environment.
+
+``Config.from_env()`` builds an immutable settings object from environment
+variables; the API (``create_app``) and the worker (``make_worker_app``) are both
+built from it, so one set of variables configures the whole service. Every
+variable is listed, with its default, in the README's configuration table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def _bool(raw: str) -> bool:
+    return raw.strip().lower() in _TRUE
+
+
+def _csv(raw: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+@dataclass(frozen=True)
+class Config:
+    # Storage and messaging
+    database_url: str = "sqlite:///var/imgclf.db"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    broker_url: str = ""  # empty: same as redis_url
+    queue_prefix: str = "imgclf"
+
+    # Accounts and tokens
+    signup_tokens: int = 5
+    bcrypt_rounds: int = 12
+    idempotency_ttl_s: int = 24 * 3600
+
+    # Jobs
+    default_model: str = "mobilenet"
+    models: tuple[str, ...] = ("mobilenet",)
+    model_dir: str = "var/models"
+    default_top_k: int = 5
+    max_top_k: int = 20
+    max_wait_s: int = 60
+    upload_ttl_s: int = 3600
+    job_max_attempts: int = 3
+
+    # Images and fetching
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    fetch_timeout_s: float = 10.0
+    fetch_max_redirects: int = 3
+    allow_private_urls: bool = False
+
+    # Worker batching
+    batch_max: int = 32
+    batch_wait_ms: int = 10
+    worker_concurrency: int = 1
+    worker_prefetch: int = 0  # 0: 2 * batch_max per pool process
+    fetch_threads: int = 16
+    visibility_timeout_s: int = 900
+
+    # Operations
+    log_level: str = "INFO"
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or self.redis_url
+
+    @property
+    def effective_prefetch(self) -> int:
+        """Messages a worker may hold unacknowledged, across its pool processes."""
+        return self.worker_prefetch or 2 * self.batch_max * self.worker_concurrency
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name == "extra":
+                continue
+            raw = env.get(f.name.upper())
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _parse(f, raw)
+        values.update(overrides)
+        return cls(**values).validated()
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes).validated()
+
+    def validated(self) -> Config:
+        if self.default_model not in self.models:
+            raise ValueError(f"DEFAULT_MODEL {self.default_model!r} is not in MODELS {self.models}")
+        if self.batch_max < 1 or self.batch_wait_ms < 0:
+            raise ValueError("BATCH_MAX must be >= 1 and BATCH_WAIT_MS >= 0")
+        if self.worker_concurrency < 1:
+            raise ValueError("WORKER_CONCURRENCY must be >= 1")
+        if self.effective_prefetch < 2 * self.batch_max * self.worker_concurrency:
+            raise ValueError(
+                f"WORKER_PREFETCH={self.effective_prefetch} cannot fill a batch while another "
+                f"is in flight: it must be at least 2 * BATCH_MAX * WORKER_CONCURRENCY "
+                f"= {2 * self.batch_max * self.worker_concurrency}"
+            )
+        return self
+
+
+def _parse(f: dataclasses.Field, raw: str) -> Any:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if kind == "bool":
+        return _bool(raw)
+    if kind == "int":
+        return int(raw)
+    if kind == "float":
+        return float(raw)
+    if kind.startswith("tuple"):
+        return _csv(raw)
+    return raw

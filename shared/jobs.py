@@ -1,0 +1,106 @@
+"""Job representation and the conditional status transitions both sides use.
+
+Every transition is an ``UPDATE ... WHERE status IN (...)``: whoever changes the
+row first wins, and a second attempt (a redelivered message, a cancel racing
+the worker) changes nothing and refunds nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from shared import ledger
+from shared.models import Job, utcnow
+from shared.status import JobStatus
+
+
+def iso(dt: datetime | None) -> str | None:
+    if dt is None:
+        return None
+    if dt.tzinfo is None:  # SQLite returns naive values; all stored times are UTC
+        dt = dt.replace(tzinfo=UTC)
+    return dt.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def job_to_dict(job: Job) -> dict[str, Any]:
+    error = {"code": job.error_code, "message": job.error_message} if job.error_code else None
+    source = {"url": job.input_url} if job.input_url else {"filename": job.input_filename}
+    return {
+        "id": job.id,
+        "status": job.status,
+        "created_at": iso(job.created_at),
+        "started_at": iso(job.started_at),
+        "completed_at": iso(job.completed_at),
+        "input": source,
+        "model": job.model,
+        "top_k": job.top_k,
+        "result": job.result,
+        "error": error,
+        "batch_id": None,
+    }
+
+
+def _transition(
+    session: Session, job_ids: Iterable[str], from_: Iterable[JobStatus], **values: Any
+) -> int:
+    result = session.execute(
+        update(Job)
+        .where(Job.id.in_(list(job_ids)), Job.status.in_([s.value for s in from_]))
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount
+
+
+def mark_succeeded(session: Session, job_id: str, result: dict[str, Any]) -> bool:
+    return (
+        _transition(
+            session,
+            [job_id],
+            (JobStatus.QUEUED, JobStatus.PROCESSING),
+            status=JobStatus.SUCCEEDED.value,
+            result=result,
+            completed_at=utcnow(),
+        )
+        == 1
+    )
+
+
+def mark_failed(session: Session, job: Job, code: str, message: str, refund: bool) -> bool:
+    won = (
+        _transition(
+            session,
+            [job.id],
+            (JobStatus.QUEUED, JobStatus.PROCESSING),
+            status=JobStatus.FAILED.value,
+            error_code=code,
+            error_message=message[:2000],
+            completed_at=utcnow(),
+        )
+        == 1
+    )
+    if won and refund:
+        ledger.refund_job(session, job.user_id, job.id)
+    return won
+
+
+def cancel(session: Session, job: Job) -> bool:
+    """Cancel a job that has not started; refunds its token. False if it already started."""
+    won = (
+        _transition(
+            session,
+            [job.id],
+            (JobStatus.QUEUED,),
+            status=JobStatus.CANCELED.value,
+            completed_at=utcnow(),
+        )
+        == 1
+    )
+    if won:
+        ledger.refund_job(session, job.user_id, job.id)
+    return won

@@ -1,0 +1,64 @@
+"""Token ledger operations. Each runs inside the caller's transaction.
+
+The balance on ``users.tokens`` is a cached sum of ``token_ledger``: every
+function here changes both in the same transaction, and the conditional
+UPDATE (``tokens >= n``) plus the CHECK constraint keep concurrent charges
+from ever taking a balance below zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.orm import Session
+
+from shared.errors import InsufficientTokens
+from shared.models import LedgerEntry, User
+
+SIGNUP, CHARGE, REFUND, REFILL = "signup", "charge", "refund", "refill"
+
+
+def grant(
+    session: Session, user_id: int, amount: int, reason: str, actor_id: int | None = None
+) -> int:
+    """Add tokens (signup grant or admin refill); returns the new balance."""
+    new_balance = session.execute(
+        update(User)
+        .where(User.id == user_id)
+        .values(tokens=User.tokens + amount)
+        .returning(User.tokens)
+    ).scalar_one()
+    session.add(LedgerEntry(user_id=user_id, delta=amount, reason=reason, actor_id=actor_id))
+    return new_balance
+
+
+def charge_jobs(session: Session, user_id: int, job_ids: Sequence[str]) -> int:
+    """Take one token per job, or raise InsufficientTokens and take nothing."""
+    n = len(job_ids)
+    new_balance = session.execute(
+        update(User)
+        .where(User.id == user_id, User.tokens >= n)
+        .values(tokens=User.tokens - n)
+        .returning(User.tokens)
+    ).scalar_one_or_none()
+    if new_balance is None:
+        raise InsufficientTokens(f"This needs {n} token(s); refill your balance.")
+    session.execute(
+        insert(LedgerEntry),
+        [{"user_id": user_id, "delta": -1, "reason": CHARGE, "job_id": j} for j in job_ids],
+    )
+    return new_balance
+
+
+def refund_job(session: Session, user_id: int, job_id: str) -> None:
+    """Give a job's token back. Call only after winning the job's conditional status change."""
+    session.execute(update(User).where(User.id == user_id).values(tokens=User.tokens + 1))
+    session.add(LedgerEntry(user_id=user_id, delta=1, reason=REFUND, job_id=job_id))
+
+
+def ledger_sum(session: Session, user_id: int) -> int:
+    total = session.execute(
+        select(func.coalesce(func.sum(LedgerEntry.delta), 0)).where(LedgerEntry.user_id == user_id)
+    ).scalar_one()
+    return int(total)

@@ -1,0 +1,67 @@
+"""The Celery app both sides build from the same config.
+
+The API only *sends* tasks by name (it never imports the worker, TensorFlow or the
+models); ``worker.celery_app`` adds the task implementations to an app made here.
+Messages carry job ids only; SQL holds everything else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from celery import Celery
+from kombu import Queue
+
+from shared.config import Config
+
+CLASSIFY_TASK = "imgclf.classify"
+
+
+def interactive_queue(config: Config) -> str:
+    return f"{config.queue_prefix}.interactive"
+
+
+def make_celery(config: Config, main: str = "imgclf") -> Celery:
+    app = Celery(main, broker=config.effective_broker_url, set_as_current=False)
+    queue = interactive_queue(config)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        task_queues=[Queue(queue)],
+        task_default_queue=queue,
+        task_routes={CLASSIFY_TASK: {"queue": queue}},
+        # At-least-once: a message is acked after its batch is written, and comes
+        # back if the worker dies; every write in the task is a conditional
+        # status transition, so a redelivery changes nothing already done.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=3,
+        broker_transport_options={
+            "visibility_timeout": config.visibility_timeout_s,
+            "socket_connect_timeout": 2,
+            "socket_timeout": 5,
+        },
+        # A submission must fail fast (503) when Redis is down, not hang the request.
+        task_publish_retry=True,
+        task_publish_retry_policy={
+            "max_retries": 1,
+            "interval_start": 0,
+            "interval_step": 0.2,
+            "interval_max": 0.2,
+        },
+        worker_prefetch_multiplier=max(1, config.effective_prefetch // config.worker_concurrency),
+        worker_concurrency=config.worker_concurrency,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+    return app
+
+
+def enqueue_jobs(app: Celery, config: Config, job_ids: Sequence[str]) -> None:
+    """Send one message per job id. Raises kombu/redis errors if the broker is down."""
+    queue = interactive_queue(config)
+    with app.producer_or_acquire() as producer:
+        for job_id in job_ids:
+            app.send_task(CLASSIFY_TASK, args=([job_id],), queue=queue, producer=producer)

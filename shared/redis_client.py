@@ -1,0 +1,17 @@
+"""Redis connections with short timeouts, so a dead Redis fails fast (503) instead of hanging."""
+
+from __future__ import annotations
+
+import redis
+
+from shared.config import Config
+
+
+def make_redis(config: Config) -> redis.Redis:
+    return redis.Redis.from_url(
+        config.redis_url,
+        socket_connect_timeout=2,
+        socket_timeout=5,
+        health_check_interval=30,
+        retry_on_timeout=False,
+    )

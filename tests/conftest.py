@@ -1,0 +1,108 @@
+"""Session-wide test set-up: real assets, a writable Keras cache, shared fixtures."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = Path(os.environ.get("IMGCLF_ASSETS", ROOT.parent / "shared" / "assets"))
+PHOTOS = ASSETS / "photos"
+
+
+def _prepare_keras_home() -> Path:
+    """Keras writes keras.json into KERAS_HOME, so tests use a writable copy of the assets."""
+    target = ROOT / ".cache" / "keras_home"
+    source = ASSETS / "keras_home"
+    if not (target / "models").is_dir():
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(source / "models", target / "models", dirs_exist_ok=True)
+    return target
+
+
+# Must happen before anything imports keras.
+os.environ["KERAS_HOME"] = str(_prepare_keras_home())
+
+
+@pytest.fixture(scope="session")
+def photos_dir() -> Path:
+    return PHOTOS
+
+
+# --- integration fixtures: real databases, Redis, photo server and worker -------
+
+import dataclasses  # noqa: E402
+
+from tests import support  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    url = support.create_postgres_database()
+    yield url
+    support.drop_postgres_database(url)
+
+
+@pytest.fixture(scope="session")
+def sqlite_url(tmp_path_factory):
+    return f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'imgclf.db'}"
+
+
+@pytest.fixture(scope="session", params=["postgres", "sqlite"])
+def db_url(request):
+    """Every test that uses the database runs on PostgreSQL and on embedded SQLite."""
+    return request.getfixturevalue(f"{request.param}_url")
+
+
+@pytest.fixture(scope="session")
+def photo_server(photos_dir):
+    with support.PhotoServer(photos_dir) as server:
+        yield server
+
+
+@dataclasses.dataclass
+class Stack:
+    config: object
+    app: object
+    worker: support.WorkerProcess | None
+
+    def client(self):
+        return self.app.test_client()
+
+
+def _stack(db_url: str, with_worker: bool, **overrides):
+    from api import create_app
+
+    config = support.migrated(support.test_config(db_url, **overrides))
+    worker = support.WorkerProcess(config).start().wait_ready() if with_worker else None
+    try:
+        yield Stack(config=config, app=create_app(config), worker=worker)
+    finally:
+        if worker:
+            worker.stop()
+        support.delete_redis_prefix(config.queue_prefix)
+
+
+@pytest.fixture(scope="session")
+def api_stack(db_url):
+    """The API on a real database and Redis, with no worker consuming its queue."""
+    yield from _stack(db_url, with_worker=False)
+
+
+@pytest.fixture(scope="session")
+def stack(db_url):
+    """API + a real Celery worker process running the real MobileNet."""
+    yield from _stack(db_url, with_worker=True)
+
+
+@pytest.fixture
+def client(api_stack):
+    return api_stack.client()
+
+
+@pytest.fixture
+def user(client):
+    return support.new_user(client)

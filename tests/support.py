@@ -1,0 +1,226 @@
+"""Real processes and servers for integration tests: databases, a photo server, a worker."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import functools
+import http.server
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import psycopg
+import redis
+from sqlalchemy.engine import make_url
+
+from shared import migrate
+from shared.config import Config
+
+ROOT = Path(__file__).resolve().parent.parent
+OUTPUT = Path(os.environ.get("TEST_OUTPUT_DIR", ROOT / "test-output"))
+POSTGRES_ADMIN_URL = os.environ.get(
+    "TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+WORKER_START_TIMEOUT_S = 120
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.05):
+    """Poll ``predicate`` until it returns something truthy; fail with ``what`` on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+# --- databases ----------------------------------------------------------------
+
+
+def _admin_dsn() -> str:
+    return make_url(POSTGRES_ADMIN_URL).set(drivername="postgresql").render_as_string(False)
+
+
+def create_postgres_database() -> str:
+    name = f"imgclf_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    with psycopg.connect(_admin_dsn(), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(False)
+
+
+def drop_postgres_database(url: str) -> None:
+    name = make_url(url).database
+    with psycopg.connect(_admin_dsn(), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def migrated(config: Config) -> Config:
+    migrate.upgrade(config)
+    return config
+
+
+def delete_redis_prefix(prefix: str) -> None:
+    client = redis.Redis.from_url(REDIS_URL)
+    for key in client.scan_iter(f"{prefix}*", count=1000):
+        client.delete(key)
+
+
+# --- configuration -------------------------------------------------------------
+
+
+def test_config(database_url: str, **overrides) -> Config:
+    values = {
+        "database_url": database_url,
+        "redis_url": REDIS_URL,
+        "queue_prefix": f"imgclf-test-{uuid.uuid4().hex[:8]}",
+        "allow_private_urls": True,
+        "bcrypt_rounds": 4,
+        "max_wait_s": 60,
+    }
+    values.update(overrides)
+    return Config.from_env({}, **values)
+
+
+def config_env(config: Config) -> dict[str, str]:
+    """The environment variables that reproduce ``config`` in another process."""
+    env = {}
+    for f in dataclasses.fields(config):
+        if f.name == "extra":
+            continue
+        value = getattr(config, f.name)
+        if isinstance(value, bool):
+            value = "1" if value else "0"
+        elif isinstance(value, tuple):
+            value = ",".join(value)
+        env[f.name.upper()] = str(value)
+    return env
+
+
+# --- a local HTTP server for the real photos ------------------------------------
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+class PhotoServer:
+    def __init__(self, directory: Path) -> None:
+        handler = functools.partial(QuietHandler, directory=str(directory))
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def url(self, name: str) -> str:
+        return f"{self.base_url}/{name}"
+
+    def __enter__(self) -> PhotoServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+# --- a real Celery worker process ------------------------------------------------
+
+
+class WorkerProcess:
+    """``celery -A worker.celery_app worker`` in a subprocess, configured by ``config``."""
+
+    def __init__(self, config: Config, name: str = "w1", concurrency: int = 1) -> None:
+        self.config = config
+        self.name = name
+        self.concurrency = concurrency
+        self.proc: subprocess.Popen | None = None
+        OUTPUT.mkdir(parents=True, exist_ok=True)
+        self.log_path = OUTPUT / f"worker-{config.queue_prefix}-{name}.log"
+
+    def start(self) -> WorkerProcess:
+        env = {**os.environ, **config_env(self.config), "PYTHONUNBUFFERED": "1"}
+        cmd = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker.celery_app",
+            "worker",
+            "--pool",
+            "prefork",
+            "--concurrency",
+            str(self.concurrency),
+            "--hostname",
+            f"{self.name}@%h",
+            "--loglevel",
+            "INFO",
+            "--without-mingle",
+            "--without-gossip",
+        ]
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        return self
+
+    def ready_count(self) -> int:
+        client = redis.Redis.from_url(self.config.redis_url)
+        return client.hlen(f"{self.config.queue_prefix}:workers:ready")
+
+    def wait_ready(self, before: int = 0) -> WorkerProcess:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"worker exited with {self.proc.returncode}: {self.log_tail()}"
+                )
+            return self.ready_count() > before
+
+        wait_for(ready, WORKER_START_TIMEOUT_S, "the worker to load its model", interval=0.2)
+        return self
+
+    def stop(self, timeout: float = 40) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def log_tail(self, n: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-n:]
+
+
+def basic_auth(username: str, password: str) -> dict[str, str]:
+    token = base64.b64encode(f"{username}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def new_user(client) -> dict:
+    """Sign up a fresh user through the API; returns credentials and ready auth headers."""
+    username = f"u{uuid.uuid4().hex[:12]}"
+    password = "correct-horse"
+    resp = client.post("/v1/users", json={"username": username, "password": password})
+    assert resp.status_code == 201, resp.get_json()
+    key = resp.get_json()["api_key"]
+    return {
+        "username": username,
+        "password": password,
+        "key": key,
+        "headers": bearer(key),
+        "basic": basic_auth(username, password),
+    }

@@ -1,0 +1,109 @@
+"""Continuous batching on top of celery-batches.
+
+Stock ``celery_batches.Batches`` flushes its buffer on a message count or a
+timer. Under load that lines up many small batches behind a busy pool process
+(see DESIGN.md, "Batching policy"). ``ContinuousBatches`` instead dispatches a
+batch only when a pool process is free, and that batch is everything buffered
+so far, up to ``batch_max`` job ids. While the model is busy, arriving jobs
+accumulate into the next batch; when it is idle, a lone job waits at most
+``flush_interval`` for company.
+
+It also fixes two pitfalls of the stock class for this service:
+* acknowledgement follows the batch's outcome: ``run`` returns ``RETRY`` when
+  its results could not be written, and the messages are requeued instead of
+  acked;
+* a pool process that dies mid-batch (WorkerLostError) requeues its messages
+  at once instead of leaving them unacked until the worker restarts.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery_batches import Batches, SimpleRequest
+from celery_batches.trace import apply_batches_task
+
+log = logging.getLogger(__name__)
+
+RETRY = "retry"
+
+
+class ContinuousBatches(Batches):
+    abstract = True
+
+    #: Most job ids in one batch (set from BATCH_MAX). A message may carry several ids.
+    batch_max: int = 32
+
+    #: Seconds a lone job waits for company while the model is idle (BATCH_WAIT_MS).
+    flush_interval: float = 0.01
+
+    #: Messages between count-triggered flush attempts; kept equal to batch_max.
+    flush_every: int = 32
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._in_flight = 0
+
+    @staticmethod
+    def job_ids(request: Any) -> list[str]:
+        """The ids a message carries (celery Request and SimpleRequest alike)."""
+        return list(request.args[0]) if request.args else []
+
+    def _max_in_flight(self) -> int:
+        return max(1, int(getattr(self._pool, "limit", None) or 1))
+
+    def _take(self) -> list:
+        """Buffered requests up to batch_max job ids (at least one request)."""
+        taken, count = [], 0
+        while not self._buffer.empty():
+            request = self._buffer.queue[0]
+            size = max(1, len(self.job_ids(request)))
+            if taken and count + size > self.batch_max:
+                break
+            taken.append(self._buffer.get_nowait())
+            count += size
+        return taken
+
+    def _do_flush(self) -> None:
+        if self._in_flight >= self._max_in_flight():
+            return  # the batch in flight dispatches the next one when it returns
+        requests = self._take()
+        if not requests:
+            if self._tref is not None:
+                self._tref.cancel()
+            self._tref = None
+            return
+        self._in_flight += 1
+        self.flush(requests)
+
+    def flush(self, requests: list) -> Any:
+        payload = ([SimpleRequest.from_request(r) for r in requests],)
+
+        def on_return(result: Any) -> None:
+            self._in_flight -= 1
+            # Dispatch the next batch before the acks: acks are Redis round trips.
+            self._do_flush()
+            for request in requests:
+                if result == RETRY:
+                    request.reject(requeue=True)
+                else:
+                    request.acknowledge()
+
+        def on_error(exc_info: Any) -> None:
+            self._in_flight -= 1
+            log.error(
+                "batch of %d message(s) lost its pool process: %r; requeueing",
+                len(requests),
+                getattr(exc_info, "exception", exc_info),
+            )
+            for request in requests:
+                request.reject(requeue=True)
+            self._do_flush()
+
+        return self._pool.apply_async(
+            apply_batches_task,
+            (self, payload, 0, None),
+            callback=on_return,
+            error_callback=on_error,
+        )

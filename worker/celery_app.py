@@ -1,0 +1,77 @@
+"""The worker's Celery app: ``celery -A worker.celery_app worker``.
+
+Built from the same Config as the API. The model is loaded in each pool process
+after fork (``worker_process_init``), never in the parent and never at import.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+
+from celery import signals
+
+from shared.config import Config
+from shared.queue import CLASSIFY_TASK, make_celery
+from worker import pipeline
+from worker.batching import ContinuousBatches
+from worker.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+config = Config.from_env()
+app = make_celery(config, main="imgclf-worker")
+
+_runtime: Runtime | None = None
+
+
+def runtime() -> Runtime:
+    global _runtime
+    if _runtime is None:
+        _runtime = Runtime.build(config)
+    return _runtime
+
+
+class ClassifyTask(ContinuousBatches):
+    batch_max = config.batch_max
+    flush_every = config.batch_max
+    flush_interval = config.batch_wait_ms / 1000
+
+
+@app.task(name=CLASSIFY_TASK, base=ClassifyTask)
+def classify(requests) -> str | None:
+    """Classify every job id carried by the buffered messages, as one batch."""
+    job_ids = list(dict.fromkeys(j for r in requests for j in ClassifyTask.job_ids(r)))
+    try:
+        return pipeline.process(runtime(), job_ids)
+    except Exception:
+        # celery-batches would log this and ack the whole batch; requeue instead, and
+        # let the per-job attempt counter end a batch that always fails.
+        log.exception("batch of %d job(s) failed; requeueing", len(job_ids))
+        return pipeline.RETRY
+
+
+def ready_key() -> str:
+    return f"{config.queue_prefix}:workers:ready"
+
+
+@signals.worker_init.connect
+def _check_prefetch(sender=None, **_kwargs) -> None:
+    concurrency = getattr(sender, "concurrency", None) or config.worker_concurrency
+    prefetch = app.conf.worker_prefetch_multiplier * concurrency
+    if prefetch < 2 * config.batch_max * concurrency:
+        raise SystemExit(
+            f"prefetch {prefetch} cannot fill a batch of BATCH_MAX={config.batch_max} while "
+            f"another is in flight; set WORKER_PREFETCH >= {2 * config.batch_max * concurrency}"
+        )
+
+
+@signals.worker_process_init.connect
+def _load_models(**_kwargs) -> None:
+    rt = runtime()
+    name = f"{socket.gethostname()}:{os.getpid()}"
+    # Tests and /readyz read this to know a model is loaded and the process serving.
+    rt.redis.hset(ready_key(), name, time.time())
+    log.info("worker process %s ready with models %s", name, ", ".join(rt.models.names()))

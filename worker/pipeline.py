@@ -1,0 +1,185 @@
+"""One batch of jobs: claim in SQL, load images concurrently, one forward pass per model, write.
+
+Every SQL write is a conditional status transition, so running the same batch
+twice (a redelivered message) leaves the first outcome, charge and refund as
+they were.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from sqlalchemy import case, select, update
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+
+from shared import events, jobs
+from shared.errors import ServiceError, UploadExpired
+from shared.images import decode_image, to_array
+from shared.models import Job, utcnow
+from shared.status import ACTIVE, JobStatus
+from worker.batching import RETRY
+from worker.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+WRITE_ATTEMPTS = 8
+WRITE_BACKOFF_S = (0.5, 1, 2, 4, 8, 15, 30)
+
+
+@dataclass
+class Outcome:
+    """What happened to one job in this batch."""
+
+    job: Job
+    array: np.ndarray | None = None
+    predictions: list[dict[str, Any]] | None = None
+    error: ServiceError | None = None
+
+
+def process(rt: Runtime, job_ids: list[str]) -> str | None:
+    """Run a batch end to end. Returns RETRY when results could not be written."""
+    claimed = _with_db_retry(rt, lambda s: _claim(rt, s, job_ids))
+    if claimed is None:
+        return RETRY
+    if not claimed:
+        return None
+    outcomes = [Outcome(job) for job in claimed]
+    _give_up_on_retried(rt, outcomes)
+    _load_inputs(rt, [o for o in outcomes if o.error is None])
+    _predict(rt, [o for o in outcomes if o.error is None])
+    if _with_db_retry(rt, lambda s: _write(s, outcomes)) is None:
+        return RETRY
+    _announce(rt, outcomes)
+    return None
+
+
+def _claim(rt: Runtime, session: Session, job_ids: list[str]) -> list[Job]:
+    """Mark the batch's active jobs processing; a final job (done before) is skipped."""
+    active = [s.value for s in ACTIVE]
+    session.execute(
+        update(Job)
+        .where(Job.id.in_(job_ids), Job.status.in_(active))
+        .values(
+            status=JobStatus.PROCESSING.value,
+            attempts=Job.attempts + 1,
+            started_at=case((Job.started_at.is_(None), utcnow()), else_=Job.started_at),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    rows = list(session.scalars(select(Job).where(Job.id.in_(job_ids), Job.status.in_(active))))
+    session.commit()
+    return rows
+
+
+def _give_up_on_retried(rt: Runtime, outcomes: list[Outcome]) -> None:
+    # A job that keeps killing or stalling its worker must end, not loop forever.
+    for o in outcomes:
+        if o.job.attempts > rt.config.job_max_attempts:
+            o.error = ServiceError(
+                f"The job failed {rt.config.job_max_attempts} times in the worker.",
+                code="internal_error",
+            )
+
+
+def _load_inputs(rt: Runtime, outcomes: list[Outcome]) -> None:
+    by_source: dict[str, list[Outcome]] = defaultdict(list)
+    for o in outcomes:
+        # The same URL twice in one batch is fetched and decoded once.
+        by_source[o.job.input_url or f"upload:{o.job.id}"].append(o)
+
+    def load(group: list[Outcome]) -> None:
+        job = group[0].job
+        try:
+            data = _read_bytes(rt, job)
+            image = decode_image(data, max_pixels=rt.config.max_image_pixels)
+            arrays: dict[tuple[int, int], np.ndarray] = {}
+            for o in group:
+                size = rt.models.get(o.job.model).input_size
+                if size not in arrays:
+                    arrays[size] = to_array(image, size)
+                o.array = arrays[size]
+        except ServiceError as exc:
+            for o in group:
+                o.error = exc
+        except Exception as exc:  # one broken image must not fail the batch
+            log.exception("loading job %s failed", job.id)
+            for o in group:
+                o.error = ServiceError(f"Could not load the image: {type(exc).__name__}")
+
+    groups = list(by_source.values())
+    if len(groups) == 1:
+        load(groups[0])
+    else:
+        list(rt.io_pool.map(load, groups))
+
+
+def _read_bytes(rt: Runtime, job: Job) -> bytes:
+    if job.input_url:
+        return rt.fetcher.fetch(job.input_url)
+    data = rt.uploads.get(job.id)
+    if data is None:
+        raise UploadExpired()
+    return data
+
+
+def _predict(rt: Runtime, outcomes: list[Outcome]) -> None:
+    by_model: dict[str, list[Outcome]] = defaultdict(list)
+    for o in outcomes:
+        by_model[o.job.model].append(o)
+    for name, group in by_model.items():
+        try:
+            model = rt.models.get(name)
+            probs = model.predict_batch(np.stack([o.array for o in group]))
+            for o, row in zip(group, probs, strict=True):
+                o.predictions = rt.top_k(row, o.job.top_k, model.labels)
+        except Exception as exc:
+            log.exception("forward pass of %d job(s) on %s failed", len(group), name)
+            for o in group:
+                o.error = ServiceError(f"The model failed: {type(exc).__name__}")
+        finally:
+            for o in group:
+                o.array = None
+
+
+def _write(session: Session, outcomes: list[Outcome]) -> bool:
+    for o in outcomes:
+        if o.error is None:
+            jobs.mark_succeeded(session, o.job.id, {"predictions": o.predictions})
+        else:
+            # Input errors and our own failures alike give the token back.
+            jobs.mark_failed(session, o.job, o.error.code, o.error.message, refund=True)
+    session.commit()
+    return True
+
+
+def _announce(rt: Runtime, outcomes: list[Outcome]) -> None:
+    ids = [o.job.id for o in outcomes]
+    try:
+        events.publish_done(rt.redis, rt.config, ids)
+        rt.uploads.delete(*[o.job.id for o in outcomes if o.job.input_url is None])
+    except Exception as exc:  # waiters re-check SQL; uploads expire by TTL
+        log.warning("could not announce %d finished job(s): %r", len(ids), exc)
+
+
+def _with_db_retry(rt: Runtime, work):
+    """Run ``work(session)`` in a fresh session, retrying while the database is unreachable."""
+    for attempt in range(WRITE_ATTEMPTS):
+        session = rt.sessions()
+        try:
+            return work(session)
+        except DBAPIError as exc:
+            session.rollback()
+            if attempt == WRITE_ATTEMPTS - 1:
+                log.error("database unavailable, giving the batch back: %r", exc)
+                return None
+            log.warning("database error (attempt %d), retrying: %r", attempt + 1, exc)
+            time.sleep(WRITE_BACKOFF_S[attempt])
+        finally:
+            session.close()
+    return None
