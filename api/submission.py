@@ -225,8 +225,10 @@ def wait_for(job_id: str, timeout_s: float) -> Job:
 
     def load() -> Job:
         session.expire_all()
-        session.commit()  # end the read transaction so the next read sees new commits
-        return session.get(Job, job_id)
+        job = session.get(Job, job_id)
+        # Never hold a transaction while waiting: SQLite would keep the worker from writing.
+        session.commit()
+        return job
 
     def finished() -> bool:
         return JobStatus(load().status).is_terminal()

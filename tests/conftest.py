@@ -35,6 +35,7 @@ def photos_dir() -> Path:
 # --- integration fixtures: real databases, Redis, photo server and worker -------
 
 import dataclasses  # noqa: E402
+import uuid  # noqa: E402
 
 from tests import support  # noqa: E402
 
@@ -58,8 +59,14 @@ def db_url(request):
 
 
 @pytest.fixture(scope="session")
-def photo_server(photos_dir):
-    with support.PhotoServer(photos_dir) as server:
+def photo_server(photos_dir, tmp_path_factory):
+    """A local HTTP server with the real photos plus a few files that are not usable images."""
+    root = tmp_path_factory.mktemp("www")
+    for photo in photos_dir.iterdir():
+        (root / photo.name).symlink_to(photo)
+    (root / "notes.jpg").write_text("this is text, not a JPEG\n")
+    (root / "bomb.png").write_bytes(support.png_header(30000, 30000))
+    with support.PhotoServer(root) as server:
         yield server
 
 
@@ -106,3 +113,14 @@ def client(api_stack):
 @pytest.fixture
 def user(client):
     return support.new_user(client)
+
+
+@pytest.fixture
+def admin(api_stack, client):
+    """An administrator made the documented way: ``flask --app api create-admin``."""
+    username = f"admin{uuid.uuid4().hex[:8]}"
+    runner = api_stack.app.test_cli_runner()
+    result = runner.invoke(args=["create-admin", username, "--password", "admin-secret"])
+    assert result.exit_code == 0, result.output
+    key = result.output.strip().rsplit(" ", 1)[-1]
+    return {"username": username, "password": "admin-secret", "headers": support.bearer(key)}

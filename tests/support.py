@@ -7,11 +7,13 @@ import dataclasses
 import functools
 import http.server
 import os
+import struct
 import subprocess
 import sys
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -106,6 +108,18 @@ def config_env(config: Config) -> dict[str, str]:
 
 
 # --- a local HTTP server for the real photos ------------------------------------
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A tiny PNG that declares huge dimensions: a decompression bomb's signature."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):

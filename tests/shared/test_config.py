@@ -1,0 +1,43 @@
+import pytest
+
+from shared.config import Config
+
+
+def test_reads_typed_values_from_the_environment():
+    config = Config.from_env(
+        {
+            "BATCH_MAX": "8",
+            "ALLOW_PRIVATE_URLS": "true",
+            "MODELS": "mobilenet, mobilenet_v2",
+            "FETCH_TIMEOUT_S": "2.5",
+            "DATABASE_URL": "sqlite:///x.db",
+        }
+    )
+    assert config.batch_max == 8
+    assert config.allow_private_urls is True
+    assert config.models == ("mobilenet", "mobilenet_v2")
+    assert config.fetch_timeout_s == 2.5
+    assert config.database_url == "sqlite:///x.db"
+    assert config.effective_prefetch == 16
+
+
+def test_defaults_are_the_embedded_ones():
+    config = Config.from_env({})
+    assert config.database_url.startswith("sqlite:///")
+    assert config.default_model == "mobilenet"
+    assert config.allow_private_urls is False
+    assert config.effective_broker_url == config.redis_url
+
+
+def test_refuses_a_prefetch_that_cannot_fill_a_batch():
+    with pytest.raises(ValueError, match="WORKER_PREFETCH"):
+        Config.from_env({"BATCH_MAX": "32", "WORKER_PREFETCH": "40"})
+
+
+def test_refuses_a_default_model_that_is_not_served():
+    with pytest.raises(ValueError, match="DEFAULT_MODEL"):
+        Config.from_env({"MODELS": "mobilenet_v2"})
+
+
+def test_overrides_win_over_the_environment():
+    assert Config.from_env({"BATCH_MAX": "8"}, batch_max=4).batch_max == 4

@@ -1,0 +1,100 @@
+"""Ledger and job transitions on the real databases (PostgreSQL and SQLite)."""
+
+import pytest
+from sqlalchemy import update
+from sqlalchemy.exc import IntegrityError
+
+from shared import jobs, ledger
+from shared.db import make_engine, make_session_factory
+from shared.errors import InsufficientTokens
+from shared.models import Job, User, new_id
+from shared.status import JobStatus
+
+
+@pytest.fixture
+def session(api_stack):
+    factory = make_session_factory(make_engine(api_stack.config))
+    with factory() as s:
+        yield s
+
+
+@pytest.fixture
+def account(session):
+    user = User(username=f"l{new_id()[:12]}", password_hash="x", tokens=0)
+    session.add(user)
+    session.flush()
+    ledger.grant(session, user.id, 2, ledger.SIGNUP)
+    session.commit()
+    return user
+
+
+def _job(session, user) -> Job:
+    job = Job(id=new_id(), user_id=user.id, model="mobilenet", input_url="http://x/y.jpg")
+    ledger.charge_jobs(session, user.id, [job.id])
+    session.add(job)
+    session.commit()
+    return job
+
+
+def _balance(session, user) -> int:
+    session.expire_all()
+    return session.get(User, user.id).tokens
+
+
+def test_charge_takes_tokens_and_refuses_when_short(session, account):
+    _job(session, account)
+    _job(session, account)
+    with pytest.raises(InsufficientTokens):
+        ledger.charge_jobs(session, account.id, [new_id()])
+    session.rollback()
+    assert _balance(session, account) == 0
+    assert ledger.ledger_sum(session, account.id) == 0
+
+
+def test_failure_refunds_exactly_once(session, account):
+    job = _job(session, account)
+    assert jobs.mark_failed(session, job, "fetch_failed", "HTTP 404", refund=True)
+    session.commit()
+    # A redelivered batch tries again: the transition no longer applies, no second refund.
+    assert not jobs.mark_failed(session, job, "fetch_failed", "HTTP 404", refund=True)
+    session.commit()
+    assert _balance(session, account) == 2
+    assert ledger.ledger_sum(session, account.id) == 2
+
+
+def test_success_cannot_be_overwritten_by_a_late_failure(session, account):
+    job = _job(session, account)
+    assert jobs.mark_succeeded(session, job.id, {"predictions": []})
+    assert not jobs.mark_failed(session, job, "internal_error", "late", refund=True)
+    session.commit()
+    session.expire_all()
+    assert session.get(Job, job.id).status == JobStatus.SUCCEEDED
+    assert _balance(session, account) == 1
+
+
+def test_cancel_only_before_processing(session, account):
+    queued, started = _job(session, account), _job(session, account)
+    session.execute(update(Job).where(Job.id == started.id).values(status="processing"))
+    session.commit()
+    assert jobs.cancel(session, queued)
+    assert not jobs.cancel(session, started)
+    session.commit()
+    assert _balance(session, account) == 1
+    assert ledger.ledger_sum(session, account.id) == 1
+
+
+def test_the_database_refuses_a_negative_balance(session, account):
+    with pytest.raises(IntegrityError):
+        session.execute(update(User).where(User.id == account.id).values(tokens=-1))
+        session.flush()
+    session.rollback()
+
+
+def test_the_database_refuses_a_second_refund_row(session, account):
+    job = _job(session, account)
+    ledger.refund_job(session, account.id, job.id)
+    session.commit()
+    with pytest.raises(IntegrityError):
+        ledger.refund_job(session, account.id, job.id)
+        session.flush()
+    session.rollback()
