@@ -78,7 +78,8 @@ def validate_upload(data: bytes, filename: str | None) -> None:
         raise ValidationFailed("The uploaded file is empty.", code="empty_file")
     if sniff_format(data) is None:
         raise UnsupportedMediaType(
-            f"The file is not an image in a supported format ({', '.join(sorted(ALLOWED_FORMATS))}).",
+            "The file is not an image in a supported format "
+            f"({', '.join(sorted(ALLOWED_FORMATS))}).",
             code="unsupported_image_format",
         )
 

@@ -123,13 +123,23 @@ def png_header(width: int, height: int) -> bytes:
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    hits: list[str]
+
     def log_message(self, *args) -> None:
         pass
 
+    def do_GET(self) -> None:
+        self.hits.append(self.path)
+        super().do_GET()
+
 
 class PhotoServer:
+    """Serves ``directory`` on 127.0.0.1 and records every requested path in ``hits``."""
+
     def __init__(self, directory: Path) -> None:
-        handler = functools.partial(QuietHandler, directory=str(directory))
+        self.hits: list[str] = []
+        handler_class = type("Handler", (QuietHandler,), {"hits": self.hits})
+        handler = functools.partial(handler_class, directory=str(directory))
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 

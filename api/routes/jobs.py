@@ -47,7 +47,7 @@ JOB_CREATE_DOC = {
             "in": "header",
             "name": "Idempotency-Key",
             "schema": {"type": "string", "maxLength": 255},
-            "description": "Repeat-safe submission: the same key and body return the first response.",
+            "description": "The same key and body return the first response, charged once.",
         },
         {
             "in": "header",

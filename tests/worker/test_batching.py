@@ -1,0 +1,96 @@
+"""ContinuousBatches' dispatch policy, driven directly (the pool is a recording stand-in)."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from worker.batching import RETRY, ContinuousBatches
+
+
+class RecordingPool:
+    limit = 1
+
+    def __init__(self) -> None:
+        self.calls = []
+
+    def apply_async(self, target, args, callback, error_callback):
+        self.calls.append(SimpleNamespace(requests=args[1][0], done=callback, lost=error_callback))
+
+
+class Message:
+    def __init__(self, *ids: str) -> None:
+        self.args = (list(ids),)
+        self.id, self.name, self.kwargs = ids[0], "t", {}
+        self.delivery_info, self.hostname, self.ignore_result = {}, "h", True
+        self.reply_to = self.correlation_id = None
+        self.request_dict = {}
+        self._payload = (self.args, {}, {})
+        self.events: list[str] = []
+
+    def acknowledge(self) -> None:
+        self.events.append("ack")
+
+    def reject(self, requeue: bool = False) -> None:
+        self.events.append("requeue" if requeue else "reject")
+
+
+@pytest.fixture
+def batcher():
+    task = ContinuousBatches()
+    task.batch_max = 4
+    task._pool = RecordingPool()
+    return task
+
+
+def _buffer(task, *messages):
+    for m in messages:
+        task._buffer.put(m)
+
+
+def _ids(call):
+    return [i for r in call.requests for i in r.args[0]]
+
+
+def test_a_lone_job_is_dispatched_at_once(batcher):
+    _buffer(batcher, Message("a"))
+    batcher._do_flush()
+    assert [_ids(c) for c in batcher._pool.calls] == [["a"]]
+
+
+def test_while_busy_jobs_accumulate_into_the_next_full_batch(batcher):
+    first = Message("a")
+    _buffer(batcher, first)
+    batcher._do_flush()
+    rest = [Message(x) for x in "bcdefg"]
+    _buffer(batcher, *rest)
+    batcher._do_flush()  # the timer fires while the model is busy: nothing is dispatched
+    assert len(batcher._pool.calls) == 1
+    batcher._pool.calls[0].done(None)
+    assert [_ids(c) for c in batcher._pool.calls] == [["a"], ["b", "c", "d", "e"]]
+    assert first.events == ["ack"]
+    batcher._pool.calls[1].done(None)
+    assert _ids(batcher._pool.calls[2]) == ["f", "g"]
+
+
+def test_batches_count_job_ids_not_messages(batcher):
+    _buffer(batcher, Message("a", "b", "c"), Message("d", "e"), Message("f"))
+    batcher._do_flush()
+    assert _ids(batcher._pool.calls[0]) == ["a", "b", "c"]
+
+
+def test_unwritten_results_requeue_the_messages(batcher):
+    msg = Message("a")
+    _buffer(batcher, msg)
+    batcher._do_flush()
+    batcher._pool.calls[0].done(RETRY)
+    assert msg.events == ["requeue"]
+
+
+def test_a_lost_pool_process_requeues_and_frees_the_slot(batcher):
+    lost, waiting = Message("a"), Message("b")
+    _buffer(batcher, lost)
+    batcher._do_flush()
+    _buffer(batcher, waiting)
+    batcher._pool.calls[0].lost(RuntimeError("WorkerLostError"))
+    assert lost.events == ["requeue"]
+    assert _ids(batcher._pool.calls[1]) == ["b"]

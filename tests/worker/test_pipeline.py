@@ -1,0 +1,118 @@
+"""The batch function called directly (no Celery): real SQL, Redis, HTTP and MobileNet.
+
+A redelivered batch must change nothing: one result, one charge, at most one refund.
+"""
+
+import pytest
+from sqlalchemy import select, update
+
+from shared import ledger
+from shared.models import Job, LedgerEntry, User, new_id
+from worker import pipeline
+from worker.runtime import Runtime
+
+
+@pytest.fixture(scope="session")
+def runtime(api_stack):
+    rt = Runtime.build(api_stack.config)
+    yield rt
+    rt.io_pool.shutdown()
+
+
+@pytest.fixture
+def account(runtime):
+    with runtime.sessions() as s:
+        user = User(username=f"p{new_id()[:12]}", password_hash="x", tokens=0)
+        s.add(user)
+        s.flush()
+        ledger.grant(s, user.id, 10, ledger.SIGNUP)
+        s.commit()
+        return user.id
+
+
+def _submit(runtime, user_id, url, **fields) -> str:
+    with runtime.sessions() as s:
+        job = Job(id=new_id(), user_id=user_id, model="mobilenet", input_url=url, **fields)
+        ledger.charge_jobs(s, user_id, [job.id])
+        s.add(job)
+        s.commit()
+        return job.id
+
+
+def _job(runtime, job_id) -> Job:
+    with runtime.sessions() as s:
+        return s.get(Job, job_id)
+
+
+def _ledger(runtime, user_id, job_id):
+    with runtime.sessions() as s:
+        rows = s.scalars(select(LedgerEntry.reason).where(LedgerEntry.job_id == job_id))
+        balance = s.get(User, user_id).tokens
+        return sorted(rows), balance, ledger.ledger_sum(s, user_id)
+
+
+def test_a_redelivered_batch_changes_nothing(runtime, account, photo_server):
+    ok = _submit(runtime, account, photo_server.url("parrot.jpg"))
+    bad = _submit(runtime, account, photo_server.url("missing.jpg"))
+    assert pipeline.process(runtime, [ok, bad]) is None
+    first = _job(runtime, ok)
+    assert first.status == "succeeded"
+    assert first.result["predictions"][0]["label"] == "macaw"
+    assert _job(runtime, bad).error_code == "fetch_failed"
+
+    assert pipeline.process(runtime, [ok, bad]) is None  # the same message again
+    again = _job(runtime, ok)
+    assert (again.status, again.result, again.completed_at) == (
+        "succeeded",
+        first.result,
+        first.completed_at,
+    )
+    assert _ledger(runtime, account, ok)[0] == ["charge"]
+    reasons, balance, total = _ledger(runtime, account, bad)
+    assert reasons == ["charge", "refund"]
+    assert balance == total == 9
+
+
+def test_a_url_repeated_in_one_batch_is_fetched_once(runtime, account, photo_server):
+    url = photo_server.url("hot_dog.jpg") + "?dup"
+    ids = [_submit(runtime, account, url) for _ in range(3)]
+    before = photo_server.hits.count("/hot_dog.jpg?dup")
+    pipeline.process(runtime, ids)
+    assert photo_server.hits.count("/hot_dog.jpg?dup") - before == 1
+    labels = {_job(runtime, j).result["predictions"][0]["label"] for j in ids}
+    assert labels == {"hotdog"}
+
+
+def test_each_job_keeps_its_own_top_k(runtime, account, photo_server):
+    few = _submit(runtime, account, photo_server.url("bird.bmp"), top_k=1)
+    many = _submit(runtime, account, photo_server.url("bird.bmp"), top_k=10)
+    pipeline.process(runtime, [few, many])
+    assert len(_job(runtime, few).result["predictions"]) == 1
+    assert len(_job(runtime, many).result["predictions"]) == 10
+
+
+def test_a_job_that_keeps_failing_its_worker_ends_failed_and_refunded(
+    runtime, account, photo_server
+):
+    job_id = _submit(runtime, account, photo_server.url("dog.jpg"))
+    with runtime.sessions() as s:  # as if three workers had died holding it
+        s.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(status="processing", attempts=runtime.config.job_max_attempts)
+        )
+        s.commit()
+    pipeline.process(runtime, [job_id])
+    job = _job(runtime, job_id)
+    assert (job.status, job.error_code) == ("failed", "internal_error")
+    assert _ledger(runtime, account, job_id)[0] == ["charge", "refund"]
+
+
+def test_final_and_unknown_jobs_are_skipped(runtime, account, photo_server):
+    job_id = _submit(runtime, account, photo_server.url("dog.jpg"))
+    with runtime.sessions() as s:
+        s.execute(update(Job).where(Job.id == job_id).values(status="canceled"))
+        s.commit()
+    assert pipeline.process(runtime, [job_id, "no-such-job"]) is None
+    assert _job(runtime, job_id).status == "canceled"
+    assert _job(runtime, job_id).result is None
