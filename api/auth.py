@@ -6,7 +6,7 @@ import functools
 import hashlib
 import secrets
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import bcrypt
@@ -15,7 +15,7 @@ from sqlalchemy import select, update
 
 from api.services import db, services
 from shared.errors import Forbidden, Unauthorized, ValidationFailed
-from shared.models import ApiKey, User, utcnow
+from shared.models import ApiKey, User, as_utc, utcnow
 
 KEY_PREFIX = "ick_"
 PREFIX_LEN = len(KEY_PREFIX) + 8
@@ -81,16 +81,11 @@ def _user_by_key(key: str) -> User:
     now = utcnow()
     last = api_key.last_used_at
     # Record use at a coarse resolution, so authenticating is not a write per request.
-    if last is None or _aware(last) < now - LAST_USED_RESOLUTION:
+    if last is None or as_utc(last) < now - LAST_USED_RESOLUTION:
         session.execute(update(ApiKey).where(ApiKey.id == api_key.id).values(last_used_at=now))
         session.commit()
     g.api_key_id = api_key.id
     return user
-
-
-def _aware(dt: datetime) -> datetime:
-    # SQLite hands back naive datetimes; everything we store is UTC.
-    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
 def authenticate() -> User:

@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -32,7 +33,7 @@ from shared.errors import (
 )
 from shared.images import ALLOWED_FORMATS, sniff_format
 from shared.jobs import job_to_dict
-from shared.models import IdempotencyRecord, Job, LedgerEntry, User, new_id
+from shared.models import IdempotencyRecord, Job, LedgerEntry, User, as_utc, new_id, utcnow
 from shared.queue import enqueue_jobs
 from shared.status import JobStatus
 
@@ -172,6 +173,13 @@ def _replay(user_id: int, key: str, fingerprint: str) -> tuple[int, dict] | None
         .first()
     )
     if record is None:
+        return None
+    if as_utc(record.created_at) < utcnow() - timedelta(
+        seconds=services().config.idempotency_ttl_s
+    ):
+        # Keys are remembered for IDEMPOTENCY_TTL_S; after that the key is free again.
+        db().delete(record)
+        db().commit()
         return None
     if record.fingerprint != fingerprint:
         raise Conflict(

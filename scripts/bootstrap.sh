@@ -8,8 +8,10 @@ python="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
-stamp=".venv/.installed-$(basename "$req")-$(cat requirements*.txt | sha256sum | cut -c1-16)"
-if [ ! -f "$stamp" ]; then
+hash="$(cat requirements*.txt | sha256sum | cut -c1-16)"
+stamp=".venv/.installed-$(basename "$req")-$hash"
+# The dev requirements include the runtime ones.
+if [ ! -f "$stamp" ] && [ ! -f ".venv/.installed-requirements-dev.txt-$hash" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -r "$req"
   touch "$stamp"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -41,9 +41,7 @@ class Config:
     # Jobs
     default_model: str = "mobilenet"
     models: tuple[str, ...] = ("mobilenet",)
-    model_dir: str = "var/models"
     default_top_k: int = 5
-    max_top_k: int = 20
     max_wait_s: int = 60
     upload_ttl_s: int = 3600
     job_max_attempts: int = 3
@@ -65,7 +63,6 @@ class Config:
 
     # Operations
     log_level: str = "INFO"
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def effective_broker_url(self) -> str:
@@ -81,8 +78,6 @@ class Config:
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
-            if f.name == "extra":
-                continue
             raw = env.get(f.name.upper())
             if raw is None or raw == "":
                 continue
@@ -96,6 +91,8 @@ class Config:
     def validated(self) -> Config:
         if self.default_model not in self.models:
             raise ValueError(f"DEFAULT_MODEL {self.default_model!r} is not in MODELS {self.models}")
+        if not 1 <= self.default_top_k <= 20:
+            raise ValueError("DEFAULT_TOP_K must be between 1 and 20")
         if self.batch_max < 1 or self.batch_wait_ms < 0:
             raise ValueError("BATCH_MAX must be >= 1 and BATCH_WAIT_MS >= 0")
         if self.worker_concurrency < 1:

@@ -15,16 +15,14 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from shared import ledger
-from shared.models import Job, utcnow
+from shared.models import Job, as_utc, utcnow
 from shared.status import JobStatus
 
 
 def iso(dt: datetime | None) -> str | None:
     if dt is None:
         return None
-    if dt.tzinfo is None:  # SQLite returns naive values; all stored times are UTC
-        dt = dt.replace(tzinfo=UTC)
-    return dt.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return as_utc(dt).astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def job_to_dict(job: Job) -> dict[str, Any]:

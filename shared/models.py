@@ -38,6 +38,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def as_utc(dt: datetime) -> datetime:
+    """SQLite hands datetimes back naive; everything stored is UTC."""
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
 def new_id() -> str:
     return str(uuid.uuid4())
 

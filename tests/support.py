@@ -96,8 +96,6 @@ def config_env(config: Config) -> dict[str, str]:
     """The environment variables that reproduce ``config`` in another process."""
     env = {}
     for f in dataclasses.fields(config):
-        if f.name == "extra":
-            continue
         value = getattr(config, f.name)
         if isinstance(value, bool):
             value = "1" if value else "0"

@@ -25,7 +25,7 @@ class ModelRegistry:
     """The models named in ``config.models``, instantiated lazily, set up by ``setup_all()``.
 
     Args:
-        config: The service configuration (``models``, ``batch_max``, ``model_dir``).
+        config: The service configuration (``models``, ``batch_max``).
         classes: Name-to-class table to serve from; defaults to ``BUILTIN_MODELS``
             (tests pass their own).
     """
@@ -74,7 +74,7 @@ class ModelRegistry:
         """The class implementing ``name``, or None if there is none.
 
         EXTENSION POINT (not implemented): models produced by the training
-        pipeline will be found here by name under ``config.model_dir`` (e.g. a
+        pipeline will be found here by name under a model directory setting (e.g. a
         saved ``.keras`` file plus its label list) and wrapped in an
         ``ImageModel`` subclass. Until that exists, only built-in names
         resolve, and every other name is ``unknown_model``.
