@@ -62,7 +62,9 @@ def new_api_key(user_id: int, name: str = "") -> tuple[ApiKey, str]:
 def user_by_password(username: str | None, password: str | None) -> User:
     if not username or password is None:
         raise Unauthorized("Username and password are required.")
-    user = db().scalars(select(User).where(User.username == username)).first()
+    session = db()
+    user = session.scalars(select(User).where(User.username == username)).first()
+    session.commit()  # bcrypt is slow on purpose: hold no transaction (SQLite lock) meanwhile
     if not check_password(password, user.password_hash if user else None):
         raise Unauthorized("Wrong username or password.", code="invalid_credentials")
     return user

@@ -227,3 +227,14 @@ def test_database_down_is_503(api_stack):
     assert resp.get_json()["error"]["code"] == "service_unavailable"
     ready = client.get("/readyz")
     assert ready.status_code == 503 and ready.get_json()["checks"]["database"] != "ok"
+
+
+def test_an_idempotency_key_is_free_again_after_its_ttl(api_stack):
+    forgetful = create_app(api_stack.config.replace(idempotency_ttl_s=0))
+    client = forgetful.test_client()
+    user = support.new_user(client)
+    h = {**user["headers"], "Idempotency-Key": "expires"}
+    first = client.post("/v1/jobs", json={"url": URL}, headers=h).get_json()
+    second = client.post("/v1/jobs", json={"url": URL}, headers=h).get_json()
+    assert first["id"] != second["id"]
+    assert _balance_and_ledger(forgetful, user["username"]) == (3, 3)

@@ -3,12 +3,15 @@
 A redelivered batch must change nothing: one result, one charge, at most one refund.
 """
 
+import dataclasses
+
 import pytest
 from sqlalchemy import select, update
 
 from shared import ledger
 from shared.models import Job, LedgerEntry, User, new_id
 from worker import pipeline
+from worker.fetch import Fetcher
 from worker.runtime import Runtime
 
 
@@ -116,3 +119,14 @@ def test_final_and_unknown_jobs_are_skipped(runtime, account, photo_server):
     assert pipeline.process(runtime, [job_id, "no-such-job"]) is None
     assert _job(runtime, job_id).status == "canceled"
     assert _job(runtime, job_id).result is None
+
+
+def test_private_addresses_are_refused_and_refunded(runtime, account, photo_server):
+    strict = dataclasses.replace(
+        runtime, fetcher=Fetcher(runtime.config.replace(allow_private_urls=False))
+    )
+    job_id = _submit(runtime, account, photo_server.url("dog.jpg"))
+    pipeline.process(strict, [job_id])
+    job = _job(runtime, job_id)
+    assert (job.status, job.error_code) == ("failed", "blocked_address")
+    assert _ledger(runtime, account, job_id)[0] == ["charge", "refund"]
