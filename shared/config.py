@@ -46,6 +46,13 @@ class Config:
     upload_ttl_s: int = 3600
     job_max_attempts: int = 3
 
+    # Bulk batches and webhooks
+    max_batch_urls: int = 10_000
+    webhook_timeout_s: float = 10.0
+    # Delay before each delivery attempt: now, 5 s, 30 s, 2 min, 10 min, 1 h, 6 h.
+    webhook_backoff_s: tuple[str, ...] = ("0", "5", "30", "120", "600", "3600", "21600")
+    webhook_secret_grace_s: int = 24 * 3600
+
     # Images and fetching
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000
@@ -72,6 +79,10 @@ class Config:
     def effective_prefetch(self) -> int:
         """Messages a worker may hold unacknowledged, across its pool processes."""
         return self.worker_prefetch or 2 * self.batch_max * self.worker_concurrency
+
+    @property
+    def webhook_schedule(self) -> tuple[float, ...]:
+        return tuple(float(x) for x in self.webhook_backoff_s)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:

@@ -66,6 +66,11 @@ class User(Base):
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     tokens: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Standard Webhooks signing secrets ("whsec_..."); the previous one stays valid
+    # for a while after a rotation, and deliveries are signed with both meanwhile.
+    webhook_secret: Mapped[str | None] = mapped_column(String(100), default=None)
+    webhook_secret_previous: Mapped[str | None] = mapped_column(String(100), default=None)
+    webhook_secret_rotated_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class ApiKey(Base):
@@ -106,6 +111,10 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    batch_id: Mapped[str | None] = mapped_column(
+        ForeignKey("batches.id", ondelete="CASCADE"), default=None
+    )
+    batch_index: Mapped[int | None] = mapped_column(Integer, default=None)
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED.value, index=True)
     model: Mapped[str] = mapped_column(String(100))
     top_k: Mapped[int] = mapped_column(Integer, default=5)
@@ -116,14 +125,78 @@ class Job(Base):
     error_message: Mapped[str | None] = mapped_column(Text, default=None)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     webhook_url: Mapped[str | None] = mapped_column(Text, default=None)
-    webhook_events: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    webhook_events: Mapped[list[str] | None] = mapped_column(JSON, default=None)
     request_id: Mapped[str | None] = mapped_column(String(64), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     completed_at: Mapped[datetime | None] = mapped_column(default=None)
 
     # Listing a user's jobs newest first is the hot read.
-    __table_args__ = (Index("ix_jobs_user_created", "user_id", "created_at"),)
+    __table_args__ = (
+        Index("ix_jobs_user_created", "user_id", "created_at"),
+        # Results in input order, and per-batch counts by status.
+        Index("ix_jobs_batch_index", "batch_id", "batch_index"),
+        Index("ix_jobs_batch_status", "batch_id", "status"),
+    )
+
+
+class Batch(Base):
+    """A bulk submission: N URL jobs charged together. Counts are derived from its jobs."""
+
+    __tablename__ = "batches"
+    __table_args__ = (Index("ix_batches_user_created", "user_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    total: Mapped[int] = mapped_column(Integer)
+    model: Mapped[str] = mapped_column(String(100))
+    top_k: Mapped[int] = mapped_column(Integer, default=5)
+    webhook_url: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    canceled_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Set once, by whoever ends the last job; batch.completed is sent exactly then.
+    completed_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class WebhookEvent(Base):
+    """One event to deliver; its id is the ``webhook-id`` header, kept across retries."""
+
+    __tablename__ = "webhook_events"
+    __table_args__ = (
+        UniqueConstraint("job_id", "event_type", name="uq_webhook_events_job_type"),
+        UniqueConstraint("batch_id", "event_type", name="uq_webhook_events_batch_type"),
+        Index("ix_webhook_events_due", "status", "next_attempt_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    job_id: Mapped[str | None] = mapped_column(String(36), default=None)
+    batch_id: Mapped[str | None] = mapped_column(String(36), default=None)
+    event_type: Mapped[str] = mapped_column(String(32))
+    url: Mapped[str] = mapped_column(Text)
+    payload: Mapped[dict[str, Any]] = mapped_column()
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    locked_until: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    completed_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class WebhookAttempt(Base):
+    """Every delivery attempt, as the receiver answered it."""
+
+    __tablename__ = "webhook_attempts"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(
+        ForeignKey("webhook_events.id", ondelete="CASCADE"), index=True
+    )
+    number: Mapped[int] = mapped_column(Integer)
+    status_code: Mapped[int | None] = mapped_column(Integer, default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    duration_ms: Mapped[int] = mapped_column(Integer, default=0)
+    attempted_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class IdempotencyRecord(Base):

@@ -15,10 +15,19 @@ from kombu import Queue
 from shared.config import Config
 
 CLASSIFY_TASK = "imgclf.classify"
+DELIVER_WEBHOOK_TASK = "imgclf.deliver_webhook"
 
 
 def interactive_queue(config: Config) -> str:
     return f"{config.queue_prefix}.interactive"
+
+
+def bulk_queue(config: Config) -> str:
+    return f"{config.queue_prefix}.bulk"
+
+
+def webhook_queue(config: Config) -> str:
+    return f"{config.queue_prefix}.webhooks"
 
 
 def make_celery(config: Config, main: str = "imgclf") -> Celery:
@@ -28,9 +37,13 @@ def make_celery(config: Config, main: str = "imgclf") -> Celery:
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,
-        task_queues=[Queue(queue)],
+        # Listed first, so a worker that consumes both takes interactive work first.
+        task_queues=[Queue(queue), Queue(bulk_queue(config))],
         task_default_queue=queue,
-        task_routes={CLASSIFY_TASK: {"queue": queue}},
+        task_routes={
+            CLASSIFY_TASK: {"queue": queue},
+            DELIVER_WEBHOOK_TASK: {"queue": webhook_queue(config)},
+        },
         # At-least-once: a message is acked after its batch is written, and comes
         # back if the worker dies; every write in the task is a conditional
         # status transition, so a redelivery changes nothing already done.
@@ -60,8 +73,25 @@ def make_celery(config: Config, main: str = "imgclf") -> Celery:
 
 
 def enqueue_jobs(app: Celery, config: Config, job_ids: Sequence[str]) -> None:
-    """Send one message per job id. Raises kombu/redis errors if the broker is down."""
+    """Send single jobs, one message each. Raises kombu/redis errors if the broker is down."""
     queue = interactive_queue(config)
     with app.producer_or_acquire() as producer:
         for job_id in job_ids:
             app.send_task(CLASSIFY_TASK, args=([job_id],), queue=queue, producer=producer)
+
+
+def enqueue_bulk(app: Celery, config: Config, job_ids: Sequence[str]) -> None:
+    """Send a batch's jobs on the bulk queue in chunks of up to BATCH_MAX ids per message."""
+    queue, size = bulk_queue(config), config.batch_max
+    with app.producer_or_acquire() as producer:
+        for start in range(0, len(job_ids), size):
+            chunk = list(job_ids[start : start + size])
+            app.send_task(CLASSIFY_TASK, args=(chunk,), queue=queue, producer=producer)
+
+
+def enqueue_webhooks(app: Celery, config: Config, event_ids: Sequence[str]) -> None:
+    """Ask the webhook worker to deliver these events now."""
+    queue = webhook_queue(config)
+    with app.producer_or_acquire() as producer:
+        for event_id in event_ids:
+            app.send_task(DELIVER_WEBHOOK_TASK, args=(event_id,), queue=queue, producer=producer)
