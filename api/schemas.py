@@ -77,6 +77,11 @@ class JobCreate(ma.Schema):
     url = ma.fields.String(metadata={"description": "http(s) URL of a JPEG/PNG/WebP/GIF/BMP"})
     model = ma.fields.String(metadata={"example": "mobilenet"})
     top_k = ma.fields.Integer(validate=validate.Range(min=1, max=20))
+    webhook = ma.fields.String(metadata={"description": "https URL to POST job events to"})
+    webhook_events = ma.fields.List(
+        ma.fields.String(validate=validate.OneOf(["started", "completed"])),
+        metadata={"description": 'Default: ["completed"]'},
+    )
 
 
 class Prediction(ma.Schema):
@@ -106,6 +111,7 @@ class Job(ma.Schema):
     result = ma.fields.Nested(JobResult, allow_none=True)
     error = ma.fields.Nested(ErrorBody, allow_none=True)
     batch_id = ma.fields.String(allow_none=True)
+    webhook = ma.fields.Dict(allow_none=True)
 
 
 class JobList(ma.Schema):
@@ -119,6 +125,53 @@ class WaitQuery(ma.Schema):
         validate=validate.Range(min=0, max=60),
         metadata={"description": "Long-poll: seconds to wait for a final status"},
     )
+
+
+class PageQuery(ma.Schema):
+    limit = ma.fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
+    cursor = ma.fields.String()
+
+
+class BatchOptions(ma.Schema):
+    model = ma.fields.String()
+    top_k = ma.fields.Integer(validate=validate.Range(min=1, max=20))
+    webhook = ma.fields.String(metadata={"description": "URL for the batch.completed event"})
+
+
+class BatchCreate(BatchOptions):
+    urls = ma.fields.List(ma.fields.String(), required=True, metadata={"maxItems": 10000})
+
+
+class BatchCounts(ma.Schema):
+    queued = ma.fields.Integer()
+    processing = ma.fields.Integer()
+    succeeded = ma.fields.Integer()
+    failed = ma.fields.Integer()
+    canceled = ma.fields.Integer()
+
+
+class BatchSchema(ma.Schema):
+    id = ma.fields.String()
+    status = ma.fields.String(
+        validate=validate.OneOf(["queued", "running", "completed", "canceled"])
+    )
+    total = ma.fields.Integer()
+    counts = ma.fields.Nested(BatchCounts)
+    model = ma.fields.String()
+    top_k = ma.fields.Integer()
+    webhook = ma.fields.String(allow_none=True)
+    created_at = ma.fields.String()
+    completed_at = ma.fields.String(allow_none=True)
+    canceled_at = ma.fields.String(allow_none=True)
+
+
+class BatchList(ma.Schema):
+    items = ma.fields.List(ma.fields.Nested(BatchSchema))
+    next_cursor = ma.fields.String(allow_none=True)
+
+
+class ResultsQuery(ma.Schema):
+    format = ma.fields.String(load_default="jsonl", validate=validate.OneOf(["jsonl", "csv"]))
 
 
 class JobListQuery(ma.Schema):

@@ -50,24 +50,44 @@ class JobRequest:
     url: str | None = None
     upload: bytes | None = None
     filename: str | None = None
+    webhook_url: str | None = None
+    webhook_events: tuple[str, ...] | None = None
 
     def fingerprint(self) -> str:
-        payload = {"model": self.model, "top_k": self.top_k, "url": self.url}
+        payload = {
+            "model": self.model,
+            "top_k": self.top_k,
+            "url": self.url,
+            "webhook": [self.webhook_url, self.webhook_events],
+        }
         if self.upload is not None:
             payload["upload"] = hashlib.sha256(self.upload).hexdigest()
             payload["filename"] = self.filename
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def validate_url(url: Any) -> str:
+def is_valid_url(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+        return (
+            parts.scheme.lower() in ("http", "https")
+            and bool(parts.hostname)
+            and len(url) <= MAX_URL_LENGTH
+            and not any(c.isspace() for c in url)
+        )
+    except ValueError:  # e.g. an invalid IPv6 literal
+        return False
+
+
+def validate_url(url: Any, field: str = "url") -> str:
     if not isinstance(url, str) or not url.strip():
         raise ValidationFailed("A 'url' or a 'file' upload is required.", code="missing_input")
     url = url.strip()
-    parts = urlsplit(url)
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        raise ValidationFailed("The url must be an absolute http(s) URL.", code="invalid_url")
-    if len(url) > MAX_URL_LENGTH:
-        raise ValidationFailed(f"The url is longer than {MAX_URL_LENGTH}.", code="invalid_url")
+    if not is_valid_url(url):
+        raise ValidationFailed(
+            f"The {field} must be an absolute http(s) URL of at most {MAX_URL_LENGTH} characters.",
+            code=f"invalid_{field}",
+        )
     return url
 
 
@@ -85,14 +105,7 @@ def validate_upload(data: bytes, filename: str | None) -> None:
         )
 
 
-def build_request(
-    *,
-    url: Any = None,
-    upload: bytes | None = None,
-    filename: str | None = None,
-    model: str | None = None,
-    top_k: int | None = None,
-) -> JobRequest:
+def checked_model(model: str | None) -> str:
     config = services().config
     model = model or config.default_model
     if model not in config.models:
@@ -100,22 +113,42 @@ def build_request(
             f"Unknown model {model!r}; available: {', '.join(config.models)}.",
             code="unknown_model",
         )
-    top_k = config.default_top_k if top_k is None else top_k
+    return model
+
+
+def build_request(
+    *,
+    url: Any = None,
+    upload: bytes | None = None,
+    filename: str | None = None,
+    model: str | None = None,
+    top_k: int | None = None,
+    webhook: str | None = None,
+    webhook_events: list[str] | None = None,
+) -> JobRequest:
+    model = checked_model(model)
+    top_k = services().config.default_top_k if top_k is None else top_k
+    hook = {
+        "webhook_url": validate_url(webhook, "webhook") if webhook else None,
+        "webhook_events": tuple(dict.fromkeys(webhook_events or ["completed"]))
+        if webhook
+        else None,
+    }
     if upload is not None:
         if url:
             raise ValidationFailed("Send either a url or a file, not both.", code="ambiguous_input")
         validate_upload(upload, filename)
-        return JobRequest(model=model, top_k=top_k, upload=upload, filename=filename or "upload")
-    return JobRequest(model=model, top_k=top_k, url=validate_url(url))
+        return JobRequest(
+            model=model, top_k=top_k, upload=upload, filename=filename or "upload", **hook
+        )
+    return JobRequest(model=model, top_k=top_k, url=validate_url(url), **hook)
 
 
 def submit(user: User, req: JobRequest, idempotency_key: str | None = None) -> tuple[int, dict]:
     """Charge, insert, commit, enqueue. Returns (HTTP status, job body)."""
     fingerprint = req.fingerprint()
-    if idempotency_key:
-        replay = _replay(user.id, idempotency_key, fingerprint)
-        if replay is not None:
-            return replay
+    if idempotency_key and (found := replay(user.id, idempotency_key, fingerprint)):
+        return found
     svc = services()
     job = Job(
         id=new_id(),
@@ -125,6 +158,8 @@ def submit(user: User, req: JobRequest, idempotency_key: str | None = None) -> t
         input_url=req.url,
         input_filename=req.filename if req.upload is not None else None,
         status=JobStatus.QUEUED.value,
+        webhook_url=req.webhook_url,
+        webhook_events=list(req.webhook_events) if req.webhook_events else None,
     )
     if req.upload is not None:
         svc.uploads.put(job.id, req.upload)
@@ -134,10 +169,10 @@ def submit(user: User, req: JobRequest, idempotency_key: str | None = None) -> t
         # A concurrent request with the same idempotency key committed first.
         db().rollback()
         _forget_upload(job.id, req)
-        replay = _replay(user.id, idempotency_key, fingerprint) if idempotency_key else None
-        if replay is None:
+        found = replay(user.id, idempotency_key, fingerprint) if idempotency_key else None
+        if found is None:
             raise
-        return replay
+        return found
     except Exception:
         db().rollback()
         _forget_upload(job.id, req)
@@ -153,16 +188,31 @@ def _commit_new_job(user_id: int, job: Job, key: str | None, fingerprint: str) -
     session.flush()
     body = job_to_dict(job)
     if key:
-        session.add(
-            IdempotencyRecord(
-                user_id=user_id, key=key, fingerprint=fingerprint, status_code=202, body=body
-            )
-        )
+        save_idempotent(user_id, key, fingerprint, body)
     session.commit()
     return body
 
 
-def _replay(user_id: int, key: str, fingerprint: str) -> tuple[int, dict] | None:
+def save_idempotent(user_id: int, key: str, fingerprint: str, body: dict) -> None:
+    """Remember the 202 answer for this key, in the caller's transaction."""
+    db().add(
+        IdempotencyRecord(
+            user_id=user_id, key=key, fingerprint=fingerprint, status_code=202, body=body
+        )
+    )
+
+
+def forget_idempotent(user_id: int, resource_id: str) -> None:
+    db().execute(
+        delete(IdempotencyRecord).where(
+            IdempotencyRecord.user_id == user_id,
+            IdempotencyRecord.body["id"].as_string() == resource_id,
+        )
+    )
+
+
+def replay(user_id: int, key: str, fingerprint: str) -> tuple[int, dict] | None:
+    """The first answer for this key, or None; 409 if the key came with another request."""
     record = (
         db()
         .scalars(
@@ -212,12 +262,7 @@ def _undo(user_id: int, job_id: str) -> None:
     """Remove a job whose message never reached the broker, with its charge."""
     session = db()
     session.rollback()
-    session.execute(
-        delete(IdempotencyRecord).where(
-            IdempotencyRecord.user_id == user_id,
-            IdempotencyRecord.body["id"].as_string() == job_id,
-        )
-    )
+    forget_idempotent(user_id, job_id)
     session.execute(delete(LedgerEntry).where(LedgerEntry.job_id == job_id))
     removed = session.execute(
         delete(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)

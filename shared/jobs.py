@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from shared import ledger
+from shared import ledger, webhook_events
 from shared.models import Job, as_utc, utcnow
 from shared.status import JobStatus
 
@@ -28,6 +28,7 @@ def iso(dt: datetime | None) -> str | None:
 def job_to_dict(job: Job) -> dict[str, Any]:
     error = {"code": job.error_code, "message": job.error_message} if job.error_code else None
     source = {"url": job.input_url} if job.input_url else {"filename": job.input_filename}
+    webhook = {"url": job.webhook_url, "events": job.webhook_events} if job.webhook_url else None
     return {
         "id": job.id,
         "status": job.status,
@@ -39,7 +40,8 @@ def job_to_dict(job: Job) -> dict[str, Any]:
         "top_k": job.top_k,
         "result": job.result,
         "error": error,
-        "batch_id": None,
+        "batch_id": job.batch_id,
+        "webhook": webhook,
     }
 
 
@@ -102,3 +104,18 @@ def cancel(session: Session, job: Job) -> bool:
     if won:
         ledger.refund_job(session, job.user_id, job.id)
     return won
+
+
+def record_webhook(session: Session, job: Job, choice: str) -> str | None:
+    """Record job.started / job.completed for a job that asked for it; returns the event id."""
+    if not job.webhook_url or not webhook_events.wants(job.webhook_events, choice):
+        return None
+    job = session.get(Job, job.id, populate_existing=True)  # the state just written
+    return webhook_events.record(
+        session,
+        user_id=job.user_id,
+        url=job.webhook_url,
+        event_type=f"job.{choice}",
+        data=job_to_dict(job),
+        job_id=job.id,
+    )

@@ -57,6 +57,19 @@ def refund_job(session: Session, user_id: int, job_id: str) -> None:
     session.add(LedgerEntry(user_id=user_id, delta=1, reason=REFUND, job_id=job_id))
 
 
+def refund_jobs(session: Session, user_id: int, job_ids: Sequence[str]) -> None:
+    """Bulk ``refund_job`` for jobs whose conditional status change the caller just won."""
+    if not job_ids:
+        return
+    session.execute(
+        update(User).where(User.id == user_id).values(tokens=User.tokens + len(job_ids))
+    )
+    session.execute(
+        insert(LedgerEntry),
+        [{"user_id": user_id, "delta": 1, "reason": REFUND, "job_id": j} for j in job_ids],
+    )
+
+
 def ledger_sum(session: Session, user_id: int) -> int:
     total = session.execute(
         select(func.coalesce(func.sum(LedgerEntry.delta), 0)).where(LedgerEntry.user_id == user_id)

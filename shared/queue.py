@@ -80,13 +80,12 @@ def enqueue_jobs(app: Celery, config: Config, job_ids: Sequence[str]) -> None:
             app.send_task(CLASSIFY_TASK, args=([job_id],), queue=queue, producer=producer)
 
 
-def enqueue_bulk(app: Celery, config: Config, job_ids: Sequence[str]) -> None:
-    """Send a batch's jobs on the bulk queue in chunks of up to BATCH_MAX ids per message."""
-    queue, size = bulk_queue(config), config.batch_max
+def enqueue_bulk(app: Celery, config: Config, chunks: Sequence[Sequence[str]]) -> None:
+    """Send a batch's jobs on the bulk queue, one message per chunk of job ids."""
+    queue = bulk_queue(config)
     with app.producer_or_acquire() as producer:
-        for start in range(0, len(job_ids), size):
-            chunk = list(job_ids[start : start + size])
-            app.send_task(CLASSIFY_TASK, args=(chunk,), queue=queue, producer=producer)
+        for ids in chunks:
+            app.send_task(CLASSIFY_TASK, args=(list(ids),), queue=queue, producer=producer)
 
 
 def enqueue_webhooks(app: Celery, config: Config, event_ids: Sequence[str]) -> None:

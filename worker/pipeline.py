@@ -18,8 +18,9 @@ from sqlalchemy import case, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from shared import events, jobs
+from shared import batches, jobs, webhook_events
 from shared.errors import ServiceError, UploadExpired
+from shared.events import publish_done
 from shared.images import decode_image, to_array
 from shared.models import Job, utcnow
 from shared.status import ACTIVE, JobStatus
@@ -44,22 +45,25 @@ class Outcome:
 
 def process(rt: Runtime, job_ids: list[str]) -> str | None:
     """Run a batch end to end. Returns RETRY when results could not be written."""
-    claimed = _with_db_retry(rt, lambda s: _claim(rt, s, job_ids))
+    claimed = _with_db_retry(rt, lambda s: _claim(s, job_ids))
     if claimed is None:
         return RETRY
-    if not claimed:
+    jobs_, started_events = claimed
+    webhook_events.dispatch(rt.celery, rt.config, started_events)
+    if not jobs_:
         return None
-    outcomes = [Outcome(job) for job in claimed]
+    outcomes = [Outcome(job) for job in jobs_]
     _give_up_on_retried(rt, outcomes)
     _load_inputs(rt, [o for o in outcomes if o.error is None])
     _predict(rt, [o for o in outcomes if o.error is None])
-    if _with_db_retry(rt, lambda s: _write(s, outcomes)) is None:
+    written = _with_db_retry(rt, lambda s: _write(s, outcomes))
+    if written is None:
         return RETRY
-    _announce(rt, outcomes)
+    _announce(rt, outcomes, written)
     return None
 
 
-def _claim(rt: Runtime, session: Session, job_ids: list[str]) -> list[Job]:
+def _claim(session: Session, job_ids: list[str]) -> tuple[list[Job], list[str]]:
     """Mark the batch's active jobs processing; a final job (done before) is skipped."""
     active = [s.value for s in ACTIVE]
     session.execute(
@@ -73,8 +77,10 @@ def _claim(rt: Runtime, session: Session, job_ids: list[str]) -> list[Job]:
         .execution_options(synchronize_session=False)
     )
     rows = list(session.scalars(select(Job).where(Job.id.in_(job_ids), Job.status.in_(active))))
+    # job.started is sent on the first delivery only, not again on a redelivery.
+    events = [jobs.record_webhook(session, j, "started") for j in rows if j.attempts == 1]
     session.commit()
-    return rows
+    return rows, [e for e in events if e]
 
 
 def _give_up_on_retried(rt: Runtime, outcomes: list[Outcome]) -> None:
@@ -135,9 +141,12 @@ def _predict(rt: Runtime, outcomes: list[Outcome]) -> None:
     for name, group in by_model.items():
         try:
             model = rt.models.get(name)
-            probs = model.predict_batch(np.stack([o.array for o in group]))
-            for o, row in zip(group, probs, strict=True):
-                o.predictions = rt.top_k(row, o.job.top_k, model.labels)
+            # Jobs with the same source share one array (see _load_inputs): classify it once.
+            unique = list({id(o.array): o.array for o in group}.values())
+            probs = model.predict_batch(np.stack(unique))
+            row_of = {id(a): row for a, row in zip(unique, probs, strict=True)}
+            for o in group:
+                o.predictions = rt.top_k(row_of[id(o.array)], o.job.top_k, model.labels)
         except Exception as exc:
             log.exception("forward pass of %d job(s) on %s failed", len(group), name)
             for o in group:
@@ -147,21 +156,27 @@ def _predict(rt: Runtime, outcomes: list[Outcome]) -> None:
                 o.array = None
 
 
-def _write(session: Session, outcomes: list[Outcome]) -> bool:
+def _write(session: Session, outcomes: list[Outcome]) -> list[str]:
+    """All outcomes in one transaction; returns the webhook events it recorded."""
+    events = []
     for o in outcomes:
         if o.error is None:
-            jobs.mark_succeeded(session, o.job.id, {"predictions": o.predictions})
+            won = jobs.mark_succeeded(session, o.job.id, {"predictions": o.predictions})
         else:
             # Input errors and our own failures alike give the token back.
-            jobs.mark_failed(session, o.job, o.error.code, o.error.message, refund=True)
+            won = jobs.mark_failed(session, o.job, o.error.code, o.error.message, refund=True)
+        if won:
+            events.append(jobs.record_webhook(session, o.job, "completed"))
+    events += batches.complete_finished(session, [o.job.batch_id for o in outcomes])
     session.commit()
-    return True
+    return [e for e in events if e]
 
 
-def _announce(rt: Runtime, outcomes: list[Outcome]) -> None:
+def _announce(rt: Runtime, outcomes: list[Outcome], events: list[str]) -> None:
     ids = [o.job.id for o in outcomes]
+    webhook_events.dispatch(rt.celery, rt.config, events)
     try:
-        events.publish_done(rt.redis, rt.config, ids)
+        publish_done(rt.redis, rt.config, ids)
         rt.uploads.delete(*[o.job.id for o in outcomes if o.job.input_url is None])
     except Exception as exc:  # waiters re-check SQL; uploads expire by TTL
         log.warning("could not announce %d finished job(s): %r", len(ids), exc)

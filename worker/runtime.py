@@ -7,10 +7,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import redis
+from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.config import Config
 from shared.db import make_engine, make_session_factory
+from shared.queue import make_celery
 from shared.redis_client import make_redis
 from shared.uploads import UploadStore
 from worker.fetch import Fetcher
@@ -26,6 +28,7 @@ class Runtime:
     fetcher: Fetcher
     models: ModelRegistry
     io_pool: ThreadPoolExecutor
+    celery: Celery  # sends webhook deliveries
     top_k: Callable = top_k
 
     @classmethod
@@ -41,4 +44,5 @@ class Runtime:
             fetcher=Fetcher(config),
             models=models,
             io_pool=ThreadPoolExecutor(config.fetch_threads, thread_name_prefix="fetch"),
+            celery=make_celery(config, main="imgclf-worker-sender"),
         )

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
-from datetime import datetime
 
 import marshmallow as ma
 from flask import g, request
 from flask_smorest import Blueprint
-from sqlalchemy import and_, or_, select
+from sqlalchemy import select
 
 from api import schemas
 from api.auth import login_required
+from api.pagination import page
 from api.services import db, services
 from api.submission import build_request, submit, wait_for
-from shared import events, jobs
+from shared import batches, events, jobs, webhook_events
 from shared.errors import Conflict, NotFound, ValidationFailed
 from shared.models import Job
 from shared.status import JobStatus
@@ -64,7 +62,12 @@ def _parse_job_request():
         upload = request.files.get("file")
         if upload is None:
             raise ValidationFailed("The multipart form needs a 'file' field.", code="missing_input")
-        fields = _load(request.form.to_dict())
+        form = request.form.to_dict()
+        if "webhook_events" in form:  # a form sends a list as repeated or comma-separated values
+            form["webhook_events"] = [
+                e.strip() for v in request.form.getlist("webhook_events") for e in v.split(",")
+            ]
+        fields = _load(form)
         return build_request(upload=upload.read(), filename=upload.filename, **fields)
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
@@ -85,7 +88,7 @@ def _prefer_wait() -> int | None:
     return min(int(match.group(1)), services().config.max_wait_s) if match else None
 
 
-def _idempotency_key() -> str | None:
+def idempotency_key() -> str | None:
     key = request.headers.get("Idempotency-Key")
     if key is not None and not 1 <= len(key) <= 255:
         raise ValidationFailed(
@@ -108,7 +111,7 @@ def create_job():
     """Submit one image by URL (JSON) or upload (multipart); costs one token."""
     wait_s = _prefer_wait()
     job_request = _parse_job_request()
-    status, body = submit(g.user, job_request, _idempotency_key())
+    status, body = submit(g.user, job_request, idempotency_key())
     if wait_s and status == 202:
         job = wait_for(body["id"], wait_s)
         if JobStatus(job.status).is_terminal():
@@ -147,29 +150,8 @@ def list_jobs(query):
     stmt = select(Job).where(Job.user_id == g.user.id)
     if "status" in query:
         stmt = stmt.where(Job.status == query["status"])
-    if "cursor" in query:
-        created, last_id = _decode_cursor(query["cursor"])
-        stmt = stmt.where(
-            or_(Job.created_at < created, and_(Job.created_at == created, Job.id < last_id))
-        )
-    limit = query["limit"]
-    rows = list(db().scalars(stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
-    next_cursor = _encode_cursor(rows[limit - 1]) if len(rows) > limit else None
-    return {"items": [jobs.job_to_dict(j) for j in rows[:limit]], "next_cursor": next_cursor}
-
-
-def _encode_cursor(job: Job) -> str:
-    raw = f"{job.created_at.isoformat()}|{job.id}"
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        created, job_id = raw.split("|", 1)
-        return datetime.fromisoformat(created), job_id
-    except (binascii.Error, ValueError, UnicodeDecodeError):
-        raise ValidationFailed("The cursor is not valid.", code="invalid_cursor") from None
+    rows, next_cursor = page(db(), stmt, Job, query)
+    return {"items": [jobs.job_to_dict(j) for j in rows], "next_cursor": next_cursor}
 
 
 @blp.route("/<job_id>/cancel", methods=["POST"])
@@ -182,16 +164,24 @@ def cancel_job(job_id: str):
     session = db()
     if not jobs.cancel(session, job):
         session.rollback()
+        status = session.get(Job, job_id).status
         raise Conflict(
-            f"The job is {session.get(Job, job_id).status}; only queued jobs can be canceled.",
-            code="job_not_cancelable",
+            f"The job is {status}; only queued jobs can be canceled.", code="job_not_cancelable"
         )
+    events = [jobs.record_webhook(session, job, "completed")]
+    events += batches.complete_finished(session, [job.batch_id])
     session.commit()
-    svc = services()
-    try:
-        svc.uploads.delete(job_id)
-        events.publish_done(svc.redis, svc.config, [job_id])
-    except Exception:  # waiters re-check SQL; the upload's TTL removes it
-        pass
+    after_cancel([job_id], [e for e in events if e])
     session.refresh(job)
     return jobs.job_to_dict(job)
+
+
+def after_cancel(job_ids: list[str], event_ids: list[str]) -> None:
+    """Wake long-pollers, drop uploads, send webhooks. Best effort: SQL already says it all."""
+    svc = services()
+    webhook_events.dispatch(svc.celery, svc.config, event_ids)
+    try:
+        svc.uploads.delete(*job_ids)
+        events.publish_done(svc.redis, svc.config, job_ids)
+    except Exception:  # waiters re-check SQL; an upload's TTL removes it
+        pass

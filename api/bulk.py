@@ -1,0 +1,182 @@
+"""Submitting a bulk batch: validate every line, charge N in one transaction, enqueue in chunks.
+
+Same order as single jobs (api/submission.py): nothing is written unless every
+line is valid and the balance covers all of them; the broker is checked before
+the transaction, and the job ids are sent only after the commit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+
+from sqlalchemy import delete, func, insert, select, update
+
+from api.services import db, services
+from api.submission import (
+    forget_idempotent,
+    is_valid_url,
+    replay,
+    save_idempotent,
+    validate_url,
+)
+from shared import batches, ledger
+from shared.errors import ServiceUnavailable, ValidationFailed
+from shared.models import Batch, Job, LedgerEntry, User, new_id, utcnow
+from shared.queue import enqueue_bulk
+from shared.status import JobStatus
+
+log = logging.getLogger(__name__)
+
+MAX_REPORTED_LINES = 100
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    urls: tuple[str, ...]
+    model: str
+    top_k: int
+    webhook_url: str | None = None
+
+    def fingerprint(self) -> str:
+        payload = [self.model, self.top_k, self.webhook_url, self.urls]
+        return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
+
+
+def parse_lines(text: str) -> list[tuple[int, str]]:
+    """(line number, url) for each line that is not blank or a ``#`` comment."""
+    out = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if line and not line.startswith("#"):
+            out.append((number, line))
+    return out
+
+
+def build_batch_request(
+    numbered: list[tuple[int, object]], model: str, top_k: int, webhook: str | None
+) -> BatchRequest:
+    limit = services().config.max_batch_urls
+    if not numbered:
+        raise ValidationFailed("The batch has no URLs.", code="empty_batch")
+    if len(numbered) > limit:
+        raise ValidationFailed(
+            f"A batch takes at most {limit} URLs; this one has {len(numbered)}.",
+            code="too_many_urls",
+        )
+    bad = [n for n, url in numbered if not (isinstance(url, str) and is_valid_url(url.strip()))]
+    if bad:
+        shown = bad[:MAX_REPORTED_LINES]
+        raise ValidationFailed(
+            f"{len(bad)} line(s) are not absolute http(s) URLs: "
+            f"{', '.join(map(str, shown))}{' …' if len(bad) > len(shown) else ''}.",
+            code="invalid_urls",
+            details={"lines": shown, "count": len(bad)},
+        )
+    return BatchRequest(
+        urls=tuple(str(url).strip() for _, url in numbered),
+        model=model,
+        top_k=top_k,
+        webhook_url=validate_url(webhook, "webhook") if webhook else None,
+    )
+
+
+def submit_batch(user: User, req: BatchRequest, idempotency_key: str | None) -> tuple[int, dict]:
+    fingerprint = req.fingerprint()
+    if idempotency_key and (found := replay(user.id, idempotency_key, fingerprint)):
+        return found
+    svc = services()
+    svc.redis.ping()  # a dead broker is a 503 before anything is written
+    batch_id, job_ids = new_id(), [new_id() for _ in req.urls]
+    session = db()
+    try:
+        ledger.charge_jobs(session, user.id, job_ids)
+        session.add(
+            Batch(
+                id=batch_id,
+                user_id=user.id,
+                total=len(job_ids),
+                model=req.model,
+                top_k=req.top_k,
+                webhook_url=req.webhook_url,
+            )
+        )
+        session.flush()
+        session.execute(
+            insert(Job),
+            [
+                {
+                    "id": job_id,
+                    "user_id": user.id,
+                    "batch_id": batch_id,
+                    "batch_index": i,
+                    "model": req.model,
+                    "top_k": req.top_k,
+                    "input_url": url,
+                    "status": JobStatus.QUEUED.value,
+                }
+                for i, (job_id, url) in enumerate(zip(job_ids, req.urls, strict=True))
+            ],
+        )
+        body = batches.batch_to_dict(session, session.get(Batch, batch_id))
+        if idempotency_key:
+            save_idempotent(user.id, idempotency_key, fingerprint, body)
+        session.commit()
+    except Exception:
+        session.rollback()
+        raise
+    _enqueue_or_undo(user.id, batch_id, chunk(job_ids, req.urls, svc.config.batch_max))
+    return 202, body
+
+
+def chunk(job_ids: list[str], urls: tuple[str, ...], size: int) -> list[list[str]]:
+    """Messages of up to ``size`` job ids, never splitting one URL's duplicates, so the
+    worker fetches and classifies each URL once for all of its lines."""
+    by_url: dict[str, list[str]] = defaultdict(list)
+    for job_id, url in zip(job_ids, urls, strict=True):
+        by_url[url].append(job_id)
+    chunks: list[list[str]] = [[]]
+    for group in by_url.values():
+        if chunks[-1] and len(chunks[-1]) + len(group) > size:
+            chunks.append([])
+        chunks[-1].extend(group)
+    return chunks
+
+
+def _enqueue_or_undo(user_id: int, batch_id: str, chunks: list[list[str]]) -> None:
+    svc = services()
+    try:
+        enqueue_bulk(svc.celery, svc.config, chunks)
+    except Exception as exc:
+        log.warning("enqueue of batch %s failed: %r; undoing it", batch_id, exc)
+        _undo(user_id, batch_id)
+        raise ServiceUnavailable("The job queue is unavailable; nothing was charged.") from exc
+
+
+def _undo(user_id: int, batch_id: str) -> None:
+    """Refund and remove what is still queued; jobs a worker already took keep running."""
+    session = db()
+    session.rollback()
+    queued = list(
+        session.scalars(
+            select(Job.id).where(Job.batch_id == batch_id, Job.status == JobStatus.QUEUED.value)
+        )
+    )
+    if queued:
+        session.execute(delete(LedgerEntry).where(LedgerEntry.job_id.in_(queued)))
+        session.execute(delete(Job).where(Job.id.in_(queued)))
+        session.execute(
+            update(User).where(User.id == user_id).values(tokens=User.tokens + len(queued))
+        )
+    taken = session.scalar(select(func.count()).where(Job.batch_id == batch_id))
+    if taken:
+        session.execute(
+            update(Batch).where(Batch.id == batch_id).values(canceled_at=utcnow(), total=taken)
+        )
+    else:
+        forget_idempotent(user_id, batch_id)
+        session.execute(delete(Batch).where(Batch.id == batch_id))
+    session.commit()

@@ -1,0 +1,246 @@
+"""Bulk batches: many URLs in one request, with progress, streamed results and cancel."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+
+import marshmallow as ma
+from flask import Response, g, request, stream_with_context
+from flask_smorest import Blueprint
+from sqlalchemy import select, update
+
+from api import schemas
+from api.auth import login_required
+from api.bulk import build_batch_request, parse_lines, submit_batch
+from api.pagination import page
+from api.routes.jobs import after_cancel, idempotency_key
+from api.services import db, services
+from api.submission import checked_model
+from shared import batches, ledger
+from shared.errors import Conflict, NotFound, ValidationFailed
+from shared.models import Batch, Job, utcnow
+from shared.status import JobStatus
+
+blp = Blueprint("batches", __name__, url_prefix="/v1/batches", description="Bulk URL batches")
+
+RESULTS_PAGE = 500
+CSV_COLUMNS = [
+    "index",
+    "url",
+    "status",
+    "top_label",
+    "top_class_id",
+    "top_score",
+    "error_code",
+    "error_message",
+]
+BATCH_CREATE_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": "BatchCreate"},
+            "text/plain": {
+                "schema": {"type": "string"},
+                "example": "# one URL per line\nhttps://example.com/a.jpg\n",
+            },
+        },
+    },
+    "parameters": [
+        {
+            "in": "query",
+            "name": "model",
+            "schema": {"type": "string"},
+            "description": "For text/plain bodies (JSON bodies carry it inside)",
+        },
+        {"in": "query", "name": "top_k", "schema": {"type": "integer"}},
+        {"in": "query", "name": "webhook", "schema": {"type": "string"}},
+        {"in": "header", "name": "Idempotency-Key", "schema": {"type": "string"}},
+    ],
+}
+
+
+def _options(data: dict) -> dict:
+    try:
+        return schemas.BatchOptions().load(data)
+    except ma.ValidationError as exc:
+        raise ValidationFailed(details={"fields": exc.messages}) from None
+
+
+def _parse():
+    if request.mimetype == "text/plain":
+        numbered = parse_lines(request.get_data(as_text=True))
+        options = _options(request.args.to_dict())
+    else:
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict) or not isinstance(body.get("urls"), list):
+            raise ValidationFailed(
+                'Send {"urls": [...]} as JSON or one URL per line as text/plain.',
+                code="invalid_body",
+            )
+        numbered = list(enumerate(body["urls"], start=1))
+        options = _options({k: v for k, v in body.items() if k != "urls"})
+    top_k = options.get("top_k", services().config.default_top_k)
+    return build_batch_request(
+        numbered, checked_model(options.get("model")), top_k, options.get("webhook")
+    )
+
+
+@blp.route("", methods=["POST"])
+@login_required
+@blp.doc(**BATCH_CREATE_DOC)
+@blp.response(202, schemas.BatchSchema)
+@blp.alt_response(402, schema=schemas.ErrorSchema, description="insufficient_tokens")
+@blp.alt_response(422, schema=schemas.ErrorSchema, description="invalid_urls (details.lines)")
+def create_batch():
+    """Submit up to 10,000 URLs; charges one token each, all or nothing."""
+    status, body = submit_batch(g.user, _parse(), idempotency_key())
+    return body, status
+
+
+def _own_batch(batch_id: str) -> Batch:
+    batch = db().get(Batch, batch_id)
+    if batch is None or batch.user_id != g.user.id:
+        raise NotFound("No such batch.", code="batch_not_found")
+    return batch
+
+
+@blp.route("/<batch_id>", methods=["GET"])
+@login_required
+@blp.response(200, schemas.BatchSchema)
+def get_batch(batch_id: str):
+    """Progress: status and counts per job status (always consistent with the jobs)."""
+    return batches.batch_to_dict(db(), _own_batch(batch_id))
+
+
+@blp.route("", methods=["GET"])
+@login_required
+@blp.arguments(schemas.PageQuery, location="query")
+@blp.response(200, schemas.BatchList)
+def list_batches(query):
+    """The caller's batches, newest first."""
+    session = db()
+    rows, next_cursor = page(session, select(Batch).where(Batch.user_id == g.user.id), Batch, query)
+    return {"items": [batches.batch_to_dict(session, b) for b in rows], "next_cursor": next_cursor}
+
+
+@blp.route("/<batch_id>/results", methods=["GET"])
+@login_required
+@blp.arguments(schemas.ResultsQuery, location="query")
+@blp.doc(
+    responses={
+        "200": {
+            "description": "One line per URL, in input order",
+            "content": {"application/x-ndjson": {}, "text/csv": {}},
+        }
+    }
+)
+def batch_results(query, batch_id: str):
+    """Results so far, streamed: JSON Lines, or CSV with ?format=csv."""
+    _own_batch(batch_id)
+    db().commit()  # the stream reads in its own short transactions
+    if query["format"] == "csv":
+        lines, mimetype = _csv_lines(_result_rows(batch_id)), "text/csv"
+    else:
+        lines = (json.dumps(row) + "\n" for row in _result_rows(batch_id))
+        mimetype = "application/x-ndjson"
+    return Response(stream_with_context(lines), mimetype=mimetype)
+
+
+def _result_rows(batch_id: str) -> Iterator[dict]:
+    """Rows in input order, read page by page so 10,000 lines never sit in memory at once."""
+    session, after = db(), -1
+    while True:
+        chunk = list(
+            session.scalars(
+                select(Job)
+                .where(Job.batch_id == batch_id, Job.batch_index > after)
+                .order_by(Job.batch_index)
+                .limit(RESULTS_PAGE)
+            )
+        )
+        session.commit()
+        for job in chunk:
+            error = (
+                {"code": job.error_code, "message": job.error_message} if job.error_code else None
+            )
+            yield {
+                "index": job.batch_index,
+                "url": job.input_url,
+                "status": job.status,
+                "predictions": job.result["predictions"] if job.result else None,
+                "error": error,
+            }
+        if len(chunk) < RESULTS_PAGE:
+            return
+        after = chunk[-1].batch_index
+        session.expunge_all()
+
+
+def _csv_lines(rows: Iterator[dict]) -> Iterator[str]:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+
+    def flush() -> str:
+        text = buffer.getvalue()
+        buffer.seek(0)
+        buffer.truncate()
+        return text
+
+    writer.writerow(CSV_COLUMNS)
+    yield flush()
+    for row in rows:
+        top = (row["predictions"] or [{}])[0]
+        error = row["error"] or {}
+        writer.writerow(
+            [
+                row["index"],
+                row["url"],
+                row["status"],
+                top.get("label"),
+                top.get("class_id"),
+                top.get("score"),
+                error.get("code"),
+                error.get("message"),
+            ]
+        )
+        yield flush()
+
+
+@blp.route("/<batch_id>/cancel", methods=["POST"])
+@login_required
+@blp.response(200, schemas.BatchSchema)
+@blp.alt_response(409, schema=schemas.ErrorSchema, description="batch_not_cancelable")
+def cancel_batch(batch_id: str):
+    """Cancel the jobs that have not started (refunded); running ones finish."""
+    session = db()
+    batch = session.execute(
+        select(Batch).where(Batch.id == batch_id).with_for_update()
+    ).scalar_one_or_none()
+    if batch is None or batch.user_id != g.user.id:
+        raise NotFound("No such batch.", code="batch_not_found")
+    if batch.completed_at is not None or batch.canceled_at is not None:
+        raise Conflict("The batch has already ended.", code="batch_not_cancelable")
+    canceled = _cancel_queued(session, batch)
+    batch.canceled_at = utcnow()
+    session.flush()
+    events = batches.complete_finished(session, [batch_id])
+    session.commit()
+    after_cancel(canceled, events)
+    return batches.batch_to_dict(session, batch)
+
+
+def _cancel_queued(session, batch: Batch) -> list[str]:
+    """queued -> canceled for the batch's jobs, with one refund per job actually changed."""
+    ids = list(
+        session.scalars(
+            update(Job)
+            .where(Job.batch_id == batch.id, Job.status == JobStatus.QUEUED.value)
+            .values(status=JobStatus.CANCELED.value, completed_at=utcnow())
+            .returning(Job.id)
+        )
+    )
+    ledger.refund_jobs(session, batch.user_id, ids)
+    return ids

@@ -1,0 +1,202 @@
+"""Bulk batches end to end, with the real worker and model."""
+
+import csv
+import io
+import json
+import uuid
+
+import pytest
+from sqlalchemy import select
+
+from shared import ledger
+from shared.models import Job, LedgerEntry, User
+from tests import support
+
+DOG_BREEDS = range(151, 269)
+
+
+@pytest.fixture
+def rich_user(stack, admin):
+    """A user with 100 tokens (refilled by an admin through the API)."""
+    client = stack.client()
+    user = support.new_user(client)
+    resp = client.post(
+        "/v1/admin/refill",
+        json={"username": user["username"], "amount": 95},
+        headers=admin["headers"],
+    )
+    assert resp.status_code == 200
+    return user
+
+
+def _finished(client, user, batch_id, timeout=180):
+    def done():
+        batch = client.get(f"/v1/batches/{batch_id}", headers=user["headers"]).get_json()
+        return (
+            batch
+            if batch["status"] in {"completed", "canceled"}
+            and not (batch["counts"]["queued"] or batch["counts"]["processing"])
+            else None
+        )
+
+    return support.wait_for(done, timeout, f"batch {batch_id} to finish", interval=0.2)
+
+
+def _results(client, user, batch_id, fmt="jsonl"):
+    resp = client.get(f"/v1/batches/{batch_id}/results?format={fmt}", headers=user["headers"])
+    assert resp.status_code == 200
+    text = resp.get_data(as_text=True)
+    if fmt == "csv":
+        return list(csv.DictReader(io.StringIO(text)))
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def _balance(stack, username):
+    from api.services import services
+
+    with stack.app.app_context(), services().sessions() as session:
+        user = session.scalars(select(User).where(User.username == username)).one()
+        return user.tokens, ledger.ledger_sum(session, user.id)
+
+
+def test_a_mixed_batch_of_50(stack, rich_user, photo_server):
+    client = stack.client()
+    tag = uuid.uuid4().hex[:6]
+    good = ["parrot.jpg", "dog.jpg", "hot_dog.jpg", "bird.bmp", "cat.bmp"]
+    lines = []
+    for i in range(50):
+        if i % 10 == 3:
+            lines.append(photo_server.url(f"missing-{i}.jpg"))
+        elif i % 10 == 7:
+            lines.append(photo_server.url("notes.jpg"))
+        else:
+            lines.append(photo_server.url(good[i % 5]) + f"?{tag}")  # duplicates, on purpose
+    body = "# my photos\n\n" + "\n".join(lines) + "\n"
+    before = _balance(stack, rich_user["username"])[0]
+    resp = client.post(
+        "/v1/batches", data=body, content_type="text/plain", headers=rich_user["headers"]
+    )
+    assert resp.status_code == 202, resp.get_json()
+    batch = resp.get_json()
+    assert batch["total"] == 50 and batch["status"] in {"queued", "running"}
+    assert sum(batch["counts"].values()) == 50
+
+    done = _finished(client, rich_user, batch["id"])
+    assert done["status"] == "completed" and done["completed_at"]
+    assert done["counts"] == {
+        "queued": 0,
+        "processing": 0,
+        "succeeded": 40,
+        "failed": 10,
+        "canceled": 0,
+    }
+    tokens, total = _balance(stack, rich_user["username"])
+    assert tokens == total == before - 50 + 10
+
+    rows = _results(client, rich_user, batch["id"])
+    assert [r["index"] for r in rows] == list(range(50))
+    assert [r["url"] for r in rows] == lines
+    expected = {"parrot.jpg": "macaw", "hot_dog.jpg": "hotdog", "bird.bmp": "chickadee"}
+    for row in rows:
+        name = row["url"].rsplit("/", 1)[1].split("?")[0]
+        if name.startswith("missing"):
+            assert (row["status"], row["error"]["code"]) == ("failed", "fetch_failed")
+        elif name == "notes.jpg":
+            assert (row["status"], row["error"]["code"]) == ("failed", "not_an_image")
+        else:
+            assert row["status"] == "succeeded" and row["error"] is None
+            top = row["predictions"][0]
+            if name in expected:
+                assert top["label"] == expected[name]
+            elif name == "dog.jpg":
+                assert top["class_id"] in DOG_BREEDS
+    # Each distinct URL was downloaded once, though it appears 8 times.
+    for name in good:
+        assert photo_server.hits.count(f"/{name}?{tag}") == 1, name
+
+    table = _results(client, rich_user, batch["id"], "csv")
+    assert len(table) == 50 and table[0]["top_label"] == "macaw"
+
+
+def test_bad_lines_are_reported_and_nothing_is_created(stack, rich_user, photo_server):
+    client = stack.client()
+    body = f"{photo_server.url('dog.jpg')}\n# fine\nnot-a-url\n\nftp://x/y.jpg\n"
+    resp = client.post(
+        "/v1/batches", data=body, content_type="text/plain", headers=rich_user["headers"]
+    )
+    assert resp.status_code == 422
+    error = resp.get_json()["error"]
+    assert error["code"] == "invalid_urls" and error["details"]["lines"] == [3, 5]
+    resp = client.post(
+        "/v1/batches",
+        json={"urls": [photo_server.url("dog.jpg"), 42]},
+        headers=rich_user["headers"],
+    )
+    assert resp.status_code == 422 and resp.get_json()["error"]["details"]["lines"] == [2]
+    assert (
+        client.post("/v1/batches", json={"urls": []}, headers=rich_user["headers"]).get_json()[
+            "error"
+        ]["code"]
+        == "empty_batch"
+    )
+    listed = client.get("/v1/batches", headers=rich_user["headers"]).get_json()
+    assert listed["items"] == []
+    assert _balance(stack, rich_user["username"]) == (100, 100)
+
+
+def test_a_batch_larger_than_the_balance_is_402(stack, photo_server):
+    client = stack.client()
+    user = support.new_user(client)
+    resp = client.post(
+        "/v1/batches", json={"urls": [photo_server.url("dog.jpg")] * 6}, headers=user["headers"]
+    )
+    assert resp.status_code == 402
+    assert client.get("/v1/batches", headers=user["headers"]).get_json()["items"] == []
+    assert _balance(stack, user["username"]) == (5, 5)
+
+
+def test_cancel_mid_batch_never_charges_a_canceled_job(stack, rich_user, photo_server):
+    client = stack.client()
+    urls = [photo_server.url("kite.jpg") + f"?c{i}" for i in range(60)]
+    batch = client.post("/v1/batches", json={"urls": urls}, headers=rich_user["headers"]).get_json()
+    resp = client.post(f"/v1/batches/{batch['id']}/cancel", headers=rich_user["headers"])
+    assert resp.status_code == 200 and resp.get_json()["status"] == "canceled"
+    done = _finished(client, rich_user, batch["id"])
+    counts = done["counts"]
+    assert counts["canceled"] > 0 and counts["queued"] == counts["processing"] == 0
+    assert counts["canceled"] + counts["succeeded"] + counts["failed"] == 60
+
+    from api.services import services
+
+    with stack.app.app_context(), services().sessions() as session:
+        jobs = session.scalars(select(Job).where(Job.batch_id == batch["id"])).all()
+        for job in jobs:
+            reasons = sorted(
+                session.scalars(select(LedgerEntry.reason).where(LedgerEntry.job_id == job.id))
+            )
+            expected = ["charge", "refund"] if job.status in {"canceled", "failed"} else ["charge"]
+            assert reasons == expected, (job.status, reasons)
+    tokens, total = _balance(stack, rich_user["username"])
+    assert tokens == total == 100 - counts["succeeded"]
+    again = client.post(f"/v1/batches/{batch['id']}/cancel", headers=rich_user["headers"])
+    assert again.status_code == 409
+
+
+def test_batches_are_private_and_listed(stack, rich_user, photo_server):
+    client = stack.client()
+    batch = client.post(
+        "/v1/batches",
+        json={"urls": [photo_server.url("eagle.jpg")], "top_k": 2},
+        headers=rich_user["headers"],
+    ).get_json()
+    other = support.new_user(client)
+    assert client.get(f"/v1/batches/{batch['id']}", headers=other["headers"]).status_code == 404
+    assert (
+        client.get(f"/v1/batches/{batch['id']}/results", headers=other["headers"]).status_code
+        == 404
+    )
+    listed = client.get("/v1/batches?limit=1", headers=rich_user["headers"]).get_json()
+    assert listed["items"][0]["id"] == batch["id"]
+    _finished(client, rich_user, batch["id"])
+    rows = _results(client, rich_user, batch["id"])
+    assert len(rows[0]["predictions"]) == 2

@@ -1,0 +1,178 @@
+"""The webhook worker: its own process and queue, so receivers never slow classification.
+
+    celery -A worker.webhook_app worker --pool threads --concurrency 8 -Q <QUEUE_PREFIX>.webhooks
+
+(The app consumes only the webhook queue anyway; ``-Q`` just says so.) A thread
+pool fits the work: every delivery waits on a receiver for up to
+``WEBHOOK_TIMEOUT_S``, so one slow receiver holds one thread, not the worker.
+
+Two ways in, one delivery function (worker/webhook_delivery.py):
+
+- the ``imgclf.deliver_webhook`` task, sent right after the commit that recorded
+  an event: the immediate first attempt;
+- the sweep, a daemon thread started when the worker is ready, which every
+  ``SWEEP_INTERVAL_S`` asks SQL for due events and delivers them on its own
+  small thread pool. It performs every retry (no Celery countdown/ETA
+  messages: on Redis a countdown longer than the visibility timeout is
+  redelivered, hence duplicated, and ETA messages hold prefetch slots), and it
+  catches events whose enqueue failed, once they are ``SWEEP_PENDING_GRACE_S``
+  old, and events whose worker died mid-attempt (expired ``locked_until``).
+
+Several webhook workers may run against the same database: each attempt starts
+with a conditional UPDATE, so only one of them gets a given due slot.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from celery import signals
+from kombu import Queue
+
+from shared.config import Config
+from shared.queue import DELIVER_WEBHOOK_TASK, make_celery, webhook_queue
+from shared.redis_client import make_redis
+from worker import webhook_delivery
+from worker.webhook_delivery import DeliveryRuntime
+
+log = logging.getLogger(__name__)
+
+SWEEP_INTERVAL_S = 1.0
+SWEEP_THREADS = 8  # deliveries the sweep runs at once, besides the task pool
+SWEEP_PENDING_GRACE_S = 2.0  # a fresh event belongs to its task first
+DEFAULT_CONCURRENCY = 8  # task threads, unless --concurrency says otherwise
+PREFETCH_PER_THREAD = 4
+
+config = Config.from_env()
+app = make_celery(config, main="imgclf-webhooks")
+app.conf.update(
+    task_queues=[Queue(webhook_queue(config))],
+    task_default_queue=webhook_queue(config),
+    worker_concurrency=DEFAULT_CONCURRENCY,
+    worker_prefetch_multiplier=PREFETCH_PER_THREAD,
+)
+
+_runtime: DeliveryRuntime | None = None
+_runtime_lock = threading.Lock()
+_sweeper: Sweeper | None = None
+
+
+def runtime() -> DeliveryRuntime:
+    global _runtime
+    with _runtime_lock:
+        if _runtime is None:
+            _runtime = DeliveryRuntime.build(config)
+        return _runtime
+
+
+@app.task(name=DELIVER_WEBHOOK_TASK)
+def deliver_webhook(event_id: str) -> str:
+    """One attempt for a freshly recorded event (nothing happens if it is not due)."""
+    return webhook_delivery.deliver(runtime(), event_id)
+
+
+class Sweeper:
+    """Finds due events in SQL every ``interval_s`` and delivers them on a thread pool."""
+
+    def __init__(
+        self,
+        rt: DeliveryRuntime,
+        interval_s: float = SWEEP_INTERVAL_S,
+        threads: int = SWEEP_THREADS,
+        pending_grace_s: float = SWEEP_PENDING_GRACE_S,
+    ) -> None:
+        self.rt = rt
+        self.interval_s = interval_s
+        self.threads = threads
+        self.pending_grace_s = pending_grace_s
+        self.stopping = threading.Event()
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="webhook-sweep")
+        self._in_flight: set[str] = set()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="webhook-sweeper", daemon=True)
+
+    def start(self) -> Sweeper:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def sweep_once(self) -> int:
+        """Start deliveries for the due events there is room for; returns how many started."""
+        with self._lock:
+            busy = set(self._in_flight)
+        free = self.threads - len(busy)
+        if free <= 0:
+            return 0
+        due = webhook_delivery.due_event_ids(self.rt, free + len(busy), self.pending_grace_s)
+        started = 0
+        for event_id in (e for e in due if e not in busy):
+            if started == free or self.stopping.is_set():
+                break
+            with self._lock:
+                self._in_flight.add(event_id)
+            future = self._pool.submit(webhook_delivery.deliver, self.rt, event_id)
+            future.add_done_callback(lambda f, e=event_id: self._done(e, f))
+            started += 1
+        return started
+
+    def _done(self, event_id: str, future: Future) -> None:
+        with self._lock:
+            self._in_flight.discard(event_id)
+        if not future.cancelled() and future.exception() is not None:
+            log.error("webhook %s: delivery raised", event_id, exc_info=future.exception())
+
+    def _run(self) -> None:
+        log.info("webhook sweep every %g s", self.interval_s)
+        while not self.stopping.wait(self.interval_s):
+            try:
+                self.sweep_once()
+            except Exception:  # the database may be away for a while; keep sweeping
+                log.exception("webhook sweep failed")
+
+
+def ready_key() -> str:
+    return f"{config.queue_prefix}:webhook-workers:ready"
+
+
+def _worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@signals.worker_ready.connect
+def _start_sweeper(sender=None, **_kwargs) -> None:
+    global _sweeper
+    if getattr(sender, "app", None) is not app:  # another app's worker in this process
+        return
+    if _sweeper is None:
+        _sweeper = Sweeper(runtime()).start()
+    try:  # tests and operators read this to know the worker consumes and sweeps
+        make_redis(config).hset(ready_key(), _worker_name(), time.time())
+    except Exception as exc:
+        log.warning("could not mark the webhook worker ready in Redis: %r", exc)
+
+
+@signals.worker_shutting_down.connect
+def _stop_sweeping(**_kwargs) -> None:
+    # Runs in the signal handler: only raise the flag; deliveries under way finish.
+    if _sweeper is not None:
+        _sweeper.stopping.set()
+
+
+@signals.worker_shutdown.connect
+def _stop_sweeper(sender=None, **_kwargs) -> None:
+    if getattr(sender, "app", None) is not app:
+        return
+    if _sweeper is not None:
+        _sweeper.stop()
+    try:
+        make_redis(config).hdel(ready_key(), _worker_name())
+    except Exception as exc:
+        log.warning("could not unmark the webhook worker in Redis: %r", exc)

@@ -1,0 +1,399 @@
+"""One webhook delivery attempt: claim in SQL, sign, POST, record, schedule the next.
+
+SQL is the source of truth. ``deliver(rt, event_id)`` makes at most one attempt,
+and only when the event is due: a conditional UPDATE claims it (pending or
+retrying and ``next_attempt_at <= now``, or delivering with an expired lock),
+so two workers, a task and the sweep, or a redelivered message can never send
+the same due slot twice. The HTTP call runs outside any transaction; its
+outcome is written in one transaction with the attempt row, conditional on the
+claim still being ours.
+
+Outcomes (see ``decide``):
+
+- 2xx: ``succeeded``;
+- 410 Gone: ``failed`` at once (the receiver asks us to stop);
+- 3xx (never followed), 408, 429, 5xx, timeout, connection error: retry;
+- any other 4xx, a blocked address, a URL that cannot be sent to: ``failed``.
+
+A retry waits ``schedule[attempts]`` (±10 % jitter), at least the receiver's
+``Retry-After`` capped at the last step; when the schedule is used up the event
+is ``failed``. The event id is the ``webhook-id`` of every attempt and the body
+is the same JSON each time; ``webhook-timestamp`` and the signatures are made
+per attempt, as Standard Webhooks expects.
+
+Known gap (shared with worker/fetch.py): the timeout bounds connecting and each
+socket read, not a receiver that dribbles its status line and headers a byte at
+a time. The claim lock (timeout + LOCK_MARGIN_S) bounds how long such an
+attempt holds the event; if it outlives the lock and the event is claimed
+again, the stale outcome is recorded as an attempt but changes no status.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from urllib.parse import urlsplit
+
+import requests
+import requests_hardened
+import urllib3
+from requests_hardened.ip_filter import InvalidIPAddress
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+from standardwebhooks.webhooks import Webhook
+
+from shared import webhook_secrets
+from shared.config import Config
+from shared.db import make_engine, make_session_factory
+from shared.models import User, WebhookAttempt, WebhookEvent, utcnow
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = "imgclf-webhooks/0.1"
+PENDING, RETRYING, DELIVERING = "pending", "retrying", "delivering"
+SUCCEEDED, FAILED = "succeeded", "failed"
+RETRY = "retry"  # a verdict, not a stored status
+# How long past the HTTP timeout a claim stays ours before another worker may take it over.
+LOCK_MARGIN_S = 30.0
+JITTER = 0.1
+MAX_ERROR_CHARS = 500
+BLOCKED_MESSAGE = "The webhook URL points at an address that is not allowed."
+_SCHEMES = frozenset({"http", "https"})
+_RETRYABLE_4XX = frozenset({408, 429})  # Request Timeout, Too Many Requests
+
+
+@dataclass(frozen=True)
+class DeliveryRuntime:
+    """What deliveries need: config, SQL sessions and a maker of SSRF-filtered HTTP sessions."""
+
+    config: Config
+    sessions: sessionmaker[Session]
+    http: Callable[[], requests.Session]
+
+    @classmethod
+    def build(cls, config: Config, sessions: sessionmaker[Session] | None = None):
+        return cls(
+            config=config,
+            sessions=sessions or make_session_factory(make_engine(config)),
+            http=http_session_maker(config),
+        )
+
+
+@dataclass(frozen=True)
+class Claim:
+    """An event this worker holds for one attempt, with everything needed to send it."""
+
+    event_id: str
+    number: int  # this attempt's number, 1-based (the event's attempts after the claim)
+    url: str
+    body: str  # the exact JSON text that is signed and sent
+    secrets: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one attempt got: an HTTP status, or an error; ``permanent`` errors are not retried."""
+
+    status_code: int | None
+    error: str | None
+    duration_ms: int
+    attempted_at: datetime
+    retry_after_s: float | None = None
+    permanent: bool = False
+
+
+# --- the one public entry point ------------------------------------------------
+
+
+def deliver(rt: DeliveryRuntime, event_id: str) -> str:
+    """Make one attempt if the event is due; return its status afterwards."""
+    claim = claim_event(rt, event_id)
+    if claim is None:
+        return current_status(rt, event_id)
+    outcome = send(rt, claim)
+    return finish(rt, claim, outcome)
+
+
+# --- SQL: claim, due events, finish ----------------------------------------------
+
+
+def is_due(now: datetime):
+    """The SQL condition for an event that may be attempted now."""
+    return or_(
+        and_(WebhookEvent.status.in_((PENDING, RETRYING)), WebhookEvent.next_attempt_at <= now),
+        and_(WebhookEvent.status == DELIVERING, WebhookEvent.locked_until < now),
+    )
+
+
+def claim_event(rt: DeliveryRuntime, event_id: str, now: datetime | None = None) -> Claim | None:
+    """Take the event for one attempt if it is due (None if not due, gone or taken)."""
+    now = now or utcnow()
+    lock = timedelta(seconds=rt.config.webhook_timeout_s + LOCK_MARGIN_S)
+    with rt.sessions() as session:
+        claimed = session.execute(
+            update(WebhookEvent)
+            .where(WebhookEvent.id == event_id, is_due(now))
+            .values(
+                status=DELIVERING,
+                locked_until=now + lock,
+                attempts=WebhookEvent.attempts + 1,
+            )
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        if claimed != 1:
+            session.rollback()
+            return None
+        event = session.get(WebhookEvent, event_id)
+        user = session.get(User, event.user_id)
+        webhook_secrets.current_secret(session, user)  # a user who never asked still signs
+        claim = Claim(
+            event_id=event.id,
+            number=event.attempts,
+            url=event.url,
+            body=encode_payload(event.payload),
+            secrets=tuple(webhook_secrets.signing_secrets(user, rt.config, now)),
+        )
+        session.commit()
+    return claim
+
+
+def due_event_ids(
+    rt: DeliveryRuntime, limit: int, pending_grace_s: float = 0.0, now: datetime | None = None
+) -> list[str]:
+    """Events that may be attempted now, oldest due first.
+
+    ``pending_grace_s`` leaves fresh events to the task that was enqueued for them
+    (the sweep catches them after that, if the enqueue was lost).
+    """
+    now = now or utcnow()
+    pending_due = now - timedelta(seconds=pending_grace_s)
+    condition = or_(
+        and_(WebhookEvent.status == PENDING, WebhookEvent.next_attempt_at <= pending_due),
+        and_(WebhookEvent.status == RETRYING, WebhookEvent.next_attempt_at <= now),
+        and_(WebhookEvent.status == DELIVERING, WebhookEvent.locked_until < now),
+    )
+    with rt.sessions() as session:
+        rows = session.scalars(
+            select(WebhookEvent.id)
+            .where(condition)
+            .order_by(WebhookEvent.next_attempt_at)
+            .limit(limit)
+        )
+        return list(rows)
+
+
+def current_status(rt: DeliveryRuntime, event_id: str) -> str:
+    with rt.sessions() as session:
+        status = session.scalar(select(WebhookEvent.status).where(WebhookEvent.id == event_id))
+    return status or "missing"
+
+
+def finish(rt: DeliveryRuntime, claim: Claim, outcome: Outcome) -> str:
+    """Record the attempt and move the event on, if the claim is still ours."""
+    now = utcnow()
+    verdict = decide(outcome)
+    values: dict = {"locked_until": None}
+    if verdict == RETRY:
+        delay = next_delay(rt.config.webhook_schedule, claim.number, outcome.retry_after_s)
+        if delay is None:
+            verdict = FAILED
+        else:
+            values.update(status=RETRYING, next_attempt_at=now + timedelta(seconds=delay))
+    if verdict in (SUCCEEDED, FAILED):
+        values.update(status=verdict, completed_at=now)
+    with rt.sessions() as session:
+        session.add(attempt_row(claim, outcome))
+        won = session.execute(
+            update(WebhookEvent)
+            .where(
+                WebhookEvent.id == claim.event_id,
+                WebhookEvent.status == DELIVERING,
+                WebhookEvent.attempts == claim.number,
+            )
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        session.commit()
+    _log_attempt(claim, outcome, values["status"] if won else None)
+    if not won:
+        return current_status(rt, claim.event_id)
+    return values["status"]
+
+
+def attempt_row(claim: Claim, outcome: Outcome) -> WebhookAttempt:
+    return WebhookAttempt(
+        event_id=claim.event_id,
+        number=claim.number,
+        status_code=outcome.status_code,
+        error=outcome.error[:MAX_ERROR_CHARS] if outcome.error else None,
+        duration_ms=outcome.duration_ms,
+        attempted_at=outcome.attempted_at,
+    )
+
+
+def _log_attempt(claim: Claim, outcome: Outcome, status: str | None) -> None:
+    log.info(
+        "webhook %s attempt %d to %s: %s in %d ms -> %s",
+        claim.event_id,
+        claim.number,
+        claim.url,
+        outcome.status_code or outcome.error,
+        outcome.duration_ms,
+        status or "claim lost (attempt recorded, status left to the newer claim)",
+    )
+
+
+# --- policy ---------------------------------------------------------------------
+
+
+def decide(outcome: Outcome) -> str:
+    """succeeded, failed or retry, from what the receiver (or the network) said."""
+    code = outcome.status_code
+    if outcome.permanent:
+        return FAILED
+    if code is None:  # timeout or connection error
+        return RETRY
+    if 200 <= code < 300:
+        return SUCCEEDED
+    if code == 410:
+        return FAILED
+    if 300 <= code < 400 or code >= 500 or code in _RETRYABLE_4XX:
+        return RETRY
+    return FAILED
+
+
+def next_delay(
+    schedule: Sequence[float],
+    attempts: int,
+    retry_after_s: float | None = None,
+    rng: random.Random | None = None,
+) -> float | None:
+    """Seconds until the next attempt after ``attempts`` attempts; None when the schedule is done.
+
+    ``schedule[i]`` is the delay before attempt i + 1 (the first is ``schedule[0]``,
+    normally 0, counted from the event's creation).
+    """
+    if attempts >= len(schedule):
+        return None
+    jitter = (rng or random).uniform(1 - JITTER, 1 + JITTER)
+    delay = schedule[attempts] * jitter
+    if retry_after_s is not None:
+        delay = max(delay, min(retry_after_s, schedule[-1]))
+    return delay
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Retry-After as seconds from now: delta-seconds or an HTTP-date; None if absent or bad."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or utcnow())).total_seconds())
+
+
+# --- HTTP -----------------------------------------------------------------------
+
+
+def http_session_maker(config: Config) -> Callable[[], requests.Session]:
+    """SSRF rules exactly as for image URLs (worker/fetch.py), and never a redirect."""
+    manager = requests_hardened.Manager(
+        requests_hardened.Config(
+            ip_filter_enable=not config.allow_private_urls,
+            ip_filter_allow_loopback_ips=False,
+            never_redirect=True,
+            default_timeout=(config.webhook_timeout_s, config.webhook_timeout_s),
+            user_agent_override=USER_AGENT,
+        )
+    )
+
+    def make() -> requests.Session:
+        session = manager.get_session()
+        # Environment proxies would make the filter vet the proxy; .netrc would leak credentials.
+        session.trust_env = False
+        return session
+
+    return make
+
+
+def encode_payload(payload: dict) -> str:
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+
+
+def sign_headers(event_id: str, timestamp: datetime, body: str, secrets: Sequence[str]) -> dict:
+    signatures = " ".join(Webhook(s).sign(event_id, timestamp, body) for s in secrets)
+    return {
+        "webhook-id": event_id,
+        "webhook-timestamp": str(int(timestamp.timestamp())),
+        "webhook-signature": signatures,
+        "content-type": "application/json",
+    }
+
+
+def send(rt: DeliveryRuntime, claim: Claim) -> Outcome:
+    """POST the signed body once; every failure becomes an Outcome, never an exception."""
+    attempted_at = utcnow()
+    started = time.monotonic()
+
+    def outcome(code: int | None = None, error: str | None = None, **kw) -> Outcome:
+        ms = int((time.monotonic() - started) * 1000)
+        return Outcome(code, error, ms, attempted_at, **kw)
+
+    if urlsplit(claim.url).scheme.lower() not in _SCHEMES:
+        return outcome(error="Only http and https webhook URLs are supported.", permanent=True)
+    timeout = rt.config.webhook_timeout_s
+    headers = sign_headers(claim.event_id, attempted_at, claim.body, claim.secrets)
+    try:
+        with rt.http() as session:
+            response = session.post(
+                claim.url,
+                data=claim.body.encode(),
+                headers=headers,
+                allow_redirects=False,
+                stream=True,  # the body is not needed; do not wait for it
+                timeout=(timeout, timeout),
+            )
+            with response:
+                return outcome(
+                    response.status_code,
+                    _response_error(response),
+                    retry_after_s=parse_retry_after(response.headers.get("Retry-After")),
+                )
+    except InvalidIPAddress:
+        return outcome(
+            error="The webhook URL points at an address that is not allowed.", permanent=True
+        )
+    except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema) as exc:
+        return outcome(error=f"The webhook URL is not valid: {exc}", permanent=True)
+    except (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError):
+        return outcome(error=f"Timed out after {timeout:g} s.")
+    except requests.ConnectionError as exc:
+        return outcome(error=f"Could not connect: {_short(exc)}")
+    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+        return outcome(error=f"Delivery failed: {_short(exc)}")
+
+
+def _response_error(response: requests.Response) -> str | None:
+    code = response.status_code
+    if 200 <= code < 300:
+        return None
+    if response.is_redirect or 300 <= code < 400:
+        location = response.headers.get("Location", "")
+        return f"HTTP {code}: redirects are not followed (Location: {location})"
+    return f"HTTP {code}"
+
+
+def _short(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
