@@ -13,7 +13,7 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import delete, func, select, update
 
 from api.services import db, services
 from api.submission import (
@@ -24,6 +24,7 @@ from api.submission import (
     validate_url,
 )
 from shared import batches, ledger
+from shared.db import bulk_insert
 from shared.errors import ServiceUnavailable, ValidationFailed
 from shared.models import Batch, Job, LedgerEntry, User, new_id, utcnow
 from shared.queue import enqueue_bulk
@@ -32,6 +33,20 @@ from shared.status import JobStatus
 log = logging.getLogger(__name__)
 
 MAX_REPORTED_LINES = 100
+# Bulk inserts bypass ORM defaults: every other column of a batch job.
+JOB_DEFAULTS = {
+    "status": JobStatus.QUEUED.value,
+    "input_filename": None,
+    "result": None,
+    "error_code": None,
+    "error_message": None,
+    "attempts": 0,
+    "webhook_url": None,
+    "webhook_events": None,
+    "request_id": None,
+    "started_at": None,
+    "completed_at": None,
+}
 
 
 @dataclass(frozen=True)
@@ -105,10 +120,13 @@ def submit_batch(user: User, req: BatchRequest, idempotency_key: str | None) -> 
             )
         )
         session.flush()
-        session.execute(
-            insert(Job),
+        now = utcnow()
+        bulk_insert(
+            session,
+            Job.__table__,
             [
                 {
+                    **JOB_DEFAULTS,
                     "id": job_id,
                     "user_id": user.id,
                     "batch_id": batch_id,
@@ -116,7 +134,7 @@ def submit_batch(user: User, req: BatchRequest, idempotency_key: str | None) -> 
                     "model": req.model,
                     "top_k": req.top_k,
                     "input_url": url,
-                    "status": JobStatus.QUEUED.value,
+                    "created_at": now,
                 }
                 for i, (job_id, url) in enumerate(zip(job_ids, req.urls, strict=True))
             ],

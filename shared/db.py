@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Engine, create_engine, event
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Engine, Table, create_engine, event, insert
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.config import Config
@@ -33,3 +37,31 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def bulk_insert(session: Session, table: Table, rows: Sequence[dict[str, Any]]) -> None:
+    """Insert many rows fast, in the session's transaction. Rows must give every column.
+
+    PostgreSQL: COPY, one stream for all rows (10,000 rows in tens of ms, where
+    executemany sends one statement per row). SQLite: executemany, already fast
+    in-process.
+    """
+    if not rows:
+        return
+    connection = session.connection()
+    if connection.dialect.name != "postgresql":
+        session.execute(insert(table), list(rows))
+        return
+    columns = list(rows[0])
+    dbapi = connection.connection.driver_connection
+    with (
+        dbapi.cursor() as cursor,
+        cursor.copy(f"COPY {table.name} ({', '.join(columns)}) FROM STDIN") as copy,
+    ):
+        for row in rows:
+            copy.write_row([_copy_value(row[c]) for c in columns])
+
+
+def _copy_value(value: Any) -> Any:
+    # JSON columns: COPY takes their text form.
+    return json.dumps(value) if isinstance(value, dict | list) else value

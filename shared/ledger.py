@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from shared.db import bulk_insert
 from shared.errors import InsufficientTokens
-from shared.models import LedgerEntry, User
+from shared.models import LedgerEntry, User, utcnow
 
 SIGNUP, CHARGE, REFUND, REFILL = "signup", "charge", "refund", "refill"
 
@@ -44,11 +45,24 @@ def charge_jobs(session: Session, user_id: int, job_ids: Sequence[str]) -> int:
     ).scalar_one_or_none()
     if new_balance is None:
         raise InsufficientTokens(f"This needs {n} token(s); refill your balance.")
-    session.execute(
-        insert(LedgerEntry),
-        [{"user_id": user_id, "delta": -1, "reason": CHARGE, "job_id": j} for j in job_ids],
+    bulk_insert(
+        session,
+        LedgerEntry.__table__,
+        [_entry(user_id, -1, CHARGE, j) for j in job_ids],
     )
     return new_balance
+
+
+def _entry(user_id: int, delta: int, reason: str, job_id: str) -> dict:
+    # Core inserts skip ORM defaults, so every column is given here.
+    return {
+        "user_id": user_id,
+        "delta": delta,
+        "reason": reason,
+        "job_id": job_id,
+        "actor_id": None,
+        "created_at": utcnow(),
+    }
 
 
 def refund_job(session: Session, user_id: int, job_id: str) -> None:
@@ -64,10 +78,7 @@ def refund_jobs(session: Session, user_id: int, job_ids: Sequence[str]) -> None:
     session.execute(
         update(User).where(User.id == user_id).values(tokens=User.tokens + len(job_ids))
     )
-    session.execute(
-        insert(LedgerEntry),
-        [{"user_id": user_id, "delta": 1, "reason": REFUND, "job_id": j} for j in job_ids],
-    )
+    bulk_insert(session, LedgerEntry.__table__, [_entry(user_id, 1, REFUND, j) for j in job_ids])
 
 
 def ledger_sum(session: Session, user_id: int) -> int:
