@@ -1,5 +1,5 @@
 .DEFAULT_GOAL := help
-.PHONY: help install run test lint format worker api migrate clean
+.PHONY: help install run test lint format worker webhook-worker api migrate bench clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
@@ -28,8 +28,14 @@ migrate:  ## Apply database migrations to DATABASE_URL
 worker:  ## Run one classification worker in the foreground
 	.venv/bin/celery -A worker.celery_app worker --loglevel INFO
 
+webhook-worker:  ## Run the webhook delivery worker in the foreground
+	.venv/bin/celery -A worker.webhook_app worker --pool threads --concurrency 8 --loglevel INFO
+
 api:  ## Run the API under gunicorn on :5000
 	.venv/bin/gunicorn --bind 0.0.0.0:5000 --worker-class gthread --threads 32 --timeout 90 'api.wsgi:app'
+
+bench:  ## Run the benchmarks (slow) and print their tables
+	.venv/bin/python -m bench.bulk_accept
 
 clean:  ## Remove local state (var/, caches)
 	rm -rf var .cache .pytest_cache test-output

@@ -10,6 +10,7 @@ from flask_smorest import Api
 from flask_swagger_ui import get_swaggerui_blueprint
 
 from api.errors import register_error_handlers
+from api.metrics import init_metrics
 from api.schemas import ErrorSchema
 from api.services import Services, close_db
 from shared.config import Config
@@ -33,21 +34,16 @@ def create_app(config: Config | None = None, **overrides: Any) -> Flask:
         OPENAPI_URL_PREFIX="/",
         OPENAPI_JSON_PATH="openapi.json",
     )
-    app.extensions["imgclf"] = Services.build(config)
+    app.extensions["imgclf"] = svc = Services.build(config)
+    init_metrics(app, svc)
     app.teardown_appcontext(close_db)
     app.before_request(_reject_malformed_json)
 
     app.json.sort_keys = False
     api = ServiceApi(app, spec_kwargs={"components": _security_components(), "security": _SECURITY})
-    from api.routes import admin, batches, health, jobs, legacy, users
+    from api.routes import admin, batches, health, jobs, legacy, users, webhooks
 
-    try:  # TEMPORARY until api/routes/webhooks.py lands
-        from api.routes import webhooks
-
-        extra = (webhooks.blp,)
-    except ImportError:
-        extra = ()
-    blueprints = (users.blp, admin.blp, jobs.blp, batches.blp, *extra, health.blp, legacy.blp)
+    blueprints = (users.blp, admin.blp, jobs.blp, batches.blp, webhooks.blp, health.blp, legacy.blp)
     for blp in blueprints:
         api.register_blueprint(blp)
     app.register_blueprint(

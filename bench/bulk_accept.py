@@ -24,7 +24,7 @@ def run(n_urls: int = N_URLS, repeat: int = REPEAT) -> list[dict]:
             client = app.test_client()
             user = funded_user(app, n_urls * repeat)
 
-            def submit():
+            def submit(client=client, user=user):
                 resp = client.post(
                     "/v1/batches", data=body, content_type="text/plain", headers=user["headers"]
                 )

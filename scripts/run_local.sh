@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install and run the whole service on embedded defaults:
 # SQLite in var/, a local Redis (started if none answers), migrations,
-# one worker and one API process (gunicorn) on port ${PORT:-5000}. Ctrl-C stops all.
+# one classification worker, one webhook worker and one API process (gunicorn) on port ${PORT:-5000}. Ctrl-C stops all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh requirements.txt
@@ -19,8 +19,11 @@ fi
 .venv/bin/celery -A worker.celery_app worker --loglevel "${LOG_LEVEL:-INFO}" \
   >>var/worker.log 2>&1 &
 worker=$!
-trap 'kill "$worker" 2>/dev/null; wait "$worker" 2>/dev/null' EXIT INT TERM
-echo "worker started (pid $worker, log in var/worker.log)"
+.venv/bin/celery -A worker.webhook_app worker --pool threads --concurrency 8 \
+  --loglevel "${LOG_LEVEL:-INFO}" >>var/webhooks.log 2>&1 &
+webhooks=$!
+trap 'kill "$worker" "$webhooks" 2>/dev/null; wait "$worker" "$webhooks" 2>/dev/null' EXIT INT TERM
+echo "workers started (logs in var/worker.log and var/webhooks.log)"
 echo "API on http://127.0.0.1:${PORT:-5000}  (docs: /docs, spec: /openapi.json)"
 .venv/bin/gunicorn --bind "0.0.0.0:${PORT:-5000}" --worker-class gthread \
   --workers "${API_WORKERS:-1}" --threads "${API_THREADS:-32}" --timeout 90 \

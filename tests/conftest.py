@@ -84,12 +84,19 @@ def _stack(db_url: str, with_worker: bool, **overrides):
     from api import create_app
 
     config = support.migrated(support.test_config(db_url, **overrides))
-    worker = support.WorkerProcess(config).start().wait_ready() if with_worker else None
+    workers = []
+    if with_worker:
+        workers = [
+            support.WorkerProcess(config).start(),
+            support.WebhookWorkerProcess(config).start(),
+        ]
+        for w in workers:
+            w.wait_ready()
     try:
-        yield Stack(config=config, app=create_app(config), worker=worker)
+        yield Stack(config=config, app=create_app(config), worker=workers[0] if workers else None)
     finally:
-        if worker:
-            worker.stop()
+        for w in workers:
+            w.stop()
         support.delete_redis_prefix(config.queue_prefix)
 
 
@@ -101,7 +108,7 @@ def api_stack(db_url):
 
 @pytest.fixture(scope="session")
 def stack(db_url):
-    """API + a real Celery worker process running the real MobileNet."""
+    """API + a real Celery worker running the real MobileNet + the webhook worker."""
     yield from _stack(db_url, with_worker=True)
 
 

@@ -23,6 +23,7 @@ from sqlalchemy.engine import make_url
 
 from shared import migrate
 from shared.config import Config
+from shared.queue import webhook_queue
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = Path(os.environ.get("TEST_OUTPUT_DIR", ROOT / "test-output"))
@@ -87,6 +88,9 @@ def test_config(database_url: str, **overrides) -> Config:
         "allow_private_urls": True,
         "bcrypt_rounds": 4,
         "max_wait_s": 60,
+        # Webhook retries in tests: the production schedule's shape, in seconds, not hours.
+        "webhook_backoff_s": ("0", "0.5", "1", "2"),
+        "webhook_timeout_s": 2.0,
     }
     values.update(overrides)
     return Config.from_env({}, **values)
@@ -163,51 +167,42 @@ class PhotoServer:
 class WorkerProcess:
     """``celery -A worker.celery_app worker`` in a subprocess, configured by ``config``."""
 
+    app_module = "worker.celery_app"
+    ready_hash = "workers:ready"
+
     def __init__(self, config: Config, name: str = "w1", concurrency: int = 1) -> None:
         self.config = config
         self.name = name
         self.concurrency = concurrency
         self.proc: subprocess.Popen | None = None
         OUTPUT.mkdir(parents=True, exist_ok=True)
-        self.log_path = OUTPUT / f"worker-{config.queue_prefix}-{name}.log"
+        self.log_path = OUTPUT / f"{name}-{config.queue_prefix}.log"
+
+    def pool_args(self) -> list[str]:
+        return ["--pool", "prefork", "--concurrency", str(self.concurrency)]
 
     def start(self) -> WorkerProcess:
         env = {**os.environ, **config_env(self.config), "PYTHONUNBUFFERED": "1"}
         cmd = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "worker.celery_app",
-            "worker",
-            "--pool",
-            "prefork",
-            "--concurrency",
-            str(self.concurrency),
-            "--hostname",
-            f"{self.name}@%h",
-            "--loglevel",
-            "INFO",
-            "--without-mingle",
-            "--without-gossip",
-        ]
+            sys.executable, "-m", "celery", "-A", self.app_module, "worker", *self.pool_args(),
+            "--hostname", f"{self.name}-{self.config.queue_prefix}@%h", "--loglevel", "INFO",
+            "--without-mingle", "--without-gossip",
+        ]  # fmt: skip
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         return self
 
     def ready_count(self) -> int:
         client = redis.Redis.from_url(self.config.redis_url)
-        return client.hlen(f"{self.config.queue_prefix}:workers:ready")
+        return client.hlen(f"{self.config.queue_prefix}:{self.ready_hash}")
 
     def wait_ready(self, before: int = 0) -> WorkerProcess:
         def ready() -> bool:
             if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"worker exited with {self.proc.returncode}: {self.log_tail()}"
-                )
+                raise AssertionError(f"worker exited ({self.proc.returncode}): {self.log_tail()}")
             return self.ready_count() > before
 
-        wait_for(ready, WORKER_START_TIMEOUT_S, "the worker to load its model", interval=0.2)
+        wait_for(ready, WORKER_START_TIMEOUT_S, f"{self.name} to be ready", interval=0.1)
         return self
 
     def stop(self, timeout: float = 40) -> None:
@@ -220,7 +215,30 @@ class WorkerProcess:
                 self.proc.wait()
 
     def log_tail(self, n: int = 4000) -> str:
-        return self.log_path.read_text(errors="replace")[-n:]
+        return self.log()[-n:]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+class WebhookWorkerProcess(WorkerProcess):
+    """``celery -A worker.webhook_app worker --pool threads``: the webhook deliverer."""
+
+    app_module = "worker.webhook_app"
+    ready_hash = "webhook-workers:ready"
+
+    def __init__(self, config: Config, name: str = "webhooks", concurrency: int = 4) -> None:
+        super().__init__(config, name, concurrency)
+
+    def pool_args(self) -> list[str]:
+        return [
+            "--pool",
+            "threads",
+            "--concurrency",
+            str(self.concurrency),
+            "-Q",
+            webhook_queue(self.config),
+        ]
 
 
 def basic_auth(username: str, password: str) -> dict[str, str]:

@@ -47,7 +47,11 @@ def test_make_run_serves_classifications(tmp_path, photo_server):
                 up = requests.get(f"{base}/readyz", timeout=2).status_code == 200
             except requests.ConnectionError:
                 return False
-            return up and redis.Redis.from_url(support.REDIS_URL).hlen(f"{prefix}:workers:ready")
+            client = redis.Redis.from_url(support.REDIS_URL)
+            workers = [
+                client.hlen(f"{prefix}:{h}") for h in ("workers:ready", "webhook-workers:ready")
+            ]
+            return up and all(workers)
 
         support.wait_for(ready, 180, "make run to serve", interval=0.5)
         signup = requests.post(

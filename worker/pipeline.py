@@ -22,6 +22,7 @@ from shared import batches, jobs, webhook_events
 from shared.errors import ServiceError, UploadExpired
 from shared.events import publish_done
 from shared.images import decode_image, to_array
+from shared.metrics import MetricsBuffer
 from shared.models import Job, utcnow
 from shared.status import ACTIVE, JobStatus
 from worker.batching import RETRY
@@ -53,13 +54,16 @@ def process(rt: Runtime, job_ids: list[str]) -> str | None:
     if not jobs_:
         return None
     outcomes = [Outcome(job) for job in jobs_]
+    stats = MetricsBuffer()
     _give_up_on_retried(rt, outcomes)
-    _load_inputs(rt, [o for o in outcomes if o.error is None])
-    _predict(rt, [o for o in outcomes if o.error is None])
+    _load_inputs(rt, [o for o in outcomes if o.error is None], stats)
+    _predict(rt, [o for o in outcomes if o.error is None], stats)
     written = _with_db_retry(rt, lambda s: _write(s, outcomes))
     if written is None:
         return RETRY
-    _announce(rt, outcomes, written)
+    for o in outcomes:
+        stats.inc("jobs_finished", status="failed" if o.error else "succeeded")
+    _announce(rt, outcomes, written, stats)
     return None
 
 
@@ -93,7 +97,7 @@ def _give_up_on_retried(rt: Runtime, outcomes: list[Outcome]) -> None:
             )
 
 
-def _load_inputs(rt: Runtime, outcomes: list[Outcome]) -> None:
+def _load_inputs(rt: Runtime, outcomes: list[Outcome], stats: MetricsBuffer) -> None:
     by_source: dict[str, list[Outcome]] = defaultdict(list)
     for o in outcomes:
         # The same URL twice in one batch is fetched and decoded once.
@@ -101,8 +105,10 @@ def _load_inputs(rt: Runtime, outcomes: list[Outcome]) -> None:
 
     def load(group: list[Outcome]) -> None:
         job = group[0].job
+        start = time.perf_counter()
         try:
             data = _read_bytes(rt, job)
+            stats.observe("image_fetch_seconds", time.perf_counter() - start)
             image = decode_image(data, max_pixels=rt.config.max_image_pixels)
             arrays: dict[tuple[int, int], np.ndarray] = {}
             for o in group:
@@ -111,6 +117,7 @@ def _load_inputs(rt: Runtime, outcomes: list[Outcome]) -> None:
                     arrays[size] = to_array(image, size)
                 o.array = arrays[size]
         except ServiceError as exc:
+            stats.inc("image_fetch_failures", code=exc.code)
             for o in group:
                 o.error = exc
         except Exception as exc:  # one broken image must not fail the batch
@@ -134,7 +141,7 @@ def _read_bytes(rt: Runtime, job: Job) -> bytes:
     return data
 
 
-def _predict(rt: Runtime, outcomes: list[Outcome]) -> None:
+def _predict(rt: Runtime, outcomes: list[Outcome], stats: MetricsBuffer) -> None:
     by_model: dict[str, list[Outcome]] = defaultdict(list)
     for o in outcomes:
         by_model[o.job.model].append(o)
@@ -143,7 +150,10 @@ def _predict(rt: Runtime, outcomes: list[Outcome]) -> None:
             model = rt.models.get(name)
             # Jobs with the same source share one array (see _load_inputs): classify it once.
             unique = list({id(o.array): o.array for o in group}.values())
+            start = time.perf_counter()
             probs = model.predict_batch(np.stack(unique))
+            stats.observe("model_forward_seconds", time.perf_counter() - start, model=name)
+            stats.observe("batch_size", len(unique))
             row_of = {id(a): row for a, row in zip(unique, probs, strict=True)}
             for o in group:
                 o.predictions = rt.top_k(row_of[id(o.array)], o.job.top_k, model.labels)
@@ -172,11 +182,14 @@ def _write(session: Session, outcomes: list[Outcome]) -> list[str]:
     return [e for e in events if e]
 
 
-def _announce(rt: Runtime, outcomes: list[Outcome], events: list[str]) -> None:
+def _announce(
+    rt: Runtime, outcomes: list[Outcome], events: list[str], stats: MetricsBuffer
+) -> None:
     ids = [o.job.id for o in outcomes]
     webhook_events.dispatch(rt.celery, rt.config, events)
     try:
         publish_done(rt.redis, rt.config, ids)
+        stats.flush(rt.redis, rt.config)
         rt.uploads.delete(*[o.job.id for o in outcomes if o.job.input_url is None])
     except Exception as exc:  # waiters re-check SQL; uploads expire by TTL
         log.warning("could not announce %d finished job(s): %r", len(ids), exc)

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
+import redis
 import requests
 import requests_hardened
 import urllib3
@@ -51,7 +52,9 @@ from standardwebhooks.webhooks import Webhook
 from shared import webhook_secrets
 from shared.config import Config
 from shared.db import make_engine, make_session_factory
+from shared.metrics import MetricsBuffer
 from shared.models import User, WebhookAttempt, WebhookEvent, utcnow
+from shared.redis_client import make_redis
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +78,17 @@ class DeliveryRuntime:
     config: Config
     sessions: sessionmaker[Session]
     http: Callable[[], requests.Session]
+    redis: redis.Redis | None = None  # for cluster metrics; None: not recorded
 
     @classmethod
-    def build(cls, config: Config, sessions: sessionmaker[Session] | None = None):
+    def build(
+        cls, config: Config, sessions: sessionmaker[Session] | None = None
+    ) -> DeliveryRuntime:
         return cls(
             config=config,
             sessions=sessions or make_session_factory(make_engine(config)),
             http=http_session_maker(config),
+            redis=make_redis(config),
         )
 
 
@@ -117,7 +124,20 @@ def deliver(rt: DeliveryRuntime, event_id: str) -> str:
     if claim is None:
         return current_status(rt, event_id)
     outcome = send(rt, claim)
-    return finish(rt, claim, outcome)
+    status = finish(rt, claim, outcome)
+    _count(rt, status)
+    return status
+
+
+def _count(rt: DeliveryRuntime, status: str) -> None:
+    if rt.redis is None:
+        return
+    stats = MetricsBuffer()
+    stats.inc("webhook_deliveries", outcome=status)
+    try:
+        stats.flush(rt.redis, rt.config)
+    except Exception as exc:  # metrics never fail a delivery
+        log.warning("could not record webhook metrics: %r", exc)
 
 
 # --- SQL: claim, due events, finish ----------------------------------------------

@@ -6,6 +6,7 @@ from flask_smorest import Blueprint
 from sqlalchemy import text
 
 from api import schemas
+from api.metrics import metrics_response
 from api.services import services
 
 blp = Blueprint("health", __name__, description="Probes")
@@ -42,3 +43,13 @@ def _check(probe) -> str:
     except Exception as exc:  # a probe reports, it never raises
         return f"error: {type(exc).__name__}"
     return "ok"
+
+
+@blp.route("/metrics", methods=["GET"])
+@blp.doc(
+    security=[],
+    responses={"200": {"description": "Prometheus text format", "content": {"text/plain": {}}}},
+)
+def prometheus_metrics():
+    """Prometheus metrics: requests, jobs, queues, batches, fetches, webhooks, tokens."""
+    return metrics_response()

@@ -1,0 +1,152 @@
+"""GET /metrics: the API's own request metrics plus cluster-wide ones.
+
+Request counts and latencies are this process's (with gunicorn's several
+workers, set PROMETHEUS_MULTIPROC_DIR and prometheus-client aggregates them).
+Everything else is read at scrape time from the sources of truth: job counts
+and token totals from SQL, queue depths from Redis, and worker observations
+(batch sizes, forward time, fetches, webhook deliveries) from the Redis hashes
+the workers write (shared/metrics.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from flask import Flask, Response, current_app, g, request
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from sqlalchemy import func, select
+
+from api.services import Services
+from shared import metrics
+from shared.models import Job, LedgerEntry
+from shared.queue import bulk_queue, interactive_queue, webhook_queue
+
+log = logging.getLogger(__name__)
+
+REQUESTS = Counter("imgclf_http_requests_total", "HTTP requests", ["method", "route", "status"])
+LATENCY = Histogram(
+    "imgclf_http_request_duration_seconds",
+    "HTTP request latency",
+    ["method", "route"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+
+
+class ClusterCollector:
+    """Collects, at scrape time, what no single process holds."""
+
+    def __init__(self, svc: Services) -> None:
+        self.svc = svc
+
+    def collect(self):
+        yield from self._sql()
+        yield from self._queues()
+        yield from self._worker_metrics()
+
+    def _sql(self):
+        jobs = GaugeMetricFamily("imgclf_jobs", "Jobs by status", labels=["status"])
+        tokens = CounterMetricFamily(
+            "imgclf_tokens", "Tokens moved, by ledger reason", labels=["reason"]
+        )
+        try:
+            with self.svc.sessions() as session:
+                for status, n in session.execute(
+                    select(Job.status, func.count()).group_by(Job.status)
+                ):
+                    jobs.add_metric([status], n)
+                for reason, total in session.execute(
+                    select(LedgerEntry.reason, func.sum(LedgerEntry.delta)).group_by(
+                        LedgerEntry.reason
+                    )
+                ):
+                    tokens.add_metric([reason], abs(int(total or 0)))
+        except Exception as exc:  # a scrape reports what it can
+            log.warning("metrics: database unavailable: %r", exc)
+            return
+        yield jobs
+        yield tokens
+
+    def _queues(self):
+        depth = GaugeMetricFamily(
+            "imgclf_queue_depth", "Messages waiting in a queue", labels=["queue"]
+        )
+        config = self.svc.config
+        try:
+            for queue in (interactive_queue(config), bulk_queue(config), webhook_queue(config)):
+                depth.add_metric([queue], self.svc.redis.llen(queue))
+        except Exception as exc:
+            log.warning("metrics: redis unavailable: %r", exc)
+            return
+        yield depth
+
+    def _worker_metrics(self):
+        try:
+            data = metrics.read(self.svc.redis, self.svc.config)
+        except Exception as exc:
+            log.warning("metrics: redis unavailable: %r", exc)
+            return
+        for name, (kind, help_text, buckets) in metrics.METRICS.items():
+            fields = data.get(name, {})
+            if kind == "histogram":
+                yield self._histogram(name, help_text, buckets, fields)
+            else:
+                yield self._counter(name, help_text, fields)
+
+    @staticmethod
+    def _histogram(name, help_text, buckets, fields):
+        series = metrics.histogram_series(fields, buckets)
+        label_names = sorted({k for labels in series for k, _ in labels})
+        family = HistogramMetricFamily(f"imgclf_{name}", help_text, labels=label_names)
+        for labels, (cumulative, total) in series.items():
+            values = dict(labels)
+            family.add_metric([values.get(k, "") for k in label_names], cumulative, total)
+        return family
+
+    @staticmethod
+    def _counter(name, help_text, fields):
+        parsed = [(metrics.parse_field(f)[0], v) for f, v in fields.items()]
+        label_names = sorted({k for labels, _ in parsed for k in labels})
+        family = CounterMetricFamily(f"imgclf_{name}", help_text, labels=label_names)
+        for labels, value in parsed:
+            family.add_metric([labels.get(k, "") for k in label_names], value)
+        return family
+
+
+def init_metrics(app: Flask, svc: Services) -> None:
+    registry = CollectorRegistry()
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        registry.register(REQUESTS)
+        registry.register(LATENCY)
+    registry.register(ClusterCollector(svc))
+
+    @app.before_request
+    def _start_timer() -> None:
+        g.metrics_start = time.perf_counter()
+
+    @app.after_request
+    def _record(response):
+        route = request.url_rule.rule if request.url_rule else "unmatched"
+        start = g.get("metrics_start")
+        if start is not None:
+            LATENCY.labels(request.method, route).observe(time.perf_counter() - start)
+        REQUESTS.labels(request.method, route, str(response.status_code)).inc()
+        return response
+
+    app.extensions["imgclf_metrics"] = registry
+
+
+def metrics_response() -> Response:
+    registry = current_app.extensions["imgclf_metrics"]
+    return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
