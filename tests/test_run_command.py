@@ -45,7 +45,7 @@ def test_make_run_serves_classifications(tmp_path, photo_server):
             assert proc.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
             try:
                 up = requests.get(f"{base}/readyz", timeout=2).status_code == 200
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or still booting
                 return False
             client = redis.Redis.from_url(support.REDIS_URL)
             workers = [
