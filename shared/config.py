@@ -41,6 +41,8 @@ class Config:
     # Jobs
     default_model: str = "mobilenet"
     models: tuple[str, ...] = ("mobilenet",)
+    # Trained models (the training pipeline's output) are served from here by name.
+    model_dir: str = "var/models"
     default_top_k: int = 5
     max_wait_s: int = 60
     upload_ttl_s: int = 3600
