@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 from typing import Any
 
 from flask import Flask, request
@@ -27,6 +28,10 @@ def create_app(config: Config | None = None, **overrides: Any) -> Flask:
     logging.basicConfig(level=config.log_level)
     app = Flask(__name__)
     app.config.update(
+        SECRET_KEY=config.secret_key or secrets.token_hex(32),
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=config.session_cookie_secure,
         MAX_CONTENT_LENGTH=config.max_image_bytes + MULTIPART_OVERHEAD,
         API_TITLE=API_TITLE,
         API_VERSION="v1",

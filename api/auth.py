@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import hmac
 import secrets
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar
 
 import bcrypt
-from flask import g, request
+from flask import g, request, session
 from sqlalchemy import select, update
 
 from api.services import db, services
@@ -90,8 +91,41 @@ def _user_by_key(key: str) -> User:
     return user
 
 
+CSRF_HEADER = "X-CSRF-Token"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def log_in(user: User) -> None:
+    """Start a browser session (the web pages); API clients use keys or Basic instead."""
+    session.clear()
+    session["uid"] = user.id
+    session["csrf"] = secrets.token_urlsafe(32)
+
+
+def csrf_token() -> str:
+    if "csrf" not in session:
+        session["csrf"] = secrets.token_urlsafe(32)
+    return session["csrf"]
+
+
+def _user_by_session() -> User:
+    # A cookie is sent by the browser on its own, so every change needs the CSRF token
+    # that only our pages can read.
+    if request.method not in SAFE_METHODS:
+        sent = request.headers.get(CSRF_HEADER) or request.form.get("csrf_token", "")
+        if not hmac.compare_digest(sent, session.get("csrf", "")):
+            raise Forbidden("Missing or wrong CSRF token.", code="csrf_failed")
+    user = db().get(User, session["uid"])
+    if user is None:
+        session.clear()
+        raise Unauthorized("Your session has ended; log in again.")
+    return user
+
+
 def authenticate() -> User:
     header = request.headers.get("Authorization", "")
+    if not header and session.get("uid") is not None:
+        return _user_by_session()
     scheme, _, credentials = header.partition(" ")
     if scheme.lower() == "bearer" and credentials.strip():
         return _user_by_key(credentials.strip())

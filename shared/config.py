@@ -34,6 +34,10 @@ class Config:
     queue_prefix: str = "imgclf"
 
     # Accounts and tokens
+    # Signs the web pages' session cookies; every API process must share it.
+    # Empty: a random key per process (fine for one process; sessions end on restart).
+    secret_key: str = ""
+    session_cookie_secure: bool = False  # set to 1 behind HTTPS
     signup_tokens: int = 5
     bcrypt_rounds: int = 12
     idempotency_ttl_s: int = 24 * 3600
