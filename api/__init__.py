@@ -12,6 +12,7 @@ from flask_swagger_ui import get_swaggerui_blueprint
 
 from api.errors import register_error_handlers
 from api.metrics import init_metrics
+from api.ratelimit import Limits
 from api.schemas import ErrorSchema
 from api.services import Services, close_db
 from shared.config import Config
@@ -41,6 +42,7 @@ def create_app(config: Config | None = None, **overrides: Any) -> Flask:
     )
     app.extensions["imgclf"] = svc = Services.build(config)
     init_metrics(app, svc)
+    app.extensions["imgclf_limits"] = Limits(config)
     app.teardown_appcontext(close_db)
     app.before_request(_reject_malformed_json)
 

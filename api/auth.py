@@ -14,6 +14,7 @@ import bcrypt
 from flask import g, request, session
 from sqlalchemy import select, update
 
+from api.ratelimit import limits
 from api.services import db, services
 from shared.errors import Forbidden, Unauthorized, ValidationFailed
 from shared.models import ApiKey, User, as_utc, utcnow
@@ -63,10 +64,12 @@ def new_api_key(user_id: int, name: str = "") -> tuple[ApiKey, str]:
 def user_by_password(username: str | None, password: str | None) -> User:
     if not username or password is None:
         raise Unauthorized("Username and password are required.")
+    limits().check_login(username)
     session = db()
     user = session.scalars(select(User).where(User.username == username)).first()
     session.commit()  # bcrypt is slow on purpose: hold no transaction (SQLite lock) meanwhile
     if not check_password(password, user.password_hash if user else None):
+        limits().record_login_failure(username)
         raise Unauthorized("Wrong username or password.", code="invalid_credentials")
     return user
 

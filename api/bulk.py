@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import delete, func, select, update
 
+from api.ratelimit import limits
 from api.services import db, services
 from api.submission import (
     forget_idempotent,
@@ -103,6 +104,7 @@ def submit_batch(user: User, req: BatchRequest, idempotency_key: str | None) -> 
     fingerprint = req.fingerprint()
     if idempotency_key and (found := replay(user.id, idempotency_key, fingerprint)):
         return found
+    limits().check_submission(user.id)  # a batch is one submission; tokens bound its size
     svc = services()
     svc.redis.ping()  # a dead broker is a 503 before anything is written
     batch_id, job_ids = new_id(), [new_id() for _ in req.urls]

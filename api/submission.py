@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 
+from api.ratelimit import limits
 from api.services import db, services
 from shared import events, ledger
 from shared.errors import (
@@ -149,6 +150,7 @@ def submit(user: User, req: JobRequest, idempotency_key: str | None = None) -> t
     fingerprint = req.fingerprint()
     if idempotency_key and (found := replay(user.id, idempotency_key, fingerprint)):
         return found
+    limits().check_submission(user.id)
     svc = services()
     job = Job(
         id=new_id(),

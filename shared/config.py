@@ -39,6 +39,10 @@ class Config:
     secret_key: str = ""
     session_cookie_secure: bool = False  # set to 1 behind HTTPS
     signup_tokens: int = 5
+    # Rate limits, in the ``limits`` notation ("N per second|minute|hour", "N/5minutes").
+    rate_limit_submit: str = "20/second"
+    login_failure_limit: str = "10/5minutes"
+    login_failure_limit_per_ip: str = "100/5minutes"
     bcrypt_rounds: int = 12
     idempotency_ttl_s: int = 24 * 3600
 

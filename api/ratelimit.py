@@ -1,0 +1,80 @@
+"""Rate limits, counted in Redis with the ``limits`` library (flask-limiter's core).
+
+Two guards, both checked after we know who is asking:
+- submissions per user (``RATE_LIMIT_SUBMIT``): 429 with Retry-After;
+- failed password checks per username and per client address
+  (``LOGIN_FAILURE_LIMIT``, ``LOGIN_FAILURE_LIMIT_PER_IP``): once exceeded, even the
+  right password is refused until the window passes, so guessing is slow.
+If Redis cannot be reached the limits are not enforced (fail open): the
+request then meets the same outage where it really needs Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+from flask import current_app, request
+from limits import parse, storage, strategies
+from redis.exceptions import RedisError
+
+from shared.config import Config
+from shared.errors import RateLimited
+
+log = logging.getLogger(__name__)
+
+
+class Limits:
+    def __init__(self, config: Config) -> None:
+        store = storage.storage_from_string(
+            config.redis_url, key_prefix=f"{config.queue_prefix}:limits"
+        )
+        self._limiter = strategies.FixedWindowRateLimiter(store)
+        self.submit = parse(config.rate_limit_submit)
+        self.login_user = parse(config.login_failure_limit)
+        self.login_ip = parse(config.login_failure_limit_per_ip)
+
+    def check_submission(self, user_id: int, cost: int = 1) -> None:
+        self._hit(self.submit, ("submit", str(user_id)), cost, "Too many submissions")
+
+    def check_login(self, username: str) -> None:
+        """Refuse before checking a password if this name or address failed too often."""
+        for item, key in self._login_keys(username):
+            if not self._safe(lambda i=item, k=key: self._limiter.test(i, *k), True):
+                raise self._refusal(item, key, "Too many failed logins")
+
+    def record_login_failure(self, username: str) -> None:
+        for item, key in self._login_keys(username):
+            self._safe(lambda i=item, k=key: self._limiter.hit(i, *k), True)
+
+    def _login_keys(self, username: str):
+        return [
+            (self.login_user, ("login-user", username.lower())),
+            (self.login_ip, ("login-ip", request.remote_addr or "unknown")),
+        ]
+
+    def _hit(self, item, key: tuple[str, ...], cost: int, what: str) -> None:
+        allowed = self._safe(lambda: self._limiter.hit(item, *key, cost=cost), True)
+        if not allowed:
+            raise self._refusal(item, key, what)
+
+    def _refusal(self, item, key, what: str) -> RateLimited:
+        reset = self._safe(lambda: self._limiter.get_window_stats(item, *key).reset_time, None)
+        retry_after = max(1, math.ceil((reset or time.time() + 1) - time.time()))
+        return RateLimited(
+            f"{what}; try again in {retry_after} s.",
+            headers={"Retry-After": str(retry_after)},
+        )
+
+    @staticmethod
+    def _safe(call, default):
+        try:
+            return call()
+        except RedisError as exc:
+            log.warning("rate limits not enforced, Redis unavailable: %r", exc)
+            return default
+
+
+def limits() -> Limits:
+    return current_app.extensions["imgclf_limits"]

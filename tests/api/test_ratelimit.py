@@ -1,0 +1,38 @@
+"""Rate limits on submissions and on password guessing (counted in the real Redis)."""
+
+from api import create_app
+from tests import support
+
+URL = "http://images.example.com/cat.jpg"
+
+
+def test_submissions_beyond_the_limit_are_429_and_free(api_stack):
+    app = create_app(api_stack.config.replace(rate_limit_submit="3/minute"))
+    client = app.test_client()
+    user = support.new_user(client)
+    codes = [
+        client.post("/v1/jobs", json={"url": URL}, headers=user["headers"]).status_code
+        for _ in range(4)
+    ]
+    assert codes == [202, 202, 202, 429]
+    refused = client.post("/v1/jobs", json={"url": URL}, headers=user["headers"])
+    assert refused.get_json()["error"]["code"] == "rate_limited"
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    assert client.get("/v1/me", headers=user["headers"]).get_json()["tokens"] == 2
+    other = support.new_user(client)  # limits are per user
+    assert client.post("/v1/jobs", json={"url": URL}, headers=other["headers"]).status_code == 202
+
+
+def test_password_guessing_is_slowed_down(api_stack):
+    app = create_app(api_stack.config.replace(login_failure_limit="3/minute"))
+    client = app.test_client()
+    user = support.new_user(client)
+    wrong = support.basic_auth(user["username"], "not-the-password")
+    assert [client.get("/v1/me", headers=wrong).status_code for _ in range(3)] == [401] * 3
+    # Now even the right password waits for the window to pass.
+    locked = client.get("/v1/me", headers=user["basic"])
+    assert locked.status_code == 429 and int(locked.headers["Retry-After"]) >= 1
+    # The API key still works, and other users are not affected.
+    assert client.get("/v1/me", headers=user["headers"]).status_code == 200
+    other = support.new_user(client)
+    assert client.get("/v1/me", headers=other["basic"]).status_code == 200
