@@ -77,6 +77,10 @@ class Config:
     worker_prefetch: int = 0  # 0: 2 * batch_max per pool process
     fetch_threads: int = 16
     visibility_timeout_s: int = 900
+    # The reconciler (worker/reconciler.py) re-sends or ends jobs whose message was lost.
+    reconcile_interval_s: float = 30.0
+    stale_queued_s: int = 300
+    stale_processing_s: int = 0  # 0: VISIBILITY_TIMEOUT_S + 120
 
     # Operations
     log_level: str = "INFO"
@@ -89,6 +93,12 @@ class Config:
     def effective_prefetch(self) -> int:
         """Messages a worker may hold unacknowledged, across its pool processes."""
         return self.worker_prefetch or 2 * self.batch_max * self.worker_concurrency
+
+    @property
+    def effective_stale_processing_s(self) -> int:
+        # Redis redelivers a dead worker's messages after the visibility timeout; only
+        # a job still unfinished well after that has really lost its message.
+        return self.stale_processing_s or self.visibility_timeout_s + 120
 
     @property
     def webhook_schedule(self) -> tuple[float, ...]:

@@ -124,6 +124,9 @@ class Job(Base):
     error_code: Mapped[str | None] = mapped_column(String(64), default=None)
     error_message: Mapped[str | None] = mapped_column(Text, default=None)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # When a worker last took the job; a processing job not finished long after is
+    # presumed lost with its worker (see worker/reconciler.py).
+    claimed_at: Mapped[datetime | None] = mapped_column(default=None)
     webhook_url: Mapped[str | None] = mapped_column(Text, default=None)
     webhook_events: Mapped[list[str] | None] = mapped_column(JSON, default=None)
     request_id: Mapped[str | None] = mapped_column(String(64), default=None)

@@ -9,13 +9,14 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 
 from celery import signals
 
 from shared.config import Config
 from shared.queue import CLASSIFY_TASK, make_celery
-from worker import pipeline
+from worker import pipeline, reconciler
 from worker.batching import ContinuousBatches
 from worker.runtime import Runtime
 
@@ -66,6 +67,25 @@ def _check_prefetch(sender=None, **_kwargs) -> None:
             f"prefetch {prefetch} cannot fill a batch of BATCH_MAX={config.batch_max} while "
             f"another is in flight; set WORKER_PREFETCH >= {2 * config.batch_max * concurrency}"
         )
+
+
+_stop_reconciler = threading.Event()
+
+
+@signals.worker_ready.connect
+def _start_reconciler(**_kwargs) -> None:
+    # In the main process: pool processes come and go, this thread stays.
+    threading.Thread(
+        target=reconciler.run_forever,
+        args=(config, _stop_reconciler),
+        daemon=True,
+        name="reconciler",
+    ).start()
+
+
+@signals.worker_shutting_down.connect
+def _stop(**_kwargs) -> None:
+    _stop_reconciler.set()
 
 
 @signals.worker_process_init.connect

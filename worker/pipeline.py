@@ -76,6 +76,7 @@ def _claim(session: Session, job_ids: list[str]) -> tuple[list[Job], list[str]]:
         .values(
             status=JobStatus.PROCESSING.value,
             attempts=Job.attempts + 1,
+            claimed_at=utcnow(),
             started_at=case((Job.started_at.is_(None), utcnow()), else_=Job.started_at),
         )
         .execution_options(synchronize_session=False)
