@@ -9,6 +9,7 @@ from typing import Any
 from flask import Flask, request
 from flask_smorest import Api
 from flask_swagger_ui import get_swaggerui_blueprint
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from api.errors import register_error_handlers
 from api.metrics import init_metrics
@@ -40,6 +41,9 @@ def create_app(config: Config | None = None, **overrides: Any) -> Flask:
         OPENAPI_URL_PREFIX="/",
         OPENAPI_JSON_PATH="openapi.json",
     )
+    if config.trusted_proxies:
+        # The client's address (rate limits on failed logins) comes from X-Forwarded-For.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=config.trusted_proxies)
     app.extensions["imgclf"] = svc = Services.build(config)
     init_metrics(app, svc)
     app.extensions["imgclf_limits"] = Limits(config)

@@ -38,6 +38,8 @@ class Config:
     # Empty: a random key per process (fine for one process; sessions end on restart).
     secret_key: str = ""
     session_cookie_secure: bool = False  # set to 1 behind HTTPS
+    # Reverse proxies in front of the API whose X-Forwarded-For to trust (0: none).
+    trusted_proxies: int = 0
     signup_tokens: int = 5
     # Rate limits, in the ``limits`` notation ("N per second|minute|hour", "N/5minutes").
     rate_limit_submit: str = "20/second"

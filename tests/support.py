@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import http.server
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -32,6 +33,7 @@ POSTGRES_ADMIN_URL = os.environ.get(
 )
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 WORKER_START_TIMEOUT_S = 120
+SLOW_S = 1.5
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.05):
@@ -134,11 +136,18 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.hits.append(self.path)
+        if self.path.startswith("/slow/"):
+            time.sleep(SLOW_S)
+            self.path = self.path[len("/slow") :]
         super().do_GET()
 
 
 class PhotoServer:
-    """Serves ``directory`` on 127.0.0.1 and records every requested path in ``hits``."""
+    """Serves ``directory`` on 127.0.0.1 and records every requested path in ``hits``.
+
+    ``/slow/<name>`` serves ``<name>`` after SLOW_S seconds: a batch that is still in
+    flight when a test injects a fault.
+    """
 
     def __init__(self, directory: Path) -> None:
         self.hits: list[str] = []
@@ -191,8 +200,17 @@ class WorkerProcess:
             "--without-mingle", "--without-gossip",
         ]  # fmt: skip
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        # Its own process group, so a test can kill the worker with its pool processes.
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         return self
+
+    def kill(self) -> None:
+        """SIGKILL the worker and its pool processes at once: a crash, not a shutdown."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
 
     def ready_count(self) -> int:
         client = redis.Redis.from_url(self.config.redis_url)

@@ -1,0 +1,358 @@
+"""Pages: sign up, log in, classify, bulk, history, account and admin.
+
+The pages are rendered here; everything they do after loading (classify, batches, keys,
+refills) goes through the public /v1 API from the browser, authenticated by the session
+cookie plus the ``X-CSRF-Token`` header (see api/auth.py). Only sign-up, log-in and
+log-out are classic form posts, each checked against the session's CSRF token.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from flask import (
+    Blueprint,
+    Response,
+    flash,
+    g,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
+from markupsafe import Markup
+from sqlalchemy import func, select
+
+from api import schemas
+from api.auth import csrf_token, log_in, user_by_password
+from api.errors import UNAVAILABLE
+from api.routes.users import create_user
+from api.services import db, services
+from shared import batches
+from shared.errors import ServiceError
+from shared.jobs import job_to_dict
+from shared.models import Batch, Job, User, as_utc
+
+STATIC = Path(__file__).resolve().parent / "static"
+HISTORY_JOBS = 25
+HISTORY_BATCHES = 10
+ADMIN_RESULTS = 25
+
+web_blp = Blueprint(
+    "web",
+    __name__,
+    template_folder="templates",
+    static_folder="static",
+    static_url_path="/app/static",
+)
+
+# The pages load nothing from another origin; only images (the user's own URLs and local
+# previews) may come from anywhere.
+CSP = (
+    "default-src 'self'; img-src 'self' data: blob: http: https:; script-src 'self'; "
+    "style-src 'self'; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; "
+    "base-uri 'self'; object-src 'none'"
+)
+
+
+# --- helpers ---------------------------------------------------------------------
+
+
+@functools.cache
+def _asset_version(filename: str) -> str:
+    return hashlib.sha256((STATIC / filename).read_bytes()).hexdigest()[:10]
+
+
+def asset(filename: str) -> str:
+    """A static file's URL with a content hash, so browsers never run stale scripts."""
+    return url_for("web.static", filename=filename, v=_asset_version(filename))
+
+
+def _current_user() -> User | None:
+    uid = session.get("uid")
+    if uid is None:
+        return None
+    user = db().get(User, uid)
+    db().commit()
+    if user is None:
+        session.clear()
+    return user
+
+
+def _csrf_ok() -> bool:
+    sent = request.form.get("csrf_token", "").encode()
+    expected = session.get("csrf", "").encode()
+    return bool(expected) and hmac.compare_digest(sent, expected)
+
+
+def _safe_next(target: str | None) -> str:
+    """Only our own pages are valid targets after logging in (no open redirect)."""
+    default = url_for("web.classify")
+    if not target:
+        return default
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc or not parts.path.startswith("/app/") or "\\" in target:
+        return default
+    return target
+
+
+def page(view: Callable[..., Any]) -> Callable[..., Any]:
+    """A page for logged-in users; others are sent to the log-in page and back."""
+
+    @functools.wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        user = _current_user()
+        if user is None:
+            return redirect(url_for("web.login", next=request.full_path.rstrip("?")))
+        g.web_user = user
+        return view(*args, **kwargs)
+
+    return wrapper
+
+
+def error_page(status: int, title: str, message: str) -> tuple[str, int]:
+    return render_template("web/error.html", title=title, message=message), status
+
+
+def when(value: datetime | str | None) -> Markup:
+    """A <time> element in UTC; app.js rewrites it in the reader's own time zone."""
+    if value is None:
+        return Markup("—")
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    value = as_utc(value)
+    iso = value.isoformat().replace("+00:00", "Z")
+    return Markup('<time datetime="{}">{}</time>').format(iso, value.strftime("%Y-%m-%d %H:%M UTC"))
+
+
+def label(value: str | None) -> str:
+    return (value or "").replace("_", " ")
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n:,} {word}" if n == 1 else f"{n:,} {word}s"
+
+
+@web_blp.context_processor
+def _inject() -> dict[str, Any]:
+    return {
+        "me": g.get("web_user"),
+        "csrf": csrf_token(),
+        "asset": asset,
+        "when": when,
+        "label": label,
+        "plural": plural,
+    }
+
+
+@web_blp.after_request
+def _headers(response: Response) -> Response:
+    response.headers.setdefault("Content-Security-Policy", CSP)
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Referrer-Policy", "same-origin")
+    if response.mimetype == "text/html":
+        response.headers.setdefault("Cache-Control", "no-store")
+    return response
+
+
+@web_blp.errorhandler(ServiceError)
+def _service_error(exc: ServiceError):
+    return error_page(exc.status, "Something went wrong", exc.message)
+
+
+@web_blp.errorhandler(UNAVAILABLE)
+def _unavailable(_exc: Exception):
+    return error_page(
+        503,
+        "Temporarily unavailable",
+        "The service cannot reach its database right now. Please try again in a moment.",
+    )
+
+
+# --- signing up, logging in and out ----------------------------------------------
+
+
+@web_blp.route("/")
+def root():
+    return redirect(url_for("web.home"))
+
+
+@web_blp.route("/app/")
+def home():
+    if _current_user() is None:
+        return redirect(url_for("web.login"))
+    return redirect(url_for("web.classify"))
+
+
+def _expired(template: str, **context: Any) -> tuple[str, int]:
+    return render_template(
+        template,
+        form_error="This form has expired. Please try again.",
+        **context,
+    ), 400
+
+
+@web_blp.route("/app/signup", methods=["GET", "POST"])
+def signup():
+    if request.method == "GET":
+        if _current_user() is not None:
+            return redirect(url_for("web.classify"))
+        return render_template("web/signup.html", errors={}, username="")
+    username = request.form.get("username", "").strip()
+    password = request.form.get("password", "")
+    if not _csrf_ok():
+        return _expired("web/signup.html", errors={}, username=username)
+    errors = {
+        field: " ".join(messages)
+        for field, messages in schemas.Credentials()
+        .validate({"username": username, "password": password})
+        .items()
+    }
+    if not username:
+        errors["username"] = "Choose a username."
+    elif "username" in errors:
+        errors["username"] = "Use 3 to 64 letters, digits, '_', '.' or '-'."
+    if not errors:
+        try:
+            user, _row, key = create_user(username, password)
+        except ServiceError as exc:
+            field = "username" if exc.code == "username_taken" else "password"
+            if exc.code == "username_taken":
+                errors[field] = f"The username “{username}” is taken. Please choose another."
+            elif exc.code == "invalid_password":
+                errors[field] = "Use a password of 6 to 72 characters."
+            else:
+                raise
+    if errors:
+        return render_template("web/signup.html", errors=errors, username=username), 422
+    log_in(user)
+    session["new_key"] = key  # shown once on the account page, then dropped
+    return redirect(url_for("web.account", welcome=1))
+
+
+@web_blp.route("/app/login", methods=["GET", "POST"])
+def login():
+    target = request.values.get("next", "")
+    if request.method == "GET":
+        if _current_user() is not None:
+            return redirect(_safe_next(target))
+        return render_template("web/login.html", username="", next=target)
+    username = request.form.get("username", "").strip()
+    if not _csrf_ok():
+        return _expired("web/login.html", username=username, next=target)
+    try:
+        user = user_by_password(username, request.form.get("password", ""))
+    except ServiceError:
+        return render_template(
+            "web/login.html",
+            username=username,
+            next=target,
+            form_error="Wrong username or password.",
+        ), 401
+    log_in(user)
+    return redirect(_safe_next(target))
+
+
+@web_blp.route("/app/logout", methods=["POST"])
+def logout():
+    if not _csrf_ok():
+        return error_page(400, "Form expired", "This form has expired. Reload the page to log out.")
+    session.clear()
+    flash("You have logged out.")
+    return redirect(url_for("web.login"))
+
+
+# --- pages for logged-in users ---------------------------------------------------
+
+
+@web_blp.route("/app/account")
+@page
+def account():
+    new_key = session.pop("new_key", None)
+    return render_template(
+        "web/account.html",
+        new_key=new_key,
+        welcome=new_key is not None,
+        origin=request.host_url.rstrip("/"),
+    )
+
+
+@web_blp.route("/app/classify")
+@page
+def classify():
+    config = services().config
+    return render_template(
+        "web/classify.html", max_bytes=config.max_image_bytes, model=config.default_model
+    )
+
+
+@web_blp.route("/app/jobs/<job_id>")
+@page
+def job(job_id: str):
+    found = db().get(Job, job_id)
+    if found is None or found.user_id != g.web_user.id:
+        return error_page(404, "Job not found", "There is no such job in your account.")
+    return render_template("web/job.html", job=job_to_dict(found))
+
+
+@web_blp.route("/app/bulk")
+@page
+def bulk():
+    return render_template("web/bulk.html", max_urls=services().config.max_batch_urls)
+
+
+@web_blp.route("/app/batches/<batch_id>")
+@page
+def batch(batch_id: str):
+    session_ = db()
+    found = session_.get(Batch, batch_id)
+    if found is None or found.user_id != g.web_user.id:
+        return error_page(404, "Batch not found", "There is no such batch in your account.")
+    return render_template("web/batch.html", batch=batches.batch_to_dict(session_, found))
+
+
+@web_blp.route("/app/history")
+@page
+def history():
+    session_ = db()
+    uid = g.web_user.id
+    recent_batches = session_.scalars(
+        select(Batch)
+        .where(Batch.user_id == uid)
+        .order_by(Batch.created_at.desc(), Batch.id.desc())
+        .limit(HISTORY_BATCHES)
+    ).all()
+    recent_jobs = session_.scalars(
+        select(Job)
+        .where(Job.user_id == uid, Job.batch_id.is_(None))
+        .order_by(Job.created_at.desc(), Job.id.desc())
+        .limit(HISTORY_JOBS)
+    ).all()
+    return render_template(
+        "web/history.html",
+        batches=[batches.batch_to_dict(session_, b) for b in recent_batches],
+        jobs=[job_to_dict(j) for j in recent_jobs],
+    )
+
+
+@web_blp.route("/app/admin")
+@page
+def admin():
+    if not g.web_user.is_admin:
+        return error_page(
+            403, "Administrators only", "This page is for administrators of the service."
+        )
+    query = request.args.get("q", "").strip()
+    stmt = select(User).order_by(User.created_at.desc(), User.id.desc()).limit(ADMIN_RESULTS)
+    if query:
+        stmt = stmt.where(func.lower(User.username).contains(query.lower(), autoescape=True))
+    users = db().scalars(stmt).all()
+    return render_template("web/admin.html", users=users, q=query)

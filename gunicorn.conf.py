@@ -1,0 +1,96 @@
+"""Gunicorn settings for the API: ``gunicorn -c gunicorn.conf.py 'api.wsgi:app'``.
+
+This file configures gunicorn, the HTTP server, not the service. The application
+reads its settings only through shared/config.py (the variables in the README's
+table); the three variables read here are gunicorn's own sizing knobs and are
+not application settings:
+
+    PORT             port to listen on (default 5000, as the README and make run use)
+    WEB_CONCURRENCY  worker processes (default: 2 x CPUs + 1, capped at 4)
+    API_THREADS      threads per worker process (default 32)
+
+``PROMETHEUS_MULTIPROC_DIR`` (read by prometheus-client, README) is honoured too:
+with several worker processes /metrics sums their request metrics from files in
+that directory, so it is created and emptied here when gunicorn starts, and a
+dead worker's files are marked as such.
+
+Anything else can be overridden without editing this file through gunicorn's
+own ``GUNICORN_CMD_ARGS`` (e.g. ``GUNICORN_CMD_ARGS="--keep-alive 75"`` behind
+a load balancer whose idle timeout is 60 s), or on the command line.
+
+The request timeout and log level follow the service's own settings
+(``MAX_WAIT_S``, ``LOG_LEVEL``), read through ``Config.from_env()`` so the one
+place that reads the application's environment stays shared/config.py.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from shared.config import Config  # (found through the path above)
+
+_config = Config.from_env()
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # honours cpusets (docker --cpuset-cpus)
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _int_env(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    return int(raw) if raw else default
+
+
+wsgi_app = "api.wsgi:app"  # the default; a command-line app argument wins
+bind = f"0.0.0.0:{_int_env('PORT', 5000)}"
+
+# Threaded workers: a long-poll (GET /v1/jobs/{id}?wait=N, Prefer: wait=N) holds a
+# thread for up to MAX_WAIT_S seconds while waiting on Redis, using no CPU.
+worker_class = "gthread"
+threads = _int_env("API_THREADS", 32)
+
+# 2 x cores + 1 is the classic sizing for CPU-bound sync workers; with 32 threads
+# each, a few processes are plenty, and every process has its own SQLAlchemy pool
+# (up to 10 + 20 PostgreSQL connections), so the default is capped at 4.
+workers = _int_env("WEB_CONCURRENCY", min(2 * _cpus() + 1, 4))
+
+# A worker process whose main loop stalls this long is killed and replaced; keep it
+# well above the longest long-poll (MAX_WAIT_S, 60 s by default -> 90 s).
+timeout = max(90, _config.max_wait_s + 30)
+# On SIGTERM, requests in flight get this long to finish (long-polls longer than
+# that are cut; clients poll again).
+graceful_timeout = 30
+keepalive = 5
+
+# Heartbeat files on tmpfs: a container's overlay filesystem can stall them.
+if os.path.isdir("/dev/shm"):
+    worker_tmp_dir = "/dev/shm"
+
+# Logs to stdout/stderr, for docker logs / journald.
+accesslog = "-"
+errorlog = "-"
+loglevel = _config.log_level.lower()
+
+
+def on_starting(server) -> None:
+    """Start every run with an empty prometheus-client multiprocess directory."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        return
+    os.makedirs(directory, exist_ok=True)
+    for name in os.listdir(directory):
+        if name.endswith(".db"):
+            os.remove(os.path.join(directory, name))
+
+
+def child_exit(server, worker) -> None:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)

@@ -1,0 +1,110 @@
+"""Fault-injection set-up: real workers that tests kill, private servers that tests restart."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+import pytest
+from sqlalchemy import func, select
+
+from api import create_app
+from shared import ledger
+from shared.db import make_engine, make_session_factory
+from shared.models import Job, LedgerEntry, User
+from tests import support
+
+
+def fault_config(database_url: str, redis_url: str = support.REDIS_URL, **overrides):
+    """Short timeouts, so redelivery and reconciliation happen within a test's patience."""
+    values = dict(
+        redis_url=redis_url,
+        visibility_timeout_s=8,
+        reconcile_interval_s=2,
+        stale_queued_s=6,
+        stale_processing_s=30,
+        queue_prefix=f"imgclf-fault-{uuid.uuid4().hex[:8]}",
+    )
+    values.update(overrides)
+    return support.migrated(support.test_config(database_url, **values))
+
+
+@dataclass
+class FaultStack:
+    config: object
+    workers: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.app = create_app(self.config)
+        self.client = self.app.test_client()
+        self.sessions = make_session_factory(make_engine(self.config))
+
+    def worker(self, name: str) -> support.WorkerProcess:
+        before = support.WorkerProcess(self.config).ready_count()
+        worker = support.WorkerProcess(self.config, name=name).start().wait_ready(before)
+        self.workers.append(worker)
+        return worker
+
+    def funded_user(self, tokens: int) -> dict:
+        user = support.new_user(self.client)
+        with self.sessions() as s:
+            user_id = s.scalars(select(User.id).where(User.username == user["username"])).one()
+            ledger.grant(s, user_id, tokens, ledger.REFILL)
+            s.commit()
+        user["id"] = user_id
+        return user
+
+    def statuses(self, job_ids) -> dict[str, int]:
+        with self.sessions() as s:
+            rows = s.execute(
+                select(Job.status, func.count())
+                .where(Job.id.in_(list(job_ids)))
+                .group_by(Job.status)
+            )
+            return dict(rows.all())
+
+    def batch_statuses(self, batch_id: str) -> dict[str, int]:
+        with self.sessions() as s:
+            rows = s.execute(
+                select(Job.status, func.count())
+                .where(Job.batch_id == batch_id)
+                .group_by(Job.status)
+            )
+            return dict(rows.all())
+
+    def assert_ledger_exact(self, user: dict) -> None:
+        """One charge per job, one refund per failed or canceled job, balance = ledger sum."""
+        with self.sessions() as s:
+            jobs = s.execute(select(Job.id, Job.status).where(Job.user_id == user["id"])).all()
+            rows = s.execute(
+                select(LedgerEntry.job_id, LedgerEntry.reason).where(
+                    LedgerEntry.user_id == user["id"], LedgerEntry.job_id.is_not(None)
+                )
+            ).all()
+            by_job: dict[str, list[str]] = {}
+            for job_id, reason in rows:
+                by_job.setdefault(job_id, []).append(reason)
+            for job_id, status in jobs:
+                expected = ["charge", "refund"] if status in ("failed", "canceled") else ["charge"]
+                assert sorted(by_job.get(job_id, [])) == expected, (job_id, status)
+            balance = s.get(User, user["id"]).tokens
+            assert balance == ledger.ledger_sum(s, user["id"])
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.kill()
+        support.delete_redis_prefix(self.config.queue_prefix)
+
+
+@pytest.fixture
+def fault_stack_factory():
+    made = []
+
+    def make(database_url: str, redis_url: str = support.REDIS_URL, **overrides) -> FaultStack:
+        stack = FaultStack(fault_config(database_url, redis_url, **overrides))
+        made.append(stack)
+        return stack
+
+    yield make
+    for stack in made:
+        stack.close()

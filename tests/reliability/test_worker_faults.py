@@ -1,0 +1,95 @@
+"""Workers killed, stopped and restarted for real: every job ends once, every token is right."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+from tests import support
+
+FINAL = {"succeeded", "failed", "canceled"}
+
+
+def _submit_batch(stack, user, urls) -> str:
+    resp = stack.client.post("/v1/batches", json={"urls": urls}, headers=user["headers"])
+    assert resp.status_code == 202, resp.get_json()
+    return resp.get_json()["id"]
+
+
+def _wait_all_final(stack, batch_id, total, timeout):
+    def done():
+        counts = stack.batch_statuses(batch_id)
+        return counts if sum(counts.get(s, 0) for s in FINAL) == total else None
+
+    return support.wait_for(done, timeout, f"all {total} jobs of {batch_id} to end", 0.25)
+
+
+def _wait_processing(stack, batch_id):
+    support.wait_for(
+        lambda: stack.batch_statuses(batch_id).get("processing"), 60, "a batch in flight", 0.05
+    )
+
+
+def test_sigkill_mid_batch_redelivers_and_each_job_ends_once(
+    postgres_url, photo_server, fault_stack_factory
+):
+    stack = fault_stack_factory(postgres_url)
+    first = stack.worker("doomed")
+    user = stack.funded_user(100)
+    urls = [photo_server.url(f"slow/parrot.jpg?k{i}") for i in range(12)]
+    batch_id = _submit_batch(stack, user, urls)
+    _wait_processing(stack, batch_id)
+    first.kill()  # SIGKILL to the worker and its pool process, mid-batch
+    killed_at = time.monotonic()
+
+    stack.worker("rescuer")
+    counts = _wait_all_final(stack, batch_id, 12, timeout=90)
+    assert counts == {"succeeded": 12}
+    # Redelivery is bounded by the visibility timeout (8 s here) plus kombu's restore cycle.
+    assert time.monotonic() - killed_at < 8 + 10 + 30
+    stack.assert_ledger_exact(user)
+    with stack.sessions() as s:
+        from shared.models import Job
+
+        attempts = [j.attempts for j in s.query(Job).filter(Job.batch_id == batch_id)]
+    assert max(attempts) >= 2  # the killed batch really was taken twice
+
+
+def test_two_workers_one_killed_repeatedly_through_1000_jobs(
+    postgres_url, photo_server, fault_stack_factory
+):
+    stack = fault_stack_factory(postgres_url)
+    stack.worker("steady")
+    user = stack.funded_user(1000)
+    photos = ["dog.jpg", "parrot.jpg", "hot_dog.jpg", "eagle.jpg", "kite.jpg"]
+    urls = [photo_server.url(f"{photos[i % 5]}?n{i}") for i in range(1000)]
+    batch_id = _submit_batch(stack, user, urls)
+    for round_ in range(3):
+        flaky = stack.worker(f"flaky{round_}")
+        support.wait_for(
+            lambda: stack.batch_statuses(batch_id).get("processing"), 30, "work in flight"
+        )
+        time.sleep(1)  # let it take a batch or two, then crash it
+        flaky.kill()
+    counts = _wait_all_final(stack, batch_id, 1000, timeout=300)
+    assert counts == {"succeeded": 1000}
+    stack.assert_ledger_exact(user)
+
+
+def test_sigterm_finishes_or_returns_the_batch_in_flight(
+    postgres_url, photo_server, fault_stack_factory
+):
+    stack = fault_stack_factory(postgres_url)
+    worker = stack.worker("stopping")
+    user = stack.funded_user(100)
+    urls = [photo_server.url(f"slow/bird.bmp?t{i}") for i in range(40)]
+    batch_id = _submit_batch(stack, user, urls)
+    _wait_processing(stack, batch_id)
+    worker.proc.send_signal(signal.SIGTERM)  # warm shutdown
+    assert worker.proc.wait(60) == 0
+    after_stop = stack.batch_statuses(batch_id)
+    assert after_stop.get("processing", 0) == 0  # nothing left half-done by a clean stop
+    stack.worker("next")
+    counts = _wait_all_final(stack, batch_id, 40, timeout=120)
+    assert counts == {"succeeded": 40}
+    stack.assert_ledger_exact(user)
