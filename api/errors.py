@@ -7,11 +7,11 @@ import logging
 import redis.exceptions
 from flask import Flask, jsonify
 from kombu.exceptions import OperationalError as BrokerError
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
 
-from shared.errors import ServiceError, ServiceUnavailable
+from shared.errors import ServiceError, ServiceUnavailable, ValidationFailed
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,15 @@ def _unavailable(exc: Exception):
     return error_response(ServiceUnavailable())
 
 
+def _bad_value(exc: DataError):
+    # The database refused a value the validation let through (a NUL character in a
+    # string, a number out of range): the client's input, never our fault.
+    log.info("database refused an input value: %s", exc.orig)
+    return error_response(
+        ValidationFailed("A value in the request cannot be stored.", code="invalid_value")
+    )
+
+
 def _unexpected(exc: Exception):
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return _unavailable(exc)
@@ -81,6 +90,7 @@ def _unexpected(exc: Exception):
 
 def register_error_handlers(app: Flask) -> None:
     app.register_error_handler(ServiceError, error_response)
+    app.register_error_handler(DataError, _bad_value)
     app.register_error_handler(HTTPException, _http_error)
     for exc_type in UNAVAILABLE:
         app.register_error_handler(exc_type, _unavailable)
