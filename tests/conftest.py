@@ -35,7 +35,6 @@ def photos_dir() -> Path:
 # --- integration fixtures: real databases, Redis, photo server and worker -------
 
 import dataclasses  # noqa: E402
-import uuid  # noqa: E402
 
 from tests import support  # noqa: E402
 
@@ -107,9 +106,21 @@ def api_stack(db_url):
 
 
 @pytest.fixture(scope="session")
-def stack(db_url):
-    """API + a real Celery worker running the real MobileNet + the webhook worker."""
-    yield from _stack(db_url, with_worker=True)
+def stack(db_url, tmp_path_factory):
+    """API + a real Celery worker running the real MobileNet + the webhook worker.
+
+    It gets a database of its own (same backend as ``db_url``): its workers' sweeps and
+    reconciler act on every row of their database, and must not touch other tests' rows.
+    """
+    if db_url.startswith("sqlite"):
+        url = f"sqlite:///{tmp_path_factory.mktemp('stack') / 'stack.db'}"
+        yield from _stack(url, with_worker=True)
+        return
+    url = support.create_postgres_database()
+    try:
+        yield from _stack(url, with_worker=True)
+    finally:
+        support.drop_postgres_database(url)
 
 
 @pytest.fixture
@@ -123,11 +134,6 @@ def user(client):
 
 
 @pytest.fixture
-def admin(api_stack, client):
+def admin(api_stack):
     """An administrator made the documented way: ``flask --app api create-admin``."""
-    username = f"admin{uuid.uuid4().hex[:8]}"
-    runner = api_stack.app.test_cli_runner()
-    result = runner.invoke(args=["create-admin", username, "--password", "admin-secret"])
-    assert result.exit_code == 0, result.output
-    key = result.output.strip().rsplit(" ", 1)[-1]
-    return {"username": username, "password": "admin-secret", "headers": support.bearer(key)}
+    return support.make_admin(api_stack.app)

@@ -284,3 +284,14 @@ def new_user(client) -> dict:
         "headers": bearer(key),
         "basic": basic_auth(username, password),
     }
+
+
+def make_admin(app) -> dict:
+    """An administrator made the documented way: ``flask --app api create-admin``."""
+    username = f"admin{uuid.uuid4().hex[:8]}"
+    result = app.test_cli_runner().invoke(
+        args=["create-admin", username, "--password", "admin-secret"]
+    )
+    assert result.exit_code == 0, result.output
+    key = result.output.strip().rsplit(" ", 1)[-1]
+    return {"username": username, "password": "admin-secret", "headers": bearer(key)}

@@ -110,7 +110,9 @@ def _load_inputs(rt: Runtime, outcomes: list[Outcome], stats: MetricsBuffer) -> 
         try:
             data = _read_bytes(rt, job)
             stats.observe("image_fetch_seconds", time.perf_counter() - start)
-            image = decode_image(data, max_pixels=rt.config.max_image_pixels)
+            sizes = [rt.models.get(o.job.model).input_size for o in group]
+            largest = max(sizes, key=lambda wh: wh[0] * wh[1])
+            image = decode_image(data, max_pixels=rt.config.max_image_pixels, at_least=largest)
             arrays: dict[tuple[int, int], np.ndarray] = {}
             for o in group:
                 size = rt.models.get(o.job.model).input_size

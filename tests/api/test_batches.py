@@ -16,9 +16,10 @@ DOG_BREEDS = range(151, 269)
 
 
 @pytest.fixture
-def rich_user(stack, admin):
+def rich_user(stack):
     """A user with 100 tokens (refilled by an admin through the API)."""
     client = stack.client()
+    admin = support.make_admin(stack.app)
     user = support.new_user(client)
     resp = client.post(
         "/v1/admin/refill",

@@ -98,9 +98,16 @@ class FaultStack:
 
 @pytest.fixture
 def fault_stack_factory():
-    made = []
+    """Stacks on databases of their own (a fresh one on the shared PostgreSQL unless a
+    private server's URL is given): their reconcilers must see only their own jobs."""
+    made, databases = [], []
 
-    def make(database_url: str, redis_url: str = support.REDIS_URL, **overrides) -> FaultStack:
+    def make(
+        database_url: str | None = None, redis_url: str = support.REDIS_URL, **overrides
+    ) -> FaultStack:
+        if database_url is None:
+            database_url = support.create_postgres_database()
+            databases.append(database_url)
         stack = FaultStack(fault_config(database_url, redis_url, **overrides))
         made.append(stack)
         return stack
@@ -108,3 +115,5 @@ def fault_stack_factory():
     yield make
     for stack in made:
         stack.close()
+    for url in databases:
+        support.drop_postgres_database(url)

@@ -38,9 +38,9 @@ def _all_final(stack, job_ids, timeout):
 
 
 def test_redis_restart_during_submissions_and_processing(
-    postgres_url, private_redis, photo_server, fault_stack_factory
+    private_redis, photo_server, fault_stack_factory
 ):
-    stack = fault_stack_factory(postgres_url, redis_url=private_redis.url)
+    stack = fault_stack_factory(redis_url=private_redis.url)
     stack.worker("w")
     user = stack.funded_user(500)
     accepted, refused, stop = [], [], threading.Event()

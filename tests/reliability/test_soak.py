@@ -1,0 +1,117 @@
+"""Soak: mixed traffic for SOAK_S seconds (45 in CI; 600 for the recorded run in
+docs/reliability.md), then every job final, every ledger exact, memory flat.
+
+    SOAK_S=600 SOAK_RATE=20 make test ARGS="tests/reliability/test_soak.py"  # the long run
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+from tests import support
+from tests.webhook_receiver import Receiver
+
+SOAK_S = float(os.environ.get("SOAK_S", "45"))
+RATE = float(os.environ.get("SOAK_RATE", "8"))  # operations per second, all kinds together
+PHOTOS = ["dog.jpg", "parrot.jpg", "hot_dog.jpg", "bird.bmp", "eagle.jpg", "cat.bmp"]
+
+
+def _rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children (the worker's pool), in MB."""
+    total = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text().split()
+            if int(proc.name) == pid or int(stat[3]) == pid:
+                total += int(stat[23]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / 1e6
+
+
+def test_mixed_traffic_soak(photo_server, photos_dir, fault_stack_factory):
+    stack = fault_stack_factory()
+    worker = stack.worker("soak")
+    webhooks = support.WebhookWorkerProcess(stack.config).start().wait_ready()
+    stack.workers.append(webhooks)
+    user = stack.funded_user(100_000)
+    headers = user["headers"]
+    rng = random.Random(7)
+    outcomes: Counter = Counter()
+    unexpected: list = []
+    jobs, batches = [], []
+    lock = threading.Lock()
+
+    def one_operation(i: int, client) -> None:
+        kind = rng.choice(["url", "url", "upload", "longpoll", "batch", "webhook"])
+        photo = rng.choice(PHOTOS)
+        url = photo_server.url(f"{photo}?s{i}")
+        if kind == "upload":
+            data = (photos_dir / photo).read_bytes()
+            resp = client.post(
+                "/v1/jobs", data={"file": (io.BytesIO(data), photo)}, headers=headers
+            )
+        elif kind == "batch":
+            urls = [photo_server.url(f"{rng.choice(PHOTOS)}?b{i}-{k}") for k in range(10)]
+            resp = client.post("/v1/batches", json={"urls": urls}, headers=headers)
+        elif kind == "webhook":
+            resp = client.post(
+                "/v1/jobs", json={"url": url, "webhook": receiver.url()}, headers=headers
+            )
+        elif kind == "longpoll":
+            resp = client.post(
+                "/v1/jobs", json={"url": url}, headers={**headers, "Prefer": "wait=20"}
+            )
+        else:
+            resp = client.post("/v1/jobs", json={"url": url}, headers=headers)
+        with lock:
+            outcomes[(kind, resp.status_code)] += 1
+            if resp.status_code not in (200, 202):
+                unexpected.append((kind, resp.status_code, resp.get_data(as_text=True)[:200]))
+            elif kind == "batch":
+                batches.append(resp.get_json()["id"])
+            else:
+                jobs.append(resp.get_json()["id"])
+
+    with Receiver() as receiver:
+        warm_rss, stop = None, time.monotonic() + SOAK_S
+        threads, i = [], 0
+        start = time.monotonic()
+        while time.monotonic() < stop:
+            if warm_rss is None and time.monotonic() - start > min(20, SOAK_S / 3):
+                warm_rss = _rss_mb(worker.proc.pid)
+            t = threading.Thread(target=one_operation, args=(i, stack.app.test_client()))
+            t.start()
+            threads.append(t)
+            i += 1
+            time.sleep(1 / RATE)
+        for t in threads:
+            t.join(120)
+        assert not unexpected, unexpected[:5]
+
+        def all_final() -> bool:
+            counts = stack.statuses(jobs)
+            done = sum(counts.get(s, 0) for s in ("succeeded", "failed", "canceled"))
+            return done == len(jobs) and all(
+                stack.batch_statuses(b).keys() <= {"succeeded", "failed", "canceled"}
+                for b in batches
+            )
+
+        support.wait_for(all_final, 300, "every soak job to end", 0.5)
+        end_rss = _rss_mb(worker.proc.pid)
+    assert stack.statuses(jobs).get("failed", 0) == 0
+    stack.assert_ledger_exact(user)
+    # Memory flat after warm-up: the worker did not grow by more than a margin.
+    assert end_rss - warm_rss < 150, (warm_rss, end_rss)
+    print(
+        f"soak: {i} operations in {SOAK_S:.0f} s, {dict(outcomes)}, "
+        f"worker RSS {warm_rss:.0f} -> {end_rss:.0f} MB"
+    )
