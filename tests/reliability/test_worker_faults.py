@@ -61,7 +61,11 @@ def test_two_workers_one_killed_repeatedly_through_1000_jobs(photo_server, fault
     stack.worker("steady")
     user = stack.funded_user(1000)
     photos = ["dog.jpg", "parrot.jpg", "hot_dog.jpg", "eagle.jpg", "kite.jpg"]
-    urls = [photo_server.url(f"{photos[i % 5]}?n{i}") for i in range(1000)]
+    # Every 8th image is slow, so each batch lasts ~1.5 s and the run outlives the crashes.
+    urls = [
+        photo_server.url(f"{'slow/' if i % 8 == 0 else ''}{photos[i % 5]}?n{i}")
+        for i in range(1000)
+    ]
     batch_id = _submit_batch(stack, user, urls)
     for round_ in range(3):
         flaky = stack.worker(f"flaky{round_}")
