@@ -57,6 +57,9 @@ def create_app(config: Config | None = None, **overrides: Any) -> Flask:
     blueprints = (users.blp, admin.blp, jobs.blp, batches.blp, webhooks.blp, health.blp, legacy.blp)
     for blp in blueprints:
         api.register_blueprint(blp)
+    from api.web import web_blp
+
+    app.register_blueprint(web_blp)
     app.register_blueprint(
         get_swaggerui_blueprint("/docs", "/openapi.json", config={"app_name": API_TITLE}),
         url_prefix="/docs",

@@ -16,7 +16,7 @@ from sqlalchemy import select, update
 
 from api.ratelimit import limits
 from api.services import db, services
-from shared.errors import Forbidden, Unauthorized, ValidationFailed
+from shared.errors import Forbidden, NotFound, Unauthorized, ValidationFailed
 from shared.models import ApiKey, User, as_utc, utcnow
 
 KEY_PREFIX = "ick_"
@@ -116,7 +116,8 @@ def _user_by_session() -> User:
     # that only our pages can read.
     if request.method not in SAFE_METHODS:
         sent = request.headers.get(CSRF_HEADER) or request.form.get("csrf_token", "")
-        if not hmac.compare_digest(sent, session.get("csrf", "")):
+        # Compared as bytes: compare_digest refuses non-ASCII str.
+        if not hmac.compare_digest(sent.encode(), session.get("csrf", "").encode()):
             raise Forbidden("Missing or wrong CSRF token.", code="csrf_failed")
     user = db().get(User, session["uid"])
     if user is None:
@@ -159,3 +160,11 @@ def admin_required(view: F) -> F:
         return view(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+def owned(model: Any, row_id: str, noun: str) -> Any:
+    """The caller's row of ``model``; someone else's is indistinguishable from a missing one."""
+    row = db().get(model, row_id)
+    if row is None or row.user_id != g.user.id:
+        raise NotFound(f"No such {noun}.", code=f"{noun}_not_found")
+    return row

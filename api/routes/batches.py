@@ -13,7 +13,7 @@ from flask_smorest import Blueprint
 from sqlalchemy import select, update
 
 from api import schemas
-from api.auth import login_required
+from api.auth import login_required, owned
 from api.bulk import build_batch_request, parse_lines, submit_batch
 from api.pagination import page
 from api.routes.jobs import after_cancel, idempotency_key
@@ -100,19 +100,12 @@ def create_batch():
     return body, status
 
 
-def _own_batch(batch_id: str) -> Batch:
-    batch = db().get(Batch, batch_id)
-    if batch is None or batch.user_id != g.user.id:
-        raise NotFound("No such batch.", code="batch_not_found")
-    return batch
-
-
 @blp.route("/<batch_id>", methods=["GET"])
 @login_required
 @blp.response(200, schemas.BatchSchema)
 def get_batch(batch_id: str):
     """Progress: status and counts per job status (always consistent with the jobs)."""
-    return batches.batch_to_dict(db(), _own_batch(batch_id))
+    return batches.batch_to_dict(db(), owned(Batch, batch_id, "batch"))
 
 
 @blp.route("", methods=["GET"])
@@ -139,7 +132,7 @@ def list_batches(query):
 )
 def batch_results(query, batch_id: str):
     """Results so far, streamed: JSON Lines, or CSV with ?format=csv."""
-    _own_batch(batch_id)
+    owned(Batch, batch_id, "batch")
     db().commit()  # the stream reads in its own short transactions
     if query["format"] == "csv":
         lines, mimetype = _csv_lines(_result_rows(batch_id)), "text/csv"

@@ -10,12 +10,12 @@ from flask_smorest import Blueprint
 from sqlalchemy import select
 
 from api import schemas
-from api.auth import login_required
+from api.auth import login_required, owned
 from api.pagination import page
 from api.services import db, services
 from api.submission import build_request, submit, wait_for
 from shared import batches, events, jobs, webhook_events
-from shared.errors import Conflict, NotFound, ValidationFailed
+from shared.errors import Conflict, ValidationFailed
 from shared.models import Job
 from shared.status import JobStatus
 
@@ -119,14 +119,6 @@ def create_job():
     return body, status
 
 
-def _own_job(job_id: str) -> Job:
-    job = db().get(Job, job_id)
-    # Someone else's job is indistinguishable from a missing one.
-    if job is None or job.user_id != g.user.id:
-        raise NotFound("No such job.", code="job_not_found")
-    return job
-
-
 @blp.route("/<job_id>", methods=["GET"])
 @login_required
 @blp.arguments(schemas.WaitQuery, location="query")
@@ -134,7 +126,7 @@ def _own_job(job_id: str) -> Job:
 @blp.alt_response(404, schema=schemas.ErrorSchema, description="job_not_found")
 def get_job(query, job_id: str):
     """A job; with ?wait=N, answer as soon as it is final or after N seconds."""
-    job = _own_job(job_id)
+    job = owned(Job, job_id, "job")
     wait_s = min(query["wait"], services().config.max_wait_s)
     if wait_s and not JobStatus(job.status).is_terminal():
         job = wait_for(job_id, wait_s)
@@ -160,7 +152,7 @@ def list_jobs(query):
 @blp.alt_response(409, schema=schemas.ErrorSchema, description="job_not_cancelable")
 def cancel_job(job_id: str):
     """Cancel a queued job and refund its token; a job already processing finishes."""
-    job = _own_job(job_id)
+    job = owned(Job, job_id, "job")
     session = db()
     if not jobs.cancel(session, job):
         session.rollback()

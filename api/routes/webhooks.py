@@ -11,10 +11,9 @@ from flask_smorest import Blueprint
 from sqlalchemy import select
 
 from api import schemas
-from api.auth import login_required
+from api.auth import login_required, owned
 from api.services import db, services
 from shared import webhook_secrets
-from shared.errors import NotFound
 from shared.jobs import iso
 from shared.models import Batch, Job, User, WebhookAttempt, WebhookEvent
 
@@ -112,9 +111,7 @@ def rotate_secret():
 @blp.alt_response(404, schema=schemas.ErrorSchema, description="job_not_found")
 def job_deliveries(job_id: str):
     """Webhook events of a job and every attempt to deliver them."""
-    job = db().get(Job, job_id)
-    if job is None or job.user_id != g.user.id:
-        raise NotFound("No such job.", code="job_not_found")
+    owned(Job, job_id, "job")
     return {"items": _deliveries(WebhookEvent.job_id == job_id)}
 
 
@@ -124,9 +121,7 @@ def job_deliveries(job_id: str):
 @blp.alt_response(404, schema=schemas.ErrorSchema, description="batch_not_found")
 def batch_deliveries(batch_id: str):
     """Webhook events of a batch (batch.completed) and every attempt to deliver them."""
-    batch = db().get(Batch, batch_id)
-    if batch is None or batch.user_id != g.user.id:
-        raise NotFound("No such batch.", code="batch_not_found")
+    owned(Batch, batch_id, "batch")
     return {"items": _deliveries(WebhookEvent.batch_id == batch_id)}
 
 

@@ -168,13 +168,16 @@ def _service_error(exc: ServiceError):
     return error_page(exc.status, "Something went wrong", exc.message)
 
 
-@web_blp.errorhandler(UNAVAILABLE)
 def _unavailable(_exc: Exception):
     return error_page(
         503,
         "Temporarily unavailable",
         "The service cannot reach its database right now. Please try again in a moment.",
     )
+
+
+for _exc_class in UNAVAILABLE:
+    web_blp.register_error_handler(_exc_class, _unavailable)
 
 
 # --- signing up, logging in and out ----------------------------------------------
@@ -219,7 +222,11 @@ def signup():
     if not username:
         errors["username"] = "Choose a username."
     elif "username" in errors:
-        errors["username"] = "Use 3 to 64 letters, digits, '_', '.' or '-'."
+        errors["username"] = (
+            "That username is too short or too long."
+            if not 3 <= len(username) <= 64
+            else "That username has characters that are not allowed."
+        )
     if not errors:
         try:
             user, _row, key = create_user(username, password)

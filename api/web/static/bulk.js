@@ -109,13 +109,19 @@
     const done = c.succeeded + c.failed + c.canceled;
     const remaining = c.queued + c.processing;
     const percent = b.total ? Math.floor((done * 100) / b.total) : 100;
-    el("progress-ok").style.width = `${(c.succeeded * 100) / (b.total || 1)}%`;
-    el("progress-failed").style.width = `${((c.failed + c.canceled) * 100) / (b.total || 1)}%`;
+    const share = (n) => `${(n * 100) / (b.total || 1)}%`;
+    el("progress-ok").style.width = share(c.succeeded);
+    el("progress-failed").style.width = share(c.failed);
+    el("progress-canceled").style.width = share(c.canceled);
     const bar = el("progress");
     bar.setAttribute("aria-valuenow", String(percent));
     bar.setAttribute("aria-valuetext", `${percent}%, ${done} of ${b.total} done`);
     el("progress-percent").textContent = `${percent}%`;
-    el("progress-text").textContent = `${done.toLocaleString("en-US")} of ${plural(b.total, "image")} done`;
+    const processed = c.succeeded + c.failed;
+    el("progress-text").textContent =
+      b.status === "canceled"
+        ? `Canceled with ${processed.toLocaleString("en-US")} of ${plural(b.total, "image")} processed`
+        : `${done.toLocaleString("en-US")} of ${plural(b.total, "image")} done`;
     el("count-succeeded").textContent = c.succeeded.toLocaleString("en-US");
     el("count-failed").textContent = c.failed.toLocaleString("en-US");
     el("count-remaining").textContent = remaining.toLocaleString("en-US");
@@ -165,10 +171,10 @@
       const tr = make(
         "tr",
         { "data-index": String(row.index) },
-        make("td", { class: "num", text: String(row.index + 1) }),
+        make("td", { class: "num hide-on-phone", text: String(row.index + 1) }),
         make(
           "td",
-          { class: "image-cell" },
+          { class: "image-cell primary-cell" },
           make("div", { class: "image-cell-inner" }, thumbnail(row), make("a", { class: "url break", href: row.url, rel: "noreferrer", text: row.url })),
         ),
         make("td", {}, badge),

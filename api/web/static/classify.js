@@ -164,8 +164,11 @@
   }
 
   previewImg.addEventListener("error", () => {
-    // Not displayable here (for example a text file): keep the name, drop the picture.
-    if (previewImg.getAttribute("src")) previewImg.hidden = true;
+    if (!previewImg.getAttribute("src")) return;
+    // Not displayable here: a file keeps its name (it is the only sign of the choice);
+    // a link's preview goes away (the server may still fetch what the browser cannot show).
+    if (selectedFile) previewImg.hidden = true;
+    else preview.hidden = true;
   });
 
   fileInput.addEventListener("change", () => setFile(fileInput.files[0] || null));
@@ -203,7 +206,7 @@
       clearPreview();
       return;
     }
-    urlTimer = setTimeout(() => showPreview(url, url, "Preview of the image at the URL"), 300);
+    urlTimer = setTimeout(() => showPreview(url, "Preview of the linked image", `Preview of ${url}`), 300);
   });
 
   clearButton.addEventListener("click", () => {
@@ -247,6 +250,10 @@
     }
     const tokens = balance();
     if (tokens !== null) setBalance(Math.max(0, tokens - 1));
+    if (window.matchMedia("(max-width: 760px)").matches) {
+      // One column: the result is below the form, out of sight.
+      document.querySelector(".result-card").scrollIntoView({ block: "start" });
+    }
     follow(job);
   });
 })();
