@@ -40,32 +40,32 @@ EXPECT_TIMEOUT_MS = 30_000
 
 
 def pytest_collection_modifyitems(config, items):
+    """Browser tests run on PostgreSQL only: they are deselected on SQLite (a second
+    worker start costs ~30 s; the pages' SQL is the same). WEB_TESTS_ALL_DATABASES=1
+    runs them on both."""
     if os.environ.get("WEB_TESTS_ALL_DATABASES") == "1":
         return
     here = Path(__file__).parent
-    skip = pytest.mark.skip(
-        reason="browser tests run on PostgreSQL only (WEB_TESTS_ALL_DATABASES=1 adds SQLite)"
-    )
+    keep, drop = [], []
     for item in items:
         callspec = getattr(item, "callspec", None)
-        if (
+        on_sqlite_browser = (
             here in Path(item.fspath).parents
             and "browser" in item.fixturenames
             and callspec is not None
             and callspec.params.get("db_url") == "sqlite"
-        ):
-            item.add_marker(skip)
+        )
+        (drop if on_sqlite_browser else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 def web_app_for(config):
-    """A fresh app on ``config`` with the pages registered (once api/__init__ does it too)."""
+    """A fresh app on ``config`` (create_app registers the pages)."""
     from api import create_app
-    from api.web import web_blp
 
-    app = create_app(config)
-    if "web" not in app.blueprints:
-        app.register_blueprint(web_blp)
-    return app
+    return create_app(config)
 
 
 class LiveServer:
