@@ -33,6 +33,7 @@ class Runtime:
 
     @classmethod
     def build(cls, config: Config) -> Runtime:
+        configure_accelerators()
         models = ModelRegistry(config)
         models.setup_all()  # loads Keras and the weights: seconds, so once per process
         client = make_redis(config)
@@ -46,3 +47,21 @@ class Runtime:
             io_pool=ThreadPoolExecutor(config.fetch_threads, thread_name_prefix="fetch"),
             celery=make_celery(config, main="imgclf-worker-sender"),
         )
+
+
+def configure_accelerators() -> None:
+    """GPU memory growth on, so a worker takes what its batches need, not the whole card.
+
+    Run once per worker process before any model loads (after fork). With
+    ``KERAS_BACKEND=jax`` there is nothing to do here (XLA's allocator is set
+    through its own environment variables). One process per GPU: give each worker
+    ``CUDA_VISIBLE_DEVICES`` (docs/deploy.md).
+    """
+    import keras  # here, not at import time: the parent process must stay TensorFlow-free
+
+    if keras.config.backend() != "tensorflow":
+        return
+    import tensorflow as tf
+
+    for gpu in tf.config.list_physical_devices("GPU"):
+        tf.config.experimental.set_memory_growth(gpu, True)
