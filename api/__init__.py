@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import secrets
+import uuid
 from typing import Any
 
-from flask import Flask, request
+from flask import Flask, g, request
 from flask_smorest import Api
 from flask_swagger_ui import get_swaggerui_blueprint
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -16,6 +16,7 @@ from api.metrics import init_metrics
 from api.ratelimit import Limits
 from api.schemas import ErrorSchema
 from api.services import Services, close_db
+from shared import logs
 from shared.config import Config
 from shared.errors import InvalidJSON
 
@@ -27,7 +28,7 @@ def create_app(config: Config | None = None, **overrides: Any) -> Flask:
     config = config or Config.from_env()
     if overrides:
         config = config.replace(**overrides)
-    logging.basicConfig(level=config.log_level)
+    logs.configure(config.log_level, config.log_format)
     app = Flask(__name__)
     app.config.update(
         SECRET_KEY=config.secret_key or secrets.token_hex(32),
@@ -48,7 +49,9 @@ def create_app(config: Config | None = None, **overrides: Any) -> Flask:
     init_metrics(app, svc)
     app.extensions["imgclf_limits"] = Limits(config)
     app.teardown_appcontext(close_db)
+    app.before_request(_bind_request_id)
     app.before_request(_reject_malformed_json)
+    app.after_request(_echo_request_id)
 
     app.json.sort_keys = False
     api = ServiceApi(app, spec_kwargs={"components": _security_components(), "security": _SECURITY})
@@ -87,6 +90,19 @@ def _security_components() -> dict:
             "basicAuth": {"type": "http", "scheme": "basic"},
         }
     }
+
+
+def _bind_request_id() -> None:
+    # A client-sent id is kept (so callers can correlate), if it is short and plain.
+    sent = request.headers.get("X-Request-ID", "")
+    valid = 0 < len(sent) <= 64 and sent.replace("-", "").replace("_", "").isalnum()
+    g.request_id = sent if valid else uuid.uuid4().hex
+    logs.request_id.set(g.request_id)
+
+
+def _echo_request_id(response):
+    response.headers["X-Request-ID"] = g.get("request_id", "")
+    return response
 
 
 def _reject_malformed_json() -> None:

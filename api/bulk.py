@@ -24,7 +24,7 @@ from api.submission import (
     save_idempotent,
     validate_url,
 )
-from shared import batches, ledger
+from shared import batches, ledger, logs
 from shared.db import bulk_insert
 from shared.errors import ServiceUnavailable, ValidationFailed
 from shared.models import Batch, Job, LedgerEntry, User, new_id, utcnow
@@ -44,7 +44,6 @@ JOB_DEFAULTS = {
     "attempts": 0,
     "webhook_url": None,
     "webhook_events": None,
-    "request_id": None,
     "started_at": None,
     "completed_at": None,
 }
@@ -122,7 +121,7 @@ def submit_batch(user: User, req: BatchRequest, idempotency_key: str | None) -> 
             )
         )
         session.flush()
-        now = utcnow()
+        now, request_id = utcnow(), logs.request_id.get()
         bulk_insert(
             session,
             Job.__table__,
@@ -137,6 +136,7 @@ def submit_batch(user: User, req: BatchRequest, idempotency_key: str | None) -> 
                     "top_k": req.top_k,
                     "input_url": url,
                     "created_at": now,
+                    "request_id": request_id,
                 }
                 for i, (job_id, url) in enumerate(zip(job_ids, req.urls, strict=True))
             ],

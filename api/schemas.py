@@ -112,6 +112,9 @@ class Job(ma.Schema):
     error = ma.fields.Nested(ErrorBody, allow_none=True)
     batch_id = ma.fields.String(allow_none=True)
     webhook = ma.fields.Dict(allow_none=True)
+    request_id = ma.fields.String(
+        allow_none=True, metadata={"description": "X-Request-ID of the submitting call"}
+    )
 
 
 class JobList(ma.Schema):

@@ -24,7 +24,7 @@ from sqlalchemy.exc import IntegrityError
 
 from api.ratelimit import limits
 from api.services import db, services
-from shared import events, ledger
+from shared import events, ledger, logs
 from shared.errors import (
     Conflict,
     PayloadTooLarge,
@@ -162,6 +162,7 @@ def submit(user: User, req: JobRequest, idempotency_key: str | None = None) -> t
         status=JobStatus.QUEUED.value,
         webhook_url=req.webhook_url,
         webhook_events=list(req.webhook_events) if req.webhook_events else None,
+        request_id=logs.request_id.get(),
     )
     if req.upload is not None:
         svc.uploads.put(job.id, req.upload)

@@ -86,6 +86,7 @@ class Config:
 
     # Operations
     log_level: str = "INFO"
+    log_format: str = "text"  # "json": one JSON object per line, for log collectors
 
     @property
     def effective_broker_url(self) -> str:

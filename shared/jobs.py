@@ -42,6 +42,7 @@ def job_to_dict(job: Job) -> dict[str, Any]:
         "error": error,
         "batch_id": job.batch_id,
         "webhook": webhook,
+        "request_id": job.request_id,
     }
 
 

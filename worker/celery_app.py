@@ -14,8 +14,10 @@ import time
 
 from celery import signals
 
+from shared import logs
 from shared.config import Config
 from shared.queue import CLASSIFY_TASK, make_celery
+from shared.redis_client import make_redis
 from worker import pipeline, reconciler
 from worker.batching import ContinuousBatches
 from worker.runtime import Runtime
@@ -72,15 +74,33 @@ def _check_prefetch(sender=None, **_kwargs) -> None:
 _stop_reconciler = threading.Event()
 
 
+HEARTBEAT_S = 10
+
+
+def heartbeat_key() -> str:
+    return f"{config.queue_prefix}:workers:heartbeat"
+
+
+def _heartbeat(stop: threading.Event, name: str) -> None:
+    client = make_redis(config)
+    while True:
+        try:
+            client.hset(heartbeat_key(), name, time.time())
+        except Exception as exc:  # Redis down: /readyz shows the heartbeat ageing
+            log.warning("heartbeat not written: %r", exc)
+        if stop.wait(HEARTBEAT_S):
+            return
+
+
 @signals.worker_ready.connect
-def _start_reconciler(**_kwargs) -> None:
-    # In the main process: pool processes come and go, this thread stays.
-    threading.Thread(
-        target=reconciler.run_forever,
-        args=(config, _stop_reconciler),
-        daemon=True,
-        name="reconciler",
-    ).start()
+def _start_threads(sender=None, **_kwargs) -> None:
+    # In the main process: pool processes come and go, these threads stay.
+    name = getattr(sender, "hostname", None) or socket.gethostname()
+    for target, args in (
+        (reconciler.run_forever, (config, _stop_reconciler)),
+        (_heartbeat, (_stop_reconciler, name)),
+    ):
+        threading.Thread(target=target, args=args, daemon=True, name=target.__name__).start()
 
 
 @signals.worker_shutting_down.connect
@@ -95,3 +115,9 @@ def _load_models(**_kwargs) -> None:
     # Tests and /readyz read this to know a model is loaded and the process serving.
     rt.redis.hset(ready_key(), name, time.time())
     log.info("worker process %s ready with models %s", name, ", ".join(rt.models.names()))
+
+
+@signals.setup_logging.connect
+def _logging(**_kwargs) -> None:
+    # Our format (JSON when LOG_FORMAT=json, with request ids) instead of Celery's own.
+    logs.configure(config.log_level, config.log_format)

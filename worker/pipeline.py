@@ -18,7 +18,7 @@ from sqlalchemy import case, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from shared import batches, jobs, webhook_events
+from shared import batches, jobs, logs, webhook_events
 from shared.errors import ServiceError, UploadExpired
 from shared.events import publish_done
 from shared.images import decode_image, to_array
@@ -180,9 +180,21 @@ def _write(session: Session, outcomes: list[Outcome]) -> list[str]:
             won = jobs.mark_failed(session, o.job, o.error.code, o.error.message, refund=True)
         if won:
             events.append(jobs.record_webhook(session, o.job, "completed"))
+            _log_outcome(o)
     events += batches.complete_finished(session, [o.job.batch_id for o in outcomes])
     session.commit()
     return [e for e in events if e]
+
+
+def _log_outcome(o: Outcome) -> None:
+    token = logs.request_id.set(o.job.request_id)
+    try:
+        if o.error is None:
+            log.info("job %s succeeded", o.job.id, extra={"job_id": o.job.id})
+        else:
+            log.info("job %s failed: %s", o.job.id, o.error.code, extra={"job_id": o.job.id})
+    finally:
+        logs.request_id.reset(token)
 
 
 def _announce(

@@ -34,6 +34,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from celery import signals
 from kombu import Queue
 
+from shared import logs
 from shared.config import Config
 from shared.queue import DELIVER_WEBHOOK_TASK, make_celery, webhook_queue
 from shared.redis_client import make_redis
@@ -176,3 +177,9 @@ def _stop_sweeper(sender=None, **_kwargs) -> None:
         make_redis(config).hdel(ready_key(), _worker_name())
     except Exception as exc:
         log.warning("could not unmark the webhook worker in Redis: %r", exc)
+
+
+@signals.setup_logging.connect
+def _logging(**_kwargs) -> None:
+    # Our format (JSON when LOG_FORMAT=json, with request ids) instead of Celery's own.
+    logs.configure(config.log_level, config.log_format)

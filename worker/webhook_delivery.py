@@ -49,7 +49,7 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 from standardwebhooks.webhooks import Webhook
 
-from shared import webhook_secrets
+from shared import logs, webhook_secrets
 from shared.config import Config
 from shared.db import make_engine, make_session_factory
 from shared.metrics import MetricsBuffer
@@ -258,6 +258,9 @@ def attempt_row(claim: Claim, outcome: Outcome) -> WebhookAttempt:
 
 
 def _log_attempt(claim: Claim, outcome: Outcome, status: str | None) -> None:
+    # The request id of the API call behind the event, so one id follows a job end to end.
+    data = json.loads(claim.body).get("data") or {}
+    logs.request_id.set(data.get("request_id"))
     log.info(
         "webhook %s attempt %d to %s: %s in %d ms -> %s",
         claim.event_id,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from flask_smorest import Blueprint
 from sqlalchemy import text
 
@@ -25,11 +27,19 @@ def healthz():
 @blp.response(200, schemas.Health)
 @blp.alt_response(503, schema=schemas.Health, description="A dependency is down")
 def readyz():
-    """The database and Redis answer."""
+    """The database and Redis answer; also reports the age of the last worker heartbeat."""
     svc = services()
     checks = {"database": _check(lambda: _ping_db(svc)), "redis": _check(svc.redis.ping)}
     ok = all(v == "ok" for v in checks.values())
+    # Reported, not judged: the API can take submissions while no worker runs.
+    checks["worker_heartbeat_age_s"] = _heartbeat_age(svc) if ok else None
     return {"status": "ok" if ok else "unavailable", "checks": checks}, 200 if ok else 503
+
+
+def _heartbeat_age(svc) -> float | None:
+    """Seconds since the freshest worker heartbeat (workers write one every 10 s)."""
+    beats = svc.redis.hvals(f"{svc.config.queue_prefix}:workers:heartbeat")
+    return round(time.time() - max(float(b) for b in beats), 1) if beats else None
 
 
 def _ping_db(svc) -> None:

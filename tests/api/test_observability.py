@@ -1,0 +1,74 @@
+"""Metrics after real traffic, request ids from the API into the worker, worker heartbeat."""
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests import support
+
+
+def _samples(client) -> dict:
+    text = client.get("/metrics").get_data(as_text=True)
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def _delta(before, after, name, **labels):
+    key = (name, tuple(sorted(labels.items())))
+    return after.get(key, 0) - before.get(key, 0)
+
+
+def test_metrics_move_by_the_right_amounts(stack, photo_server):
+    client = stack.client()
+    user = support.new_user(client)
+    before = _samples(client)
+    urls = [
+        photo_server.url("parrot.jpg?m1"),
+        photo_server.url("bird.bmp?m2"),
+        photo_server.url("missing-m3.jpg"),
+    ]
+    ids = [
+        client.post("/v1/jobs", json={"url": u}, headers=user["headers"]).get_json()["id"]
+        for u in urls
+    ]
+    for job_id in ids:
+        client.get(f"/v1/jobs/{job_id}?wait=30", headers=user["headers"])
+    after = _samples(client)
+    d = lambda name, **labels: _delta(before, after, name, **labels)  # noqa: E731
+    assert d("imgclf_http_requests_total", method="POST", route="/v1/jobs", status="202") == 3
+    assert d("imgclf_jobs_finished_total", status="succeeded") == 2
+    assert d("imgclf_jobs_finished_total", status="failed") == 1
+    assert d("imgclf_image_fetch_failures_total", code="fetch_failed") == 1
+    assert d("imgclf_tokens_total", reason="charge") == 3
+    assert d("imgclf_tokens_total", reason="refund") == 1
+    assert d("imgclf_batch_size_count") >= 1
+    assert d("imgclf_model_forward_seconds_count", model="mobilenet") >= 1
+    assert after[("imgclf_jobs", (("status", "succeeded"),))] >= 2
+
+
+def test_a_request_id_follows_the_job_into_the_worker(stack, photo_server):
+    client = stack.client()
+    user = support.new_user(client)
+    resp = client.post(
+        "/v1/jobs",
+        json={"url": photo_server.url("eagle.jpg?rid")},
+        headers={**user["headers"], "X-Request-ID": "trace-4f2a9c", "Prefer": "wait=30"},
+    )
+    assert resp.headers["X-Request-ID"] == "trace-4f2a9c"
+    job = resp.get_json()
+    assert job["request_id"] == "trace-4f2a9c" and job["status"] == "succeeded"
+    support.wait_for(
+        lambda: "[trace-4f2a9c] job " + job["id"] in stack.worker.log(),
+        10,
+        "the worker's log line with the request id",
+    )
+    generated = client.get("/v1/me", headers=user["headers"]).headers["X-Request-ID"]
+    assert len(generated) == 32
+
+
+def test_readiness_reports_the_worker_heartbeat(stack):
+    checks = stack.client().get("/readyz").get_json()["checks"]
+    assert checks["database"] == checks["redis"] == "ok"
+    assert checks["worker_heartbeat_age_s"] is not None
+    assert 0 <= checks["worker_heartbeat_age_s"] < 30
