@@ -79,6 +79,7 @@ class Config:
     worker_prefetch: int = 0  # 0: 2 * batch_max per pool process
     fetch_threads: int = 16
     visibility_timeout_s: int = 900
+    worker_shutdown_timeout_s: float = 60.0
     # The reconciler (worker/reconciler.py) re-sends or ends jobs whose message was lost.
     reconcile_interval_s: float = 30.0
     stale_queued_s: int = 300

@@ -67,6 +67,9 @@ def make_celery(config: Config, main: str = "imgclf") -> Celery:
         worker_prefetch_multiplier=max(1, config.effective_prefetch // config.worker_concurrency),
         worker_concurrency=config.worker_concurrency,
         worker_hijack_root_logger=False,
+        # On a cold shutdown (a second SIGTERM, or SIGQUIT), batches in flight still get
+        # this long to finish; whatever does not finish is redelivered (acks_late).
+        worker_soft_shutdown_timeout=config.worker_shutdown_timeout_s,
         worker_send_task_events=False,
     )
     return app
