@@ -9,13 +9,17 @@ from __future__ import annotations
 import tempfile
 
 from api import create_app
-from bench.common import backend, funded_user, median, timed
+from bench.common import backend, funded_user, main_json, median, timed
 
 N_URLS = 10_000
 REPEAT = 3
 
 
-def run(n_urls: int = N_URLS, repeat: int = REPEAT) -> list[dict]:
+def run(quick: bool = False) -> dict:
+    return {"rows": measure(1000, 1) if quick else measure(N_URLS, REPEAT)}
+
+
+def measure(n_urls: int = N_URLS, repeat: int = REPEAT) -> list[dict]:
     body = "\n".join(f"http://images.example.com/{i % 2500}.jpg" for i in range(n_urls))
     rows = []
     for name in ("postgres", "sqlite"):
@@ -37,14 +41,21 @@ def run(n_urls: int = N_URLS, repeat: int = REPEAT) -> list[dict]:
     return rows
 
 
-def report(rows: list[dict]) -> str:
+def report(result: dict) -> str:
+    rows = result["rows"]
     lines = ["| backend | URLs | median seconds | runs | target |", "|---|---|---|---|---|"]
     for r in rows:
         runs = ", ".join(f"{s:.2f}" for s in r["runs_s"])
         verdict = "met (< 2 s)" if r["median_s"] < 2 else "MISSED (>= 2 s)"
         lines.append(f"| {r['backend']} | {r['urls']} | {r['median_s']:.2f} | {runs} | {verdict} |")
+    lines.append("")
+    lines.append(
+        "In-process (Flask test client, no HTTP server), no worker consuming: validate, charge, "
+        "insert (COPY on PostgreSQL) and enqueue the chunk messages. Target from the bulk-batch "
+        "issue: under 2 s for 10,000 URLs."
+    )
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    print(report(run()))
+    main_json(run)

@@ -1,0 +1,126 @@
+"""(4) Latency: single-job submit-to-result time at about 10%, 50% and 90% of saturation.
+
+Open loop: jobs arrive at a fixed rate whatever the service does (a new arrival
+does not wait for earlier answers), each as ``POST /v1/jobs`` with
+``Prefer: wait=60``, so the answer is the finished job. Latency is measured from
+the moment the job was *due* to be sent until its answer arrived, so a late
+client thread counts against the service rather than hiding it. The rates are
+fractions of the saturated single-job throughput measured by (3) in the same run.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+
+from bench.common import (
+    ServiceStack,
+    fmt,
+    latency_summary,
+    main_json,
+    percentile,
+)
+
+LOADS = (0.1, 0.5, 0.9)
+SECONDS = 25
+CLIENT_THREADS = 256
+
+
+def open_loop(stack: ServiceStack, rate: float, seconds: float) -> dict:
+    n = max(3, round(rate * seconds))
+    users = [stack.user(n // 16 + 2) for _ in range(16)]
+    urls = stack.urls(n)
+    base = stack.api.url
+    local = threading.local()
+    latencies: list[float] = []
+    failures: list[str] = []
+    lock = threading.Lock()
+
+    def send(i: int, due: float) -> None:
+        session = getattr(local, "session", None)
+        if session is None:
+            session = local.session = requests.Session()
+        headers = {**users[i % len(users)]["headers"], "Prefer": "wait=60"}
+        try:
+            resp = session.post(f"{base}/v1/jobs", json={"url": urls[i]}, headers=headers)
+            ok = resp.status_code == 200 and resp.json()["status"] == "succeeded"
+            err = None if ok else f"{resp.status_code} {resp.text[:100]}"
+        except Exception as exc:
+            ok, err = False, repr(exc)
+        elapsed = time.perf_counter() - due
+        with lock:
+            (latencies if ok else failures).append(elapsed if ok else err)
+
+    before = stack.worker_metrics()
+    with ThreadPoolExecutor(CLIENT_THREADS, thread_name_prefix="client") as pool:
+        start = time.perf_counter() + 0.05
+        for i in range(n):
+            due = start + i / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            pool.submit(send, i, due)
+        offered_s = time.perf_counter() - start
+    after = stack.worker_metrics()
+    batches = after["batch_size_count"] - before.get("batch_size_count", 0)
+    mean_batch = (after["batch_size_sum"] - before["batch_size_sum"]) / batches if batches else 0
+    return {
+        "target_rate": rate,
+        "offered_rate": n / offered_s if offered_s > 0 else rate,
+        "jobs": n,
+        "succeeded": len(latencies),
+        "failed": len(failures),
+        "failures_sample": failures[:3],
+        "mean_batch_size": mean_batch,
+        "max_ms": max(latencies, default=float("nan")) * 1000,
+        "p90_ms": percentile(latencies, 90) * 1000,
+        **latency_summary(latencies),
+    }
+
+
+def run_with(stack: ServiceStack, saturated: float, quick: bool = False) -> dict:
+    seconds = 2 if quick else SECONDS
+    levels = []
+    for load in LOADS:
+        row = open_loop(stack, max(0.5, load * saturated), seconds)
+        row["load"] = load
+        levels.append(row)
+    return {"saturated_per_s": saturated, "seconds": seconds, "levels": levels}
+
+
+def run(quick: bool = False) -> dict:
+    from bench import end_to_end
+
+    with ServiceStack() as stack:
+        e2e = end_to_end.run_with(stack, quick)
+        saturated = max(s["images_per_s"] for s in e2e["scenarios"] if s["scenario"] != "bulk")
+        return run_with(stack, saturated, quick)
+
+
+def report(result: dict) -> str:
+    lines = [
+        "| load | offered jobs/s | jobs | succeeded | failed | p50 ms | p95 ms | p99 ms | max ms "
+        "| mean batch |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["levels"]:
+        lines.append(
+            f"| {100 * r['load']:.0f}% | {fmt(r['offered_rate'])} | {r['jobs']} | "
+            f"{r['succeeded']} | {r['failed']} | {fmt(r['p50_ms'], 0)} | {fmt(r['p95_ms'], 0)} | "
+            f"{fmt(r['p99_ms'], 0)} | {fmt(r['max_ms'], 0)} | {fmt(r['mean_batch_size'])} |"
+        )
+    lines += [
+        "",
+        f"Saturation = {fmt(result['saturated_per_s'])} jobs/s, the best single-submission "
+        f"throughput of (3) in this run; {result['seconds']} s of fixed-rate (open-loop) "
+        "arrivals per level, each `POST /v1/jobs` with `Prefer: wait=60` on its own "
+        "client thread; latency from the job's scheduled send time to its answer.",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main_json(run)

@@ -1,0 +1,29 @@
+"""``python -m bench.photo_server DIR``: serve DIR's photos over HTTP on 127.0.0.1.
+
+Prints the base URL on its first line of output, then serves until terminated.
+A process of its own, so serving images does not share a GIL with the drivers.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+from tests import support
+
+
+def main(directory: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for photo in Path(directory).iterdir():
+            (root / photo.name).symlink_to(photo)
+        with support.PhotoServer(root) as server:
+            print(server.base_url, flush=True)
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+            signal.pause()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

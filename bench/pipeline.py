@@ -1,0 +1,186 @@
+"""(2) The worker pipeline alone: ``worker.pipeline.process(rt, job_ids)`` called directly.
+
+The same function a Celery pool process runs for a batch, without Celery: claim the
+jobs in SQL, fetch URLs from a local HTTP server (half the jobs) and read uploads
+from Redis (the other half) concurrently, decode, resize, one forward pass, write
+results and refunds in one transaction, publish "done". Jobs are submitted
+beforehand through the real API (in-process) on a fresh PostgreSQL database; only
+``process`` is timed. BATCH_MAX is 64 here so every batch size is one forward pass.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import uuid
+from collections import defaultdict
+
+from bench.common import (
+    PHOTOS,
+    PhotoServerProcess,
+    ensure_keras_home,
+    fmt,
+    funded_user,
+    job_counts,
+    libpq_dsn,
+    main_json,
+    median,
+    photo_names,
+    photo_urls,
+)
+from tests import support
+
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+STAGES = ("_claim", "_load_inputs", "_predict", "_write", "_announce")
+
+
+def repeats(batch_size: int, quick: bool) -> int:
+    if quick:
+        return 2
+    return max(3, min(12, 128 // batch_size))
+
+
+class StageTimer:
+    """Wraps the pipeline's module-level stage functions to time them (when they exist)."""
+
+    def __init__(self, module) -> None:
+        self.totals: dict[str, float] = defaultdict(float)
+        self.module = module
+        for name in STAGES:
+            fn = getattr(module, name, None)
+            if callable(fn):
+                setattr(module, name, self._wrap(name, fn))
+
+    def _wrap(self, name, fn):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.totals[name] += time.perf_counter() - start
+
+        return timed
+
+    def take(self) -> dict[str, float]:
+        out, self.totals = dict(self.totals), defaultdict(float)
+        return out
+
+
+def submit_jobs(client, user: dict, urls: list[str], uploads: list[tuple[str, bytes]]) -> list:
+    ids = []
+    for url in urls:
+        resp = client.post("/v1/jobs", json={"url": url}, headers=user["headers"])
+        assert resp.status_code == 202, resp.get_json()
+        ids.append(resp.get_json()["id"])
+    for name, data in uploads:
+        resp = client.post(
+            "/v1/jobs",
+            data={"file": (io.BytesIO(data), name)},
+            content_type="multipart/form-data",
+            headers=user["headers"],
+        )
+        assert resp.status_code == 202, resp.get_json()
+        ids.append(resp.get_json()["id"])
+    return ids
+
+
+def run(quick: bool = False) -> dict:
+    ensure_keras_home()
+    from api import create_app
+    from worker import pipeline
+    from worker.runtime import Runtime
+
+    sizes = (8,) if quick else BATCH_SIZES
+    names = photo_names()
+    photo_bytes = [(n, (PHOTOS / n).read_bytes()) for n in names]
+    db_url = support.create_postgres_database()
+    photos = PhotoServerProcess().start()
+    config = None
+    rows = []
+    try:
+        config = support.migrated(
+            support.test_config(db_url, batch_max=max(64, max(sizes)), log_level="WARNING")
+        )
+        app = create_app(config)
+        client = app.test_client()
+        user = funded_user(app, 100_000)
+        rt = Runtime.build(config)
+        timer = StageTimer(pipeline)
+        dsn = libpq_dsn(db_url)
+        for bs in sizes:
+            times, stage_sums, cpu_total = [], defaultdict(float), 0.0
+            n_reps = repeats(bs, quick)
+            for rep in range(n_reps + 1):  # rep 0 warms up this batch size's bucket
+                n_url = (bs + 1) // 2
+                tag = uuid.uuid4().hex[:8]
+                urls = photo_urls(photos.base_url, n_url, tag)
+                uploads = [photo_bytes[(rep + i) % len(photo_bytes)] for i in range(bs - n_url)]
+                ids = submit_jobs(client, user, urls, uploads)
+                timer.take()
+                cpu_start = time.process_time()
+                start = time.perf_counter()
+                outcome = pipeline.process(rt, ids)
+                elapsed = time.perf_counter() - start
+                cpu = time.process_time() - cpu_start
+                stages = timer.take()
+                counts, _ = job_counts(dsn, "id = ANY(%s)", (ids,))
+                if outcome is not None or counts.get("succeeded", 0) != bs:
+                    raise RuntimeError(f"batch of {bs}: outcome {outcome!r}, jobs {counts}")
+                if rep == 0:
+                    continue
+                times.append(elapsed)
+                cpu_total += cpu
+                for k, v in stages.items():
+                    stage_sums[k] += v
+            batch_s = median(times)
+            rows.append(
+                {
+                    "batch_size": bs,
+                    "batch_ms": batch_s * 1000,
+                    "images_per_s": bs / batch_s,
+                    "repeats": len(times),
+                    "cpu_ms_per_image": cpu_total * 1000 / (bs * len(times)),
+                    "stage_ms": {k: v * 1000 / len(times) for k, v in stage_sums.items()},
+                }
+            )
+    finally:
+        photos.stop()
+        if config:
+            support.delete_redis_prefix(config.queue_prefix)
+        support.drop_postgres_database(db_url)
+    best = max(rows, key=lambda r: r["images_per_s"])
+    return {"model": config.default_model, "rows": rows, "best": best}
+
+
+def report(result: dict) -> str:
+    lines = [
+        "| batch size | ms per batch | images/s | CPU ms per image | claim | fetch+decode+resize "
+        "| forward | write | announce |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        s = r["stage_ms"]
+        lines.append(
+            f"| {r['batch_size']} | {fmt(r['batch_ms'])} | {fmt(r['images_per_s'])} | "
+            f"{fmt(r.get('cpu_ms_per_image'))} | "
+            + " | ".join(
+                fmt(s.get(k)) for k in ("_claim", "_load_inputs", "_predict", "_write", "_announce")
+            )
+            + " |"
+        )
+    best = result["best"]
+    lines += [
+        "",
+        f"Model `{result['model']}`; half the jobs are URLs fetched from a local HTTP server, "
+        "half are uploads read from Redis, over the 11 real photos (JPEG and BMP, 140 KB to "
+        "1.4 MB, 0.16 to 1.2 megapixels). Stage columns are milliseconds per batch spent in "
+        "`worker.pipeline`'s stage functions (mean over the timed repeats); CPU is this "
+        "process's (fetch threads, decoding and TensorFlow's threads), not the photo "
+        "server's, PostgreSQL's or Redis's. "
+        f"Best: **{fmt(best['images_per_s'])} images/s** at batch size {best['batch_size']}.",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main_json(run)

@@ -1,0 +1,469 @@
+"""Run every benchmark side by side and write docs/benchmarks.md.
+
+    python -m bench.run_all            # the full suite (about 15-20 minutes on 2 cores)
+    python -m bench.run_all --quick    # the smoke version CI runs: tiny counts, seconds each
+
+Sections that load TensorFlow in the measuring process (1, 2) run in their own
+processes; the service sections (3, 4, 6, 7) share one stack: a fresh PostgreSQL
+database, the API under gunicorn, one worker and a photo server; (6) runs on the
+same API after the worker is stopped. A section that fails is reported as such
+and the command exits non-zero after writing the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bench import (
+    api_only,
+    bulk_accept,
+    end_to_end,
+    latency,
+    memory,
+    model_limit,
+    pipeline,
+    profile,
+    seed_alternative,
+)
+from bench.common import OUTPUT, ROOT, ServiceStack, ensure_keras_home, fmt, loadavg, machine_info
+
+DEFAULT_OUT = ROOT / "docs" / "benchmarks.md"
+DEFAULT_JSON = OUTPUT / "bench-results.json"
+NOTES = ROOT / "bench" / "NOTES.md"
+
+E2E_TARGET = 0.85
+SEED_TARGET = 1.5
+IDLE_P50_SLACK_MS = 40
+BUSY_P99_MS = 1000
+API_RATE = 300
+API_P99_MS = 50
+
+
+class Runner:
+    def __init__(self, quick: bool) -> None:
+        self.quick = quick
+        self.results: dict[str, dict] = {}
+        self.errors: dict[str, str] = {}
+        self.timing: list[tuple[str, float, str, str]] = []
+
+    def section(self, key: str, fn) -> dict | None:
+        before = loadavg()
+        start = time.monotonic()
+        print(f"[bench] {key} (load {before}) ...", flush=True)
+        try:
+            self.results[key] = fn()
+        except Exception as exc:
+            self.errors[key] = f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
+        seconds = time.monotonic() - start
+        self.timing.append((key, seconds, before, loadavg()))
+        print(f"[bench] {key} done in {seconds:.0f} s", flush=True)
+        return self.results.get(key)
+
+    def launch(self, *modules: str):
+        """Run the modules' ``run()`` in one new process (``python -m bench.run_all --only``);
+        the returned callable waits for it and returns {module: result}."""
+        name = "+".join(modules)
+        out = Path(tempfile.mkstemp(suffix=".json", prefix=f"bench-{name}-")[1])
+        cmd = [sys.executable, "-m", "bench.run_all", "--only", ",".join(modules)]
+        cmd += ["--json", str(out)]
+        if self.quick:
+            cmd.append("--quick")
+        OUTPUT.mkdir(parents=True, exist_ok=True)
+        log_path = OUTPUT / f"bench-{name}.log"
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+        def wait() -> dict:
+            try:
+                if proc.wait() != 0:
+                    tail = log_path.read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"bench {name} exited {proc.returncode}:\n{tail}")
+                return json.loads(out.read_text())
+            finally:
+                out.unlink(missing_ok=True)
+
+        return wait
+
+    def subprocess(self, module: str) -> dict:
+        return self.launch(module)()[module]
+
+
+def run(quick: bool) -> Runner:
+    """Full mode runs one section at a time. Quick mode (a smoke test, not a measurement)
+    runs the sections that have processes of their own alongside the service stack."""
+    ensure_keras_home()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    r = Runner(quick)
+    if quick:
+        in_model_process = r.launch("model_limit", "pipeline")  # one TensorFlow import
+        in_seed_process = r.launch("seed_alternative")
+    else:
+        r.section("model_limit", lambda: r.subprocess("model_limit"))
+        r.section("pipeline", lambda: r.subprocess("pipeline"))
+    try:
+        with ServiceStack() as stack:
+            e2e = r.section("end_to_end", lambda: end_to_end.run_with(stack, quick))
+            if e2e:
+                saturated = max(
+                    s["images_per_s"] for s in e2e["scenarios"] if s["scenario"] != "bulk"
+                )
+                r.section("latency", lambda: latency.run_with(stack, saturated, quick))
+            r.section("profile", lambda: profile.run_with(stack, 24 if quick else 1500, quick))
+            stack.stop_worker()
+            r.section("api_only", lambda: api_only.run_with(stack, quick))
+    except Exception as exc:  # the stack itself did not start
+        r.errors.setdefault("end_to_end", f"{type(exc).__name__}: {exc}")
+        traceback.print_exc()
+    if quick:
+        both: dict = {}
+        r.section("model_limit", lambda: both.setdefault("r", in_model_process())["model_limit"])
+        if "r" in both:
+            r.section("pipeline", lambda: both["r"]["pipeline"])
+        r.section("seed_alternative", lambda: in_seed_process()["seed_alternative"])
+    else:
+        r.section("memory", lambda: memory.run(quick, models=memory.OTHER_MODELS))
+        r.section("seed_alternative", lambda: r.subprocess("seed_alternative"))
+    r.section("bulk_accept", lambda: bulk_accept.run(quick))
+    return r
+
+
+# --- the report -------------------------------------------------------------------------
+
+
+def git_commit() -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=False
+        ).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return f"{commit}{' plus uncommitted changes' if dirty else ''}"
+
+
+def verdict(ok: bool | None) -> str:
+    if ok is None:
+        return "n/a"
+    return "met" if ok else "**MISSED**"
+
+
+def below(value: float | None, bound: float | None) -> bool | None:
+    """value < bound, or None (no verdict) when either is missing or NaN."""
+    if value is None or bound is None or value != value:
+        return None
+    return value < bound
+
+
+def headline(res: dict) -> tuple[list[str], dict]:
+    """The targets table, and the derived numbers the analysis uses."""
+    lim = res.get("model_limit", {}).get("models", {}).get("mobilenet")
+    limit_best = lim["best"]["images_per_s"] if lim else None
+    batch1 = next((x for x in lim["rows"] if x["batch_size"] == 1), None) if lim else None
+    batch1_ms = batch1["batch_ms"] if batch1 else None
+    e2e = res.get("end_to_end")
+    seed = res.get("seed_alternative")
+    seed_best = seed["best"]["images_per_s"] if seed else None
+    lines = ["| # | target | measured | verdict |", "|---|---|---|---|"]
+    derived = {"limit_best": limit_best, "batch1_ms": batch1_ms, "seed_best": seed_best}
+    if e2e:
+        for s in e2e["scenarios"]:
+            ratio = s["images_per_s"] / limit_best if limit_best else None
+            lines.append(
+                f"| 3 | end to end ({s['scenario']}) >= {E2E_TARGET:.0%} of (1)'s best "
+                f"MobileNet throughput ({fmt(limit_best)}/s at b={lim['best']['batch_size']}) | "
+                f"{fmt(s['images_per_s'])}/s = {fmt(100 * ratio, 0) if ratio else 'n/a'}% | "
+                f"{verdict(ratio >= E2E_TARGET if ratio else None)} |"
+            )
+        for s in e2e["scenarios"]:
+            ratio = s["images_per_s"] / seed_best if seed_best else None
+            lines.append(
+                f"| 3 vs 5 | end to end ({s['scenario']}) >= {SEED_TARGET}x the seed-style "
+                f"app ({fmt(seed_best)}/s, best shape) | {fmt(ratio, 2)}x | "
+                f"{verdict(ratio >= SEED_TARGET if ratio else None)} |"
+            )
+    lat = res.get("latency")
+    if lat:
+        levels = {round(x["load"] * 100): x for x in lat["levels"]}
+        low, high = levels.get(10), levels.get(90)
+        if low:
+            bound = batch1_ms + IDLE_P50_SLACK_MS if batch1_ms else None
+            lines.append(
+                f"| 4 | p50 latency at 10% load <= batch-1 time ({fmt(batch1_ms)} ms) + "
+                f"{IDLE_P50_SLACK_MS} ms = {fmt(bound, 0)} ms | {fmt(low['p50_ms'], 0)} ms at "
+                f"{fmt(low['offered_rate'])} jobs/s | "
+                f"{verdict(below(low['p50_ms'], bound + 1e-9 if bound else None))} |"
+            )
+        if high:
+            lines.append(
+                f"| 4 | p99 latency at 90% load < {BUSY_P99_MS} ms | {fmt(high['p99_ms'], 0)} ms "
+                f"at {fmt(high['offered_rate'])} jobs/s | "
+                f"{verdict(below(high['p99_ms'], BUSY_P99_MS) and high['failed'] == 0)} |"
+            )
+    api = res.get("api_only")
+    if api:
+        sat, paced = api["saturation"], api["paced"]
+        lines.append(
+            f"| 6 | API alone >= {API_RATE} submissions/s | {fmt(sat['ok_per_s'])}/s "
+            f"(p99 {fmt(sat['p99_ms'])} ms at saturation) | "
+            f"{verdict(sat['ok_per_s'] >= API_RATE and sat['non_2xx'] == 0)} |"
+        )
+        at_rate = paced["ok_per_s"] >= 0.9 * API_RATE
+        lines.append(
+            f"| 6 | API p99 < {API_P99_MS} ms at about {API_RATE}/s | {fmt(paced['p99_ms'])} ms "
+            f"at {fmt(paced['ok_per_s'])}/s | "
+            f"{verdict(below(paced['p99_ms'], API_P99_MS) and at_rate)} |"
+        )
+    if e2e:
+        m = e2e["memory"]
+        lines.append(
+            f"| 7 | MobileNet worker (main + pool) peak RSS < {memory.WORKER_LIMIT_MB} MB | "
+            f"{fmt(m['worker_total_mb'], 0)} MB | "
+            f"{verdict(m['worker_total_mb'] < memory.WORKER_LIMIT_MB)} |"
+        )
+        lines.append(
+            f"| 7 | API process peak RSS < {memory.API_LIMIT_MB} MB | "
+            f"{fmt(m['api_worker_max_mb'], 0)} MB (largest gunicorn worker) | "
+            f"{verdict(m['api_worker_max_mb'] < memory.API_LIMIT_MB)} |"
+        )
+    return lines, derived
+
+
+def analysis(res: dict, derived: dict) -> list[str]:
+    """Facts the numbers of this run support, computed rather than typed."""
+    out = []
+    lim, pipe, e2e = res.get("model_limit"), res.get("pipeline"), res.get("end_to_end")
+    if lim and "mobilenet" in lim["models"]:
+        rows = {x["batch_size"]: x for x in lim["models"]["mobilenet"]["rows"]}
+        if 1 in rows and 32 in rows:
+            out.append(
+                f"- Batching pays on this CPU: MobileNet runs {fmt(rows[1]['images_per_s'])} "
+                f"images/s one at a time and {fmt(rows[32]['images_per_s'])} images/s at "
+                f"batch 32 ({rows[32]['images_per_s'] / rows[1]['images_per_s']:.1f}x)."
+            )
+    if pipe and derived["limit_best"]:
+        rows = {x["batch_size"]: x for x in pipe["rows"]}
+        big = rows.get(32) or pipe["best"]
+        st = big["stage_ms"]
+        total = sum(st.values()) or 1
+        out.append(
+            f"- The pipeline alone at batch {big['batch_size']}: {fmt(big['images_per_s'])} "
+            f"images/s = {100 * big['images_per_s'] / derived['limit_best']:.0f}% of the model "
+            f"limit; of its {fmt(big['batch_ms'], 0)} ms per batch, "
+            + ", ".join(
+                f"{label} {100 * st.get(k, 0) / total:.0f}%"
+                for k, label in (
+                    ("_load_inputs", "loading (fetch, decode, resize)"),
+                    ("_predict", "the forward pass"),
+                    ("_claim", "claiming"),
+                    ("_write", "writing results"),
+                )
+            )
+            + "."
+        )
+    model_cpu = None
+    if lim and "mobilenet" in lim["models"]:
+        rows = {x["batch_size"]: x for x in lim["models"]["mobilenet"]["rows"]}
+        at32 = rows.get(32) or lim["models"]["mobilenet"]["best"]
+        model_cpu = at32.get("cpu_ms_per_image")
+        model_rate = at32["images_per_s"]
+    if e2e and model_cpu:
+        for s in e2e["scenarios"]:
+            per = s.get("cpu_ms_per_image")
+            if not per:
+                continue
+            ours = sum(v for k, v in per.items() if k not in ("other", "machine"))
+            out.append(
+                f"- CPU budget, {s['scenario']}: the benchmark's processes spent "
+                f"{fmt(ours)} CPU ms per image (worker {fmt(per.get('worker'))}, API "
+                f"{fmt(per.get('api'))}, PostgreSQL {fmt(per.get('postgres'))}, clients "
+                f"{fmt(per.get('driver (clients)'))}); the model alone needs "
+                f"{fmt(model_cpu)} ms at batch 32. Even with both cores to itself, this "
+                f"per-image cost allows at most {fmt(2000 / ours)} images/s = "
+                f"{100 * 2000 / ours / model_rate:.0f}% of the model's own "
+                f"{fmt(model_rate)} images/s at batch 32."
+            )
+    if e2e:
+        for s in e2e["scenarios"]:
+            c = s["cpu_cores"]
+            out.append(
+                f"- {s['scenario']}: {fmt(s['images_per_s'])} images/s, mean batch "
+                f"{fmt(s['worker']['mean_batch_size'])}, model busy "
+                f"{100 * s['worker']['model_busy']:.0f}% of the wall time; cores used: worker "
+                f"{fmt(c.get('worker'), 2)}, API {fmt(c.get('api'), 2)}, PostgreSQL "
+                f"{fmt(c.get('postgres'), 2)}, photo server {fmt(c.get('photo server'), 2)}, "
+                f"clients {fmt(c.get('driver (clients)'), 2)}, outside the benchmark "
+                f"{fmt(c.get('other'), 2)} (machine total {fmt(c.get('machine'), 2)} of 2)."
+            )
+    lat = res.get("latency")
+    if lat:
+        out.append(
+            "- Adaptive batching under open-loop load: mean batch "
+            + ", ".join(
+                f"{fmt(x['mean_batch_size'])} at {100 * x['load']:.0f}%" for x in lat["levels"]
+            )
+            + "."
+        )
+    return out
+
+
+def render(
+    r: Runner, command: str, started: datetime, finished: datetime, commit: str | None = None
+) -> str:
+    res = r.results
+    info = machine_info()
+    targets, derived = headline(res)
+    e2e = res.get("end_to_end")
+    tf_version = res.get("model_limit", {}).get("tensorflow", "?")
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `bench/run_all.py`; every number below was measured in the one run "
+        "described here, side by side on the same machine. Regenerate with the command below "
+        "(the lead re-runs it after changes to the worker or the API).",
+        "",
+        f"- Command: `{command}`"
+        + (" (**quick smoke mode: tiny counts, not a measurement**)" if r.quick else ""),
+        f"- Date: {started:%Y-%m-%d %H:%M} to {finished:%H:%M} UTC",
+        f"- Machine: {info['nproc']} cores, {info['cpu_model']}, {info['ram_gb']} GB RAM, "
+        f"{info['machine']}; Python {info['python']}, TensorFlow {tf_version} (CPU)",
+        f"- Code: git commit {commit or git_commit()}",
+        "- Services: local PostgreSQL 15 and Redis, shared with other users of the machine; "
+        "every run makes its own database and queue prefix",
+        "- Load average (1, 5, 15 min) before/after each section, since the machine is "
+        "shared: " + "; ".join(f"{k} {b} / {a}" for k, _, b, a in r.timing),
+        "",
+    ]
+    if r.errors:
+        lines += ["## Sections that failed", ""]
+        lines += [f"- **{k}**: `{v.splitlines()[0]}`" for k, v in r.errors.items()]
+        lines.append("")
+    lines += ["## Targets", "", *targets, ""]
+
+    def section(title: str, key: str, render_fn) -> None:
+        lines.extend([f"## {title}", ""])
+        if key in res:
+            lines.extend([render_fn(res[key]), ""])
+        else:
+            lines.extend([f"FAILED: {r.errors.get(key, 'not run')}", ""])
+
+    limit = derived["limit_best"]
+    section("1. Limit: the model alone, in-process", "model_limit", model_limit.report)
+    section("2. The worker pipeline alone", "pipeline", pipeline.report)
+    section(
+        "3. End to end: API, Redis, worker, PostgreSQL",
+        "end_to_end",
+        lambda x: end_to_end.report(x, limit),
+    )
+    section("4. Latency of single jobs under open-loop load", "latency", latency.report)
+    section(
+        "5. The alternative: a seed-style Flask app, one `model.predict` per request",
+        "seed_alternative",
+        lambda x: (
+            seed_alternative.report(x)
+            + (
+                "\n\nRatio of the service's end-to-end throughput (3) to the best shape here: "
+                + ", ".join(
+                    f"{s['scenario']} {s['images_per_s'] / x['best']['images_per_s']:.2f}x"
+                    for s in e2e["scenarios"]
+                )
+                + "."
+                if e2e
+                else ""
+            )
+        ),
+    )
+    section("6. The API alone (worker stopped)", "api_only", api_only.report)
+    mem = {"workers": [], "api": None}
+    if e2e:
+        worker_row, api_row = memory.from_end_to_end(e2e)
+        mem = {"workers": [worker_row], "api": api_row}
+    if "memory" in res:
+        mem["workers"] += res["memory"]["workers"]
+    res["_memory"] = mem
+    section("7. Memory", "_memory", memory.report)
+    lines.append(memory.__doc__.split("\n\n", 1)[1].strip().replace("\n", " "))
+    lines.append("")
+    section("Bulk acceptance (in-process)", "bulk_accept", bulk_accept.report)
+    lines += ["## What limits it", "", "Computed from this run:", ""]
+    lines += analysis(res, derived) or ["- (no data)"]
+    lines.append("")
+    if "profile" in res:
+        lines += ["Profile of the worker:", "", profile.report(res["profile"]), ""]
+    if NOTES.exists():
+        lines += [NOTES.read_text().strip(), ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny counts: the CI smoke run")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="report path (markdown)")
+    parser.add_argument(
+        "--json", default=str(DEFAULT_JSON), help=f"raw results (default {DEFAULT_JSON})"
+    )
+    parser.add_argument(
+        "--render",
+        metavar="JSON",
+        help="measure nothing: rewrite the report from a saved run's raw results "
+        "(e.g. after editing bench/NOTES.md)",
+    )
+    parser.add_argument("--only", help=argparse.SUPPRESS)  # internal: run modules, write JSON
+    args = parser.parse_args(argv)
+    if args.only:
+        import importlib
+
+        modules = args.only.split(",")
+        results = {m: importlib.import_module(f"bench.{m}").run(quick=args.quick) for m in modules}
+        Path(args.json).write_text(json.dumps(results, default=str))
+        return 0
+    if args.render:
+        saved = json.loads(Path(args.render).read_text())
+        r = Runner(saved["quick"])
+        r.results, r.errors = saved["results"], saved["errors"]
+        r.timing = [tuple(t) for t in saved["timing"]]
+        command, started, finished = saved["command"], saved["started"], saved["finished"]
+    else:
+        command = "python -m bench.run_all" + (" --quick" if args.quick else "")
+        if args.out != str(DEFAULT_OUT):
+            command += f" --out {args.out}"
+        started = datetime.now(UTC).isoformat()
+        r = run(args.quick)
+        finished = datetime.now(UTC).isoformat()
+        saved = {
+            "command": command,
+            "started": started,
+            "finished": finished,
+            "quick": r.quick,
+            "commit": git_commit(),
+            "machine": machine_info(),
+            "timing": r.timing,
+            "errors": r.errors,
+            "results": r.results,
+        }
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(saved, indent=1, default=str))
+    text = render(
+        r,
+        command,
+        datetime.fromisoformat(started),
+        datetime.fromisoformat(finished),
+        saved.get("commit"),
+    )
+    Path(args.out).write_text(text)
+    print(f"[bench] wrote {args.out} (raw results: {args.render or args.json})", flush=True)
+    return 1 if r.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
