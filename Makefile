@@ -34,8 +34,8 @@ webhook-worker:  ## Run the webhook delivery worker in the foreground
 api:  ## Run the API under gunicorn on :5000
 	.venv/bin/gunicorn --bind 0.0.0.0:5000 --worker-class gthread --threads 32 --timeout 90 'api.wsgi:app'
 
-bench:  ## Run the benchmarks (slow) and print their tables
-	.venv/bin/python -m bench.bulk_accept
+bench:  ## Run every benchmark (15-30 min) and write docs/benchmarks.md
+	.venv/bin/python -m bench.run_all
 
 clean:  ## Remove local state (var/, caches)
 	rm -rf var .cache .pytest_cache test-output
