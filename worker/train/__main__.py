@@ -70,7 +70,8 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("cnn")
     g.add_argument("--depth", type=int, default=3, help="stages of conv-pool-conv")
     g.add_argument("--width", type=int, default=32, help="filters of the first stage")
-    g.add_argument("--dropout", type=float, default=0.1)
+    g.add_argument("--dropout", type=float, default=0.1, help="after each stage")
+    g.add_argument("--dense-dropout", type=float, default=0.3, help="after the dense layer")
     g.add_argument("--l2", type=float, default=5e-4)
     g.add_argument("--dense-units", type=int, default=128)
     g = p.add_argument_group("mobilenet")
@@ -108,8 +109,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         limit_per_class=args.limit_per_class, model_dir=args.model_dir,
         val_fraction=args.val_fraction, test_fraction=args.test_fraction, augmentation=aug,
         depth=args.depth, width=args.width, dropout=args.dropout, l2=args.l2,
-        dense_units=args.dense_units, fine_tune_epochs=args.fine_tune_epochs,
-        fine_tune_blocks=args.fine_tune_blocks, fine_tune_lr=args.fine_tune_lr,
+        dense_units=args.dense_units, dense_dropout=args.dense_dropout,
+        fine_tune_epochs=args.fine_tune_epochs, fine_tune_blocks=args.fine_tune_blocks,
+        fine_tune_lr=args.fine_tune_lr,
         time_budget_min=args.time_budget, cache_dir=args.cache_dir, run_id=args.run_id,
         progress=not args.quiet,
     )  # fmt: skip

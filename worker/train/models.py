@@ -50,6 +50,7 @@ def build_cnn(
     l2: float = 5e-4,
     dropout: float = 0.1,
     dense_units: int = 128,
+    dense_dropout: float = 0.3,
 ) -> keras.Model:
     """A VGG-style CNN: convolution, pooling, batch normalization, dropout, dense; L2 weights.
 
@@ -94,7 +95,8 @@ def build_cnn(
         x = layers.Dense(dense_units, use_bias=False, kernel_regularizer=reg, name="dense")(x)
         x = layers.BatchNormalization(name="dense_bn")(x)
         x = layers.Activation("relu", name="dense_relu")(x)
-        x = layers.Dropout(0.3, name="dense_dropout")(x)
+        if dense_dropout:
+            x = layers.Dropout(dense_dropout, name="dense_dropout")(x)
     outputs = layers.Dense(
         num_classes, activation="softmax", kernel_regularizer=reg, name="predictions"
     )(x)

@@ -67,6 +67,7 @@ class RunConfig:
     dropout: float = 0.1
     l2: float = 5e-4
     dense_units: int = 128
+    dense_dropout: float = 0.3
     # MobileNet
     fine_tune_epochs: int = 3
     fine_tune_blocks: int = 2
@@ -158,6 +159,7 @@ def _build_fn(c: RunConfig, num_classes: int):
                 "l2": c.l2,
                 "dropout": c.dropout,
                 "dense_units": c.dense_units,
+                "dense_dropout": c.dense_dropout,
             }
             return build_cnn(num_classes, size, **{**params, **overrides})
         return build_mobilenet(num_classes, size, **overrides)

@@ -37,7 +37,7 @@ class _HyperModel(kt.HyperModel):
     ) -> None:
         super().__init__(name=f"{arch}_search")
         self.arch = arch
-        self._build = build
+        self._make_model = build
         self.dataset = dataset
         self.options = options
         self.class_weight = class_weight
@@ -51,7 +51,7 @@ class _HyperModel(kt.HyperModel):
         params: dict[str, Any] = {}
         if self.arch == "cnn":
             params["depth"] = hp.Int("depth", *DEPTHS)
-        model = self._build(params)
+        model = self._make_model(params)
         opts = FitOptions(**{**self.options.__dict__, "lr": lr})
         compile_model(model, opts)
         return model
@@ -84,6 +84,18 @@ class _HyperModel(kt.HyperModel):
         )
 
 
+class _RandomSearch(kt.RandomSearch):
+    """``RandomSearch`` without KerasTuner's TensorBoard hook.
+
+    With the TensorFlow backend, KerasTuner 1.4 imports ``tensorboard`` before every trial
+    to patch TensorBoard callbacks; this pipeline uses none, and ``tensorboard`` is not a
+    dependency of ``tensorflow-cpu``, so the hook is skipped.
+    """
+
+    def _configure_tensorboard_dir(self, callbacks, trial, execution=0):
+        return None
+
+
 def random_search(
     arch: str,
     build: Callable[[dict[str, Any]], keras.Model],
@@ -99,7 +111,7 @@ def random_search(
 ) -> dict[str, Any]:
     """Run ``trials`` random trials; returns ``{"best": values, "trials": [...]}``."""
     hypermodel = _HyperModel(arch, build, dataset, options, class_weight, index, seed)
-    tuner = kt.RandomSearch(
+    tuner = _RandomSearch(
         hypermodel,
         objective=kt.Objective("val_accuracy", direction="max"),
         max_trials=trials,

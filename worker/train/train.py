@@ -127,9 +127,10 @@ def compile_model(model: keras.Model, options: FitOptions) -> None:
 class OneCycle(keras.callbacks.Callback):
     """Per-batch learning rate: linear warm-up to ``peak``, then cosine decay to zero.
 
-    With a ``deadline``, the number of epochs is re-planned after every epoch from the
-    measured epoch time so that the decay ends (and training stops) before the deadline;
-    the run then ends on a fully annealed model instead of being cut off at a high rate.
+    With a ``deadline``, the number of epochs (at most ``epochs``) is re-planned after every
+    epoch from the measured epoch times so that the decay ends (and training stops) before
+    the deadline; the run then ends on a fully annealed model instead of being cut off at
+    a high rate.
     """
 
     def __init__(
@@ -144,6 +145,7 @@ class OneCycle(keras.callbacks.Callback):
         super().__init__()
         self.peak = peak
         self.planned_epochs = epochs
+        self.max_epochs = epochs
         self.steps_per_epoch = steps_per_epoch
         self.warmup_steps = max(1, int(warmup_epochs * steps_per_epoch))
         self.deadline = deadline
@@ -173,11 +175,13 @@ class OneCycle(keras.callbacks.Callback):
         if logs is not None:
             logs["lr"] = float(self.rate(max(self.step - 1, 0)))
         if self.deadline is not None and done < self.planned_epochs:
-            # The slowest recent epoch is the safer estimate on a shared machine.
+            # The slowest recent epoch is the safer estimate on a shared machine. The plan
+            # shrinks when epochs are slow and grows back (up to the epoch limit) when the
+            # machine frees up; either way the cosine is stretched to end at the new plan.
             per_epoch = max(self.epoch_times[-3:])
             left = self.deadline - self.reserve_s - time.monotonic()
-            fit = done + max(0, math.floor(left / per_epoch))
-            if fit < self.planned_epochs:
+            fit = min(self.max_epochs, done + max(0, math.floor(left / per_epoch)))
+            if fit != self.planned_epochs:
                 self.replans.append({"after_epoch": done, "from": self.planned_epochs, "to": fit})
                 self.planned_epochs = max(done, fit)
         if done >= self.planned_epochs:

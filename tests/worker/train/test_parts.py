@@ -85,3 +85,30 @@ def test_one_cycle_warms_up_then_anneals_to_zero() -> None:
     assert rates[0] == pytest.approx(0.01) and rates[10] == pytest.approx(0.1)
     assert max(rates) == pytest.approx(0.1) and rates[-1] == pytest.approx(0.0, abs=1e-12)
     assert all(a >= b for a, b in itertools.pairwise(rates[10:]))
+
+
+class _Model:
+    stop_training = False
+
+
+def test_one_cycle_fits_the_epochs_into_a_deadline() -> None:
+    import time
+
+    from worker.train.train import OneCycle
+
+    sched = OneCycle(peak=0.1, epochs=20, steps_per_epoch=10, deadline=time.monotonic() + 70)
+    model = _Model()
+    sched.set_model(model)
+    sched.on_epoch_begin(0)
+    sched._epoch_start -= 30  # the first epoch "took" 30 s: 3 more fit in the ~70 s left
+    sched.on_epoch_end(0)
+    assert sched.planned_epochs == 3 and not model.stop_training
+    assert sched.replans == [{"after_epoch": 1, "from": 20, "to": 3}]
+    sched.epoch_times = [1.0]  # the machine freed up: the plan grows, up to the limit
+    sched.on_epoch_begin(1)
+    sched.on_epoch_end(1)
+    assert sched.planned_epochs == 20
+    sched.deadline = time.monotonic()  # out of time: stop after this epoch
+    sched.on_epoch_begin(2)
+    sched.on_epoch_end(2)
+    assert sched.planned_epochs == 3 and model.stop_training
