@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from redis.exceptions import RedisError
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from api.ratelimit import limits
@@ -163,6 +163,9 @@ def submit(user: User, req: JobRequest, idempotency_key: str | None = None) -> t
         webhook_url=req.webhook_url,
         webhook_events=list(req.webhook_events) if req.webhook_events else None,
         request_id=logs.request_id.get(),
+        # Set here, not by ORM defaults: the row is inserted with Core (see _commit_new_job).
+        created_at=utcnow(),
+        attempts=0,
     )
     if req.upload is not None:
         svc.uploads.put(job.id, req.upload)
@@ -187,8 +190,10 @@ def submit(user: User, req: JobRequest, idempotency_key: str | None = None) -> t
 def _commit_new_job(user_id: int, job: Job, key: str | None, fingerprint: str) -> dict:
     session = db()
     ledger.charge_jobs(session, user_id, [job.id])
-    session.add(job)
-    session.flush()
+    # A Core INSERT skips the ORM's unit of work (flush) on the hottest write path. Unset
+    # (None) columns are left out so that JSON columns get SQL NULL, not JSON 'null'.
+    row = {c.name: getattr(job, c.key) for c in Job.__table__.columns}
+    session.execute(insert(Job.__table__).values({k: v for k, v in row.items() if v is not None}))
     body = job_to_dict(job)
     if key:
         save_idempotent(user_id, key, fingerprint, body)

@@ -33,6 +33,7 @@ from bench.common import (
     main_json,
     wait_done,
 )
+from shared.config import Config
 
 N_JOBS = 2000
 CLIENTS = 16
@@ -176,6 +177,14 @@ def run(quick: bool = False) -> dict:
         return run_with(stack, quick)
 
 
+def _worker_shape() -> str:
+    c = Config()
+    return (
+        f"WORKER_POOL {c.worker_pool}, WORKER_CONCURRENCY {c.worker_concurrency}, "
+        f"BATCH_MAX {c.batch_max}, BATCH_WAIT_MS {c.batch_wait_ms}"
+    )
+
+
 CPU_ORDER = ("worker", "api", "postgres", "redis", "photo server", "driver (clients)", "other")
 
 
@@ -221,7 +230,7 @@ def report(result: dict, limit: float | None = None) -> str:
     lines += [
         "",
         f"Model `{result['model']}`, {result['clients']} client threads, one worker "
-        "(prefork, concurrency 1, BATCH_MAX 32, BATCH_WAIT_MS 10: the defaults), the API "
+        f"({_worker_shape()}: the defaults), the API "
         "under `gunicorn -c gunicorn.conf.py` (its defaults: 4 gthread processes x 32 "
         "threads on this machine). *Model busy* is the worker's own sum of forward-pass "
         "time divided by the scenario's wall time; *mean batch* is images per forward "

@@ -74,8 +74,9 @@ class Config:
 
     # Worker batching
     batch_max: int = 32
-    batch_wait_ms: int = 10
-    worker_concurrency: int = 1
+    batch_wait_ms: int = 0  # 0: a job reaching an idle worker is dispatched at once
+    worker_pool: str = "threads"  # threads: one model per process; prefork: one per child
+    worker_concurrency: int = 2  # batches in flight (threads) or pool processes (prefork)
     worker_prefetch: int = 0  # 0: 2 * batch_max per pool process
     fetch_threads: int = 16
     visibility_timeout_s: int = 900
@@ -132,6 +133,8 @@ class Config:
             raise ValueError("BATCH_MAX must be >= 1 and BATCH_WAIT_MS >= 0")
         if self.worker_concurrency < 1:
             raise ValueError("WORKER_CONCURRENCY must be >= 1")
+        if self.worker_pool not in WORKER_POOLS:
+            raise ValueError(f"WORKER_POOL must be one of {', '.join(WORKER_POOLS)}")
         if self.effective_prefetch < 2 * self.batch_max * self.worker_concurrency:
             raise ValueError(
                 f"WORKER_PREFETCH={self.effective_prefetch} cannot fill a batch while another "
@@ -139,6 +142,9 @@ class Config:
                 f"= {2 * self.batch_max * self.worker_concurrency}"
             )
         return self
+
+
+WORKER_POOLS = ("threads", "prefork", "solo")
 
 
 def _parse(f: dataclasses.Field, raw: str) -> Any:

@@ -39,17 +39,22 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
+# Below this many rows a plain INSERT is cheaper than setting up a COPY stream.
+COPY_MIN_ROWS = 32
+
+
 def bulk_insert(session: Session, table: Table, rows: Sequence[dict[str, Any]]) -> None:
-    """Insert many rows fast, in the session's transaction. Rows must give every column.
+    """Insert rows fast, in the session's transaction. Rows must give every column.
 
     PostgreSQL: COPY, one stream for all rows (10,000 rows in tens of ms, where
-    executemany sends one statement per row). SQLite: executemany, already fast
-    in-process.
+    executemany sends one statement per row), from ``COPY_MIN_ROWS`` rows up.
+    Otherwise (and on SQLite, already fast in-process) a Core INSERT, which skips
+    the ORM's unit of work: the hot path of a single submission.
     """
     if not rows:
         return
     connection = session.connection()
-    if connection.dialect.name != "postgresql":
+    if connection.dialect.name != "postgresql" or len(rows) < COPY_MIN_ROWS:
         session.execute(insert(table), list(rows))
         return
     columns = list(rows[0])

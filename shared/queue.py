@@ -66,6 +66,7 @@ def make_celery(config: Config, main: str = "imgclf") -> Celery:
         },
         worker_prefetch_multiplier=max(1, config.effective_prefetch // config.worker_concurrency),
         worker_concurrency=config.worker_concurrency,
+        worker_pool=config.worker_pool,
         worker_hijack_root_logger=False,
         # On a cold shutdown (a second SIGTERM, or SIGQUIT), batches in flight still get
         # this long to finish; whatever does not finish is redelivered (acks_late).

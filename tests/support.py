@@ -181,16 +181,15 @@ class WorkerProcess:
     app_module = "worker.celery_app"
     ready_hash = "workers:ready"
 
-    def __init__(self, config: Config, name: str = "w1", concurrency: int = 1) -> None:
+    def __init__(self, config: Config, name: str = "w1") -> None:
         self.config = config
         self.name = name
-        self.concurrency = concurrency
         self.proc: subprocess.Popen | None = None
         OUTPUT.mkdir(parents=True, exist_ok=True)
         self.log_path = OUTPUT / f"{name}-{config.queue_prefix}.log"
 
     def pool_args(self) -> list[str]:
-        return ["--pool", "prefork", "--concurrency", str(self.concurrency)]
+        return []  # WORKER_POOL and WORKER_CONCURRENCY from the config, as in production
 
     def start(self) -> WorkerProcess:
         env = {**os.environ, **config_env(self.config), "PYTHONUNBUFFERED": "1"}
@@ -248,7 +247,8 @@ class WebhookWorkerProcess(WorkerProcess):
     ready_hash = "webhook-workers:ready"
 
     def __init__(self, config: Config, name: str = "webhooks", concurrency: int = 4) -> None:
-        super().__init__(config, name, concurrency)
+        super().__init__(config, name)
+        self.concurrency = concurrency
 
     def pool_args(self) -> list[str]:
         return [

@@ -3,10 +3,16 @@
 Stock ``celery_batches.Batches`` flushes its buffer on a message count or a
 timer. Under load that lines up many small batches behind a busy pool process
 (see DESIGN.md, "Batching policy"). ``ContinuousBatches`` instead dispatches a
-batch only when a pool process is free, and that batch is everything buffered
-so far, up to ``batch_max`` job ids. While the model is busy, arriving jobs
-accumulate into the next batch; when it is idle, a lone job waits at most
-``flush_interval`` for company.
+batch only when a pool slot is free, and that batch is everything buffered
+so far, up to ``batch_max`` job ids. While every slot is busy, arriving jobs
+accumulate into the next batch; when a slot is free, a lone job is dispatched
+at once (or, with ``batch_wait`` > 0, waits at most that long for company).
+The batch size thus follows the load, with no fixed wait: one job at a time
+when traffic is light, full batches under load.
+
+With the threads pool (the default), two slots share one model: one batch
+fetches and decodes its images, or writes its results, while the other runs the
+forward pass (``worker.pipeline`` serialises forward passes with a lock).
 
 It also fixes two pitfalls of the stock class for this service:
 * acknowledgement follows the batch's outcome: ``run`` returns ``RETRY`` when
@@ -19,6 +25,7 @@ It also fixes two pitfalls of the stock class for this service:
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 from celery_batches import Batches, SimpleRequest
@@ -35,8 +42,13 @@ class ContinuousBatches(Batches):
     #: Most job ids in one batch (set from BATCH_MAX). A message may carry several ids.
     batch_max: int = 32
 
-    #: Seconds a lone job waits for company while the model is idle (BATCH_WAIT_MS).
-    flush_interval: float = 0.01
+    #: Seconds a lone job waits for company while a slot is free (BATCH_WAIT_MS).
+    #: 0 dispatches a job the moment it arrives at an idle worker.
+    batch_wait: float = 0.0
+
+    #: Period of celery-batches' flush timer: ``batch_wait``, or a safety net when that
+    #: is 0 (dispatch then happens on arrival and whenever a batch returns).
+    flush_interval: float = 0.05
 
     #: Messages between count-triggered flush attempts; kept equal to batch_max.
     flush_every: int = 32
@@ -44,6 +56,18 @@ class ContinuousBatches(Batches):
     def __init__(self) -> None:
         super().__init__()
         self._in_flight = 0
+        # The consumer's event loop and the threads pool's callbacks both dispatch.
+        self._dispatch_lock = threading.RLock()
+
+    def Strategy(self, task: Any, app: Any, consumer: Any) -> Any:
+        handle = super().Strategy(task, app, consumer)
+
+        def on_message(*args: Any, **kwargs: Any) -> None:
+            handle(*args, **kwargs)
+            if self.batch_wait <= 0:
+                self._do_flush()
+
+        return on_message
 
     @staticmethod
     def job_ids(request: Any) -> list[str]:
@@ -66,22 +90,24 @@ class ContinuousBatches(Batches):
         return taken
 
     def _do_flush(self) -> None:
-        if self._in_flight >= self._max_in_flight():
-            return  # the batch in flight dispatches the next one when it returns
-        requests = self._take()
-        if not requests:
-            if self._tref is not None:
-                self._tref.cancel()
-            self._tref = None
-            return
-        self._in_flight += 1
+        with self._dispatch_lock:
+            if self._in_flight >= self._max_in_flight():
+                return  # a batch in flight dispatches the next one when it returns
+            requests = self._take()
+            if not requests:
+                return
+            self._in_flight += 1
         self.flush(requests)
+
+    def _returned(self) -> None:
+        with self._dispatch_lock:
+            self._in_flight -= 1
 
     def flush(self, requests: list) -> Any:
         payload = ([SimpleRequest.from_request(r) for r in requests],)
 
         def on_return(result: Any) -> None:
-            self._in_flight -= 1
+            self._returned()
             # Dispatch the next batch before the acks: acks are Redis round trips.
             self._do_flush()
             for request in requests:
@@ -91,7 +117,7 @@ class ContinuousBatches(Batches):
                     request.acknowledge()
 
         def on_error(exc_info: Any) -> None:
-            self._in_flight -= 1
+            self._returned()
             log.error(
                 "batch of %d message(s) lost its pool process: %r; requeueing",
                 len(requests),

@@ -1,7 +1,10 @@
 """The worker's Celery app: ``celery -A worker.celery_app worker``.
 
-Built from the same Config as the API. The model is loaded in each pool process
-after fork (``worker_process_init``), never in the parent and never at import.
+Built from the same Config as the API. The models are loaded once per process that
+runs batches, never at import: with the threads pool (``WORKER_POOL=threads``, the
+default) in the worker process itself before it consumes (``worker_init``); with
+prefork in each pool process after fork (``worker_process_init``), never in the
+parent, which must stay TensorFlow-free to fork safely.
 """
 
 from __future__ import annotations
@@ -28,19 +31,22 @@ config = Config.from_env()
 app = make_celery(config, main="imgclf-worker")
 
 _runtime: Runtime | None = None
+_runtime_lock = threading.Lock()
 
 
 def runtime() -> Runtime:
     global _runtime
-    if _runtime is None:
-        _runtime = Runtime.build(config)
+    with _runtime_lock:  # batch threads share one runtime: build it once
+        if _runtime is None:
+            _runtime = Runtime.build(config)
     return _runtime
 
 
 class ClassifyTask(ContinuousBatches):
     batch_max = config.batch_max
     flush_every = config.batch_max
-    flush_interval = config.batch_wait_ms / 1000
+    batch_wait = config.batch_wait_ms / 1000
+    flush_interval = batch_wait or ContinuousBatches.flush_interval
 
 
 @app.task(name=CLASSIFY_TASK, base=ClassifyTask)
@@ -69,6 +75,18 @@ def _check_prefetch(sender=None, **_kwargs) -> None:
             f"prefetch {prefetch} cannot fill a batch of BATCH_MAX={config.batch_max} while "
             f"another is in flight; set WORKER_PREFETCH >= {2 * config.batch_max * concurrency}"
         )
+
+
+def _pool_name(sender) -> str:
+    pool = getattr(sender, "pool_cls", None) or app.conf.worker_pool
+    return pool if isinstance(pool, str) else f"{pool.__module__}.{pool.__name__}"
+
+
+@signals.worker_init.connect
+def _load_models_in_threads_pool(sender=None, **_kwargs) -> None:
+    # Before the consumer starts, so no message waits on a model that is still loading.
+    if "thread" in _pool_name(sender):
+        _load_models()
 
 
 _stop_reconciler = threading.Event()

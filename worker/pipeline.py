@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import case, select, update
+from sqlalchemy import case, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -70,18 +70,21 @@ def process(rt: Runtime, job_ids: list[str]) -> str | None:
 def _claim(session: Session, job_ids: list[str]) -> tuple[list[Job], list[str]]:
     """Mark the batch's active jobs processing; a final job (done before) is skipped."""
     active = [s.value for s in ACTIVE]
-    session.execute(
-        update(Job)
-        .where(Job.id.in_(job_ids), Job.status.in_(active))
-        .values(
-            status=JobStatus.PROCESSING.value,
-            attempts=Job.attempts + 1,
-            claimed_at=utcnow(),
-            started_at=case((Job.started_at.is_(None), utcnow()), else_=Job.started_at),
+    # One round trip: the claimed rows come back with RETURNING (PostgreSQL, SQLite >= 3.35).
+    rows = list(
+        session.scalars(
+            update(Job)
+            .where(Job.id.in_(job_ids), Job.status.in_(active))
+            .values(
+                status=JobStatus.PROCESSING.value,
+                attempts=Job.attempts + 1,
+                claimed_at=utcnow(),
+                started_at=case((Job.started_at.is_(None), utcnow()), else_=Job.started_at),
+            )
+            .returning(Job)
+            .execution_options(synchronize_session=False)
         )
-        .execution_options(synchronize_session=False)
     )
-    rows = list(session.scalars(select(Job).where(Job.id.in_(job_ids), Job.status.in_(active))))
     # job.started is sent on the first delivery only, not again on a redelivery.
     events = [jobs.record_webhook(session, j, "started") for j in rows if j.attempts == 1]
     session.commit()
@@ -153,9 +156,12 @@ def _predict(rt: Runtime, outcomes: list[Outcome], stats: MetricsBuffer) -> None
             model = rt.models.get(name)
             # Jobs with the same source share one array (see _load_inputs): classify it once.
             unique = list({id(o.array): o.array for o in group}.values())
-            start = time.perf_counter()
-            probs = model.predict_batch(np.stack(unique))
-            stats.observe("model_forward_seconds", time.perf_counter() - start, model=name)
+            inputs = np.stack(unique)
+            with rt.forward_lock:
+                start = time.perf_counter()
+                probs = model.predict_batch(inputs)
+                elapsed = time.perf_counter() - start
+            stats.observe("model_forward_seconds", elapsed, model=name)
             stats.observe("batch_size", len(unique))
             row_of = {id(a): row for a, row in zip(unique, probs, strict=True)}
             for o in group:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 from celery import Celery
@@ -30,6 +31,9 @@ class Runtime:
     io_pool: ThreadPoolExecutor
     celery: Celery  # sends webhook deliveries
     top_k: Callable = top_k
+    # Batch threads share the model: one forward pass at a time, each with every core
+    # (TensorFlow's own intra-op threads), while the other batch fetches or writes.
+    forward_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def build(cls, config: Config) -> Runtime:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import time
+from pathlib import Path
 
 from sqlalchemy import select
 
@@ -52,6 +54,34 @@ def test_sigkill_mid_batch_redelivers_and_each_job_ends_once(photo_server, fault
     with stack.sessions() as s:
         attempts = list(s.scalars(select(Job.attempts).where(Job.batch_id == batch_id)))
     assert max(attempts) >= 2  # the killed batch really was taken twice
+
+
+def _children(pid: int) -> list[int]:
+    tasks = Path(f"/proc/{pid}/task")
+    return [int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split()]
+
+
+def test_prefork_pool_process_killed_mid_batch_requeues_at_once(photo_server, fault_stack_factory):
+    # A visibility timeout far beyond the test's patience: only the batcher's own
+    # requeue on WorkerLostError can bring these jobs back in time.
+    stack = fault_stack_factory(
+        worker_pool="prefork",
+        worker_concurrency=1,
+        visibility_timeout_s=600,
+        stale_processing_s=900,
+    )
+    worker = stack.worker("forked")
+    user = stack.funded_user(10)
+    urls = [photo_server.url(f"slow/parrot.jpg?p{i}") for i in range(4)]
+    batch_id = _submit_batch(stack, user, urls)
+    _wait_processing(stack, batch_id)
+    [child] = _children(worker.proc.pid)
+    os.kill(child, signal.SIGKILL)  # the pool process, not the worker: WorkerLostError
+
+    counts = _wait_all_final(stack, batch_id, 4, timeout=120)
+    assert counts == {"succeeded": 4}
+    stack.assert_ledger_exact(user)
+    assert "lost its pool process" in worker.log()
 
 
 def test_two_workers_one_killed_repeatedly_through_1000_jobs(photo_server, fault_stack_factory):

@@ -18,7 +18,7 @@ def test_reads_typed_values_from_the_environment():
     assert config.models == ("mobilenet", "mobilenet_v2")
     assert config.fetch_timeout_s == 2.5
     assert config.database_url == "sqlite:///x.db"
-    assert config.effective_prefetch == 16
+    assert config.effective_prefetch == 32  # two batches for each of the 2 slots
 
 
 def test_defaults_are_the_embedded_ones():
@@ -32,6 +32,11 @@ def test_defaults_are_the_embedded_ones():
 def test_refuses_a_prefetch_that_cannot_fill_a_batch():
     with pytest.raises(ValueError, match="WORKER_PREFETCH"):
         Config.from_env({"BATCH_MAX": "32", "WORKER_PREFETCH": "40"})
+
+
+def test_refuses_an_unknown_worker_pool():
+    with pytest.raises(ValueError, match="WORKER_POOL"):
+        Config.from_env({"WORKER_POOL": "gevent"})
 
 
 def test_refuses_a_default_model_that_is_not_served():
