@@ -23,7 +23,7 @@ PHOTOS = ["dog.jpg", "parrot.jpg", "hot_dog.jpg", "bird.bmp", "eagle.jpg", "cat.
 
 
 def _rss_mb(pid: int) -> float:
-    """Resident memory of a process and its children (the worker's pool), in MB."""
+    """Resident memory of a process and its children (a prefork worker's pool), in MB."""
     total = 0
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -81,13 +81,19 @@ def test_mixed_traffic_soak(photo_server, photos_dir, fault_stack_factory):
             else:
                 jobs.append(resp.get_json()["id"])
 
+    # The worker, the webhook worker, and this process (which serves the API in-process).
+    processes = {"worker": worker.proc.pid, "webhooks": webhooks.proc.pid, "api": os.getpid()}
+
+    def rss() -> dict[str, float]:
+        return {name: _rss_mb(pid) for name, pid in processes.items()}
+
     with Receiver() as receiver:
         warm_rss, stop = None, time.monotonic() + SOAK_S
         threads, i = [], 0
         start = time.monotonic()
         while time.monotonic() < stop:
-            if warm_rss is None and time.monotonic() - start > min(20, SOAK_S / 3):
-                warm_rss = _rss_mb(worker.proc.pid)
+            if warm_rss is None and time.monotonic() - start > min(60, SOAK_S / 3):
+                warm_rss = rss()
             t = threading.Thread(target=one_operation, args=(i, stack.app.test_client()))
             t.start()
             threads.append(t)
@@ -105,13 +111,21 @@ def test_mixed_traffic_soak(photo_server, photos_dir, fault_stack_factory):
                 for b in batches
             )
 
+        sent_s = time.monotonic() - start
         support.wait_for(all_final, 300, "every soak job to end", 0.5)
-        end_rss = _rss_mb(worker.proc.pid)
+        drained_s = time.monotonic() - start
+        end_rss = rss()
     assert stack.statuses(jobs).get("failed", 0) == 0
     stack.assert_ledger_exact(user)
-    # Memory flat after warm-up: the worker did not grow by more than a margin.
-    assert end_rss - warm_rss < 150, (warm_rss, end_rss)
+    # Memory flat after warm-up: no process grew by more than a margin.
+    growth = {name: end_rss[name] - warm_rss[name] for name in processes}
+    assert all(mb < 150 for mb in growth.values()), (warm_rss, end_rss)
+    images = len(jobs) + 10 * len(batches)
     print(
-        f"soak: {i} operations in {SOAK_S:.0f} s, {dict(outcomes)}, "
-        f"worker RSS {warm_rss:.0f} -> {end_rss:.0f} MB"
+        f"\nsoak: {i} operations sent in {sent_s:.0f} s ({i / sent_s:.1f}/s), "
+        f"{images} images ({images / sent_s:.1f}/s), all final {drained_s - sent_s:.1f} s "
+        f"after the last send; responses {dict(sorted(outcomes.items()))}; "
+        + ", ".join(
+            f"{name} RSS {warm_rss[name]:.0f} -> {end_rss[name]:.0f} MB" for name in processes
+        )
     )

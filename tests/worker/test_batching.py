@@ -94,3 +94,19 @@ def test_a_lost_pool_process_requeues_and_frees_the_slot(batcher):
     batcher._pool.calls[0].lost(RuntimeError("WorkerLostError"))
     assert lost.events == ["requeue"]
     assert _ids(batcher._pool.calls[1]) == ["b"]
+
+
+def test_two_slots_keep_two_batches_in_flight(batcher):
+    # The threads pool (WORKER_CONCURRENCY=2): one batch loads while the other runs.
+    batcher._pool.limit = 2
+    _buffer(batcher, Message("a"))
+    batcher._do_flush()
+    _buffer(batcher, Message("b"))
+    batcher._do_flush()
+    _buffer(batcher, *[Message(x) for x in "cdefg"])
+    batcher._do_flush()  # both slots busy: c..g wait
+    assert [_ids(c) for c in batcher._pool.calls] == [["a"], ["b"]]
+    batcher._pool.calls[1].done(None)  # either slot returning takes the next full batch
+    assert _ids(batcher._pool.calls[2]) == ["c", "d", "e", "f"]
+    batcher._pool.calls[0].done(None)
+    assert _ids(batcher._pool.calls[3]) == ["g"]
