@@ -78,14 +78,28 @@ def run(quick: bool = False) -> dict:
         best = max(rows, key=lambda r: r["images_per_s"])
         out["models"][name] = {"weights": weights, "rows": rows, "best": best}
         del model
-    import tensorflow as tf
+    import keras
 
-    out["tensorflow"] = tf.__version__
-    out["threads"] = {
-        "intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
-        "inter_op": tf.config.threading.get_inter_op_parallelism_threads(),
-    }
+    out["backend"] = keras.config.backend()
+    if out["backend"] == "tensorflow":
+        import tensorflow as tf
+
+        out["tensorflow"] = tf.__version__
+        out["devices"] = [d.device_type for d in tf.config.list_physical_devices()]
+        out["threads"] = {
+            "intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+            "inter_op": tf.config.threading.get_inter_op_parallelism_threads(),
+        }
+    elif out["backend"] == "jax":  # the GPU route on hosts without TensorFlow's CUDA build
+        import jax
+
+        out["jax"] = jax.__version__
+        out["devices"] = [d.platform for d in jax.devices()]
     return out
+
+
+def _versions(result: dict) -> str:
+    return ", ".join(f"{k} {result[k]}" for k in ("tensorflow", "jax") if k in result) or "?"
 
 
 def report(result: dict) -> str:
@@ -123,8 +137,9 @@ def report(result: dict) -> str:
     lines.append(
         "Images per second (milliseconds per image) of `predict_on_batch` on a preprocessed "
         f"float32 batch; median of at least {MIN_REPEAT} calls and {MIN_SECONDS:.0f} s per cell "
-        f"after two warm-up calls. TensorFlow {result.get('tensorflow', '?')}, default "
-        "threading (intra-op/inter-op 0 = one per core)."
+        f"after two warm-up calls. Keras backend {result.get('backend', 'tensorflow')} "
+        f"({_versions(result)}) on {', '.join(sorted(set(result.get('devices', ['CPU']))))}; "
+        "default threading (intra-op/inter-op 0 = one per core)."
     )
     return "\n".join(lines)
 

@@ -193,8 +193,8 @@ def _overlapped(pipeline, rt, client, user, photos, photo_bytes, dsn, bs, quick)
 def report(result: dict) -> str:
     lines = [
         "| batch size | ms per batch | images/s | CPU ms per image | claim | fetch+decode+resize "
-        "| forward | write | announce |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| forward | write | announce | model busy |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         s = r["stage_ms"]
@@ -204,7 +204,7 @@ def report(result: dict) -> str:
             + " | ".join(
                 fmt(s.get(k)) for k in ("_claim", "_load_inputs", "_predict", "_write", "_announce")
             )
-            + " |"
+            + f" | {100 * s.get('_predict', 0) / r['batch_ms']:.0f}% |"
         )
     best = result["best"]
     lines += [
@@ -214,7 +214,8 @@ def report(result: dict) -> str:
         "1.4 MB, 0.16 to 1.2 megapixels). Stage columns are milliseconds per batch spent in "
         "`worker.pipeline`'s stage functions (mean over the timed repeats); CPU is this "
         "process's (fetch threads, decoding and TensorFlow's threads), not the photo "
-        "server's, PostgreSQL's or Redis's. "
+        "server's, PostgreSQL's or Redis's. *Model busy* is the forward pass's share of the "
+        "batch's wall time (on a GPU host: the fraction of time the accelerator has work). "
         f"Best: **{fmt(best['images_per_s'])} images/s** at batch size {best['batch_size']}.",
     ]
     overlapped = result.get("overlapped")

@@ -85,8 +85,15 @@ def _pool_name(sender) -> str:
 @signals.worker_init.connect
 def _load_models_in_threads_pool(sender=None, **_kwargs) -> None:
     # Before the consumer starts, so no message waits on a model that is still loading.
-    if "thread" in _pool_name(sender):
+    if "thread" not in _pool_name(sender):
+        return
+    try:
         _load_models()
+    except Exception as exc:
+        # Celery logs and swallows a signal handler's exception; a worker without its
+        # models must not start consuming, so leave with a message instead.
+        log.exception("could not load the models")
+        raise SystemExit(f"worker not started: could not load the models: {exc}") from exc
 
 
 _stop_reconciler = threading.Event()
