@@ -6,6 +6,10 @@ does not wait for earlier answers), each as ``POST /v1/jobs`` with
 the moment the job was *due* to be sent until its answer arrived, so a late
 client thread counts against the service rather than hiding it. The rates are
 fractions of the saturated single-job throughput measured by (3) in the same run.
+
+A last level repeats the 10% load while a bulk batch keeps the worker saturated:
+single submissions must not queue behind the bulk batch's prefetched chunks (the
+worker puts jobs from the interactive queue first into every batch).
 """
 
 from __future__ import annotations
@@ -19,13 +23,16 @@ import requests
 from bench.common import (
     ServiceStack,
     fmt,
+    job_counts,
     latency_summary,
     main_json,
     percentile,
+    wait_done,
 )
 
 LOADS = (0.1, 0.5, 0.9)
 SECONDS = 25
+BULK_BEHIND = 2000  # URLs of the bulk batch running during the last level
 CLIENT_THREADS = 256
 
 
@@ -81,6 +88,26 @@ def open_loop(stack: ServiceStack, rate: float, seconds: float) -> dict:
     }
 
 
+def during_bulk(stack: ServiceStack, rate: float, seconds: float, n: int) -> dict:
+    """``open_loop`` while a bulk batch of ``n`` URLs is being classified."""
+    user = stack.user(n)
+    resp = requests.post(
+        f"{stack.api.url}/v1/batches",
+        data="\n".join(stack.urls(n)),
+        headers={**user["headers"], "Content-Type": "text/plain"},
+        timeout=120,
+    )
+    resp.raise_for_status()
+    batch_id = resp.json()["id"]
+    row = open_loop(stack, rate, seconds)
+    counts, _ = job_counts(stack.dsn, "batch_id = %s", (batch_id,))
+    # The measurement only counts if the bulk batch was still running when it ended.
+    row["bulk_left"] = counts.get("queued", 0) + counts.get("processing", 0)
+    row["bulk_jobs"] = n
+    wait_done(stack.dsn, "batch_id = %s", (batch_id,), n, timeout=60 + n)
+    return row
+
+
 def run_with(stack: ServiceStack, saturated: float, quick: bool = False) -> dict:
     seconds = 2 if quick else SECONDS
     levels = []
@@ -88,6 +115,9 @@ def run_with(stack: ServiceStack, saturated: float, quick: bool = False) -> dict
         row = open_loop(stack, max(0.5, load * saturated), seconds)
         row["load"] = load
         levels.append(row)
+    row = during_bulk(stack, max(0.5, 0.1 * saturated), seconds, 64 if quick else BULK_BEHIND)
+    row["load"] = 0.1
+    levels.append(row)
     return {"saturated_per_s": saturated, "seconds": seconds, "levels": levels}
 
 
@@ -107,8 +137,14 @@ def report(result: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["levels"]:
+        load = f"{100 * r['load']:.0f}%"
+        if "bulk_jobs" in r:
+            load += (
+                f" beside a {r['bulk_jobs']:,}-URL bulk batch "
+                f"({r['bulk_left']:,} of its jobs still unfinished at the end)"
+            )
         lines.append(
-            f"| {100 * r['load']:.0f}% | {fmt(r['offered_rate'])} | {r['jobs']} | "
+            f"| {load} | {fmt(r['offered_rate'])} | {r['jobs']} | "
             f"{r['succeeded']} | {r['failed']} | {fmt(r['p50_ms'], 0)} | {fmt(r['p95_ms'], 0)} | "
             f"{fmt(r['p99_ms'], 0)} | {fmt(r['max_ms'], 0)} | {fmt(r['mean_batch_size'])} |"
         )

@@ -194,7 +194,7 @@ def headline(res: dict) -> tuple[list[str], dict]:
             )
     lat = res.get("latency")
     if lat:
-        levels = {round(x["load"] * 100): x for x in lat["levels"]}
+        levels = {round(x["load"] * 100): x for x in lat["levels"] if "bulk_jobs" not in x}
         low, high = levels.get(10), levels.get(90)
         if low:
             bound = batch1_ms + IDLE_P50_SLACK_MS if batch1_ms else None
@@ -323,10 +323,20 @@ def analysis(res: dict, derived: dict) -> list[str]:
         out.append(
             "- Adaptive batching under open-loop load: mean batch "
             + ", ".join(
-                f"{fmt(x['mean_batch_size'])} at {100 * x['load']:.0f}%" for x in lat["levels"]
+                f"{fmt(x['mean_batch_size'])} at {100 * x['load']:.0f}%"
+                for x in lat["levels"]
+                if "bulk_jobs" not in x
             )
             + "."
         )
+        for x in lat["levels"]:
+            if "bulk_jobs" in x:
+                out.append(
+                    f"- Beside a {x['bulk_jobs']:,}-URL bulk batch, single jobs at "
+                    f"{fmt(x['offered_rate'])}/s answered in {fmt(x['p50_ms'], 0)} ms (p50), "
+                    f"{fmt(x['p99_ms'], 0)} ms (p99); {x['bulk_left']:,} bulk jobs were "
+                    "still unfinished when the window ended."
+                )
     return out
 
 

@@ -53,6 +53,11 @@ class ContinuousBatches(Batches):
     #: Messages between count-triggered flush attempts; kept equal to batch_max.
     flush_every: int = 32
 
+    #: Routing keys (queue names) whose buffered requests join a batch before any
+    #: other: single submissions are not held up by the chunks of a bulk batch that
+    #: the worker has already prefetched.
+    first_queues: frozenset[str] = frozenset()
+
     def __init__(self) -> None:
         super().__init__()
         self._in_flight = 0
@@ -77,15 +82,28 @@ class ContinuousBatches(Batches):
     def _max_in_flight(self) -> int:
         return max(1, int(getattr(self._pool, "limit", None) or 1))
 
+    def _first(self, request: Any) -> bool:
+        info = getattr(request, "delivery_info", None) or {}
+        return info.get("routing_key") in self.first_queues
+
     def _take(self) -> list:
-        """Buffered requests up to batch_max job ids (at least one request)."""
-        taken, count = [], 0
+        """Buffered requests up to batch_max job ids (at least one request).
+
+        Requests from ``first_queues`` go first, then the rest in arrival order; what
+        does not fit goes back to the buffer for the next batch.
+        """
+        buffered = []
         while not self._buffer.empty():
-            request = self._buffer.queue[0]
+            buffered.append(self._buffer.get_nowait())
+        buffered.sort(key=lambda r: not self._first(r))  # stable: arrival order kept
+        taken, count = [], 0
+        for i, request in enumerate(buffered):
             size = max(1, len(self.job_ids(request)))
             if taken and count + size > self.batch_max:
+                for rest in buffered[i:]:
+                    self._buffer.put(rest)
                 break
-            taken.append(self._buffer.get_nowait())
+            taken.append(request)
             count += size
         return taken
 

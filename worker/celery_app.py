@@ -19,7 +19,7 @@ from celery import signals
 
 from shared import logs
 from shared.config import Config
-from shared.queue import CLASSIFY_TASK, make_celery
+from shared.queue import CLASSIFY_TASK, interactive_queue, make_celery
 from shared.redis_client import make_redis
 from worker import pipeline, reconciler
 from worker.batching import ContinuousBatches
@@ -46,6 +46,7 @@ class ClassifyTask(ContinuousBatches):
     batch_max = config.batch_max
     flush_every = config.batch_max
     batch_wait = config.batch_wait_ms / 1000
+    first_queues = frozenset({interactive_queue(config)})
     flush_interval = batch_wait or ContinuousBatches.flush_interval
 
 

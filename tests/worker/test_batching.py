@@ -110,3 +110,24 @@ def test_two_slots_keep_two_batches_in_flight(batcher):
     assert _ids(batcher._pool.calls[2]) == ["c", "d", "e", "f"]
     batcher._pool.calls[0].done(None)
     assert _ids(batcher._pool.calls[3]) == ["g"]
+
+
+def _from(queue: str, *ids: str) -> Message:
+    message = Message(*ids)
+    message.delivery_info = {"routing_key": queue}
+    return message
+
+
+def test_single_submissions_go_before_prefetched_bulk_chunks(batcher):
+    batcher.first_queues = frozenset({"q.interactive"})
+    batcher._pool.limit = 1
+    _buffer(batcher, _from("q.bulk", "x"))
+    batcher._do_flush()  # the slot is busy with x
+    chunks = [_from("q.bulk", f"b{i}", f"c{i}") for i in range(3)]
+    single = _from("q.interactive", "s")
+    _buffer(batcher, *chunks, single)
+    batcher._pool.calls[0].done(None)
+    # The single job arrived last but rides in the next batch, with what still fits.
+    assert _ids(batcher._pool.calls[1]) == ["s", "b0", "c0"]
+    batcher._pool.calls[1].done(None)
+    assert _ids(batcher._pool.calls[2]) == ["b1", "c1", "b2", "c2"]
