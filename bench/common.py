@@ -468,11 +468,13 @@ class ServiceStack:
         *,
         worker: bool = True,
         api_workers: int | None = None,
+        api_threads: int | None = None,
         **overrides,
     ) -> None:
         self.models = models
         self.with_worker = worker
         self.api_workers = api_workers
+        self.api_threads = api_threads
         self.overrides = overrides
         self.db_url = ""
         self.config = None
@@ -498,7 +500,9 @@ class ServiceStack:
             self.config = support.migrated(support.test_config(self.db_url, **values))
             self.app = create_app(self.config)  # in-process: only to make funded users
             self.photos = PhotoServerProcess().start()
-            self.api = ApiProcess(self.config, workers=self.api_workers).start()
+            self.api = ApiProcess(
+                self.config, workers=self.api_workers, threads=self.api_threads
+            ).start()
             if self.with_worker:
                 self.start_worker()
         except BaseException:

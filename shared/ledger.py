@@ -37,11 +37,14 @@ def grant(
 def charge_jobs(session: Session, user_id: int, job_ids: Sequence[str]) -> int:
     """Take one token per job, or raise InsufficientTokens and take nothing."""
     n = len(job_ids)
+    users = User.__table__
+    # On the table, not the entity: the ORM's UPDATE would also search the session's
+    # identity map for User objects to synchronise, a cost on every submission.
     new_balance = session.execute(
-        update(User)
-        .where(User.id == user_id, User.tokens >= n)
-        .values(tokens=User.tokens - n)
-        .returning(User.tokens)
+        update(users)
+        .where(users.c.id == user_id, users.c.tokens >= n)
+        .values(tokens=users.c.tokens - n)
+        .returning(users.c.tokens)
     ).scalar_one_or_none()
     if new_balance is None:
         raise InsufficientTokens(f"This needs {n} token(s); refill your balance.")
