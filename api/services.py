@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.config import Config
 from shared.db import make_engine, make_session_factory
+from shared.events import DoneListener
 from shared.queue import make_celery
 from shared.redis_client import make_redis
 from shared.uploads import UploadStore
@@ -25,6 +26,7 @@ class Services:
     redis: redis.Redis
     celery: Celery
     uploads: UploadStore
+    done: DoneListener  # wakes long polls when their job finishes
 
     @classmethod
     def build(cls, config: Config) -> Services:
@@ -37,6 +39,7 @@ class Services:
             redis=client,
             celery=make_celery(config, main="imgclf-api"),
             uploads=UploadStore(client, config),
+            done=DoneListener(client, config),
         )
 
 

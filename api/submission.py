@@ -12,19 +12,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
-from redis.exceptions import RedisError
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from api.ratelimit import limits
 from api.services import db, services
-from shared import events, ledger, logs
+from shared import ledger, logs
 from shared.errors import (
     Conflict,
     PayloadTooLarge,
@@ -41,7 +39,6 @@ from shared.status import JobStatus
 log = logging.getLogger(__name__)
 
 MAX_URL_LENGTH = 2048
-POLL_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -282,25 +279,19 @@ def _undo(user_id: int, job_id: str) -> None:
 
 def wait_for(job_id: str, timeout_s: float) -> Job:
     """Long-poll: return the job once final, or as it is when the timeout passes."""
-    svc = services()
     session = db()
+    latest: list[Job] = []
 
-    def load() -> Job:
+    def finished() -> bool:
         session.expire_all()
         job = session.get(Job, job_id)
         # Never hold a transaction while waiting: SQLite would keep the worker from writing.
         session.commit()
-        return job
-
-    def finished() -> bool:
-        return JobStatus(load().status).is_terminal()
+        latest[:] = [job]
+        return JobStatus(job.status).is_terminal()
 
     if timeout_s > 0:
-        try:
-            events.wait_until(svc.redis, svc.config, job_id, timeout_s, finished)
-        except RedisError:
-            # Notifications are a shortcut; SQL is the truth, so poll it instead.
-            deadline = time.monotonic() + timeout_s
-            while not finished() and time.monotonic() < deadline:
-                time.sleep(POLL_S)
-    return load()
+        services().done.wait(job_id, timeout_s, finished)
+    else:
+        finished()
+    return latest[0]

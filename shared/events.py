@@ -1,18 +1,23 @@
 """Job-finished notifications over Redis pub/sub, for long-polling clients.
 
-The worker publishes after its SQL commit; a waiter subscribes first, then reads
+The worker publishes after its SQL commit; a waiter registers first, then reads
 SQL, so a finish between the two is never missed. SQL stays the source of truth:
 a lost message only costs a waiter its periodic re-check.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
 import time
 from collections.abc import Callable, Iterable
 
 import redis
 
 from shared.config import Config
+
+log = logging.getLogger(__name__)
 
 RECHECK_S = 1.0
 
@@ -28,20 +33,83 @@ def publish_done(client: redis.Redis, config: Config, job_ids: Iterable[str]) ->
     pipe.execute()
 
 
-def wait_until(
-    client: redis.Redis, config: Config, job_id: str, timeout_s: float, is_done: Callable[[], bool]
-) -> bool:
-    """Block until ``is_done()`` or the timeout; returns the last ``is_done()``."""
-    deadline = time.monotonic() + timeout_s
-    pubsub = client.pubsub(ignore_subscribe_messages=True)
-    try:
-        pubsub.subscribe(channel(config, job_id))
+class DoneListener:
+    """One pattern subscription per process, shared by every request that waits.
+
+    A subscription per waiting request costs a Redis connection of its own (pub/sub
+    connections are not reused), a SUBSCRIBE and a disconnect: at tens of long polls
+    a second that is a good part of the API's CPU. Here one daemon thread, started on
+    first use (after gunicorn's fork), listens on ``<prefix>:job-done:*`` and wakes
+    the waiters of each finished job. If Redis is unreachable the thread retries,
+    and waiters still see the job finish through their SQL re-check every
+    ``RECHECK_S``: notifications are a shortcut, never the truth.
+    """
+
+    def __init__(self, client: redis.Redis, config: Config) -> None:
+        self._client = client
+        self._pattern = channel(config, "*")
+        self._prefix_len = len(self._pattern) - 1
+        self._waiters: dict[str, set[threading.Event]] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        #: Set while subscribed (tests and health checks can wait on it).
+        self.listening = threading.Event()
+
+    def wait(self, job_id: str, timeout_s: float, is_done: Callable[[], bool]) -> bool:
+        """Block until ``is_done()`` or the timeout; returns the last ``is_done()``."""
+        self._ensure_listening()
+        deadline = time.monotonic() + timeout_s
+        event = threading.Event()
+        with self._lock:
+            self._waiters.setdefault(job_id, set()).add(event)
+        try:
+            # Registered before the first check: a finish between the two still wakes us.
+            while True:
+                if is_done():
+                    return True
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                event.wait(min(remaining, RECHECK_S))
+                event.clear()
+        finally:
+            with self._lock:
+                waiting = self._waiters.get(job_id)
+                if waiting is not None:
+                    waiting.discard(event)
+                    if not waiting:
+                        del self._waiters[job_id]
+
+    def _ensure_listening(self) -> None:
+        with self._lock:
+            # A forked child inherits the parent's object but not its thread.
+            if self._thread is not None and self._thread.is_alive() and self._pid == os.getpid():
+                return
+            self._pid = os.getpid()
+            self._thread = threading.Thread(target=self._listen, daemon=True, name="job-done")
+            self._thread.start()
+
+    def _listen(self) -> None:
         while True:
-            if is_done():
-                return True
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            pubsub.get_message(timeout=min(remaining, RECHECK_S))
-    finally:
-        pubsub.close()
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.psubscribe(self._pattern)
+                self.listening.set()
+                while True:
+                    message = pubsub.get_message(timeout=RECHECK_S)
+                    if message and message["type"] == "pmessage":
+                        self._wake(message["channel"])
+            except redis.RedisError as exc:
+                self.listening.clear()
+                log.warning("job-done listener: %r; retrying", exc)
+                time.sleep(RECHECK_S)
+            finally:
+                pubsub.close()
+
+    def _wake(self, raw_channel: bytes | str) -> None:
+        name = raw_channel.decode() if isinstance(raw_channel, bytes) else raw_channel
+        with self._lock:
+            events = list(self._waiters.get(name[self._prefix_len :], ()))
+        for event in events:
+            event.set()

@@ -1,0 +1,67 @@
+"""DoneListener: long polls woken by the shared job-done subscription, against real Redis."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+import redis
+
+from shared import events
+from shared.config import Config
+from tests import support
+
+
+@pytest.fixture
+def config() -> Config:
+    return Config.from_env(
+        {}, redis_url=support.REDIS_URL, queue_prefix=f"ev-{uuid.uuid4().hex[:8]}"
+    )
+
+
+def _publish_when_registered(listener, client, config, job_id, done: threading.Event) -> None:
+    support.wait_for(lambda: job_id in listener._waiters, 10, "the waiter to register", 0.01)
+    support.wait_for(lambda: client.pubsub_numpat() >= 1, 10, "the listener to subscribe", 0.01)
+    done.set()
+    events.publish_done(client, config, [job_id])
+
+
+def test_a_waiter_is_woken_by_the_notification_not_by_its_recheck(config, monkeypatch):
+    monkeypatch.setattr(events, "RECHECK_S", 60.0)  # only a notification can wake it in time
+    client = redis.Redis.from_url(config.redis_url)
+    listener = events.DoneListener(client, config)
+    done = threading.Event()
+    checks = []
+    publisher = threading.Thread(
+        target=_publish_when_registered, args=(listener, client, config, "job-1", done)
+    )
+    publisher.start()
+    start = time.monotonic()
+    assert listener.wait("job-1", 30, lambda: checks.append(1) or done.is_set())
+    assert time.monotonic() - start < 20  # woken long before the 30 s timeout
+    publisher.join()
+    assert "job-1" not in listener._waiters  # nothing left behind
+
+
+def test_a_notification_for_another_job_does_not_end_the_wait(config, monkeypatch):
+    monkeypatch.setattr(events, "RECHECK_S", 0.05)
+    client = redis.Redis.from_url(config.redis_url)
+    listener = events.DoneListener(client, config)
+    events.publish_done(client, config, ["someone-else"])
+    assert listener.wait("job-2", 0.3, lambda: False) is False
+
+
+def test_without_redis_waiters_fall_back_to_their_sql_recheck(config, monkeypatch):
+    monkeypatch.setattr(events, "RECHECK_S", 0.05)
+    dead = Config.from_env({}, redis_url="redis://127.0.0.1:1/0", queue_prefix=config.queue_prefix)
+    listener = events.DoneListener(redis.Redis.from_url(dead.redis_url), dead)
+    calls = []
+
+    def done_on_third_check() -> bool:
+        calls.append(1)
+        return len(calls) >= 3
+
+    assert listener.wait("job-3", 30, done_on_third_check)
+    assert len(calls) == 3
