@@ -20,6 +20,7 @@ from shared.config import Config
 log = logging.getLogger(__name__)
 
 RECHECK_S = 1.0
+IDLE_EXIT_S = 60.0  # a listener with no waiter for this long ends (see DoneListener)
 
 
 def channel(config: Config, job_id: str) -> str:
@@ -58,11 +59,11 @@ class DoneListener:
 
     def wait(self, job_id: str, timeout_s: float, is_done: Callable[[], bool]) -> bool:
         """Block until ``is_done()`` or the timeout; returns the last ``is_done()``."""
-        self._ensure_listening()
         deadline = time.monotonic() + timeout_s
         event = threading.Event()
         with self._lock:
             self._waiters.setdefault(job_id, set()).add(event)
+            self._ensure_listening()
         try:
             # Registered before the first check: a finish between the two still wakes us.
             while True:
@@ -82,15 +83,15 @@ class DoneListener:
                         del self._waiters[job_id]
 
     def _ensure_listening(self) -> None:
-        with self._lock:
-            # A forked child inherits the parent's object but not its thread.
-            if self._thread is not None and self._thread.is_alive() and self._pid == os.getpid():
-                return
-            self._pid = os.getpid()
-            self._thread = threading.Thread(target=self._listen, daemon=True, name="job-done")
-            self._thread.start()
+        # Called with the lock held. A forked child inherits the object, not the thread.
+        if self._thread is not None and self._pid == os.getpid():
+            return
+        self._pid = os.getpid()
+        self._thread = threading.Thread(target=self._listen, daemon=True, name="job-done")
+        self._thread.start()
 
     def _listen(self) -> None:
+        idle_since = time.monotonic()
         while True:
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             try:
@@ -100,12 +101,33 @@ class DoneListener:
                     message = pubsub.get_message(timeout=RECHECK_S)
                     if message and message["type"] == "pmessage":
                         self._wake(message["channel"])
+                    idle_since = self._idle_since(idle_since)
+                    if idle_since is None:
+                        return
             except redis.RedisError as exc:
                 self.listening.clear()
                 log.warning("job-done listener: %r; retrying", exc)
                 time.sleep(RECHECK_S)
+                idle_since = self._idle_since(idle_since)
+                if idle_since is None:
+                    return
             finally:
                 pubsub.close()
+
+    def _idle_since(self, since: float) -> float | None:
+        """When waiters were last seen; None once the thread should end (long idle).
+
+        An idle thread ends, and the next waiter starts a new one, so that an app
+        whose Redis is gone for good does not keep a thread retrying forever.
+        """
+        with self._lock:
+            if self._waiters:
+                return time.monotonic()
+            if time.monotonic() - since < IDLE_EXIT_S:
+                return since
+            self._thread = None  # decided under the lock: a new waiter starts a new one
+            self.listening.clear()
+            return None
 
     def _wake(self, raw_channel: bytes | str) -> None:
         name = raw_channel.decode() if isinstance(raw_channel, bytes) else raw_channel

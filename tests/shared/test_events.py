@@ -65,3 +65,24 @@ def test_without_redis_waiters_fall_back_to_their_sql_recheck(config, monkeypatc
 
     assert listener.wait("job-3", 30, done_on_third_check)
     assert len(calls) == 3
+
+
+def test_an_idle_listener_ends_and_the_next_waiter_starts_another(config, monkeypatch):
+    monkeypatch.setattr(events, "RECHECK_S", 0.05)
+    monkeypatch.setattr(events, "IDLE_EXIT_S", 0.2)
+    client = redis.Redis.from_url(config.redis_url)
+    listener = events.DoneListener(client, config)
+    assert listener.wait("job-4", 5, lambda: True)
+    first = listener._thread
+    support.wait_for(lambda: listener._thread is None, 10, "the idle listener to end", 0.02)
+    first.join(5)
+    assert not first.is_alive()
+
+    done = threading.Event()
+    publisher = threading.Thread(
+        target=_publish_when_registered, args=(listener, client, config, "job-5", done)
+    )
+    publisher.start()
+    assert listener.wait("job-5", 30, done.is_set)
+    publisher.join()
+    assert listener._thread is not None and listener._thread is not first
