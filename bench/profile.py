@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -56,12 +57,15 @@ def summarize(path: Path) -> dict:
 def run_with(stack: ServiceStack, jobs: int, quick: bool = False) -> dict | None:
     from bench.end_to_end import bulk
 
-    if not shutil.which("py-spy"):
+    # On PATH, or installed into the same virtual environment as this Python.
+    venv_bin = str(Path(sys.executable).parent)
+    spy_bin = shutil.which("py-spy") or shutil.which("py-spy", path=venv_bin)
+    if not spy_bin:
         return None
     seconds = 3 if quick else 15
     out = Path(tempfile.mkstemp(suffix=".txt", prefix="bench-pyspy-")[1])
     cmd = [
-        "py-spy", "record", "--pid", str(stack.worker_pid()), "--subprocesses", "--gil",
+        spy_bin, "record", "--pid", str(stack.worker_pid()), "--subprocesses", "--gil",
         "--nonblocking", "--rate", str(RATE_HZ), "--duration", str(seconds), "--format", "raw",
         "--output", str(out),
     ]  # fmt: skip
