@@ -7,18 +7,22 @@ import sys
 from tests.support import ROOT
 
 
-def test_worker_refuses_a_prefetch_that_cannot_fill_a_batch():
-    env = {**os.environ, "BATCH_MAX": "32", "WORKER_PREFETCH": "16"}
+def _start_worker(**env: str) -> str:
+    """Start ``celery -A worker.celery_app worker``; it must exit. Returns its output."""
     proc = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker"],
+        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--without-mingle"],
         cwd=ROOT,
-        env=env,
+        env={**os.environ, **env},
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=180,
     )
     assert proc.returncode != 0
-    assert "WORKER_PREFETCH" in proc.stdout + proc.stderr
+    return proc.stdout + proc.stderr
+
+
+def test_worker_refuses_a_prefetch_that_cannot_fill_a_batch():
+    assert "WORKER_PREFETCH" in _start_worker(BATCH_MAX="32", WORKER_PREFETCH="16")
 
 
 def test_importing_the_worker_app_loads_no_model():
@@ -32,20 +36,10 @@ def test_importing_the_worker_app_loads_no_model():
 def test_worker_refuses_to_start_without_its_models(tmp_path):
     # A trained model named in MODELS whose folder does not exist: the worker must exit
     # at start-up rather than consume jobs it cannot run.
-    env = {
-        **os.environ,
-        "MODELS": "mobilenet,no-such-model",
-        "MODEL_DIR": str(tmp_path),
-        "QUEUE_PREFIX": f"imgclf-start-{tmp_path.name}",
-    }
-    proc = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--without-mingle"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
+    output = _start_worker(
+        MODELS="mobilenet,no-such-model",
+        MODEL_DIR=str(tmp_path),
+        QUEUE_PREFIX=f"imgclf-start-{tmp_path.name}",
     )
-    assert proc.returncode != 0
-    assert "could not load the models" in proc.stdout + proc.stderr
-    assert "no-such-model" in proc.stdout + proc.stderr
+    assert "could not load the models" in output
+    assert "no-such-model" in output
