@@ -325,6 +325,10 @@ def test_submit_rejections_map_to_exit_codes(live, live_user, photo_server, tmp_
     assert missing.returncode == ExitCode.API and "batch_not_found" in missing.stderr
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_while_waiting_says_how_to_resume(api_stack, photo_server, tmp_path):
     """With no worker the batch stays queued, so the client is surely still waiting."""
     user = support.new_user(api_stack.client())
@@ -339,6 +343,10 @@ def test_ctrl_c_while_waiting_says_how_to_resume(api_stack, photo_server, tmp_pa
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            # An ignored SIGINT is inherited across exec (and Python then installs no
+            # KeyboardInterrupt handler): give the client the default a terminal gives it,
+            # whatever the test run's own SIGINT disposition is.
+            preexec_fn=_default_sigint,
         )
         try:
             first = proc.stderr.readline()  # "batch <id> (1 images)", printed before waiting
