@@ -43,13 +43,18 @@ def as_utc(dt: datetime) -> datetime:
     return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
+NULLABLE_JSON = JSON(none_as_null=True)
+
+
 def new_id() -> str:
     return str(uuid.uuid4())
 
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
-    type_annotation_map = {datetime: DateTime(timezone=True), dict[str, Any]: JSON}
+    # Python None is SQL NULL in JSON columns, whichever path inserts the row (ORM, Core
+    # executemany or COPY), not sometimes a JSON 'null'.
+    type_annotation_map = {datetime: DateTime(timezone=True), dict[str, Any]: NULLABLE_JSON}
 
 
 # SQLite only auto-increments INTEGER PRIMARY KEY columns.
@@ -128,7 +133,7 @@ class Job(Base):
     # presumed lost with its worker (see worker/reconciler.py).
     claimed_at: Mapped[datetime | None] = mapped_column(default=None)
     webhook_url: Mapped[str | None] = mapped_column(Text, default=None)
-    webhook_events: Mapped[list[str] | None] = mapped_column(JSON, default=None)
+    webhook_events: Mapped[list[str] | None] = mapped_column(NULLABLE_JSON, default=None)
     request_id: Mapped[str | None] = mapped_column(String(64), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)

@@ -202,3 +202,30 @@ def test_batches_are_private_and_listed(stack, rich_user, photo_server):
     _finished(client, rich_user, batch["id"])
     rows = _results(client, rich_user, batch["id"])
     assert len(rows[0]["predictions"]) == 2
+
+
+@pytest.mark.parametrize("size", [3, 40])  # a Core INSERT below COPY_MIN_ROWS, COPY above
+def test_queued_batch_jobs_have_sql_null_results(api_stack, size):
+    from sqlalchemy import func
+
+    from shared.db import make_engine, make_session_factory
+
+    client = api_stack.client()
+    user = support.new_user(client)
+    sessions = make_session_factory(make_engine(api_stack.config))
+    with sessions() as session:
+        user_id = session.scalars(select(User.id).where(User.username == user["username"])).one()
+        ledger.grant(session, user_id, size, ledger.REFILL)
+        session.commit()
+    urls = [f"https://example.com/{i}.jpg" for i in range(size)]
+    resp = client.post("/v1/batches", json={"urls": urls}, headers=user["headers"])
+    assert resp.status_code == 202, resp.get_json()
+    with sessions() as session:
+        nulls = session.scalar(
+            select(func.count()).where(
+                Job.batch_id == resp.get_json()["id"],
+                Job.result.is_(None),
+                Job.webhook_events.is_(None),
+            )
+        )
+    assert nulls == size  # SQL NULL, not a JSON 'null', whichever way the rows went in
