@@ -166,12 +166,7 @@ def bulk_over_http(stack: ServiceStack, n: int, repeat: int) -> dict:
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
-        resp = requests.post(
-            f"{stack.api.url}/v1/batches",
-            data=text,
-            headers={**user["headers"], "Content-Type": "text/plain"},
-            timeout=120,
-        )
+        resp = stack.post_batch(user, text)
         times.append(time.perf_counter() - t0)
         assert resp.status_code == 202, resp.text[:300]
     return {"urls": n, "median_s": median(times), "runs_s": times}

@@ -545,6 +545,15 @@ class ServiceStack:
     def urls(self, n: int, tag: str | None = None) -> list[str]:
         return photo_urls(self.photos.base_url, n, tag or uuid.uuid4().hex[:8])
 
+    def post_batch(self, user: dict, text: str) -> requests.Response:
+        """``POST /v1/batches`` with ``text`` (one URL per line) over HTTP."""
+        return requests.post(
+            f"{self.api.url}/v1/batches",
+            data=text,
+            headers={**user["headers"], "Content-Type": "text/plain"},
+            timeout=120,
+        )
+
     def worker_pid(self) -> int:
         return self.worker.proc.pid
 

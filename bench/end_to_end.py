@@ -75,12 +75,7 @@ def bulk(stack: ServiceStack, n: int) -> dict:
 
     def body() -> dict:
         start = time.time()
-        resp = requests.post(
-            f"{stack.api.url}/v1/batches",
-            data=text,
-            headers={**user["headers"], "Content-Type": "text/plain"},
-            timeout=120,
-        )
+        resp = stack.post_batch(user, text)
         accepted_s = time.time() - start
         resp.raise_for_status()
         batch_id = resp.json()["id"]

@@ -90,13 +90,7 @@ def open_loop(stack: ServiceStack, rate: float, seconds: float) -> dict:
 
 def during_bulk(stack: ServiceStack, rate: float, seconds: float, n: int) -> dict:
     """``open_loop`` while a bulk batch of ``n`` URLs is being classified."""
-    user = stack.user(n)
-    resp = requests.post(
-        f"{stack.api.url}/v1/batches",
-        data="\n".join(stack.urls(n)),
-        headers={**user["headers"], "Content-Type": "text/plain"},
-        timeout=120,
-    )
+    resp = stack.post_batch(stack.user(n), "\n".join(stack.urls(n)))
     resp.raise_for_status()
     batch_id = resp.json()["id"]
     row = open_loop(stack, rate, seconds)

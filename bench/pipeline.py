@@ -91,6 +91,14 @@ def submit_jobs(client, user: dict, urls: list[str], uploads: list[tuple[str, by
     return ids
 
 
+def submit_batch(client, user: dict, photos, photo_bytes: list, size: int, offset: int) -> list:
+    """``size`` jobs: the first half URLs on the photo server, the rest uploads."""
+    n_url = (size + 1) // 2
+    urls = photo_urls(photos.base_url, n_url, uuid.uuid4().hex[:8])
+    uploads = [photo_bytes[(offset + i) % len(photo_bytes)] for i in range(size - n_url)]
+    return submit_jobs(client, user, urls, uploads)
+
+
 def run(quick: bool = False) -> dict:
     ensure_keras_home()
     from api import create_app
@@ -118,11 +126,7 @@ def run(quick: bool = False) -> dict:
             times, stage_sums, cpu_total = [], defaultdict(float), 0.0
             n_reps = repeats(bs, quick)
             for rep in range(n_reps + 1):  # rep 0 warms up this batch size's bucket
-                n_url = (bs + 1) // 2
-                tag = uuid.uuid4().hex[:8]
-                urls = photo_urls(photos.base_url, n_url, tag)
-                uploads = [photo_bytes[(rep + i) % len(photo_bytes)] for i in range(bs - n_url)]
-                ids = submit_jobs(client, user, urls, uploads)
+                ids = submit_batch(client, user, photos, photo_bytes, bs, rep)
                 timer.take()
                 cpu_start = time.process_time()
                 start = time.perf_counter()
@@ -174,10 +178,7 @@ def _overlapped(pipeline, rt, client, user, photos, photo_bytes, dsn, bs, quick)
     n_batches = 4 if quick else max(4, OVERLAP_IMAGES // bs)
     batches = []
     for i in range(n_batches + 2):  # the first two warm up
-        n_url = (bs + 1) // 2
-        urls = photo_urls(photos.base_url, n_url, uuid.uuid4().hex[:8])
-        uploads = [photo_bytes[(i + k) % len(photo_bytes)] for k in range(bs - n_url)]
-        batches.append(submit_jobs(client, user, urls, uploads))
+        batches.append(submit_batch(client, user, photos, photo_bytes, bs, i))
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(lambda ids: pipeline.process(rt, ids), batches[:2]))
         start = time.perf_counter()

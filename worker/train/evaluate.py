@@ -123,6 +123,10 @@ def plot_history(phases: list[dict[str, Any]], path: Path) -> Path:
         ax.legend(fontsize=8)
     axes[0].set_title("Loss")
     axes[1].set_title("Accuracy")
+    return _save(plt, fig, path)
+
+
+def _save(plt: Any, fig: Any, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -151,10 +155,7 @@ def plot_confusion(metrics: dict[str, Any], path: Path) -> Path:
                 j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
                 color="white" if cm[i, j] > threshold else "black",
             )  # fmt: skip
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_roc(metrics: dict[str, Any], path: Path) -> Path:
@@ -175,7 +176,4 @@ def plot_roc(metrics: dict[str, Any], path: Path) -> Path:
     ax.set_ylim(0, 1.01)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
