@@ -11,12 +11,12 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import case, literal, update
 from sqlalchemy.orm import Session
 
 from shared import ledger, webhook_events
-from shared.models import Job, as_utc, utcnow
-from shared.status import JobStatus
+from shared.models import NULLABLE_JSON, Job, as_utc, utcnow
+from shared.status import ACTIVE, JobStatus
 
 
 def iso(dt: datetime | None) -> str | None:
@@ -59,17 +59,34 @@ def _transition(
 
 
 def mark_succeeded(session: Session, job_id: str, result: dict[str, Any]) -> bool:
-    return (
-        _transition(
-            session,
-            [job_id],
-            (JobStatus.QUEUED, JobStatus.PROCESSING),
-            status=JobStatus.SUCCEEDED.value,
-            result=result,
-            completed_at=utcnow(),
+    return job_id in mark_all_succeeded(session, {job_id: result})
+
+
+def mark_all_succeeded(session: Session, results: dict[str, dict[str, Any]]) -> set[str]:
+    """Store each job's result in one statement; returns the ids whose transition won.
+
+    A worker's batch ends with one UPDATE, not one per job: the result is picked per
+    row with ``CASE id WHEN ... THEN ...``, and RETURNING tells which jobs were still
+    active (a job canceled or finished meanwhile keeps its outcome).
+    """
+    if not results:
+        return set()
+    ids = list(results)
+    if len(ids) == 1:
+        result = literal(results[ids[0]], NULLABLE_JSON)
+    else:
+        result = case(
+            {job_id: literal(value, NULLABLE_JSON) for job_id, value in results.items()},
+            value=Job.id,
         )
-        == 1
+    won = session.scalars(
+        update(Job)
+        .where(Job.id.in_(ids), Job.status.in_([s.value for s in ACTIVE]))
+        .values(status=JobStatus.SUCCEEDED.value, result=result, completed_at=utcnow())
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
     )
+    return set(won)
 
 
 def mark_failed(session: Session, job: Job, code: str, message: str, refund: bool) -> bool:

@@ -178,9 +178,12 @@ def _predict(rt: Runtime, outcomes: list[Outcome], stats: MetricsBuffer) -> None
 def _write(session: Session, outcomes: list[Outcome]) -> list[str]:
     """All outcomes in one transaction; returns the webhook events it recorded."""
     events = []
+    succeeded = jobs.mark_all_succeeded(
+        session, {o.job.id: {"predictions": o.predictions} for o in outcomes if o.error is None}
+    )
     for o in outcomes:
         if o.error is None:
-            won = jobs.mark_succeeded(session, o.job.id, {"predictions": o.predictions})
+            won = o.job.id in succeeded
         else:
             # Input errors and our own failures alike give the token back.
             won = jobs.mark_failed(session, o.job, o.error.code, o.error.message, refund=True)

@@ -98,3 +98,27 @@ def test_the_database_refuses_a_second_refund_row(session, account):
         ledger.refund_job(session, account.id, job.id)
         session.flush()
     session.rollback()
+
+
+def test_batch_results_in_one_statement_go_to_their_own_jobs(session, account):
+    ledger.grant(session, account.id, 2, ledger.REFILL)
+    session.commit()
+    first, second, third, canceled = (_job(session, account) for _ in range(4))
+    session.execute(update(Job).where(Job.id == second.id).values(status="processing"))
+    assert jobs.cancel(session, canceled)
+    session.commit()
+    results = {
+        j.id: {"predictions": [{"label": f"label-{i}", "score": i / 10}]}
+        for i, j in enumerate((first, second, third, canceled))
+    }
+    won = jobs.mark_all_succeeded(session, results)
+    session.commit()
+    assert won == {first.id, second.id, third.id}  # the canceled job keeps its outcome
+    session.expire_all()
+    for job in (first, second, third):
+        stored = session.get(Job, job.id)
+        assert (stored.status, stored.result) == (JobStatus.SUCCEEDED, results[job.id])
+        assert stored.completed_at is not None
+    assert session.get(Job, canceled.id).result is None
+    # A redelivered batch writes nothing more.
+    assert jobs.mark_all_succeeded(session, results) == set()
