@@ -272,9 +272,10 @@ class CpuMeter:
     def _pids(self, spec) -> list[int]:
         return spec() if callable(spec) else tree(spec)
 
-    def _snapshot(self) -> dict[str, float]:
-        snap = {name: sum(cpu_seconds(p) for p in self._pids(s)) for name, s in self.groups.items()}
-        snap["_machine"] = machine_busy_seconds()
+    def _snapshot(self) -> dict[str, dict[int, float]]:
+        """CPU seconds per pid of each group (pids come and go: pooled connections)."""
+        snap = {name: {p: cpu_seconds(p) for p in self._pids(s)} for name, s in self.groups.items()}
+        snap["_machine"] = {0: machine_busy_seconds()}
         return snap
 
     def start(self) -> CpuMeter:
@@ -285,7 +286,12 @@ class CpuMeter:
     def stop(self) -> dict:
         end = self._snapshot()
         wall = time.monotonic() - self._t0
-        used = {k: max(0.0, end[k] - self._start.get(k, 0.0)) for k in end}
+        # Per pid: a process born meanwhile counts in full; one that exited meanwhile is
+        # lost (an undercount) rather than subtracted from the survivors.
+        used = {}
+        for k, pids in end.items():
+            before = self._start.get(k, {})
+            used[k] = sum(max(0.0, cpu - before.get(pid, 0.0)) for pid, cpu in pids.items())
         machine_s = used.pop("_machine")
         cores = {k: v / wall for k, v in used.items()}
         cores["other"] = max(0.0, (machine_s - sum(used.values())) / wall)
