@@ -30,6 +30,7 @@ from bench import (
     latency,
     memory,
     model_limit,
+    model_recheck,
     pipeline,
     profile,
     seed_alternative,
@@ -106,7 +107,8 @@ def run(quick: bool) -> Runner:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     r = Runner(quick)
     if quick:
-        in_model_process = r.launch("model_limit", "pipeline")  # one TensorFlow import
+        # One TensorFlow import for the three.
+        in_model_process = r.launch("model_limit", "pipeline", "model_recheck")
         in_seed_process = r.launch("seed_alternative")
     else:
         r.section("model_limit", lambda: r.subprocess("model_limit"))
@@ -130,11 +132,14 @@ def run(quick: bool) -> Runner:
         r.section("model_limit", lambda: both.setdefault("r", in_model_process())["model_limit"])
         if "r" in both:
             r.section("pipeline", lambda: both["r"]["pipeline"])
+            r.section("model_recheck", lambda: both["r"]["model_recheck"])
         r.section("seed_alternative", lambda: in_seed_process()["seed_alternative"])
     else:
         r.section("memory", lambda: memory.run(quick, models=memory.OTHER_MODELS))
         r.section("seed_alternative", lambda: r.subprocess("seed_alternative"))
     r.section("bulk_accept", lambda: bulk_accept.run(quick))
+    if not quick:
+        r.section("model_recheck", lambda: r.subprocess("model_recheck"))
     return r
 
 
@@ -168,20 +173,30 @@ def below(value: float | None, bound: float | None) -> bool | None:
 def headline(res: dict) -> tuple[list[str], dict]:
     """The targets table, and the derived numbers the analysis uses."""
     lim = res.get("model_limit", {}).get("models", {}).get("mobilenet")
-    limit_best = lim["best"]["images_per_s"] if lim else None
-    batch1 = next((x for x in lim["rows"] if x["batch_size"] == 1), None) if lim else None
-    batch1_ms = batch1["batch_ms"] if batch1 else None
+    again = res.get("model_recheck")
+    # The stricter bound when the host's speed drifted between the two measurements.
+    best = max(
+        (x["best"] for x in (lim, again) if x), key=lambda b: b["images_per_s"], default=None
+    )
+    limit_best = best["images_per_s"] if best else None
+    ones = [x["batch_ms"] for m in (lim, again) if m for x in m["rows"] if x["batch_size"] == 1]
+    batch1_ms = min(ones, default=None)  # likewise the stricter bound
     e2e = res.get("end_to_end")
     seed = res.get("seed_alternative")
     seed_best = seed["best"]["images_per_s"] if seed else None
     lines = ["| # | target | measured | verdict |", "|---|---|---|---|"]
     derived = {"limit_best": limit_best, "batch1_ms": batch1_ms, "seed_best": seed_best}
+    where = (
+        ", re-measured at the end"
+        if best is not None and best is not (lim or {}).get("best")
+        else ""
+    )
     if e2e:
         for s in e2e["scenarios"]:
             ratio = s["images_per_s"] / limit_best if limit_best else None
             lines.append(
                 f"| 3 | end to end ({s['scenario']}) >= {E2E_TARGET:.0%} of (1)'s best "
-                f"MobileNet throughput ({fmt(limit_best)}/s at b={lim['best']['batch_size']}) | "
+                f"MobileNet throughput ({fmt(limit_best)}/s at b={best['batch_size']}{where}) | "
                 f"{fmt(s['images_per_s'])}/s = {fmt(100 * ratio, 0) if ratio else 'n/a'}% | "
                 f"{verdict(ratio >= E2E_TARGET if ratio else None)} |"
             )
@@ -382,6 +397,9 @@ def render(
 
     limit = derived["limit_best"]
     section("1. Limit: the model alone, in-process", "model_limit", model_limit.report)
+    if "model_recheck" in res and "mobilenet" in res.get("model_limit", {}).get("models", {}):
+        first = res["model_limit"]["models"]["mobilenet"]
+        lines[-1:-1] = [model_recheck.report(first, res["model_recheck"]), ""]
     section("2. The worker pipeline alone", "pipeline", pipeline.report)
     section(
         "3. End to end: API, Redis, worker, PostgreSQL",

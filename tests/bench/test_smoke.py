@@ -67,6 +67,7 @@ def quick_run(tmp_path_factory):
 def test_report_has_every_section_with_numbers(quick_run):
     text, _, _ = quick_run
     assert "FAILED" not in text
+    assert "Re-measured at the end of the run" in text
     assert "python -m bench.run_all --quick" in text
     for title in SECTIONS:
         assert title in text, f"missing section {title!r}"
@@ -87,6 +88,7 @@ def test_raw_results_are_measurements(quick_run):
     _, r, _ = quick_run
     assert positive(r["model_limit"]["models"]["mobilenet"]["best"]["images_per_s"])
     assert positive(r["pipeline"]["best"]["images_per_s"])
+    assert positive(r["model_recheck"]["best"]["images_per_s"])
     for scenario in r["end_to_end"]["scenarios"]:
         assert scenario["succeeded"] == scenario["jobs"], scenario
         assert positive(scenario["images_per_s"])
