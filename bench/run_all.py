@@ -400,7 +400,7 @@ def render(
     section("1. Limit: the model alone, in-process", "model_limit", model_limit.report)
     if "model_recheck" in res and "mobilenet" in res.get("model_limit", {}).get("models", {}):
         first = res["model_limit"]["models"]["mobilenet"]
-        lines[-1:-1] = [model_recheck.report(first, res["model_recheck"]), ""]
+        lines += [model_recheck.report(first, res["model_recheck"]), ""]
     section("2. The worker pipeline alone", "pipeline", pipeline.report)
     section(
         "3. End to end: API, Redis, worker, PostgreSQL",
