@@ -48,18 +48,16 @@ def job_to_dict(job: Job) -> dict[str, Any]:
 
 def _transition(
     session: Session, job_ids: Iterable[str], from_: Iterable[JobStatus], **values: Any
-) -> int:
-    result = session.execute(
+) -> set[str]:
+    """Move the jobs still in ``from_`` to ``values``; returns the ids whose move won."""
+    won = session.scalars(
         update(Job)
         .where(Job.id.in_(list(job_ids)), Job.status.in_([s.value for s in from_]))
         .values(**values)
+        .returning(Job.id)
         .execution_options(synchronize_session=False)
     )
-    return result.rowcount
-
-
-def mark_succeeded(session: Session, job_id: str, result: dict[str, Any]) -> bool:
-    return job_id in mark_all_succeeded(session, {job_id: result})
+    return set(won)
 
 
 def mark_all_succeeded(session: Session, results: dict[str, dict[str, Any]]) -> set[str]:
@@ -71,57 +69,47 @@ def mark_all_succeeded(session: Session, results: dict[str, dict[str, Any]]) -> 
     """
     if not results:
         return set()
-    ids = list(results)
-    if len(ids) == 1:
-        result = literal(results[ids[0]], NULLABLE_JSON)
-    else:
-        result = case(
-            {job_id: literal(value, NULLABLE_JSON) for job_id, value in results.items()},
-            value=Job.id,
-        )
-    won = session.scalars(
-        update(Job)
-        .where(Job.id.in_(ids), Job.status.in_([s.value for s in ACTIVE]))
-        .values(status=JobStatus.SUCCEEDED.value, result=result, completed_at=utcnow())
-        .returning(Job.id)
-        .execution_options(synchronize_session=False)
+    result = case(
+        {job_id: literal(value, NULLABLE_JSON) for job_id, value in results.items()},
+        value=Job.id,
     )
-    return set(won)
+    return _transition(
+        session,
+        results,
+        ACTIVE,
+        status=JobStatus.SUCCEEDED.value,
+        result=result,
+        completed_at=utcnow(),
+    )
 
 
 def mark_failed(session: Session, job: Job, code: str, message: str, refund: bool) -> bool:
-    won = (
-        _transition(
-            session,
-            [job.id],
-            (JobStatus.QUEUED, JobStatus.PROCESSING),
-            status=JobStatus.FAILED.value,
-            error_code=code,
-            error_message=message[:2000],
-            completed_at=utcnow(),
-        )
-        == 1
+    won = _transition(
+        session,
+        [job.id],
+        ACTIVE,
+        status=JobStatus.FAILED.value,
+        error_code=code,
+        error_message=message[:2000],
+        completed_at=utcnow(),
     )
     if won and refund:
         ledger.refund_job(session, job.user_id, job.id)
-    return won
+    return bool(won)
 
 
 def cancel(session: Session, job: Job) -> bool:
     """Cancel a job that has not started; refunds its token. False if it already started."""
-    won = (
-        _transition(
-            session,
-            [job.id],
-            (JobStatus.QUEUED,),
-            status=JobStatus.CANCELED.value,
-            completed_at=utcnow(),
-        )
-        == 1
+    won = _transition(
+        session,
+        [job.id],
+        (JobStatus.QUEUED,),
+        status=JobStatus.CANCELED.value,
+        completed_at=utcnow(),
     )
     if won:
         ledger.refund_job(session, job.user_id, job.id)
-    return won
+    return bool(won)
 
 
 def record_webhook(session: Session, job: Job, choice: str) -> str | None:

@@ -64,7 +64,7 @@ def test_failure_refunds_exactly_once(session, account):
 
 def test_success_cannot_be_overwritten_by_a_late_failure(session, account):
     job = _job(session, account)
-    assert jobs.mark_succeeded(session, job.id, {"predictions": []})
+    assert jobs.mark_all_succeeded(session, {job.id: {"predictions": []}}) == {job.id}
     assert not jobs.mark_failed(session, job, "internal_error", "late", refund=True)
     session.commit()
     session.expire_all()
