@@ -64,20 +64,19 @@ def measure(model, batch_size: int, min_seconds: float, min_repeat: int) -> dict
     }
 
 
+def measure_model(name: str, sizes: tuple[int, ...], quick: bool) -> dict:
+    """One model's row of the table: each batch size, and the best of them."""
+    model, weights = build(name, max(sizes))
+    seconds, repeat = (0.2, 1) if quick else (MIN_SECONDS, MIN_REPEAT)
+    rows = [measure(model, bs, seconds, repeat) for bs in sizes]
+    return {"weights": weights, "rows": rows, "best": max(rows, key=lambda r: r["images_per_s"])}
+
+
 def run(quick: bool = False) -> dict:
     ensure_keras_home()
     models = ("mobilenet",) if quick else MODELS
     sizes = (1, 8) if quick else BATCH_SIZES
-    out = {"models": {}}
-    for name in models:
-        model, weights = build(name, max(sizes))
-        rows = [
-            measure(model, bs, 0.2 if quick else MIN_SECONDS, 1 if quick else MIN_REPEAT)
-            for bs in sizes
-        ]
-        best = max(rows, key=lambda r: r["images_per_s"])
-        out["models"][name] = {"weights": weights, "rows": rows, "best": best}
-        del model
+    out = {"models": {name: measure_model(name, sizes, quick) for name in models}}
     import keras
 
     out["backend"] = keras.config.backend()

@@ -9,18 +9,14 @@ and prints both.
 from __future__ import annotations
 
 from bench.common import ensure_keras_home, main_json
-from bench.model_limit import MIN_REPEAT, MIN_SECONDS, build, measure
+from bench.model_limit import measure_model
 
 SIZES = (1, 16, 32)
 
 
 def run(quick: bool = False) -> dict:
     ensure_keras_home()
-    sizes = (1, 8) if quick else SIZES
-    model, weights = build("mobilenet", max(sizes))
-    seconds, repeat = (0.2, 1) if quick else (MIN_SECONDS, MIN_REPEAT)
-    rows = [measure(model, bs, seconds, repeat) for bs in sizes]
-    return {"weights": weights, "rows": rows, "best": max(rows, key=lambda r: r["images_per_s"])}
+    return measure_model("mobilenet", (1, 8) if quick else SIZES, quick)
 
 
 def report(first: dict, again: dict) -> str:
