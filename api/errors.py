@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 import redis.exceptions
-from flask import Flask, jsonify
+from flask import Flask, jsonify, request
 from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -38,24 +38,55 @@ UNAVAILABLE = (
 )
 
 
+# RFC 9110: every 401 names the schemes that would work, whatever the cause.
+AUTH_CHALLENGE = 'Basic realm="imgclf", Bearer'
+
+
 def error_response(err: ServiceError):
     response = jsonify(err.to_dict())
     response.status_code = err.status
     response.headers.update(err.headers)
+    if err.status == 401:
+        response.headers.setdefault("WWW-Authenticate", AUTH_CHALLENGE)
     return response
+
+
+def invalid_body(expected: str) -> ValidationFailed:
+    """``invalid_body``, saying what was sent: ``curl -d`` without ``-H`` sends a form."""
+    if request.mimetype == "application/json":
+        sent = "the body is not a JSON object"
+    elif request.mimetype:
+        sent = f"this request's Content-Type is {request.mimetype}"
+    else:
+        sent = "this request has no Content-Type"
+    return ValidationFailed(
+        f"Send {expected}; {sent}. With curl, add -H 'Content-Type: application/json'.",
+        code="invalid_body",
+    )
 
 
 def _http_error(exc: HTTPException):
     data = getattr(exc, "data", None) or {}
     details = data.get("messages") or data.get("errors")
     err = ServiceError(
-        data.get("message") or exc.description,
+        _http_message(exc, data, details),
         code=HTTP_CODES.get(exc.code or 500, "http_error"),
         status=exc.code or 500,
         details={"fields": _flatten(details)} if details else None,
         headers=data.get("headers"),
     )
     return error_response(err)
+
+
+def _http_message(exc: HTTPException, data: dict, details) -> str:
+    if details and exc.code == 422:
+        return ValidationFailed.message  # one sentence, whichever layer found the fields
+    if request.url_rule is None and exc.code in (404, 405):  # the path itself is wrong
+        allowed = getattr(exc, "valid_methods", None)
+        if allowed:
+            return f"{request.method} is not allowed on {request.path}; use {', '.join(allowed)}."
+        return f"No such path: {request.path}. The endpoints are listed at /docs/."
+    return data.get("message") or exc.description or ""
 
 
 def _flatten(messages):

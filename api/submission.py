@@ -14,6 +14,7 @@ import json
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -23,6 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from api.ratelimit import limits
 from api.services import db, services
 from shared import ledger, logs
+from shared.config import BUILTIN_MODELS
 from shared.errors import (
     Conflict,
     PayloadTooLarge,
@@ -106,12 +108,23 @@ def validate_upload(data: bytes, filename: str | None) -> None:
 def checked_model(model: str | None) -> str:
     config = services().config
     model = model or config.default_model
-    if model not in config.models:
+    if model in config.models:
+        return model
+    available = ", ".join(config.models)
+    if model in BUILTIN_MODELS or _is_trained_model(config.model_dir, model):
         raise ValidationFailed(
-            f"Unknown model {model!r}; available: {', '.join(config.models)}.",
-            code="unknown_model",
+            f"Model {model!r} exists but is not enabled on this service (enabled: {available}). "
+            "An administrator enables it by adding it to the MODELS setting.",
+            code="model_not_enabled",
         )
-    return model
+    raise ValidationFailed(
+        f"Unknown model {model!r}; available: {available}.", code="unknown_model"
+    )
+
+
+def _is_trained_model(model_dir: str, name: str) -> bool:
+    # Only plain folder names: a job's model name must never walk the file system.
+    return name.isidentifier() and (Path(model_dir) / name / "model.keras").is_file()
 
 
 def build_request(

@@ -145,6 +145,9 @@ class Config:
 
 
 WORKER_POOLS = ("threads", "prefork", "solo")
+# The ImageNet models the worker knows how to build (worker.models.registry); the API
+# names them in errors without importing the worker.
+BUILTIN_MODELS = ("mobilenet", "mobilenet_v2", "inception_v3")
 
 
 def _parse(f: dataclasses.Field, raw: str) -> Any:

@@ -83,7 +83,11 @@ class UnsupportedMediaType(ServiceError):
 
 
 class ValidationFailed(ServiceError):
-    status, code, message = 422, "validation_error", "The request is not valid."
+    status, code, message = (
+        422,
+        "validation_error",
+        "The request is not valid; details.fields says what is wrong with each field.",
+    )
 
 
 class RateLimited(ServiceError):

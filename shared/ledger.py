@@ -47,13 +47,23 @@ def charge_jobs(session: Session, user_id: int, job_ids: Sequence[str]) -> int:
         .returning(users.c.tokens)
     ).scalar_one_or_none()
     if new_balance is None:
-        raise InsufficientTokens(f"This needs {n} token(s); refill your balance.")
+        raise _short(session, user_id, n)
     bulk_insert(
         session,
         LedgerEntry.__table__,
         [_entry(user_id, -1, CHARGE, j) for j in job_ids],
     )
     return new_balance
+
+
+def _short(session: Session, user_id: int, cost: int) -> InsufficientTokens:
+    balance = session.execute(select(User.tokens).where(User.id == user_id)).scalar_one()
+    # Users cannot buy tokens themselves: say who can add them.
+    return InsufficientTokens(
+        f"This needs {cost} token(s) and your balance is {balance}. "
+        "An administrator adds tokens (POST /v1/admin/refill); ask yours for more.",
+        details={"balance": balance, "cost": cost},
+    )
 
 
 def _entry(user_id: int, delta: int, reason: str, job_id: str) -> dict:

@@ -84,13 +84,16 @@ class Fetcher:
             if urlsplit(url).scheme.lower() not in _SCHEMES:
                 raise FetchFailed("Only http and https URLs are supported")
             remaining = self._remaining(deadline)
-            response = session.get(
-                url,
-                headers={"Accept": _ACCEPT},
-                stream=True,
-                allow_redirects=False,
-                timeout=(remaining, remaining),
-            )
+            try:
+                response = session.get(
+                    url,
+                    headers={"Accept": _ACCEPT},
+                    stream=True,
+                    allow_redirects=False,
+                    timeout=(remaining, remaining),
+                )
+            except InvalidIPAddress as exc:
+                raise _blocked(url, exc) from exc
             if not response.is_redirect:
                 if not 200 <= response.status_code < 300:
                     response.close()
@@ -132,6 +135,16 @@ class Fetcher:
 
     def _too_large(self) -> ImageTooLarge:
         return ImageTooLarge(f"The image is larger than {self._max_bytes} bytes.")
+
+
+def _blocked(url: str, exc: InvalidIPAddress) -> BlockedAddress:
+    # Say which host and address, and the setting a developer trying it locally needs.
+    address = exc.args[0] if exc.args else "a non-public address"
+    return BlockedAddress(
+        f"{urlsplit(url).hostname} resolves to {address}, a loopback, private or reserved "
+        "address, which the service does not fetch. For local development and tests, "
+        "start the worker with ALLOW_PRIVATE_URLS=1."
+    )
 
 
 def _socket_of(raw: urllib3.HTTPResponse) -> socket.socket | None:

@@ -8,13 +8,14 @@ import json
 from collections.abc import Iterator
 
 import marshmallow as ma
-from flask import Response, g, request, stream_with_context
+from flask import Response, g, request, stream_with_context, url_for
 from flask_smorest import Blueprint
 from sqlalchemy import select, update
 
 from api import schemas
 from api.auth import login_required, owned
 from api.bulk import build_batch_request, parse_lines, submit_batch
+from api.errors import invalid_body
 from api.pagination import page
 from api.routes.jobs import after_cancel, idempotency_key
 from api.services import db, services
@@ -76,10 +77,7 @@ def _parse():
     else:
         body = request.get_json(silent=True)
         if not isinstance(body, dict) or not isinstance(body.get("urls"), list):
-            raise ValidationFailed(
-                'Send {"urls": [...]} as JSON or one URL per line as text/plain.',
-                code="invalid_body",
-            )
+            raise invalid_body('{"urls": [...]} as JSON, or one URL per line as text/plain')
         numbered = list(enumerate(body["urls"], start=1))
         options = _options({k: v for k, v in body.items() if k != "urls"})
     top_k = options.get("top_k", services().config.default_top_k)
@@ -97,7 +95,7 @@ def _parse():
 def create_batch():
     """Submit up to 10,000 URLs; charges one token each, all or nothing."""
     status, body = submit_batch(g.user, _parse(), idempotency_key())
-    return body, status
+    return body, status, {"Location": url_for("batches.get_batch", batch_id=body["id"])}
 
 
 @blp.route("/<batch_id>", methods=["GET"])

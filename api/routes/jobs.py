@@ -5,12 +5,13 @@ from __future__ import annotations
 import re
 
 import marshmallow as ma
-from flask import g, request
+from flask import g, request, url_for
 from flask_smorest import Blueprint
 from sqlalchemy import select
 
 from api import schemas
 from api.auth import login_required, owned
+from api.errors import invalid_body
 from api.pagination import page
 from api.services import db, services
 from api.submission import build_request, submit, wait_for
@@ -71,7 +72,7 @@ def _parse_job_request():
         return build_request(upload=upload.read(), filename=upload.filename, **fields)
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
-        raise ValidationFailed("Send a JSON object or a multipart form.", code="invalid_body")
+        raise invalid_body("a JSON object or a multipart form with a 'file' field")
     fields = _load({k: v for k, v in body.items() if k != "url"})
     return build_request(url=body.get("url"), **fields)
 
@@ -116,7 +117,7 @@ def create_job():
         job = wait_for(body["id"], wait_s)
         if JobStatus(job.status).is_terminal():
             return jobs.job_to_dict(job), 200, {"Preference-Applied": f"wait={wait_s}"}
-    return body, status
+    return body, status, {"Location": url_for("jobs.get_job", job_id=body["id"])}
 
 
 @blp.route("/<job_id>", methods=["GET"])

@@ -75,6 +75,7 @@ def test_classify_answers_top5_percentages(stack, photo_server):
     assert len(body) == 5
     assert max(body, key=body.get) == "macaw" and body["macaw"] > 90
     assert all(0 <= v <= 100 for v in body.values())
+    assert all(v == round(v, 2) for v in body.values())  # "90.27", as the seed answered
     assert (
         client.post("/token", json={"username": username, "password": password}).get_json()[
             "tokens"
@@ -91,6 +92,7 @@ def test_classify_errors_keep_the_seed_status_field(stack, photo_server):
         json={"username": username, "password": "bad-pass", "url": photo_server.url("dog.jpg")},
     )
     assert wrong.status_code == 401 and wrong.get_json()["status"] == 302
+    assert "Basic" in wrong.headers["WWW-Authenticate"]
     missing = client.post("/classify", json={"username": username, "password": password})
     assert missing.status_code == 422
     failed = client.post(
@@ -109,6 +111,8 @@ def test_classify_errors_keep_the_seed_status_field(stack, photo_server):
         json={"username": username, "password": password, "url": photo_server.url("bird.bmp")},
     )
     assert broke.status_code == 402 and broke.get_json()["status"] == 303
+    assert broke.get_json()["error"]["details"] == {"balance": 0, "cost": 1}
+    assert "administrator" in broke.get_json()["msg"]
 
 
 def test_predict_takes_an_upload_with_basic_auth(stack, photos_dir):

@@ -282,3 +282,19 @@ def test_every_redirect_hop_is_filtered(base: str) -> None:
     with pytest.raises(BlockedAddress):
         fetcher.fetch(f"{base}/to-metadata")
     assert time.monotonic() - started < 0.5
+
+
+def test_a_blocked_address_names_the_host_the_address_and_the_setting(
+    server: ThreadingHTTPServer, base: str
+) -> None:
+    fetcher = _fetcher(allow_private_urls=False)
+    with pytest.raises(BlockedAddress) as direct:
+        fetcher.fetch(f"http://localhost:{server.server_port}/photo")
+    message = direct.value.message
+    assert "localhost resolves to" in message and "ALLOW_PRIVATE_URLS=1" in message
+    assert "127.0.0.1" in message or "::1" in message
+    # A redirect hop names the hop's host, not the first URL's.
+    fetcher._manager.config.ip_filter_allow_loopback_ips = True
+    with pytest.raises(BlockedAddress) as hop:
+        fetcher.fetch(f"{base}/to-metadata")
+    assert "169.254.169.254 resolves to 169.254.169.254" in hop.value.message
