@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from shared.config import Config
 
@@ -30,6 +30,13 @@ def webhook_queue(config: Config) -> str:
     return f"{config.queue_prefix}.webhooks"
 
 
+def _queue(name: str) -> Queue:
+    # Each queue is bound to its own direct exchange under its own name; without one,
+    # Celery binds every queue to the default queue's exchange and routing key, which
+    # reads as if bulk work were routed to the interactive queue.
+    return Queue(name, Exchange(name, type="direct"), routing_key=name)
+
+
 def make_celery(config: Config, main: str = "imgclf") -> Celery:
     app = Celery(main, broker=config.effective_broker_url, set_as_current=False)
     queue = interactive_queue(config)
@@ -38,7 +45,7 @@ def make_celery(config: Config, main: str = "imgclf") -> Celery:
         accept_content=["json"],
         task_ignore_result=True,
         # Listed first, so a worker that consumes both takes interactive work first.
-        task_queues=[Queue(queue), Queue(bulk_queue(config))],
+        task_queues=[_queue(queue), _queue(bulk_queue(config))],
         task_default_queue=queue,
         task_routes={
             CLASSIFY_TASK: {"queue": queue},

@@ -137,3 +137,8 @@ def user(client):
 def admin(api_stack):
     """An administrator made the documented way: ``flask --app api create-admin``."""
     return support.make_admin(api_stack.app)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Leave Redis and PostgreSQL as the session found them, whatever the tests left."""
+    support.clean_up_session()

@@ -55,15 +55,25 @@ def _admin_dsn() -> str:
     return make_url(POSTGRES_ADMIN_URL).set(drivername="postgresql").render_as_string(False)
 
 
+# Everything this test process created outside its temporary folders, so that the
+# session's end (tests/conftest.py) removes what a test's own clean-up missed.
+_CREATED_DATABASES: set[str] = set()
+_CREATED_PREFIXES: set[str] = set()
+
+
 def create_postgres_database() -> str:
     name = f"imgclf_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    _CREATED_DATABASES.add(name)
     with psycopg.connect(_admin_dsn(), autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     return make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(False)
 
 
 def drop_postgres_database(url: str) -> None:
-    name = make_url(url).database
+    _drop_database(make_url(url).database)
+
+
+def _drop_database(name: str) -> None:
     with psycopg.connect(_admin_dsn(), autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
@@ -73,10 +83,30 @@ def migrated(config: Config) -> Config:
     return config
 
 
+def new_prefix(kind: str = "test") -> str:
+    """A fresh QUEUE_PREFIX, removed from Redis when the test session ends."""
+    prefix = f"imgclf-{kind}-{uuid.uuid4().hex[:8]}"
+    _CREATED_PREFIXES.add(prefix)
+    return prefix
+
+
 def delete_redis_prefix(prefix: str) -> None:
+    """The prefix's queues and keys, and kombu's bindings of its queues (named after them)."""
     client = redis.Redis.from_url(REDIS_URL)
-    for key in client.scan_iter(f"{prefix}*", count=1000):
-        client.delete(key)
+    for pattern in (prefix, f"_kombu.binding.{prefix}", f"_kombu.binding_permanent.{prefix}"):
+        for key in client.scan_iter(f"{pattern}*", count=1000):
+            client.delete(key)
+
+
+def clean_up_session() -> None:
+    """Remove every prefix and scratch database this process created (end of the session)."""
+    try:
+        for prefix in _CREATED_PREFIXES:
+            delete_redis_prefix(prefix)
+        for name in _CREATED_DATABASES:
+            _drop_database(name)
+    except (redis.RedisError, psycopg.Error) as exc:  # a service a fault test left down
+        print(f"test clean-up incomplete: {exc!r}")
 
 
 # --- configuration -------------------------------------------------------------
@@ -86,7 +116,7 @@ def test_config(database_url: str, **overrides) -> Config:
     values = {
         "database_url": database_url,
         "redis_url": REDIS_URL,
-        "queue_prefix": f"imgclf-test-{uuid.uuid4().hex[:8]}",
+        "queue_prefix": new_prefix(),
         "allow_private_urls": True,
         "bcrypt_rounds": 4,
         "max_wait_s": 60,
@@ -97,6 +127,7 @@ def test_config(database_url: str, **overrides) -> Config:
         "webhook_timeout_s": 2.0,
     }
     values.update(overrides)
+    _CREATED_PREFIXES.add(values["queue_prefix"])
     return Config.from_env({}, **values)
 
 

@@ -4,7 +4,6 @@ import os
 import signal
 import socket
 import subprocess
-import uuid
 
 import redis
 import requests
@@ -19,7 +18,7 @@ def _free_port() -> int:
 
 
 def test_make_run_serves_classifications(tmp_path, photo_server):
-    port, prefix = _free_port(), f"imgclf-run-{uuid.uuid4().hex[:8]}"
+    port, prefix = _free_port(), support.new_prefix("run")
     env = {
         **os.environ,
         "PORT": str(port),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass, field
 
 import pytest
@@ -23,7 +22,7 @@ def fault_config(database_url: str, redis_url: str = support.REDIS_URL, **overri
         reconcile_interval_s=2,
         stale_queued_s=6,
         stale_processing_s=30,
-        queue_prefix=f"imgclf-fault-{uuid.uuid4().hex[:8]}",
+        queue_prefix=support.new_prefix("fault"),
     )
     values.update(overrides)
     return support.migrated(support.test_config(database_url, **values))

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+from tests import support
 from tests.support import ROOT
 
 
@@ -39,7 +40,7 @@ def test_worker_refuses_to_start_without_its_models(tmp_path):
     output = _start_worker(
         MODELS="mobilenet,no-such-model",
         MODEL_DIR=str(tmp_path),
-        QUEUE_PREFIX=f"imgclf-start-{tmp_path.name}",
+        QUEUE_PREFIX=support.new_prefix("start"),
     )
     assert "could not load the models" in output
     assert "no-such-model" in output

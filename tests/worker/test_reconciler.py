@@ -2,7 +2,6 @@
 
 import base64
 import json
-import uuid
 from datetime import timedelta
 
 import pytest
@@ -12,13 +11,14 @@ from sqlalchemy import select
 from shared import ledger
 from shared.models import Job, LedgerEntry, User, new_id, utcnow
 from shared.queue import bulk_queue, interactive_queue
+from tests import support
 from worker.reconciler import Reconciler
 
 
 @pytest.fixture
 def rec(api_stack):
     config = api_stack.config.replace(
-        queue_prefix=f"imgclf-rec-{uuid.uuid4().hex[:8]}",
+        queue_prefix=support.new_prefix("rec"),
         stale_queued_s=60,
         stale_processing_s=60,
     )

@@ -79,3 +79,10 @@ def test_setup_all() -> None:
     assert model.max_batch == 4
     assert model.labels == ["x", "y"]
     assert model.predict_batch(np.zeros((5, 8, 8, 3), np.float32)).shape == (5, 2)
+
+
+def test_the_api_knows_the_same_builtin_names_as_the_worker() -> None:
+    # The API says "not enabled" (not "unknown") for these without importing the worker.
+    from shared import config
+
+    assert set(config.BUILTIN_MODELS) == set(BUILTIN_MODELS)
