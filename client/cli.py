@@ -14,6 +14,7 @@ import argparse
 import enum
 import json
 import os
+import shlex
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -202,13 +203,26 @@ def _wait_and_download(
     except KeyboardInterrupt:
         _note(
             f"\ninterrupted; batch {batch_id} keeps running on the server. Resume with:\n"
-            f"  python -m client wait {batch_id}"
+            f"  {resume_command(batch_id, args)}"
         )
         return ExitCode.INTERRUPTED
     where = f"; results in {escape(args.out)}" if args.out and args.out != "-" else ""
     plain = Console(stderr=True, highlight=False)
     plain.print(f"batch {batch_id} {batch.get('status')}: {summary(batch)}{where}")
     return ExitCode.OK
+
+
+def resume_command(batch_id: str, args: argparse.Namespace) -> str:
+    """The ``wait`` command that picks up where this one stopped, with the user's options.
+
+    The API key is left out on purpose: a hint is printed, and may be pasted or logged.
+    """
+    words = ["python", "-m", "client", "wait", batch_id]
+    for flag in ("url", "out", "format"):
+        value = getattr(args, flag, None)
+        if value:
+            words += [f"--{flag}", value]
+    return shlex.join(words)
 
 
 def _images(n: object) -> str:
@@ -248,7 +262,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not args.wait:
         print(batch["id"], flush=True)
         _note(
-            f"{_images(batch.get('total'))} queued; wait with: python -m client wait {batch['id']}"
+            f"{_images(batch.get('total'))} queued; wait with: {resume_command(batch['id'], args)}"
         )
         return ExitCode.OK
     return _wait_and_download(client, batch, args, announce=True)

@@ -334,10 +334,11 @@ def test_ctrl_c_while_waiting_says_how_to_resume(api_stack, photo_server, tmp_pa
     user = support.new_user(api_stack.client())
     urls_file = tmp_path / "urls.txt"
     urls_file.write_text(photo_server.url("parrot.jpg") + "\n")
+    out_args = ["--out", str(tmp_path / "my results.csv"), "--format", "csv"]
     with serving(api_stack.app) as url:
         env = {**os.environ, "IMGCLF_URL": url, "IMGCLF_API_KEY": user["key"]}
         proc = subprocess.Popen(
-            [sys.executable, "-m", "client", "submit", str(urls_file), "--wait"],
+            [sys.executable, "-m", "client", "submit", str(urls_file), "--wait", *out_args],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
@@ -358,5 +359,7 @@ def test_ctrl_c_while_waiting_says_how_to_resume(api_stack, photo_server, tmp_pa
             if proc.poll() is None:
                 proc.kill()
     assert proc.returncode == ExitCode.INTERRUPTED, err
-    assert f"python -m client wait {batch_id}" in err
+    resume = f"python -m client wait {batch_id} --out '{tmp_path / 'my results.csv'}' --format csv"
+    assert resume in err
+    assert user["key"] not in err
     assert out == ""
