@@ -2,9 +2,10 @@
 
 This file configures gunicorn, the HTTP server, not the service. The application
 reads its settings only through shared/config.py (the variables in the README's
-table); the three variables read here are gunicorn's own sizing knobs and are
-not application settings:
+table); the variables read here are gunicorn's own knobs and are not
+application settings:
 
+    HOST             address to listen on (default 0.0.0.0; `make run` uses 127.0.0.1)
     PORT             port to listen on (default 5000, as the README and make run use)
     WEB_CONCURRENCY  worker processes (default: 2 x CPUs + 1, capped at 4)
     API_THREADS      threads per worker process (default 32)
@@ -26,6 +27,7 @@ place that reads the application's environment stays shared/config.py.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -48,7 +50,8 @@ def _int_env(name: str, default: int) -> int:
 
 
 wsgi_app = "api.wsgi:app"  # the default; a command-line app argument wins
-bind = f"0.0.0.0:{_int_env('PORT', 5000)}"
+# HOST: 0.0.0.0 (every interface) suits a container; `make run` passes 127.0.0.1.
+bind = f"{os.environ.get('HOST') or '0.0.0.0'}:{_int_env('PORT', 5000)}"
 
 # Threaded workers: a long-poll (GET /v1/jobs/{id}?wait=N, Prefer: wait=N) holds a
 # thread for up to MAX_WAIT_S seconds while waiting on Redis, using no CPU.
@@ -87,6 +90,30 @@ def on_starting(server) -> None:
     for name in os.listdir(directory):
         if name.endswith(".db"):
             os.remove(os.path.join(directory, name))
+
+
+def post_worker_init(worker) -> None:
+    """On any stop signal, answer the long polls in flight at once (see DoneListener.close).
+
+    Otherwise a stop waits for them (up to MAX_WAIT_S) past ``graceful_timeout``,
+    and gunicorn SIGKILLs the worker and logs "Perhaps out of memory?".
+    gunicorn has a hook for SIGINT and SIGQUIT (``worker_int``) but none for
+    SIGTERM, so its handlers are wrapped here, after it installed them.
+    """
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        previous = signal.getsignal(sig)
+        if callable(previous):
+            signal.signal(sig, _ending_waits(worker, previous))
+
+
+def _ending_waits(worker, previous):
+    def handler(signum, frame) -> None:
+        services = getattr(worker.wsgi, "extensions", {}).get("imgclf")
+        if services is not None:
+            services.done.close()
+        previous(signum, frame)
+
+    return handler
 
 
 def child_exit(server, worker) -> None:

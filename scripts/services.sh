@@ -28,7 +28,8 @@ if ! redis_up; then
   mkdir -p var/redis
   # Append-only persistence: jobs queued before a restart survive it.
   redis-server --daemonize yes --bind 127.0.0.1 --port "$redis_port" --dir "$PWD/var/redis" \
-    --appendonly yes --save "" --logfile "$PWD/var/redis/redis.log"
+    --appendonly yes --save "" --logfile "$PWD/var/redis/redis.log" \
+    --pidfile "$PWD/var/redis/redis.pid"
   for _ in $(seq 50); do redis_up && break; sleep 0.1; done
   redis_up || { echo "could not start redis-server" >&2; exit 1; }
   echo "started redis-server on port $redis_port (data in var/redis)"

@@ -56,6 +56,21 @@ class DoneListener:
         self._pid = 0
         #: Set while subscribed (tests and health checks can wait on it).
         self.listening = threading.Event()
+        #: Set by ``close()``: the server is shutting down, so nobody waits any more.
+        self.closed = threading.Event()
+
+    def close(self) -> None:
+        """Answer every waiter now (with the job as it is) and refuse new waits.
+
+        Called when the server shuts down: a long poll would otherwise hold the
+        process for up to MAX_WAIT_S, past the server's graceful timeout, and get
+        it killed. Clients poll again, as they do after any timeout.
+        """
+        self.closed.set()
+        with self._lock:
+            events = [e for waiting in self._waiters.values() for e in waiting]
+        for event in events:
+            event.set()
 
     def wait(self, job_id: str, timeout_s: float, is_done: Callable[[], bool]) -> bool:
         """Block until ``is_done()`` or the timeout; returns the last ``is_done()``."""
@@ -70,7 +85,7 @@ class DoneListener:
                 if is_done():
                     return True
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 or self.closed.is_set():
                     return False
                 event.wait(min(remaining, RECHECK_S))
                 event.clear()

@@ -4,6 +4,8 @@ import os
 import signal
 import socket
 import subprocess
+import threading
+from pathlib import Path
 
 import redis
 import requests
@@ -17,66 +19,139 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_make_run_serves_classifications(tmp_path, photo_server):
-    port, prefix = _free_port(), support.new_prefix("run")
-    env = {
-        **os.environ,
-        "PORT": str(port),
-        "DATABASE_URL": f"sqlite:///{tmp_path / 'run.db'}",
-        "REDIS_URL": support.REDIS_URL,
-        "QUEUE_PREFIX": prefix,
-        "ALLOW_PRIVATE_URLS": "1",
-        "BCRYPT_ROUNDS": "4",
-    }
-    log = open(tmp_path / "run.log", "wb")  # noqa: SIM115 - owned by the process
-    proc = subprocess.Popen(
-        ["make", "run"],
-        cwd=support.ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
+class MakeRun:
+    """``make run`` in its own process group, as a terminal runs it."""
 
+    def __init__(self, tmp_path: Path, redis_url: str) -> None:
+        self.port, self.prefix = _free_port(), support.new_prefix("run")
+        self.redis_url = redis_url
+        self.log_path = tmp_path / "run.log"
+        env = {
+            **os.environ,
+            "PORT": str(self.port),
+            "DATABASE_URL": f"sqlite:///{tmp_path / 'run.db'}",
+            "REDIS_URL": redis_url,
+            "QUEUE_PREFIX": self.prefix,
+            "ALLOW_PRIVATE_URLS": "1",
+            "BCRYPT_ROUNDS": "4",
+        }
+        log = open(self.log_path, "wb")  # noqa: SIM115 - owned by the process
+        self.proc = subprocess.Popen(
+            ["make", "run"],
+            cwd=support.ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.base = f"http://127.0.0.1:{self.port}"
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self) -> None:
         def ready():
-            assert proc.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+            assert self.proc.poll() is None, self.output()[-3000:]
             try:
-                up = requests.get(f"{base}/readyz", timeout=2).status_code == 200
+                up = requests.get(f"{self.base}/readyz", timeout=2).status_code == 200
             except requests.RequestException:  # not listening yet, or still booting
                 return False
-            client = redis.Redis.from_url(support.REDIS_URL)
-            workers = [
-                client.hlen(f"{prefix}:{h}") for h in ("workers:ready", "webhook-workers:ready")
-            ]
-            return up and all(workers)
+            client = redis.Redis.from_url(self.redis_url)
+            hashes = ("workers:ready", "webhook-workers:ready")
+            return up and all(client.hlen(f"{self.prefix}:{h}") for h in hashes)
 
         support.wait_for(ready, 180, "make run to serve", interval=0.5)
+
+    def sign_up(self) -> str:
         signup = requests.post(
-            f"{base}/v1/users", timeout=10, json={"username": "runner", "password": "run-run-run"}
+            f"{self.base}/v1/users",
+            timeout=10,
+            json={"username": "runner", "password": "run-run-run"},
         )
         assert signup.status_code == 201
-        key = signup.json()["api_key"]
+        return signup.json()["api_key"]
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+        try:
+            return self.proc.wait(90)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            raise
+
+    def classification_worker_pid(self) -> int:
+        """The worker's pid, found by its QUEUE_PREFIX (unique to this run)."""
+        marker = f"QUEUE_PREFIX={self.prefix}".encode()
+        for entry in Path("/proc").iterdir():
+            try:
+                environ = (entry / "environ").read_bytes()
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:  # not a process, or gone
+                continue
+            if marker in environ.split(b"\0") and b"worker.celery_app" in cmdline:
+                return int(entry.name)
+        raise AssertionError("no classification worker found")
+
+
+def test_make_run_serves_classifications_and_ctrl_c_stops_it(tmp_path, photo_server):
+    run = MakeRun(tmp_path, support.REDIS_URL)
+    try:
+        run.wait_ready()
         resp = requests.post(
-            f"{base}/v1/jobs",
+            f"{run.base}/v1/jobs",
             json={"url": photo_server.url("parrot.jpg")},
-            headers={**support.bearer(key), "Prefer": "wait=60"},
+            headers={**support.bearer(run.sign_up()), "Prefer": "wait=60"},
             timeout=70,
         )
         assert resp.status_code == 200, resp.text
         assert resp.json()["result"]["predictions"][0]["label"] == "macaw"
-        assert requests.get(f"{base}/openapi.json", timeout=10).status_code == 200
+        assert requests.get(f"{run.base}/openapi.json", timeout=10).status_code == 200
     finally:
-        _stop(proc)
-        support.delete_redis_prefix(prefix)
+        run.stop(signal.SIGINT)  # what Ctrl-C sends to the terminal's process group
+        support.delete_redis_prefix(run.prefix)
+    output = run.output()
+    assert "stopped" in output
+    assert "Error" not in output and "SIGKILL" not in output, output[-3000:]
+    # The Redis it found running is not its own to stop.
+    assert redis.Redis.from_url(support.REDIS_URL).ping()
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
+def test_make_run_stops_everything_when_a_process_dies(tmp_path):
+    """A dead worker is named, the API's long polls are answered, its own Redis stops."""
+    redis_url = f"redis://127.0.0.1:{_free_port()}/0"
+    run = MakeRun(tmp_path, redis_url)
     try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        run.wait_ready()
+        assert "started redis-server" in run.output()
+        headers = support.bearer(run.sign_up())
+        job = requests.post(
+            f"{run.base}/v1/jobs",
+            json={"url": "http://127.0.0.1:9/never.jpg"},
+            headers=headers,
+            timeout=10,
+        ).json()
+        os.kill(run.classification_worker_pid(), signal.SIGSTOP)  # the job stays queued
+        polled: list[requests.Response] = []
+        poll = threading.Thread(
+            target=lambda: polled.append(
+                requests.get(f"{run.base}/v1/jobs/{job['id']}?wait=60", headers=headers, timeout=90)
+            )
+        )
+        poll.start()
+        os.kill(run.classification_worker_pid(), signal.SIGKILL)
+        assert run.proc.wait(90) != 0
+        poll.join(30)
+    finally:
+        run.stop()
+    output = run.output()
+    assert "the classification worker exited on its own, killed by signal 9" in output, output
+    assert "stopped the redis-server this command started" in output
+    # The API answered the waiting client when it was stopped, not after its 60 s wait.
+    assert polled and polled[0].status_code == 200 and polled[0].json()["status"] == "queued"
+    assert "SIGKILL! Perhaps out of memory" not in output
+    try:
+        alive = redis.Redis.from_url(redis_url, socket_connect_timeout=1).ping()
+    except redis.ConnectionError:
+        alive = False
+    assert not alive

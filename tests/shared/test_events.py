@@ -86,3 +86,23 @@ def test_an_idle_listener_ends_and_the_next_waiter_starts_another(config, monkey
     assert listener.wait("job-5", 30, done.is_set)
     publisher.join()
     assert listener._thread is not None and listener._thread is not first
+
+
+def test_close_answers_every_waiter_at_once_and_refuses_new_waits(config, monkeypatch):
+    """A server that stops must not be held by long polls (see gunicorn.conf.py)."""
+    monkeypatch.setattr(events, "RECHECK_S", 60.0)  # only close() can end the waits in time
+    listener = events.DoneListener(redis.Redis.from_url(config.redis_url), config)
+    results: list[bool] = []
+    waiters = [
+        threading.Thread(target=lambda j=j: results.append(listener.wait(j, 60, lambda: False)))
+        for j in ("a", "b", "a")
+    ]
+    for w in waiters:
+        w.start()
+    support.wait_for(lambda: len(listener._waiters) == 2, 10, "the waiters to register", 0.01)
+    listener.close()
+    for w in waiters:
+        w.join(30)
+    assert results == [False, False, False]
+    assert listener.wait("c", 60, lambda: False) is False  # returns at once after close
+    assert listener._waiters == {}
