@@ -31,8 +31,8 @@ worker:  ## Run one classification worker in the foreground
 webhook-worker:  ## Run the webhook delivery worker in the foreground
 	.venv/bin/celery -A worker.webhook_app worker --pool threads --concurrency 8 --loglevel INFO
 
-api:  ## Run the API under gunicorn on :5000
-	.venv/bin/gunicorn --bind 0.0.0.0:5000 --worker-class gthread --threads 32 --timeout 90 'api.wsgi:app'
+api:  ## Run the API under gunicorn on 127.0.0.1:5000 (HOST, PORT to change)
+	HOST=$${HOST:-127.0.0.1} .venv/bin/gunicorn -c gunicorn.conf.py 'api.wsgi:app'
 
 bench:  ## Run every benchmark (15-30 min) and write docs/benchmarks.md
 	.venv/bin/python -m bench.run_all

@@ -186,3 +186,8 @@ class JobListQuery(ma.Schema):
 class Health(ma.Schema):
     status = ma.fields.String()
     checks = ma.fields.Dict()
+
+
+def location_header(what: str) -> dict:
+    """OpenAPI description of the ``Location`` header that 202 answers carry."""
+    return {"Location": {"description": f"Where to poll the {what}", "schema": {"type": "string"}}}

@@ -217,12 +217,18 @@ def resume_command(batch_id: str, args: argparse.Namespace) -> str:
 
     The API key is left out on purpose: a hint is printed, and may be pasted or logged.
     """
-    words = ["python", "-m", "client", "wait", batch_id]
+    words = [_python(), "-m", "client", "wait", batch_id]
     for flag in ("url", "out", "format"):
         value = getattr(args, flag, None)
         if value:
             words += [f"--{flag}", value]
     return shlex.join(words)
+
+
+def _python() -> str:
+    """How this interpreter is named from here: `.venv/bin/python` works in a fresh shell."""
+    relative = os.path.relpath(sys.executable)
+    return "python" if relative.startswith("..") else relative
 
 
 def _images(n: object) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import functools
 import http.server
@@ -21,6 +22,7 @@ from pathlib import Path
 import psycopg
 import redis
 from sqlalchemy.engine import make_url
+from werkzeug.serving import make_server
 
 from shared import migrate
 from shared.config import Config
@@ -326,3 +328,15 @@ def make_admin(app) -> dict:
     assert result.exit_code == 0, result.output
     key = result.output.strip().rsplit(" ", 1)[-1]
     return {"username": username, "password": "admin-secret", "headers": bearer(key)}
+
+
+@contextlib.contextmanager
+def serving(app):
+    """The API app served on 127.0.0.1 by a real HTTP server, as a client would see it."""
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()

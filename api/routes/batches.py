@@ -89,7 +89,7 @@ def _parse():
 @blp.route("", methods=["POST"])
 @login_required
 @blp.doc(**BATCH_CREATE_DOC)
-@blp.response(202, schemas.BatchSchema)
+@blp.response(202, schemas.BatchSchema, headers=schemas.location_header("batch"))
 @blp.alt_response(402, schema=schemas.ErrorSchema, description="insufficient_tokens")
 @blp.alt_response(422, schema=schemas.ErrorSchema, description="invalid_urls (details.lines)")
 def create_batch():

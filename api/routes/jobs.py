@@ -101,7 +101,9 @@ def idempotency_key() -> str | None:
 @blp.route("", methods=["POST"])
 @login_required
 @blp.doc(**JOB_CREATE_DOC)
-@blp.response(202, schemas.Job, description="Accepted and queued")
+@blp.response(
+    202, schemas.Job, description="Accepted and queued", headers=schemas.location_header("job")
+)
 @blp.alt_response(200, schema=schemas.Job, description="Finished within Prefer: wait")
 @blp.alt_response(402, schema=schemas.ErrorSchema, description="insufficient_tokens")
 @blp.alt_response(409, schema=schemas.ErrorSchema, description="idempotency_key_reused")

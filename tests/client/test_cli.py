@@ -4,7 +4,6 @@ a real Celery worker and the real model."""
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -13,13 +12,11 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import uuid
 from pathlib import Path
 
 import pytest
 import requests
-from werkzeug.serving import make_server
 
 from client.api import ApiError, Unreachable
 from client.cli import ExitCode, UsageError, exit_code_for, main
@@ -160,21 +157,9 @@ def run_client(url: str, key: str, *args: str, stdin: str | None = None, timeout
     )
 
 
-@contextlib.contextmanager
-def serving(app):
-    """The API app served on 127.0.0.1 by a real HTTP server, as a client would see it."""
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-
-
 @pytest.fixture
 def live(stack):
-    with serving(stack.app) as url:
+    with support.serving(stack.app) as url:
         yield url
 
 
@@ -335,7 +320,7 @@ def test_ctrl_c_while_waiting_says_how_to_resume(api_stack, photo_server, tmp_pa
     urls_file = tmp_path / "urls.txt"
     urls_file.write_text(photo_server.url("parrot.jpg") + "\n")
     out_args = ["--out", str(tmp_path / "my results.csv"), "--format", "csv"]
-    with serving(api_stack.app) as url:
+    with support.serving(api_stack.app) as url:
         env = {**os.environ, "IMGCLF_URL": url, "IMGCLF_API_KEY": user["key"]}
         proc = subprocess.Popen(
             [sys.executable, "-m", "client", "submit", str(urls_file), "--wait", *out_args],

@@ -1,0 +1,166 @@
+"""The documented commands work as written, from a fresh shell in the repository root.
+
+Every command in a ``bash``/``sh`` block of the README and docs/ is checked: the program
+it names must resolve without an activated virtual environment (a bare ``flask`` or
+``python -m client`` finds the system's, or nothing), every ``make`` target must exist,
+every module run with ``-m`` or ``-A`` must import, and every ``flask`` command must
+exist. The README's "try it on your machine" commands are then run for real.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests import support
+
+ROOT = support.ROOT
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# Programs a fresh shell has, or that the docs run inside a container (docs/deploy.md).
+SYSTEM = {"curl", "python3", "printf", "export", "cp", "chmod", "date", "docker", "cd", "tar"}
+SHELL_WORDS = {"for", "do", "done", "if", "then", "fi"}
+VENV_PROGRAMS = {"python", "flask", "celery", "gunicorn", "pytest", "ruff"}
+ASSIGNMENT = re.compile(r"^[A-Z_][A-Z0-9_]*=\S*$")
+
+
+def fenced_commands(path: Path) -> list[tuple[int, list[str]]]:
+    """(block number, command lines) of each shell block, continuations joined."""
+    blocks, current, fence = [], [], None
+    for line in path.read_text().splitlines():
+        stripped = line.strip()
+        if fence is None and stripped.startswith("```"):
+            fence, current = stripped[3:].strip(), []
+        elif fence is not None and stripped.startswith("```"):
+            if fence in ("bash", "sh", "shell"):
+                blocks.append(current)
+            fence = None
+        elif fence is not None:
+            current.append(line)
+    joined = ("\n".join(lines).replace("\\\n", " ") for lines in blocks)
+    return [(n, [c for c in text.splitlines() if c.strip()]) for n, text in enumerate(joined)]
+
+
+def simple_commands(line: str) -> list[list[str]]:
+    """The words of each simple command on a line: split at | && ; ( ) $( ), without
+    comments, and without the target of a redirection."""
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    commands, skip_next = [[]], False
+    for token in lexer:
+        if skip_next:
+            skip_next = False
+        elif token in (">", ">>", "<"):
+            skip_next = True
+        elif set(token) <= set("|&;()"):
+            commands.append([])
+        else:
+            commands[-1].append(token)
+    return [c for c in commands if c]
+
+
+def _program(words: list[str]) -> list[str]:
+    """The command without its leading VAR=value assignments."""
+    while words and ASSIGNMENT.match(words[0]) and words[0] != "KEY=ick_...":
+        words = words[1:]
+    return words
+
+
+def _makefile_targets() -> set[str]:
+    text = (ROOT / "Makefile").read_text()
+    return set(re.findall(r"^([a-z][a-z-]*):", text, re.M))
+
+
+def _check(words: list[str], activated: bool) -> str | None:
+    """None if the command can run as written, else why not."""
+    if not words:
+        return None
+    program = words[0]
+    if program == "make":
+        missing = [t for t in words[1:] if "=" not in t and t not in _makefile_targets()]
+        return f"no make target {missing}" if missing else None
+    if program in (".", "source"):
+        return None if words[1:] == [".venv/bin/activate"] else "sources something else"
+    if program.startswith(".venv/bin/"):
+        if not (ROOT / program).exists():
+            return f"{program} does not exist"
+        return _check_venv_command(Path(program).name, words[1:])
+    if program in VENV_PROGRAMS:
+        if not activated:
+            return f"bare {program!r} is not the project's: write .venv/bin/{program}"
+        return _check_venv_command(program, words[1:])
+    if program in SYSTEM or program in SHELL_WORDS or program.startswith("KEY="):
+        return None
+    if program.startswith(".") and not program.startswith(("./", ".venv")):
+        return None  # the tail of a word that a $( ) split: "name-$(date).dump"
+    return f"unknown program {program!r}"
+
+
+def _check_venv_command(program: str, args: list[str]) -> str | None:
+    for flag in ("-m", "-A", "--app"):
+        if flag in args:
+            module = args[args.index(flag) + 1]
+            if importlib.util.find_spec(module) is None:
+                return f"module {module} not found"
+    if program == "flask" and len(args) >= 3:
+        run = subprocess.run(
+            [str(ROOT / ".venv/bin/flask"), *args[:3], "--help"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if run.returncode != 0:
+            return f"flask {' '.join(args[:3])}: {run.stderr.strip()[-300:]}"
+    return None
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_every_documented_command_runs_from_a_fresh_shell(doc: Path):
+    problems = []
+    for number, commands in fenced_commands(doc):
+        activated = any(c.strip() == ". .venv/bin/activate" for c in commands)
+        for command in commands:
+            for words in simple_commands(command):
+                problem = _check(_program(words), activated)
+                if problem:
+                    problems.append(f"block {number}: {command!r}: {problem}")
+    assert not problems, "\n".join(problems)
+
+
+def _try_it_block() -> str:
+    """The README's commands for the third terminal of "Try it on your machine"."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Try it on your machine", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+    return blocks[1]
+
+
+def test_the_try_it_commands_work_as_written(stack, photo_server, tmp_path):
+    """Run them with bash against a real API and worker and a photo server on loopback."""
+    (tmp_path / ".venv").symlink_to(ROOT / ".venv")
+    (tmp_path / "client").symlink_to(ROOT / "client")
+    photos = photo_server.url("parrot.jpg").rsplit("/", 1)[0].split("://", 1)[1]
+    with support.serving(stack.app) as url:
+        script = (
+            _try_it_block()
+            .replace("localhost:5000", url.split("://", 1)[1])
+            .replace("127.0.0.1:8000", photos)
+        )
+        run = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script],
+            cwd=tmp_path,
+            env={**os.environ, "IMGCLF_URL": url},
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert '"label":"macaw"' in run.stdout.replace(" ", "")
+    rows = (tmp_path / "results.csv").read_text().splitlines()
+    assert len(rows) == 4 and all("succeeded" in row for row in rows[1:]), rows
