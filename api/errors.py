@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 import redis.exceptions
-from flask import Flask, jsonify, request
+from flask import Flask, current_app, jsonify, request
 from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -38,17 +38,24 @@ UNAVAILABLE = (
 )
 
 
-# RFC 9110: every 401 names the schemes that would work, whatever the cause.
-AUTH_CHALLENGE = 'Basic realm="imgclf", Bearer'
-
-
 def error_response(err: ServiceError):
     response = jsonify(err.to_dict())
     response.status_code = err.status
     response.headers.update(err.headers)
     if err.status == 401:
-        response.headers.setdefault("WWW-Authenticate", AUTH_CHALLENGE)
+        response.headers["WWW-Authenticate"] = _auth_challenge()
     return response
+
+
+def _auth_challenge() -> str:
+    # RFC 9110: every 401 names the schemes that would work, whatever the cause. A
+    # Basic challenge makes a browser pop up its own login box, so the web pages' calls
+    # (session cookie, no Authorization header) are offered Bearer only.
+    from_web_page = (
+        "Authorization" not in request.headers
+        and current_app.config["SESSION_COOKIE_NAME"] in request.cookies
+    )
+    return 'Bearer realm="imgclf"' if from_web_page else 'Basic realm="imgclf", Bearer'
 
 
 def invalid_body(expected: str) -> ValidationFailed:

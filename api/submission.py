@@ -94,7 +94,10 @@ def validate_url(url: Any, field: str = "url") -> str:
 def validate_upload(data: bytes, filename: str | None) -> None:
     config = services().config
     if len(data) > config.max_image_bytes:
-        raise PayloadTooLarge(f"The file is larger than {config.max_image_bytes} bytes.")
+        raise PayloadTooLarge(
+            f"The file is {len(data):,} bytes; the limit is {config.max_image_bytes:,} bytes "
+            "(MAX_IMAGE_BYTES)."
+        )
     if not data:
         raise ValidationFailed("The uploaded file is empty.", code="empty_file")
     if sniff_format(data) is None:

@@ -106,7 +106,7 @@ class Fetcher:
     def _read_body(self, response: requests.Response, deadline: float) -> bytes:
         declared = response.headers.get("Content-Length", "")
         if declared.isdigit() and int(declared) > self._max_bytes:
-            raise self._too_large()
+            raise self._too_large(f"{int(declared):,} bytes")
         sock = _socket_of(response.raw)
         body = bytearray()
         while True:
@@ -122,7 +122,7 @@ class Fetcher:
                 return bytes(body)
             body += chunk
             if len(body) > self._max_bytes:
-                raise self._too_large()
+                raise self._too_large(f"more than {self._max_bytes:,} bytes")
 
     def _remaining(self, deadline: float) -> float:
         remaining = deadline - time.monotonic()
@@ -133,8 +133,10 @@ class Fetcher:
     def _timed_out(self) -> FetchFailed:
         return FetchFailed(f"Fetching the image timed out after {self._timeout_s:g} s.")
 
-    def _too_large(self) -> ImageTooLarge:
-        return ImageTooLarge(f"The image is larger than {self._max_bytes} bytes.")
+    def _too_large(self, size: str) -> ImageTooLarge:
+        return ImageTooLarge(
+            f"The image is {size}; the limit is {self._max_bytes:,} bytes (MAX_IMAGE_BYTES)."
+        )
 
 
 def _blocked(url: str, exc: InvalidIPAddress) -> BlockedAddress:

@@ -83,6 +83,15 @@ def test_every_401_carries_www_authenticate(client, user):
         assert "Basic" in resp.headers["WWW-Authenticate"], resp.get_json()
 
 
+def test_a_web_page_call_is_not_offered_basic_auth(api_stack):
+    """A Basic challenge would make the browser show its own login box over the page."""
+    client = api_stack.client()
+    client.set_cookie("session", "expired-or-forged")
+    resp = client.get("/v1/me")
+    assert resp.status_code == 401
+    assert resp.headers["WWW-Authenticate"] == 'Bearer realm="imgclf"'
+
+
 def test_accepted_jobs_and_batches_carry_location(client, user):
     job = client.post("/v1/jobs", json={"url": URL}, headers=user["headers"])
     assert job.status_code == 202

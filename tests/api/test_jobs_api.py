@@ -100,6 +100,7 @@ def test_upload_over_the_byte_limit_is_413(api_stack, photos_dir):
     )
     assert resp.status_code == 413
     assert resp.get_json()["error"]["code"] == "payload_too_large"
+    assert f"The file is {len(data):,} bytes" in resp.get_json()["error"]["message"]
     assert _balance_and_ledger(small, user["username"]) == (5, 5)
 
 

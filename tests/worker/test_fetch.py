@@ -193,8 +193,11 @@ def test_other_schemes_fail(url: str) -> None:
 @pytest.mark.parametrize("path", ["/big-declared", "/endless"])
 def test_oversized_bodies_stop_early(base: str, path: str) -> None:
     Handler.flood_done.clear()
-    with pytest.raises(ImageTooLarge):
+    with pytest.raises(ImageTooLarge) as refused:
         _fetcher(max_image_bytes=SMALL_LIMIT).fetch(base + path)
+    # The message gives the size (declared, or at least what came) and the limit.
+    assert f"the limit is {SMALL_LIMIT:,} bytes (MAX_IMAGE_BYTES)" in refused.value.message
+    assert refused.value.message.startswith("The image is ")
     assert Handler.flood_done.wait(5), "the server kept sending after the client gave up"
     # What the server managed to send is bounded by the socket buffers, not the cap.
     assert Handler.flooded[path] < FLOOD_CAP // 4
