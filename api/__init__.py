@@ -11,6 +11,7 @@ from flask_smorest import Api
 from flask_swagger_ui import get_swaggerui_blueprint
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from api.auth import dummy_hash
 from api.errors import register_error_handlers
 from api.metrics import init_metrics
 from api.ratelimit import Limits
@@ -48,6 +49,8 @@ def create_app(config: Config | None = None, **overrides: Any) -> Flask:
     app.extensions["imgclf"] = svc = Services.build(config)
     init_metrics(app, svc)
     app.extensions["imgclf_limits"] = Limits(config)
+    # Made now, not on the first unknown username (that answer would be slower once).
+    dummy_hash(config.bcrypt_rounds)
     app.teardown_appcontext(close_db)
     app.before_request(_bind_request_id)
     app.before_request(_reject_malformed_json)

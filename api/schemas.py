@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import re
+
 import marshmallow as ma
 from marshmallow import validate
 
 from shared.status import JobStatus
 
-USERNAME = validate.Regexp(
-    r"^[A-Za-z0-9_.-]{3,64}$", error="3 to 64 letters, digits, '_', '.' or '-'."
-)
+# \Z, not $: "$" also matches before a final newline, which let "name\n" through.
+USERNAME_RE = re.compile(r"[A-Za-z0-9_.-]{3,64}\Z")
+USERNAME = validate.Regexp(USERNAME_RE, error="3 to 64 letters, digits, '_', '.' or '-'.")
 
 
 class ErrorBody(ma.Schema):
