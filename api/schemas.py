@@ -9,8 +9,9 @@ from marshmallow import validate
 
 from shared.status import JobStatus
 
-# \Z, not $: "$" also matches before a final newline, which let "name\n" through.
-USERNAME_RE = re.compile(r"[A-Za-z0-9_.-]{3,64}\Z")
+# "$" alone also matches before a final newline, which let "name\n" through; the
+# lookahead refuses that, and unlike \Z it is valid in the OpenAPI (ECMA) pattern too.
+USERNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{3,64}(?!\n)$")
 USERNAME = validate.Regexp(USERNAME_RE, error="3 to 64 letters, digits, '_', '.' or '-'.")
 
 
