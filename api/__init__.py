@@ -13,6 +13,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from api.auth import dummy_hash
 from api.errors import register_error_handlers
+from api.json_provider import JSONProvider
 from api.metrics import init_metrics
 from api.ratelimit import Limits
 from api.schemas import ErrorSchema
@@ -31,6 +32,7 @@ def create_app(config: Config | None = None, **overrides: Any) -> Flask:
         config = config.replace(**overrides)
     logs.configure(config.log_level, config.log_format)
     app = Flask(__name__)
+    app.json = JSONProvider(app)  # deep nesting is a 400, not a RecursionError
     app.config.update(
         SECRET_KEY=config.secret_key or secrets.token_hex(32),
         SESSION_COOKIE_HTTPONLY=True,

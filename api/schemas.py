@@ -64,9 +64,21 @@ class KeyList(ma.Schema):
     items = ma.fields.List(ma.fields.Nested(KeyInfo))
 
 
+class StrictInteger(ma.fields.Integer):
+    """A JSON integer only: 2.5 is refused, not truncated to 2; so are true and "3"."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(strict=True, **kwargs)
+
+    def _validated(self, value):
+        if isinstance(value, bool):
+            raise self.make_error("invalid")
+        return super()._validated(value)
+
+
 class Refill(ma.Schema):
     username = ma.fields.String(required=True)
-    amount = ma.fields.Integer(required=True, validate=validate.Range(min=1, max=1_000_000))
+    amount = StrictInteger(required=True, validate=validate.Range(min=1, max=1_000_000))
 
 
 class Balance(ma.Schema):

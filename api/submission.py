@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import unicodedata
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -73,10 +74,16 @@ def is_valid_url(url: str) -> bool:
             parts.scheme.lower() in ("http", "https")
             and bool(parts.hostname)
             and len(url) <= MAX_URL_LENGTH
-            and not any(c.isspace() for c in url)
+            and not any(c.isspace() or _is_control(c) for c in url)
         )
     except ValueError:  # e.g. an invalid IPv6 literal
         return False
+
+
+def _is_control(char: str) -> bool:
+    # Control (ANSI escapes reached the logs), format (invisible, bidi overrides) and
+    # surrogate characters: never part of a real URL, only of an attack on its readers.
+    return unicodedata.category(char) in ("Cc", "Cf", "Cs")
 
 
 def validate_url(url: Any, field: str = "url") -> str:
