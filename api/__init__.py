@@ -11,7 +11,9 @@ from flask_smorest import Api
 from flask_swagger_ui import get_swaggerui_blueprint
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from api.auth import dummy_hash
 from api.errors import register_error_handlers
+from api.json_provider import JSONProvider
 from api.metrics import init_metrics
 from api.ratelimit import Limits
 from api.schemas import ErrorSchema
@@ -30,6 +32,7 @@ def create_app(config: Config | None = None, **overrides: Any) -> Flask:
         config = config.replace(**overrides)
     logs.configure(config.log_level, config.log_format)
     app = Flask(__name__)
+    app.json = JSONProvider(app)  # deep nesting is a 400, not a RecursionError
     app.config.update(
         SECRET_KEY=config.secret_key or secrets.token_hex(32),
         SESSION_COOKIE_HTTPONLY=True,
@@ -48,6 +51,8 @@ def create_app(config: Config | None = None, **overrides: Any) -> Flask:
     app.extensions["imgclf"] = svc = Services.build(config)
     init_metrics(app, svc)
     app.extensions["imgclf_limits"] = Limits(config)
+    # Made now, not on the first unknown username (that answer would be slower once).
+    dummy_hash(config.bcrypt_rounds)
     app.teardown_appcontext(close_db)
     app.before_request(_bind_request_id)
     app.before_request(_reject_malformed_json)

@@ -11,10 +11,11 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 import bcrypt
-from flask import g, request, session
+from flask import current_app, g, request, session
 from sqlalchemy import select, update
 
 from api.ratelimit import limits
+from api.schemas import USERNAME_RE
 from api.services import db, services
 from shared.errors import Forbidden, NotFound, Unauthorized, ValidationFailed
 from shared.models import ApiKey, User, as_utc, utcnow
@@ -26,8 +27,12 @@ MAX_PASSWORD_BYTES = 72  # bcrypt ignores (bcrypt>=5: rejects) anything longer
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# Checked against when the username is unknown, so timing does not reveal which names exist.
-_DUMMY_HASH = bcrypt.hashpw(b"not-a-password", bcrypt.gensalt(rounds=4))
+
+@functools.lru_cache(maxsize=4)
+def dummy_hash(rounds: int) -> bytes:
+    """Checked against when the username is unknown, so timing does not reveal which names
+    exist: it must cost what a real hash costs (BCRYPT_ROUNDS), and is computed once."""
+    return bcrypt.hashpw(b"not-a-password", bcrypt.gensalt(rounds=rounds))
 
 
 def hash_password(password: str) -> str:
@@ -40,9 +45,17 @@ def check_password(password: str, password_hash: str | None) -> bool:
     if len(data) > MAX_PASSWORD_BYTES:
         return False
     if password_hash is None:
-        bcrypt.checkpw(data, _DUMMY_HASH)
+        bcrypt.checkpw(data, dummy_hash(services().config.bcrypt_rounds))
         return False
     return bcrypt.checkpw(data, password_hash.encode())
+
+
+def validate_username(username: str) -> None:
+    """The same rule for every way in (/v1/users, /register, the sign-up page)."""
+    if not USERNAME_RE.fullmatch(username):
+        raise ValidationFailed(
+            "Usernames are 3 to 64 letters, digits, '_', '.' or '-'.", code="invalid_username"
+        )
 
 
 def validate_password(password: str) -> None:
@@ -98,11 +111,57 @@ CSRF_HEADER = "X-CSRF-Token"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
+WEB_SESSION, WEB_NEW_KEY = "web-session", "web-new-key"
+
+
+def server_session_key(kind: str, sid: str | None = None) -> str | None:
+    """The Redis key of this browser session's server-side state (``kind``), or None.
+
+    Only a hash of the session id is stored, so a Redis dump holds no usable session.
+    """
+    sid = sid or session.get("sid")
+    if not isinstance(sid, str):
+        return None
+    digest = hashlib.sha256(sid.encode()).hexdigest()
+    return f"{services().config.queue_prefix}:{kind}:{digest}"
+
+
 def log_in(user: User) -> None:
-    """Start a browser session (the web pages); API clients use keys or Basic instead."""
+    """Start a browser session (the web pages); API clients use keys or Basic instead.
+
+    The cookie is signed but lives on the client, so it alone cannot be revoked: the
+    session is also recorded in Redis, checked on every request and deleted at log-out.
+    """
     session.clear()
+    sid = secrets.token_urlsafe(32)
+    services().redis.set(
+        server_session_key(WEB_SESSION, sid),
+        str(user.id),
+        ex=current_app.permanent_session_lifetime,
+    )
+    session["sid"] = sid
     session["uid"] = user.id
     session["csrf"] = secrets.token_urlsafe(32)
+
+
+def log_out() -> None:
+    """End the browser session on the server too: a copy of the cookie stops working."""
+    keys = [k for k in (server_session_key(WEB_SESSION), server_session_key(WEB_NEW_KEY)) if k]
+    if keys:
+        services().redis.delete(*keys)
+    session.clear()
+
+
+def session_user_id() -> int | None:
+    """The user id of this cookie's session if the server still has it, else None."""
+    uid = session.get("uid")
+    if uid is None:
+        return None
+    key = server_session_key(WEB_SESSION)
+    if key is None or services().redis.get(key) != str(uid).encode():
+        session.clear()  # logged out elsewhere, expired, or a cookie from before sessions
+        return None
+    return uid
 
 
 def csrf_token() -> str:
@@ -112,6 +171,9 @@ def csrf_token() -> str:
 
 
 def _user_by_session() -> User:
+    uid = session_user_id()
+    if uid is None:
+        raise Unauthorized("Your session has ended; log in again.")
     # A cookie is sent by the browser on its own, so every change needs the CSRF token
     # that only our pages can read.
     if request.method not in SAFE_METHODS:
@@ -119,7 +181,7 @@ def _user_by_session() -> User:
         # Compared as bytes: compare_digest refuses non-ASCII str.
         if not hmac.compare_digest(sent.encode(), session.get("csrf", "").encode()):
             raise Forbidden("Missing or wrong CSRF token.", code="csrf_failed")
-    user = db().get(User, session["uid"])
+    user = db().get(User, uid)
     if user is None:
         session.clear()
         raise Unauthorized("Your session has ended; log in again.")

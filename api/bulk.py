@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from sqlalchemy import delete, func, select, update
@@ -27,7 +28,7 @@ from api.submission import (
 from shared import batches, ledger, logs
 from shared.db import bulk_insert
 from shared.errors import ServiceUnavailable, ValidationFailed
-from shared.models import Batch, Job, LedgerEntry, User, new_id, utcnow
+from shared.models import Batch, IdempotencyRecord, Job, User, new_id, utcnow
 from shared.queue import enqueue_bulk
 from shared.status import JobStatus
 
@@ -61,13 +62,19 @@ class BatchRequest:
         return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
 
 
-def parse_lines(text: str) -> list[tuple[int, str]]:
-    """(line number, url) for each line that is not blank or a ``#`` comment."""
+def parse_lines(lines: Iterable[str], limit: int) -> list[tuple[int, str]]:
+    """(line number, url) for each line that is not blank or a ``#`` comment.
+
+    Stops after ``limit`` + 1 URLs: that is already too many, and reading on would
+    hold every line of a huge body at once (10 million lines took 1 GB).
+    """
     out = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         line = line.strip()
         if line and not line.startswith("#"):
             out.append((number, line))
+            if len(out) > limit:
+                break
     return out
 
 
@@ -79,7 +86,7 @@ def build_batch_request(
         raise ValidationFailed("The batch has no URLs.", code="empty_batch")
     if len(numbered) > limit:
         raise ValidationFailed(
-            f"A batch takes at most {limit} URLs; this one has {len(numbered)}.",
+            f"A batch takes at most {limit} URLs; this one has more.",
             code="too_many_urls",
         )
     bad = [n for n, url in numbered if not (isinstance(url, str) and is_valid_url(url.strip()))]
@@ -148,8 +155,8 @@ def submit_batch(user: User, req: BatchRequest, idempotency_key: str | None) -> 
     except Exception:
         session.rollback()
         raise
-    _enqueue_or_undo(user.id, batch_id, chunk(job_ids, req.urls, svc.config.batch_max))
-    return 202, body
+    chunks = chunk(job_ids, req.urls, svc.config.batch_max)
+    return 202, _enqueue_or_undo(user.id, batch_id, chunks, body)
 
 
 def chunk(job_ids: list[str], urls: tuple[str, ...], size: int) -> list[list[str]]:
@@ -166,37 +173,66 @@ def chunk(job_ids: list[str], urls: tuple[str, ...], size: int) -> list[list[str
     return chunks
 
 
-def _enqueue_or_undo(user_id: int, batch_id: str, chunks: list[list[str]]) -> None:
+def _enqueue_or_undo(user_id: int, batch_id: str, chunks: list[list[str]], body: dict) -> dict:
+    """Send the chunks; if a send fails, take back every job no worker has claimed yet.
+
+    A publish can raise after the broker took some messages, and workers may claim those
+    jobs before the undo runs. If none was claimed the batch disappears and the answer is
+    503 (nothing charged); otherwise the claimed jobs stay, charged, and the answer is the
+    batch as it now stands (202; if some jobs were taken back, ``canceled_at`` is set and
+    ``total`` counts the jobs kept).
+    """
     svc = services()
     try:
         enqueue_bulk(svc.celery, svc.config, chunks)
     except Exception as exc:
         log.warning("enqueue of batch %s failed: %r; undoing it", batch_id, exc)
-        _undo(user_id, batch_id)
-        raise ServiceUnavailable("The job queue is unavailable; nothing was charged.") from exc
+        kept = _undo(user_id, batch_id)
+        if kept is None:
+            raise ServiceUnavailable("The job queue is unavailable; nothing was charged.") from exc
+        log.warning("batch %s: %d job(s) already claimed; kept", batch_id, kept["total"])
+        return kept
+    return body
 
 
-def _undo(user_id: int, batch_id: str) -> None:
-    """Refund and remove what is still queued; jobs a worker already took keep running."""
+def _undo(user_id: int, batch_id: str) -> dict | None:
+    """Delete the batch's still-queued jobs and void their charges, in one transaction.
+
+    Returns None when the whole batch is gone, else the batch as it stands: the jobs a
+    worker claimed first (the conditional DELETE and the worker's claim are both status
+    transitions, so exactly one wins per job) keep running and stay charged.
+    """
     session = db()
     session.rollback()
-    queued = list(
+    removed = list(
         session.scalars(
-            select(Job.id).where(Job.batch_id == batch_id, Job.status == JobStatus.QUEUED.value)
+            delete(Job)
+            .where(Job.batch_id == batch_id, Job.status == JobStatus.QUEUED.value)
+            .returning(Job.id)
+            .execution_options(synchronize_session=False)
         )
     )
-    if queued:
-        session.execute(delete(LedgerEntry).where(LedgerEntry.job_id.in_(queued)))
-        session.execute(delete(Job).where(Job.id.in_(queued)))
-        session.execute(
-            update(User).where(User.id == user_id).values(tokens=User.tokens + len(queued))
-        )
+    ledger.void_charges(session, user_id, removed)
     taken = session.scalar(select(func.count()).where(Job.batch_id == batch_id))
-    if taken:
+    if not taken:
+        forget_idempotent(user_id, batch_id)
+        session.execute(delete(Batch).where(Batch.id == batch_id))
+        session.commit()
+        return None
+    if removed:
         session.execute(
             update(Batch).where(Batch.id == batch_id).values(canceled_at=utcnow(), total=taken)
         )
-    else:
-        forget_idempotent(user_id, batch_id)
-        session.execute(delete(Batch).where(Batch.id == batch_id))
+    body = batches.batch_to_dict(session, session.get(Batch, batch_id, populate_existing=True))
+    # A retry with the same Idempotency-Key gets this answer, not the first one's total.
+    session.execute(
+        update(IdempotencyRecord)
+        .where(
+            IdempotencyRecord.user_id == user_id,
+            IdempotencyRecord.body["id"].as_string() == batch_id,
+        )
+        .values(body=body)
+        .execution_options(synchronize_session=False)
+    )
     session.commit()
+    return body

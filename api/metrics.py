@@ -33,6 +33,9 @@ from shared.queue import bulk_queue, interactive_queue, webhook_queue
 
 log = logging.getLogger(__name__)
 
+# Label values must come from a bounded set: any method name a client sends would
+# otherwise become a new series in every process (2,000 made /metrics 1 MB).
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 REQUESTS = Counter("imgclf_http_requests_total", "HTTP requests", ["method", "route", "status"])
 LATENCY = Histogram(
     "imgclf_http_request_duration_seconds",
@@ -138,10 +141,11 @@ def init_metrics(app: Flask, svc: Services) -> None:
     @app.after_request
     def _record(response):
         route = request.url_rule.rule if request.url_rule else "unmatched"
+        method = request.method if request.method in KNOWN_METHODS else "other"
         start = g.get("metrics_start")
         if start is not None:
-            LATENCY.labels(request.method, route).observe(time.perf_counter() - start)
-        REQUESTS.labels(request.method, route, str(response.status_code)).inc()
+            LATENCY.labels(method, route).observe(time.perf_counter() - start)
+        REQUESTS.labels(method, route, str(response.status_code)).inc()
         return response
 
     app.extensions["imgclf_metrics"] = registry

@@ -1,7 +1,9 @@
 """Rate limits, counted in Redis with the ``limits`` library (flask-limiter's core).
 
-Two guards, both checked after we know who is asking:
+Three guards:
 - submissions per user (``RATE_LIMIT_SUBMIT``): 429 with Retry-After;
+- sign-ups per client address (``SIGNUP_LIMIT_PER_IP``), since each account comes
+  with free tokens: 429 with Retry-After;
 - failed password checks per username and per client address
   (``LOGIN_FAILURE_LIMIT``, ``LOGIN_FAILURE_LIMIT_PER_IP``): once exceeded, even the
   right password is refused until the window passes, so guessing is slow.
@@ -34,9 +36,14 @@ class Limits:
         self.submit = parse(config.rate_limit_submit)
         self.login_user = parse(config.login_failure_limit)
         self.login_ip = parse(config.login_failure_limit_per_ip)
+        self.signup_ip = parse(config.signup_limit_per_ip)
 
     def check_submission(self, user_id: int, cost: int = 1) -> None:
         self._hit(self.submit, ("submit", str(user_id)), cost, "Too many submissions")
+
+    def check_signup(self) -> None:
+        address = request.remote_addr or "unknown"
+        self._hit(self.signup_ip, ("signup-ip", address), 1, "Too many sign-ups from this address")
 
     def check_login(self, username: str) -> None:
         """Refuse before checking a password if this name or address failed too often."""

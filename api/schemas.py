@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import re
+
 import marshmallow as ma
 from marshmallow import validate
 
 from shared.status import JobStatus
 
-USERNAME = validate.Regexp(
-    r"^[A-Za-z0-9_.-]{3,64}$", error="3 to 64 letters, digits, '_', '.' or '-'."
-)
+# "$" alone also matches before a final newline, which let "name\n" through; the
+# lookahead refuses that, and unlike \Z it is valid in the OpenAPI (ECMA) pattern too.
+USERNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{3,64}(?!\n)$")
+USERNAME = validate.Regexp(USERNAME_RE, error="3 to 64 letters, digits, '_', '.' or '-'.")
 
 
 class ErrorBody(ma.Schema):
@@ -61,9 +64,21 @@ class KeyList(ma.Schema):
     items = ma.fields.List(ma.fields.Nested(KeyInfo))
 
 
+class StrictInteger(ma.fields.Integer):
+    """A JSON integer only: 2.5 is refused, not truncated to 2; so are true and "3"."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(strict=True, **kwargs)
+
+    def _validated(self, value):
+        if isinstance(value, bool):
+            raise self.make_error("invalid")
+        return super()._validated(value)
+
+
 class Refill(ma.Schema):
     username = ma.fields.String(required=True)
-    amount = ma.fields.Integer(required=True, validate=validate.Range(min=1, max=1_000_000))
+    amount = StrictInteger(required=True, validate=validate.Range(min=1, max=1_000_000))
 
 
 class Balance(ma.Schema):

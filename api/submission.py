@@ -4,7 +4,9 @@ Order matters for "nothing half-written":
 1. an upload goes to Redis first (Redis down: 503 before any SQL write);
 2. one SQL transaction charges the token, inserts the job and the idempotency record;
 3. only after the commit is the job id sent to the broker; if that fails, a
-   compensating transaction deletes the job and its charge and returns 503.
+   compensating transaction deletes the job and voids its charge (shared/ledger.py) and
+   returns 503, unless a worker already claimed the job (a publish can fail after the
+   broker took the message): then the job stays, charged, and the answer is 202.
 """
 
 from __future__ import annotations
@@ -12,13 +14,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
+import unicodedata
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import delete, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from api.ratelimit import limits
@@ -34,7 +38,7 @@ from shared.errors import (
 )
 from shared.images import ALLOWED_FORMATS, sniff_format
 from shared.jobs import job_to_dict
-from shared.models import IdempotencyRecord, Job, LedgerEntry, User, as_utc, new_id, utcnow
+from shared.models import IdempotencyRecord, Job, User, as_utc, new_id, utcnow
 from shared.queue import enqueue_jobs
 from shared.status import JobStatus
 
@@ -73,10 +77,23 @@ def is_valid_url(url: str) -> bool:
             parts.scheme.lower() in ("http", "https")
             and bool(parts.hostname)
             and len(url) <= MAX_URL_LENGTH
-            and not any(c.isspace() for c in url)
+            and _no_hidden_characters(url)
         )
     except ValueError:  # e.g. an invalid IPv6 literal
         return False
+
+
+_ASCII_HIDDEN = re.compile(r"[\x00-\x20\x7f]")
+_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs"})
+
+
+def _no_hidden_characters(url: str) -> bool:
+    """No whitespace, control (ANSI escapes reached the logs), format (invisible, bidi
+    overrides) or surrogate character: never part of a real URL, only of an attack on
+    its readers."""
+    if url.isascii():  # nearly every URL: one regex search instead of a loop per character
+        return _ASCII_HIDDEN.search(url) is None
+    return not any(c.isspace() or unicodedata.category(c) in _HIDDEN_CATEGORIES for c in url)
 
 
 def validate_url(url: Any, field: str = "url") -> str:
@@ -196,8 +213,7 @@ def submit(user: User, req: JobRequest, idempotency_key: str | None = None) -> t
         db().rollback()
         _forget_upload(job.id, req)
         raise
-    _enqueue_or_undo(user.id, job.id, req)
-    return 202, body
+    return 202, _enqueue_or_undo(user.id, job.id, req, body)
 
 
 def _commit_new_job(user_id: int, job: Job, key: str | None, fingerprint: str) -> dict:
@@ -269,29 +285,50 @@ def _forget_upload(job_id: str, req: JobRequest) -> None:
             log.warning("could not delete upload of job %s", job_id)
 
 
-def _enqueue_or_undo(user_id: int, job_id: str, req: JobRequest) -> None:
+def _enqueue_or_undo(user_id: int, job_id: str, req: JobRequest, body: dict) -> dict:
+    """Send the job; if the send fails, take the job back unless a worker already has it.
+
+    A publish can raise after the broker took the message, and a worker may claim the job
+    before the undo runs. Then the job is running and rightly charged: it is answered as
+    accepted, not as a 503 that would claim nothing was charged.
+    """
     svc = services()
     try:
         enqueue_jobs(svc.celery, svc.config, [job_id])
     except Exception as exc:
         log.warning("enqueue failed for job %s: %r; undoing the submission", job_id, exc)
-        _undo(user_id, job_id)
+        if not _undo(user_id, job_id):
+            log.warning("job %s was already claimed by a worker; answering it as accepted", job_id)
+            return body
         _forget_upload(job_id, req)
         raise ServiceUnavailable("The job queue is unavailable; nothing was charged.") from exc
+    return body
 
 
-def _undo(user_id: int, job_id: str) -> None:
-    """Remove a job whose message never reached the broker, with its charge."""
+def _undo(user_id: int, job_id: str) -> bool:
+    """Delete the job and void its charge, in one transaction, only if it is still queued.
+
+    Returns False (and changes nothing) when a worker claimed the job first: the
+    conditional DELETE is the same kind of status transition the worker's claim is,
+    so exactly one of them wins.
+    """
     session = db()
     session.rollback()
+    removed = list(
+        session.scalars(
+            delete(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
+            .returning(Job.id)
+            .execution_options(synchronize_session=False)
+        )
+    )
+    if not removed:
+        session.rollback()
+        return False
+    ledger.void_charges(session, user_id, removed)
     forget_idempotent(user_id, job_id)
-    session.execute(delete(LedgerEntry).where(LedgerEntry.job_id == job_id))
-    removed = session.execute(
-        delete(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
-    ).rowcount
-    if removed:
-        session.execute(update(User).where(User.id == user_id).values(tokens=User.tokens + 1))
     session.commit()
+    return True
 
 
 def wait_for(job_id: str, timeout_s: float) -> Job:

@@ -45,6 +45,8 @@ class Config:
     rate_limit_submit: str = "20/second"
     login_failure_limit: str = "10/5minutes"
     login_failure_limit_per_ip: str = "100/5minutes"
+    # Accounts created per client address (each comes with SIGNUP_TOKENS free tokens).
+    signup_limit_per_ip: str = "10/hour"
     bcrypt_rounds: int = 12
     idempotency_ttl_s: int = 24 * 3600
 

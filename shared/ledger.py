@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from shared.db import bulk_insert
@@ -92,6 +92,24 @@ def refund_jobs(session: Session, user_id: int, job_ids: Sequence[str]) -> None:
         update(User).where(User.id == user_id).values(tokens=User.tokens + len(job_ids))
     )
     bulk_insert(session, LedgerEntry.__table__, [_entry(user_id, 1, REFUND, j) for j in job_ids])
+
+
+def void_charges(session: Session, user_id: int, job_ids: Sequence[str]) -> None:
+    """Undo the charges of jobs the caller just deleted unstarted (their message may never
+    have reached a worker): the charge rows go and the tokens come back, so the answer can
+    truly say nothing was charged. Call only with the ids a conditional DELETE returned."""
+    if not job_ids:
+        return
+    voided = session.execute(
+        delete(LedgerEntry).where(
+            LedgerEntry.user_id == user_id,
+            LedgerEntry.job_id.in_(list(job_ids)),
+            LedgerEntry.reason == CHARGE,
+        )
+    ).rowcount
+    # Exactly the tokens whose rows went, so the balance stays the sum of the ledger.
+    if voided:
+        session.execute(update(User).where(User.id == user_id).values(tokens=User.tokens + voided))
 
 
 def ledger_sum(session: Session, user_id: int) -> int:

@@ -124,6 +124,7 @@ def test_config(database_url: str, **overrides) -> Config:
         "max_wait_s": 60,
         # Tests submit in bursts; test_ratelimit.py checks the limits themselves.
         "rate_limit_submit": "10000/second",
+        "signup_limit_per_ip": "100000/second",
         # Webhook retries in tests: the production schedule's shape, in seconds, not hours.
         "webhook_backoff_s": ("0", "0.5", "1", "2"),
         "webhook_timeout_s": 2.0,

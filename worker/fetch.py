@@ -22,6 +22,7 @@ import requests_hardened
 import urllib3
 from requests_hardened.ip_filter import InvalidIPAddress
 
+from shared import ssrf
 from shared.config import Config
 from shared.errors import BlockedAddress, FetchFailed, ImageTooLarge
 
@@ -45,6 +46,7 @@ class Fetcher:
         self._max_bytes = config.max_image_bytes
         self._timeout_s = config.fetch_timeout_s
         self._max_redirects = config.fetch_max_redirects
+        ssrf.install()  # also refuse IPv4-compatible IPv6 (::/96)
         self._manager = requests_hardened.Manager(
             requests_hardened.Config(
                 ip_filter_enable=not config.allow_private_urls,

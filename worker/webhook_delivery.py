@@ -49,7 +49,7 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 from standardwebhooks.webhooks import Webhook
 
-from shared import logs, webhook_secrets
+from shared import logs, ssrf, webhook_secrets
 from shared.config import Config
 from shared.db import make_engine, make_session_factory
 from shared.metrics import MetricsBuffer
@@ -332,6 +332,7 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
 
 def http_session_maker(config: Config) -> Callable[[], requests.Session]:
     """SSRF rules exactly as for image URLs (worker/fetch.py), and never a redirect."""
+    ssrf.install()  # also refuse IPv4-compatible IPv6 (::/96)
     manager = requests_hardened.Manager(
         requests_hardened.Config(
             ip_filter_enable=not config.allow_private_urls,

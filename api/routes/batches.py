@@ -72,7 +72,9 @@ def _options(data: dict) -> dict:
 
 def _parse():
     if request.mimetype == "text/plain":
-        numbered = parse_lines(request.get_data(as_text=True))
+        # Read line by line from the stream, never the whole body as one string.
+        lines = io.TextIOWrapper(request.stream, encoding="utf-8", errors="replace")
+        numbered = parse_lines(lines, services().config.max_batch_urls)
         options = _options(request.args.to_dict())
     else:
         body = request.get_json(silent=True)

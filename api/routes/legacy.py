@@ -77,6 +77,7 @@ def register():
     """Sign up (seed format); 5 tokens."""
     body = _json()
     # The seed app let a client make itself admin with "is_admin"; that field is ignored.
+    # create_user checks the username as /v1/users does (the seed app took anything).
     create_user(str(body.get("username", "")), str(body.get("password", "")))
     return {"status": 200, "msg": "You have successfully signed up for the API"}
 

@@ -8,7 +8,14 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from api import schemas
-from api.auth import hash_password, login_required, new_api_key, validate_password
+from api.auth import (
+    hash_password,
+    login_required,
+    new_api_key,
+    validate_password,
+    validate_username,
+)
+from api.ratelimit import limits
 from api.services import db, services
 from shared import ledger
 from shared.errors import Conflict, NotFound
@@ -19,8 +26,14 @@ blp = Blueprint("users", __name__, url_prefix="/v1", description="Accounts and A
 
 
 def create_user(username: str, password: str) -> tuple[User, ApiKey, str]:
-    """Insert a user with the signup grant and a first API key, committed together."""
+    """Insert a user with the signup grant and a first API key, committed together.
+
+    Every sign-up path comes here, so the username rule and the per-address sign-up
+    limit (each account brings free tokens) hold for all of them.
+    """
+    validate_username(username)
     validate_password(password)
+    limits().check_signup()
     session = db()
     user = User(username=username, password_hash=hash_password(password), tokens=0)
     session.add(user)
@@ -52,6 +65,7 @@ def key_to_dict(row: ApiKey) -> dict:
 @blp.arguments(schemas.Credentials)
 @blp.response(201, schemas.UserCreated)
 @blp.alt_response(409, schema=schemas.ErrorSchema, description="username_taken")
+@blp.alt_response(429, schema=schemas.ErrorSchema, description="rate_limited (SIGNUP_LIMIT_PER_IP)")
 def register(body):
     """Sign up: 5 free tokens and an API key, shown once."""
     user, key_row, key = create_user(body["username"], body["password"])

@@ -32,7 +32,15 @@ from markupsafe import Markup
 from sqlalchemy import func, select
 
 from api import schemas
-from api.auth import csrf_token, log_in, user_by_password
+from api.auth import (
+    WEB_NEW_KEY,
+    csrf_token,
+    log_in,
+    log_out,
+    server_session_key,
+    session_user_id,
+    user_by_password,
+)
 from api.errors import UNAVAILABLE
 from api.routes.users import create_user
 from api.services import db, services
@@ -42,6 +50,8 @@ from shared.jobs import job_to_dict
 from shared.models import Batch, Job, User, as_utc
 
 STATIC = Path(__file__).resolve().parent / "static"
+# The first API key waits for the account page this long, in Redis, never in the cookie.
+NEW_KEY_TTL_S = 600
 HISTORY_JOBS = 25
 HISTORY_BATCHES = 10
 ADMIN_RESULTS = 25
@@ -77,7 +87,7 @@ def asset(filename: str) -> str:
 
 
 def _current_user() -> User | None:
-    uid = session.get("uid")
+    uid = session_user_id()
     if uid is None:
         return None
     user = db().get(User, uid)
@@ -231,6 +241,15 @@ def signup():
         try:
             user, _row, key = create_user(username, password)
         except ServiceError as exc:
+            if exc.code == "rate_limited":
+                page_ = render_template(
+                    "web/signup.html",
+                    errors={},
+                    username=username,
+                    form_error="Too many accounts were created from your address. "
+                    "Please try again later.",
+                )
+                return page_, 429, exc.headers
             field = "username" if exc.code == "username_taken" else "password"
             if exc.code == "username_taken":
                 errors[field] = f"The username “{username}” is taken. Please choose another."
@@ -241,8 +260,23 @@ def signup():
     if errors:
         return render_template("web/signup.html", errors=errors, username=username), 422
     log_in(user)
-    session["new_key"] = key  # shown once on the account page, then dropped
+    _keep_new_key(key)
     return redirect(url_for("web.account", welcome=1))
+
+
+def _keep_new_key(key: str) -> None:
+    # Shown once on the account page. Not in the cookie: Flask's cookie is signed, not
+    # encrypted, so anyone who sees it could read the key.
+    services().redis.set(server_session_key(WEB_NEW_KEY), key, ex=NEW_KEY_TTL_S)
+
+
+def _pop_new_key() -> str | None:
+    name = server_session_key(WEB_NEW_KEY)
+    if name is None:
+        return None
+    with services().redis.pipeline() as pipe:  # MULTI: get and delete as one step
+        key, _ = pipe.get(name).delete(name).execute()
+    return key.decode() if key else None
 
 
 @web_blp.route("/app/login", methods=["GET", "POST"])
@@ -272,7 +306,7 @@ def login():
 def logout():
     if not _csrf_ok():
         return error_page(400, "Form expired", "This form has expired. Reload the page to log out.")
-    session.clear()
+    log_out()
     flash("You have logged out.")
     return redirect(url_for("web.login"))
 
@@ -283,7 +317,7 @@ def logout():
 @web_blp.route("/app/account")
 @page
 def account():
-    new_key = session.pop("new_key", None)
+    new_key = _pop_new_key()
     return render_template(
         "web/account.html",
         new_key=new_key,

@@ -1,0 +1,121 @@
+"""A publish that raises after the broker already took the message (issue #14, item 9).
+
+The fault is injected by wrapping the real enqueue: it sends for real, optionally waits
+until the real worker has claimed the jobs (an event in SQL, not a sleep), then raises
+as kombu does when the connection drops before the publish is confirmed.
+"""
+
+from __future__ import annotations
+
+from kombu.exceptions import OperationalError
+from sqlalchemy import func, select
+
+from api import bulk, create_app, submission
+from api.services import services
+from shared import ledger, queue
+from shared.models import Batch, Job, User
+from shared.status import JobStatus
+from tests import support
+
+CLAIM_TIMEOUT_S = 60
+
+
+def _account(app, username: str) -> tuple[int, int, int]:
+    """(balance, sum of the ledger, number of jobs) of a user."""
+    with app.app_context(), services().sessions() as session:
+        user = session.scalars(select(User).where(User.username == username)).one()
+        jobs = session.scalar(select(func.count()).where(Job.user_id == user.id))
+        return user.tokens, ledger.ledger_sum(session, user.id), jobs
+
+
+def _claimed(app, job_ids) -> bool:
+    with app.app_context(), services().sessions() as session:
+        statuses = session.scalars(select(Job.status).where(Job.id.in_(list(job_ids)))).all()
+        return len(statuses) == len(job_ids) and JobStatus.QUEUED.value not in statuses
+
+
+def _delivered_then_raise(app, send, wait_for_claim: bool):
+    """An enqueue that really sends, then raises; with ``wait_for_claim``, only after the
+    worker has claimed what was sent (the undo then finds the jobs taken)."""
+
+    def enqueue(celery, config, ids_or_chunks):
+        sent = ids_or_chunks[:1]  # a bulk batch: the first chunk got through, the rest not
+        send(celery, config, sent)
+        if wait_for_claim:
+            ids = sent[0] if isinstance(sent[0], list) else sent
+            support.wait_for(lambda: _claimed(app, ids), CLAIM_TIMEOUT_S, "the worker's claim")
+        raise OperationalError("connection lost after the publish")
+
+    return enqueue
+
+
+def test_publish_fails_after_delivery_with_no_claim_is_503_and_free(
+    api_stack, monkeypatch, photo_server
+):
+    client = api_stack.client()
+    user = support.new_user(client)
+    enqueue = _delivered_then_raise(api_stack.app, queue.enqueue_jobs, wait_for_claim=False)
+    monkeypatch.setattr(submission, "enqueue_jobs", enqueue)
+    h = {**user["headers"], "Idempotency-Key": "after-delivery"}
+    resp = client.post("/v1/jobs", json={"url": photo_server.url("dog.jpg")}, headers=h)
+    assert resp.status_code == 503, resp.get_json()
+    assert "nothing was charged" in resp.get_json()["error"]["message"]
+    assert _account(api_stack.app, user["username"]) == (5, 5, 0)
+    monkeypatch.undo()
+    # The key was released with the job: a retry is a new submission.
+    assert (
+        client.post("/v1/jobs", json={"url": photo_server.url("dog.jpg")}, headers=h).status_code
+        == 202
+    )
+
+
+def test_job_claimed_before_the_undo_is_accepted_and_charged_once(stack, monkeypatch, photo_server):
+    client = stack.client()
+    user = support.new_user(client)
+    enqueue = _delivered_then_raise(stack.app, queue.enqueue_jobs, wait_for_claim=True)
+    monkeypatch.setattr(submission, "enqueue_jobs", enqueue)
+    resp = client.post(
+        "/v1/jobs", json={"url": photo_server.url("dog.jpg")}, headers=user["headers"]
+    )
+    assert resp.status_code == 202, resp.get_json()
+    assert _account(stack.app, user["username"]) == (4, 4, 1)
+    done = client.get(f"/v1/jobs/{resp.get_json()['id']}?wait=30", headers=user["headers"])
+    assert done.get_json()["status"] == "succeeded"
+    assert _account(stack.app, user["username"]) == (4, 4, 1)
+
+
+def test_batch_partly_claimed_before_the_undo_keeps_only_the_claimed_jobs(
+    stack, monkeypatch, photo_server
+):
+    # Chunks of two jobs, so the batch goes out as two messages and the second "fails".
+    app = create_app(stack.config.replace(batch_max=2))
+    client = app.test_client()
+    user = support.new_user(client)
+    enqueue = _delivered_then_raise(app, queue.enqueue_bulk, wait_for_claim=True)
+    monkeypatch.setattr(bulk, "enqueue_bulk", enqueue)
+    urls = [photo_server.url(f"dog.jpg?{i}") for i in range(4)]
+    h = {**user["headers"], "Idempotency-Key": "partly-claimed"}
+    resp = client.post("/v1/batches", json={"urls": urls}, headers=h)
+    assert resp.status_code == 202, resp.get_json()
+    body = resp.get_json()
+    assert body["total"] == 2 and body["status"] == "canceled"
+    assert _account(app, user["username"]) == (3, 3, 2)
+    # A retry with the same key answers the batch as it stands, and charges nothing.
+    assert client.post("/v1/batches", json={"urls": urls}, headers=h).get_json()["total"] == 2
+    assert _account(app, user["username"]) == (3, 3, 2)
+    with app.app_context(), services().sessions() as session:
+        assert session.get(Batch, body["id"]).total == 2
+
+
+def test_batch_failing_before_any_claim_is_503_and_leaves_nothing(
+    api_stack, monkeypatch, photo_server
+):
+    app = create_app(api_stack.config.replace(batch_max=2))
+    client = app.test_client()
+    user = support.new_user(client)
+    enqueue = _delivered_then_raise(app, queue.enqueue_bulk, wait_for_claim=False)
+    monkeypatch.setattr(bulk, "enqueue_bulk", enqueue)
+    urls = [photo_server.url(f"cat.bmp?{i}") for i in range(4)]
+    resp = client.post("/v1/batches", json={"urls": urls}, headers=user["headers"])
+    assert resp.status_code == 503, resp.get_json()
+    assert _account(app, user["username"]) == (5, 5, 0)
