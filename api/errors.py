@@ -38,8 +38,9 @@ UNAVAILABLE = (
 )
 
 
-def error_response(err: ServiceError):
-    response = jsonify(err.to_dict())
+def error_response(err: ServiceError, body: dict | None = None):
+    """The JSON error response; ``body`` replaces the standard one (the seed endpoints')."""
+    response = jsonify(err.to_dict() if body is None else body)
     response.status_code = err.status
     response.headers.update(err.headers)
     if err.status == 401:

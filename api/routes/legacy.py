@@ -8,11 +8,11 @@ Classification runs through the same queue, worker and batching as /v1/jobs.
 
 from __future__ import annotations
 
-from flask import jsonify, request
+from flask import request
 from flask_smorest import Blueprint
 
 from api.auth import authenticate, user_by_password
-from api.errors import invalid_body
+from api.errors import error_response, invalid_body
 from api.routes.admin import refill_user
 from api.routes.users import create_user
 from api.services import services
@@ -68,7 +68,7 @@ def _json() -> dict:
 @blp.errorhandler(ServiceError)
 def _seed_error(err: ServiceError):
     body = {"status": SEED_STATUS.get(err.code, err.status), "msg": err.message, **err.to_dict()}
-    return jsonify(body), err.status, err.headers
+    return error_response(err, body)
 
 
 @blp.route("/register", methods=["POST"])
