@@ -31,12 +31,14 @@ from shared import ledger, logs
 from shared.config import BUILTIN_MODELS
 from shared.errors import (
     Conflict,
+    NotAnImage,
     PayloadTooLarge,
     ServiceUnavailable,
     UnsupportedMediaType,
     ValidationFailed,
 )
-from shared.images import ALLOWED_FORMATS, sniff_format
+from shared.image_header import probe
+from shared.images import ALLOWED_FORMATS
 from shared.jobs import job_to_dict
 from shared.models import IdempotencyRecord, Job, User, as_utc, new_id, utcnow
 from shared.queue import enqueue_jobs
@@ -109,6 +111,7 @@ def validate_url(url: Any, field: str = "url") -> str:
 
 
 def validate_upload(data: bytes, filename: str | None) -> None:
+    """Checks that do not look inside the file; its header is read after the rate limit."""
     config = services().config
     if len(data) > config.max_image_bytes:
         raise PayloadTooLarge(
@@ -117,11 +120,29 @@ def validate_upload(data: bytes, filename: str | None) -> None:
         )
     if not data:
         raise ValidationFailed("The uploaded file is empty.", code="empty_file")
-    if sniff_format(data) is None:
+
+
+def check_image_header(data: bytes) -> None:
+    """Format and size from a bounded walk of the header (shared/image_header.py), never a decode.
+
+    Runs after authentication and the rate limit, so even this small cost is not free
+    to repeat; the worker decodes under its pixel budget.
+    """
+    try:
+        header = probe(data)
+    except NotAnImage as exc:
+        reason = "" if exc.message == NotAnImage.message else f" {exc.message}"
         raise UnsupportedMediaType(
             "The file is not an image in a supported format "
-            f"({', '.join(sorted(ALLOWED_FORMATS))}).",
+            f"({', '.join(sorted(ALLOWED_FORMATS))}).{reason}",
             code="unsupported_image_format",
+        ) from None
+    max_pixels = services().config.max_image_pixels
+    if header.pixels > max_pixels:
+        raise PayloadTooLarge(
+            f"The image is {header.width}x{header.height} pixels; "
+            f"at most {max_pixels} pixels are allowed.",
+            code="image_too_large",
         )
 
 
@@ -181,6 +202,8 @@ def submit(user: User, req: JobRequest, idempotency_key: str | None = None) -> t
     if idempotency_key and (found := replay(user.id, idempotency_key, fingerprint)):
         return found
     limits().check_submission(user.id)
+    if req.upload is not None:
+        check_image_header(req.upload)
     svc = services()
     job = Job(
         id=new_id(),

@@ -81,6 +81,9 @@ class Config:
     worker_concurrency: int = 2  # batches in flight (threads) or pool processes (prefork)
     worker_prefetch: int = 0  # 0: 2 * batch_max per pool process
     fetch_threads: int = 16
+    # Pixels that a worker process's concurrent decodes may hold at once (shared/pixel_budget.py).
+    decode_budget_pixels: int = 80_000_000
+    decode_wait_s: float = 60.0
     visibility_timeout_s: int = 900
     worker_shutdown_timeout_s: float = 60.0
     # The reconciler (worker/reconciler.py) re-sends or ends jobs whose message was lost.
@@ -135,6 +138,8 @@ class Config:
             raise ValueError("BATCH_MAX must be >= 1 and BATCH_WAIT_MS >= 0")
         if self.worker_concurrency < 1:
             raise ValueError("WORKER_CONCURRENCY must be >= 1")
+        if self.decode_budget_pixels < 1 or self.decode_wait_s <= 0:
+            raise ValueError("DECODE_BUDGET_PIXELS must be >= 1 and DECODE_WAIT_S > 0")
         if self.worker_pool not in WORKER_POOLS:
             raise ValueError(f"WORKER_POOL must be one of {', '.join(WORKER_POOLS)}")
         if self.effective_prefetch < 2 * self.batch_max * self.worker_concurrency:

@@ -123,5 +123,11 @@ class ImageTooLarge(JobInputError):
     code, message = "image_too_large", "The image exceeds the size or pixel limit."
 
 
+class DecodeBusy(ServiceError):
+    """Not the input's fault: the worker's decodes held all of its pixel budget too long."""
+
+    status, code, message = 503, "decode_busy", "The worker was too busy to decode the image."
+
+
 class UploadExpired(JobInputError):
     code, message = "upload_expired", "The uploaded file is no longer available."

@@ -65,6 +65,9 @@ def photo_server(photos_dir, tmp_path_factory):
         (root / photo.name).symlink_to(photo)
     (root / "notes.jpg").write_text("this is text, not a JPEG\n")
     (root / "bomb.png").write_bytes(support.png_header(30000, 30000))
+    # Far more segments and chunks than a real file has (issue #14), small enough to serve fast.
+    (root / "segments.jpg").write_bytes(support.jpeg_segment_flood(200_000))
+    (root / "chunks.png").write_bytes(support.png_chunk_flood(100_000))
     with support.PhotoServer(root) as server:
         yield server
 

@@ -115,7 +115,12 @@ def _load_inputs(rt: Runtime, outcomes: list[Outcome], stats: MetricsBuffer) -> 
             stats.observe("image_fetch_seconds", time.perf_counter() - start)
             sizes = [rt.models.get(o.job.model).input_size for o in group]
             largest = max(sizes, key=lambda wh: wh[0] * wh[1])
-            image = decode_image(data, max_pixels=rt.config.max_image_pixels, at_least=largest)
+            image = decode_image(
+                data,
+                max_pixels=rt.config.max_image_pixels,
+                at_least=largest,
+                budget=rt.pixel_budget,
+            )
             arrays: dict[tuple[int, int], np.ndarray] = {}
             for o in group:
                 size = rt.models.get(o.job.model).input_size

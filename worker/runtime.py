@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.config import Config
 from shared.db import make_engine, make_session_factory
+from shared.pixel_budget import PixelBudget
 from shared.queue import make_celery
 from shared.redis_client import make_redis
 from shared.uploads import UploadStore
@@ -30,6 +31,8 @@ class Runtime:
     models: ModelRegistry
     io_pool: ThreadPoolExecutor
     celery: Celery  # sends webhook deliveries
+    # All of the process's concurrent decodes share it (FETCH_THREADS may be 16).
+    pixel_budget: PixelBudget
     top_k: Callable = top_k
     # Batch threads share the model: one forward pass at a time, each with every core
     # (TensorFlow's own intra-op threads), while the other batch fetches or writes.
@@ -50,6 +53,7 @@ class Runtime:
             models=models,
             io_pool=ThreadPoolExecutor(config.fetch_threads, thread_name_prefix="fetch"),
             celery=make_celery(config, main="imgclf-worker-sender"),
+            pixel_budget=PixelBudget(config.decode_budget_pixels, config.decode_wait_s),
         )
 
 

@@ -107,7 +107,7 @@ def idempotency_key() -> str | None:
 @blp.alt_response(200, schema=schemas.Job, description="Finished within Prefer: wait")
 @blp.alt_response(402, schema=schemas.ErrorSchema, description="insufficient_tokens")
 @blp.alt_response(409, schema=schemas.ErrorSchema, description="idempotency_key_reused")
-@blp.alt_response(413, schema=schemas.ErrorSchema, description="payload_too_large")
+@blp.alt_response(413, schema=schemas.ErrorSchema, description="payload_too_large, image_too_large")
 @blp.alt_response(415, schema=schemas.ErrorSchema, description="unsupported_image_format")
 @blp.alt_response(503, schema=schemas.ErrorSchema, description="service_unavailable")
 def create_job():

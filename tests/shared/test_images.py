@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from PIL import Image, ImageOps, features
 
 from shared.errors import ImageTooLarge, NotAnImage
 from shared.images import ALLOWED_FORMATS, decode_image, sniff_format, to_array
+from shared.pixel_budget import PixelBudget
 
 LIMIT = 40_000_000
 
@@ -209,3 +212,107 @@ def test_to_array_keeps_flat_colour_and_converts_other_modes() -> None:
     array = to_array(Image.new("L", (10, 30), 200), (7, 5))
     assert array.shape == (5, 7, 3)
     assert np.allclose(array, 200.0)
+
+
+# --- memory: a pixel budget for concurrent decodes, no full-size wide copies (issue #14) ---
+
+_PEAK_SCRIPT = """
+import resource, sys, threading
+from shared.images import decode_image, to_array
+from shared.pixel_budget import PixelBudget
+from tests import support
+
+n, budget_pixels = int(sys.argv[1]), int(sys.argv[2])
+data = support.png_16bit_grey(6300)  # 39.7 million pixels in about 80 KB
+# 0: no budget argument (decode_image had none before issue #14)
+shared = {"budget": PixelBudget(budget_pixels, wait_s=600)} if budget_pixels else {}
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+arrays = []
+
+def decode():
+    image = decode_image(data, max_pixels=40_000_000, at_least=(224, 224), **shared)
+    arrays.append(to_array(image, (224, 224)))
+
+threads = [threading.Thread(target=decode) for _ in range(n)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+assert len(arrays) == n and all(abs(a.mean() - 128) < 1 for a in arrays), "wrong pixels"
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def _peak_rise_mb(decodes: int, budget_pixels: int) -> int:
+    """Peak RSS growth of a fresh process decoding the issue's 16-bit PNG ``decodes`` times."""
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", _PEAK_SCRIPT, str(decodes), str(budget_pixels)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout.split()[-1])
+
+
+def test_a_16_bit_png_decodes_without_full_size_wide_copies() -> None:
+    # The image alone is 79 MB at 16 bits; float64 copies of it were 317 MB each.
+    assert _peak_rise_mb(1, 0) < 200
+
+
+def test_concurrent_decodes_share_the_pixel_budget() -> None:
+    # Issue #14's batch: 12 such PNGs decoded at once took 5.7 GB; a budget of two at a
+    # time keeps the peak near two images' worth.
+    assert _peak_rise_mb(12, 80_000_000) < 400
+
+
+def test_the_budget_is_held_while_decoding_and_given_back() -> None:
+    data = _encode(Image.new("RGB", (300, 200), "red"), "PNG")
+    budget = PixelBudget(60_000, wait_s=5)
+    image = decode_image(data, max_pixels=LIMIT, budget=budget)
+    assert image.size == (300, 200) and budget.free == 60_000
+    with pytest.raises(ImageTooLarge, match="at most 59999"):
+        decode_image(data, max_pixels=LIMIT, budget=PixelBudget(59_999, wait_s=5))
+    with pytest.raises(NotAnImage):  # a decode that fails gives its pixels back too
+        decode_image(data[: len(data) // 2], max_pixels=LIMIT, budget=budget)
+    assert budget.free == 60_000
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P", "I;16", "L"])
+def test_shrinking_strip_by_strip_gives_the_same_pixels_as_at_once(mode: str) -> None:
+    rng = np.random.default_rng(3)
+    width, height = 3000, 1300  # several strips, and a height that is no multiple of 2
+    if mode == "I;16":
+        source = Image.fromarray(rng.integers(0, 65536, (height, width), dtype=np.uint16))
+        eight_bit = np.rint(np.asarray(source, dtype=np.float64) / 257).astype(np.uint8)
+        expected = Image.fromarray(eight_bit).convert("RGB")
+    else:
+        bands = {"RGBA": 4, "P": 0, "L": 0}[mode]
+        shape = (height, width, bands) if bands else (height, width)
+        source = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
+        if mode == "P":
+            source.putpalette(rng.integers(0, 256, 768, dtype=np.uint8).tobytes())
+            source.info["transparency"] = 5
+        expected = decode_image(_encode(source, "PNG", compress_level=1), max_pixels=LIMIT)
+    data = _encode(source, "PNG", compress_level=1)
+    shrunk = decode_image(data, max_pixels=LIMIT, at_least=(224, 224))
+    factors = (width // 448, height // 448)
+    assert shrunk.size == (-(-width // factors[0]), -(-height // factors[1]))
+    assert np.array_equal(np.asarray(shrunk), np.asarray(expected.reduce(factors)))
+
+
+def test_exif_orientation_is_applied_after_shrinking() -> None:
+    stored = Image.new("RGB", (4000, 2000), "blue")
+    stored.paste((255, 0, 0), (0, 0, 2000, 2000))  # left half red
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    for fmt in ("JPEG", "PNG"):
+        data = _encode(stored, fmt, exif=exif.tobytes())
+        image = decode_image(data, max_pixels=LIMIT, at_least=(224, 224))
+        assert max(image.size) <= 4 * 448, fmt  # shrunk (each side by its own factor)
+        red, _, blue = image.getpixel((image.width // 2, image.height // 4))  # now on top
+        assert red > 200 and blue < 50, fmt
+        red, _, blue = image.getpixel((image.width // 2, 3 * image.height // 4))
+        assert red < 50 and blue > 200, fmt

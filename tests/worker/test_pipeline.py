@@ -10,6 +10,7 @@ from sqlalchemy import select, update
 
 from shared import ledger
 from shared.models import Job, LedgerEntry, User, new_id
+from shared.pixel_budget import PixelBudget
 from worker import pipeline
 from worker.fetch import Fetcher
 from worker.runtime import Runtime
@@ -130,3 +131,26 @@ def test_private_addresses_are_refused_and_refunded(runtime, account, photo_serv
     job = _job(runtime, job_id)
     assert (job.status, job.error_code) == ("failed", "blocked_address")
     assert _ledger(runtime, account, job_id)[0] == ["charge", "refund"]
+
+
+def test_pathological_files_fail_as_not_images_and_are_refunded(runtime, account, photo_server):
+    ids = [_submit(runtime, account, photo_server.url(n)) for n in ("segments.jpg", "chunks.png")]
+    assert pipeline.process(runtime, ids) is None
+    for job_id in ids:
+        job = _job(runtime, job_id)
+        assert (job.status, job.error_code) == ("failed", "not_an_image"), job.error_message
+        assert _ledger(runtime, account, job_id)[0] == ["charge", "refund"]
+
+
+def test_decodes_take_pixels_from_the_process_budget(runtime, account, photo_server):
+    # parrot.jpg has about 230,000 pixels: a budget of 1,000 can never hold it.
+    tiny = dataclasses.replace(runtime, pixel_budget=PixelBudget(1000, wait_s=5))
+    refused = _submit(runtime, account, photo_server.url("parrot.jpg"))
+    assert pipeline.process(tiny, [refused]) is None
+    job = _job(runtime, refused)
+    assert (job.status, job.error_code) == ("failed", "image_too_large")
+    assert "at most 1000" in job.error_message
+    ok = _submit(runtime, account, photo_server.url("parrot.jpg"))
+    assert pipeline.process(runtime, [ok]) is None
+    assert _job(runtime, ok).status == "succeeded"
+    assert runtime.pixel_budget.free == runtime.config.decode_budget_pixels  # all given back
