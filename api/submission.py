@@ -38,7 +38,7 @@ from shared.errors import (
     ValidationFailed,
 )
 from shared.image_header import probe
-from shared.images import ALLOWED_FORMATS
+from shared.images import ALLOWED_FORMATS, pixel_limit_message
 from shared.jobs import job_to_dict
 from shared.models import IdempotencyRecord, Job, User, as_utc, new_id, utcnow
 from shared.queue import enqueue_jobs
@@ -140,9 +140,7 @@ def check_image_header(data: bytes) -> None:
     max_pixels = services().config.max_image_pixels
     if header.pixels > max_pixels:
         raise PayloadTooLarge(
-            f"The image is {header.width}x{header.height} pixels; "
-            f"at most {max_pixels} pixels are allowed.",
-            code="image_too_large",
+            pixel_limit_message(header.width, header.height, max_pixels), code="image_too_large"
         )
 
 

@@ -84,10 +84,7 @@ def decode_image(
     """
     header = probe(data)  # bounded: Pillow sees only files whose structure passed
     if header.pixels > max_pixels:
-        raise ImageTooLarge(
-            f"The image is {header.width}x{header.height} pixels; "
-            f"at most {max_pixels} pixels are allowed."
-        )
+        raise ImageTooLarge(pixel_limit_message(header.width, header.height, max_pixels))
     # Taken before Image.open: libwebp allocates its canvas when the file is opened.
     with budget.hold(header.pixels) if budget else nullcontext():
         image = _open(data)
@@ -97,7 +94,7 @@ def decode_image(
                 raise NotAnImage("The image is larger than its header says.")
             small, orientation = _load_small(image, at_least)
         except _BOMB_ERRORS as exc:
-            raise ImageTooLarge("The image exceeds the pixel limit.") from exc
+            raise ImageTooLarge(_BOMB_MESSAGE) from exc
         except _DECODE_ERRORS as exc:
             raise NotAnImage("The image data is corrupt or truncated.") from exc
         finally:
@@ -139,6 +136,17 @@ def to_array(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(resized, dtype=np.float32)
 
 
+_BOMB_MESSAGE = "The image exceeds the pixel limit (MAX_IMAGE_PIXELS)."
+
+
+def pixel_limit_message(width: int, height: int, max_pixels: int) -> str:
+    """The image_too_large message: the image's size and the limit, with its setting."""
+    return (
+        f"The image is {width}x{height} = {width * height:,} pixels; the limit is "
+        f"{max_pixels:,} pixels (MAX_IMAGE_PIXELS)."
+    )
+
+
 def _open(data: bytes) -> Image.Image:
     """Read only the header (Image.open is lazy) and vet the format."""
     if not data:
@@ -146,7 +154,7 @@ def _open(data: bytes) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data), formats=_OPEN_FORMATS)
     except _BOMB_ERRORS as exc:
-        raise ImageTooLarge("The image exceeds the pixel limit.") from exc
+        raise ImageTooLarge(_BOMB_MESSAGE) from exc
     except _DECODE_ERRORS as exc:
         raise NotAnImage() from exc
     if _format(image) not in ALLOWED_FORMATS:

@@ -54,7 +54,8 @@ class PixelBudget:
     def _take(self, pixels: int) -> None:
         if pixels > self.capacity:
             raise ImageTooLarge(
-                f"The image has {pixels} pixels; a worker decodes at most {self.capacity} at once."
+                f"The image has {pixels:,} pixels; a worker decodes at most {self.capacity:,} "
+                "at once (DECODE_BUDGET_PIXELS)."
             )
         ticket = object()
         with self._changed:

@@ -73,8 +73,13 @@ def test_pixel_limit_is_checked_before_decoding() -> None:
     # Decoding this would fail as truncated, so ImageTooLarge proves the header check ran first.
     data = _png_header_only(5_000, 5_000)
     assert sniff_format(data) == "PNG"
-    with pytest.raises(ImageTooLarge, match="5000x5000"):
+    with pytest.raises(ImageTooLarge) as refused:
         decode_image(data, max_pixels=1_000_000)
+    # The image's size and the limit, with the setting that raises it.
+    assert refused.value.message == (
+        "The image is 5000x5000 = 25,000,000 pixels; the limit is 1,000,000 pixels "
+        "(MAX_IMAGE_PIXELS)."
+    )
     with pytest.raises(NotAnImage):
         decode_image(data, max_pixels=LIMIT)
 
@@ -273,7 +278,7 @@ def test_the_budget_is_held_while_decoding_and_given_back() -> None:
     budget = PixelBudget(60_000, wait_s=5)
     image = decode_image(data, max_pixels=LIMIT, budget=budget)
     assert image.size == (300, 200) and budget.free == 60_000
-    with pytest.raises(ImageTooLarge, match="at most 59999"):
+    with pytest.raises(ImageTooLarge, match="at most 59,999 at once"):
         decode_image(data, max_pixels=LIMIT, budget=PixelBudget(59_999, wait_s=5))
     with pytest.raises(NotAnImage):  # a decode that fails gives its pixels back too
         decode_image(data[: len(data) // 2], max_pixels=LIMIT, budget=budget)

@@ -149,7 +149,7 @@ def test_decodes_take_pixels_from_the_process_budget(runtime, account, photo_ser
     assert pipeline.process(tiny, [refused]) is None
     job = _job(runtime, refused)
     assert (job.status, job.error_code) == ("failed", "image_too_large")
-    assert "at most 1000" in job.error_message
+    assert "at most 1,000 at once (DECODE_BUDGET_PIXELS)" in job.error_message
     ok = _submit(runtime, account, photo_server.url("parrot.jpg"))
     assert pipeline.process(runtime, [ok]) is None
     assert _job(runtime, ok).status == "succeeded"
