@@ -85,6 +85,12 @@ class Config:
     reconcile_interval_s: float = 30.0
     stale_queued_s: int = 300
     stale_processing_s: int = 0  # 0: VISIBILITY_TIMEOUT_S + 120
+    # A prefork pool process gets this long to start (it loads the models) before
+    # Celery kills it (Celery's worker_proc_alive_timeout, 4 s by default).
+    worker_proc_alive_timeout_s: float = 300.0
+    # /readyz answers 503 when no classification worker's heartbeat is this recent
+    # (workers write one every 10 s); 0: workers are reported, not judged.
+    ready_heartbeat_max_age_s: int = 60
 
     # Operations
     log_level: str = "INFO"
