@@ -55,6 +55,11 @@ class Config:
     model_dir: str = "var/models"
     default_top_k: int = 5
     max_wait_s: int = 60
+    # Long-polls held at once: per user (counted in Redis across API processes) and
+    # per API process (so waits never take every gunicorn thread). Past either cap
+    # a wait is answered at once with the job as it is.
+    max_waits_per_user: int = 10
+    max_waits_per_process: int = 16
     upload_ttl_s: int = 3600
     job_max_attempts: int = 3
 
@@ -137,6 +142,8 @@ class Config:
             raise ValueError("DEFAULT_TOP_K must be between 1 and 20")
         if self.batch_max < 1 or self.batch_wait_ms < 0:
             raise ValueError("BATCH_MAX must be >= 1 and BATCH_WAIT_MS >= 0")
+        if self.max_waits_per_user < 0 or self.max_waits_per_process < 0:
+            raise ValueError("MAX_WAITS_PER_USER and MAX_WAITS_PER_PROCESS must be >= 0")
         if self.worker_concurrency < 1:
             raise ValueError("WORKER_CONCURRENCY must be >= 1")
         if self.worker_pool not in WORKER_POOLS:
