@@ -53,21 +53,22 @@ class WaitSlots:
     @contextmanager
     def hold(self, user_id: int, timeout_s: float) -> Iterator[str | None]:
         """Yields None when the caller may wait, else the cap that refused it."""
+        # The user's cap first: a burst of one user's waits, refused by it, must not
+        # take this process's slots even for a moment, or others' waits are refused.
+        member = self._take_user(user_id, timeout_s)
+        if member is None:
+            yield USER_LIMIT
+            return
         if not self._take_local():
+            self._give_user(user_id, member)
             yield PROCESS_LIMIT
             return
         try:
-            member = self._take_user(user_id, timeout_s)
-            if member is None:
-                yield USER_LIMIT
-                return
-            try:
-                yield None
-            finally:
-                self._give_user(user_id, member)
+            yield None
         finally:
             with self._lock:
                 self._held -= 1
+            self._give_user(user_id, member)
 
     def _take_local(self) -> bool:
         with self._lock:

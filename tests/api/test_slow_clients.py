@@ -236,6 +236,7 @@ def test_the_per_process_cap_leaves_threads_for_other_requests():
         assert first is None and second is None
         with slots.hold(3, 60) as third:
             assert third == PROCESS_LIMIT
+            assert _wait_count(config, 3) == 0  # a refused wait holds no user slot
     with slots.hold(3, 60) as again:
         assert again is None
 
