@@ -54,7 +54,9 @@ wsgi_app = "api.wsgi:app"  # the default; a command-line app argument wins
 bind = f"{os.environ.get('HOST') or '0.0.0.0'}:{_int_env('PORT', 5000)}"
 
 # Threaded workers: a long-poll (GET /v1/jobs/{id}?wait=N, Prefer: wait=N) holds a
-# thread for up to MAX_WAIT_S seconds while waiting on Redis, using no CPU.
+# thread for up to MAX_WAIT_S seconds while waiting on Redis, using no CPU. At most
+# MAX_WAITS_PER_PROCESS threads wait at once (api/waits.py); the rest serve requests
+# (checked in on_starting, so that a command-line --threads is checked too).
 worker_class = "gthread"
 threads = _int_env("API_THREADS", 32)
 
@@ -82,6 +84,21 @@ loglevel = _config.log_level.lower()
 
 
 def on_starting(server) -> None:
+    _check_threads_outnumber_waits(server.cfg.threads)
+    _empty_metrics_dir()
+
+
+def _check_threads_outnumber_waits(threads: int) -> None:
+    """Refuse a thread count that long-polls alone could fill: nothing else would be served."""
+    waits = _config.max_waits_per_process
+    if threads <= waits:
+        raise SystemExit(
+            f"gunicorn: threads per process ({threads}) must exceed MAX_WAITS_PER_PROCESS "
+            f"({waits}): raise API_THREADS (--threads) or lower MAX_WAITS_PER_PROCESS"
+        )
+
+
+def _empty_metrics_dir() -> None:
     """Start every run with an empty prometheus-client multiprocess directory."""
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not directory:

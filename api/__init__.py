@@ -18,6 +18,7 @@ from api.metrics import init_metrics
 from api.ratelimit import Limits
 from api.schemas import ErrorSchema
 from api.services import Services, close_db
+from api.waits import WaitSlots
 from shared import logs
 from shared.config import Config
 from shared.errors import InvalidJSON
@@ -53,6 +54,7 @@ def create_app(config: Config | None = None, **overrides: Any) -> Flask:
     app.extensions["imgclf_limits"] = Limits(config)
     # Made now, not on the first unknown username (that answer would be slower once).
     dummy_hash(config.bcrypt_rounds)
+    app.extensions["imgclf_waits"] = WaitSlots(svc.redis, config)
     app.teardown_appcontext(close_db)
     app.before_request(_bind_request_id)
     app.before_request(_reject_malformed_json)

@@ -189,6 +189,18 @@ def _user_by_session() -> User:
 
 
 def authenticate() -> User:
+    """The caller, with the authentication's transaction ended.
+
+    Views read the request body after this; a body can arrive slowly (an upload at a
+    byte a second), and no transaction may stay open meanwhile: on SQLite it holds the
+    write lock (every transaction begins IMMEDIATE), on PostgreSQL a pooled connection.
+    """
+    user = _authenticate()
+    db().commit()  # expire_on_commit=False: the user's loaded columns stay readable
+    return user
+
+
+def _authenticate() -> User:
     header = request.headers.get("Authorization", "")
     if not header and session.get("uid") is not None:
         return _user_by_session()

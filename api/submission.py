@@ -27,6 +27,7 @@ from sqlalchemy.exc import IntegrityError
 
 from api.ratelimit import limits
 from api.services import db, services
+from api.waits import wait_slots
 from shared import ledger, logs
 from shared.config import BUILTIN_MODELS
 from shared.errors import (
@@ -350,6 +351,16 @@ def _undo(user_id: int, job_id: str) -> bool:
     forget_idempotent(user_id, job_id)
     session.commit()
     return True
+
+
+def wait_within_caps(user_id: int, job_id: str, timeout_s: float) -> tuple[Job, str | None]:
+    """``wait_for`` if the caller's wait caps allow it, else the job as it is now.
+
+    The second item is None when the wait was honoured, else the cap that refused it
+    (api/waits.py), for the ``X-Wait-Skipped`` header.
+    """
+    with wait_slots().hold(user_id, timeout_s) as skipped:
+        return wait_for(job_id, 0 if skipped else timeout_s), skipped
 
 
 def wait_for(job_id: str, timeout_s: float) -> Job:

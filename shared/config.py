@@ -57,6 +57,11 @@ class Config:
     model_dir: str = "var/models"
     default_top_k: int = 5
     max_wait_s: int = 60
+    # Long-polls held at once: per user (counted in Redis across API processes) and
+    # per API process (so waits never take every gunicorn thread). Past either cap
+    # a wait is answered at once with the job as it is.
+    max_waits_per_user: int = 10
+    max_waits_per_process: int = 16
     upload_ttl_s: int = 3600
     job_max_attempts: int = 3
 
@@ -90,6 +95,12 @@ class Config:
     reconcile_interval_s: float = 30.0
     stale_queued_s: int = 300
     stale_processing_s: int = 0  # 0: VISIBILITY_TIMEOUT_S + 120
+    # A prefork pool process gets this long to start (it loads the models) before
+    # Celery kills it (Celery's worker_proc_alive_timeout, 4 s by default).
+    worker_proc_alive_timeout_s: float = 300.0
+    # /readyz answers 503 when no classification worker's heartbeat is this recent
+    # (workers write one every 10 s); 0: workers are reported, not judged.
+    ready_heartbeat_max_age_s: int = 60
 
     # Operations
     log_level: str = "INFO"
@@ -136,6 +147,8 @@ class Config:
             raise ValueError("DEFAULT_TOP_K must be between 1 and 20")
         if self.batch_max < 1 or self.batch_wait_ms < 0:
             raise ValueError("BATCH_MAX must be >= 1 and BATCH_WAIT_MS >= 0")
+        if self.max_waits_per_user < 0 or self.max_waits_per_process < 0:
+            raise ValueError("MAX_WAITS_PER_USER and MAX_WAITS_PER_PROCESS must be >= 0")
         if self.worker_concurrency < 1:
             raise ValueError("WORKER_CONCURRENCY must be >= 1")
         if self.decode_budget_pixels < 1 or self.decode_wait_s <= 0:

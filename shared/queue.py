@@ -37,6 +37,11 @@ def _queue(name: str) -> Queue:
     return Queue(name, Exchange(name, type="direct"), routing_key=name)
 
 
+def heartbeat_key(config: Config) -> str:
+    """Hash of classification workers' heartbeats (name -> unix time), read by /readyz."""
+    return f"{config.queue_prefix}:workers:heartbeat"
+
+
 def make_celery(config: Config, main: str = "imgclf") -> Celery:
     app = Celery(main, broker=config.effective_broker_url, set_as_current=False)
     queue = interactive_queue(config)
@@ -79,6 +84,10 @@ def make_celery(config: Config, main: str = "imgclf") -> Celery:
         # this long to finish; whatever does not finish is redelivered (acks_late).
         worker_soft_shutdown_timeout=config.worker_shutdown_timeout_s,
         worker_send_task_events=False,
+        # A prefork pool process loads the models before it reports for work; under
+        # load that takes far longer than Celery's 4 s default, which killed and
+        # restarted pool processes in a loop.
+        worker_proc_alive_timeout=config.worker_proc_alive_timeout_s,
     )
     return app
 

@@ -19,7 +19,7 @@ from celery import signals
 
 from shared import logs
 from shared.config import Config
-from shared.queue import CLASSIFY_TASK, interactive_queue, make_celery
+from shared.queue import CLASSIFY_TASK, heartbeat_key, interactive_queue, make_celery
 from shared.redis_client import make_redis
 from worker import pipeline, reconciler
 from worker.batching import ContinuousBatches
@@ -103,15 +103,11 @@ _stop_reconciler = threading.Event()
 HEARTBEAT_S = 10
 
 
-def heartbeat_key() -> str:
-    return f"{config.queue_prefix}:workers:heartbeat"
-
-
 def _heartbeat(stop: threading.Event, name: str) -> None:
     client = make_redis(config)
     while True:
         try:
-            client.hset(heartbeat_key(), name, time.time())
+            client.hset(heartbeat_key(config), name, time.time())
         except Exception as exc:  # Redis down: /readyz shows the heartbeat ageing
             log.warning("heartbeat not written: %r", exc)
         if stop.wait(HEARTBEAT_S):

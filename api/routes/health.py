@@ -10,6 +10,7 @@ from sqlalchemy import text
 from api import schemas
 from api.metrics import metrics_response
 from api.services import services
+from shared.queue import heartbeat_key
 
 blp = Blueprint("health", __name__, description="Probes")
 
@@ -27,18 +28,26 @@ def healthz():
 @blp.response(200, schemas.Health)
 @blp.alt_response(503, schema=schemas.Health, description="A dependency is down")
 def readyz():
-    """The database and Redis answer; also reports the age of the last worker heartbeat."""
+    """The database and Redis answer, and a classification worker sent a recent heartbeat."""
     svc = services()
     checks = {"database": _check(lambda: _ping_db(svc)), "redis": _check(svc.redis.ping)}
+    age = _heartbeat_age(svc) if checks["redis"] == "ok" else None
+    max_age = svc.config.ready_heartbeat_max_age_s
+    if max_age:
+        # Accepting jobs that no worker will run only hides an outage behind a queue.
+        fresh = age is not None and age <= max_age
+        checks["worker"] = "ok" if fresh else f"error: no worker heartbeat in {max_age} s"
     ok = all(v == "ok" for v in checks.values())
-    # Reported, not judged: the API can take submissions while no worker runs.
-    checks["worker_heartbeat_age_s"] = _heartbeat_age(svc) if ok else None
+    checks["worker_heartbeat_age_s"] = age
     return {"status": "ok" if ok else "unavailable", "checks": checks}, 200 if ok else 503
 
 
 def _heartbeat_age(svc) -> float | None:
     """Seconds since the freshest worker heartbeat (workers write one every 10 s)."""
-    beats = svc.redis.hvals(f"{svc.config.queue_prefix}:workers:heartbeat")
+    try:
+        beats = svc.redis.hvals(heartbeat_key(svc.config))
+    except Exception:  # a probe reports, it never raises
+        return None
     return round(time.time() - max(float(b) for b in beats), 1) if beats else None
 
 

@@ -14,13 +14,23 @@ from api.auth import login_required, owned
 from api.errors import invalid_body
 from api.pagination import page
 from api.services import db, services
-from api.submission import build_request, submit, wait_for
+from api.submission import build_request, submit, wait_within_caps
+from api.waits import PROCESS_LIMIT, SKIPPED_HEADER, USER_LIMIT
 from shared import batches, events, jobs, webhook_events
 from shared.errors import Conflict, ValidationFailed
 from shared.models import Job
 from shared.status import JobStatus
 
 blp = Blueprint("jobs", __name__, url_prefix="/v1/jobs", description="Classification jobs")
+
+WAIT_SKIPPED_DOC = {
+    SKIPPED_HEADER: {
+        "description": "A requested wait was not honoured, past the caller's "
+        "(user_limit) or the API process's (process_limit) cap on waits held at once; "
+        "the answer shows the job as it is.",
+        "schema": {"type": "string", "enum": [USER_LIMIT, PROCESS_LIMIT]},
+    }
+}
 
 PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+)", re.I)
 JOB_CREATE_DOC = {
@@ -52,7 +62,8 @@ JOB_CREATE_DOC = {
             "in": "header",
             "name": "Prefer",
             "schema": {"type": "string", "example": "wait=30"},
-            "description": "wait=N (N <= 60): answer 200 with the finished job if it ends in time.",
+            "description": "wait=N (N <= 60): answer 200 with the finished job if it ends "
+            "in time; past the caps on waits held at once, 202 at once with X-Wait-Skipped.",
         },
     ],
 }
@@ -102,7 +113,10 @@ def idempotency_key() -> str | None:
 @login_required
 @blp.doc(**JOB_CREATE_DOC)
 @blp.response(
-    202, schemas.Job, description="Accepted and queued", headers=schemas.location_header("job")
+    202,
+    schemas.Job,
+    description="Accepted and queued",
+    headers={**schemas.location_header("job"), **WAIT_SKIPPED_DOC},
 )
 @blp.alt_response(200, schema=schemas.Job, description="Finished within Prefer: wait")
 @blp.alt_response(402, schema=schemas.ErrorSchema, description="insufficient_tokens")
@@ -116,24 +130,37 @@ def create_job():
     job_request = _parse_job_request()
     status, body = submit(g.user, job_request, idempotency_key())
     if wait_s and status == 202:
-        job = wait_for(body["id"], wait_s)
+        job, skipped = wait_within_caps(g.user.id, body["id"], wait_s)
+        if skipped:
+            return body, status, {SKIPPED_HEADER: skipped, **_location(body)}
         if JobStatus(job.status).is_terminal():
             return jobs.job_to_dict(job), 200, {"Preference-Applied": f"wait={wait_s}"}
-    return body, status, {"Location": url_for("jobs.get_job", job_id=body["id"])}
+    return body, status, _location(body)
+
+
+def _location(job: dict) -> dict[str, str]:
+    return {"Location": url_for("jobs.get_job", job_id=job["id"])}
 
 
 @blp.route("/<job_id>", methods=["GET"])
 @login_required
 @blp.arguments(schemas.WaitQuery, location="query")
-@blp.response(200, schemas.Job)
+@blp.response(200, schemas.Job, headers=WAIT_SKIPPED_DOC)
 @blp.alt_response(404, schema=schemas.ErrorSchema, description="job_not_found")
 def get_job(query, job_id: str):
-    """A job; with ?wait=N, answer as soon as it is final or after N seconds."""
+    """A job; with ?wait=N, answer as soon as it is final or after N seconds.
+
+    Past the caps on waits held at once the answer comes without waiting, with
+    X-Wait-Skipped.
+    """
     job = owned(Job, job_id, "job")
     wait_s = min(query["wait"], services().config.max_wait_s)
+    headers = {}
     if wait_s and not JobStatus(job.status).is_terminal():
-        job = wait_for(job_id, wait_s)
-    return jobs.job_to_dict(job)
+        job, skipped = wait_within_caps(g.user.id, job_id, wait_s)
+        if skipped:
+            headers[SKIPPED_HEADER] = skipped
+    return jobs.job_to_dict(job), 200, headers
 
 
 @blp.route("", methods=["GET"])

@@ -11,12 +11,14 @@ from __future__ import annotations
 from flask import request
 from flask_smorest import Blueprint
 
+from api import schemas
 from api.auth import authenticate, user_by_password
 from api.errors import error_response, invalid_body
 from api.routes.admin import refill_user
 from api.routes.users import create_user
 from api.services import services
 from api.submission import build_request, submit, wait_for
+from api.waits import SKIPPED_HEADER, wait_slots
 from shared.errors import (
     Forbidden,
     ServiceError,
@@ -111,10 +113,23 @@ def refill():
     return {"status": 200, "msg": "Refilled Successfully!"}
 
 
+class TooManyWaits(ServiceError):
+    status, code = 429, "too_many_waits"
+
+
 def _finished(user: User, **job_fields) -> Job:
     """Submit through the queue and wait for the result, as the seed's synchronous call did."""
-    _, job_body = submit(user, build_request(**job_fields))
-    job = wait_for(job_body["id"], services().config.max_wait_s)
+    wait_s = services().config.max_wait_s
+    with wait_slots().hold(user.id, wait_s) as skipped:
+        if skipped:
+            # Checked before submitting: a seed client expects the answer or nothing
+            # charged, and this call could not wait for the answer.
+            raise TooManyWaits(
+                "Too many requests waiting for results at once; retry shortly.",
+                headers={"Retry-After": "1", SKIPPED_HEADER: skipped},
+            )
+        _, job_body = submit(user, build_request(**job_fields))
+        job = wait_for(job_body["id"], wait_s)
     if job.status == JobStatus.SUCCEEDED:
         return job
     if job.status == JobStatus.FAILED:
@@ -124,6 +139,7 @@ def _finished(user: User, **job_fields) -> Job:
 
 @blp.route("/classify", methods=["POST"])
 @_doc(["username", "password", "url"])
+@blp.alt_response(429, schema=schemas.ErrorSchema, description="too_many_waits (uncharged)")
 def classify():
     """Classify an image URL; answers the top 5 as {label: percent}. Costs a token."""
     body = _json()
@@ -150,6 +166,7 @@ def classify():
         },
     }
 )
+@blp.alt_response(429, schema=schemas.ErrorSchema, description="too_many_waits (uncharged)")
 def predict():
     """Classify an uploaded file; answers predicted_class and confidence_score."""
     try:

@@ -214,6 +214,23 @@ def test_gunicorn_config_outlasts_the_longest_long_poll():
     assert settings["wsgi_app"] == "api.wsgi:app"
 
 
+def test_gunicorn_refuses_fewer_threads_than_long_polls_may_hold():
+    # Waits are capped per process (MAX_WAITS_PER_PROCESS); with no more threads than
+    # that, long-polls alone could leave nothing to answer any other request.
+    env = {**os.environ, "MAX_WAITS_PER_PROCESS": "8", "PORT": "0"}
+    env.pop("GUNICORN_CMD_ARGS", None)
+    out = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--threads", "8"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode != 0
+    assert "MAX_WAITS_PER_PROCESS" in out.stdout + out.stderr
+
+
 # --- environment ------------------------------------------------------------------------
 
 

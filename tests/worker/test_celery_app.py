@@ -44,3 +44,24 @@ def test_worker_refuses_to_start_without_its_models(tmp_path):
     )
     assert "could not load the models" in output
     assert "no-such-model" in output
+
+
+def test_a_prefork_pool_process_gets_the_time_its_models_take_to_load():
+    # Celery kills a pool process that has not reported for work after
+    # worker_proc_alive_timeout (4 s by default); loading TensorFlow and the weights
+    # under load takes longer, and pool processes were killed and restarted in a loop.
+    code = (
+        "import worker.celery_app as w; "
+        "print(w.app.conf.worker_proc_alive_timeout, w.config.worker_proc_alive_timeout_s)"
+    )
+    env = {**os.environ, "WORKER_PROC_ALIVE_TIMEOUT_S": "240"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["240.0", "240.0"]
+    env.pop("WORKER_PROC_ALIVE_TIMEOUT_S")
+    default = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert float(default.stdout.split()[0]) >= 120

@@ -1,0 +1,110 @@
+"""Caps on long-polls held at once, so waiting clients cannot take every API thread.
+
+A long-poll (``GET /v1/jobs/{id}?wait=N``, ``Prefer: wait=N``, the seed endpoints)
+holds a gunicorn thread for up to ``MAX_WAIT_S``. Two caps bound that:
+
+- per user (``MAX_WAITS_PER_USER``), across every API process: a Redis sorted set per
+  user, one member per wait scored by its deadline. Entries past their deadline are
+  dropped on every entry, so a process killed mid-wait leaks a slot only for as long
+  as that wait would have lasted (a plain counter would leak it until its key expires,
+  which a busy user's next waits keep postponing).
+- per process (``MAX_WAITS_PER_PROCESS``): many users together still leave threads
+  for everyone else's requests.
+
+Past either cap the wait is not honoured: the caller answers at once with the job as
+it is, and says so in ``X-Wait-Skipped``. If Redis cannot be reached the per-user cap
+is not enforced (the per-process cap still is); the wait then meets the same outage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import redis
+from flask import current_app
+
+from shared.config import Config
+
+log = logging.getLogger(__name__)
+
+#: Response header naming the cap that kept a requested wait from being honoured.
+SKIPPED_HEADER = "X-Wait-Skipped"
+USER_LIMIT = "user_limit"
+PROCESS_LIMIT = "process_limit"
+# A wait's slot outlives its deadline by this much: the last SQL check comes after it.
+GRACE_S = 5
+
+
+class WaitSlots:
+    """One per app: counts the waits this process holds, and each user's in Redis."""
+
+    def __init__(self, client: redis.Redis, config: Config) -> None:
+        self._redis = client
+        self._config = config
+        self._lock = threading.Lock()
+        self._held = 0
+
+    @contextmanager
+    def hold(self, user_id: int, timeout_s: float) -> Iterator[str | None]:
+        """Yields None when the caller may wait, else the cap that refused it."""
+        # The user's cap first: a burst of one user's waits, refused by it, must not
+        # take this process's slots even for a moment, or others' waits are refused.
+        member = self._take_user(user_id, timeout_s)
+        if member is None:
+            yield USER_LIMIT
+            return
+        if not self._take_local():
+            self._give_user(user_id, member)
+            yield PROCESS_LIMIT
+            return
+        try:
+            yield None
+        finally:
+            with self._lock:
+                self._held -= 1
+            self._give_user(user_id, member)
+
+    def _take_local(self) -> bool:
+        with self._lock:
+            if self._held >= self._config.max_waits_per_process:
+                return False
+            self._held += 1
+            return True
+
+    def _key(self, user_id: int) -> str:
+        return f"{self._config.queue_prefix}:waits:{user_id}"
+
+    def _take_user(self, user_id: int, timeout_s: float) -> str | None:
+        """The slot's member name, '' if Redis failed (not enforced), None if refused."""
+        key, member, now = self._key(user_id), uuid.uuid4().hex, time.time()
+        try:
+            pipe = self._redis.pipeline()  # MULTI: prune, add and count as one step
+            pipe.zremrangebyscore(key, "-inf", now)
+            pipe.zadd(key, {member: now + timeout_s + GRACE_S})
+            pipe.zcard(key)
+            pipe.expire(key, self._config.max_wait_s + GRACE_S + 1)
+            count = pipe.execute()[2]
+            if count <= self._config.max_waits_per_user:
+                return member
+            # Two callers racing for the last slot may both give up: never more than the cap.
+            self._redis.zrem(key, member)
+        except redis.RedisError as exc:
+            log.warning("wait slots: Redis unavailable (%r); per-user cap not enforced", exc)
+            return ""
+        return None
+
+    def _give_user(self, user_id: int, member: str) -> None:
+        if not member:
+            return
+        with contextlib.suppress(redis.RedisError):  # its deadline frees the slot anyway
+            self._redis.zrem(self._key(user_id), member)
+
+
+def wait_slots() -> WaitSlots:
+    return current_app.extensions["imgclf_waits"]
