@@ -48,7 +48,11 @@ stop_all() {
   done
   kill -KILL "${!names[@]}" 2>/dev/null || true
   if [ -n "$own_redis" ] && [ -f "$own_redis" ]; then
-    kill -TERM "$(cat "$own_redis")" 2>/dev/null || true
+    local redis_pid
+    redis_pid="$(cat "$own_redis")"
+    kill -TERM "$redis_pid" 2>/dev/null || true
+    # It writes its append-only file first: wait, so "stopped" means stopped.
+    for _ in $(seq 100); do kill -0 "$redis_pid" 2>/dev/null || break; sleep 0.1; done
     echo "stopped the redis-server this command started"
   fi
 }

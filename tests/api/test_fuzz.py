@@ -62,8 +62,10 @@ def _fuzz(operation, authorization: str) -> None:
             and case.formatted_path in SYNC_ENDPOINTS
             and response.json()["error"]["code"] == "timeout"
         )
-        assert response.status_code < 500 or documented_timeout, where
-        if response.status_code >= 400:
+        # No worker runs here, so readiness is rightly 503 (docs/api.md).
+        not_ready = case.formatted_path == "/readyz" and response.status_code == 503
+        assert response.status_code < 500 or documented_timeout or not_ready, where
+        if response.status_code >= 400 and not not_ready:  # readiness answers its checks
             assert set(response.json()["error"]) >= {"code", "message"}, where
 
     check()
