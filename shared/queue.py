@@ -7,10 +7,12 @@ Messages carry job ids only; SQL holds everything else.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 from celery import Celery
 from kombu import Queue
+from kombu.exceptions import ChannelError
 
 from shared.config import Config
 
@@ -30,6 +32,36 @@ def webhook_queue(config: Config) -> str:
     return f"{config.queue_prefix}.webhooks"
 
 
+def _queue(config: Config, name: str) -> Queue:
+    if config.broker_is_redis:
+        return Queue(name)
+    # RabbitMQ: replicated, durable quorum queues. A consumer's death (its connection
+    # closes) returns its unacknowledged messages at once; a message redelivered
+    # BROKER_DELIVERY_LIMIT times (one that kills every worker) is dropped, and the
+    # reconciler ends its jobs from SQL. Celery detects quorum queues
+    # (worker_detect_quorum_queues) and then uses a per-consumer prefetch, as quorum
+    # queues have no global QoS. ETA/countdown tasks would need native delayed
+    # delivery: the service sends none (webhook retries are scheduled in SQL).
+    return Queue(
+        name,
+        durable=True,
+        queue_arguments={
+            "x-queue-type": "quorum",
+            "x-delivery-limit": config.broker_delivery_limit,
+        },
+    )
+
+
+def _transport_options(config: Config) -> dict:
+    if not config.broker_is_redis:
+        return {}  # py-amqp: broker_connection_timeout covers connecting
+    return {
+        "visibility_timeout": config.visibility_timeout_s,
+        "socket_connect_timeout": 2,
+        "socket_timeout": 5,
+    }
+
+
 def make_celery(config: Config, main: str = "imgclf") -> Celery:
     app = Celery(main, broker=config.effective_broker_url, set_as_current=False)
     queue = interactive_queue(config)
@@ -38,7 +70,10 @@ def make_celery(config: Config, main: str = "imgclf") -> Celery:
         accept_content=["json"],
         task_ignore_result=True,
         # Listed first, so a worker that consumes both takes interactive work first.
-        task_queues=[Queue(queue), Queue(bulk_queue(config))],
+        task_queues=[_queue(config, queue), _queue(config, bulk_queue(config))],
+        # Queues not listed above (the webhook queue) are declared on first use: on
+        # RabbitMQ as quorum queues too.
+        task_create_missing_queue_type="classic" if config.broker_is_redis else "quorum",
         task_default_queue=queue,
         task_routes={
             CLASSIFY_TASK: {"queue": queue},
@@ -51,11 +86,7 @@ def make_celery(config: Config, main: str = "imgclf") -> Celery:
         task_reject_on_worker_lost=True,
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=3,
-        broker_transport_options={
-            "visibility_timeout": config.visibility_timeout_s,
-            "socket_connect_timeout": 2,
-            "socket_timeout": 5,
-        },
+        broker_transport_options=_transport_options(config),
         # A submission must fail fast (503) when Redis is down, not hang the request.
         task_publish_retry=True,
         task_publish_retry_policy={
@@ -74,6 +105,27 @@ def make_celery(config: Config, main: str = "imgclf") -> Celery:
         worker_send_task_events=False,
     )
     return app
+
+
+def classify_queues(config: Config) -> tuple[str, str]:
+    return interactive_queue(config), bulk_queue(config)
+
+
+def queue_depth(app: Celery, names: Sequence[str]) -> int:
+    """Messages waiting in these queues (not those held by workers), on either broker."""
+    waiting = 0
+    with app.connection_for_read() as conn:
+        for name in names:
+            # A channel each: on RabbitMQ a missing queue closes the channel that asked.
+            channel = conn.channel()
+            try:
+                waiting += channel.queue_declare(queue=name, passive=True).message_count
+            except (ChannelError, *conn.channel_errors):
+                pass  # no such queue (on Redis an empty list is no key): nothing waits
+            finally:
+                with contextlib.suppress(Exception):  # already closed by the broker
+                    channel.close()
+    return waiting
 
 
 def enqueue_jobs(app: Celery, config: Config, job_ids: Sequence[str]) -> None:

@@ -31,12 +31,14 @@ class Runtime:
     io_pool: ThreadPoolExecutor
     celery: Celery  # sends webhook deliveries
     top_k: Callable = top_k
+    # The worker instance's heartbeat name, recorded by claims (worker.liveness).
+    worker_id: str | None = None
     # Batch threads share the model: one forward pass at a time, each with every core
     # (TensorFlow's own intra-op threads), while the other batch fetches or writes.
     forward_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
-    def build(cls, config: Config) -> Runtime:
+    def build(cls, config: Config, worker_id: str | None = None) -> Runtime:
         configure_accelerators()
         models = ModelRegistry(config)
         models.setup_all()  # loads Keras and the weights: seconds, so once per process
@@ -50,6 +52,7 @@ class Runtime:
             models=models,
             io_pool=ThreadPoolExecutor(config.fetch_threads, thread_name_prefix="fetch"),
             celery=make_celery(config, main="imgclf-worker-sender"),
+            worker_id=worker_id,
         )
 
 

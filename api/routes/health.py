@@ -37,7 +37,7 @@ def readyz():
 
 
 def _heartbeat_age(svc) -> float | None:
-    """Seconds since the freshest worker heartbeat (workers write one every 10 s)."""
+    """Seconds since the freshest worker heartbeat (every WORKER_DEAD_AFTER_S / 4)."""
     beats = svc.redis.hvals(f"{svc.config.queue_prefix}:workers:heartbeat")
     return round(time.time() - max(float(b) for b in beats), 1) if beats else None
 

@@ -14,6 +14,14 @@ from shared.db import make_engine, make_session_factory
 from shared.models import Job, LedgerEntry, User
 from tests import support
 
+BROKERS = {"redis": "", "rabbitmq": support.RABBITMQ_URL}
+
+
+@pytest.fixture(params=sorted(BROKERS))
+def broker_url(request) -> str:
+    """Worker fault tests run on both brokers: Redis (the default) and RabbitMQ."""
+    return BROKERS[request.param]
+
 
 def fault_config(database_url: str, redis_url: str = support.REDIS_URL, **overrides):
     """Short timeouts, so redelivery and reconciliation happen within a test's patience."""
@@ -94,6 +102,8 @@ class FaultStack:
         for w in self.workers:
             w.kill()
         support.delete_redis_prefix(self.config.queue_prefix)
+        if not self.config.broker_is_redis:
+            support.delete_rabbitmq_queues(self.config)
 
 
 @pytest.fixture
