@@ -17,6 +17,7 @@ from kombu.exceptions import ChannelError
 from shared.config import Config
 
 CLASSIFY_TASK = "imgclf.classify"
+PROC_ALIVE_TIMEOUT_S = 120.0
 DELIVER_WEBHOOK_TASK = "imgclf.deliver_webhook"
 
 
@@ -99,6 +100,10 @@ def make_celery(config: Config, main: str = "imgclf") -> Celery:
         worker_concurrency=config.worker_concurrency,
         worker_pool=config.worker_pool,
         worker_hijack_root_logger=False,
+        # Prefork: a pool process loads TensorFlow and the models before it reports
+        # up, seconds on a busy CPU; Celery's 4 s default kills every replacement of
+        # a crashed (e.g. OOM-killed) pool process in a loop.
+        worker_proc_alive_timeout=PROC_ALIVE_TIMEOUT_S,
         # On a cold shutdown (a second SIGTERM, or SIGQUIT), batches in flight still get
         # this long to finish; whatever does not finish is redelivered (acks_late).
         worker_soft_shutdown_timeout=config.worker_shutdown_timeout_s,

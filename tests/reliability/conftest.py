@@ -53,6 +53,25 @@ class FaultStack:
         self.workers.append(worker)
         return worker
 
+    def start_worker(self, name: str) -> support.WorkerProcess:
+        """Start a worker without waiting for it: see wait_ready."""
+        worker = support.WorkerProcess(self.config, name=name)
+        worker.ready_before = worker.ready_count()
+        self.workers.append(worker.start())
+        return worker
+
+    def wait_ready(self, *workers: support.WorkerProcess) -> None:
+        """Wait until the workers started together have all loaded their models."""
+        before = min(w.ready_before for w in workers)
+
+        def ready() -> bool:
+            for w in workers:
+                if w.proc.poll() is not None:
+                    raise AssertionError(f"{w.name} exited: {w.log_tail()}")
+            return workers[0].ready_count() >= before + len(workers)
+
+        support.wait_for(ready, support.WORKER_START_TIMEOUT_S, "the workers to be ready", 0.1)
+
     def funded_user(self, tokens: int) -> dict:
         user = support.new_user(self.client)
         with self.sessions() as s:

@@ -106,11 +106,14 @@ def test_two_workers_one_killed_repeatedly_through_1000_jobs(
         photo_server.url(f"{'slow/' if i % 8 == 0 else ''}{photos[i % 5]}?n{i}")
         for i in range(1000)
     ]
+    # Started together and before the work: one after another they took longer to
+    # start than the run took to end, and the crashes hit an idle queue.
+    flaky = [stack.start_worker(f"flaky{i}") for i in range(3)]
+    stack.wait_ready(*flaky)
     batch_id = _submit_batch(stack, user, urls)
-    for round_ in range(3):
-        flaky = stack.worker(f"flaky{round_}")
+    for worker in flaky:
         time.sleep(2)  # let it take a batch or two, then crash it
-        flaky.kill()
+        worker.kill()
     assert stack.batch_statuses(batch_id).get("queued"), "the run ended before the crashes"
     counts = _wait_all_final(stack, batch_id, 1000, timeout=300)
     assert counts == {"succeeded": 1000}
