@@ -33,7 +33,12 @@ def webhook_queue(config: Config) -> str:
     return f"{config.queue_prefix}.webhooks"
 
 
-def _queue(config: Config, name: str) -> Queue:
+def classify_queues(config: Config) -> tuple[str, str]:
+    return interactive_queue(config), bulk_queue(config)
+
+
+def service_queue(config: Config, name: str) -> Queue:
+    """A queue as every app of the service declares it (RabbitMQ refuses a mismatch)."""
     if config.broker_is_redis:
         return Queue(name)
     # RabbitMQ: replicated, durable quorum queues. A consumer's death (its connection
@@ -70,10 +75,15 @@ def make_celery(config: Config, main: str = "imgclf") -> Celery:
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,
-        # Listed first, so a worker that consumes both takes interactive work first.
-        task_queues=[_queue(config, queue), _queue(config, bulk_queue(config))],
-        # Queues not listed above (the webhook queue) are declared on first use: on
-        # RabbitMQ as quorum queues too.
+        # Every queue the service sends to, declared alike by senders and consumers.
+        # Each worker app consumes only its own: the classification worker the first
+        # two (interactive listed first, so it takes interactive work first), the
+        # webhook worker the last (worker/celery_app.py, worker/webhook_app.py).
+        task_queues=[
+            service_queue(config, name)
+            for name in (*classify_queues(config), webhook_queue(config))
+        ],
+        # Anything else would be declared on first use: as a quorum queue on RabbitMQ.
         task_create_missing_queue_type="classic" if config.broker_is_redis else "quorum",
         task_default_queue=queue,
         task_routes={
@@ -110,10 +120,6 @@ def make_celery(config: Config, main: str = "imgclf") -> Celery:
         worker_send_task_events=False,
     )
     return app
-
-
-def classify_queues(config: Config) -> tuple[str, str]:
-    return interactive_queue(config), bulk_queue(config)
 
 
 def queue_depth(app: Celery, names: Sequence[str]) -> int:

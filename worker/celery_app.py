@@ -19,7 +19,13 @@ from celery import signals
 
 from shared import logs
 from shared.config import Config
-from shared.queue import CLASSIFY_TASK, interactive_queue, make_celery
+from shared.queue import (
+    CLASSIFY_TASK,
+    classify_queues,
+    interactive_queue,
+    make_celery,
+    service_queue,
+)
 from shared.redis_client import make_redis
 from worker import liveness, pipeline, reconciler
 from worker.batching import ContinuousBatches
@@ -29,6 +35,8 @@ log = logging.getLogger(__name__)
 
 config = Config.from_env()
 app = make_celery(config, main="imgclf-worker")
+# Consume the classification queues only; webhooks have a worker of their own.
+app.conf.task_queues = [service_queue(config, name) for name in classify_queues(config)]
 
 _runtime: Runtime | None = None
 _runtime_lock = threading.Lock()

@@ -270,11 +270,11 @@ def test_the_bundled_broker_gets_quorum_queues_with_a_delivery_limit(services):
     env = environment(services["worker"])
     config = Config.from_env({k: interpolate(v, REQUIRED) for k, v in env.items()})
     queues = make_celery(config).conf.task_queues
-    assert queues and all(
+    assert {q.name for q in queues} == {"imgclf.interactive", "imgclf.bulk", "imgclf.webhooks"}
+    assert all(
         q.queue_arguments == {"x-queue-type": "quorum", "x-delivery-limit": 10} and q.durable
         for q in queues
     )
-    # The webhook queue, declared on first use, is a quorum queue too.
     assert make_celery(config).conf.task_create_missing_queue_type == "quorum"
 
 
