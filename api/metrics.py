@@ -29,7 +29,7 @@ from sqlalchemy import func, select
 from api.services import Services
 from shared import metrics
 from shared.models import Job, LedgerEntry
-from shared.queue import bulk_queue, interactive_queue, webhook_queue
+from shared.queue import bulk_queue, interactive_queue, queue_depth, webhook_queue
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +86,10 @@ class ClusterCollector:
         config = self.svc.config
         try:
             for queue in (interactive_queue(config), bulk_queue(config), webhook_queue(config)):
-                depth.add_metric([queue], self.svc.redis.llen(queue))
+                # Asked of the broker: RabbitMQ, or a Redis other than REDIS_URL.
+                depth.add_metric([queue], queue_depth(self.svc.celery, [queue]))
         except Exception as exc:
-            log.warning("metrics: redis unavailable: %r", exc)
+            log.warning("metrics: broker unavailable: %r", exc)
             return
         yield depth
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Make sure a Redis (and, with --postgres, a PostgreSQL) answers locally; start them if not.
-# Used by the run and test commands; does nothing when the services already answer.
+# Make sure a Redis (and, with --postgres, a PostgreSQL; with --rabbitmq, a RabbitMQ)
+# answers locally; start them if not. Used by the run and test commands; does nothing
+# when the services already answer.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,7 +36,16 @@ if ! redis_up; then
   echo "started redis-server on port $redis_port (data in var/redis)"
 fi
 
-if [ "${1:-}" = "--postgres" ]; then
+want_postgres=0; want_rabbitmq=0
+for arg in "$@"; do
+  case "$arg" in
+    --postgres) want_postgres=1 ;;
+    --rabbitmq) want_rabbitmq=1 ;;
+    *) echo "unknown option: $arg" >&2; exit 2 ;;
+  esac
+done
+
+if [ "$want_postgres" = 1 ]; then
   pg_up() { (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; }
   if ! pg_up; then
     command -v pg_ctlcluster >/dev/null || install_pkg postgresql
@@ -44,5 +54,19 @@ if [ "${1:-}" = "--postgres" ]; then
     for _ in $(seq 100); do pg_up && break; sleep 0.1; done
     pg_up || { echo "could not start PostgreSQL" >&2; exit 1; }
     echo "started PostgreSQL $version"
+  fi
+fi
+
+if [ "$want_rabbitmq" = 1 ]; then
+  # The fault tests also run on RabbitMQ (the production broker, docs/deploy.md).
+  rabbit_up() { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }
+  if ! rabbit_up; then
+    command -v rabbitmq-server >/dev/null || install_pkg rabbitmq-server
+    rabbitmq-server -detached
+    for _ in $(seq 600); do rabbit_up && break; sleep 0.1; done
+    # The port opens before the broker takes connections: wait for the app itself.
+    rabbitmqctl await_startup --timeout 120 >/dev/null 2>&1 || true
+    rabbit_up || { echo "could not start RabbitMQ" >&2; exit 1; }
+    echo "started RabbitMQ"
   fi
 fi

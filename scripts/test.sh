@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Run the test suite against real services: installs dev requirements into .venv,
-# starts Redis and PostgreSQL when they are not running, then runs pytest.
+# starts Redis, PostgreSQL and RabbitMQ when they are not running, then runs pytest.
 # Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh requirements-dev.txt
-scripts/services.sh --postgres
+scripts/services.sh --postgres --rabbitmq
 export IMGCLF_ASSETS="${IMGCLF_ASSETS:-$(cd .. && pwd)/shared/assets}"
 exec .venv/bin/python -m pytest "$@"

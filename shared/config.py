@@ -30,7 +30,9 @@ class Config:
     # Storage and messaging
     database_url: str = "sqlite:///var/imgclf.db"
     redis_url: str = "redis://127.0.0.1:6379/0"
-    broker_url: str = ""  # empty: same as redis_url
+    broker_url: str = ""  # empty: same as redis_url; amqp://... for RabbitMQ
+    # RabbitMQ quorum queues drop a message delivered this many times (a poison message).
+    broker_delivery_limit: int = 10
     queue_prefix: str = "imgclf"
 
     # Accounts and tokens
@@ -92,14 +94,17 @@ class Config:
     visibility_timeout_s: int = 900
     worker_shutdown_timeout_s: float = 60.0
     # The reconciler (worker/reconciler.py) re-sends or ends jobs whose message was lost.
-    reconcile_interval_s: float = 30.0
+    reconcile_interval_s: float = 5.0
+    # A worker whose heartbeat is older than this is dead: its jobs and the messages it
+    # held go back to the queue. Workers beat every quarter of it.
+    worker_dead_after_s: float = 20.0
     stale_queued_s: int = 300
     stale_processing_s: int = 0  # 0: VISIBILITY_TIMEOUT_S + 120
     # A prefork pool process gets this long to start (it loads the models) before
     # Celery kills it (Celery's worker_proc_alive_timeout, 4 s by default).
     worker_proc_alive_timeout_s: float = 300.0
     # /readyz answers 503 when no classification worker's heartbeat is this recent
-    # (workers write one every 10 s); 0: workers are reported, not judged.
+    # (workers write one every WORKER_DEAD_AFTER_S / 4); 0: reported, not judged.
     ready_heartbeat_max_age_s: int = 60
 
     # Operations
@@ -114,6 +119,16 @@ class Config:
     def effective_prefetch(self) -> int:
         """Messages a worker may hold unacknowledged, across its pool processes."""
         return self.worker_prefetch or 2 * self.batch_max * self.worker_concurrency
+
+    @property
+    def broker_is_redis(self) -> bool:
+        # redis://, rediss://, redis+socket:// and sentinel:// are kombu's Redis transport.
+        return self.effective_broker_url.startswith(("redis", "sentinel"))
+
+    @property
+    def heartbeat_interval_s(self) -> float:
+        # Four beats per WORKER_DEAD_AFTER_S: one or two lost writes do not kill a worker.
+        return self.worker_dead_after_s / 4
 
     @property
     def effective_stale_processing_s(self) -> int:
@@ -153,6 +168,10 @@ class Config:
             raise ValueError("WORKER_CONCURRENCY must be >= 1")
         if self.decode_budget_pixels < 1 or self.decode_wait_s <= 0:
             raise ValueError("DECODE_BUDGET_PIXELS must be >= 1 and DECODE_WAIT_S > 0")
+        if self.worker_dead_after_s <= 0 or self.reconcile_interval_s <= 0:
+            raise ValueError("WORKER_DEAD_AFTER_S and RECONCILE_INTERVAL_S must be > 0")
+        if self.broker_delivery_limit < 1:
+            raise ValueError("BROKER_DELIVERY_LIMIT must be >= 1")
         if self.worker_pool not in WORKER_POOLS:
             raise ValueError(f"WORKER_POOL must be one of {', '.join(WORKER_POOLS)}")
         if self.effective_prefetch < 2 * self.batch_max * self.worker_concurrency:

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import case, literal, update
+from sqlalchemy import ColumnElement, case, literal, update
 from sqlalchemy.orm import Session
 
 from shared import ledger, webhook_events
@@ -47,12 +47,19 @@ def job_to_dict(job: Job) -> dict[str, Any]:
 
 
 def _transition(
-    session: Session, job_ids: Iterable[str], from_: Iterable[JobStatus], **values: Any
+    session: Session,
+    job_ids: Iterable[str],
+    from_: Iterable[JobStatus],
+    *still: ColumnElement[bool],
+    **values: Any,
 ) -> set[str]:
-    """Move the jobs still in ``from_`` to ``values``; returns the ids whose move won."""
+    """Move the jobs still in ``from_`` (and matching ``still``) to ``values``.
+
+    Returns the ids whose move won.
+    """
     won = session.scalars(
         update(Job)
-        .where(Job.id.in_(list(job_ids)), Job.status.in_([s.value for s in from_]))
+        .where(Job.id.in_(list(job_ids)), Job.status.in_([s.value for s in from_]), *still)
         .values(**values)
         .returning(Job.id)
         .execution_options(synchronize_session=False)
@@ -80,6 +87,24 @@ def mark_all_succeeded(session: Session, results: dict[str, dict[str, Any]]) -> 
         status=JobStatus.SUCCEEDED.value,
         result=result,
         completed_at=utcnow(),
+    )
+
+
+def release_lost(session: Session, job_ids: Iterable[str], *still: ColumnElement[bool]) -> set[str]:
+    """Give back processing jobs whose worker is gone, before they are re-sent.
+
+    They stay ``processing`` (they did start), claimed by nobody; ``claimed_at``
+    becomes the time of the re-send, so a re-sent message that is lost too is
+    caught again after STALE_PROCESSING_S. ``still`` re-checks, in the same
+    UPDATE, that no live worker claimed them meanwhile; returns the ids released.
+    """
+    return _transition(
+        session,
+        job_ids,
+        (JobStatus.PROCESSING,),
+        *still,
+        claimed_by=None,
+        claimed_at=utcnow(),
     )
 
 

@@ -132,6 +132,9 @@ class Job(Base):
     # When a worker last took the job; a processing job not finished long after is
     # presumed lost with its worker (see worker/reconciler.py).
     claimed_at: Mapped[datetime | None] = mapped_column(default=None)
+    # The worker instance (its heartbeat name) that took the job last: once that
+    # heartbeat stops, the job is re-sent at once instead of after STALE_PROCESSING_S.
+    claimed_by: Mapped[str | None] = mapped_column(String(200), default=None)
     webhook_url: Mapped[str | None] = mapped_column(Text, default=None)
     webhook_events: Mapped[list[str] | None] = mapped_column(NULLABLE_JSON, default=None)
     request_id: Mapped[str | None] = mapped_column(String(64), default=None)

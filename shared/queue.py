@@ -7,10 +7,12 @@ Messages carry job ids only; SQL holds everything else.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 from celery import Celery
 from kombu import Exchange, Queue
+from kombu.exceptions import ChannelError
 
 from shared.config import Config
 
@@ -30,11 +32,45 @@ def webhook_queue(config: Config) -> str:
     return f"{config.queue_prefix}.webhooks"
 
 
-def _queue(name: str) -> Queue:
-    # Each queue is bound to its own direct exchange under its own name; without one,
-    # Celery binds every queue to the default queue's exchange and routing key, which
-    # reads as if bulk work were routed to the interactive queue.
-    return Queue(name, Exchange(name, type="direct"), routing_key=name)
+def classify_queues(config: Config) -> tuple[str, str]:
+    return interactive_queue(config), bulk_queue(config)
+
+
+def service_queue(config: Config, name: str) -> Queue:
+    """A queue as every app of the service declares it (RabbitMQ refuses a mismatch)."""
+    # Bound to its own direct exchange under its own name; without one, Celery binds
+    # every queue to the default queue's exchange and routing key, which reads (in the
+    # worker's banner) as if bulk work were routed to the interactive queue.
+    exchange = Exchange(name, type="direct")
+    if config.broker_is_redis:
+        return Queue(name, exchange, routing_key=name)
+    # RabbitMQ: replicated, durable quorum queues. A consumer's death (its connection
+    # closes) returns its unacknowledged messages at once; a message redelivered
+    # BROKER_DELIVERY_LIMIT times (one that kills every worker) is dropped, and the
+    # reconciler ends its jobs from SQL. Celery detects quorum queues
+    # (worker_detect_quorum_queues) and then uses a per-consumer prefetch, as quorum
+    # queues have no global QoS. ETA/countdown tasks would need native delayed
+    # delivery: the service sends none (webhook retries are scheduled in SQL).
+    return Queue(
+        name,
+        exchange,
+        routing_key=name,
+        durable=True,
+        queue_arguments={
+            "x-queue-type": "quorum",
+            "x-delivery-limit": config.broker_delivery_limit,
+        },
+    )
+
+
+def _transport_options(config: Config) -> dict:
+    if not config.broker_is_redis:
+        return {}  # py-amqp: broker_connection_timeout covers connecting
+    return {
+        "visibility_timeout": config.visibility_timeout_s,
+        "socket_connect_timeout": 2,
+        "socket_timeout": 5,
+    }
 
 
 def heartbeat_key(config: Config) -> str:
@@ -49,8 +85,16 @@ def make_celery(config: Config, main: str = "imgclf") -> Celery:
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,
-        # Listed first, so a worker that consumes both takes interactive work first.
-        task_queues=[_queue(queue), _queue(bulk_queue(config))],
+        # Every queue the service sends to, declared alike by senders and consumers.
+        # Each worker app consumes only its own: the classification worker the first
+        # two (interactive listed first, so it takes interactive work first), the
+        # webhook worker the last (worker/celery_app.py, worker/webhook_app.py).
+        task_queues=[
+            service_queue(config, name)
+            for name in (*classify_queues(config), webhook_queue(config))
+        ],
+        # Anything else would be declared on first use: as a quorum queue on RabbitMQ.
+        task_create_missing_queue_type="classic" if config.broker_is_redis else "quorum",
         task_default_queue=queue,
         task_routes={
             CLASSIFY_TASK: {"queue": queue},
@@ -63,11 +107,7 @@ def make_celery(config: Config, main: str = "imgclf") -> Celery:
         task_reject_on_worker_lost=True,
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=3,
-        broker_transport_options={
-            "visibility_timeout": config.visibility_timeout_s,
-            "socket_connect_timeout": 2,
-            "socket_timeout": 5,
-        },
+        broker_transport_options=_transport_options(config),
         # A submission must fail fast (503) when Redis is down, not hang the request.
         task_publish_retry=True,
         task_publish_retry_policy={
@@ -90,6 +130,23 @@ def make_celery(config: Config, main: str = "imgclf") -> Celery:
         worker_proc_alive_timeout=config.worker_proc_alive_timeout_s,
     )
     return app
+
+
+def queue_depth(app: Celery, names: Sequence[str]) -> int:
+    """Messages waiting in these queues (not those held by workers), on either broker."""
+    waiting = 0
+    with app.connection_for_read() as conn:
+        for name in names:
+            # A channel each: on RabbitMQ a missing queue closes the channel that asked.
+            channel = conn.channel()
+            try:
+                waiting += channel.queue_declare(queue=name, passive=True).message_count
+            except (ChannelError, *conn.channel_errors):
+                pass  # no such queue (on Redis an empty list is no key): nothing waits
+            finally:
+                with contextlib.suppress(Exception):  # already closed by the broker
+                    channel.close()
+    return waiting
 
 
 def enqueue_jobs(app: Celery, config: Config, job_ids: Sequence[str]) -> None:

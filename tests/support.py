@@ -26,7 +26,7 @@ from werkzeug.serving import make_server
 
 from shared import migrate
 from shared.config import Config
-from shared.queue import webhook_queue
+from shared.queue import bulk_queue, interactive_queue, webhook_queue
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = Path(os.environ.get("TEST_OUTPUT_DIR", ROOT / "test-output"))
@@ -34,8 +34,10 @@ POSTGRES_ADMIN_URL = os.environ.get(
     "TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+RABBITMQ_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
 WORKER_START_TIMEOUT_S = 120
 SLOW_S = 1.5
+GATE_MAX_S = 600
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.05):
@@ -109,6 +111,24 @@ def clean_up_session() -> None:
             _drop_database(name)
     except (redis.RedisError, psycopg.Error) as exc:  # a service a fault test left down
         print(f"test clean-up incomplete: {exc!r}")
+
+
+def delete_rabbitmq_queues(config: Config) -> None:
+    """Drop a test's queues (and their exchanges) from the shared RabbitMQ."""
+    from kombu import Connection
+
+    names = [interactive_queue(config), bulk_queue(config), webhook_queue(config)]
+    with Connection(config.effective_broker_url, connect_timeout=5) as conn:
+        for name in names:
+            channel = conn.channel()
+            try:
+                channel.queue_delete(name)
+                channel.exchange_delete(name)
+            except conn.channel_errors:
+                pass  # never declared
+            finally:
+                with contextlib.suppress(Exception):
+                    channel.close()
 
 
 # --- configuration -------------------------------------------------------------
@@ -204,6 +224,7 @@ def png_16bit_grey(side: int, level: int = 0x8000) -> bytes:
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
     hits: list[str]
+    gates: dict[str, threading.Event]
 
     def log_message(self, *args) -> None:
         pass
@@ -213,21 +234,34 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
         if self.path.startswith("/slow/"):
             time.sleep(SLOW_S)
             self.path = self.path[len("/slow") :]
+        elif self.path.startswith("/gate/"):
+            _, _, key, rest = self.path.split("/", 3)
+            self.gates.setdefault(key, threading.Event()).wait(GATE_MAX_S)
+            self.path = f"/{rest}"
         super().do_GET()
+
+
+class _QuietServer(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        # A client killed mid-download (a test's SIGKILL) is expected, not noise.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 class PhotoServer:
     """Serves ``directory`` on 127.0.0.1 and records every requested path in ``hits``.
 
     ``/slow/<name>`` serves ``<name>`` after SLOW_S seconds: a batch that is still in
-    flight when a test injects a fault.
+    flight when a test injects a fault. ``/gate/<key>/<name>`` serves it once the test
+    opens ``gate(key)``: a batch held in flight for as long as the test needs.
     """
 
     def __init__(self, directory: Path) -> None:
         self.hits: list[str] = []
-        handler_class = type("Handler", (QuietHandler,), {"hits": self.hits})
+        self.gates: dict[str, threading.Event] = {}
+        handler_class = type("Handler", (QuietHandler,), {"hits": self.hits, "gates": self.gates})
         handler = functools.partial(handler_class, directory=str(directory))
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd = _QuietServer(("127.0.0.1", 0), handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     @property
@@ -237,11 +271,17 @@ class PhotoServer:
     def url(self, name: str) -> str:
         return f"{self.base_url}/{name}"
 
+    def gate(self, key: str) -> threading.Event:
+        """The gate of ``/gate/<key>/...`` URLs: closed until the test sets it."""
+        return self.gates.setdefault(key, threading.Event())
+
     def __enter__(self) -> PhotoServer:
         self.thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
+        for gate in list(self.gates.values()):
+            gate.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 

@@ -20,6 +20,9 @@ It also fixes two pitfalls of the stock class for this service:
   acked;
 * a pool process that dies mid-batch (WorkerLostError) requeues its messages
   at once instead of leaving them unacked until the worker restarts.
+
+It also knows which deliveries it holds (buffered or in flight), so the worker's
+heartbeat can renew their leases on a Redis broker (``worker.liveness``).
 """
 
 from __future__ import annotations
@@ -63,16 +66,36 @@ class ContinuousBatches(Batches):
         self._in_flight = 0
         # The consumer's event loop and the threads pool's callbacks both dispatch.
         self._dispatch_lock = threading.RLock()
+        # Delivery tags received and not yet acked or requeued; the heartbeat reads it.
+        self._held: set[str] = set()
+        self._held_lock = threading.Lock()
 
     def Strategy(self, task: Any, app: Any, consumer: Any) -> Any:
         handle = super().Strategy(task, app, consumer)
 
-        def on_message(*args: Any, **kwargs: Any) -> None:
-            handle(*args, **kwargs)
+        def on_message(message: Any, *args: Any, **kwargs: Any) -> None:
+            self._hold(getattr(message, "delivery_tag", None))
+            handle(message, *args, **kwargs)
             if self.batch_wait <= 0:
                 self._do_flush()
 
         return on_message
+
+    def held_deliveries(self) -> list[str]:
+        """Delivery tags of the messages this worker holds unacknowledged."""
+        with self._held_lock:
+            return list(self._held)
+
+    def _hold(self, tag: Any) -> None:
+        if tag is not None:
+            with self._held_lock:
+                self._held.add(str(tag))
+
+    def _release(self, request: Any) -> None:
+        tag = getattr(getattr(request, "message", None), "delivery_tag", None)
+        if tag is not None:
+            with self._held_lock:
+                self._held.discard(str(tag))
 
     @staticmethod
     def job_ids(request: Any) -> list[str]:
@@ -133,6 +156,7 @@ class ContinuousBatches(Batches):
                     request.reject(requeue=True)
                 else:
                     request.acknowledge()
+                self._release(request)
 
         def on_error(exc_info: Any) -> None:
             self._returned()
@@ -143,6 +167,7 @@ class ContinuousBatches(Batches):
             )
             for request in requests:
                 request.reject(requeue=True)
+                self._release(request)
             self._do_flush()
 
         return self._pool.apply_async(

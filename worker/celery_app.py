@@ -19,9 +19,15 @@ from celery import signals
 
 from shared import logs
 from shared.config import Config
-from shared.queue import CLASSIFY_TASK, heartbeat_key, interactive_queue, make_celery
+from shared.queue import (
+    CLASSIFY_TASK,
+    classify_queues,
+    interactive_queue,
+    make_celery,
+    service_queue,
+)
 from shared.redis_client import make_redis
-from worker import pipeline, reconciler
+from worker import liveness, pipeline, reconciler
 from worker.batching import ContinuousBatches
 from worker.runtime import Runtime
 
@@ -29,16 +35,22 @@ log = logging.getLogger(__name__)
 
 config = Config.from_env()
 app = make_celery(config, main="imgclf-worker")
+# Consume the classification queues only; webhooks have a worker of their own.
+app.conf.task_queues = [service_queue(config, name) for name in classify_queues(config)]
 
 _runtime: Runtime | None = None
 _runtime_lock = threading.Lock()
+
+# This worker instance's heartbeat name, which its claims record. Set in the main
+# process at worker_init, before prefork's pool processes fork and inherit it.
+_worker_id = liveness.new_worker_id(socket.gethostname())
 
 
 def runtime() -> Runtime:
     global _runtime
     with _runtime_lock:  # batch threads share one runtime: build it once
         if _runtime is None:
-            _runtime = Runtime.build(config)
+            _runtime = Runtime.build(config, worker_id=_worker_id)
     return _runtime
 
 
@@ -65,6 +77,12 @@ def classify(requests) -> str | None:
 
 def ready_key() -> str:
     return f"{config.queue_prefix}:workers:ready"
+
+
+@signals.worker_init.connect
+def _name_instance(sender=None, **_kwargs) -> None:
+    global _worker_id
+    _worker_id = liveness.new_worker_id(getattr(sender, "hostname", None) or socket.gethostname())
 
 
 @signals.worker_init.connect
@@ -100,27 +118,27 @@ def _load_models_in_threads_pool(sender=None, **_kwargs) -> None:
 _stop_reconciler = threading.Event()
 
 
-HEARTBEAT_S = 10
-
-
 def _heartbeat(stop: threading.Event, name: str) -> None:
     client = make_redis(config)
+    broker = liveness.make_broker_redis(config) if config.broker_is_redis else None
     while True:
         try:
-            client.hset(heartbeat_key(config), name, time.time())
+            # Leases first: a message received after this beat is younger than it anyway.
+            if broker is not None:
+                liveness.renew_leases(broker, classify.held_deliveries())
+            liveness.beat(client, config, name)
         except Exception as exc:  # Redis down: /readyz shows the heartbeat ageing
             log.warning("heartbeat not written: %r", exc)
-        if stop.wait(HEARTBEAT_S):
+        if stop.wait(config.heartbeat_interval_s):
             return
 
 
 @signals.worker_ready.connect
 def _start_threads(sender=None, **_kwargs) -> None:
     # In the main process: pool processes come and go, these threads stay.
-    name = getattr(sender, "hostname", None) or socket.gethostname()
     for target, args in (
         (reconciler.run_forever, (config, _stop_reconciler)),
-        (_heartbeat, (_stop_reconciler, name)),
+        (_heartbeat, (_stop_reconciler, _worker_id)),
     ):
         threading.Thread(target=target, args=args, daemon=True, name=target.__name__).start()
 

@@ -46,7 +46,7 @@ class Outcome:
 
 def process(rt: Runtime, job_ids: list[str]) -> str | None:
     """Run a batch end to end. Returns RETRY when results could not be written."""
-    claimed = _with_db_retry(rt, lambda s: _claim(s, job_ids))
+    claimed = _with_db_retry(rt, lambda s: _claim(s, job_ids, rt.worker_id))
     if claimed is None:
         return RETRY
     jobs_, started_events = claimed
@@ -67,8 +67,14 @@ def process(rt: Runtime, job_ids: list[str]) -> str | None:
     return None
 
 
-def _claim(session: Session, job_ids: list[str]) -> tuple[list[Job], list[str]]:
-    """Mark the batch's active jobs processing; a final job (done before) is skipped."""
+def _claim(
+    session: Session, job_ids: list[str], worker_id: str | None
+) -> tuple[list[Job], list[str]]:
+    """Mark the batch's active jobs processing by this worker; a final job is skipped.
+
+    A job processing elsewhere is taken over: its message came back, so its worker
+    is presumed gone (a duplicate message costs work, never a second outcome).
+    """
     active = [s.value for s in ACTIVE]
     # One round trip: the claimed rows come back with RETURNING (PostgreSQL, SQLite >= 3.35).
     rows = list(
@@ -79,6 +85,7 @@ def _claim(session: Session, job_ids: list[str]) -> tuple[list[Job], list[str]]:
                 status=JobStatus.PROCESSING.value,
                 attempts=Job.attempts + 1,
                 claimed_at=utcnow(),
+                claimed_by=worker_id,
                 started_at=case((Job.started_at.is_(None), utcnow()), else_=Job.started_at),
             )
             .returning(Job)

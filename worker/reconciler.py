@@ -1,18 +1,26 @@
 """The reconciler: SQL is the source of truth, so it finds jobs whose message was lost.
 
-A job's message can vanish: Redis restarted without its data, an enqueue that
-failed after the commit, a worker that died after the visibility timeout was
-exceeded. SQL still says ``queued`` or ``processing``. Every
-``RECONCILE_INTERVAL_S`` one worker of the cluster (a Redis lock elects it):
+A job's message can vanish with its worker (SIGKILL, OOM, preemption), or for
+good: Redis restarted without its data, an enqueue failed after the commit. SQL
+still says ``queued`` or ``processing``. Every ``RECONCILE_INTERVAL_S`` one worker
+of the cluster (a Redis lock elects it):
 
-- re-sends ``queued`` jobs older than ``STALE_QUEUED_S`` when their queue is empty
-  (a backlog is not a loss: while messages wait, nothing is re-sent);
-- for ``processing`` jobs claimed longer ago than ``STALE_PROCESSING_S``
-  (visibility timeout + 2 min by default), re-sends them, or, after
-  ``JOB_MAX_ATTEMPTS`` claims, fails them as ``worker_lost`` with a refund.
+- on a Redis broker, restores to their queue the unacknowledged messages whose
+  lease no live worker renewed for ``WORKER_DEAD_AFTER_S`` (``worker.liveness``):
+  a dead worker's batches in flight and its prefetched messages alike (RabbitMQ
+  does this by itself when the dead consumer's connection closes);
+- finds ``processing`` jobs that are lost: claimed by a worker whose heartbeat is
+  older than ``WORKER_DEAD_AFTER_S``, or claimed longer ago than
+  ``STALE_PROCESSING_S`` (by anyone). It re-sends them (unless the first step just
+  restored their message), or, after ``JOB_MAX_ATTEMPTS`` claims, fails them as
+  ``worker_lost`` with a refund;
+- re-sends ``queued`` jobs older than ``STALE_QUEUED_S`` when their queues are
+  empty, at most once per ``STALE_QUEUED_S`` (such a job may only be waiting,
+  prefetched, in a live worker: re-sending it every pass would flood the queue).
 
 Re-sending is always safe: the batch function only changes jobs that are still
-active, so a duplicate message finds nothing to do.
+active, so a duplicate message finds nothing to do. A released job is no longer
+claimed by its dead worker, so it is re-sent once, not at every pass.
 
 One-shot run: ``python -m worker.reconciler``.
 """
@@ -26,16 +34,17 @@ from datetime import timedelta
 
 import redis
 from celery import Celery
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, and_, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import batches, events, jobs, webhook_events
 from shared.config import Config
 from shared.db import make_engine, make_session_factory
 from shared.models import Job, utcnow
-from shared.queue import bulk_queue, enqueue_bulk, enqueue_jobs, interactive_queue, make_celery
+from shared.queue import classify_queues, enqueue_bulk, enqueue_jobs, make_celery, queue_depth
 from shared.redis_client import make_redis
 from shared.status import JobStatus
+from worker import liveness
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +57,7 @@ class Reconciler:
     sessions: sessionmaker[Session]
     redis: redis.Redis
     celery: Celery
+    broker: redis.Redis | None = None  # the Redis broker's own client; None on RabbitMQ
 
     @classmethod
     def build(cls, config: Config) -> Reconciler:
@@ -56,33 +66,79 @@ class Reconciler:
             make_session_factory(make_engine(config)),
             make_redis(config),
             make_celery(config, main="imgclf-reconciler"),
+            liveness.make_broker_redis(config) if config.broker_is_redis else None,
         )
 
     def run_once(self) -> dict[str, int]:
-        """One pass; returns how many jobs it re-sent and failed."""
-        resent = self._resend(self._stale_queued()) + self._resend(self._stale_processing())
-        failed = self._fail_exhausted()
-        if resent or failed:
-            log.warning("reconciler: re-sent %d job(s), failed %d lost job(s)", resent, failed)
-        return {"resent": resent, "failed": failed}
+        """One pass; returns how many messages it restored and jobs it re-sent and failed."""
+        restored_ids, restored = self._restore_orphans()
+        lost, still_lost = self._lost()
+        retry = [j for j in lost if j.attempts < self.config.job_max_attempts]
+        released = self._release(retry, still_lost)
+        # A restored message already carries these jobs: one more would be a duplicate.
+        resend = [j for j in retry if j.id in released and j.id not in restored_ids]
+        resent = self._resend(resend) + self._resend(self._stale_queued())
+        failed = self._fail_exhausted(
+            [j for j in lost if j.attempts >= self.config.job_max_attempts]
+        )
+        if restored or resent or failed:
+            log.warning(
+                "reconciler: restored %d message(s) of dead workers, re-sent %d job(s), "
+                "failed %d lost job(s)",
+                restored,
+                resent,
+                failed,
+            )
+        return {"restored": restored, "resent": resent, "failed": failed}
+
+    def _restore_orphans(self) -> tuple[set[str], int]:
+        """Put dead workers' unacknowledged messages back on their queue (Redis broker)."""
+        if self.broker is None:
+            return set(), 0
+        queues = classify_queues(self.config)
+        orphans = liveness.orphaned_deliveries(self.broker, self.config, queues, SCAN_LIMIT)
+        if not orphans:
+            return set(), 0
+        with self.celery.connection_for_write() as conn:
+            qos = conn.default_channel.qos
+            for orphan in orphans:
+                # kombu's own restore: atomic, and a no-op for a message acked meanwhile.
+                qos.restore_by_tag(orphan.tag)
+        return {j for o in orphans for j in o.job_ids}, len(orphans)
 
     def _stale_queued(self) -> list[Job]:
-        queues = (interactive_queue(self.config), bulk_queue(self.config))
-        if any(self.redis.llen(q) for q in queues):
+        if queue_depth(self.celery, classify_queues(self.config)):
             return []
+        scan_key = f"{self.config.queue_prefix}:reconciler:queued-scan"
+        if not self.redis.set(scan_key, "1", nx=True, ex=max(1, self.config.stale_queued_s)):
+            return []  # scanned less than STALE_QUEUED_S ago
         cutoff = utcnow() - timedelta(seconds=self.config.stale_queued_s)
         return self._select(Job.status == JobStatus.QUEUED.value, Job.created_at < cutoff)
 
-    def _stale_processing(self) -> list[Job]:
-        return [j for j in self._lost() if j.attempts < self.config.job_max_attempts]
-
-    def _lost(self) -> list[Job]:
-        cutoff = utcnow() - timedelta(seconds=self.config.effective_stale_processing_s)
-        return self._select(Job.status == JobStatus.PROCESSING.value, Job.claimed_at < cutoff)
+    def _lost(self) -> tuple[list[Job], ColumnElement[bool]]:
+        """Processing jobs whose worker is gone, and the condition that found them."""
+        now = utcnow()
+        stale = Job.claimed_at < now - timedelta(seconds=self.config.effective_stale_processing_s)
+        orphaned = and_(
+            Job.claimed_by.is_not(None),
+            Job.claimed_by.not_in(liveness.live_workers(self.redis, self.config)),
+            # A claim younger than that may precede its worker's first heartbeat.
+            Job.claimed_at < now - timedelta(seconds=self.config.worker_dead_after_s),
+        )
+        condition = or_(stale, orphaned)
+        return self._select(Job.status == JobStatus.PROCESSING.value, condition), condition
 
     def _select(self, *conditions) -> list[Job]:
         with self.sessions() as session:
             return list(session.scalars(select(Job).where(*conditions).limit(SCAN_LIMIT)))
+
+    def _release(self, lost: list[Job], still_lost: ColumnElement[bool]) -> set[str]:
+        if not lost:
+            return set()
+        with self.sessions() as session:
+            released = jobs.release_lost(session, [j.id for j in lost], still_lost)
+            session.commit()
+        return released
 
     def _resend(self, stale: list[Job]) -> int:
         single = [j.id for j in stale if j.batch_id is None]
@@ -94,8 +150,7 @@ class Reconciler:
         )
         return len(stale)
 
-    def _fail_exhausted(self) -> int:
-        lost = [j for j in self._lost() if j.attempts >= self.config.job_max_attempts]
+    def _fail_exhausted(self, lost: list[Job]) -> int:
         if not lost:
             return 0
         with self.sessions() as session:

@@ -34,12 +34,14 @@ class Runtime:
     # All of the process's concurrent decodes share it (FETCH_THREADS may be 16).
     pixel_budget: PixelBudget
     top_k: Callable = top_k
+    # The worker instance's heartbeat name, recorded by claims (worker.liveness).
+    worker_id: str | None = None
     # Batch threads share the model: one forward pass at a time, each with every core
     # (TensorFlow's own intra-op threads), while the other batch fetches or writes.
     forward_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
-    def build(cls, config: Config) -> Runtime:
+    def build(cls, config: Config, worker_id: str | None = None) -> Runtime:
         configure_accelerators()
         models = ModelRegistry(config)
         models.setup_all()  # loads Keras and the weights: seconds, so once per process
@@ -54,6 +56,7 @@ class Runtime:
             io_pool=ThreadPoolExecutor(config.fetch_threads, thread_name_prefix="fetch"),
             celery=make_celery(config, main="imgclf-worker-sender"),
             pixel_budget=PixelBudget(config.decode_budget_pixels, config.decode_wait_s),
+            worker_id=worker_id,
         )
 
 

@@ -32,11 +32,10 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from celery import signals
-from kombu import Queue
 
 from shared import logs
 from shared.config import Config
-from shared.queue import DELIVER_WEBHOOK_TASK, make_celery, webhook_queue
+from shared.queue import DELIVER_WEBHOOK_TASK, make_celery, service_queue, webhook_queue
 from shared.redis_client import make_redis
 from worker import webhook_delivery
 from worker.webhook_delivery import DeliveryRuntime
@@ -52,7 +51,7 @@ PREFETCH_PER_THREAD = 4
 config = Config.from_env()
 app = make_celery(config, main="imgclf-webhooks")
 app.conf.update(
-    task_queues=[Queue(webhook_queue(config))],
+    task_queues=[service_queue(config, webhook_queue(config))],
     task_default_queue=webhook_queue(config),
     worker_concurrency=DEFAULT_CONCURRENCY,
     worker_prefetch_multiplier=PREFETCH_PER_THREAD,

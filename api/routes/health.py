@@ -43,7 +43,7 @@ def readyz():
 
 
 def _heartbeat_age(svc) -> float | None:
-    """Seconds since the freshest worker heartbeat (workers write one every 10 s)."""
+    """Seconds since the freshest worker heartbeat (every WORKER_DEAD_AFTER_S / 4)."""
     try:
         beats = svc.redis.hvals(heartbeat_key(svc.config))
     except Exception:  # a probe reports, it never raises

@@ -2,6 +2,8 @@
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from api import create_app
+from shared.queue import interactive_queue
 from tests import support
 
 
@@ -72,3 +74,23 @@ def test_readiness_reports_the_worker_heartbeat(stack):
     assert checks["database"] == checks["redis"] == "ok"
     assert checks["worker_heartbeat_age_s"] is not None
     assert 0 <= checks["worker_heartbeat_age_s"] < 30
+
+
+def test_queue_depth_is_read_from_the_broker(tmp_path):
+    # On RabbitMQ the messages are not in Redis: /metrics must ask the broker.
+    config = support.migrated(
+        support.test_config(f"sqlite:///{tmp_path / 'q.db'}", broker_url=support.RABBITMQ_URL)
+    )
+    client = create_app(config).test_client()
+    user = support.new_user(client)
+    try:
+        for i in range(2):
+            resp = client.post(
+                "/v1/jobs", json={"url": f"http://x/{i}.jpg"}, headers=user["headers"]
+            )
+            assert resp.status_code == 202
+        queue = interactive_queue(config)
+        assert _samples(client)[("imgclf_queue_depth", (("queue", queue),))] == 2
+    finally:
+        support.delete_rabbitmq_queues(config)
+        support.delete_redis_prefix(config.queue_prefix)

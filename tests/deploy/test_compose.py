@@ -21,13 +21,22 @@ import pytest
 import yaml
 
 from shared.config import Config
-from shared.queue import webhook_queue
+from shared.queue import make_celery, webhook_queue
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 GPU_COMPOSE = ROOT / "docker-compose.gpu.yml"
 
-EXPECTED_SERVICES = {"postgres", "redis", "migrate", "api", "worker", "webhooks", "flower"}
+EXPECTED_SERVICES = {
+    "postgres",
+    "redis",
+    "rabbitmq",
+    "migrate",
+    "api",
+    "worker",
+    "webhooks",
+    "flower",
+}
 APP_SERVICES = {"migrate", "api", "worker", "webhooks"}
 LONG_RUNNING_APP = {"api", "worker", "webhooks"}
 
@@ -44,9 +53,11 @@ LITERAL_OK = {
     "KERAS_HOME",
     "PROMETHEUS_MULTIPROC_DIR",
     "TF_FORCE_GPU_ALLOW_GROWTH",
+    "RABBITMQ_DEFAULT_USER",
+    "RABBITMQ_DEFAULT_VHOST",
 }
 # Secrets compose refuses to start without.
-REQUIRED = {"SECRET_KEY": "k"}
+REQUIRED = {"SECRET_KEY": "k", "RABBITMQ_PASSWORD": "r"}
 
 
 def load(path: Path) -> dict:
@@ -257,6 +268,10 @@ def test_defaults_point_at_the_bundled_postgres_and_redis(services):
     )
     assert config.secret_key == "k"
     assert not config.allow_private_urls
+    assert config.effective_broker_url == "amqp://imgclf:r@rabbitmq:5672/imgclf"
+    rabbit = environment(services["rabbitmq"])
+    assert interpolate(rabbit["RABBITMQ_DEFAULT_PASS"], REQUIRED) == "r"
+    assert rabbit["RABBITMQ_DEFAULT_USER"] == "imgclf" == rabbit["RABBITMQ_DEFAULT_VHOST"]
     pg = environment(services["postgres"])
     assert pg["POSTGRES_USER"] in url and pg["POSTGRES_DB"] in url
 
@@ -266,6 +281,18 @@ def test_the_session_key_is_required_not_random_per_process(services, name):
     # With several gunicorn workers a per-process random key breaks every session.
     with pytest.raises(LookupError, match="SECRET_KEY"):
         interpolate(environment(services[name])["SECRET_KEY"])
+
+
+def test_the_bundled_broker_gets_quorum_queues_with_a_delivery_limit(services):
+    env = environment(services["worker"])
+    config = Config.from_env({k: interpolate(v, REQUIRED) for k, v in env.items()})
+    queues = make_celery(config).conf.task_queues
+    assert {q.name for q in queues} == {"imgclf.interactive", "imgclf.bulk", "imgclf.webhooks"}
+    assert all(
+        q.queue_arguments == {"x-queue-type": "quorum", "x-delivery-limit": 10} and q.durable
+        for q in queues
+    )
+    assert make_celery(config).conf.task_create_missing_queue_type == "quorum"
 
 
 def test_api_request_metrics_are_summed_over_gunicorn_workers(services):
@@ -294,22 +321,25 @@ def test_no_secret_is_written_in_a_compose_file(path):
     if "postgres" in compose["services"]:
         password = environment(compose["services"]["postgres"])["POSTGRES_PASSWORD"]
         assert password.startswith("${POSTGRES_PASSWORD")
+    if "rabbitmq" in compose["services"]:
+        password = environment(compose["services"]["rabbitmq"])["RABBITMQ_DEFAULT_PASS"]
+        assert password.startswith("${RABBITMQ_PASSWORD")
 
 
 def test_env_example_names_only_variables_compose_reads():
     text = (ROOT / ".env.example").read_text(encoding="utf-8")
     names = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]*)=", text, re.MULTILINE))
     used = set(_VAR.findall(COMPOSE.read_text() + GPU_COMPOSE.read_text()))
-    assert {"POSTGRES_PASSWORD", "SECRET_KEY"} <= names
+    assert {"POSTGRES_PASSWORD", "SECRET_KEY", "RABBITMQ_PASSWORD"} <= names
     assert names <= used, f"in .env.example but read by no compose file: {names - used}"
-    for secret in ("POSTGRES_PASSWORD", "SECRET_KEY"):
+    for secret in ("POSTGRES_PASSWORD", "SECRET_KEY", "RABBITMQ_PASSWORD"):
         assert re.search(rf"^{secret}=$", text, re.MULTILINE), "no real secret in the example"
 
 
 # --- health, dependencies, scaling ------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["postgres", "redis", "api", "worker", "webhooks"])
+@pytest.mark.parametrize("name", ["postgres", "redis", "rabbitmq", "api", "worker", "webhooks"])
 def test_services_have_healthchecks(services, name):
     check = services[name]["healthcheck"]
     assert not check.get("disable")
@@ -319,6 +349,7 @@ def test_services_have_healthchecks(services, name):
 def test_probes_use_the_right_tools(services):
     assert "pg_isready" in " ".join(services["postgres"]["healthcheck"]["test"])
     assert services["redis"]["healthcheck"]["test"][-2:] == ["redis-cli", "ping"]
+    assert "rabbitmq-diagnostics" in services["rabbitmq"]["healthcheck"]["test"]
     assert "/healthz" in " ".join(services["api"]["healthcheck"]["test"])
 
 
@@ -333,6 +364,7 @@ def test_app_services_wait_for_healthy_dependencies_and_migrations(services, nam
     deps = services[name]["depends_on"]
     assert deps["postgres"]["condition"] == "service_healthy"
     assert deps["redis"]["condition"] == "service_healthy"
+    assert deps["rabbitmq"]["condition"] == "service_healthy"
     assert deps["migrate"]["condition"] == "service_completed_successfully"
 
 
@@ -346,6 +378,10 @@ def test_redis_keeps_queued_messages(services):
     assert option(cmd, "--maxmemory-policy") == "noeviction"
     assert any(v.endswith(":/data") for v in services["redis"]["volumes"])
     assert any("/var/lib/postgresql/data" in v for v in services["postgres"]["volumes"])
+    # Quorum queues live on disk: the node keeps its name and its volume across restarts.
+    rabbit = services["rabbitmq"]
+    assert any(v.endswith(":/var/lib/rabbitmq") for v in rabbit["volumes"])
+    assert rabbit["hostname"] == "rabbitmq"
 
 
 def test_the_worker_can_be_scaled(services):

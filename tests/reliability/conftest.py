@@ -13,6 +13,14 @@ from shared.db import make_engine, make_session_factory
 from shared.models import Job, LedgerEntry, User
 from tests import support
 
+BROKERS = {"redis": "", "rabbitmq": support.RABBITMQ_URL}
+
+
+@pytest.fixture(params=sorted(BROKERS))
+def broker_url(request) -> str:
+    """Worker fault tests run on both brokers: Redis (the default) and RabbitMQ."""
+    return BROKERS[request.param]
+
 
 def fault_config(database_url: str, redis_url: str = support.REDIS_URL, **overrides):
     """Short timeouts, so redelivery and reconciliation happen within a test's patience."""
@@ -43,6 +51,25 @@ class FaultStack:
         worker = support.WorkerProcess(self.config, name=name).start().wait_ready(before)
         self.workers.append(worker)
         return worker
+
+    def start_worker(self, name: str) -> support.WorkerProcess:
+        """Start a worker without waiting for it: see wait_ready."""
+        worker = support.WorkerProcess(self.config, name=name)
+        worker.ready_before = worker.ready_count()
+        self.workers.append(worker.start())
+        return worker
+
+    def wait_ready(self, *workers: support.WorkerProcess) -> None:
+        """Wait until the workers started together have all loaded their models."""
+        before = min(w.ready_before for w in workers)
+
+        def ready() -> bool:
+            for w in workers:
+                if w.proc.poll() is not None:
+                    raise AssertionError(f"{w.name} exited: {w.log_tail()}")
+            return workers[0].ready_count() >= before + len(workers)
+
+        support.wait_for(ready, support.WORKER_START_TIMEOUT_S, "the workers to be ready", 0.1)
 
     def funded_user(self, tokens: int) -> dict:
         user = support.new_user(self.client)
@@ -93,6 +120,8 @@ class FaultStack:
         for w in self.workers:
             w.kill()
         support.delete_redis_prefix(self.config.queue_prefix)
+        if not self.config.broker_is_redis:
+            support.delete_rabbitmq_queues(self.config)
 
 
 @pytest.fixture

@@ -131,3 +131,30 @@ def test_single_submissions_go_before_prefetched_bulk_chunks(batcher):
     assert _ids(batcher._pool.calls[1]) == ["s", "b0", "c0"]
     batcher._pool.calls[1].done(None)
     assert _ids(batcher._pool.calls[2]) == ["b1", "c1", "b2", "c2"]
+
+
+class Delivery(Message):
+    """A message as the strategy gets it: kombu's delivery tag on ``.message``."""
+
+    def __init__(self, tag: str, *ids: str) -> None:
+        super().__init__(*ids)
+        self.message = SimpleNamespace(delivery_tag=tag)
+
+
+def test_held_deliveries_are_those_not_yet_acked_or_requeued(batcher):
+    # The heartbeat renews these on a Redis broker (worker.liveness).
+    done, lost, waiting = Delivery("t1", "a"), Delivery("t2", "b"), Delivery("t3", "c")
+    for d in (done, lost, waiting):
+        batcher._hold(d.message.delivery_tag)
+    batcher._pool.limit = 2
+    _buffer(batcher, done)
+    batcher._do_flush()
+    _buffer(batcher, lost)
+    batcher._do_flush()
+    _buffer(batcher, waiting)
+    assert sorted(batcher.held_deliveries()) == ["t1", "t2", "t3"]
+    batcher._pool.calls[0].done(None)  # acked; c is dispatched in its place
+    batcher._pool.calls[1].lost(RuntimeError("WorkerLostError"))  # requeued
+    assert batcher.held_deliveries() == ["t3"]
+    batcher._pool.calls[2].done(RETRY)
+    assert batcher.held_deliveries() == []

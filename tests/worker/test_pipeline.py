@@ -112,6 +112,19 @@ def test_a_job_that_keeps_failing_its_worker_ends_failed_and_refunded(
     assert _ledger(runtime, account, job_id)[0] == ["charge", "refund"]
 
 
+def test_a_claim_records_the_worker_instance(runtime, account, photo_server):
+    # The reconciler re-sends a job at once when this worker's heartbeat stops.
+    job_id = _submit(runtime, account, photo_server.url("slow/dog.jpg"))
+    named = dataclasses.replace(runtime, worker_id="host/abcd1234")
+    with named.sessions() as s:
+        [job], _ = pipeline._claim(s, [job_id], named.worker_id)
+    assert (job.status, job.claimed_by, job.attempts) == ("processing", "host/abcd1234", 1)
+    assert _job(runtime, job_id).claimed_by == "host/abcd1234"
+    with runtime.sessions() as s:  # no other test's reconciler must find it lost
+        s.execute(update(Job).where(Job.id == job_id).values(status="canceled"))
+        s.commit()
+
+
 def test_final_and_unknown_jobs_are_skipped(runtime, account, photo_server):
     job_id = _submit(runtime, account, photo_server.url("dog.jpg"))
     with runtime.sessions() as s:

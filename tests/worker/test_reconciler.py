@@ -2,16 +2,18 @@
 
 import base64
 import json
+import time
 from datetime import timedelta
 
 import pytest
 import redis
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from shared import ledger
 from shared.models import Job, LedgerEntry, User, new_id, utcnow
 from shared.queue import bulk_queue, interactive_queue
 from tests import support
+from worker import liveness
 from worker.reconciler import Reconciler
 
 
@@ -26,6 +28,17 @@ def rec(api_stack):
     yield reconciler
     for q in (interactive_queue(config), bulk_queue(config)):
         reconciler.redis.delete(q)
+    reconciler.redis.delete(liveness.heartbeat_key(config))
+    # The database outlives the test: end its active jobs, so they are lost to no
+    # later test's reconciler (each has its own heartbeats, so every claim looks dead).
+    with reconciler.sessions() as s:
+        ours = select(User.id).where(User.username.like("r%"))
+        s.execute(
+            update(Job)
+            .where(Job.user_id.in_(ours), Job.status.in_(["queued", "processing"]))
+            .values(status="canceled")
+        )
+        s.commit()
 
 
 def _user(rec) -> int:
@@ -105,3 +118,103 @@ def test_a_processing_job_whose_worker_vanished_is_resent_then_failed(rec):
         assert reasons == ["charge", "refund"]
         assert s.get(Job, retry).status == "processing"
         assert s.get(User, user).tokens == ledger.ledger_sum(s, user)
+
+
+# --- dead workers: heartbeats, claims and (on Redis) the messages they held ---------
+
+
+def _beat(rec, name: str, age_s: float) -> None:
+    rec.redis.hset(liveness.heartbeat_key(rec.config), name, time.time() - age_s)
+
+
+def _claimed(rec, user, by: str, claimed_s_ago: float, attempts: int = 1) -> str:
+    return _job(
+        rec,
+        user,
+        age_s=700,
+        status="processing",
+        claimed_at=utcnow() - timedelta(seconds=claimed_s_ago),
+        claimed_by=by,
+        attempts=attempts,
+    )
+
+
+def test_a_dead_workers_jobs_are_resent_once_a_live_workers_are_left_alone(rec):
+    user = _user(rec)
+    dead_after = rec.config.worker_dead_after_s
+    _beat(rec, "dead/1", age_s=dead_after + 5)
+    _beat(rec, "alive/1", age_s=1)
+    orphan = _claimed(rec, user, "dead/1", claimed_s_ago=dead_after + 10)
+    unknown = _claimed(rec, user, "never-beat/1", claimed_s_ago=dead_after + 10)
+    busy = _claimed(rec, user, "alive/1", claimed_s_ago=dead_after + 10)
+    # Claimed a moment ago: its worker may not have written its first heartbeat yet.
+    just_claimed = _claimed(rec, user, "starting/1", claimed_s_ago=1)
+    hopeless = _claimed(
+        rec, user, "dead/1", claimed_s_ago=dead_after + 10, attempts=rec.config.job_max_attempts
+    )
+
+    rec.run_once()
+    sent = _queued_ids(rec, interactive_queue(rec.config))
+    assert {orphan, unknown} <= sent
+    assert not {busy, just_claimed, hopeless} & sent
+    with rec.sessions() as s:
+        released = s.get(Job, orphan)
+        assert (released.status, released.claimed_by) == ("processing", None)
+        assert s.get(Job, busy).claimed_by == "alive/1"
+        assert s.get(Job, just_claimed).claimed_by == "starting/1"
+        assert (s.get(Job, hopeless).status, s.get(Job, hopeless).error_code) == (
+            "failed",
+            "worker_lost",
+        )
+    # The next pass finds nothing new: a released job is not re-sent in a loop.
+    before = rec.redis.llen(interactive_queue(rec.config))
+    assert rec.run_once()["resent"] == 0
+    assert rec.redis.llen(interactive_queue(rec.config)) == before
+
+
+def test_a_queued_job_is_resent_at_most_once_per_stale_period(rec):
+    user = _user(rec)
+    old = _job(rec, user, age_s=600)
+    rec.run_once()
+    rec.redis.delete(interactive_queue(rec.config))  # taken by a worker, not yet claimed
+    rec.run_once()
+    assert old not in _queued_ids(rec, interactive_queue(rec.config))
+
+
+def _hold(rec, job_ids: list[str]) -> str:
+    """Send a message and take it as a worker would, unacknowledged; returns its tag."""
+    rec.celery.send_task("imgclf.classify", args=(job_ids,), queue=interactive_queue(rec.config))
+    with rec.celery.connection_for_read() as conn:
+        channel = conn.default_channel
+        channel.qos.restore_at_shutdown = False  # the holder dies: nothing goes back at close
+        message = channel.basic_get(interactive_queue(rec.config), no_ack=False)
+        return message.delivery_tag
+
+
+def test_messages_held_by_a_dead_worker_go_back_to_their_queue(rec):
+    user = _user(rec)
+    dead_after = rec.config.worker_dead_after_s
+    _beat(rec, "dead/2", age_s=dead_after + 5)
+    in_flight = _claimed(rec, user, "dead/2", claimed_s_ago=dead_after + 10)
+    prefetched = _job(rec, user, age_s=5)
+    held_by_dead = _hold(rec, [in_flight, prefetched])
+    fresh = _job(rec, user, age_s=5)
+    held_by_live = _hold(rec, [fresh])
+    broker = liveness.make_broker_redis(rec.config)
+    # The dead holder's lease stopped; the live one renews its own.
+    broker.zadd(liveness.UNACKED_INDEX, {held_by_dead: time.time() - dead_after - 5})
+    liveness.renew_leases(broker, [held_by_live])
+
+    assert rec.run_once()["restored"] == 1
+    # Back once, as the very message: the released job is not sent a second time.
+    messages = [
+        json.loads(base64.b64decode(json.loads(raw)["body"]))[0][0]
+        for raw in rec.redis.lrange(interactive_queue(rec.config), 0, -1)
+    ]
+    assert [ids for ids in messages if in_flight in ids] == [[in_flight, prefetched]]
+    with rec.sessions() as s:
+        assert s.get(Job, in_flight).claimed_by is None  # released: not re-sent next pass
+    assert broker.hexists(liveness.UNACKED, held_by_live)
+    assert not broker.hexists(liveness.UNACKED, held_by_dead)
+    broker.zrem(liveness.UNACKED_INDEX, held_by_live)
+    broker.hdel(liveness.UNACKED, held_by_live)
