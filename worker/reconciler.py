@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -69,10 +70,15 @@ class Reconciler:
             liveness.make_broker_redis(config) if config.broker_is_redis else None,
         )
 
-    def run_once(self) -> dict[str, int]:
-        """One pass; returns how many messages it restored and jobs it re-sent and failed."""
-        restored_ids, restored = self._restore_orphans()
-        lost, still_lost = self._lost()
+    def run_once(self, judge_liveness: bool = True) -> dict[str, int]:
+        """One pass; returns how many messages it restored and jobs it re-sent and failed.
+
+        ``judge_liveness=False``: treat no worker as dead from its heartbeat or its
+        leases (just after Redis was unreachable, when every heartbeat is stale through
+        no worker's fault); only ``STALE_PROCESSING_S`` then finds lost jobs.
+        """
+        restored_ids, restored = self._restore_orphans() if judge_liveness else (set(), 0)
+        lost, still_lost = self._lost(judge_liveness)
         retry = [j for j in lost if j.attempts < self.config.job_max_attempts]
         released = self._release(retry, still_lost)
         # A restored message already carries these jobs: one more would be a duplicate.
@@ -115,10 +121,12 @@ class Reconciler:
         cutoff = utcnow() - timedelta(seconds=self.config.stale_queued_s)
         return self._select(Job.status == JobStatus.QUEUED.value, Job.created_at < cutoff)
 
-    def _lost(self) -> tuple[list[Job], ColumnElement[bool]]:
+    def _lost(self, judge_liveness: bool = True) -> tuple[list[Job], ColumnElement[bool]]:
         """Processing jobs whose worker is gone, and the condition that found them."""
         now = utcnow()
         stale = Job.claimed_at < now - timedelta(seconds=self.config.effective_stale_processing_s)
+        if not judge_liveness:
+            return self._select(Job.status == JobStatus.PROCESSING.value, stale), stale
         orphaned = and_(
             Job.claimed_by.is_not(None),
             Job.claimed_by.not_in(liveness.live_workers(self.redis, self.config)),
@@ -176,6 +184,10 @@ def run_forever(config: Config, stop: threading.Event) -> None:
     """The loop a worker runs in a daemon thread; one pass per interval cluster-wide."""
     reconciler = None
     lock = f"{config.queue_prefix}:reconciler:lock"
+    # After a failed pass (Redis unreachable, most often), heartbeats and leases are
+    # stale through no worker's fault: judge none dead until every live worker has
+    # had time to beat again, or a Redis outage would re-send the whole cluster's work.
+    trust_after = 0.0
     while not stop.wait(config.reconcile_interval_s):
         try:
             reconciler = reconciler or Reconciler.build(config)
@@ -183,8 +195,9 @@ def run_forever(config: Config, stop: threading.Event) -> None:
             if reconciler.redis.set(
                 lock, "1", nx=True, ex=max(1, int(config.reconcile_interval_s))
             ):
-                reconciler.run_once()
+                reconciler.run_once(judge_liveness=time.monotonic() >= trust_after)
         except Exception as exc:  # never let the thread die: try again next interval
+            trust_after = time.monotonic() + 2 * config.heartbeat_interval_s
             log.warning("reconciler pass failed: %r", exc)
 
 

@@ -172,10 +172,24 @@ def test_a_dead_workers_jobs_are_resent_once_a_live_workers_are_left_alone(rec):
     assert rec.redis.llen(interactive_queue(rec.config)) == before
 
 
+def test_just_after_a_redis_outage_no_worker_is_judged_dead(rec):
+    """Every heartbeat is stale after an outage: re-sending would duplicate all work."""
+    user = _user(rec)
+    dead_after = rec.config.worker_dead_after_s
+    _beat(rec, "paused/1", age_s=dead_after + 5)
+    held = _claimed(rec, user, "paused/1", claimed_s_ago=dead_after + 10)
+    assert rec.run_once(judge_liveness=False) == {"restored": 0, "resent": 0, "failed": 0}
+    with rec.sessions() as s:
+        assert s.get(Job, held).claimed_by == "paused/1"
+    assert held not in _queued_ids(rec, interactive_queue(rec.config))
+    assert rec.run_once()["resent"] == 1  # once trusted again, the same job is recovered
+
+
 def test_a_queued_job_is_resent_at_most_once_per_stale_period(rec):
     user = _user(rec)
     old = _job(rec, user, age_s=600)
     rec.run_once()
+    assert old in _queued_ids(rec, interactive_queue(rec.config))
     rec.redis.delete(interactive_queue(rec.config))  # taken by a worker, not yet claimed
     rec.run_once()
     assert old not in _queued_ids(rec, interactive_queue(rec.config))
