@@ -62,4 +62,6 @@ def test_a_model_that_is_not_served_is_refused(served, photos_dir) -> None:
     resp = served.post("/v1/jobs", json={"url": "http://127.0.0.1/x.jpg", "model": "mobilenet"},
                        headers=user["headers"])  # fmt: skip
     assert resp.status_code == 422
-    assert resp.get_json()["error"]["code"] == "unknown_model"
+    # A built-in model this deployment does not serve: says so, and names the setting.
+    assert resp.get_json()["error"]["code"] == "model_not_enabled"
+    assert "MODELS" in resp.get_json()["error"]["message"]
