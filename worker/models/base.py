@@ -10,6 +10,10 @@ Batches are padded up to a fixed set of bucket sizes (powers of two up to
 ``max_batch``) so the backend's compiled predict function sees only a handful of
 input shapes and is reused instead of retraced (TensorFlow) or recompiled (JAX)
 for every batch size the queue happens to deliver.
+
+What runs the forward pass is the model's ``runtime`` (``RUNTIME``): Keras'
+``predict_on_batch``, or the same Keras model compiled by OpenVINO in ``setup()``
+(``worker.models.runtimes``), which takes the raw batch with preprocessing inside.
 """
 
 from __future__ import annotations
@@ -200,28 +204,34 @@ class ImageModel(abc.ABC):
         """Pick what runs the model (``self.runtime``) and compile it; Keras needs nothing."""
         from worker.models import runtimes
 
-        if self.runtime == "keras":
-            self.choice = runtimes.KERAS
-            return
-        choice = self._choose_runtime()
+        choice = runtimes.KERAS if self.runtime == "keras" else self._choose_runtime()
         if choice.runtime == "openvino":
-            compiled = self.compile_runtime(choice)
-            if choice.precision != "fp32" or self._agrees_with_keras(compiled):
-                self._compiled = compiled
-            elif self.runtime == "openvino":
-                raise RuntimeError(f"{self.name}: OpenVINO fp32 output differs from Keras'")
-            else:
-                log.warning("%s: OpenVINO output differs from Keras'; using Keras", self.name)
+            try:
+                self._compiled = self._compile_checked(choice)
+            except Exception:
+                if self.runtime != "auto":
+                    raise
+                # auto must never stop a worker that Keras alone can serve.
+                log.exception("%s: OpenVINO failed; using Keras", self.name)
                 choice = runtimes.KERAS
         self.choice = choice
         cached = " (from cache)" if self._compiled and self._compiled.from_cache else ""
         log.info("%s: runtime %s%s (RUNTIME=%s)", self.name, choice, cached, self.runtime)
+
+    def _compile_checked(self, choice: Choice) -> OpenVINOModel:
+        compiled = self.compile_runtime(choice)
+        # bf16 was checked by the gate on real photos; fp32 must match Keras here.
+        if choice.precision == "fp32" and not self._agrees_with_keras(compiled):
+            raise RuntimeError(f"{self.name}: OpenVINO fp32 output differs from Keras'")
+        return compiled
 
     def _choose_runtime(self) -> Choice:
         import keras
 
         from worker.models import runtimes
 
+        if self.runtime == "auto" and not isinstance(self._model, keras.Model):
+            return runtimes.KERAS  # only a Keras model can be converted
         options = runtimes.candidates(
             self.runtime,
             gpu=runtimes.keras_has_gpu(),
