@@ -38,6 +38,15 @@ DATASET = ASSETS / "datasets" / "cats_and_dogs_filtered.tar.gz"
 DATASET_DIR = ROOT / "var" / "datasets"
 
 
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
 def dataset_photos() -> Path:
     """cats_and_dogs_filtered extracted under var/datasets (once); never committed."""
     folder = DATASET_DIR / "cats_and_dogs_filtered"
@@ -72,6 +81,29 @@ def openvino_int8(model, calibration: np.ndarray) -> Callable[[np.ndarray], np.n
     return OpenVINOModel(compiled, fp32.path, from_cache=False).predict_on_batch
 
 
+def onnxruntime_fp32(model) -> Callable[[np.ndarray], np.ndarray] | None:
+    """The same graph (preprocess + network) through tf2onnx and ONNX Runtime's CPU
+    provider (bench only: the worker does not offer it, see docs/benchmarks.md)."""
+    try:
+        import onnxruntime as ort
+        import tf2onnx
+    except ImportError:
+        return None
+    import tensorflow as tf
+
+    keras_model = model._model
+    spec = tf.TensorSpec([None, 224, 224, 3], tf.float32, name="x")
+
+    @tf.function(input_signature=[spec])
+    def forward(x: tf.Tensor) -> tf.Tensor:
+        return keras_model(model.preprocess(x), training=False)
+
+    proto, _ = tf2onnx.convert.from_function(forward, input_signature=[spec], opset=17)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda batch: session.run(None, {name: batch})[0]
+
+
 def runners(
     cache_dir: Path, calibration: np.ndarray
 ) -> tuple[object, dict[str, Callable[[np.ndarray], np.ndarray]]]:
@@ -99,6 +131,9 @@ def runners(
     for precision in precisions:
         compiled = model.compile_runtime(Choice("openvino", precision))
         out[f"openvino {precision}"] = compiled.predict_on_batch
+    onnx = onnxruntime_fp32(model)
+    if onnx is not None:
+        out["onnxruntime fp32"] = onnx
     int8 = openvino_int8(model, calibration)
     if int8 is not None:
         out["openvino int8 (NNCF PTQ)"] = int8
@@ -173,7 +208,11 @@ def run(quick: bool = False, photos_dir: Path | None = None, gate_photos: int = 
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine_info(),
         "load": [load_before, loadavg()],
-        "versions": {"tensorflow": tf.__version__, "openvino": openvino.get_version()},
+        "versions": {
+            "tensorflow": tf.__version__,
+            "openvino": openvino.get_version().split("-")[0],
+            "onnxruntime": _version("onnxruntime"),
+        },
         "speed": rows,
         "gate": accuracy(model, funcs, photos, record=not quick),
         "gate_folder": str(gate_folder),
@@ -191,7 +230,8 @@ def report(result: dict) -> str:
     lines = [
         f"{m['cpu_model']}, {m['nproc']} cores, {result['date']}, load average "
         f"{result['load'][0]} before / {result['load'][1]} after; "
-        f"TensorFlow {v['tensorflow']}, OpenVINO {v['openvino']}.",
+        f"TensorFlow {v['tensorflow']}, OpenVINO {v['openvino']}, "
+        f"ONNX Runtime {v.get('onnxruntime')}.",
         "",
         "| runtime | " + " | ".join(f"b={s} images/s" for s in sizes) + " |",
         "|---|" + "---|" * len(sizes),
