@@ -9,11 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from shared.config import Config
 from tests.conftest import ASSETS
-from worker.models import MobileNet
+from worker.models import MobileNet, ModelRegistry
 from worker.models.runtimes import (
     GATE_TOP1,
     GATE_TOP5,
+    KERAS,
     Choice,
     GateResult,
     cpu_flags,
@@ -67,8 +69,14 @@ def gate_photos(tmp_path_factory) -> np.ndarray:
     return load_photos(photo_paths(folder, GATE_SAMPLE), (224, 224))
 
 
-def test_keras_runtime_is_the_keras_model(keras_model: MobileNet) -> None:
+def test_keras_runtime_is_the_keras_model(keras_model: MobileNet, photos: np.ndarray) -> None:
     assert str(keras_model.choice) == "keras/fp32"
+    # RUNTIME=keras through the worker's registry: Keras' predict_on_batch, as before.
+    config = Config(runtime="keras", runtime_cache_dir="/nonexistent/never-written")
+    served = ModelRegistry(config).get("mobilenet")
+    served.setup()
+    assert served.choice == KERAS and served._compiled is None
+    np.testing.assert_array_equal(served.predict_batch(photos), keras_model.predict_batch(photos))
 
 
 def test_openvino_gives_keras_answers_on_real_photos(
