@@ -409,7 +409,7 @@ def render(
     )
     section("4. Latency of single jobs under open-loop load", "latency", latency.report)
     section(
-        "5. The alternative: a seed-style Flask app, one `model.predict` per request",
+        "5. The alternative: a seed-style Flask app, one image per request",
         "seed_alternative",
         lambda x: (
             seed_alternative.report(x)

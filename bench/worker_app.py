@@ -17,8 +17,8 @@ WEIGHT_FILES = {"inception_v3": "inception_v3_weights_tf_dim_ordering_tf_kernels
 
 def _random_weights(cls):
     class RandomWeights(cls):
-        def __init__(self, weights=None, max_batch=imagenet.DEFAULT_MAX_BATCH):
-            super().__init__(weights=None, max_batch=max_batch)
+        def __init__(self, weights=None, max_batch=imagenet.DEFAULT_MAX_BATCH, **runtime):
+            super().__init__(weights=None, max_batch=max_batch, **runtime)
 
     RandomWeights.__name__ = f"{cls.__name__}RandomWeights"
     return RandomWeights

@@ -107,6 +107,10 @@ class Config:
     # (workers write one every WORKER_DEAD_AFTER_S / 4); 0: reported, not judged.
     ready_heartbeat_max_age_s: int = 60
 
+    # Inference runtime (worker/models/runtimes.py): auto, keras or openvino.
+    runtime: str = "auto"
+    runtime_cache_dir: str = "var/runtime-cache"  # compiled models and accuracy-gate records
+
     # Operations
     log_level: str = "INFO"
     log_format: str = "text"  # "json": one JSON object per line, for log collectors
@@ -174,6 +178,8 @@ class Config:
             raise ValueError("BROKER_DELIVERY_LIMIT must be >= 1")
         if self.worker_pool not in WORKER_POOLS:
             raise ValueError(f"WORKER_POOL must be one of {', '.join(WORKER_POOLS)}")
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"RUNTIME must be one of {', '.join(RUNTIMES)}")
         if self.effective_prefetch < 2 * self.batch_max * self.worker_concurrency:
             raise ValueError(
                 f"WORKER_PREFETCH={self.effective_prefetch} cannot fill a batch while another "
@@ -184,6 +190,7 @@ class Config:
 
 
 WORKER_POOLS = ("threads", "prefork", "solo")
+RUNTIMES = ("auto", "keras", "openvino")
 # The ImageNet models the worker knows how to build (worker.models.registry); the API
 # names them in errors without importing the worker.
 BUILTIN_MODELS = ("mobilenet", "mobilenet_v2", "inception_v3")

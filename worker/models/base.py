@@ -10,11 +10,17 @@ Batches are padded up to a fixed set of bucket sizes (powers of two up to
 ``max_batch``) so the backend's compiled predict function sees only a handful of
 input shapes and is reused instead of retraced (TensorFlow) or recompiled (JAX)
 for every batch size the queue happens to deliver.
+
+What runs the forward pass is the model's ``runtime`` (``RUNTIME``): Keras'
+``predict_on_batch``, or the same Keras model compiled by OpenVINO in ``setup()``
+(``worker.models.runtimes``), which takes the raw batch with preprocessing inside.
 """
 
 from __future__ import annotations
 
 import abc
+import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -22,7 +28,12 @@ import numpy as np
 if TYPE_CHECKING:
     import keras
 
+    from worker.models.runtimes import Choice, OpenVINOModel
+
 DEFAULT_MAX_BATCH = 32
+DEFAULT_RUNTIME_CACHE_DIR = "var/runtime-cache"
+
+log = logging.getLogger(__name__)
 
 
 def bucket_sizes(max_batch: int) -> tuple[int, ...]:
@@ -68,11 +79,29 @@ class ImageModel(abc.ABC):
     name: ClassVar[str]
     input_size: ClassVar[tuple[int, int]]
 
-    def __init__(self, *, max_batch: int = DEFAULT_MAX_BATCH) -> None:
+    def __init__(
+        self,
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        runtime: str = "keras",
+        runtime_cache_dir: str | Path = DEFAULT_RUNTIME_CACHE_DIR,
+    ) -> None:
+        """
+        Args:
+            max_batch: Largest batch run at once; larger batches are chunked.
+            runtime: ``keras`` (default when built directly), ``openvino`` or ``auto``
+                (the ``RUNTIME`` setting; see ``worker.models.runtimes``).
+            runtime_cache_dir: Where compiled forms of the model are cached.
+        """
         self.max_batch = max_batch
         self.buckets = bucket_sizes(max_batch)
+        self.runtime = runtime
+        self.runtime_cache_dir = Path(runtime_cache_dir)
         self._model: Any = None
         self._labels: list[str] | None = None
+        self._compiled: OpenVINOModel | None = None
+        self._digest: str | None = None
+        self.choice: Choice | None = None  # what runs the model, once set up
 
     def __repr__(self) -> str:
         state = "ready" if self.is_ready else "not set up"
@@ -114,6 +143,7 @@ class ImageModel(abc.ABC):
         model = self.build_model()
         self._labels = labels
         self._model = model
+        self._use_runtime()
         # Trace/compile the predict function now rather than on the first job.
         width, height = self.input_size
         self._forward(np.zeros((self.buckets[0], height, width, 3), dtype=np.float32))
@@ -168,7 +198,95 @@ class ImageModel(abc.ABC):
             out[start : start + size] = self._forward(buf)[:size]
         return out
 
+    # --- runtimes (worker.models.runtimes) ---------------------------------------
+
+    def _use_runtime(self) -> None:
+        """Pick what runs the model (``self.runtime``) and compile it; Keras needs nothing."""
+        from worker.models import runtimes
+
+        choice = runtimes.KERAS if self.runtime == "keras" else self._choose_runtime()
+        if choice.runtime == "openvino":
+            try:
+                self._compiled = self._compile_checked(choice)
+            except Exception:
+                if self.runtime != "auto":
+                    raise
+                # auto must never stop a worker that Keras alone can serve.
+                log.exception("%s: OpenVINO failed; using Keras", self.name)
+                choice = runtimes.KERAS
+        self.choice = choice
+        cached = " (from cache)" if self._compiled and self._compiled.from_cache else ""
+        log.info("%s: runtime %s%s (RUNTIME=%s)", self.name, choice, cached, self.runtime)
+
+    def _compile_checked(self, choice: Choice) -> OpenVINOModel:
+        compiled = self.compile_runtime(choice)
+        # bf16 was checked by the gate on real photos; fp32 must match Keras here.
+        if choice.precision == "fp32" and not self._agrees_with_keras(compiled):
+            raise RuntimeError(f"{self.name}: OpenVINO fp32 output differs from Keras'")
+        return compiled
+
+    def _choose_runtime(self) -> Choice:
+        import keras
+
+        from worker.models import runtimes
+
+        if self.runtime == "auto" and not isinstance(self._model, keras.Model):
+            return runtimes.KERAS  # only a Keras model can be converted
+        options = runtimes.candidates(
+            self.runtime,
+            gpu=runtimes.keras_has_gpu(),
+            backend=keras.config.backend(),
+            flags=runtimes.cpu_flags(),
+            ov_version=runtimes.openvino_version(),
+        )
+        return runtimes.select(
+            options, lambda c: runtimes.read_gate(self.runtime_cache_dir, self.runtime_key(c))
+        )
+
+    def runtime_key(self, choice: Choice) -> str:
+        """The cache key of this model's compiled form under ``choice``."""
+        from worker.models import runtimes
+
+        if self._digest is None:  # hashing ~10 MB of weights: once
+            self._digest = runtimes.weights_digest(self._model)
+        width, height = self.input_size
+        return runtimes.cache_key(
+            weights=self._digest,
+            model_class=f"{type(self).__module__}.{type(self).__qualname__}",
+            input_shape=(height, width, 3),
+            runtime=choice.runtime,
+            runtime_version=runtimes.openvino_version() or "none",
+            precision=choice.precision,
+            flags=runtimes.cpu_flags(),
+        )
+
+    def compile_runtime(self, choice: Choice) -> OpenVINOModel:
+        """This model compiled for ``choice`` (OpenVINO), read from the cache when there."""
+        from worker.models import runtimes
+
+        key = self.runtime_key(choice)
+        return runtimes.compile_openvino(
+            self, self._model, choice.precision, self.runtime_cache_dir, key
+        )
+
+    def _agrees_with_keras(self, compiled: OpenVINOModel) -> bool:
+        """fp32 self-check: same probabilities as Keras on a fixed pseudo-random batch."""
+        from worker.models import runtimes
+
+        width, height = self.input_size
+        probe = np.random.default_rng(0).uniform(0, 255, (2, height, width, 3))
+        probe = probe.astype(np.float32)
+        expected = self.keras_forward(probe.copy())
+        diff = float(np.max(np.abs(compiled.predict_on_batch(probe) - expected)))
+        return diff <= runtimes.FP32_MAX_ABS_DIFF
+
+    def keras_forward(self, batch: np.ndarray) -> np.ndarray:
+        """The fp32 Keras model on a raw batch (may modify ``batch``): the gate's reference."""
+        return np.asarray(self._model.predict_on_batch(self.preprocess(batch)), dtype=np.float32)
+
     def _forward(self, batch: np.ndarray) -> np.ndarray:
+        if self._compiled is not None:  # preprocessing is inside the compiled graph
+            return self._compiled.predict_on_batch(batch)
         # predict_on_batch runs Keras' cached predict function (a tf.function
         # under TensorFlow, jax.jit under JAX). Measured on the 2-core CPU box,
         # MobileNet 0.75, tensorflow-cpu 2.21, ms per image at batch 1 / 8 / 32:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -58,7 +58,10 @@ class _KerasImageNetModel(ImageModel):
     _module: ClassVar[str]
 
     def __init__(
-        self, weights: str | None = "imagenet", max_batch: int = DEFAULT_MAX_BATCH
+        self,
+        weights: str | None = "imagenet",
+        max_batch: int = DEFAULT_MAX_BATCH,
+        **runtime: Any,
     ) -> None:
         """
         Args:
@@ -66,8 +69,9 @@ class _KerasImageNetModel(ImageModel):
                 ``None`` (random initialisation: for shape and speed tests), or
                 the path to a weights file.
             max_batch: Largest batch run at once; larger batches are chunked.
+            runtime: ``runtime`` and ``runtime_cache_dir``, as ``ImageModel`` takes them.
         """
-        super().__init__(max_batch=max_batch)
+        super().__init__(max_batch=max_batch, **runtime)
         self.weights = weights
         self._preprocess_input = None
 

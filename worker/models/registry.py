@@ -79,7 +79,11 @@ class ModelRegistry:
                 code="unknown_model",
                 details={"model": name, "available": list(self.names())},
             )
-        model = cls(max_batch=self._config.batch_max)
+        model = cls(
+            max_batch=self._config.batch_max,
+            runtime=self._config.runtime,
+            runtime_cache_dir=self._config.runtime_cache_dir,
+        )
         self._instances[name] = model
         return model
 
