@@ -38,8 +38,8 @@ class Limits:
         self.login_ip = parse(config.login_failure_limit_per_ip)
         self.signup_ip = parse(config.signup_limit_per_ip)
 
-    def check_submission(self, user_id: int, cost: int = 1) -> None:
-        self._hit(self.submit, ("submit", str(user_id)), cost, "Too many submissions")
+    def check_submission(self, user_id: int) -> None:
+        self._hit(self.submit, ("submit", str(user_id)), 1, "Too many submissions")
 
     def check_signup(self) -> None:
         address = request.remote_addr or "unknown"

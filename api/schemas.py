@@ -7,6 +7,7 @@ import re
 import marshmallow as ma
 from marshmallow import validate
 
+from shared import webhook_events
 from shared.status import JobStatus
 
 # "$" alone also matches before a final newline, which let "name\n" through; the
@@ -94,7 +95,7 @@ class JobCreate(ma.Schema):
     top_k = ma.fields.Integer(validate=validate.Range(min=1, max=20))
     webhook = ma.fields.String(metadata={"description": "https URL to POST job events to"})
     webhook_events = ma.fields.List(
-        ma.fields.String(validate=validate.OneOf(["started", "completed"])),
+        ma.fields.String(validate=validate.OneOf(webhook_events.JOB_EVENT_CHOICES)),
         metadata={"description": 'Default: ["completed"]'},
     )
 

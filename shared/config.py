@@ -1,8 +1,9 @@
 """The one place that reads the environment.
 
 ``Config.from_env()`` builds an immutable settings object from environment
-variables; the API (``create_app``) and the worker (``make_worker_app``) are both
-built from it, so one set of variables configures the whole service. Every
+variables; the API (``create_app``) and the workers (``worker.celery_app``,
+``worker.webhook_app``) are all built from it, so one set of variables configures
+the whole service. Every
 variable is listed, with its default, in the README's configuration table.
 """
 

@@ -22,7 +22,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from shared.status import JobStatus
+from shared.status import JobStatus, WebhookEventStatus
 
 # Stable constraint names, so migrations can refer to them on every backend.
 NAMING = {
@@ -186,7 +186,7 @@ class WebhookEvent(Base):
     event_type: Mapped[str] = mapped_column(String(32))
     url: Mapped[str] = mapped_column(Text)
     payload: Mapped[dict[str, Any]] = mapped_column()
-    status: Mapped[str] = mapped_column(String(16), default="pending")
+    status: Mapped[str] = mapped_column(String(16), default=WebhookEventStatus.PENDING.value)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
     locked_until: Mapped[datetime | None] = mapped_column(default=None)

@@ -16,5 +16,19 @@ class JobStatus(enum.StrEnum):
         return self in TERMINAL
 
 
+class WebhookEventStatus(enum.StrEnum):
+    """A webhook event's delivery state (the webhook worker's state machine)."""
+
+    PENDING = "pending"
+    DELIVERING = "delivering"
+    RETRYING = "retrying"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+    def is_waiting(self) -> bool:
+        """Not delivered yet, and not being delivered right now."""
+        return self in (WebhookEventStatus.PENDING, WebhookEventStatus.RETRYING)
+
+
 TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
 ACTIVE = frozenset({JobStatus.QUEUED, JobStatus.PROCESSING})

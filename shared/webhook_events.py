@@ -23,7 +23,8 @@ from shared.queue import enqueue_webhooks
 log = logging.getLogger(__name__)
 
 JOB_STARTED, JOB_COMPLETED, BATCH_COMPLETED = "job.started", "job.completed", "batch.completed"
-JOB_EVENT_CHOICES = ("started", "completed")  # what a client may ask for in webhook_events
+STARTED, COMPLETED = "started", "completed"
+JOB_EVENT_CHOICES = (STARTED, COMPLETED)  # what a client may ask for in webhook_events
 
 
 def record(

@@ -2,8 +2,8 @@
 
 Stock ``celery_batches.Batches`` flushes its buffer on a message count or a
 timer. Under load that lines up many small batches behind a busy pool process
-(see DESIGN.md, "Batching policy"). ``ContinuousBatches`` instead dispatches a
-batch only when a pool slot is free, and that batch is everything buffered
+(docs/architecture.md, the batching policy). ``ContinuousBatches`` instead
+dispatches a batch only when a pool slot is free, and that batch is everything buffered
 so far, up to ``batch_max`` job ids. While every slot is busy, arriving jobs
 accumulate into the next batch; when a slot is free, a lone job is dispatched
 at once (or, with ``batch_wait`` > 0, waits at most that long for company).
@@ -15,7 +15,7 @@ fetches and decodes its images, or writes its results, while the other runs the
 forward pass (``worker.pipeline`` serialises forward passes with a lock).
 
 It also fixes two pitfalls of the stock class for this service:
-* acknowledgement follows the batch's outcome: ``run`` returns ``RETRY`` when
+* acknowledgement follows the batch's outcome: ``run`` returns ``RETRY_BATCH`` when
   its results could not be written, and the messages are requeued instead of
   acked;
 * a pool process that dies mid-batch (WorkerLostError) requeues its messages
@@ -36,7 +36,7 @@ from celery_batches.trace import apply_batches_task
 
 log = logging.getLogger(__name__)
 
-RETRY = "retry"
+RETRY_BATCH = "retry"
 
 
 class ContinuousBatches(Batches):
@@ -152,7 +152,7 @@ class ContinuousBatches(Batches):
             # Dispatch the next batch before the acks: acks are Redis round trips.
             self._do_flush()
             for request in requests:
-                if result == RETRY:
+                if result == RETRY_BATCH:
                     request.reject(requeue=True)
                 else:
                     request.acknowledge()

@@ -72,7 +72,7 @@ def classify(requests) -> str | None:
         # celery-batches would log this and ack the whole batch; requeue instead, and
         # let the per-job attempt counter end a batch that always fails.
         log.exception("batch of %d job(s) failed; requeueing", len(job_ids))
-        return pipeline.RETRY
+        return pipeline.RETRY_BATCH
 
 
 def ready_key() -> str:

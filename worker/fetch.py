@@ -77,9 +77,6 @@ class Fetcher:
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
             raise FetchFailed(f"Downloading the image failed: {type(exc).__name__}.") from exc
 
-    def close(self) -> None:
-        """Nothing is pooled between calls; kept so callers can treat this as a resource."""
-
     def _get(self, session: requests.Session, url: str, deadline: float) -> requests.Response:
         """Follow redirects by hand so each hop's scheme is checked and the hops are counted."""
         for _hop in range(self._max_redirects + 1):

@@ -25,7 +25,7 @@ from shared.images import decode_image, to_array
 from shared.metrics import MetricsBuffer
 from shared.models import Job, utcnow
 from shared.status import ACTIVE, JobStatus
-from worker.batching import RETRY
+from worker.batching import RETRY_BATCH
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ WRITE_BACKOFF_S = (0.5, 1, 2, 4, 8, 15, 30)
 
 
 @dataclass
-class Outcome:
+class JobOutcome:
     """What happened to one job in this batch."""
 
     job: Job
@@ -45,22 +45,22 @@ class Outcome:
 
 
 def process(rt: Runtime, job_ids: list[str]) -> str | None:
-    """Run a batch end to end. Returns RETRY when results could not be written."""
+    """Run a batch end to end. Returns RETRY_BATCH when results could not be written."""
     claimed = _with_db_retry(rt, lambda s: _claim(s, job_ids, rt.worker_id))
     if claimed is None:
-        return RETRY
+        return RETRY_BATCH
     jobs_, started_events = claimed
     webhook_events.dispatch(rt.celery, rt.config, started_events)
     if not jobs_:
         return None
-    outcomes = [Outcome(job) for job in jobs_]
+    outcomes = [JobOutcome(job) for job in jobs_]
     stats = MetricsBuffer()
     _give_up_on_retried(rt, outcomes)
     _load_inputs(rt, [o for o in outcomes if o.error is None], stats)
     _predict(rt, [o for o in outcomes if o.error is None], stats)
     written = _with_db_retry(rt, lambda s: _write(s, outcomes))
     if written is None:
-        return RETRY
+        return RETRY_BATCH
     for o in outcomes:
         stats.inc("jobs_finished", status="failed" if o.error else "succeeded")
     _announce(rt, outcomes, written, stats)
@@ -98,7 +98,7 @@ def _claim(
     return rows, [e for e in events if e]
 
 
-def _give_up_on_retried(rt: Runtime, outcomes: list[Outcome]) -> None:
+def _give_up_on_retried(rt: Runtime, outcomes: list[JobOutcome]) -> None:
     # A job that keeps killing or stalling its worker must end, not loop forever.
     for o in outcomes:
         if o.job.attempts > rt.config.job_max_attempts:
@@ -108,13 +108,13 @@ def _give_up_on_retried(rt: Runtime, outcomes: list[Outcome]) -> None:
             )
 
 
-def _load_inputs(rt: Runtime, outcomes: list[Outcome], stats: MetricsBuffer) -> None:
-    by_source: dict[str, list[Outcome]] = defaultdict(list)
+def _load_inputs(rt: Runtime, outcomes: list[JobOutcome], stats: MetricsBuffer) -> None:
+    by_source: dict[str, list[JobOutcome]] = defaultdict(list)
     for o in outcomes:
         # The same URL twice in one batch is fetched and decoded once.
         by_source[o.job.input_url or f"upload:{o.job.id}"].append(o)
 
-    def load(group: list[Outcome]) -> None:
+    def load(group: list[JobOutcome]) -> None:
         job = group[0].job
         start = time.perf_counter()
         try:
@@ -159,8 +159,8 @@ def _read_bytes(rt: Runtime, job: Job) -> bytes:
     return data
 
 
-def _predict(rt: Runtime, outcomes: list[Outcome], stats: MetricsBuffer) -> None:
-    by_model: dict[str, list[Outcome]] = defaultdict(list)
+def _predict(rt: Runtime, outcomes: list[JobOutcome], stats: MetricsBuffer) -> None:
+    by_model: dict[str, list[JobOutcome]] = defaultdict(list)
     for o in outcomes:
         by_model[o.job.model].append(o)
     for name, group in by_model.items():
@@ -187,7 +187,7 @@ def _predict(rt: Runtime, outcomes: list[Outcome], stats: MetricsBuffer) -> None
                 o.array = None
 
 
-def _write(session: Session, outcomes: list[Outcome]) -> list[str]:
+def _write(session: Session, outcomes: list[JobOutcome]) -> list[str]:
     """All outcomes in one transaction; returns the webhook events it recorded."""
     events = []
     succeeded = jobs.mark_all_succeeded(
@@ -200,14 +200,14 @@ def _write(session: Session, outcomes: list[Outcome]) -> list[str]:
             # Input errors and our own failures alike give the token back.
             won = jobs.mark_failed(session, o.job, o.error.code, o.error.message, refund=True)
         if won:
-            events.append(jobs.record_webhook(session, o.job, "completed"))
+            events.append(jobs.record_webhook(session, o.job, webhook_events.COMPLETED))
             _log_outcome(o)
     events += batches.complete_finished(session, [o.job.batch_id for o in outcomes])
     session.commit()
     return [e for e in events if e]
 
 
-def _log_outcome(o: Outcome) -> None:
+def _log_outcome(o: JobOutcome) -> None:
     token = logs.request_id.set(o.job.request_id)
     try:
         if o.error is None:
@@ -219,7 +219,7 @@ def _log_outcome(o: Outcome) -> None:
 
 
 def _announce(
-    rt: Runtime, outcomes: list[Outcome], events: list[str], stats: MetricsBuffer
+    rt: Runtime, outcomes: list[JobOutcome], events: list[str], stats: MetricsBuffer
 ) -> None:
     ids = [o.job.id for o in outcomes]
     webhook_events.dispatch(rt.celery, rt.config, events)

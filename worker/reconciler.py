@@ -172,7 +172,7 @@ class Reconciler:
                     refund=True,
                 ):
                     ended.append(job.id)
-                    recorded.append(jobs.record_webhook(session, job, "completed"))
+                    recorded.append(jobs.record_webhook(session, job, webhook_events.COMPLETED))
             recorded += batches.complete_finished(session, [j.batch_id for j in lost])
             session.commit()
         webhook_events.dispatch(self.celery, self.config, [e for e in recorded if e])

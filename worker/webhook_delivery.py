@@ -55,13 +55,18 @@ from shared.db import make_engine, make_session_factory
 from shared.metrics import MetricsBuffer
 from shared.models import User, WebhookAttempt, WebhookEvent, utcnow
 from shared.redis_client import make_redis
+from shared.status import WebhookEventStatus
 
 log = logging.getLogger(__name__)
 
 USER_AGENT = "imgclf-webhooks/0.1"
-PENDING, RETRYING, DELIVERING = "pending", "retrying", "delivering"
-SUCCEEDED, FAILED = "succeeded", "failed"
-RETRY = "retry"  # a verdict, not a stored status
+PENDING, RETRYING, DELIVERING = (
+    WebhookEventStatus.PENDING,
+    WebhookEventStatus.RETRYING,
+    WebhookEventStatus.DELIVERING,
+)
+SUCCEEDED, FAILED = WebhookEventStatus.SUCCEEDED, WebhookEventStatus.FAILED
+RETRY_LATER = "retry"  # a verdict, not a stored status
 # How long past the HTTP timeout a claim stays ours before another worker may take it over.
 LOCK_MARGIN_S = 30.0
 JITTER = 0.1
@@ -104,7 +109,7 @@ class Claim:
 
 
 @dataclass(frozen=True)
-class Outcome:
+class DeliveryOutcome:
     """What one attempt got: an HTTP status, or an error; ``permanent`` errors are not retried."""
 
     status_code: int | None
@@ -214,12 +219,12 @@ def current_status(rt: DeliveryRuntime, event_id: str) -> str:
     return status or "missing"
 
 
-def finish(rt: DeliveryRuntime, claim: Claim, outcome: Outcome) -> str:
+def finish(rt: DeliveryRuntime, claim: Claim, outcome: DeliveryOutcome) -> str:
     """Record the attempt and move the event on, if the claim is still ours."""
     now = utcnow()
     verdict = decide(outcome)
     values: dict = {"locked_until": None}
-    if verdict == RETRY:
+    if verdict == RETRY_LATER:
         delay = next_delay(rt.config.webhook_schedule, claim.number, outcome.retry_after_s)
         if delay is None:
             verdict = FAILED
@@ -246,7 +251,7 @@ def finish(rt: DeliveryRuntime, claim: Claim, outcome: Outcome) -> str:
     return values["status"]
 
 
-def attempt_row(claim: Claim, outcome: Outcome) -> WebhookAttempt:
+def attempt_row(claim: Claim, outcome: DeliveryOutcome) -> WebhookAttempt:
     return WebhookAttempt(
         event_id=claim.event_id,
         number=claim.number,
@@ -257,7 +262,7 @@ def attempt_row(claim: Claim, outcome: Outcome) -> WebhookAttempt:
     )
 
 
-def _log_attempt(claim: Claim, outcome: Outcome, status: str | None) -> None:
+def _log_attempt(claim: Claim, outcome: DeliveryOutcome, status: str | None) -> None:
     # The request id of the API call behind the event, so one id follows a job end to end.
     data = json.loads(claim.body).get("data") or {}
     logs.request_id.set(data.get("request_id"))
@@ -275,19 +280,19 @@ def _log_attempt(claim: Claim, outcome: Outcome, status: str | None) -> None:
 # --- policy ---------------------------------------------------------------------
 
 
-def decide(outcome: Outcome) -> str:
+def decide(outcome: DeliveryOutcome) -> str:
     """succeeded, failed or retry, from what the receiver (or the network) said."""
     code = outcome.status_code
     if outcome.permanent:
         return FAILED
     if code is None:  # timeout or connection error
-        return RETRY
+        return RETRY_LATER
     if 200 <= code < 300:
         return SUCCEEDED
     if code == 410:
         return FAILED
     if 300 <= code < 400 or code >= 500 or code in _RETRYABLE_4XX:
-        return RETRY
+        return RETRY_LATER
     return FAILED
 
 
@@ -366,14 +371,14 @@ def sign_headers(event_id: str, timestamp: datetime, body: str, secrets: Sequenc
     }
 
 
-def send(rt: DeliveryRuntime, claim: Claim) -> Outcome:
-    """POST the signed body once; every failure becomes an Outcome, never an exception."""
+def send(rt: DeliveryRuntime, claim: Claim) -> DeliveryOutcome:
+    """POST the signed body once; every failure becomes an DeliveryOutcome, never an exception."""
     attempted_at = utcnow()
     started = time.monotonic()
 
-    def outcome(code: int | None = None, error: str | None = None, **kw) -> Outcome:
+    def outcome(code: int | None = None, error: str | None = None, **kw) -> DeliveryOutcome:
         ms = int((time.monotonic() - started) * 1000)
-        return Outcome(code, error, ms, attempted_at, **kw)
+        return DeliveryOutcome(code, error, ms, attempted_at, **kw)
 
     if urlsplit(claim.url).scheme.lower() not in _SCHEMES:
         return outcome(error="Only http and https webhook URLs are supported.", permanent=True)
@@ -396,9 +401,7 @@ def send(rt: DeliveryRuntime, claim: Claim) -> Outcome:
                     retry_after_s=parse_retry_after(response.headers.get("Retry-After")),
                 )
     except InvalidIPAddress:
-        return outcome(
-            error="The webhook URL points at an address that is not allowed.", permanent=True
-        )
+        return outcome(error=BLOCKED_MESSAGE, permanent=True)
     except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema) as exc:
         return outcome(error=f"The webhook URL is not valid: {exc}", permanent=True)
     except (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError):

@@ -190,7 +190,7 @@ def cancel_job(job_id: str):
         raise Conflict(
             f"The job is {status}; only queued jobs can be canceled.", code="job_not_cancelable"
         )
-    events = [jobs.record_webhook(session, job, "completed")]
+    events = [jobs.record_webhook(session, job, webhook_events.COMPLETED)]
     events += batches.complete_finished(session, [job.batch_id])
     session.commit()
     after_cancel([job_id], [e for e in events if e])

@@ -16,6 +16,7 @@ from api.services import db, services
 from shared import webhook_secrets
 from shared.jobs import iso
 from shared.models import Batch, Job, User, WebhookAttempt, WebhookEvent
+from shared.status import WebhookEventStatus
 
 blp = Blueprint(
     "webhooks",
@@ -56,9 +57,7 @@ class Delivery(ma.Schema):
     id = ma.fields.String(metadata={"description": "The webhook-id header of every attempt"})
     event_type = ma.fields.String(metadata={"example": "job.completed"})
     url = ma.fields.String()
-    status = ma.fields.String(
-        validate=ma.validate.OneOf(["pending", "delivering", "retrying", "succeeded", "failed"])
-    )
+    status = ma.fields.String(validate=ma.validate.OneOf([s.value for s in WebhookEventStatus]))
     attempts = ma.fields.Integer()
     next_attempt_at = ma.fields.String(allow_none=True)
     created_at = ma.fields.String()
@@ -148,7 +147,7 @@ def _deliveries(condition) -> list[dict[str, Any]]:
 
 
 def _delivery(event: WebhookEvent, attempts: list[WebhookAttempt]) -> dict[str, Any]:
-    waiting = event.status in ("pending", "retrying")
+    waiting = WebhookEventStatus(event.status).is_waiting()
     return {
         "id": event.id,
         "event_type": event.event_type,

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from worker.batching import RETRY, ContinuousBatches
+from worker.batching import RETRY_BATCH, ContinuousBatches
 
 
 class RecordingPool:
@@ -82,7 +82,7 @@ def test_unwritten_results_requeue_the_messages(batcher):
     msg = Message("a")
     _buffer(batcher, msg)
     batcher._do_flush()
-    batcher._pool.calls[0].done(RETRY)
+    batcher._pool.calls[0].done(RETRY_BATCH)
     assert msg.events == ["requeue"]
 
 
@@ -156,5 +156,5 @@ def test_held_deliveries_are_those_not_yet_acked_or_requeued(batcher):
     batcher._pool.calls[0].done(None)  # acked; c is dispatched in its place
     batcher._pool.calls[1].lost(RuntimeError("WorkerLostError"))  # requeued
     assert batcher.held_deliveries() == ["t3"]
-    batcher._pool.calls[2].done(RETRY)
+    batcher._pool.calls[2].done(RETRY_BATCH)
     assert batcher.held_deliveries() == []

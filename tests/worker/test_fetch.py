@@ -149,7 +149,6 @@ def test_fetch_is_safe_from_many_threads(base: str) -> None:
     fetcher = _fetcher()
     with ThreadPoolExecutor(max_workers=8) as pool:
         bodies = list(pool.map(fetcher.fetch, [f"{base}/photo"] * 16))
-    fetcher.close()
     assert all(body == Handler.photo for body in bodies)
 
 

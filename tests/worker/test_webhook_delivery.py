@@ -32,8 +32,8 @@ from tests.webhook_receiver import Received, Receiver, Reply
 from worker import webhook_delivery
 from worker.webhook_delivery import (
     USER_AGENT,
+    DeliveryOutcome,
     DeliveryRuntime,
-    Outcome,
     decide,
     deliver,
     http_session_maker,
@@ -355,8 +355,8 @@ def test_new_secret_format():
 # --- policy (pure functions) -----------------------------------------------------------
 
 
-def _outcome(code=None, permanent=False) -> Outcome:
-    return Outcome(code, None, 1, utcnow(), permanent=permanent)
+def _outcome(code=None, permanent=False) -> DeliveryOutcome:
+    return DeliveryOutcome(code, None, 1, utcnow(), permanent=permanent)
 
 
 @pytest.mark.parametrize(
