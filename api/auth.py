@@ -131,8 +131,10 @@ def log_in(user: User) -> None:
 
     The cookie is signed but lives on the client, so it alone cannot be revoked: the
     session is also recorded in Redis, checked on every request and deleted at log-out.
+    A log-in ends the browser's previous session on the server, as a log-out would, so
+    a copy of the old cookie stops working too.
     """
-    session.clear()
+    log_out()
     sid = secrets.token_urlsafe(32)
     services().redis.set(
         server_session_key(WEB_SESSION, sid),

@@ -171,8 +171,11 @@ class Config:
             raise ValueError("MAX_WAITS_PER_USER and MAX_WAITS_PER_PROCESS must be >= 0")
         if self.worker_concurrency < 1:
             raise ValueError("WORKER_CONCURRENCY must be >= 1")
-        if self.decode_budget_pixels < 1 or self.decode_wait_s <= 0:
-            raise ValueError("DECODE_BUDGET_PIXELS must be >= 1 and DECODE_WAIT_S > 0")
+        if self.decode_budget_pixels < self.max_image_pixels or self.decode_wait_s <= 0:
+            # Else the API accepts (and charges for) images no worker can ever decode.
+            raise ValueError(
+                "DECODE_BUDGET_PIXELS must be >= MAX_IMAGE_PIXELS and DECODE_WAIT_S > 0"
+            )
         if self.worker_dead_after_s <= 0 or self.reconcile_interval_s <= 0:
             raise ValueError("WORKER_DEAD_AFTER_S and RECONCILE_INTERVAL_S must be > 0")
         if self.broker_delivery_limit < 1:

@@ -46,3 +46,10 @@ def test_refuses_a_default_model_that_is_not_served():
 
 def test_overrides_win_over_the_environment():
     assert Config.from_env({"BATCH_MAX": "8"}, batch_max=4).batch_max == 4
+
+
+def test_the_decode_budget_must_hold_the_largest_accepted_image():
+    # Otherwise the API would charge for images that no worker could ever decode.
+    with pytest.raises(ValueError, match="DECODE_BUDGET_PIXELS must be >= MAX_IMAGE_PIXELS"):
+        Config.from_env({"DECODE_BUDGET_PIXELS": "30000000", "MAX_IMAGE_PIXELS": "40000000"})
+    assert Config.from_env({"DECODE_BUDGET_PIXELS": "40000000"}).decode_budget_pixels == 40_000_000

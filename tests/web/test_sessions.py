@@ -82,3 +82,22 @@ def test_signup_keeps_the_new_key_out_of_the_cookie(app):
     page = web.get("/app/account").get_data(as_text=True)
     assert 'id="new-key-value"' in page and "ick_" in page  # still shown once, from the server
     assert "ick_" not in web.get("/app/account").get_data(as_text=True).split("curl")[0]
+
+
+def test_logging_in_again_ends_the_browsers_previous_session(app):
+    """A copy of the old cookie must not outlive a new log-in on the same browser."""
+    web = app.test_client()
+    user = support.new_user(web)
+    log_in(web, user["username"])
+    stolen = _cookie(web)
+    token = csrf_of(web.get("/app/account"))  # the log-in page redirects a logged-in user
+    again = web.post(
+        "/app/login",
+        data={"username": user["username"], "password": "correct-horse", "csrf_token": token},
+    )
+    assert again.status_code == 302
+    assert _decoded(app, _cookie(web))["sid"] != _decoded(app, stolen)["sid"]
+    assert web.get("/v1/me").status_code == 200
+    thief = app.test_client()
+    thief.set_cookie("session", stolen)
+    assert thief.get("/v1/me").status_code == 401
