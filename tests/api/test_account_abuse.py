@@ -58,10 +58,19 @@ def test_every_signup_path_refuses_the_same_usernames(client, username):
     assert legacy.get_json()["status"] == 422
 
 
-def test_the_dummy_hash_costs_the_configured_rounds(api_stack):
-    create_app(api_stack.config.replace(bcrypt_rounds=6))
-    assert auth.dummy_hash(6).startswith(b"$2b$06$")
-    assert auth.dummy_hash.cache_info().currsize >= 1
+def test_the_dummy_hash_costs_the_configured_rounds(api_stack, monkeypatch):
+    """An unknown name is checked against a hash of BCRYPT_ROUNDS, as a real one is."""
+    app = create_app(api_stack.config.replace(bcrypt_rounds=6))
+    checked: list[bytes] = []
+    real_checkpw = auth.bcrypt.checkpw
+    monkeypatch.setattr(
+        auth.bcrypt,
+        "checkpw",
+        lambda pw, hashed: checked.append(hashed) or real_checkpw(pw, hashed),
+    )
+    with app.app_context():
+        assert auth.check_password("whatever-it-is", None) is False
+    assert len(checked) == 1 and checked[0].startswith(b"$2b$06$")
 
 
 def test_an_unknown_username_takes_as_long_as_a_known_one(api_stack):
