@@ -25,7 +25,7 @@ from api.submission import (
     save_idempotent,
     validate_url,
 )
-from shared import batches, ledger, logs
+from shared import batches, jobs, ledger, logs
 from shared.db import bulk_insert
 from shared.errors import ServiceUnavailable, ValidationFailed
 from shared.models import Batch, IdempotencyRecord, Job, User, new_id, utcnow
@@ -204,15 +204,7 @@ def _undo(user_id: int, batch_id: str) -> dict | None:
     """
     session = db()
     session.rollback()
-    removed = list(
-        session.scalars(
-            delete(Job)
-            .where(Job.batch_id == batch_id, Job.status == JobStatus.QUEUED.value)
-            .returning(Job.id)
-            .execution_options(synchronize_session=False)
-        )
-    )
-    ledger.void_charges(session, user_id, removed)
+    removed = jobs.withdraw_unstarted(session, user_id, Job.batch_id == batch_id)
     taken = session.scalar(select(func.count()).where(Job.batch_id == batch_id))
     if not taken:
         forget_idempotent(user_id, batch_id)

@@ -28,7 +28,7 @@ from sqlalchemy.exc import IntegrityError
 from api.ratelimit import limits
 from api.services import db, services
 from api.waits import wait_slots
-from shared import ledger, logs
+from shared import jobs, ledger, logs
 from shared.config import BUILTIN_MODELS
 from shared.errors import (
     Conflict,
@@ -328,26 +328,15 @@ def _enqueue_or_undo(user_id: int, job_id: str, req: JobRequest, body: dict) -> 
 
 
 def _undo(user_id: int, job_id: str) -> bool:
-    """Delete the job and void its charge, in one transaction, only if it is still queued.
+    """Withdraw the job and its charge, in one transaction, only if it is still queued.
 
-    Returns False (and changes nothing) when a worker claimed the job first: the
-    conditional DELETE is the same kind of status transition the worker's claim is,
-    so exactly one of them wins.
+    Returns False (and changes nothing) when a worker claimed the job first.
     """
     session = db()
     session.rollback()
-    removed = list(
-        session.scalars(
-            delete(Job)
-            .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
-            .returning(Job.id)
-            .execution_options(synchronize_session=False)
-        )
-    )
-    if not removed:
+    if not jobs.withdraw_unstarted(session, user_id, Job.id == job_id):
         session.rollback()
         return False
-    ledger.void_charges(session, user_id, removed)
     forget_idempotent(user_id, job_id)
     session.commit()
     return True

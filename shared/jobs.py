@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, case, literal, update
+from sqlalchemy import ColumnElement, case, delete, literal, update
 from sqlalchemy.orm import Session
 
 from shared import ledger, webhook_events
@@ -150,3 +150,23 @@ def record_webhook(session: Session, job: Job, choice: str) -> str | None:
         data=job_to_dict(job),
         job_id=job.id,
     )
+
+
+def withdraw_unstarted(session: Session, user_id: int, *where: ColumnElement[bool]) -> list[str]:
+    """Delete the matching jobs that are still ``queued`` and void their charges.
+
+    The submission's undo when the queue failed after the commit. The conditional
+    DELETE is a status transition like the worker's claim, so exactly one of them
+    wins per job: a job a worker already claimed stays, charged. Returns the ids
+    deleted; the caller commits.
+    """
+    removed = list(
+        session.scalars(
+            delete(Job)
+            .where(*where, Job.status == JobStatus.QUEUED.value)
+            .returning(Job.id)
+            .execution_options(synchronize_session=False)
+        )
+    )
+    ledger.void_charges(session, user_id, removed)
+    return removed
