@@ -54,7 +54,9 @@ SHAPES = (
 def serve(shape: dict, ready_dir: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [
-        sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}",
+        # --config: not the service's gunicorn.conf.py (gunicorn reads ./gunicorn.conf.py
+        # by default): the seed app is a plain Flask app with gunicorn's own defaults.
+        sys.executable, "-m", "gunicorn", "--config", os.devnull, "--bind", f"127.0.0.1:{port}",
         "--workers", str(shape["workers"]), "--threads", str(shape["threads"]),
         "--worker-class", shape["class"], "--timeout", "120", "bench.seed_app:app",
     ]  # fmt: skip
