@@ -7,9 +7,10 @@ import redis
 from shared.config import Config
 
 
-def make_redis(config: Config) -> redis.Redis:
+def make_redis(config: Config, url: str | None = None) -> redis.Redis:
+    """A client of ``REDIS_URL``, or of ``url`` (the Redis broker's, for instance)."""
     return redis.Redis.from_url(
-        config.redis_url,
+        url or config.redis_url,
         socket_connect_timeout=2,
         socket_timeout=5,
         health_check_interval=30,

@@ -31,6 +31,7 @@ from kombu.transport.redis import Channel as RedisChannel
 
 from shared.config import Config
 from shared.queue import heartbeat_key
+from shared.redis_client import make_redis
 
 # kombu's key names (this service sets no global_keyprefix).
 UNACKED = RedisChannel.unacked_key
@@ -59,9 +60,8 @@ def live_workers(client: redis.Redis, config: Config) -> set[str]:
 
 
 def make_broker_redis(config: Config) -> redis.Redis:
-    return redis.Redis.from_url(
-        config.effective_broker_url, socket_connect_timeout=2, socket_timeout=5
-    )
+    """The Redis broker's own client (kombu's keys live there, not under REDIS_URL)."""
+    return make_redis(config, config.effective_broker_url)
 
 
 def renew_leases(broker: redis.Redis, tags: Iterable[str]) -> None:

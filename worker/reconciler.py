@@ -124,16 +124,17 @@ class Reconciler:
     def _lost(self, judge_liveness: bool = True) -> tuple[list[Job], ColumnElement[bool]]:
         """Processing jobs whose worker is gone, and the condition that found them."""
         now = utcnow()
-        stale = Job.claimed_at < now - timedelta(seconds=self.config.effective_stale_processing_s)
-        if not judge_liveness:
-            return self._select(Job.status == JobStatus.PROCESSING.value, stale), stale
-        orphaned = and_(
-            Job.claimed_by.is_not(None),
-            Job.claimed_by.not_in(liveness.live_workers(self.redis, self.config)),
-            # A claim younger than that may precede its worker's first heartbeat.
-            Job.claimed_at < now - timedelta(seconds=self.config.worker_dead_after_s),
+        condition = Job.claimed_at < now - timedelta(
+            seconds=self.config.effective_stale_processing_s
         )
-        condition = or_(stale, orphaned)
+        if judge_liveness:
+            orphaned = and_(
+                Job.claimed_by.is_not(None),
+                Job.claimed_by.not_in(liveness.live_workers(self.redis, self.config)),
+                # A claim younger than that may precede its worker's first heartbeat.
+                Job.claimed_at < now - timedelta(seconds=self.config.worker_dead_after_s),
+            )
+            condition = or_(condition, orphaned)
         return self._select(Job.status == JobStatus.PROCESSING.value, condition), condition
 
     def _select(self, *conditions) -> list[Job]:

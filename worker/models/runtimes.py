@@ -94,27 +94,24 @@ class GateResult:
 
 def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
     """The CPU feature flags (``/proc/cpuinfo``'s first ``flags`` line); empty if unknown."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return frozenset()
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
+    return frozenset((_cpuinfo_field("flags", cpuinfo) or "").split())
 
 
 def cpu_model(cpuinfo: str | None = None) -> str:
+    return _cpuinfo_field("model name", cpuinfo) or platform.processor() or "unknown"
+
+
+def _cpuinfo_field(name: str, cpuinfo: str | None) -> str | None:
+    """The value of the first ``name`` line of ``/proc/cpuinfo`` (or of ``cpuinfo``)."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
-            return platform.processor() or "unknown"
+            return None
     for line in cpuinfo.splitlines():
-        if line.startswith("model name"):
+        if line.startswith(name):
             return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
+    return None
 
 
 def has_bf16(flags: Iterable[str]) -> bool:
