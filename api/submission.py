@@ -29,7 +29,7 @@ from api.ratelimit import limits
 from api.services import db, services
 from api.waits import wait_slots
 from shared import jobs, ledger, logs
-from shared.config import BUILTIN_MODELS
+from shared.config import BUILTIN_MODELS, TRAINED_MODEL_FILE, TRAINED_MODEL_NAME
 from shared.errors import (
     Conflict,
     NotAnImage,
@@ -163,8 +163,11 @@ def checked_model(model: str | None) -> str:
 
 
 def _is_trained_model(model_dir: str, name: str) -> bool:
-    # Only plain folder names: a job's model name must never walk the file system.
-    return name.isidentifier() and (Path(model_dir) / name / "model.keras").is_file()
+    # Only names the training pipeline can give: a job's model name never walks the disk.
+    return (
+        bool(TRAINED_MODEL_NAME.fullmatch(name))
+        and (Path(model_dir) / name / TRAINED_MODEL_FILE).is_file()
+    )
 
 
 def build_request(

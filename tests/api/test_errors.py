@@ -4,6 +4,7 @@ import base64
 
 import pytest
 
+from api import create_app
 from tests import support
 
 URL = "http://images.example.com/dog.jpg"
@@ -99,3 +100,15 @@ def test_accepted_jobs_and_batches_carry_location(client, user):
     batch = client.post("/v1/batches", json={"urls": [URL]}, headers=user["headers"])
     assert batch.status_code == 202
     assert batch.headers["Location"] == f"/v1/batches/{batch.get_json()['id']}"
+
+
+def test_a_trained_model_that_is_not_enabled_says_so(api_stack, tmp_path):
+    # Trained models' names may hold '-' and '.' (cifar10-cnn): the check follows the
+    # training pipeline's own rule, not Python's identifiers.
+    (tmp_path / "cifar10-cnn").mkdir()
+    (tmp_path / "cifar10-cnn" / "model.keras").write_bytes(b"")
+    client = create_app(api_stack.config.replace(model_dir=str(tmp_path))).test_client()
+    user = support.new_user(client)
+    for name, code in (("cifar10-cnn", "model_not_enabled"), ("../cifar10-cnn", "unknown_model")):
+        resp = client.post("/v1/jobs", json={"url": URL, "model": name}, headers=user["headers"])
+        assert resp.get_json()["error"]["code"] == code, name

@@ -24,12 +24,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from shared.config import TRAINED_MODEL_FILE
 from worker.models.base import ImageModel
 
 if TYPE_CHECKING:
     import keras
 
-MODEL_FILE = "model.keras"
+MODEL_FILE = TRAINED_MODEL_FILE
 METADATA_FILE = "metadata.json"
 METADATA_FORMAT = 1
 

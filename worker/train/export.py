@@ -10,26 +10,25 @@ from __future__ import annotations
 
 import os
 import platform
-import re
 import shutil
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from shared.config import TRAINED_MODEL_NAME
 from worker.models.trained import METADATA_FILE, METADATA_FORMAT, MODEL_FILE
 from worker.train.report import write_json
 
 if TYPE_CHECKING:
     import keras
 
-NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def check_name(name: str) -> str:
     """A model name as jobs will send it: lowercase letters, digits, ``_ . -``."""
-    if not NAME_PATTERN.match(name):
+    if not TRAINED_MODEL_NAME.fullmatch(name):
         raise ValueError(
             f"model name {name!r} must be 1-64 characters of a-z, 0-9, '_', '.', '-', "
             "starting with a letter or digit"
