@@ -105,7 +105,10 @@ def complete_finished(session: Session, batch_ids: Iterable[str]) -> list[str]:
 def lock(session: Session, batch_id: str) -> Batch | None:
     """The batch row, locked until the commit: cancel, retry and completion serialise on it."""
     return session.execute(
-        select(Batch).where(Batch.id == batch_id).with_for_update()
+        select(Batch)
+        .where(Batch.id == batch_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)  # the locked row, not a cached copy
     ).scalar_one_or_none()
 
 
