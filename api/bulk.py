@@ -362,8 +362,9 @@ def retry_batch(
     failed -> queued is a conditional transition, so of two concurrent retries each line
     goes to one, and the charge covers exactly the lines this call moved, all or none.
     """
-    fingerprint = hashlib.sha256(json.dumps(["retry", batch_id, sorted(codes)]).encode())
-    if idempotency_key and (found := replay(user.id, idempotency_key, fingerprint.hexdigest())):
+    payload = json.dumps(["retry", batch_id, sorted(set(codes))])
+    fingerprint = hashlib.sha256(payload.encode()).hexdigest()
+    if idempotency_key and (found := replay(user.id, idempotency_key, fingerprint)):
         return found
     limits().check_submission(user.id)  # a retry is a submission of its lines
     svc = services()
@@ -373,8 +374,16 @@ def retry_batch(
         retried, urls, batch = _requeue(session, user, batch_id, codes)
         body = {**batches.batch_to_dict(session, batch), "retried": len(retried.runs)}
         if idempotency_key:
-            save_idempotent(user.id, idempotency_key, fingerprint.hexdigest(), body)
+            save_idempotent(user.id, idempotency_key, fingerprint, body)
         session.commit()
+    except Conflict as exc:
+        session.rollback()
+        # The same key sent twice at once: the second waited on the batch lock and found
+        # the lines taken by the first, whose answer is the one to give.
+        retry_of_same_key = exc.code == "nothing_to_retry" and idempotency_key
+        if retry_of_same_key and (found := replay(user.id, idempotency_key, fingerprint)):
+            return found
+        raise
     except Exception:
         session.rollback()
         raise

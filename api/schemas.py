@@ -183,7 +183,8 @@ class BatchCreate(BatchOptions):
 
 class BatchRetry(ma.Schema):
     error_codes = ma.fields.List(
-        ma.fields.String(),
+        ma.fields.String(validate=validate.Length(min=1, max=64)),
+        validate=validate.Length(max=50),
         metadata={
             "description": "Retry only the failed lines with these error codes (default: all)",
             "example": ["fetch_failed"],

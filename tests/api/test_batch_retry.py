@@ -208,6 +208,27 @@ def test_retry_with_an_idempotency_key_is_charged_once(api_stack):
     assert _balance(api_stack, user["username"]) == (3, 3)
 
 
+def test_the_same_key_sent_twice_at_once_gets_one_answer(api_stack):
+    client = api_stack.client()
+    user = support.new_user(client)
+    batch = _failed_batch(api_stack.app, client, user, 2)
+    headers = {**user["headers"], "Idempotency-Key": uuid.uuid4().hex}
+    answers = []
+
+    def retry():
+        resp = api_stack.app.test_client().post(f"/v1/batches/{batch['id']}/retry", headers=headers)
+        answers.append((resp.status_code, resp.get_json()))
+
+    threads = [threading.Thread(target=retry) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [status for status, _ in answers] == [202, 202], answers
+    assert answers[0][1] == answers[1][1] and answers[0][1]["retried"] == 2
+    assert _balance(api_stack, user["username"]) == (3, 3)
+
+
 def test_a_retry_the_queue_drops_is_503_and_puts_every_line_back(api_stack, monkeypatch):
     app = create_app(api_stack.config.replace(batch_max=1))  # one message per line
     client = app.test_client()
