@@ -127,6 +127,12 @@ class Job(ma.Schema):
     result = ma.fields.Nested(JobResult, allow_none=True)
     error = ma.fields.Nested(ErrorBody, allow_none=True)
     batch_id = ma.fields.String(allow_none=True)
+    custom_id = ma.fields.String(
+        allow_none=True, metadata={"description": "The batch line's own id (JSON Lines input)"}
+    )
+    retries = ma.fields.Integer(
+        metadata={"description": "How many times the batch line was retried (0: first run)"}
+    )
     webhook = ma.fields.Dict(allow_none=True)
     request_id = ma.fields.String(
         allow_none=True, metadata={"description": "X-Request-ID of the submitting call"}
@@ -157,8 +163,33 @@ class BatchOptions(ma.Schema):
     webhook = ma.fields.String(metadata={"description": "URL for the batch.completed event"})
 
 
+class BatchItem(ma.Schema):
+    custom_id = ma.fields.String(
+        metadata={
+            "description": "Your id for the line: 1 to 64 printable characters, unique "
+            "within the batch; echoed in the results and the job"
+        }
+    )
+    url = ma.fields.String(required=True)
+    top_k = ma.fields.Integer(validate=validate.Range(min=1, max=20))
+
+
 class BatchCreate(BatchOptions):
-    urls = ma.fields.List(ma.fields.String(), required=True, metadata={"maxItems": 10000})
+    """Either ``urls`` or ``items`` (one object per line, as in JSON Lines bodies)."""
+
+    urls = ma.fields.List(ma.fields.String(), metadata={"maxItems": 10000})
+    items = ma.fields.List(ma.fields.Nested(BatchItem), metadata={"maxItems": 10000})
+
+
+class BatchRetry(ma.Schema):
+    error_codes = ma.fields.List(
+        ma.fields.String(validate=validate.Length(min=1, max=64)),
+        validate=validate.Length(max=50),
+        metadata={
+            "description": "Retry only the failed lines with these error codes (default: all)",
+            "example": ["fetch_failed"],
+        },
+    )
 
 
 class BatchCounts(ma.Schema):
@@ -179,9 +210,14 @@ class BatchSchema(ma.Schema):
     model = ma.fields.String()
     top_k = ma.fields.Integer()
     webhook = ma.fields.String(allow_none=True)
+    retries = ma.fields.Integer(metadata={"description": "How many retries reopened the batch"})
     created_at = ma.fields.String()
     completed_at = ma.fields.String(allow_none=True)
     canceled_at = ma.fields.String(allow_none=True)
+
+
+class BatchRetried(BatchSchema):
+    retried = ma.fields.Integer(metadata={"description": "Lines re-queued (and charged)"})
 
 
 class BatchList(ma.Schema):

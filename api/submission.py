@@ -221,6 +221,7 @@ def submit(user: User, req: JobRequest, idempotency_key: str | None = None) -> t
         # Set here, not by ORM defaults: the row is inserted with Core (see _commit_new_job).
         created_at=utcnow(),
         attempts=0,
+        retries=0,
     )
     if req.upload is not None:
         svc.uploads.put(job.id, req.upload)
@@ -270,6 +271,14 @@ def forget_idempotent(user_id: int, resource_id: str) -> None:
         delete(IdempotencyRecord).where(
             IdempotencyRecord.user_id == user_id,
             IdempotencyRecord.body["id"].as_string() == resource_id,
+        )
+    )
+
+
+def forget_key(user_id: int, key: str) -> None:
+    db().execute(
+        delete(IdempotencyRecord).where(
+            IdempotencyRecord.user_id == user_id, IdempotencyRecord.key == key
         )
     )
 

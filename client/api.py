@@ -100,17 +100,30 @@ class Client:
 
     # --- batches ------------------------------------------------------------------
 
-    def create_batch(self, body: str, model: str | None = None, top_k: int | None = None) -> dict:
-        """POST the URL list as text/plain so the server validates and numbers the lines."""
+    def create_batch(
+        self,
+        body: str,
+        model: str | None = None,
+        top_k: int | None = None,
+        jsonl: bool = False,
+    ) -> dict:
+        """POST the file as it is (a URL list as text/plain, or JSON Lines items) so the
+        server validates and numbers the lines."""
         params = _params(model=model, top_k=top_k)
+        content_type = "application/jsonl" if jsonl else "text/plain; charset=utf-8"
         resp = self._request(
             "POST",
             "/v1/batches",
             params=params,
             data=body.encode("utf-8"),
-            headers={"Content-Type": "text/plain; charset=utf-8"},
+            headers={"Content-Type": content_type},
         )
         return self._json(resp)
+
+    def retry_batch(self, batch_id: str, error_codes: list[str] | None = None) -> dict:
+        """Re-queue the batch's failed lines (only those error codes, if given)."""
+        body = {"error_codes": error_codes} if error_codes else {}
+        return self._json(self._request("POST", f"/v1/batches/{batch_id}/retry", json=body))
 
     def get_batch(self, batch_id: str) -> dict:
         return self._json(self._request("GET", f"/v1/batches/{batch_id}"))

@@ -1,4 +1,4 @@
-"""Command line: ``python -m client {submit,wait,classify}``.
+"""Command line: ``python -m client {submit,wait,retry,classify}``.
 
 Exit codes are part of the interface (scripts branch on them), so every failure
 goes through :func:`exit_code_for` or a command's explicit return:
@@ -30,6 +30,7 @@ from client.urlfile import UrlLine, parse_url_lines, read_url_text
 DEFAULT_URL = "http://127.0.0.1:5000"
 CLASSIFY_PREFER_WAIT_S = 60
 CLASSIFY_POLL_WAIT_S = 30
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
 
 class ExitCode(enum.IntEnum):
@@ -112,7 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="submit a file of image URLs as one batch",
         description="Submit FILE (one URL per line; blank lines and # comments ignored; "
-        "- for stdin) as one batch. Prints the batch id at once.",
+        "- for stdin) as one batch. A FILE ending in .jsonl or .ndjson holds one JSON "
+        'object per line, {"custom_id": "...", "url": "...", "top_k": N} (custom_id and '
+        "top_k optional); the results then carry each line's custom_id. Prints the batch "
+        "id at once.",
     )
     p.add_argument("file", metavar="FILE")
     model_flags(p)
@@ -129,6 +133,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("batch_id", metavar="BATCH_ID")
     output_flags(p)
     p.set_defaults(handler=cmd_wait)
+
+    p = sub.add_parser(
+        "retry",
+        parents=[common],
+        help="run a batch's failed lines again",
+        description="Re-queue the lines of BATCH_ID that failed (one token each), as new "
+        "attempts in the same batch. Prints the batch id at once.",
+    )
+    p.add_argument("batch_id", metavar="BATCH_ID")
+    p.add_argument(
+        "--error-code",
+        action="append",
+        dest="error_codes",
+        metavar="CODE",
+        help="retry only lines failed with this code (e.g. fetch_failed); repeatable",
+    )
+    p.add_argument("--wait", action="store_true", help="show progress, then download results")
+    output_flags(p)
+    p.set_defaults(handler=cmd_retry)
 
     p = sub.add_parser(
         "classify",
@@ -258,10 +281,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not entries:
         raise UsageError(f"{args.file}: no URLs (blank lines and # comments are ignored)")
     client = make_client(args)
+    jsonl = args.file.lower().endswith(JSONL_SUFFIXES)
     try:
-        batch = client.create_batch(text, model=args.model, top_k=args.top_k)
+        batch = client.create_batch(text, model=args.model, top_k=args.top_k, jsonl=jsonl)
     except ApiError as exc:
-        if exc.code != "invalid_urls":
+        if exc.code not in ("invalid_urls", "invalid_lines"):
             raise
         _invalid_urls(exc, entries, args.file)
         return exit_code_for(exc)
@@ -271,6 +295,23 @@ def cmd_submit(args: argparse.Namespace) -> int:
             f"{_images(batch.get('total'))} queued; wait with: {resume_command(batch['id'], args)}"
         )
         return ExitCode.OK
+    return _wait_and_download(client, batch, args, announce=True)
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    if (args.out or args.format) and not args.wait:
+        raise UsageError("--out and --format need --wait (or use: python -m client wait ID)")
+    _check_out(args.out)
+    client = make_client(args)
+    batch = client.retry_batch(args.batch_id, args.error_codes)
+    if not args.wait:
+        print(batch["id"], flush=True)
+        _note(
+            f"{_images(batch.get('retried'))} re-queued; wait with: "
+            f"{resume_command(batch['id'], args)}"
+        )
+        return ExitCode.OK
+    _note(f"{_images(batch.get('retried'))} re-queued")
     return _wait_and_download(client, batch, args, announce=True)
 
 

@@ -1,14 +1,18 @@
 """Bulk batches: representation, counts derived from the jobs, and completion.
 
 A batch stores no counters: its counts are a GROUP BY over its jobs, so they
-always agree with them. ``completed_at`` is set exactly once, by the
+always agree with them. ``completed_at`` is set exactly once per run, by the
 transaction that ends the batch's last active job, which is also where the
-``batch.completed`` webhook event is recorded.
+``batch.completed`` webhook event is recorded. A retry of its failed lines
+(``reopen``) clears it and starts a new run: ``retries`` goes up by one, and the
+retried lines' end sets ``completed_at`` and records ``batch.completed`` again,
+keyed by that run.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -49,6 +53,7 @@ def batch_to_dict(session: Session, batch: Batch) -> dict[str, Any]:
         "model": batch.model,
         "top_k": batch.top_k,
         "webhook": batch.webhook_url,
+        "retries": batch.retries,
         "created_at": iso(batch.created_at),
         "completed_at": iso(batch.completed_at),
         "canceled_at": iso(batch.canceled_at),
@@ -91,6 +96,31 @@ def complete_finished(session: Session, batch_ids: Iterable[str]) -> list[str]:
                     event_type=webhook_events.BATCH_COMPLETED,
                     data=batch_to_dict(session, batch),
                     batch_id=batch.id,
+                    batch_retry=batch.retries,
                 )
             )
     return events
+
+
+def lock(session: Session, batch_id: str) -> Batch | None:
+    """The batch row, locked until the commit: cancel, retry and completion serialise on it."""
+    return session.execute(
+        select(Batch)
+        .where(Batch.id == batch_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)  # the locked row, not a cached copy
+    ).scalar_one_or_none()
+
+
+def reopen(session: Session, batch: Batch) -> None:
+    """Start a new run of a locked batch whose failed lines are being retried."""
+    batch.completed_at = None
+    batch.retries += 1
+    session.flush()
+
+
+def undo_reopen(session: Session, batch: Batch, completed_at: datetime | None) -> None:
+    """Back to the run before ``reopen``, when every retried line was taken back unstarted."""
+    batch.completed_at = completed_at
+    batch.retries -= 1
+    session.flush()

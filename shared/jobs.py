@@ -7,11 +7,11 @@ the worker) changes nothing and refunds nothing.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, case, delete, literal, update
+from sqlalchemy import ColumnElement, bindparam, case, delete, literal, update
 from sqlalchemy.orm import Session
 
 from shared import ledger, webhook_events
@@ -41,6 +41,8 @@ def job_to_dict(job: Job) -> dict[str, Any]:
         "result": job.result,
         "error": error,
         "batch_id": job.batch_id,
+        "custom_id": job.custom_id,
+        "retries": job.retries,
         "webhook": webhook,
         "request_id": job.request_id,
     }
@@ -57,14 +59,27 @@ def _transition(
 
     Returns the ids whose move won.
     """
-    won = session.scalars(
+    return set(_transition_runs(session, job_ids, from_, *still, **values))
+
+
+def _transition_runs(
+    session: Session,
+    job_ids: Iterable[str],
+    from_: Iterable[JobStatus],
+    *still: ColumnElement[bool],
+    **values: Any,
+) -> dict[str, int]:
+    """``_transition``, returning each won job's ``retries`` as the move wrote it: the run
+    a refund belongs to, read in the same statement (a retry may have run the job again
+    since the caller loaded it)."""
+    won = session.execute(
         update(Job)
         .where(Job.id.in_(list(job_ids)), Job.status.in_([s.value for s in from_]), *still)
         .values(**values)
-        .returning(Job.id)
+        .returning(Job.id, Job.retries)
         .execution_options(synchronize_session=False)
     )
-    return set(won)
+    return dict(won.all())
 
 
 def mark_all_succeeded(session: Session, results: dict[str, dict[str, Any]]) -> set[str]:
@@ -109,7 +124,7 @@ def release_lost(session: Session, job_ids: Iterable[str], *still: ColumnElement
 
 
 def mark_failed(session: Session, job: Job, code: str, message: str, refund: bool) -> bool:
-    won = _transition(
+    won = _transition_runs(
         session,
         [job.id],
         ACTIVE,
@@ -119,13 +134,13 @@ def mark_failed(session: Session, job: Job, code: str, message: str, refund: boo
         completed_at=utcnow(),
     )
     if won and refund:
-        ledger.refund_job(session, job.user_id, job.id)
+        ledger.refund_job(session, job.user_id, job.id, won[job.id])
     return bool(won)
 
 
 def cancel(session: Session, job: Job) -> bool:
     """Cancel a job that has not started; refunds its token. False if it already started."""
-    won = _transition(
+    won = _transition_runs(
         session,
         [job.id],
         (JobStatus.QUEUED,),
@@ -133,7 +148,7 @@ def cancel(session: Session, job: Job) -> bool:
         completed_at=utcnow(),
     )
     if won:
-        ledger.refund_job(session, job.user_id, job.id)
+        ledger.refund_job(session, job.user_id, job.id, won[job.id])
     return bool(won)
 
 
@@ -170,3 +185,103 @@ def withdraw_unstarted(session: Session, user_id: int, *where: ColumnElement[boo
     )
     ledger.void_charges(session, user_id, removed)
     return removed
+
+
+def cancel_queued(session: Session, user_id: int, *where: ColumnElement[bool]) -> list[str]:
+    """queued -> canceled for the matching jobs, one refund (of its current run) per job
+    actually changed. Returns the ids canceled; the caller commits."""
+    runs = dict(
+        session.execute(
+            update(Job)
+            .where(*where, Job.status == JobStatus.QUEUED.value)
+            .values(status=JobStatus.CANCELED.value, completed_at=utcnow())
+            .returning(Job.id, Job.retries)
+            .execution_options(synchronize_session=False)
+        ).all()
+    )
+    ledger.refund_jobs(session, user_id, list(runs), runs)
+    return list(runs)
+
+
+def requeue_failed(
+    session: Session, batch_id: str, codes: Sequence[str] | None = None
+) -> dict[str, int]:
+    """failed -> queued for a batch's failed lines (only ``codes``, when given): a new run.
+
+    ``retries`` goes up by one and the last run's outcome and worker bookkeeping are
+    cleared (``attempts`` too, so the run gets JOB_MAX_ATTEMPTS deliveries of its own).
+    Like every transition, a line that is no longer ``failed`` is not taken: of two
+    concurrent retries each line goes to one. Returns {job id: its new ``retries``}, the
+    run the caller charges; the caller charges and commits.
+    """
+    where = [Job.batch_id == batch_id, Job.status == JobStatus.FAILED.value]
+    if codes:
+        where.append(Job.error_code.in_(list(codes)))
+    return dict(
+        session.execute(
+            update(Job)
+            .where(*where)
+            .values(
+                status=JobStatus.QUEUED.value,
+                retries=Job.retries + 1,
+                attempts=0,
+                result=None,
+                error_code=None,
+                error_message=None,
+                started_at=None,
+                completed_at=None,
+                claimed_at=None,
+                claimed_by=None,
+            )
+            .returning(Job.id, Job.retries)
+            .execution_options(synchronize_session=False)
+        ).all()
+    )
+
+
+def withdraw_requeued(
+    session: Session,
+    user_id: int,
+    runs: dict[str, int],
+    previous: dict[str, tuple[str | None, str | None, datetime | None]],
+) -> list[str]:
+    """Undo ``requeue_failed`` for the lines still queued in the run it started: back to
+    ``failed`` with their last error, and that run's charge voided.
+
+    The enqueue's undo, like ``withdraw_unstarted``: the conditional UPDATE and a worker's
+    claim are both transitions, so a line a worker took stays, charged. Returns the ids
+    put back; the caller commits.
+    """
+    by_run: dict[int, list[str]] = {}
+    for job_id, run in runs.items():
+        by_run.setdefault(run, []).append(job_id)
+    back: list[str] = []
+    for run, ids in by_run.items():  # one UPDATE per distinct run, usually a single one
+        won = list(
+            session.scalars(
+                update(Job)
+                .where(Job.id.in_(ids), Job.status == JobStatus.QUEUED.value, Job.retries == run)
+                .values(status=JobStatus.FAILED.value, retries=run - 1)
+                .returning(Job.id)
+                .execution_options(synchronize_session=False)
+            )
+        )
+        ledger.void_charges(session, user_id, won, run)
+        back += won
+    if back:
+        table = Job.__table__
+        session.execute(
+            update(table)
+            .where(table.c.id == bindparam("b_id"))
+            .values(
+                error_code=bindparam("b_code"),
+                error_message=bindparam("b_message"),
+                completed_at=bindparam("b_completed"),
+            ),
+            [
+                {"b_id": i, "b_code": code, "b_message": message, "b_completed": completed}
+                for i in back
+                for code, message, completed in [previous[i]]
+            ],
+        )
+    return back

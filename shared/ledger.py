@@ -8,7 +8,7 @@ from ever taking a balance below zero.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
@@ -34,8 +34,14 @@ def grant(
     return new_balance
 
 
-def charge_jobs(session: Session, user_id: int, job_ids: Sequence[str]) -> int:
-    """Take one token per job, or raise InsufficientTokens and take nothing."""
+def charge_jobs(
+    session: Session, user_id: int, job_ids: Sequence[str], runs: Mapping[str, int] | None = None
+) -> int:
+    """Take one token per job, or raise InsufficientTokens and take nothing.
+
+    ``runs``: each job's ``retries`` for a retried batch line (the run being charged);
+    a job not in it is on its first run (0).
+    """
     n = len(job_ids)
     users = User.__table__
     # On the table, not the entity: the ORM's UPDATE would also search the session's
@@ -51,7 +57,7 @@ def charge_jobs(session: Session, user_id: int, job_ids: Sequence[str]) -> int:
     bulk_insert(
         session,
         LedgerEntry.__table__,
-        [_entry(user_id, -1, CHARGE, j) for j in job_ids],
+        [_entry(user_id, -1, CHARGE, j, runs) for j in job_ids],
     )
     return new_balance
 
@@ -66,38 +72,49 @@ def _short(session: Session, user_id: int, cost: int) -> InsufficientTokens:
     )
 
 
-def _entry(user_id: int, delta: int, reason: str, job_id: str) -> dict:
+def _entry(
+    user_id: int, delta: int, reason: str, job_id: str, runs: Mapping[str, int] | None
+) -> dict:
     # Core inserts skip ORM defaults, so every column is given here.
     return {
         "user_id": user_id,
         "delta": delta,
         "reason": reason,
         "job_id": job_id,
+        "retry": (runs or {}).get(job_id, 0),
         "actor_id": None,
         "created_at": utcnow(),
     }
 
 
-def refund_job(session: Session, user_id: int, job_id: str) -> None:
-    """Give a job's token back. Call only after winning the job's conditional status change."""
+def refund_job(session: Session, user_id: int, job_id: str, run: int = 0) -> None:
+    """Give a job's token back. Call only after winning the job's conditional status change,
+    with the ``retries`` that change returned (the run being refunded)."""
     session.execute(update(User).where(User.id == user_id).values(tokens=User.tokens + 1))
-    session.add(LedgerEntry(user_id=user_id, delta=1, reason=REFUND, job_id=job_id))
+    session.add(LedgerEntry(user_id=user_id, delta=1, reason=REFUND, job_id=job_id, retry=run))
 
 
-def refund_jobs(session: Session, user_id: int, job_ids: Sequence[str]) -> None:
+def refund_jobs(
+    session: Session, user_id: int, job_ids: Sequence[str], runs: Mapping[str, int] | None = None
+) -> None:
     """Bulk ``refund_job`` for jobs whose conditional status change the caller just won."""
     if not job_ids:
         return
     session.execute(
         update(User).where(User.id == user_id).values(tokens=User.tokens + len(job_ids))
     )
-    bulk_insert(session, LedgerEntry.__table__, [_entry(user_id, 1, REFUND, j) for j in job_ids])
+    bulk_insert(
+        session, LedgerEntry.__table__, [_entry(user_id, 1, REFUND, j, runs) for j in job_ids]
+    )
 
 
-def void_charges(session: Session, user_id: int, job_ids: Sequence[str]) -> None:
-    """Undo the charges of jobs the caller just deleted unstarted (their message may never
+def void_charges(
+    session: Session, user_id: int, job_ids: Sequence[str], run: int | None = None
+) -> None:
+    """Undo the charges of jobs the caller just took back unstarted (their message may never
     have reached a worker): the charge rows go and the tokens come back, so the answer can
-    truly say nothing was charged. Call only with the ids a conditional DELETE returned."""
+    truly say nothing was charged. Call only with the ids a conditional change returned;
+    ``run``: only that run's charge (a retry taken back keeps the earlier runs' rows)."""
     if not job_ids:
         return
     voided = session.execute(
@@ -105,6 +122,7 @@ def void_charges(session: Session, user_id: int, job_ids: Sequence[str]) -> None
             LedgerEntry.user_id == user_id,
             LedgerEntry.job_id.in_(list(job_ids)),
             LedgerEntry.reason == CHARGE,
+            *([LedgerEntry.retry == run] if run is not None else []),
         )
     ).rowcount
     # Exactly the tokens whose rows went, so the balance stays the sum of the ledger.

@@ -98,8 +98,9 @@ class LedgerEntry(Base):
 
     __tablename__ = "token_ledger"
     __table_args__ = (
-        # A job is charged once and refunded at most once, whatever runs twice.
-        UniqueConstraint("job_id", "reason", name="uq_token_ledger_job_reason"),
+        # A job is charged once and refunded at most once per run (a retried batch line
+        # runs again: retry 1, 2, ...), whatever runs twice.
+        UniqueConstraint("job_id", "reason", "retry", name="uq_token_ledger_job_reason_retry"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -107,6 +108,8 @@ class LedgerEntry(Base):
     delta: Mapped[int] = mapped_column(Integer)
     reason: Mapped[str] = mapped_column(String(16))  # signup | charge | refund | refill
     job_id: Mapped[str | None] = mapped_column(String(36), default=None)
+    # The job's run this entry belongs to (jobs.retries when it was written).
+    retry: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     actor_id: Mapped[int | None] = mapped_column(BigId, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -120,6 +123,10 @@ class Job(Base):
         ForeignKey("batches.id", ondelete="CASCADE"), default=None
     )
     batch_index: Mapped[int | None] = mapped_column(Integer, default=None)
+    # The caller's own id for a batch line (JSON Lines input), unique within the batch.
+    custom_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    # How many times the line was retried (POST /v1/batches/{id}/retry); 0 on its first run.
+    retries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED.value, index=True)
     model: Mapped[str] = mapped_column(String(100))
     top_k: Mapped[int] = mapped_column(Integer, default=5)
@@ -148,6 +155,8 @@ class Job(Base):
         # Results in input order, and per-batch counts by status.
         Index("ix_jobs_batch_index", "batch_id", "batch_index"),
         Index("ix_jobs_batch_status", "batch_id", "status"),
+        # NULLs are distinct on both backends: lines without a custom_id never collide.
+        Index("uq_jobs_batch_custom_id", "batch_id", "custom_id", unique=True),
     )
 
 
@@ -165,8 +174,11 @@ class Batch(Base):
     webhook_url: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     canceled_at: Mapped[datetime | None] = mapped_column(default=None)
-    # Set once, by whoever ends the last job; batch.completed is sent exactly then.
+    # Set once per run, by whoever ends the last job; batch.completed is sent exactly
+    # then. A retry clears it, and the retried lines' end sets it (and sends) again.
     completed_at: Mapped[datetime | None] = mapped_column(default=None)
+    # How many retries reopened the batch; its batch.completed events are keyed by it.
+    retries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class WebhookEvent(Base):
@@ -175,7 +187,9 @@ class WebhookEvent(Base):
     __tablename__ = "webhook_events"
     __table_args__ = (
         UniqueConstraint("job_id", "event_type", name="uq_webhook_events_job_type"),
-        UniqueConstraint("batch_id", "event_type", name="uq_webhook_events_batch_type"),
+        UniqueConstraint(
+            "batch_id", "event_type", "batch_retry", name="uq_webhook_events_batch_type_retry"
+        ),
         Index("ix_webhook_events_due", "status", "next_attempt_at"),
     )
 
@@ -183,6 +197,8 @@ class WebhookEvent(Base):
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     job_id: Mapped[str | None] = mapped_column(String(36), default=None)
     batch_id: Mapped[str | None] = mapped_column(String(36), default=None)
+    # batches.retries when recorded: a retried batch completes (and notifies) once more.
+    batch_retry: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     event_type: Mapped[str] = mapped_column(String(32))
     url: Mapped[str] = mapped_column(Text)
     payload: Mapped[dict[str, Any]] = mapped_column()

@@ -36,6 +36,7 @@ def record(
     data: dict[str, Any],
     job_id: str | None = None,
     batch_id: str | None = None,
+    batch_retry: int = 0,
 ) -> str:
     event_id = f"msg_{uuid.uuid4().hex}"
     session.add(
@@ -44,6 +45,7 @@ def record(
             user_id=user_id,
             job_id=job_id,
             batch_id=batch_id,
+            batch_retry=batch_retry,
             event_type=event_type,
             url=url,
             payload={"type": event_type, "data": data},

@@ -238,6 +238,12 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
             _, _, key, rest = self.path.split("/", 3)
             self.gates.setdefault(key, threading.Event()).wait(GATE_MAX_S)
             self.path = f"/{rest}"
+        elif self.path.startswith("/down/"):
+            _, _, key, rest = self.path.split("/", 3)
+            if not self.gates.setdefault(key, threading.Event()).is_set():
+                self.send_error(503, "down for a while")
+                return
+            self.path = f"/{rest}"
         super().do_GET()
 
 
@@ -254,6 +260,8 @@ class PhotoServer:
     ``/slow/<name>`` serves ``<name>`` after SLOW_S seconds: a batch that is still in
     flight when a test injects a fault. ``/gate/<key>/<name>`` serves it once the test
     opens ``gate(key)``: a batch held in flight for as long as the test needs.
+    ``/down/<key>/<name>`` answers 503 until the test opens ``gate(key)``, then serves
+    ``<name>``: a host that fails for a while, for retries.
     """
 
     def __init__(self, directory: Path) -> None:

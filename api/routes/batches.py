@@ -10,24 +10,31 @@ from collections.abc import Iterator
 import marshmallow as ma
 from flask import Response, g, request, stream_with_context, url_for
 from flask_smorest import Blueprint
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from api import schemas
 from api.auth import login_required, owned
-from api.bulk import build_batch_request, parse_lines, submit_batch
+from api.bulk import (
+    build_batch_request,
+    build_item_batch_request,
+    parse_jsonl,
+    parse_lines,
+    retry_batch,
+    submit_batch,
+)
 from api.errors import invalid_body
 from api.pagination import page
 from api.routes.jobs import after_cancel, idempotency_key
 from api.services import db, services
 from api.submission import checked_model
-from shared import batches, ledger
+from shared import batches, jobs
 from shared.errors import Conflict, NotFound, ValidationFailed
 from shared.models import Batch, Job, utcnow
-from shared.status import JobStatus
 
 blp = Blueprint("batches", __name__, url_prefix="/v1/batches", description="Bulk URL batches")
 
 RESULTS_PAGE = 500
+# New columns go at the end: readers that index columns by position keep working.
 CSV_COLUMNS = [
     "index",
     "url",
@@ -37,7 +44,14 @@ CSV_COLUMNS = [
     "top_score",
     "error_code",
     "error_message",
+    "custom_id",
+    "retries",
 ]
+JSONL_TYPES = ("application/jsonl", "application/x-ndjson")
+JSONL_EXAMPLE = (
+    '{"custom_id": "sku-1", "url": "https://example.com/a.jpg"}\n'
+    '{"custom_id": "sku-2", "url": "https://example.com/b.jpg", "top_k": 3}\n'
+)
 BATCH_CREATE_DOC = {
     "requestBody": {
         "required": True,
@@ -47,6 +61,10 @@ BATCH_CREATE_DOC = {
                 "schema": {"type": "string"},
                 "example": "# one URL per line\nhttps://example.com/a.jpg\n",
             },
+            **{
+                mimetype: {"schema": {"type": "string"}, "example": JSONL_EXAMPLE}
+                for mimetype in JSONL_TYPES
+            },
         },
     },
     "parameters": [
@@ -54,7 +72,7 @@ BATCH_CREATE_DOC = {
             "in": "query",
             "name": "model",
             "schema": {"type": "string"},
-            "description": "For text/plain bodies (JSON bodies carry it inside)",
+            "description": "For text/plain and JSON Lines bodies (JSON bodies carry it inside)",
         },
         {"in": "query", "name": "top_k", "schema": {"type": "integer"}},
         {"in": "query", "name": "webhook", "schema": {"type": "string"}},
@@ -71,21 +89,31 @@ def _options(data: dict) -> dict:
 
 
 def _parse():
-    if request.mimetype == "text/plain":
+    limit = services().config.max_batch_urls
+    build = build_batch_request
+    if request.mimetype in ("text/plain", *JSONL_TYPES):
         # Read line by line from the stream, never the whole body as one string.
         lines = io.TextIOWrapper(request.stream, encoding="utf-8", errors="replace")
-        numbered = parse_lines(lines, services().config.max_batch_urls)
+        if request.mimetype == "text/plain":
+            numbered = parse_lines(lines, limit)
+        else:
+            numbered, build = parse_jsonl(lines, limit), build_item_batch_request
         options = _options(request.args.to_dict())
     else:
         body = request.get_json(silent=True)
-        if not isinstance(body, dict) or not isinstance(body.get("urls"), list):
-            raise invalid_body('{"urls": [...]} as JSON, or one URL per line as text/plain')
-        numbered = list(enumerate(body["urls"], start=1))
-        options = _options({k: v for k, v in body.items() if k != "urls"})
+        fields = [f for f in ("urls", "items") if isinstance(body, dict) and f in body]
+        if len(fields) != 1 or not isinstance(body[fields[0]], list):
+            raise invalid_body(
+                '{"urls": [...]} or {"items": [{"custom_id": ..., "url": ...}]} as JSON, '
+                "one URL per line as text/plain, or one item per line as application/jsonl"
+            )
+        field = fields[0]
+        numbered = list(enumerate(body[field], start=1))
+        if field == "items":
+            build = build_item_batch_request
+        options = _options({k: v for k, v in body.items() if k != field})
     top_k = options.get("top_k", services().config.default_top_k)
-    return build_batch_request(
-        numbered, checked_model(options.get("model")), top_k, options.get("webhook")
-    )
+    return build(numbered, checked_model(options.get("model")), top_k, options.get("webhook"))
 
 
 @blp.route("", methods=["POST"])
@@ -93,9 +121,11 @@ def _parse():
 @blp.doc(**BATCH_CREATE_DOC)
 @blp.response(202, schemas.BatchSchema, headers=schemas.location_header("batch"))
 @blp.alt_response(402, schema=schemas.ErrorSchema, description="insufficient_tokens")
-@blp.alt_response(422, schema=schemas.ErrorSchema, description="invalid_urls (details.lines)")
+@blp.alt_response(
+    422, schema=schemas.ErrorSchema, description="invalid_urls, invalid_lines (details.lines)"
+)
 def create_batch():
-    """Submit up to 10,000 URLs; charges one token each, all or nothing."""
+    """Submit up to 10,000 URLs (or JSON Lines items); charges one token each, all or nothing."""
     status, body = submit_batch(g.user, _parse(), idempotency_key())
     return body, status, {"Location": url_for("batches.get_batch", batch_id=body["id"])}
 
@@ -161,10 +191,12 @@ def _result_rows(batch_id: str) -> Iterator[dict]:
             )
             yield {
                 "index": job.batch_index,
+                "custom_id": job.custom_id,
                 "url": job.input_url,
                 "status": job.status,
                 "predictions": job.result["predictions"] if job.result else None,
                 "error": error,
+                "retries": job.retries,
             }
         if len(chunk) < RESULTS_PAGE:
             return
@@ -197,6 +229,8 @@ def _csv_lines(rows: Iterator[dict]) -> Iterator[str]:
                 top.get("score"),
                 error.get("code"),
                 error.get("message"),
+                row["custom_id"],
+                row["retries"],
             ]
         )
         yield flush()
@@ -209,14 +243,12 @@ def _csv_lines(rows: Iterator[dict]) -> Iterator[str]:
 def cancel_batch(batch_id: str):
     """Cancel the jobs that have not started (refunded); running ones finish."""
     session = db()
-    batch = session.execute(
-        select(Batch).where(Batch.id == batch_id).with_for_update()
-    ).scalar_one_or_none()
+    batch = batches.lock(session, batch_id)
     if batch is None or batch.user_id != g.user.id:
         raise NotFound("No such batch.", code="batch_not_found")
     if batch.completed_at is not None or batch.canceled_at is not None:
         raise Conflict("The batch has already ended.", code="batch_not_cancelable")
-    canceled = _cancel_queued(session, batch)
+    canceled = jobs.cancel_queued(session, batch.user_id, Job.batch_id == batch.id)
     batch.canceled_at = utcnow()
     session.flush()
     events = batches.complete_finished(session, [batch_id])
@@ -225,15 +257,14 @@ def cancel_batch(batch_id: str):
     return batches.batch_to_dict(session, batch)
 
 
-def _cancel_queued(session, batch: Batch) -> list[str]:
-    """queued -> canceled for the batch's jobs, with one refund per job actually changed."""
-    ids = list(
-        session.scalars(
-            update(Job)
-            .where(Job.batch_id == batch.id, Job.status == JobStatus.QUEUED.value)
-            .values(status=JobStatus.CANCELED.value, completed_at=utcnow())
-            .returning(Job.id)
-        )
-    )
-    ledger.refund_jobs(session, batch.user_id, ids)
-    return ids
+@blp.route("/<batch_id>/retry", methods=["POST"])
+@login_required
+@blp.doc(parameters=[{"in": "header", "name": "Idempotency-Key", "schema": {"type": "string"}}])
+@blp.arguments(schemas.BatchRetry, required=False)
+@blp.response(202, schemas.BatchRetried)
+@blp.alt_response(402, schema=schemas.ErrorSchema, description="insufficient_tokens")
+@blp.alt_response(409, schema=schemas.ErrorSchema, description="batch_canceled, nothing_to_retry")
+def retry_failed(args: dict, batch_id: str):
+    """Re-queue the lines that failed (optionally only some error codes); one token each."""
+    status, body = retry_batch(g.user, batch_id, args.get("error_codes") or [], idempotency_key())
+    return body, status

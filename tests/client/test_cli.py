@@ -287,6 +287,53 @@ def test_submit_without_wait_prints_the_id_from_stdin(stack, live, live_user, ph
     assert json.loads(line)["url"] == photo_server.url("kite.jpg")
 
 
+def test_jsonl_submit_then_retry_with_the_progress_bar(live, live_user, photo_server, tmp_path):
+    key = uuid.uuid4().hex
+    items = [
+        {"custom_id": "row-1", "url": photo_server.url("parrot.jpg")},
+        {"custom_id": "row-2", "url": photo_server.url(f"down/{key}/hot_dog.jpg"), "top_k": 2},
+    ]
+    items_file = tmp_path / "items.jsonl"
+    items_file.write_text("".join(json.dumps(item) + "\n" for item in items))
+    first = tmp_path / "first.csv"
+    result = run_client(
+        live, live_user["key"], "submit", str(items_file), "--wait", "--out", str(first)
+    )
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(io.StringIO(first.read_text())))
+    assert [(r["custom_id"], r["status"]) for r in rows] == [
+        ("row-1", "succeeded"),
+        ("row-2", "failed"),
+    ]
+    batch_id = next(
+        line.split()[1] for line in result.stderr.splitlines() if line.startswith("batch ")
+    )
+
+    photo_server.gate(key).set()  # the host is back
+    out = tmp_path / "retried.jsonl"
+    retried = run_client(
+        live,
+        live_user["key"],
+        "retry",
+        batch_id,
+        "--error-code",
+        "fetch_failed",
+        "--wait",
+        "--out",
+        str(out),
+    )
+    assert retried.returncode == 0, retried.stderr
+    assert "1 image re-queued" in retried.stderr and "2 ok" in retried.stderr
+    results = _results(out)
+    assert [(r["custom_id"], r["status"], r["retries"]) for r in results] == [
+        ("row-1", "succeeded", 0),
+        ("row-2", "succeeded", 1),
+    ]
+    assert len(results[1]["predictions"]) == 2
+    nothing = run_client(live, live_user["key"], "retry", batch_id)
+    assert nothing.returncode == ExitCode.API and "nothing_to_retry" in nothing.stderr
+
+
 def test_submit_rejections_map_to_exit_codes(live, live_user, photo_server, tmp_path):
     good = photo_server.url("parrot.jpg")
     urls_file = tmp_path / "urls.txt"

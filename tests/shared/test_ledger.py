@@ -1,7 +1,7 @@
 """Ledger and job transitions on the real databases (PostgreSQL and SQLite)."""
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from shared import jobs, ledger
@@ -122,3 +122,43 @@ def test_batch_results_in_one_statement_go_to_their_own_jobs(session, account):
     assert session.get(Job, canceled.id).result is None
     # A redelivered batch writes nothing more.
     assert jobs.mark_all_succeeded(session, results) == set()
+
+
+def test_a_retried_line_is_charged_and_refunded_once_per_run(session, account):
+    from shared.models import Batch, LedgerEntry
+
+    batch = Batch(id=new_id(), user_id=account.id, total=1, model="mobilenet")
+    session.add(batch)
+    session.flush()
+    job = Job(id=new_id(), user_id=account.id, model="mobilenet", input_url="http://x/y.jpg")
+    job.batch_id, job.batch_index = batch.id, 0
+    ledger.charge_jobs(session, account.id, [job.id])
+    session.add(job)
+    session.commit()
+    assert jobs.mark_failed(session, job, "fetch_failed", "HTTP 503", refund=True)
+    session.commit()
+
+    runs = jobs.requeue_failed(session, batch.id, ["fetch_failed"])
+    assert runs == {job.id: 1}
+    ledger.charge_jobs(session, account.id, list(runs), runs)
+    session.commit()
+    # A late worker of the first run still holds the job as it loaded it (retries 0):
+    # its failure refunds the run it ended, the second one, once.
+    assert job.retries == 0
+    assert jobs.mark_failed(session, job, "fetch_failed", "HTTP 503", refund=True)
+    assert not jobs.mark_failed(session, job, "fetch_failed", "HTTP 503", refund=True)
+    session.commit()
+    rows = session.execute(
+        select(LedgerEntry.reason, LedgerEntry.retry)
+        .where(LedgerEntry.job_id == job.id)
+        .order_by(LedgerEntry.id)
+    ).all()
+    assert [tuple(r) for r in rows] == [("charge", 0), ("refund", 0), ("charge", 1), ("refund", 1)]
+    assert _balance(session, account) == ledger.ledger_sum(session, account.id) == 2
+    # A second charge of the same run is refused by the database itself.
+    with pytest.raises(IntegrityError):
+        ledger.charge_jobs(session, account.id, [job.id], {job.id: 1})
+        session.flush()
+    session.rollback()
+    # Only the lines failed with the codes asked for are taken.
+    assert jobs.requeue_failed(session, batch.id, ["not_an_image"]) == {}

@@ -297,6 +297,50 @@ def test_bulk_batch_with_live_progress_downloads_and_history(sessions, live, pho
     s.shot("24-job")
 
 
+def test_json_lines_batch_shows_custom_ids_and_retries_a_failed_line(sessions, live, photo_server):
+    s = sessions(live)
+    page = s.page
+    s.log_in(live.new_user())
+    key = uuid.uuid4().hex
+    items = [
+        {"custom_id": "sku-1", "url": photo_server.url("parrot.jpg")},
+        {"custom_id": "sku-2", "url": photo_server.url(f"down/{key}/hot_dog.jpg")},
+    ]
+    page.get_by_role("link", name="Bulk").click()
+    page.get_by_label("Image URLs, one per line").fill("\n".join(json.dumps(i) for i in items))
+    expect(page.locator("#url-count")).to_have_text("2 URLs · costs 2 tokens")
+    page.get_by_role("button", name="Start batch").click()
+
+    expect(page.locator("#batch-badge")).to_have_text("Completed")
+    expect(page.locator("#count-failed")).to_have_text("1")
+    results = page.locator("#results-body tr")
+    expect(results.nth(0).locator(".custom-id")).to_have_text("sku-1")
+    expect(results.nth(1).locator(".result")).to_have_text("Download failed")
+    expect(page.locator("#token-balance")).to_have_text("4 tokens")  # 5 - 2 + 1 refund
+    retry = page.get_by_role("button", name="Retry 1 failed image")
+    expect(retry).to_be_visible()
+    s.shot("25-batch-with-a-failed-line")
+
+    photo_server.gate(key).set()  # the image host is back
+    retry.click()  # the confirm() is accepted
+    expect(page.locator("#batch-message")).to_have_text("1 image queued again.")
+    expect(page.locator("#batch-badge")).to_have_text("Completed")
+    expect(page.locator("#count-succeeded")).to_have_text("2")
+    expect(page.locator("#count-failed")).to_have_text("0")
+    expect(results.nth(1).locator(".top-label")).to_have_text("hotdog")
+    expect(retry).to_be_hidden()
+    expect(page.locator("#token-balance")).to_have_text("3 tokens")
+    s.shot("26-batch-retried")
+
+    with page.expect_download() as download:
+        page.get_by_role("link", name="Download CSV").click()
+    rows = list(csv.DictReader(io.StringIO(Path(download.value.path()).read_text())))
+    assert [(r["custom_id"], r["top_label"], r["retries"]) for r in rows] == [
+        ("sku-1", "macaw", "0"),
+        ("sku-2", "hotdog", "1"),
+    ]
+
+
 def test_queued_work_cancel_and_running_out_of_tokens(sessions, idle, photo_server):
     """On a service whose worker is away: queued states, cancel with refund, an empty wallet."""
     s = sessions(idle)

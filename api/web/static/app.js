@@ -80,6 +80,9 @@
     switch (err.code) {
       case "insufficient_tokens": {
         const needed = context.needed || 1;
+        if (context.retry) {
+          return `Not enough tokens: retrying needs ${plural(needed, "token")} and you have ${plural(have ?? 0, "token")}. Ask an administrator to refill your balance.`;
+        }
         if (needed > 1) {
           return `Not enough tokens: this batch needs ${plural(needed, "token")} and you have ${plural(have ?? 0, "token")}. Remove some URLs, or ask an administrator to refill your balance.`;
         }
@@ -137,6 +140,16 @@
         return "Only administrators can do that.";
       case "user_not_found":
         return "There is no user with that name.";
+      case "nothing_to_retry":
+        return "No image in this batch failed, so there is nothing to retry.";
+      case "batch_canceled":
+        return "This batch was canceled, so its images can’t be retried. Submit them as a new batch.";
+      case "invalid_lines": {
+        const lines = details.lines || [];
+        const count = details.count || lines.length;
+        const more = count > lines.length ? ` and ${count - lines.length} more` : "";
+        return `Lines ${listNumbers(lines)}${more} aren’t valid. ${err.message} Nothing was charged.`;
+      }
       case "batch_not_cancelable":
         return "This batch has already finished, so there is nothing left to cancel.";
       case "job_not_cancelable":

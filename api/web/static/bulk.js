@@ -1,5 +1,6 @@
 // The bulk page (POST /v1/batches as text/plain) and a batch's page: progress from
-// GET /v1/batches/{id}, results from GET /v1/batches/{id}/results, and cancel.
+// GET /v1/batches/{id}, results from GET /v1/batches/{id}/results, cancel, and retry of
+// the failed lines (POST /v1/batches/{id}/retry).
 "use strict";
 
 (function () {
@@ -17,8 +18,13 @@
     const submit = document.getElementById("bulk-submit");
     const maxUrls = Number(form.dataset.maxUrls);
 
+    // JSON Lines ({"custom_id", "url", "top_k"} per line) when the text starts with "{".
+    const isJsonl = () => textarea.value.trimStart().startsWith("{");
     const urlLines = () =>
-      textarea.value.split(/\r?\n/).map((l) => l.trim()).filter((l) => l && !l.startsWith("#"));
+      textarea.value
+        .split(/\r?\n/)
+        .map((l) => l.trim())
+        .filter((l) => l && (isJsonl() || !l.startsWith("#")));
 
     const updateCount = () => {
       const n = urlLines().length;
@@ -39,9 +45,13 @@
       const file = fileInput.files[0];
       if (!file) return;
       const text = await file.text();
-      // A CSV's first column, or a plain list.
-      const lines = text.split(/\r?\n/).map((line) => line.split(",")[0].trim().replace(/^"|"$/g, ""));
-      textarea.value = lines.join("\n").trim();
+      if (/\.(jsonl|ndjson)$/i.test(file.name)) {
+        textarea.value = text.trim(); // sent as it is: the server numbers its lines
+      } else {
+        // A CSV's first column, or a plain list.
+        const lines = text.split(/\r?\n/).map((line) => line.split(",")[0].trim().replace(/^"|"$/g, ""));
+        textarea.value = lines.join("\n").trim();
+      }
       fileInput.value = "";
       showMessage(error, "");
       updateCount();
@@ -63,7 +73,7 @@
         const batch = await api("/v1/batches", {
           method: "POST",
           body: textarea.value,
-          headers: { "Content-Type": "text/plain; charset=utf-8" },
+          headers: { "Content-Type": isJsonl() ? "application/jsonl" : "text/plain; charset=utf-8" },
         });
         window.location.assign(`/app/batches/${encodeURIComponent(batch.id)}`);
       } catch (err) {
@@ -129,6 +139,10 @@
     el("canceled-box").hidden = c.canceled === 0;
     setBadge(el("batch-badge"), b.status);
     el("cancel-batch").hidden = ended(b);
+    // Failed lines can run again until the batch is canceled (one token each).
+    const retry = el("retry-failed");
+    retry.hidden = b.status === "canceled" || c.failed === 0;
+    retry.textContent = `Retry ${plural(c.failed, "failed image")}`;
     view.classList.toggle("is-running", !ended(b));
   }
 
@@ -175,7 +189,18 @@
         make(
           "td",
           { class: "image-cell primary-cell" },
-          make("div", { class: "image-cell-inner" }, thumbnail(row), make("a", { class: "url break", href: row.url, rel: "noreferrer", text: row.url })),
+          make(
+            "div",
+            { class: "image-cell-inner" },
+            thumbnail(row),
+            make(
+              "div",
+              {},
+              make("a", { class: "url break", href: row.url, rel: "noreferrer", text: row.url }),
+              // The caller's own id (JSON Lines input), as the downloads carry it.
+              row.custom_id ? make("div", { class: "muted mono custom-id", text: row.custom_id }) : null,
+            ),
+          ),
         ),
         make("td", {}, badge),
         result,
@@ -219,7 +244,19 @@
     }
   }
 
+  let polling = false;
+
   async function poll() {
+    if (polling) return;
+    polling = true;
+    try {
+      await pollUntilEnded();
+    } finally {
+      polling = false;
+    }
+  }
+
+  async function pollUntilEnded() {
     while (true) {
       try {
         batch = await api(`/v1/batches/${encodeURIComponent(id)}`);
@@ -263,6 +300,28 @@
       refreshBalance();
     } catch (err) {
       showMessage(el("batch-message"), friendly(err), "error");
+    } finally {
+      button.disabled = false;
+    }
+  });
+
+  el("retry-failed").addEventListener("click", async () => {
+    const n = batch.counts.failed;
+    const ok = window.confirm(
+      `Retry ${plural(n, "failed image")}? Each costs one token again, and is refunded again if it fails again.`,
+    );
+    if (!ok) return;
+    const button = el("retry-failed");
+    button.disabled = true;
+    try {
+      batch = await api(`/v1/batches/${encodeURIComponent(id)}/retry`, { method: "POST" });
+      renderProgress(batch);
+      showMessage(el("batch-message"), `${plural(batch.retried, "image")} queued again.`, "success");
+      refreshBalance();
+      lastCounts = "";
+      poll();
+    } catch (err) {
+      showMessage(el("batch-message"), friendly(err, { needed: n, retry: true }), "error");
     } finally {
       button.disabled = false;
     }
