@@ -47,6 +47,8 @@ class Config:
     signup_tokens: int = 5
     # Rate limits, in the ``limits`` notation ("N per second|minute|hour", "N/5minutes").
     rate_limit_submit: str = "20/second"
+    # DELETE /v1/jobs/{id} and /v1/batches/{id} per user: free, and a batch is many rows.
+    rate_limit_delete: str = "20/second"
     login_failure_limit: str = "10/5minutes"
     login_failure_limit_per_ip: str = "100/5minutes"
     # Accounts created per client address (each comes with SIGNUP_TOKENS free tokens).
