@@ -129,6 +129,7 @@
     el("canceled-box").hidden = c.canceled === 0;
     setBadge(el("batch-badge"), b.status);
     el("cancel-batch").hidden = ended(b);
+    el("delete-batch").hidden = !ended(b);
     view.classList.toggle("is-running", !ended(b));
   }
 
@@ -267,6 +268,15 @@
       button.disabled = false;
     }
   });
+
+  el("delete-batch").addEventListener("click", () =>
+    window.imgclf.deleteAndLeave(
+      el("delete-batch"),
+      `/v1/batches/${encodeURIComponent(id)}`,
+      "Delete this batch? All its results are removed for good. Tokens are not refunded.",
+      el("batch-message"),
+    ),
+  );
 
   renderProgress(batch);
   poll();
