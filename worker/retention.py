@@ -14,8 +14,10 @@ elects it) deletes:
 The token ledger is never purged: it is the account's history, and a row whose job
 is gone keeps its job id (it is no foreign key). Each transaction selects at most
 ``RETENTION_CHUNK`` ids and deletes those by id (a DELETE takes no LIMIT on both
-databases), children before parents, so no lock is held long and the API and the
-workers keep writing in between. A pass stops after ``RETENTION_INTERVAL_S`` and
+databases), children before parents: a batch's jobs in chunks before the batch; an
+event's attempts (a handful) in the same statement as the event, by ON DELETE
+CASCADE. So no lock is held long, and the API and the workers keep writing between
+chunks. A pass stops after ``RETENTION_INTERVAL_S`` and
 the next one goes on where it stopped.
 
 ``RETENTION_DAYS=0`` keeps everything. One-shot run: ``python -m worker.retention``.
