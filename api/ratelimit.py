@@ -1,7 +1,8 @@
 """Rate limits, counted in Redis with the ``limits`` library (flask-limiter's core).
 
-Three guards:
+Four guards:
 - submissions per user (``RATE_LIMIT_SUBMIT``): 429 with Retry-After;
+- deletions per user (``RATE_LIMIT_DELETE``): free, and a batch is many rows;
 - sign-ups per client address (``SIGNUP_LIMIT_PER_IP``), since each account comes
   with free tokens: 429 with Retry-After;
 - failed password checks per username and per client address
@@ -34,12 +35,16 @@ class Limits:
         )
         self._limiter = strategies.FixedWindowRateLimiter(store)
         self.submit = parse(config.rate_limit_submit)
+        self.delete = parse(config.rate_limit_delete)
         self.login_user = parse(config.login_failure_limit)
         self.login_ip = parse(config.login_failure_limit_per_ip)
         self.signup_ip = parse(config.signup_limit_per_ip)
 
     def check_submission(self, user_id: int) -> None:
         self._hit(self.submit, ("submit", str(user_id)), 1, "Too many submissions")
+
+    def check_deletion(self, user_id: int) -> None:
+        self._hit(self.delete, ("delete", str(user_id)), 1, "Too many deletions")
 
     def check_signup(self) -> None:
         address = request.remote_addr or "unknown"

@@ -33,6 +33,7 @@ from shared.config import BUILTIN_MODELS, TRAINED_MODEL_FILE, TRAINED_MODEL_NAME
 from shared.errors import (
     Conflict,
     NotAnImage,
+    NotFound,
     PayloadTooLarge,
     ServiceUnavailable,
     UnsupportedMediaType,
@@ -374,6 +375,8 @@ def wait_for(job_id: str, timeout_s: float) -> Job:
         job = session.get(Job, job_id)
         # Never hold a transaction while waiting: SQLite would keep the worker from writing.
         session.commit()
+        if job is None:  # deleted (DELETE /v1/jobs/{id}) the moment it finished
+            raise NotFound("No such job.", code="job_not_found")
         latest[:] = [job]
         return JobStatus(job.status).is_terminal()
 

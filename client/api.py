@@ -162,6 +162,12 @@ class Client:
             )
         return self._json(resp)
 
+    def delete_job(self, job_id: str) -> None:
+        self._request("DELETE", f"/v1/jobs/{job_id}")
+
+    def delete_batch(self, batch_id: str) -> None:
+        self._request("DELETE", f"/v1/batches/{batch_id}")
+
     def get_job(self, job_id: str, wait_s: int = 0) -> dict:
         params = {"wait": wait_s} if wait_s else None
         resp = self._request("GET", f"/v1/jobs/{job_id}", params=params, wait_s=wait_s)

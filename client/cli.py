@@ -1,4 +1,4 @@
-"""Command line: ``python -m client {submit,wait,retry,classify}``.
+"""Command line: ``python -m client {submit,wait,retry,classify,delete}``.
 
 Exit codes are part of the interface (scripts branch on them), so every failure
 goes through :func:`exit_code_for` or a command's explicit return:
@@ -164,6 +164,17 @@ def build_parser() -> argparse.ArgumentParser:
     model_flags(p)
     p.add_argument("--json", action="store_true", help="print the job as JSON")
     p.set_defaults(handler=cmd_classify)
+
+    p = sub.add_parser(
+        "delete",
+        parents=[common],
+        help="delete a finished job or batch",
+        description="Delete a finished job, or an ended batch with all its jobs, at once "
+        "(results, inputs, webhook events). Tokens are not refunded: the ledger keeps "
+        "the charges.",
+    )
+    p.add_argument("target_id", metavar="JOB_OR_BATCH_ID")
+    p.set_defaults(handler=cmd_delete)
     return parser
 
 
@@ -367,6 +378,29 @@ def cmd_classify(args: argparse.Namespace) -> int:
         console = Console(highlight=False)
         console.print(predictions_table(job))
         console.print(f"job {job['id']} · {job.get('model')}", style="dim", markup=False)
+    return ExitCode.OK
+
+
+# --- deleting -------------------------------------------------------------------------
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    """A job id or a batch id: both are UUIDs, so ask for the job first, then the batch."""
+    client = make_client(args)
+    try:
+        client.delete_job(args.target_id)
+        kind = "job"
+    except ApiError as exc:
+        if exc.code != "job_not_found":
+            raise  # job_not_finished, job_in_batch: the message says what to do
+        try:
+            client.delete_batch(args.target_id)
+        except ApiError as batch_exc:
+            if batch_exc.code != "batch_not_found":
+                raise
+            raise ApiError(404, "not_found", f"no job or batch {args.target_id} of yours") from None
+        kind = "batch"
+    print(f"deleted {kind} {args.target_id}")
     return ExitCode.OK
 
 

@@ -15,13 +15,15 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from shared import webhook_events
+from shared import jobs, webhook_events
 from shared.jobs import iso
 from shared.models import Batch, Job, utcnow
-from shared.status import ACTIVE, JobStatus
+from shared.status import ACTIVE, TERMINAL, JobStatus
+
+ACTIVE_VALUES = [s.value for s in ACTIVE]
 
 
 def counts(session: Session, batch_id: str) -> dict[str, int]:
@@ -67,7 +69,7 @@ def complete_finished(session: Session, batch_ids: Iterable[str]) -> list[str]:
     workers ending a batch's last two jobs at once cannot both miss the completion.
     """
     events = []
-    active = [s.value for s in ACTIVE]
+    active = ACTIVE_VALUES
     for batch_id in sorted(set(b for b in batch_ids if b)):
         batch = session.execute(
             select(Batch).where(Batch.id == batch_id).with_for_update()
@@ -124,3 +126,34 @@ def undo_reopen(session: Session, batch: Batch, completed_at: datetime | None) -
     batch.completed_at = completed_at
     batch.retries -= 1
     session.flush()
+
+
+def delete_ended(
+    session: Session, batch_id: str, chunk: int | None = None, with_events: bool = True
+) -> bool:
+    """Delete an ended batch (``completed_at`` set: all its jobs are final) and its jobs.
+
+    Without ``chunk`` all goes at once. With it, at most that many jobs go in this call
+    and the batch row only once none is left: the caller commits and calls again while
+    this returns False, so a 10,000-job batch never holds its locks in one long
+    transaction. True: done (the batch is gone, or was not deletable). ``with_events``
+    as in ``jobs.delete_finished``. The caller commits.
+    """
+    which = Job.batch_id == batch_id
+    if chunk:  # by id: a DELETE cannot take a LIMIT on both databases
+        final = Job.status.in_([s.value for s in TERMINAL])
+        which = Job.id.in_(list(session.scalars(select(Job.id).where(which, final).limit(chunk))))
+    deleted = jobs.delete_finished(session, which, with_events=with_events)
+    if deleted and chunk:
+        return False
+    if with_events:
+        webhook_events.forget(session, batch_ids=[batch_id])
+    # Never with an active job left (the FK would cascade to it): completed_at says
+    # there is none, and the DELETE checks it again.
+    active = select(Job.id).where(Job.batch_id == batch_id, Job.status.in_(ACTIVE_VALUES))
+    session.execute(
+        delete(Batch)
+        .where(Batch.id == batch_id, Batch.completed_at.is_not(None), ~active.exists())
+        .execution_options(synchronize_session=False)
+    )
+    return True

@@ -47,6 +47,8 @@ class Config:
     signup_tokens: int = 5
     # Rate limits, in the ``limits`` notation ("N per second|minute|hour", "N/5minutes").
     rate_limit_submit: str = "20/second"
+    # DELETE /v1/jobs/{id} and /v1/batches/{id} per user: free, and a batch is many rows.
+    rate_limit_delete: str = "20/second"
     login_failure_limit: str = "10/5minutes"
     login_failure_limit_per_ip: str = "100/5minutes"
     # Accounts created per client address (each comes with SIGNUP_TOKENS free tokens).
@@ -109,6 +111,12 @@ class Config:
     # (workers write one every WORKER_DEAD_AFTER_S / 4); 0: reported, not judged.
     ready_heartbeat_max_age_s: int = 60
 
+    # Retention (worker/retention.py): finished work older than this is purged, the
+    # ledger never. Fractions allowed (the soak keeps one minute); 0: keep forever.
+    retention_days: float = 30.0
+    retention_interval_s: float = 600.0
+    retention_chunk: int = 1000  # rows per purge transaction, so no lock is held long
+
     # Inference runtime (worker/models/runtimes.py): auto, keras or openvino.
     runtime: str = "auto"
     runtime_cache_dir: str = "var/runtime-cache"  # compiled models and accuracy-gate records
@@ -141,6 +149,10 @@ class Config:
         # Redis redelivers a dead worker's messages after the visibility timeout; only
         # a job still unfinished well after that has really lost its message.
         return self.stale_processing_s or self.visibility_timeout_s + 120
+
+    @property
+    def retention_s(self) -> float:
+        return self.retention_days * 86400
 
     @property
     def webhook_schedule(self) -> tuple[float, ...]:
@@ -179,6 +191,10 @@ class Config:
             )
         if self.worker_dead_after_s <= 0 or self.reconcile_interval_s <= 0:
             raise ValueError("WORKER_DEAD_AFTER_S and RECONCILE_INTERVAL_S must be > 0")
+        if self.retention_days < 0 or self.retention_interval_s <= 0 or self.retention_chunk < 1:
+            raise ValueError(
+                "RETENTION_DAYS must be >= 0, RETENTION_INTERVAL_S > 0 and RETENTION_CHUNK >= 1"
+            )
         if self.broker_delivery_limit < 1:
             raise ValueError("BROKER_DELIVERY_LIMIT must be >= 1")
         if self.worker_pool not in WORKER_POOLS:

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from shared import ledger, webhook_events
 from shared.models import NULLABLE_JSON, Job, as_utc, utcnow
-from shared.status import ACTIVE, JobStatus
+from shared.status import ACTIVE, TERMINAL, JobStatus
 
 
 def iso(dt: datetime | None) -> str | None:
@@ -285,3 +285,27 @@ def withdraw_requeued(
             ],
         )
     return back
+
+
+def delete_finished(
+    session: Session, *where: ColumnElement[bool], with_events: bool = True
+) -> list[str]:
+    """Delete the matching jobs that have ended; returns the ids deleted.
+
+    Only a terminal job goes: nothing changes it any more, so no worker can be writing
+    it. The ledger keeps its rows, and their job ids (the account's history).
+    ``with_events`` (a user's DELETE) also drops the jobs' webhook events, delivered or
+    not; retention leaves them to be purged by their own age, once delivered. The
+    caller commits.
+    """
+    removed = list(
+        session.scalars(
+            delete(Job)
+            .where(*where, Job.status.in_([s.value for s in TERMINAL]))
+            .returning(Job.id)
+            .execution_options(synchronize_session=False)
+        )
+    )
+    if with_events:
+        webhook_events.forget(session, job_ids=removed)
+    return removed

@@ -157,6 +157,8 @@ class Job(Base):
         Index("ix_jobs_batch_status", "batch_id", "status"),
         # NULLs are distinct on both backends: lines without a custom_id never collide.
         Index("uq_jobs_batch_custom_id", "batch_id", "custom_id", unique=True),
+        # Retention finds old finished single jobs (batch_id IS NULL) without a scan.
+        Index("ix_jobs_batch_completed", "batch_id", "completed_at"),
     )
 
 
@@ -164,7 +166,10 @@ class Batch(Base):
     """A bulk submission: N URL jobs charged together. Counts are derived from its jobs."""
 
     __tablename__ = "batches"
-    __table_args__ = (Index("ix_batches_user_created", "user_id", "created_at"),)
+    __table_args__ = (
+        Index("ix_batches_user_created", "user_id", "created_at"),
+        Index("ix_batches_completed_at", "completed_at"),  # retention
+    )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
@@ -191,6 +196,7 @@ class WebhookEvent(Base):
             "batch_id", "event_type", "batch_retry", name="uq_webhook_events_batch_type_retry"
         ),
         Index("ix_webhook_events_due", "status", "next_attempt_at"),
+        Index("ix_webhook_events_completed_at", "completed_at"),  # retention
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -230,7 +236,10 @@ class IdempotencyRecord(Base):
     """The first response to a charging POST, replayed for a repeat of the same key."""
 
     __tablename__ = "idempotency_keys"
-    __table_args__ = (UniqueConstraint("user_id", "key", name="uq_idempotency_keys_user_key"),)
+    __table_args__ = (
+        UniqueConstraint("user_id", "key", name="uq_idempotency_keys_user_key"),
+        Index("ix_idempotency_keys_created_at", "created_at"),  # retention
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))

@@ -14,11 +14,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from celery import Celery
+from sqlalchemy import ColumnElement, delete, or_
 from sqlalchemy.orm import Session
 
 from shared.config import Config
 from shared.models import WebhookEvent
 from shared.queue import enqueue_webhooks
+from shared.status import WebhookEventStatus
 
 log = logging.getLogger(__name__)
 
@@ -70,3 +72,30 @@ def dispatch(app: Celery, config: Config, event_ids: Sequence[str]) -> None:
         log.warning(
             "could not enqueue %d webhook event(s), the sweep will: %r", len(event_ids), exc
         )
+
+
+def forget(session: Session, job_ids: Sequence[str] = (), batch_ids: Sequence[str] = ()) -> int:
+    """Delete the events of these jobs and batches, with their attempts; returns how many.
+
+    An event being delivered right now stays (its attempt row is about to be written);
+    retention purges it once it has ended. One not yet delivered is dropped: what it
+    reports was deleted. The caller commits.
+    """
+    owner = or_(WebhookEvent.job_id.in_(list(job_ids)), WebhookEvent.batch_id.in_(list(batch_ids)))
+    return _delete_settled(session, owner)
+
+
+def delete_events(session: Session, event_ids: Sequence[str]) -> int:
+    """Delete these events unless one is being delivered; returns how many went."""
+    return _delete_settled(session, WebhookEvent.id.in_(list(event_ids))) if event_ids else 0
+
+
+def _delete_settled(session: Session, which: ColumnElement[bool]) -> int:
+    # The attempts go with their event in the same statement (ON DELETE CASCADE, on
+    # SQLite too: shared/db.py turns foreign keys on), and the status check is in the
+    # DELETE itself, so a delivery claiming the event meanwhile keeps it whole.
+    return session.execute(
+        delete(WebhookEvent)
+        .where(which, WebhookEvent.status != WebhookEventStatus.DELIVERING.value)
+        .execution_options(synchronize_session=False)
+    ).rowcount

@@ -27,7 +27,7 @@ from shared.queue import (
     service_queue,
 )
 from shared.redis_client import make_redis
-from worker import liveness, pipeline, reconciler
+from worker import liveness, pipeline, reconciler, retention
 from worker.batching import ContinuousBatches
 from worker.runtime import Runtime
 
@@ -138,6 +138,7 @@ def _start_threads(sender=None, **_kwargs) -> None:
     # In the main process: pool processes come and go, these threads stay.
     for target, args in (
         (reconciler.run_forever, (config, _stop_reconciler)),
+        (retention.run_forever, (config, _stop_reconciler)),
         (_heartbeat, (_stop_reconciler, _worker_id)),
     ):
         threading.Thread(target=target, args=args, daemon=True, name=target.__name__).start()

@@ -1,4 +1,4 @@
-"""Bulk batches: many URLs in one request, with progress, streamed results and cancel."""
+"""Bulk batches: many URLs in one request, with progress, streamed results, cancel, delete."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from api.bulk import (
 )
 from api.errors import invalid_body
 from api.pagination import page
+from api.ratelimit import limits
 from api.routes.jobs import after_cancel, idempotency_key
 from api.services import db, services
 from api.submission import checked_model
@@ -243,9 +244,7 @@ def _csv_lines(rows: Iterator[dict]) -> Iterator[str]:
 def cancel_batch(batch_id: str):
     """Cancel the jobs that have not started (refunded); running ones finish."""
     session = db()
-    batch = batches.lock(session, batch_id)
-    if batch is None or batch.user_id != g.user.id:
-        raise NotFound("No such batch.", code="batch_not_found")
+    batch = _locked(session, batch_id)
     if batch.completed_at is not None or batch.canceled_at is not None:
         raise Conflict("The batch has already ended.", code="batch_not_cancelable")
     canceled = jobs.cancel_queued(session, batch.user_id, Job.batch_id == batch.id)
@@ -268,3 +267,35 @@ def retry_failed(args: dict, batch_id: str):
     """Re-queue the lines that failed (optionally only some error codes); one token each."""
     status, body = retry_batch(g.user, batch_id, args.get("error_codes") or [], idempotency_key())
     return body, status
+
+
+def _locked(session, batch_id: str) -> Batch:
+    """The caller's batch, locked until the commit (cancel, retry and delete never interleave)."""
+    batch = batches.lock(session, batch_id)
+    if batch is None or batch.user_id != g.user.id:
+        raise NotFound("No such batch.", code="batch_not_found")
+    return batch
+
+
+@blp.route("/<batch_id>", methods=["DELETE"])
+@login_required
+@blp.response(204, description="Deleted, with all its jobs and webhook events")
+@blp.alt_response(404, schema=schemas.ErrorSchema, description="batch_not_found")
+@blp.alt_response(409, schema=schemas.ErrorSchema, description="batch_running")
+@blp.alt_response(429, schema=schemas.ErrorSchema, description="rate_limited (RATE_LIMIT_DELETE)")
+def delete_batch(batch_id: str):
+    """Delete an ended batch and all its jobs at once; the ledger keeps their charges."""
+    limits().check_deletion(g.user.id)
+    session = db()
+    batch = _locked(session, batch_id)
+    if batch.completed_at is None:
+        first = (
+            "" if batch.canceled_at else f"cancel it first (POST /v1/batches/{batch_id}/cancel), "
+        )
+        raise Conflict(
+            f"The batch is still running; {first}wait until its running jobs have finished "
+            "(its completed_at is then set), then delete it.",
+            code="batch_running",
+        )
+    batches.delete_ended(session, batch_id)
+    session.commit()

@@ -1,7 +1,8 @@
-"""Classification jobs: submit by URL or upload, read (with long-poll), list, cancel."""
+"""Classification jobs: submit by URL or upload, read (with long-poll), list, cancel, delete."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import marshmallow as ma
@@ -13,6 +14,7 @@ from api import schemas
 from api.auth import login_required, owned
 from api.errors import invalid_body
 from api.pagination import page
+from api.ratelimit import limits
 from api.services import db, services
 from api.submission import build_request, submit, wait_within_caps
 from api.waits import PROCESS_LIMIT, SKIPPED_HEADER, USER_LIMIT
@@ -207,3 +209,38 @@ def after_cancel(job_ids: list[str], event_ids: list[str]) -> None:
         events.publish_done(svc.redis, svc.config, job_ids)
     except Exception:  # waiters re-check SQL; an upload's TTL removes it
         pass
+
+
+@blp.route("/<job_id>", methods=["DELETE"])
+@login_required
+@blp.response(204, description="Deleted, with its input, result and webhook events")
+@blp.alt_response(404, schema=schemas.ErrorSchema, description="job_not_found")
+@blp.alt_response(409, schema=schemas.ErrorSchema, description="job_not_finished, job_in_batch")
+@blp.alt_response(429, schema=schemas.ErrorSchema, description="rate_limited (RATE_LIMIT_DELETE)")
+def delete_job(job_id: str):
+    """Delete a finished job at once; its charge and refund stay in the ledger."""
+    limits().check_deletion(g.user.id)
+    job = owned(Job, job_id, "job")
+    if job.batch_id is not None:
+        # A batch's counts are its jobs: one job less would make them lie.
+        raise Conflict(
+            f"The job belongs to batch {job.batch_id}; delete the whole batch "
+            f"(DELETE /v1/batches/{job.batch_id}).",
+            code="job_in_batch",
+        )
+    session = db()
+    if not jobs.delete_finished(session, Job.id == job_id):
+        session.rollback()
+        raise Conflict(
+            f"The job is {job.status}; cancel it first (POST /v1/jobs/{job_id}/cancel) "
+            "or wait until it has finished, then delete it.",
+            code="job_not_finished",
+        )
+    session.commit()
+    _forget_upload(job_id)
+
+
+def _forget_upload(job_id: str) -> None:
+    # Best effort: SQL already says the job is gone, and the upload's TTL removes it anyway.
+    with contextlib.suppress(Exception):
+        services().uploads.delete(job_id)

@@ -229,3 +229,52 @@ def test_queued_batch_jobs_have_sql_null_results(api_stack, size):
             )
         )
     assert nulls == size  # SQL NULL, not a JSON 'null', whichever way the rows went in
+
+
+def test_a_running_batch_is_canceled_before_it_is_deleted(api_stack):
+    client = api_stack.client()
+    user = support.new_user(client)
+    h = user["headers"]
+    urls = [f"https://example.com/{i}.jpg" for i in range(3)]
+    batch = client.post("/v1/batches", json={"urls": urls}, headers=h).get_json()
+    refused = client.delete(f"/v1/batches/{batch['id']}", headers=h)
+    assert refused.status_code == 409
+    error = refused.get_json()["error"]
+    assert error["code"] == "batch_running" and "/cancel" in error["message"]
+    other = support.new_user(client)
+    assert client.delete(f"/v1/batches/{batch['id']}", headers=other["headers"]).status_code == 404
+    # No worker here: every job was still queued, so the cancel ends the batch.
+    assert client.post(f"/v1/batches/{batch['id']}/cancel", headers=h).status_code == 200
+    assert client.delete(f"/v1/batches/{batch['id']}", headers=h).status_code == 204
+    assert client.get(f"/v1/batches/{batch['id']}", headers=h).status_code == 404
+    assert client.get("/v1/jobs", headers=h).get_json()["items"] == []
+
+
+def test_a_finished_batch_is_deleted_with_its_jobs_and_the_ledger_stays(
+    stack, rich_user, photo_server
+):
+    client = stack.client()
+    urls = [photo_server.url("dog.jpg") + f"?d{i}" for i in range(3)]
+    batch = client.post("/v1/batches", json={"urls": urls}, headers=rich_user["headers"]).get_json()
+    _finished(client, rich_user, batch["id"])
+    listed = client.get("/v1/jobs", headers=rich_user["headers"]).get_json()["items"]
+    job_ids = [j["id"] for j in listed if j["batch_id"] == batch["id"]]
+    assert len(job_ids) == 3
+    before = _balance(stack, rich_user["username"])
+    resp = client.delete(f"/v1/batches/{batch['id']}", headers=rich_user["headers"])
+    assert resp.status_code == 204
+    assert client.get(f"/v1/batches/{batch['id']}", headers=rich_user["headers"]).status_code == 404
+    results = client.get(f"/v1/batches/{batch['id']}/results", headers=rich_user["headers"])
+    assert results.status_code == 404
+
+    from api.services import services
+
+    with stack.app.app_context(), services().sessions() as session:
+        assert not session.scalars(select(Job).where(Job.batch_id == batch["id"])).all()
+        charged = session.scalars(
+            select(LedgerEntry.job_id).where(
+                LedgerEntry.job_id.in_(job_ids), LedgerEntry.reason == "charge"
+            )
+        ).all()
+    assert sorted(charged) == sorted(job_ids)  # the charges keep the ids of jobs now gone
+    assert _balance(stack, rich_user["username"]) == before

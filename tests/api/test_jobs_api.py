@@ -12,7 +12,7 @@ from werkzeug.serving import make_server
 from api import create_app
 from api.services import services
 from shared import ledger
-from shared.models import Job, User
+from shared.models import Job, LedgerEntry, User, WebhookEvent
 from tests import support
 
 URL = "http://images.example.com/dog.jpg"
@@ -239,3 +239,56 @@ def test_an_idempotency_key_is_free_again_after_its_ttl(api_stack):
     second = client.post("/v1/jobs", json={"url": URL}, headers=h).get_json()
     assert first["id"] != second["id"]
     assert _balance_and_ledger(forgetful, user["username"]) == (3, 3)
+
+
+def _ledger_job_ids(app, username: str) -> list[str]:
+    with app.app_context(), services().sessions() as session:
+        user_id = session.scalars(select(User.id).where(User.username == username)).one()
+        rows = session.scalars(select(LedgerEntry.job_id).where(LedgerEntry.user_id == user_id))
+        return sorted(j for j in rows if j)
+
+
+def _events_of(app, job_id: str) -> int:
+    with app.app_context(), services().sessions() as session:
+        return session.scalar(
+            select(func.count()).select_from(WebhookEvent).where(WebhookEvent.job_id == job_id)
+        )
+
+
+def test_delete_refuses_an_unfinished_job_then_removes_it_and_keeps_the_ledger(
+    client, user, api_stack
+):
+    h = user["headers"]
+    job = client.post(
+        "/v1/jobs", json={"url": URL, "webhook": "http://hooks.example.com/x"}, headers=h
+    ).get_json()
+    refused = client.delete(f"/v1/jobs/{job['id']}", headers=h)
+    assert refused.status_code == 409
+    error = refused.get_json()["error"]
+    assert error["code"] == "job_not_finished" and "/cancel" in error["message"]
+    assert client.get(f"/v1/jobs/{job['id']}", headers=h).status_code == 200  # unchanged
+
+    other = support.new_user(client)
+    assert client.delete(f"/v1/jobs/{job['id']}", headers=other["headers"]).status_code == 404
+    assert client.post(f"/v1/jobs/{job['id']}/cancel", headers=h).status_code == 200
+    assert _events_of(api_stack.app, job["id"]) == 1  # job.completed, owed to the webhook
+    ledger_before = _ledger_job_ids(api_stack.app, user["username"])
+
+    resp = client.delete(f"/v1/jobs/{job['id']}", headers=h)
+    assert resp.status_code == 204 and resp.get_data() == b""
+    assert client.get(f"/v1/jobs/{job['id']}", headers=h).status_code == 404
+    assert client.delete(f"/v1/jobs/{job['id']}", headers=h).status_code == 404
+    assert _events_of(api_stack.app, job["id"]) == 0
+    # The charge and the refund stay, with the id of the job that is gone.
+    assert _ledger_job_ids(api_stack.app, user["username"]) == ledger_before == [job["id"]] * 2
+    assert _balance_and_ledger(api_stack.app, user["username"]) == (5, 5)
+
+
+def test_delete_of_a_batch_job_points_at_the_batch(client, user):
+    batch = client.post("/v1/batches", json={"urls": [URL]}, headers=user["headers"]).get_json()
+    client.post(f"/v1/batches/{batch['id']}/cancel", headers=user["headers"])
+    job_id = client.get("/v1/jobs", headers=user["headers"]).get_json()["items"][0]["id"]
+    resp = client.delete(f"/v1/jobs/{job_id}", headers=user["headers"])
+    assert resp.status_code == 409
+    error = resp.get_json()["error"]
+    assert error["code"] == "job_in_batch" and f"/v1/batches/{batch['id']}" in error["message"]

@@ -1,4 +1,4 @@
-"""Rate limits on submissions and on password guessing (counted in the real Redis)."""
+"""Rate limits on submissions, deletions and password guessing (counted in the real Redis)."""
 
 from api import create_app
 from tests import support
@@ -21,6 +21,16 @@ def test_submissions_beyond_the_limit_are_429_and_free(api_stack):
     assert client.get("/v1/me", headers=user["headers"]).get_json()["tokens"] == 2
     other = support.new_user(client)  # limits are per user
     assert client.post("/v1/jobs", json={"url": URL}, headers=other["headers"]).status_code == 202
+
+
+def test_deletions_beyond_the_limit_are_429(api_stack):
+    app = create_app(api_stack.config.replace(rate_limit_delete="2/minute"))
+    client = app.test_client()
+    user = support.new_user(client)
+    codes = [
+        client.delete("/v1/jobs/no-such-job", headers=user["headers"]).status_code for _ in range(3)
+    ]
+    assert codes == [404, 404, 429]  # a miss costs a lookup too, so it counts
 
 
 def test_password_guessing_is_slowed_down(api_stack):

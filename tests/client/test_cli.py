@@ -395,3 +395,22 @@ def test_ctrl_c_while_waiting_says_how_to_resume(api_stack, photo_server, tmp_pa
     assert resume in err
     assert user["key"] not in err
     assert out == ""
+
+
+def test_delete_takes_a_job_or_a_batch_id(stack, live, live_user, photo_server):
+    _refill(stack, live_user["username"], 5)
+    key, url = live_user["key"], photo_server.url("parrot.jpg")
+    job = json.loads(run_client(live, key, "classify", url, "--json").stdout)
+    batch_id = run_client(live, key, "submit", "-", stdin=url + "?b\n").stdout.strip()
+    assert run_client(live, key, "wait", batch_id).returncode == 0
+
+    for kind, target in (("job", job["id"]), ("batch", batch_id)):
+        result = run_client(live, key, "delete", target)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == f"deleted {kind} {target}"
+    gone = run_client(live, key, "delete", job["id"])
+    assert gone.returncode == ExitCode.API and "no job or batch" in gone.stderr
+    assert (
+        requests.get(f"{live}/v1/me", headers=live_user["headers"], timeout=10).json()["tokens"]
+        == 5 + 5 - 2
+    )  # deleting refunds nothing

@@ -53,3 +53,9 @@ def test_the_decode_budget_must_hold_the_largest_accepted_image():
     with pytest.raises(ValueError, match="DECODE_BUDGET_PIXELS must be >= MAX_IMAGE_PIXELS"):
         Config.from_env({"DECODE_BUDGET_PIXELS": "30000000", "MAX_IMAGE_PIXELS": "40000000"})
     assert Config.from_env({"DECODE_BUDGET_PIXELS": "40000000"}).decode_budget_pixels == 40_000_000
+
+
+def test_retention_takes_fractions_of_a_day_and_refuses_a_negative_one():
+    assert Config.from_env({"RETENTION_DAYS": str(60 / 86400)}).retention_s == pytest.approx(60)
+    with pytest.raises(ValueError, match="RETENTION_DAYS"):
+        Config.from_env({"RETENTION_DAYS": "-1"})

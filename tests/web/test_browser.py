@@ -295,6 +295,10 @@ def test_bulk_batch_with_live_progress_downloads_and_history(sessions, live, pho
     expect(page.locator("#job-badge")).to_have_text("Succeeded")
     expect(page.locator("#bars li").first).to_have_attribute("data-label", "hotdog")
     s.shot("24-job")
+    page.get_by_role("button", name="Delete job").click()  # the confirm() is accepted
+    expect(page).to_have_url(re.compile(r"/app/history$"))
+    expect(page.get_by_text("No images yet.")).to_be_visible()
+    expect(page.locator("#token-balance")).to_have_text("15 tokens")  # nothing refunded
 
 
 def test_json_lines_batch_shows_custom_ids_and_retries_a_failed_line(sessions, live, photo_server):
@@ -389,6 +393,12 @@ def test_queued_work_cancel_and_running_out_of_tokens(sessions, idle, photo_serv
     expect(page.get_by_role("button", name="Cancel batch")).to_be_hidden()
     expect(balance).to_have_text("4 tokens")
     s.shot("33-batch-canceled")
+    page.get_by_role("button", name="Delete batch").click()  # the confirm() is accepted
+    expect(page).to_have_url(re.compile(r"/app/history$"))
+    expect(page.get_by_text("No batches yet.")).to_be_visible()
+    page.get_by_role("link", name=photo_server.url("eagle.jpg")).click()
+    expect(page.locator("#job-badge")).to_have_text("Queued")
+    expect(page.get_by_role("button", name="Delete job")).to_be_hidden()  # not finished
 
     page.get_by_role("link", name="Bulk").click()
     textarea.fill("\n".join(photo_server.url(n) for n in BULK_PHOTOS[:4]))

@@ -137,6 +137,22 @@ def test_the_pages_call_v1_with_the_session_and_csrf_header(web, member):
     assert resp.status_code == 201
 
 
+def test_a_single_job_and_a_batch_offer_delete_with_the_csrf_header(web, member):
+    token = {"X-CSRF-Token": csrf_of(web.get("/app/account"))}
+    url = "http://images.example.com/a.jpg"
+    job = web.post("/v1/jobs", json={"url": url}, headers=token).get_json()
+    batch = web.post("/v1/batches", json={"urls": [url]}, headers=token).get_json()
+    batch_job = next(j for j in web.get("/v1/jobs").get_json()["items"] if j["batch_id"])
+    assert 'id="delete-job"' in web.get(f"/app/jobs/{job['id']}").get_data(as_text=True)
+    # A batch's job goes with its batch: its page offers no delete of its own.
+    assert 'id="delete-job"' not in web.get(f"/app/jobs/{batch_job['id']}").get_data(as_text=True)
+    assert 'id="delete-batch"' in web.get(f"/app/batches/{batch['id']}").get_data(as_text=True)
+    assert web.post(f"/v1/jobs/{job['id']}/cancel", headers=token).status_code == 200
+    resp = web.delete(f"/v1/jobs/{job['id']}")
+    assert resp.status_code == 403 and resp.get_json()["error"]["code"] == "csrf_failed"
+    assert web.delete(f"/v1/jobs/{job['id']}", headers=token).status_code == 204
+
+
 def test_admin_page_is_for_admins_only(web, app, member):
     resp = web.get("/app/admin")
     assert resp.status_code == 403 and "Administrators only" in resp.get_data(as_text=True)

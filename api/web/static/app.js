@@ -154,6 +154,12 @@
         return "This batch has already finished, so there is nothing left to cancel.";
       case "job_not_cancelable":
         return "This job has already started, so it can’t be canceled.";
+      case "job_not_finished":
+        return "This job hasn’t finished yet. Cancel it or wait for it to finish, then delete it.";
+      case "job_in_batch":
+        return "This image is part of a batch. Delete the whole batch from its page.";
+      case "batch_running":
+        return "Some images of this batch are still being classified. Cancel the batch or wait for them to finish, then delete it.";
       case "validation_error": {
         const fields = details.fields || {};
         const parts = Object.entries(fields).map(
@@ -264,6 +270,19 @@
     area.remove();
   }
 
+  // DELETE a finished job or batch after the user confirms, then go to the history.
+  async function deleteAndLeave(button, path, question, messageEl) {
+    if (!window.confirm(question)) return;
+    button.disabled = true;
+    try {
+      await api(path, { method: "DELETE" });
+      window.location.assign("/app/history");
+    } catch (err) {
+      showMessage(messageEl, friendly(err), "error");
+      button.disabled = false;
+    }
+  }
+
   document.addEventListener("click", async (event) => {
     const button = event.target.closest("button[data-copy]");
     if (!button) return;
@@ -300,5 +319,6 @@
     localTime,
     localizeTimes,
     make,
+    deleteAndLeave,
   };
 })();

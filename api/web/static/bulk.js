@@ -143,6 +143,7 @@
     const retry = el("retry-failed");
     retry.hidden = b.status === "canceled" || c.failed === 0;
     retry.textContent = `Retry ${plural(c.failed, "failed image")}`;
+    el("delete-batch").hidden = !ended(b);
     view.classList.toggle("is-running", !ended(b));
   }
 
@@ -326,6 +327,14 @@
       button.disabled = false;
     }
   });
+  el("delete-batch").addEventListener("click", () =>
+    window.imgclf.deleteAndLeave(
+      el("delete-batch"),
+      `/v1/batches/${encodeURIComponent(id)}`,
+      "Delete this batch? All its results are removed for good. Tokens are not refunded.",
+      el("batch-message"),
+    ),
+  );
 
   renderProgress(batch);
   poll();

@@ -105,12 +105,25 @@
       renderJob(current);
     }
     if (form) refreshBalance();
+    return current;
   }
 
   // --- the job page --------------------------------------------------------------
 
   if (jobView) {
-    follow(JSON.parse(jobView.dataset.job));
+    const job = JSON.parse(jobView.dataset.job);
+    const remove = document.getElementById("delete-job"); // absent for a batch's job
+    follow(job).then((done) => {
+      if (remove && done && FINAL.has(done.status)) remove.hidden = false;
+    });
+    remove?.addEventListener("click", () =>
+      window.imgclf.deleteAndLeave(
+        remove,
+        `/v1/jobs/${encodeURIComponent(job.id)}`,
+        "Delete this job? Its image and result are removed for good. Tokens are not refunded.",
+        document.getElementById("delete-message"),
+      ),
+    );
     return;
   }
   if (!form) return;

@@ -1,0 +1,178 @@
+"""Retention: finished work older than ``RETENTION_DAYS`` is purged; the ledger is kept.
+
+Every ``RETENTION_INTERVAL_S`` one worker of the cluster (a Redis lock of its own
+elects it) deletes:
+
+- single jobs that ended (succeeded, failed, canceled) before the cutoff;
+- batches that ended (``completed_at``: all their jobs are final) before the
+  cutoff, with all their jobs: a batch's counts are its jobs, so they go together;
+- webhook events whose delivery ended (delivered or given up) before the cutoff,
+  with their attempts. An event still to be delivered is never purged, even when
+  its job is: it carries its own copy of what it reports;
+- idempotency records past ``IDEMPOTENCY_TTL_S``: expired, they answer nothing.
+
+The token ledger is never purged: it is the account's history, and a row whose job
+is gone keeps its job id (it is no foreign key). Each transaction selects at most
+``RETENTION_CHUNK`` ids and deletes those by id (a DELETE takes no LIMIT on both
+databases), children before parents: a batch's jobs in chunks before the batch; an
+event's attempts (a handful) in the same statement as the event, by ON DELETE
+CASCADE. So no lock is held long, and the API and the workers keep writing between
+chunks. A pass stops after ``RETENTION_INTERVAL_S`` and
+the next one goes on where it stopped.
+
+``RETENTION_DAYS=0`` keeps everything. One-shot run: ``python -m worker.retention``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import redis
+from sqlalchemy import Select, delete, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared import batches, jobs, webhook_events
+from shared.config import Config
+from shared.db import make_engine, make_session_factory
+from shared.models import Batch, IdempotencyRecord, Job, WebhookEvent, utcnow
+from shared.redis_client import make_redis
+from shared.status import TERMINAL
+
+log = logging.getLogger(__name__)
+
+FINAL = [s.value for s in TERMINAL]
+
+
+@dataclass
+class Retention:
+    config: Config
+    sessions: sessionmaker[Session]
+
+    @classmethod
+    def build(cls, config: Config) -> Retention:
+        return cls(config, make_session_factory(make_engine(config)))
+
+    def run_once(self, budget_s: float = math.inf) -> dict[str, int]:
+        """One pass, for at most ``budget_s`` seconds; returns the rows purged per kind."""
+        if not self.config.retention_days:
+            return {}
+        now = utcnow()
+        cutoff = now - timedelta(seconds=self.config.retention_s)
+        deadline = time.monotonic() + budget_s
+        purged = {
+            "jobs": self._drain(self._old_jobs(cutoff), self._delete_jobs, deadline),
+            "batches": self._purge_batches(cutoff, deadline),
+            "webhook_events": self._drain(
+                select(WebhookEvent.id).where(WebhookEvent.completed_at < cutoff),
+                webhook_events.delete_events,
+                deadline,
+            ),
+            "idempotency_keys": self._drain(
+                select(IdempotencyRecord.id).where(
+                    IdempotencyRecord.created_at
+                    < now - timedelta(seconds=self.config.idempotency_ttl_s)
+                ),
+                _delete_idempotency,
+                deadline,
+            ),
+        }
+        if any(purged.values()):
+            log.info("retention: purged %s", ", ".join(f"{n} {k}" for k, n in purged.items()))
+        return purged
+
+    @staticmethod
+    def _old_jobs(cutoff: datetime) -> Select:
+        # A batch's jobs go with their batch only.
+        return select(Job.id).where(
+            Job.batch_id.is_(None), Job.completed_at < cutoff, Job.status.in_(FINAL)
+        )
+
+    @staticmethod
+    def _delete_jobs(session: Session, ids: Sequence[str]) -> int:
+        return len(jobs.delete_finished(session, Job.id.in_(list(ids)), with_events=False))
+
+    def _drain(
+        self,
+        ids: Select,
+        remove: Callable[[Session, Sequence], int],
+        deadline: float,
+    ) -> int:
+        """Delete what ``ids`` selects, a chunk per transaction, until none is left."""
+        total, chunk = 0, self.config.retention_chunk
+        while time.monotonic() < deadline:
+            with self.sessions() as session:
+                found = list(session.scalars(ids.limit(chunk)))
+                removed = remove(session, found) if found else 0
+                session.commit()
+            total += removed
+            if len(found) < chunk or not removed:  # the rest is younger, or not ours to delete
+                break
+        return total
+
+    def _purge_batches(self, cutoff: datetime, deadline: float) -> int:
+        ended = select(Batch.id).where(Batch.completed_at < cutoff)
+        purged = 0
+        while time.monotonic() < deadline:
+            with self.sessions() as session:
+                batch_ids = list(session.scalars(ended.limit(self.config.retention_chunk)))
+                session.commit()
+            for batch_id in batch_ids:
+                if self._purge_batch(batch_id, deadline):
+                    purged += 1
+            if len(batch_ids) < self.config.retention_chunk:
+                break
+        return purged
+
+    def _purge_batch(self, batch_id: str, deadline: float) -> bool:
+        """Its jobs a chunk per transaction, then the batch; False if time ran out first."""
+        while time.monotonic() < deadline:
+            with self.sessions() as session:
+                done = batches.delete_ended(
+                    session, batch_id, chunk=self.config.retention_chunk, with_events=False
+                )
+                session.commit()
+            if done:
+                return True
+        return False
+
+
+def _delete_idempotency(session: Session, ids: Sequence[int]) -> int:
+    return session.execute(
+        delete(IdempotencyRecord)
+        .where(IdempotencyRecord.id.in_(list(ids)))
+        .execution_options(synchronize_session=False)
+    ).rowcount
+
+
+def run_forever(config: Config, stop: threading.Event) -> None:
+    """The loop a worker runs in a daemon thread; one pass per interval cluster-wide."""
+    if not config.retention_days:
+        return
+    retention: Retention | None = None
+    client: redis.Redis | None = None
+    lock = f"{config.queue_prefix}:retention:lock"
+    while not stop.wait(config.retention_interval_s):
+        try:
+            retention = retention or Retention.build(config)
+            client = client or make_redis(config)
+            # Whoever sets the key first runs this interval's pass; it expires by itself,
+            # and the pass ends within the interval, so two never overlap for long.
+            if client.set(lock, "1", nx=True, ex=max(1, int(config.retention_interval_s))):
+                retention.run_once(budget_s=config.retention_interval_s)
+        except Exception as exc:  # never let the thread die: try again next interval
+            log.warning("retention pass failed: %r", exc)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level="INFO")
+    settings = Config.from_env()
+    if not settings.retention_days:
+        print("RETENTION_DAYS=0: everything is kept; nothing purged.")
+    else:
+        print(Retention.build(settings).run_once())
