@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -117,14 +118,23 @@ def post_worker_init(worker) -> None:
     gunicorn has a hook for SIGINT and SIGQUIT (``worker_int``) but none for
     SIGTERM, so its handlers are wrapped here, after it installed them.
     """
+    quitting = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         previous = signal.getsignal(sig)
         if callable(previous):
-            signal.signal(sig, _ending_waits(worker, previous))
+            signal.signal(sig, _ending_waits(worker, previous, quitting))
 
 
-def _ending_waits(worker, previous):
+def _ending_waits(worker, previous, quitting: threading.Event):
     def handler(signum, frame) -> None:
+        # Ctrl-C reaches the worker twice: SIGINT from the terminal, then SIGQUIT from
+        # the master. gunicorn's quit handler holds the thread pool's shutdown lock;
+        # the second signal, run inside the first handler, would wait for that lock
+        # forever, and the master SIGKILLs the worker. One quit is enough.
+        if quitting.is_set():
+            return
+        if signum != signal.SIGTERM:  # SIGTERM only starts a graceful stop: a quit may follow
+            quitting.set()
         services = getattr(worker.wsgi, "extensions", {}).get("imgclf")
         if services is not None:
             services.done.close()

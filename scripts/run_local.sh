@@ -70,9 +70,15 @@ start "classification worker" var/worker.log \
 start "webhook worker" var/webhooks.log \
   .venv/bin/celery -A worker.webhook_app worker --pool threads --concurrency 8 \
   --loglevel "${LOG_LEVEL:-INFO}"
+# gunicorn in a process group of its own (set -m): Ctrl-C reaches only this script,
+# whose SIGTERM then stops it gracefully. Otherwise its worker gets the terminal's
+# SIGINT and, at once, the master's SIGQUIT, and gunicorn's quit handler can
+# deadlock on its thread pool's lock (the master then SIGKILLs the worker).
+set -m
 start "API (gunicorn)" - env HOST="${HOST:-127.0.0.1}" \
   .venv/bin/gunicorn -c gunicorn.conf.py --workers "${API_WORKERS:-1}" \
   --threads "${API_THREADS:-32}" --graceful-timeout 10 'api.wsgi:app'
+set +m
 echo "workers started (logs in var/worker.log and var/webhooks.log; the API logs here)"
 echo "API on http://${HOST:-127.0.0.1}:${PORT:-5000}  (docs: /docs, spec: /openapi.json); Ctrl-C stops everything"
 
