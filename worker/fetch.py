@@ -296,4 +296,4 @@ def _socket_of(raw: urllib3.HTTPResponse) -> socket.socket | None:
         # With "Connection: close", http.client hands the socket to the response's file.
         return raw._fp.fp.raw._sock
     except AttributeError:
-        return None  # then a stalled read may overrun the deadline by one read timeout
+        return None  # then the watchdog alone ends a stalled read at the deadline
