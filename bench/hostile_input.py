@@ -1,4 +1,10 @@
-"""Issue #14 items 3 and 4, measured by hand on the real services (not part of run_all).
+"""Issue #14 items 2, 3 and 4, measured by hand on the real services (not part of run_all).
+
+- slow image hosts: one user submits ten URLs whose host drips its response headers a
+  byte a second (a thread of this process serves them), and once the worker has
+  started fetching them another user submits one ordinary photo URL; its
+  submit-to-done time, against the same job's on the idle worker, is the delay the
+  slow host causes (and the ten jobs' outcome: failed with fetch_failed, refunded);
 
 - decode memory: 12 uploads of a 6300 x 6300 16-bit grey PNG (about 80 KB each) reach
   one worker in one batch (BATCH_WAIT_MS lets the batch fill); the worker's RSS is
@@ -10,14 +16,18 @@
   their peak RSS rise; the same size of random bytes is the baseline of any upload
   that large, and the header check alone is timed in-process.
 
-``python -m bench.hostile_input [--quick]`` (quick: 4 PNGs, no API part).
+``python -m bench.hostile_input [--quick]`` (quick: 4 PNGs, no API part);
+``python -m bench.hostile_input slow`` runs the slow-host part alone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.server
 import random
 import statistics
+import sys
+import threading
 import time
 
 import requests
@@ -37,6 +47,81 @@ from tests import support
 
 PNGS = 12
 SIDE = 6300
+SLOW_URLS = 10
+
+
+class _DripHandler(http.server.BaseHTTPRequestHandler):
+    """Response headers one byte a second: no read ever times out, only a deadline helps."""
+
+    hits: list[str] = []
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        type(self).hits.append(self.path)
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nX-Pad: " + b"x" * 300
+        with contextlib.suppress(OSError):  # the worker hung up
+            for byte in head:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(1)
+
+
+def _done_after(stack, user: dict, url: str) -> float:
+    start = time.monotonic()
+    resp = requests.post(
+        f"{stack.api.url}/v1/jobs", json={"url": url}, headers=user["headers"], timeout=60
+    )
+    resp.raise_for_status()
+    wait_done(stack.dsn, "user_id = %s", (user["id"],), 1, timeout=600, interval=0.02)
+    return time.monotonic() - start
+
+
+def slow_hosts() -> dict:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _DripHandler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    drip = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with ServiceStack() as stack:
+            photo = stack.urls(3)
+            idle = [_done_after(stack, stack.user(1), url) for url in photo[:2]]
+            attacker = stack.user(SLOW_URLS)
+            start = time.monotonic()
+            for i in range(SLOW_URLS):
+                requests.post(
+                    f"{stack.api.url}/v1/jobs",
+                    json={"url": f"{drip}/slow{i}.jpg"},
+                    headers=attacker["headers"],
+                    timeout=60,
+                ).raise_for_status()
+            # Until the worker fetches all ten, or as many as it will (2 batch slots).
+            deadline = time.monotonic() + 5
+            while len(_DripHandler.hits) < SLOW_URLS and time.monotonic() < deadline:
+                time.sleep(0.05)
+            in_flight = len(_DripHandler.hits)
+            other = _done_after(stack, stack.user(1), photo[2])
+            counts, _ = wait_done(
+                stack.dsn, "user_id = %s", (attacker["id"],), SLOW_URLS, timeout=600
+            )
+            attack_s = time.monotonic() - start
+            tokens = requests.get(
+                f"{stack.api.url}/v1/me", headers=attacker["headers"], timeout=10
+            ).json()["tokens"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    return {
+        "slow_urls": SLOW_URLS,
+        "fetching_when_other_submitted": in_flight,
+        "idle_s": round(min(idle), 2),
+        "other_user_s": round(other, 2),
+        "delay_s": round(other - min(idle), 2),
+        "slow_jobs": counts,
+        "slow_jobs_final_after_s": round(attack_s, 1),
+        "attacker_tokens_after": tokens,
+    }
 
 
 def decode_memory(n: int) -> dict:
@@ -140,16 +225,33 @@ def _probe_ms(data: bytes) -> float:
     return best * 1000
 
 
+def run_slow(quick: bool = False) -> dict:
+    return {"slow": slow_hosts()}
+
+
 def run(quick: bool = False) -> dict:
     return {
+        "slow": slow_hosts(),
         "decode": decode_memory(4 if quick else PNGS),
         "uploads": [] if quick else hostile_uploads(),
     }
 
 
 def report(result: dict) -> str:
+    lines = []
+    if "slow" in result:
+        s = result["slow"]
+        lines.append(
+            f"{s['slow_urls']} URLs dripping headers (1 byte/s), "
+            f"{s['fetching_when_other_submitted']} being fetched: another user's job "
+            f"{s['other_user_s']} s (idle {s['idle_s']} s), delay {s['delay_s']} s; "
+            f"slow jobs {s['slow_jobs']} after {s['slow_jobs_final_after_s']} s, "
+            f"attacker's tokens after: {s['attacker_tokens_after']}"
+        )
+    if "decode" not in result:
+        return "\n".join(lines)
     d = result["decode"]
-    lines = [
+    lines += [
         f"{d['images']} PNGs {SIDE}x{SIDE} 16-bit grey ({d['png_bytes']} bytes each): "
         f"jobs {d['jobs']} in {d['batches']:g} batch(es), {d['seconds']} s "
         f"({d['worker_cpu_s']} CPU s); worker RSS "
@@ -167,4 +269,9 @@ def report(result: dict) -> str:
 
 
 if __name__ == "__main__":
-    main_json(run)
+    args = sys.argv[1:]
+    if "slow" in args:
+        args.remove("slow")
+        main_json(run_slow, args)
+    else:
+        main_json(run, args)

@@ -92,6 +92,9 @@ class Config:
     worker_concurrency: int = 2  # batches in flight (threads) or pool processes (prefork)
     worker_prefetch: int = 0  # 0: 2 * batch_max per pool process
     fetch_threads: int = 16
+    # Messages whose images load at once, outside the batch slots (worker/loader.py,
+    # threads pool); 0: FETCH_THREADS. Slow image hosts beyond this many delay others.
+    loader_threads: int = 0
     # Pixels that a worker process's concurrent decodes may hold at once (shared/pixel_budget.py).
     decode_budget_pixels: int = 80_000_000
     decode_wait_s: float = 60.0
@@ -133,6 +136,10 @@ class Config:
     def effective_prefetch(self) -> int:
         """Messages a worker may hold unacknowledged, across its pool processes."""
         return self.worker_prefetch or 2 * self.batch_max * self.worker_concurrency
+
+    @property
+    def effective_loader_threads(self) -> int:
+        return self.loader_threads or self.fetch_threads
 
     @property
     def broker_is_redis(self) -> bool:
@@ -184,6 +191,8 @@ class Config:
             raise ValueError("MAX_WAITS_PER_USER and MAX_WAITS_PER_PROCESS must be >= 0")
         if self.worker_concurrency < 1:
             raise ValueError("WORKER_CONCURRENCY must be >= 1")
+        if self.fetch_threads < 1 or self.loader_threads < 0:
+            raise ValueError("FETCH_THREADS must be >= 1 and LOADER_THREADS >= 0")
         if self.decode_budget_pixels < self.max_image_pixels or self.decode_wait_s <= 0:
             # Else the API accepts (and charges for) images no worker can ever decode.
             raise ValueError(

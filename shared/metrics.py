@@ -66,6 +66,14 @@ class MetricsBuffer:
             self._incr[(name, f"{base}|sum")] += value
             self._incr[(name, f"{base}|count")] += 1
 
+    def merge(self, other: MetricsBuffer) -> None:
+        """Add ``other``'s observations to this buffer's (a message's load joins its batch's)."""
+        with other._lock:
+            taken = dict(other._incr)
+        with self._lock:
+            for key, amount in taken.items():
+                self._incr[key] += amount
+
     def flush(self, client: redis.Redis, config: Config) -> None:
         with self._lock:
             pending, self._incr = self._incr, defaultdict(float)

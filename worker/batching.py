@@ -10,9 +10,13 @@ at once (or, with ``batch_wait`` > 0, waits at most that long for company).
 The batch size thus follows the load, with no fixed wait: one job at a time
 when traffic is light, full batches under load.
 
-With the threads pool (the default), two slots share one model: one batch
-fetches and decodes its images, or writes its results, while the other runs the
-forward pass (``worker.pipeline`` serialises forward passes with a lock).
+With a ``loader`` (the threads pool, the default), each message's images are
+loaded (its jobs claimed, fetched, decoded, resized) by ``worker.loader`` as soon
+as it arrives, outside the slots, and a message joins a batch only once its load
+is done: a slow image host holds a loader thread, never a slot. Two slots share
+one model: one batch writes its results while the other runs the forward pass
+(``worker.pipeline`` serialises forward passes with a lock). Without a loader
+(prefork, solo) a batch loads its own images inside its slot.
 
 It also fixes two pitfalls of the stock class for this service:
 * acknowledgement follows the batch's outcome: ``run`` returns ``RETRY_BATCH`` when
@@ -21,18 +25,22 @@ It also fixes two pitfalls of the stock class for this service:
 * a pool process that dies mid-batch (WorkerLostError) requeues its messages
   at once instead of leaving them unacked until the worker restarts.
 
-It also knows which deliveries it holds (buffered or in flight), so the worker's
-heartbeat can renew their leases on a Redis broker (``worker.liveness``).
+It also knows which deliveries it holds (buffered, loading or in flight), so the
+worker's heartbeat can renew their leases on a Redis broker (``worker.liveness``).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
+import time
 from typing import Any
 
 from celery_batches import Batches, SimpleRequest
 from celery_batches.trace import apply_batches_task
+
+from worker.loader import LoadCanceled, Loader
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +69,26 @@ class ContinuousBatches(Batches):
     #: the worker has already prefetched.
     first_queues: frozenset[str] = frozenset()
 
+    #: Loads each message before it may join a batch (set at worker start with the
+    #: threads pool); its result reaches the task as ``request.loaded``. None: the
+    #: batch loads its own inputs, inside its slot.
+    loader: Loader | None = None
+
+    #: Most job ids loading, or loaded and waiting for a batch: their arrays are in
+    #: memory meanwhile. first_queues messages (one job each, bounded by the
+    #: prefetch) are not held back by it, so a slow bulk chunk cannot delay them.
+    load_ahead: int = 128
+
     def __init__(self) -> None:
         super().__init__()
         self._in_flight = 0
+        self._closed = False
+        # Requests taken from celery-batches' buffer and not yet in a batch, in
+        # arrival order; those loading, and the results of the finished loads.
+        self._waiting: list[Any] = []
+        self._loading: set[int] = set()
+        self._loads: dict[int, Any] = {}
+        self._ahead = 0  # job ids loading or loaded, not yet in a batch
         # The consumer's event loop and the threads pool's callbacks both dispatch.
         self._dispatch_lock = threading.RLock()
         # Delivery tags received and not yet acked or requeued; the heartbeat reads it.
@@ -78,6 +103,9 @@ class ContinuousBatches(Batches):
             handle(message, *args, **kwargs)
             if self.batch_wait <= 0:
                 self._do_flush()
+            else:
+                with self._dispatch_lock:
+                    self._admit()  # loading starts on arrival; the timer dispatches
 
         return on_message
 
@@ -109,43 +137,121 @@ class ContinuousBatches(Batches):
         info = getattr(request, "delivery_info", None) or {}
         return info.get("routing_key") in self.first_queues
 
-    def _take(self) -> list:
-        """Buffered requests up to batch_max job ids (at least one request).
+    def _size(self, request: Any) -> int:
+        return max(1, len(self.job_ids(request)))
 
-        Requests from ``first_queues`` go first, then the rest in arrival order; what
-        does not fit goes back to the buffer for the next batch.
-        """
-        buffered = []
+    def _admit(self) -> None:
+        """Take arrivals from celery-batches' buffer; start loading those that fit."""
         while not self._buffer.empty():
-            buffered.append(self._buffer.get_nowait())
-        buffered.sort(key=lambda r: not self._first(r))  # stable: arrival order kept
+            self._waiting.append(self._buffer.get_nowait())
+        if self.loader is None or self._closed:
+            return
+        # first_queues first, then arrival order (a stable sort).
+        for request in sorted(self._waiting, key=lambda r: not self._first(r)):
+            key = id(request)
+            if key in self._loading or key in self._loads:
+                continue
+            size = self._size(request)
+            if not self._first(request) and self._ahead and self._ahead + size > self.load_ahead:
+                break  # the rest waits for loaded messages to leave in batches
+            self._loading.add(key)
+            self._ahead += size
+            self.loader.submit(self.job_ids(request), functools.partial(self._loaded, request))
+
+    def _loaded(self, request: Any, result: Any, error: BaseException | None) -> None:
+        """A load finished (in a loader thread): the request may join a batch now."""
+        if isinstance(error, LoadCanceled):  # worker shutdown: the broker gets it back
+            with self._dispatch_lock:
+                self._loading.discard(id(request))
+            return
+        give_back = error is not None or getattr(result, "requeue", False)
+        with self._dispatch_lock:
+            self._loading.discard(id(request))
+            if give_back:
+                self._waiting.remove(request)
+                self._ahead -= self._size(request)
+            else:
+                self._loads[id(request)] = result
+        if give_back:
+            # The database stayed down through the claim's retries, or a bug: requeue,
+            # and let the per-job attempt counter end a message that always fails.
+            log.error(
+                "loading a message of %d job(s) failed: %r; requeueing",
+                self._size(request),
+                error or "claim not written",
+            )
+            request.reject(requeue=True)
+            self._release(request)
+        self._do_flush()
+
+    def _take(self) -> list:
+        """Ready requests up to batch_max job ids (at least one request, if any is ready).
+
+        A request is ready once loaded (at once without a loader). Requests from
+        ``first_queues`` go first, then the rest in arrival order; what does not fit
+        waits for the next batch.
+        """
+        ready = [r for r in self._waiting if self.loader is None or id(r) in self._loads]
+        ready.sort(key=lambda r: not self._first(r))  # stable: arrival order kept
         taken, count = [], 0
-        for i, request in enumerate(buffered):
-            size = max(1, len(self.job_ids(request)))
+        for request in ready:
+            size = self._size(request)
             if taken and count + size > self.batch_max:
-                for rest in buffered[i:]:
-                    self._buffer.put(rest)
                 break
             taken.append(request)
             count += size
+        chosen = {id(r) for r in taken}
+        self._waiting = [r for r in self._waiting if id(r) not in chosen]
+        if self.loader is not None:
+            self._ahead -= count
         return taken
 
     def _do_flush(self) -> None:
         with self._dispatch_lock:
+            self._admit()
             if self._in_flight >= self._max_in_flight():
                 return  # a batch in flight dispatches the next one when it returns
             requests = self._take()
             if not requests:
                 return
             self._in_flight += 1
-        self.flush(requests)
+            loads = [self._loads.pop(id(r), None) for r in requests]
+            self._admit()  # the ids just taken leave room to load more
+        try:
+            self.flush(requests, loads)
+        except RuntimeError as exc:  # the pool stopped (worker shutdown)
+            self._returned()
+            log.warning("%d message(s) not run: %r; the broker gets them back", len(requests), exc)
+
+    def close(self, wait_s: float = 0) -> None:
+        """Worker shutdown: start no more loads; wait up to ``wait_s`` for those running.
+
+        A running load has claimed its jobs: it finishes and its message still joins a
+        batch while the pool drains, so a clean stop leaves no job half-done. What was
+        not loading (buffered, or waiting for a loader thread) stays unacknowledged,
+        and the broker gives it back (RabbitMQ when the connection closes, kombu's
+        Redis channel restores its unacked messages) to whoever comes next.
+        """
+        # No lock: this runs in a signal handler, maybe on a thread that holds it
+        # halfway through a dispatch; a flag and a poll need none.
+        self._closed = True
+        if self.loader is None:
+            return
+        self.loader.close()
+        deadline = time.monotonic() + wait_s
+        while self._loading and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def _returned(self) -> None:
         with self._dispatch_lock:
             self._in_flight -= 1
 
-    def flush(self, requests: list) -> Any:
-        payload = ([SimpleRequest.from_request(r) for r in requests],)
+    def flush(self, requests: list, loads: list | None = None) -> Any:
+        simple = [SimpleRequest.from_request(r) for r in requests]
+        for request, loaded in zip(simple, loads or [], strict=False):
+            if loaded is not None:
+                request.loaded = loaded  # the threads pool passes it by reference
+        payload = (simple,)
 
         def on_return(result: Any) -> None:
             self._returned()

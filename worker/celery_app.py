@@ -29,6 +29,7 @@ from shared.queue import (
 from shared.redis_client import make_redis
 from worker import liveness, pipeline, reconciler, retention
 from worker.batching import ContinuousBatches
+from worker.loader import Loader
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -60,14 +61,20 @@ class ClassifyTask(ContinuousBatches):
     batch_wait = config.batch_wait_ms / 1000
     first_queues = frozenset({interactive_queue(config)})
     flush_interval = batch_wait or ContinuousBatches.flush_interval
+    # The prefetch window's size, in job ids: a few batches' arrays waiting in memory.
+    load_ahead = config.effective_prefetch
 
 
 @app.task(name=CLASSIFY_TASK, base=ClassifyTask)
 def classify(requests) -> str | None:
     """Classify every job id carried by the buffered messages, as one batch."""
     job_ids = list(dict.fromkeys(j for r in requests for j in ClassifyTask.job_ids(r)))
+    # Loaded by the loader stage (threads pool); else the batch loads them itself.
+    loaded = [r.loaded for r in requests if hasattr(r, "loaded")]
     try:
-        return pipeline.process(runtime(), job_ids)
+        return pipeline.process(
+            runtime(), job_ids, loaded if len(loaded) == len(requests) else None
+        )
     except Exception:
         # celery-batches would log this and ack the whole batch; requeue instead, and
         # let the per-job attempt counter end a batch that always fails.
@@ -113,6 +120,12 @@ def _load_models_in_threads_pool(sender=None, **_kwargs) -> None:
         # models must not start consuming, so leave with a message instead.
         log.exception("could not load the models")
         raise SystemExit(f"worker not started: could not load the models: {exc}") from exc
+    # Batches share this process, so images load outside the batch slots (prefork's
+    # pool processes, each with its own runtime, still load inside theirs).
+    rt = runtime()
+    ClassifyTask.loader = Loader(
+        lambda job_ids: pipeline.load(rt, job_ids), config.effective_loader_threads
+    )
 
 
 _stop_reconciler = threading.Event()
@@ -145,8 +158,11 @@ def _start_threads(sender=None, **_kwargs) -> None:
 
 
 @signals.worker_shutting_down.connect
-def _stop(**_kwargs) -> None:
+def _stop(how: str = "", **_kwargs) -> None:
     _stop_reconciler.set()
+    # No new loads; on a warm shutdown those running (their jobs claimed) finish and
+    # join a batch while the pool drains. The rest goes back to the broker.
+    classify.close(config.worker_shutdown_timeout_s if how == "Warm" else 0)
 
 
 @signals.worker_process_init.connect

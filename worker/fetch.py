@@ -5,15 +5,25 @@ rejects private, loopback, link-local and other reserved addresses, and then
 connects to the vetted IP itself, so a second DNS answer cannot slip in. The
 check runs for every connection, so every redirect hop is filtered too.
 
-Known gap: the deadline bounds connecting and every socket read, but not DNS
-resolution (``getaddrinfo`` has no timeout) and not a server that dribbles its
-response *headers* a byte at a time; the body is checked against the deadline
-between reads.
+The deadline (FETCH_TIMEOUT_S) is wall-clock: one watchdog thread per process keeps
+the deadlines of the fetches in flight and shuts down the sockets of a fetch that
+passes its own, whatever the server does (response headers dripped a byte at a
+time included); the fetch then fails with the usual "timed out" error. The
+per-read socket timeouts stay, so a silent server is noticed without the watchdog.
+
+Known gap: DNS resolution (``getaddrinfo``, called by requests-hardened's filter)
+has no socket to shut down; it is bounded by the resolver's own timeouts
+(``/etc/resolv.conf``: 5 s times the attempts, by default), not by the deadline.
 """
 
 from __future__ import annotations
 
+import contextlib
+import heapq
+import itertools
+import os
 import socket
+import threading
 import time
 from urllib.parse import urljoin, urlsplit
 
@@ -21,6 +31,8 @@ import requests
 import requests_hardened
 import urllib3
 from requests_hardened.ip_filter import InvalidIPAddress
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from shared import ssrf
 from shared.config import Config
@@ -31,6 +43,116 @@ _SCHEMES = frozenset({"http", "https"})
 _CHUNK = 64 * 1024
 # AVIF, TIFF and friends are not decodable, so do not invite a CDN to send them.
 _ACCEPT = "image/jpeg, image/png, image/webp, image/gif, image/bmp;q=0.9, */*;q=0.1"
+
+
+class _Guard:
+    """One fetch's sockets, shut down together when the fetch passes its deadline."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.fired = False
+        self.finished = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def add(self, sock: socket.socket) -> None:
+        with self._lock:
+            if not self.fired:
+                self._sockets.append(sock)
+                return
+        _shut(sock)  # connected after the deadline passed
+
+    def fire(self) -> None:
+        with self._lock:
+            if self.finished:
+                return
+            self.fired = True
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            _shut(sock)
+
+    def finish(self) -> None:
+        with self._lock:
+            self.finished = True
+            self._sockets = []
+
+
+def _shut(sock: socket.socket) -> None:
+    # shutdown, not close: the fetching thread still owns the descriptor, and a blocked
+    # recv returns at once (end of stream) instead of reading a reused descriptor.
+    with contextlib.suppress(OSError):  # already closed, or never connected
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+class Watchdog:
+    """Fires the guards of fetches past their deadline: one thread and a heap of deadlines.
+
+    Started on first use in each process (the worker builds its Fetcher after fork).
+    """
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, _Guard]] = []
+        self._order = itertools.count()
+        self._changed = threading.Condition()
+        self._pid: int | None = None
+
+    def watch(self, deadline: float) -> _Guard:
+        guard = _Guard(deadline)
+        with self._changed:
+            if self._pid != os.getpid():  # first use here, or a fork copied a dead thread
+                self._pid, self._heap = os.getpid(), []
+                threading.Thread(target=self._run, daemon=True, name="fetch-watchdog").start()
+            heapq.heappush(self._heap, (deadline, next(self._order), guard))
+            self._changed.notify()
+        return guard
+
+    def _run(self) -> None:
+        while True:
+            self._next_due().fire()
+
+    def _next_due(self) -> _Guard:
+        with self._changed:
+            while True:
+                while self._heap and self._heap[0][2].finished:
+                    heapq.heappop(self._heap)
+                wait = self._heap[0][0] - time.monotonic() if self._heap else None
+                if wait is not None and wait <= 0:
+                    return heapq.heappop(self._heap)[2]
+                self._changed.wait(wait)
+
+
+_watchdog = Watchdog()
+# The guard of the fetch running in this thread: urllib3 opens its sockets in the
+# calling thread, so the guarded connections below find their fetch here.
+_current = threading.local()
+
+
+class _Guarded:
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        guard = getattr(_current, "guard", None)
+        if guard is not None:
+            guard.add(sock)
+        return sock
+
+
+class _GuardedHTTPConnection(_Guarded, HTTPConnection):
+    pass
+
+
+class _GuardedHTTPSConnection(_Guarded, HTTPSConnection):
+    pass
+
+
+class _GuardedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _GuardedHTTPConnection
+
+
+class _GuardedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _GuardedHTTPSConnection
+
+
+_GUARDED_POOLS = {"http": _GuardedHTTPPool, "https": _GuardedHTTPSPool}
 
 
 class Fetcher:
@@ -58,12 +180,30 @@ class Fetcher:
         )
 
     def fetch(self, url: str) -> bytes:
-        deadline = time.monotonic() + self._timeout_s
+        guard = _watchdog.watch(time.monotonic() + self._timeout_s)
+        _current.guard = guard
+        try:
+            body = self._fetch(url, guard.deadline)
+        except Exception as exc:
+            if guard.fired:  # whatever the cut socket looked like (a reset, an early end)
+                raise self._timed_out() from exc
+            raise
+        finally:
+            guard.finish()
+            _current.guard = None
+        if guard.fired:  # the watchdog may have cut the body short: never return a part
+            raise self._timed_out()
+        return body
+
+    def _fetch(self, url: str, deadline: float) -> bytes:
         try:
             with self._manager.get_session() as session:
                 # Proxies from the environment would make the filter vet the proxy, not
                 # the target; .netrc would hand credentials to arbitrary hosts.
                 session.trust_env = False
+                for adapter in session.adapters.values():
+                    # Every socket this session opens joins the fetch's guard.
+                    adapter.poolmanager.pool_classes_by_scheme = _GUARDED_POOLS
                 with self._get(session, url, deadline) as response:
                     return self._read_body(response, deadline)
         except InvalidIPAddress as exc:
@@ -156,4 +296,4 @@ def _socket_of(raw: urllib3.HTTPResponse) -> socket.socket | None:
         # With "Connection: close", http.client hands the socket to the response's file.
         return raw._fp.fp.raw._sock
     except AttributeError:
-        return None  # then a stalled read may overrun the deadline by one read timeout
+        return None  # then the watchdog alone ends a stalled read at the deadline

@@ -1,4 +1,6 @@
-"""One batch of jobs: claim in SQL, load images concurrently, one forward pass per model, write.
+"""The work on jobs: ``load`` claims a message's jobs in SQL and loads their images
+(worker.loader runs it off the batch slots); ``process`` runs one batch's forward
+pass per model and writes the outcomes.
 
 Every SQL write is a conditional status transition, so running the same batch
 twice (a redelivered message) leaves the first outcome, charge and refund as
@@ -44,27 +46,63 @@ class JobOutcome:
     error: ServiceError | None = None
 
 
-def process(rt: Runtime, job_ids: list[str]) -> str | None:
-    """Run a batch end to end. Returns RETRY_BATCH when results could not be written."""
+@dataclass
+class Loaded:
+    """A message's jobs, claimed, each with its input array or its error."""
+
+    outcomes: list[JobOutcome]
+    stats: MetricsBuffer
+    #: The claim could not be written (the database stayed down): give the message back.
+    requeue: bool = False
+
+
+def load(rt: Runtime, job_ids: list[str]) -> Loaded:
+    """Claim the jobs, then fetch, decode and resize their images (errors kept per job)."""
+    stats = MetricsBuffer()
     claimed = _with_db_retry(rt, lambda s: _claim(s, job_ids, rt.worker_id))
     if claimed is None:
-        return RETRY_BATCH
+        return Loaded([], stats, requeue=True)
     jobs_, started_events = claimed
     webhook_events.dispatch(rt.celery, rt.config, started_events)
-    if not jobs_:
-        return None
     outcomes = [JobOutcome(job) for job in jobs_]
-    stats = MetricsBuffer()
     _give_up_on_retried(rt, outcomes)
     _load_inputs(rt, [o for o in outcomes if o.error is None], stats)
+    return Loaded(outcomes, stats)
+
+
+def process(rt: Runtime, job_ids: list[str], loaded: list[Loaded] | None = None) -> str | None:
+    """Run a batch: its loaded messages, or (no loader stage) load ``job_ids`` here first.
+
+    Returns RETRY_BATCH when results could not be written.
+    """
+    if loaded is None:
+        loaded = [load(rt, job_ids)]
+    if any(part.requeue for part in loaded):
+        return RETRY_BATCH
+    outcomes = _unique(loaded)
+    stats = MetricsBuffer()
+    for part in loaded:
+        stats.merge(part.stats)
+    if not outcomes:
+        return None
     _predict(rt, [o for o in outcomes if o.error is None], stats)
     written = _with_db_retry(rt, lambda s: _write(s, outcomes))
     if written is None:
         return RETRY_BATCH
     for o in outcomes:
         stats.inc("jobs_finished", status="failed" if o.error else "succeeded")
+    # After the write: the outcomes are committed and announced from here on.
     _announce(rt, outcomes, written, stats)
     return None
+
+
+def _unique(loaded: list[Loaded]) -> list[JobOutcome]:
+    # Two messages may carry the same job (a redelivery): one outcome per job.
+    by_id: dict[str, JobOutcome] = {}
+    for part in loaded:
+        for o in part.outcomes:
+            by_id.setdefault(o.job.id, o)
+    return list(by_id.values())
 
 
 def _claim(

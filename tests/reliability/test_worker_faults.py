@@ -192,7 +192,8 @@ def test_a_killed_workers_jobs_end_within_a_minute_on_the_default_settings(
     support.wait_for(
         lambda: stack.batch_statuses(first).get("processing") == 40, 60, "40 jobs in flight"
     )
-    # Then 40 single jobs and 40 bulk ones that the worker prefetches but cannot claim.
+    # Then 40 bulk jobs and 40 single ones that the worker prefetches; the loader stage
+    # claims those it has threads free for (each held at the gate), the rest wait.
     second = _submit_batch(stack, user, urls("b", 40))
     singles = _submit_singles(stack, user, urls("c", 40))
     support.wait_for(
@@ -205,8 +206,8 @@ def test_a_killed_workers_jobs_end_within_a_minute_on_the_default_settings(
     if rescue == "running":
         stack.worker("rescuer")
     assert stack.batch_statuses(first) == {"processing": 40}
-    assert stack.batch_statuses(second) == {"queued": 40}
-    assert stack.statuses(singles) == {"queued": 40}
+    assert set(stack.batch_statuses(second)) <= {"queued", "processing"}
+    assert set(stack.statuses(singles)) <= {"queued", "processing"}
     # Held well past WORKER_DEAD_AFTER_S by a live worker: renewed, not taken from it.
     assert not re.search(r"restored [1-9]", "".join(w.log() for w in stack.workers))
 

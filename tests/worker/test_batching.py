@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import pytest
 
 from worker.batching import RETRY_BATCH, ContinuousBatches
+from worker.loader import LoadCanceled
 
 
 class RecordingPool:
@@ -158,3 +159,113 @@ def test_held_deliveries_are_those_not_yet_acked_or_requeued(batcher):
     assert batcher.held_deliveries() == ["t3"]
     batcher._pool.calls[2].done(RETRY_BATCH)
     assert batcher.held_deliveries() == []
+
+
+# --- with a loader stage (worker.loader): messages join batches once loaded ---------
+
+
+class RecordingLoader:
+    """Records the loads asked for; the test finishes them, as loader threads would."""
+
+    def __init__(self) -> None:
+        self.loads: dict[str, object] = {}
+        self.closed = False
+
+    def submit(self, job_ids, done) -> None:
+        self.loads[job_ids[0]] = done
+
+    def finish(self, first_id: str, result: object = "arrays", error=None) -> None:
+        self.loads.pop(first_id)(result, error)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def loading(batcher):
+    batcher.loader = RecordingLoader()
+    batcher._pool.limit = 2
+    return batcher
+
+
+def test_a_message_still_loading_holds_no_slot(loading):
+    slow, quick = Message("slow"), Message("quick")
+    _buffer(loading, slow, quick)
+    loading._do_flush()
+    assert sorted(loading.loader.loads) == ["quick", "slow"]  # both load at once
+    assert loading._pool.calls == []  # neither is loaded: no batch
+    loading.loader.finish("quick")
+    assert [_ids(c) for c in loading._pool.calls] == [["quick"]]
+    assert loading._pool.calls[0].requests[0].loaded == "arrays"
+    loading.loader.finish("slow", "slow arrays")
+    assert _ids(loading._pool.calls[1]) == ["slow"]
+    assert loading._pool.calls[1].requests[0].loaded == "slow arrays"
+
+
+def test_loading_starts_while_every_slot_is_busy(loading):
+    _buffer(loading, Message("a"), Message("b"))
+    loading._do_flush()
+    loading.loader.finish("a")
+    loading.loader.finish("b")
+    assert len(loading._pool.calls) == 2  # both slots busy
+    _buffer(loading, *[Message(x) for x in "cde"])
+    loading._do_flush()
+    assert sorted(loading.loader.loads) == ["c", "d", "e"]
+    for x in "cde":
+        loading.loader.finish(x)
+    loading._pool.calls[0].done(None)
+    assert _ids(loading._pool.calls[2]) == ["c", "d", "e"]
+
+
+def test_a_load_that_could_not_claim_requeues_its_message(loading):
+    unclaimed, broken = Delivery("t1", "a"), Delivery("t2", "b")
+    for d in (unclaimed, broken):
+        loading._hold(d.message.delivery_tag)
+    _buffer(loading, unclaimed, broken)
+    loading._do_flush()
+    loading.loader.finish("a", SimpleNamespace(requeue=True))
+    loading.loader.finish("b", None, RuntimeError("bug"))
+    assert unclaimed.events == ["requeue"] and broken.events == ["requeue"]
+    assert loading.held_deliveries() == [] and loading._pool.calls == []
+    assert loading._ahead == 0
+
+
+def test_bulk_loads_ahead_at_most_load_ahead_ids_and_singles_are_never_held_back(loading):
+    loading.first_queues = frozenset({"q.interactive"})
+    loading.load_ahead = 5
+    chunks = [_from("q.bulk", f"b{i}", f"c{i}") for i in range(3)]
+    single = _from("q.interactive", "s")
+    _buffer(loading, *chunks, single)
+    loading._do_flush()
+    # The single job first, then 2 + 2 bulk ids fill the allowance; a third chunk waits.
+    assert sorted(loading.loader.loads) == ["b0", "b1", "s"]
+    loading.loader.finish("b0")  # dispatched: its ids no longer count
+    assert sorted(loading.loader.loads) == ["b1", "b2", "s"]
+
+
+def test_close_lets_running_loads_finish_and_starts_no_more(loading):
+    running, canceled = Delivery("t1", "a"), Delivery("t2", "b")
+    for d in (running, canceled):
+        loading._hold(d.message.delivery_tag)
+    _buffer(loading, running, canceled)
+    loading._do_flush()
+    loading.close()
+    assert loading.loader.closed
+    _buffer(loading, Message("c"))
+    loading.loader.finish("a")  # its jobs are claimed: it still runs while the pool drains
+    loading.loader.finish("b", None, LoadCanceled())  # never started
+    assert [_ids(c) for c in loading._pool.calls] == [["a"]]
+    assert "c" not in loading.loader.loads and not loading._loading
+    loading._pool.calls[0].done(None)
+    assert running.events == ["ack"] and canceled.events == []
+    assert loading.held_deliveries() == ["t2"]  # unacknowledged: the broker's again
+
+
+def test_single_jobs_load_past_a_full_allowance_of_bulk(loading):
+    loading.first_queues = frozenset({"q.interactive"})
+    loading.load_ahead = 4
+    _buffer(loading, _from("q.bulk", "b0", "c0"), _from("q.bulk", "b1", "c1"))
+    loading._do_flush()
+    _buffer(loading, _from("q.interactive", "s"))
+    loading._do_flush()
+    assert sorted(loading.loader.loads) == ["b0", "b1", "s"]

@@ -63,6 +63,8 @@ class Handler(BaseHTTPRequestHandler):
             self._reply(200, body, {"Content-Encoding": "gzip"})
         elif path in ("/drip", "/stall", "/late-stall"):
             self._slow(path)
+        elif path == "/drip-headers":
+            self._drip_headers()
         else:
             self._reply(404, b"not here")
 
@@ -112,6 +114,18 @@ class Handler(BaseHTTPRequestHandler):
                 time.sleep(0.2)
         except OSError:
             pass
+
+    def _drip_headers(self) -> None:
+        # Issue #14 item 2: every byte comes before any read timeout, so only a
+        # wall-clock deadline ends it (a minute of headers if nobody hangs up).
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nX-Pad: " + b"x" * 120
+        try:
+            for byte in head:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(0.5)
+        except OSError:
+            pass  # the client hung up, which is the point
 
 
 class Server(ThreadingHTTPServer):
@@ -214,6 +228,13 @@ def test_slow_servers_hit_the_deadline(base: str, path: str) -> None:
         _fetcher(fetch_timeout_s=1.0).fetch(base + path)
     # /late-stall would take about 1.7 s if a read could wait out a whole timeout of its own.
     assert 0.9 <= time.monotonic() - started < 1.4
+
+
+def test_response_headers_dripped_a_byte_at_a_time_hit_the_deadline(base: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(FetchFailed, match="timed out after 2 s"):
+        _fetcher(fetch_timeout_s=2.0).fetch(f"{base}/drip-headers")
+    assert time.monotonic() - started < 2.0 + 3  # loose: the error is the check
 
 
 def test_connection_refused_fails() -> None:

@@ -77,6 +77,21 @@ def test_a_redelivered_batch_changes_nothing(runtime, account, photo_server):
     assert balance == total == 9
 
 
+def test_a_message_loaded_twice_in_one_batch_ends_each_job_once(runtime, account, photo_server):
+    # The loader stage may hold a message and its redelivery at once: both load (the
+    # second claim takes over), both join a batch, one outcome per job.
+    ok = _submit(runtime, account, photo_server.url("parrot.jpg"))
+    bad = _submit(runtime, account, photo_server.url("missing.jpg"))
+    first, second = pipeline.load(runtime, [ok, bad]), pipeline.load(runtime, [ok, bad])
+    assert _job(runtime, ok).status == "processing" and _job(runtime, ok).attempts == 2
+    assert pipeline.process(runtime, [ok, bad], [first, second]) is None
+    assert _job(runtime, ok).result["predictions"][0]["label"] == "macaw"
+    assert _ledger(runtime, account, ok)[0] == ["charge"]
+    reasons, balance, total = _ledger(runtime, account, bad)
+    assert reasons == ["charge", "refund"]
+    assert balance == total == 9
+
+
 def test_a_url_repeated_in_one_batch_is_fetched_once(runtime, account, photo_server):
     url = photo_server.url("hot_dog.jpg") + "?dup"
     ids = [_submit(runtime, account, url) for _ in range(3)]

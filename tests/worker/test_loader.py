@@ -1,0 +1,123 @@
+"""worker.loader, and the loader stage with a real worker: slow image hosts hold
+loader threads, not batch slots.
+
+Issue #14 item 2: two URLs whose host dripped its headers filled both batch slots,
+and another user's job waited 58.6 s behind them.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections import Counter
+
+import pytest
+from sqlalchemy import select
+
+from api import create_app
+from shared.db import make_engine, make_session_factory
+from shared.models import Job
+from tests import support
+from worker.loader import LoadCanceled, Loader
+
+BLOCKED = 10
+
+
+def test_loads_run_on_loader_threads_and_report_results_and_errors() -> None:
+    release = threading.Event()
+    started = {"slow": threading.Event(), "slow too": threading.Event()}
+    outcomes: dict[str, tuple] = {}
+    finished = threading.Semaphore(0)
+
+    def load(job_ids: list[str]) -> str:
+        if job_ids[0] in started:
+            started[job_ids[0]].set()
+            release.wait(60)
+        if job_ids == ["bad"]:
+            raise ValueError("broken")
+        return f"loaded {job_ids[0]}"
+
+    def done(key: str):
+        def record(result, error) -> None:
+            outcomes[key] = (result, error, threading.current_thread().name)
+            finished.release()
+
+        return record
+
+    loader = Loader(load, threads=2)
+    loader.submit(["slow"], done("slow"))
+    assert started["slow"].wait(60)
+    loader.submit(["quick"], done("quick"))  # the other thread: not behind the slow one
+    assert finished.acquire(timeout=60)
+    assert outcomes["quick"][:2] == ("loaded quick", None)
+    assert outcomes["quick"][2].startswith("loader")
+    loader.submit(["bad"], done("bad"))
+    assert finished.acquire(timeout=60)
+    assert isinstance(outcomes["bad"][1], ValueError)
+    loader.submit(["slow too"], done("slow too"))
+    assert started["slow too"].wait(60)  # both threads busy now
+    loader.submit(["late"], done("late"))
+    loader.close()
+    release.set()
+    for _ in range(3):
+        assert finished.acquire(timeout=60)
+    assert outcomes["slow"][:2] == ("loaded slow", None)  # running: finishes
+    assert isinstance(outcomes["late"][1], LoadCanceled)  # not started: canceled
+
+
+@pytest.fixture(scope="module")
+def slow_stack():
+    # The gate holds the downloads for as long as the test needs, not FETCH_TIMEOUT_S.
+    database_url = support.create_postgres_database()
+    config = support.migrated(support.test_config(database_url, fetch_timeout_s=support.GATE_MAX_S))
+    worker = support.WorkerProcess(config, name="loader").start()
+    try:
+        worker.wait_ready()
+        yield config, create_app(config).test_client(), worker
+    finally:
+        worker.stop()
+        support.delete_redis_prefix(config.queue_prefix)
+        support.drop_postgres_database(database_url)
+
+
+def test_ten_blocked_hosts_do_not_delay_another_users_job(slow_stack, photo_server):
+    config, client, worker = slow_stack
+    sessions = make_session_factory(make_engine(config))
+    key = uuid.uuid4().hex[:8]
+    gate = photo_server.gate(key)
+    attackers = [support.new_user(client) for _ in range(2)]  # 5 tokens each
+    blocked = []
+    for i in range(BLOCKED):
+        resp = client.post(
+            "/v1/jobs",
+            json={"url": photo_server.url(f"gate/{key}/dog.jpg?{i}")},
+            headers=attackers[i % 2]["headers"],
+        )
+        assert resp.status_code == 202, resp.get_json()
+        blocked.append(resp.get_json()["id"])
+
+    def statuses() -> Counter:
+        with sessions() as s:
+            return Counter(s.scalars(select(Job.status).where(Job.id.in_(blocked))))
+
+    # All ten are being fetched: the server holds each request at the gate.
+    support.wait_for(
+        lambda: sum(p.startswith(f"/gate/{key}/") for p in list(photo_server.hits)) == BLOCKED,
+        60,
+        "the worker to fetch all ten blocked URLs",
+    )
+
+    other = support.new_user(client)
+    resp = client.post(
+        "/v1/jobs", json={"url": photo_server.url("dog.jpg")}, headers=other["headers"]
+    )
+    assert resp.status_code == 202
+    job = client.get(f"/v1/jobs/{resp.get_json()['id']}?wait=60", headers=other["headers"])
+    assert job.get_json()["status"] == "succeeded", (job.get_json(), worker.log_tail())
+    # Done while the ten were still held at the gate: they held no batch slot.
+    assert statuses() == {"processing": BLOCKED}
+
+    gate.set()
+    support.wait_for(
+        lambda: statuses() == {"succeeded": BLOCKED}, 120, "the ten to finish once released"
+    )

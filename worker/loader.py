@@ -1,0 +1,66 @@
+"""The loader stage: a message's images are loaded before it may join a model batch.
+
+Issue #14 item 2 and issue #17: fetching and decoding used to run inside a batch
+slot, so a host that drips bytes held a slot (and the model's turn) for up to
+FETCH_TIMEOUT_S. Now ``worker.batching.ContinuousBatches`` hands each arriving
+message to a ``Loader``, and a message becomes eligible for a batch only once
+its load is done; the batch slot then only predicts and writes.
+
+The interface is two calls, so the way loading runs can change behind it: a pool
+of threads today (``LOADER_THREADS``; fetching, Pillow and SQL release the GIL);
+loader processes that decode across cores into shared memory, or a GPU decoder
+(DALI) in place of Pillow, later. What a load does is ``worker.pipeline.load``:
+claim the jobs in SQL, fetch, decode under the process's pixel budget, resize.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Generic, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Done = Callable[[T | None, BaseException | None], None]
+
+
+class LoadCanceled(Exception):
+    """The error a load gets when ``close`` came before it started."""
+
+
+class Loader(Generic[T]):
+    """Runs ``load(job_ids)`` for messages, one per loader thread; thread-safe."""
+
+    def __init__(self, load: Callable[[list[str]], T], threads: int) -> None:
+        self._load = load
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="loader")
+        self._closed = False
+
+    def submit(self, job_ids: list[str], done: Done) -> None:
+        """Start loading; ``done(result, error)`` is called later, from a loader thread.
+
+        Never from the caller's own thread, so the caller may hold its locks. A load
+        that ``close`` came before gets ``LoadCanceled`` without running.
+        """
+        self._pool.submit(self._run, job_ids, done)
+
+    def close(self) -> None:
+        """Start no more loads (worker shutdown); those running finish."""
+        self._closed = True
+        self._pool.shutdown(wait=False)
+
+    def _run(self, job_ids: list[str], done: Done) -> None:
+        try:
+            if self._closed:
+                raise LoadCanceled()
+            result = self._load(job_ids)
+        except Exception as exc:
+            outcome: tuple = (None, exc)
+        else:
+            outcome = (result, None)
+        try:
+            done(*outcome)
+        except Exception:  # the pool would swallow it: say so
+            log.exception("handing over a load of %d job(s) failed", len(job_ids))
