@@ -1,38 +1,30 @@
-"""Submitting a bulk batch: validate every line, charge N in one transaction, enqueue in chunks.
+"""Submitting a bulk batch: validate every line, charge N in one transaction, then dispatch.
 
 Same order as single jobs (api/submission.py): nothing is written unless every
-line is valid and the balance covers all of them; the broker is checked before
-the transaction, and the job ids are sent only after the commit.
+line is valid and the balance covers all of them, and Redis is checked before the
+transaction. The jobs are committed numbered in chunks and waiting in SQL; after the
+commit, ``shared.dispatch.refill`` sends as many chunks as the bulk window has room
+for, round-robin over the users with work waiting. A send that fails leaves the jobs
+waiting (charged, as accepted) for the next refill, not undone: the batch is the
+durable record, and the broker is only told about a few chunks at a time anyway.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sqlalchemy import delete, func, select, update
-
 from api.ratelimit import limits
 from api.services import db, services
-from api.submission import (
-    forget_idempotent,
-    is_valid_url,
-    replay,
-    save_idempotent,
-    validate_url,
-)
-from shared import batches, jobs, ledger, logs
+from api.submission import is_valid_url, replay, save_idempotent, validate_url
+from shared import batches, dispatch, ledger, logs
 from shared.db import bulk_insert
-from shared.errors import ServiceUnavailable, ValidationFailed
-from shared.models import Batch, IdempotencyRecord, Job, User, new_id, utcnow
-from shared.queue import enqueue_bulk
+from shared.errors import ValidationFailed
+from shared.models import Batch, Job, User, new_id, utcnow
 from shared.status import JobStatus
-
-log = logging.getLogger(__name__)
 
 MAX_REPORTED_LINES = 100
 # Bulk inserts bypass ORM defaults: every other column of a batch job.
@@ -47,6 +39,7 @@ JOB_DEFAULTS = {
     "webhook_events": None,
     "started_at": None,
     "completed_at": None,
+    "dispatched_at": None,  # waiting in SQL until shared.dispatch sends its chunk
 }
 
 
@@ -114,6 +107,11 @@ def submit_batch(user: User, req: BatchRequest, idempotency_key: str | None) -> 
     svc = services()
     svc.redis.ping()  # a dead broker is a 503 before anything is written
     batch_id, job_ids = new_id(), [new_id() for _ in req.urls]
+    chunk_of = {
+        job_id: n
+        for n, ids in enumerate(chunk(job_ids, req.urls, svc.config.batch_max))
+        for job_id in ids
+    }
     session = db()
     try:
         ledger.charge_jobs(session, user.id, job_ids)
@@ -142,6 +140,7 @@ def submit_batch(user: User, req: BatchRequest, idempotency_key: str | None) -> 
                     "model": req.model,
                     "top_k": req.top_k,
                     "input_url": url,
+                    "chunk": chunk_of[job_id],
                     "created_at": now,
                     "request_id": request_id,
                 }
@@ -155,8 +154,8 @@ def submit_batch(user: User, req: BatchRequest, idempotency_key: str | None) -> 
     except Exception:
         session.rollback()
         raise
-    chunks = chunk(job_ids, req.urls, svc.config.batch_max)
-    return 202, _enqueue_or_undo(user.id, batch_id, chunks, body)
+    dispatch.refill(svc.sessions, svc.redis, svc.celery, svc.config)
+    return 202, body
 
 
 def chunk(job_ids: list[str], urls: tuple[str, ...], size: int) -> list[list[str]]:
@@ -171,60 +170,3 @@ def chunk(job_ids: list[str], urls: tuple[str, ...], size: int) -> list[list[str
             chunks.append([])
         chunks[-1].extend(group)
     return chunks
-
-
-def _enqueue_or_undo(user_id: int, batch_id: str, chunks: list[list[str]], body: dict) -> dict:
-    """Send the chunks; if a send fails, take back every job no worker has claimed yet.
-
-    A publish can raise after the broker took some messages, and workers may claim those
-    jobs before the undo runs. If none was claimed the batch disappears and the answer is
-    503 (nothing charged); otherwise the claimed jobs stay, charged, and the answer is the
-    batch as it now stands (202; if some jobs were taken back, ``canceled_at`` is set and
-    ``total`` counts the jobs kept).
-    """
-    svc = services()
-    try:
-        enqueue_bulk(svc.celery, svc.config, chunks)
-    except Exception as exc:
-        log.warning("enqueue of batch %s failed: %r; undoing it", batch_id, exc)
-        kept = _undo(user_id, batch_id)
-        if kept is None:
-            raise ServiceUnavailable("The job queue is unavailable; nothing was charged.") from exc
-        log.warning("batch %s: %d job(s) already claimed; kept", batch_id, kept["total"])
-        return kept
-    return body
-
-
-def _undo(user_id: int, batch_id: str) -> dict | None:
-    """Delete the batch's still-queued jobs and void their charges, in one transaction.
-
-    Returns None when the whole batch is gone, else the batch as it stands: the jobs a
-    worker claimed first (the conditional DELETE and the worker's claim are both status
-    transitions, so exactly one wins per job) keep running and stay charged.
-    """
-    session = db()
-    session.rollback()
-    removed = jobs.withdraw_unstarted(session, user_id, Job.batch_id == batch_id)
-    taken = session.scalar(select(func.count()).where(Job.batch_id == batch_id))
-    if not taken:
-        forget_idempotent(user_id, batch_id)
-        session.execute(delete(Batch).where(Batch.id == batch_id))
-        session.commit()
-        return None
-    if removed:
-        session.execute(
-            update(Batch).where(Batch.id == batch_id).values(canceled_at=utcnow(), total=taken)
-        )
-    body = batches.batch_to_dict(session, session.get(Batch, batch_id, populate_existing=True))
-    # A retry with the same Idempotency-Key gets this answer, not the first one's total.
-    session.execute(
-        update(IdempotencyRecord)
-        .where(
-            IdempotencyRecord.user_id == user_id,
-            IdempotencyRecord.body["id"].as_string() == batch_id,
-        )
-        .values(body=body)
-        .execution_options(synchronize_session=False)
-    )
-    session.commit()
-    return body

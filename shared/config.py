@@ -89,6 +89,9 @@ class Config:
     worker_pool: str = "threads"  # threads: one model per process; prefork: one per child
     worker_concurrency: int = 2  # batches in flight (threads) or pool processes (prefork)
     worker_prefetch: int = 0  # 0: 2 * batch_max per pool process
+    # Bulk chunks of BATCH_MAX sent to the broker at once, per live worker (shared/dispatch.py);
+    # the rest wait in SQL and go out round-robin over users. 0: WORKER_CONCURRENCY + 1.
+    bulk_window_batches: int = 0
     fetch_threads: int = 16
     # Pixels that a worker process's concurrent decodes may hold at once (shared/pixel_budget.py).
     decode_budget_pixels: int = 80_000_000
@@ -125,6 +128,11 @@ class Config:
     def effective_prefetch(self) -> int:
         """Messages a worker may hold unacknowledged, across its pool processes."""
         return self.worker_prefetch or 2 * self.batch_max * self.worker_concurrency
+
+    @property
+    def effective_bulk_window_batches(self) -> int:
+        # One batch running per slot and one waiting, so a slot that frees never idles.
+        return self.bulk_window_batches or self.worker_concurrency + 1
 
     @property
     def broker_is_redis(self) -> bool:
@@ -172,6 +180,8 @@ class Config:
             raise ValueError("MAX_WAITS_PER_USER and MAX_WAITS_PER_PROCESS must be >= 0")
         if self.worker_concurrency < 1:
             raise ValueError("WORKER_CONCURRENCY must be >= 1")
+        if self.bulk_window_batches < 0:
+            raise ValueError("BULK_WINDOW_BATCHES must be >= 0 (0: WORKER_CONCURRENCY + 1)")
         if self.decode_budget_pixels < self.max_image_pixels or self.decode_wait_s <= 0:
             # Else the API accepts (and charges for) images no worker can ever decode.
             raise ValueError(

@@ -18,7 +18,7 @@ from sqlalchemy import case, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from shared import batches, jobs, logs, webhook_events
+from shared import batches, dispatch, jobs, logs, webhook_events
 from shared.errors import ServiceError, UploadExpired
 from shared.events import publish_done
 from shared.images import decode_image, to_array
@@ -63,6 +63,10 @@ def process(rt: Runtime, job_ids: list[str]) -> str | None:
         return RETRY_BATCH
     for o in outcomes:
         stats.inc("jobs_finished", status="failed" if o.error else "succeeded")
+    if any(o.job.batch_id for o in outcomes):
+        # Before the announcements: the next chunk should reach this worker before
+        # the slot this batch frees looks for work.
+        dispatch.refill(rt.sessions, rt.redis, rt.celery, rt.config)
     _announce(rt, outcomes, written, stats)
     return None
 

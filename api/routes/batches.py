@@ -20,7 +20,7 @@ from api.pagination import page
 from api.routes.jobs import after_cancel, idempotency_key
 from api.services import db, services
 from api.submission import checked_model
-from shared import batches, ledger
+from shared import batches, dispatch, ledger
 from shared.errors import Conflict, NotFound, ValidationFailed
 from shared.models import Batch, Job, utcnow
 from shared.status import JobStatus
@@ -222,6 +222,9 @@ def cancel_batch(batch_id: str):
     events = batches.complete_finished(session, [batch_id])
     session.commit()
     after_cancel(canceled, events)
+    # Its chunks out at the broker no longer count: other users' work takes the room.
+    svc = services()
+    dispatch.refill(svc.sessions, svc.redis, svc.celery, svc.config)
     return batches.batch_to_dict(session, batch)
 
 

@@ -53,3 +53,11 @@ def test_the_decode_budget_must_hold_the_largest_accepted_image():
     with pytest.raises(ValueError, match="DECODE_BUDGET_PIXELS must be >= MAX_IMAGE_PIXELS"):
         Config.from_env({"DECODE_BUDGET_PIXELS": "30000000", "MAX_IMAGE_PIXELS": "40000000"})
     assert Config.from_env({"DECODE_BUDGET_PIXELS": "40000000"}).decode_budget_pixels == 40_000_000
+
+
+def test_the_bulk_window_defaults_to_one_batch_more_than_the_slots():
+    assert Config.from_env({}).effective_bulk_window_batches == 3  # 2 running, 1 waiting
+    assert Config.from_env({"WORKER_CONCURRENCY": "4"}).effective_bulk_window_batches == 5
+    assert Config.from_env({"BULK_WINDOW_BATCHES": "8"}).effective_bulk_window_batches == 8
+    with pytest.raises(ValueError, match="BULK_WINDOW_BATCHES"):
+        Config.from_env({"BULK_WINDOW_BATCHES": "-1"})
