@@ -180,7 +180,10 @@ def _mark_next_chunk(session: Session, batch_id: str, batch_max: int) -> list[st
             .limit(batch_max)
         )
     now = utcnow()
-    won = list(
+    # The batch row first: a cancel locks it, then its queued jobs; the same order here
+    # cannot deadlock with it.
+    session.execute(update(Batch).where(Batch.id == batch_id).values(dispatched_at=now))
+    return list(
         session.scalars(
             update(Job)
             .where(Job.id.in_(ids), *_waiting(batch_id))
@@ -189,9 +192,6 @@ def _mark_next_chunk(session: Session, batch_id: str, batch_max: int) -> list[st
             .execution_options(synchronize_session=False)
         )
     )
-    if won:
-        session.execute(update(Batch).where(Batch.id == batch_id).values(dispatched_at=now))
-    return won
 
 
 def _send(
