@@ -70,7 +70,9 @@ def refill(
         return 0
 
 
-def _refill(sessions: sessionmaker[Session], client: redis.Redis, celery: Celery, config) -> int:
+def _refill(
+    sessions: sessionmaker[Session], client: redis.Redis, celery: Celery, config: Config
+) -> int:
     """One refill at a time cluster-wide (a Redis lock). A caller that finds it taken
     leaves a note; the holder refills once more for it before letting go, so work
     committed meanwhile never waits for the next trigger."""
@@ -171,22 +173,25 @@ def _mark_next_chunk(session: Session, batch_id: str, batch_max: int) -> list[st
     """
     first = session.scalar(select(func.min(Job.chunk)).where(*_waiting(batch_id)))
     if first is not None:
-        ids = select(Job.id).where(*_waiting(batch_id), Job.chunk == first)
+        chosen = Job.chunk == first
     else:
-        ids = (
+        ids = session.scalars(
             select(Job.id)
             .where(*_waiting(batch_id), Job.chunk.is_(None))
             .order_by(Job.batch_index)
             .limit(batch_max)
         )
+        chosen = Job.id.in_(list(ids))
     now = utcnow()
     # The batch row first: a cancel locks it, then its queued jobs; the same order here
     # cannot deadlock with it.
     session.execute(update(Batch).where(Batch.id == batch_id).values(dispatched_at=now))
+    # Plain conditions, no IN (subquery): PostgreSQL planned that as a scan of the
+    # batch's rows for each row, seconds per chunk, right after the batch's COPY.
     return list(
         session.scalars(
             update(Job)
-            .where(Job.id.in_(ids), *_waiting(batch_id))
+            .where(*_waiting(batch_id), chosen)
             .values(dispatched_at=now)
             .returning(Job.id)
             .execution_options(synchronize_session=False)
