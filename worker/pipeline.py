@@ -64,9 +64,10 @@ def process(rt: Runtime, job_ids: list[str]) -> str | None:
     for o in outcomes:
         stats.inc("jobs_finished", status="failed" if o.error else "succeeded")
     if any(o.job.batch_id for o in outcomes):
-        # Before the announcements: the next chunk should reach this worker before
-        # the slot this batch frees looks for work.
-        dispatch.refill(rt.sessions, rt.redis, rt.celery, rt.config)
+        # In the background: the slot this batch frees takes the chunk already waiting
+        # at once, and the refill (SQL and Redis round trips) sends the next one
+        # meanwhile; on the batch's own path it cost the worker about 5 % of its rate.
+        rt.io_pool.submit(dispatch.refill, rt.sessions, rt.redis, rt.celery, rt.config)
     _announce(rt, outcomes, written, stats)
     return None
 
