@@ -1,42 +1,31 @@
-"""Submitting a bulk batch: validate every line, charge N in one transaction, enqueue in chunks.
+"""Submitting a bulk batch: validate every line, charge N in one transaction, then dispatch.
 
 Same order as single jobs (api/submission.py): nothing is written unless every
-line is valid and the balance covers all of them; the broker is checked before
-the transaction, and the job ids are sent only after the commit. Retrying a
-batch's failed lines (``retry_batch``) follows the same order and the same
-enqueue path (``_enqueue_or_undo``).
+line is valid and the balance covers all of them, and Redis is checked before the
+transaction. The jobs are committed numbered in chunks and waiting in SQL; after the
+commit, ``shared.dispatch.refill`` sends as many chunks as the bulk window has room
+for, round-robin over the users with work waiting. A send that fails leaves the jobs
+waiting (charged, as accepted) for the next refill, not undone: the batch is the
+durable record, and the broker is only told about a few chunks at a time anyway.
+Retrying a batch's failed lines (``retry_batch``) goes the same way.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
-
-from sqlalchemy import delete, func, select, update
 
 from api.ratelimit import limits
 from api.services import db, services
-from api.submission import (
-    forget_idempotent,
-    forget_key,
-    is_valid_url,
-    replay,
-    save_idempotent,
-    validate_url,
-)
-from shared import batches, jobs, ledger, logs, webhook_events
+from api.submission import is_valid_url, replay, save_idempotent, validate_url
+from shared import batches, dispatch, jobs, ledger, logs
 from shared.db import bulk_insert
-from shared.errors import Conflict, NotFound, ServiceUnavailable, ValidationFailed
-from shared.models import Batch, IdempotencyRecord, Job, User, new_id, utcnow
-from shared.queue import enqueue_bulk
+from shared.errors import Conflict, NotFound, ValidationFailed
+from shared.models import Batch, Job, User, new_id, utcnow
 from shared.status import JobStatus
-
-log = logging.getLogger(__name__)
 
 MAX_REPORTED_LINES = 100
 MAX_CUSTOM_ID = 64
@@ -55,6 +44,7 @@ JOB_DEFAULTS = {
     "webhook_events": None,
     "started_at": None,
     "completed_at": None,
+    "dispatched_at": None,  # waiting in SQL until shared.dispatch sends its chunk
 }
 
 
@@ -218,6 +208,11 @@ def submit_batch(user: User, req: BatchRequest, idempotency_key: str | None) -> 
     svc = services()
     svc.redis.ping()  # a dead broker is a 503 before anything is written
     batch_id, job_ids = new_id(), [new_id() for _ in req.urls]
+    chunk_of = {
+        job_id: n
+        for n, ids in enumerate(chunk(job_ids, req.urls, svc.config.batch_max))
+        for job_id in ids
+    }
     session = db()
     try:
         ledger.charge_jobs(session, user.id, job_ids)
@@ -249,6 +244,7 @@ def submit_batch(user: User, req: BatchRequest, idempotency_key: str | None) -> 
                     "model": req.model,
                     "top_k": line_top_k or req.top_k,
                     "input_url": url,
+                    "chunk": chunk_of[job_id],
                     "created_at": now,
                     "request_id": request_id,
                 }
@@ -264,8 +260,8 @@ def submit_batch(user: User, req: BatchRequest, idempotency_key: str | None) -> 
     except Exception:
         session.rollback()
         raise
-    chunks = chunk(job_ids, req.urls, svc.config.batch_max)
-    return 202, _enqueue_or_undo(batch_id, chunks, body, lambda: _undo(user.id, batch_id))
+    dispatch.refill(svc.sessions, svc.redis, svc.celery, svc.config)
+    return 202, body
 
 
 def chunk(job_ids: list[str], urls: tuple[str, ...], size: int) -> list[list[str]]:
@@ -282,77 +278,6 @@ def chunk(job_ids: list[str], urls: tuple[str, ...], size: int) -> list[list[str
     return chunks
 
 
-def _enqueue_or_undo(
-    batch_id: str, chunks: list[list[str]], body: dict, undo: Callable[[], dict | None]
-) -> dict:
-    """Send the chunks; if a send fails, take back every job no worker has claimed yet.
-
-    The one place a batch's committed jobs go to the queue, new and retried alike.
-
-    A publish can raise after the broker took some messages, and workers may claim those
-    jobs before the undo runs. If none was claimed the batch disappears and the answer is
-    503 (nothing charged); otherwise the claimed jobs stay, charged, and the answer is the
-    batch as it now stands (202; if some jobs were taken back, ``canceled_at`` is set and
-    ``total`` counts the jobs kept).
-    """
-    svc = services()
-    try:
-        enqueue_bulk(svc.celery, svc.config, chunks)
-    except Exception as exc:
-        log.warning("enqueue of batch %s failed: %r; undoing it", batch_id, exc)
-        kept = undo()
-        if kept is None:
-            raise ServiceUnavailable("The job queue is unavailable; nothing was charged.") from exc
-        log.warning("batch %s: %d job(s) already claimed; kept", batch_id, kept["total"])
-        return kept
-    return body
-
-
-def _undo(user_id: int, batch_id: str) -> dict | None:
-    """Delete the batch's still-queued jobs and void their charges, in one transaction.
-
-    Returns None when the whole batch is gone, else the batch as it stands: the jobs a
-    worker claimed first (the conditional DELETE and the worker's claim are both status
-    transitions, so exactly one wins per job) keep running and stay charged.
-    """
-    session = db()
-    session.rollback()
-    removed = jobs.withdraw_unstarted(session, user_id, Job.batch_id == batch_id)
-    taken = session.scalar(select(func.count()).where(Job.batch_id == batch_id))
-    if not taken:
-        forget_idempotent(user_id, batch_id)
-        session.execute(delete(Batch).where(Batch.id == batch_id))
-        session.commit()
-        return None
-    if removed:
-        session.execute(
-            update(Batch).where(Batch.id == batch_id).values(canceled_at=utcnow(), total=taken)
-        )
-    body = batches.batch_to_dict(session, session.get(Batch, batch_id, populate_existing=True))
-    # A retry with the same Idempotency-Key gets this answer, not the first one's total.
-    session.execute(
-        update(IdempotencyRecord)
-        .where(
-            IdempotencyRecord.user_id == user_id,
-            IdempotencyRecord.body["id"].as_string() == batch_id,
-        )
-        .values(body=body)
-        .execution_options(synchronize_session=False)
-    )
-    session.commit()
-    return body
-
-
-@dataclass(frozen=True)
-class Retried:
-    """A committed retry: what the undo needs to put the lines back as they were."""
-
-    batch_id: str
-    runs: dict[str, int]  # job id -> the run just charged
-    previous: dict[str, tuple[str | None, str | None, datetime | None]]  # its last failure
-    completed_at: datetime | None  # the batch's, before the retry
-
-
 def retry_batch(
     user: User, batch_id: str, codes: Sequence[str], idempotency_key: str | None
 ) -> tuple[int, dict]:
@@ -361,6 +286,8 @@ def retry_batch(
     One transaction under the batch's row lock (cancel and completion take it too):
     failed -> queued is a conditional transition, so of two concurrent retries each line
     goes to one, and the charge covers exactly the lines this call moved, all or none.
+    The lines then wait in SQL like a new batch's jobs, and ``dispatch.refill`` sends
+    them (in their original chunks) when the bulk window has room.
     """
     payload = json.dumps(["retry", batch_id, sorted(set(codes))])
     fingerprint = hashlib.sha256(payload.encode()).hexdigest()
@@ -371,8 +298,8 @@ def retry_batch(
     svc.redis.ping()  # a dead broker is a 503 before anything is written
     session = db()
     try:
-        retried, urls, batch = _requeue(session, user, batch_id, codes)
-        body = {**batches.batch_to_dict(session, batch), "retried": len(retried.runs)}
+        batch, retried = _requeue(session, user, batch_id, codes)
+        body = {**batches.batch_to_dict(session, batch), "retried": retried}
         if idempotency_key:
             save_idempotent(user.id, idempotency_key, fingerprint, body)
         session.commit()
@@ -387,16 +314,13 @@ def retry_batch(
     except Exception:
         session.rollback()
         raise
-    ids = list(retried.runs)
-    chunks = chunk(ids, tuple(urls[i] for i in ids), svc.config.batch_max)
-    return 202, _enqueue_or_undo(
-        batch_id, chunks, body, lambda: _undo_retry(user.id, retried, idempotency_key)
-    )
+    dispatch.refill(svc.sessions, svc.redis, svc.celery, svc.config)
+    return 202, body
 
 
-def _requeue(
-    session, user: User, batch_id: str, codes: Sequence[str]
-) -> tuple[Retried, dict[str, str], Batch]:
+def _requeue(session, user: User, batch_id: str, codes: Sequence[str]) -> tuple[Batch, int]:
+    """Lock the batch, move its failed lines back to waiting and charge them; returns the
+    batch and how many lines were moved."""
     batch = batches.lock(session, batch_id)
     if batch is None or batch.user_id != user.id:
         raise NotFound("No such batch.", code="batch_not_found")
@@ -405,15 +329,6 @@ def _requeue(
             "The batch was canceled; submit its lines as a new batch instead.",
             code="batch_canceled",
         )
-    where = [Job.batch_id == batch_id, Job.status == JobStatus.FAILED.value]
-    if codes:
-        where.append(Job.error_code.in_(list(codes)))
-    # Read under the batch lock: only a retry turns a failed line into anything else.
-    rows = session.execute(
-        select(Job.id, Job.input_url, Job.error_code, Job.error_message, Job.completed_at).where(
-            *where
-        )
-    ).all()
     runs = jobs.requeue_failed(session, batch_id, codes)
     if not runs:
         which = f" with error code {', '.join(codes)}" if codes else ""
@@ -423,36 +338,5 @@ def _requeue(
             details={"failed": batches.counts(session, batch_id)["failed"]},
         )
     ledger.charge_jobs(session, user.id, list(runs), runs)  # 402 rolls all of it back
-    retried = Retried(
-        batch_id=batch_id,
-        runs=runs,
-        previous={r.id: (r.error_code, r.error_message, r.completed_at) for r in rows},
-        completed_at=batch.completed_at,
-    )
     batches.reopen(session, batch)
-    return retried, {r.id: r.input_url for r in rows}, batch
-
-
-def _undo_retry(user_id: int, retried: Retried, key: str | None) -> dict | None:
-    """Put the retried lines no worker claimed back to their failure, and void their charge.
-
-    Returns None when every line went back (the batch is as before the retry: 503), else
-    the batch as it stands with ``retried`` counting the lines kept.
-    """
-    session = db()
-    session.rollback()
-    batch = batches.lock(session, retried.batch_id)
-    back = jobs.withdraw_requeued(session, user_id, retried.runs, retried.previous)
-    if len(back) == len(retried.runs):
-        batches.undo_reopen(session, batch, retried.completed_at)
-    # The lines taken back may have been the last active ones of a running batch.
-    events = batches.complete_finished(session, [retried.batch_id])
-    body = {
-        **batches.batch_to_dict(session, batch),
-        "retried": len(retried.runs) - len(back),
-    }
-    if key:
-        forget_key(user_id, key)
-    session.commit()
-    webhook_events.dispatch(services().celery, services().config, events)
-    return None if len(back) == len(retried.runs) else body
+    return batch, len(runs)

@@ -276,14 +276,6 @@ def forget_idempotent(user_id: int, resource_id: str) -> None:
     )
 
 
-def forget_key(user_id: int, key: str) -> None:
-    db().execute(
-        delete(IdempotencyRecord).where(
-            IdempotencyRecord.user_id == user_id, IdempotencyRecord.key == key
-        )
-    )
-
-
 def replay(user_id: int, key: str, fingerprint: str) -> tuple[int, dict] | None:
     """The first answer for this key, or None; 409 if the key came with another request."""
     record = (

@@ -12,7 +12,6 @@ keyed by that run.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
@@ -118,13 +117,6 @@ def reopen(session: Session, batch: Batch) -> None:
     """Start a new run of a locked batch whose failed lines are being retried."""
     batch.completed_at = None
     batch.retries += 1
-    session.flush()
-
-
-def undo_reopen(session: Session, batch: Batch, completed_at: datetime | None) -> None:
-    """Back to the run before ``reopen``, when every retried line was taken back unstarted."""
-    batch.completed_at = completed_at
-    batch.retries -= 1
     session.flush()
 
 

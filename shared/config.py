@@ -91,6 +91,9 @@ class Config:
     worker_pool: str = "threads"  # threads: one model per process; prefork: one per child
     worker_concurrency: int = 2  # batches in flight (threads) or pool processes (prefork)
     worker_prefetch: int = 0  # 0: 2 * batch_max per pool process
+    # Bulk chunks of BATCH_MAX sent to the broker at once, per live worker (shared/dispatch.py);
+    # the rest wait in SQL and go out round-robin over users. 0: WORKER_CONCURRENCY + 1.
+    bulk_window_batches: int = 0
     fetch_threads: int = 16
     # Messages whose images load at once, outside the batch slots (worker/loader.py,
     # threads pool); 0: FETCH_THREADS. Slow image hosts beyond this many delay others.
@@ -140,6 +143,10 @@ class Config:
     @property
     def effective_loader_threads(self) -> int:
         return self.loader_threads or self.fetch_threads
+
+    def effective_bulk_window_batches(self) -> int:
+        # One batch running per slot and one waiting, so a slot that frees never idles.
+        return self.bulk_window_batches or self.worker_concurrency + 1
 
     @property
     def broker_is_redis(self) -> bool:
@@ -193,6 +200,8 @@ class Config:
             raise ValueError("WORKER_CONCURRENCY must be >= 1")
         if self.fetch_threads < 1 or self.loader_threads < 0:
             raise ValueError("FETCH_THREADS must be >= 1 and LOADER_THREADS >= 0")
+        if self.bulk_window_batches < 0:
+            raise ValueError("BULK_WINDOW_BATCHES must be >= 0 (0: WORKER_CONCURRENCY + 1)")
         if self.decode_budget_pixels < self.max_image_pixels or self.decode_wait_s <= 0:
             # Else the API accepts (and charges for) images no worker can ever decode.
             raise ValueError(

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, bindparam, case, delete, literal, update
+from sqlalchemy import ColumnElement, case, delete, literal, update
 from sqlalchemy.orm import Session
 
 from shared import ledger, webhook_events
@@ -232,59 +232,12 @@ def requeue_failed(
                 completed_at=None,
                 claimed_at=None,
                 claimed_by=None,
+                dispatched_at=None,  # waiting in SQL again, for shared.dispatch to send
             )
             .returning(Job.id, Job.retries)
             .execution_options(synchronize_session=False)
         ).all()
     )
-
-
-def withdraw_requeued(
-    session: Session,
-    user_id: int,
-    runs: dict[str, int],
-    previous: dict[str, tuple[str | None, str | None, datetime | None]],
-) -> list[str]:
-    """Undo ``requeue_failed`` for the lines still queued in the run it started: back to
-    ``failed`` with their last error, and that run's charge voided.
-
-    The enqueue's undo, like ``withdraw_unstarted``: the conditional UPDATE and a worker's
-    claim are both transitions, so a line a worker took stays, charged. Returns the ids
-    put back; the caller commits.
-    """
-    by_run: dict[int, list[str]] = {}
-    for job_id, run in runs.items():
-        by_run.setdefault(run, []).append(job_id)
-    back: list[str] = []
-    for run, ids in by_run.items():  # one UPDATE per distinct run, usually a single one
-        won = list(
-            session.scalars(
-                update(Job)
-                .where(Job.id.in_(ids), Job.status == JobStatus.QUEUED.value, Job.retries == run)
-                .values(status=JobStatus.FAILED.value, retries=run - 1)
-                .returning(Job.id)
-                .execution_options(synchronize_session=False)
-            )
-        )
-        ledger.void_charges(session, user_id, won, run)
-        back += won
-    if back:
-        table = Job.__table__
-        session.execute(
-            update(table)
-            .where(table.c.id == bindparam("b_id"))
-            .values(
-                error_code=bindparam("b_code"),
-                error_message=bindparam("b_message"),
-                completed_at=bindparam("b_completed"),
-            ),
-            [
-                {"b_id": i, "b_code": code, "b_message": message, "b_completed": completed}
-                for i in back
-                for code, message, completed in [previous[i]]
-            ],
-        )
-    return back
 
 
 def delete_finished(

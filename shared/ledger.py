@@ -108,13 +108,11 @@ def refund_jobs(
     )
 
 
-def void_charges(
-    session: Session, user_id: int, job_ids: Sequence[str], run: int | None = None
-) -> None:
+def void_charges(session: Session, user_id: int, job_ids: Sequence[str]) -> None:
     """Undo the charges of jobs the caller just took back unstarted (their message may never
     have reached a worker): the charge rows go and the tokens come back, so the answer can
-    truly say nothing was charged. Call only with the ids a conditional change returned;
-    ``run``: only that run's charge (a retry taken back keeps the earlier runs' rows)."""
+    truly say nothing was charged. Call only with the ids a conditional DELETE returned
+    (a job deleted unstarted was never retried: its one charge is run 0)."""
     if not job_ids:
         return
     voided = session.execute(
@@ -122,7 +120,6 @@ def void_charges(
             LedgerEntry.user_id == user_id,
             LedgerEntry.job_id.in_(list(job_ids)),
             LedgerEntry.reason == CHARGE,
-            *([LedgerEntry.retry == run] if run is not None else []),
         )
     ).rowcount
     # Exactly the tokens whose rows went, so the balance stays the sum of the ledger.

@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -114,6 +115,15 @@ class LedgerEntry(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+# The partial indexes' conditions, used as written by the dispatcher's queries too
+# (shared/dispatch.py): a planner uses a partial index only for a condition it can match.
+BULK_WAITING = "status = 'queued' AND batch_id IS NOT NULL AND dispatched_at IS NULL"
+BULK_OUT = (
+    "status IN ('queued', 'processing') AND batch_id IS NOT NULL AND dispatched_at IS NOT NULL"
+)
+OPEN_BATCH = "completed_at IS NULL"
+
+
 class Job(Base):
     __tablename__ = "jobs"
 
@@ -142,6 +152,11 @@ class Job(Base):
     # The worker instance (its heartbeat name) that took the job last: once that
     # heartbeat stops, the job is re-sent at once instead of after STALE_PROCESSING_S.
     claimed_by: Mapped[str | None] = mapped_column(String(200), default=None)
+    # Bulk jobs only (shared/dispatch.py): the message the job goes out in (api.bulk.chunk
+    # numbers them, keeping a URL's duplicates together), and when that message was sent.
+    # A queued bulk job with no dispatched_at waits in SQL for its turn.
+    chunk: Mapped[int | None] = mapped_column(Integer, default=None)
+    dispatched_at: Mapped[datetime | None] = mapped_column(default=None)
     webhook_url: Mapped[str | None] = mapped_column(Text, default=None)
     webhook_events: Mapped[list[str] | None] = mapped_column(NULLABLE_JSON, default=None)
     request_id: Mapped[str | None] = mapped_column(String(64), default=None)
@@ -159,6 +174,21 @@ class Job(Base):
         Index("uq_jobs_batch_custom_id", "batch_id", "custom_id", unique=True),
         # Retention finds old finished single jobs (batch_id IS NULL) without a scan.
         Index("ix_jobs_batch_completed", "batch_id", "completed_at"),
+        # The dispatcher's two questions stay cheap with millions of jobs waiting: a
+        # batch's next chunk, and how many bulk jobs are out (a few batches' worth).
+        Index(
+            "ix_jobs_bulk_waiting",
+            "batch_id",
+            "chunk",
+            postgresql_where=text(BULK_WAITING),
+            sqlite_where=text(BULK_WAITING),
+        ),
+        Index(
+            "ix_jobs_bulk_out",
+            "user_id",
+            postgresql_where=text(BULK_OUT),
+            sqlite_where=text(BULK_OUT),
+        ),
     )
 
 
@@ -169,6 +199,13 @@ class Batch(Base):
     __table_args__ = (
         Index("ix_batches_user_created", "user_id", "created_at"),
         Index("ix_batches_completed_at", "completed_at"),  # retention
+        # The dispatcher looks for work among the batches not yet completed.
+        Index(
+            "ix_batches_open",
+            "created_at",
+            postgresql_where=text(OPEN_BATCH),
+            sqlite_where=text(OPEN_BATCH),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
@@ -184,6 +221,9 @@ class Batch(Base):
     completed_at: Mapped[datetime | None] = mapped_column(default=None)
     # How many retries reopened the batch; its batch.completed events are keyed by it.
     retries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # When the dispatcher last sent one of its chunks: of two users with as many jobs
+    # out, the one served less recently goes first (shared/dispatch.py).
+    dispatched_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class WebhookEvent(Base):

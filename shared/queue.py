@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 
+import redis
 from celery import Celery
 from kombu import Exchange, Queue
 from kombu.exceptions import ChannelError
@@ -76,6 +77,11 @@ def _transport_options(config: Config) -> dict:
 def heartbeat_key(config: Config) -> str:
     """Hash of classification workers' heartbeats (name -> unix time), read by /readyz."""
     return f"{config.queue_prefix}:workers:heartbeat"
+
+
+def heartbeats(client: redis.Redis, config: Config) -> dict[str, float]:
+    """Every classification worker's last heartbeat (name -> unix time)."""
+    return {k.decode(): float(v) for k, v in client.hgetall(heartbeat_key(config)).items()}
 
 
 def make_celery(config: Config, main: str = "imgclf") -> Celery:

@@ -30,7 +30,7 @@ import redis
 from kombu.transport.redis import Channel as RedisChannel
 
 from shared.config import Config
-from shared.queue import heartbeat_key
+from shared.queue import heartbeat_key, heartbeats
 from shared.redis_client import make_redis
 
 # kombu's key names (this service sets no global_keyprefix).
@@ -52,7 +52,7 @@ def beat(client: redis.Redis, config: Config, worker_id: str) -> None:
 def live_workers(client: redis.Redis, config: Config) -> set[str]:
     """Names whose heartbeat is younger than WORKER_DEAD_AFTER_S; forgets very old ones."""
     now = time.time()
-    beats = {k.decode(): float(v) for k, v in client.hgetall(heartbeat_key(config)).items()}
+    beats = heartbeats(client, config)
     forgotten = [name for name, at in beats.items() if now - at > FORGET_AFTER_S]
     if forgotten:
         client.hdel(heartbeat_key(config), *forgotten)

@@ -20,7 +20,7 @@ from sqlalchemy import case, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from shared import batches, jobs, logs, webhook_events
+from shared import batches, dispatch, jobs, logs, webhook_events
 from shared.errors import ServiceError, UploadExpired
 from shared.events import publish_done
 from shared.images import decode_image, to_array
@@ -92,6 +92,11 @@ def process(rt: Runtime, job_ids: list[str], loaded: list[Loaded] | None = None)
     for o in outcomes:
         stats.inc("jobs_finished", status="failed" if o.error else "succeeded")
     # After the write: the outcomes are committed and announced from here on.
+    if any(o.job.batch_id for o in outcomes):
+        # In the background: the slot this batch frees takes the chunk already waiting
+        # at once, and the refill (SQL and Redis round trips) sends the next one
+        # meanwhile; on the batch's own path it cost the worker about 5 % of its rate.
+        rt.io_pool.submit(dispatch.refill, rt.sessions, rt.redis, rt.celery, rt.config)
     _announce(rt, outcomes, written, stats)
     return None
 

@@ -14,9 +14,14 @@ of the cluster (a Redis lock elects it):
   ``STALE_PROCESSING_S`` (by anyone). It re-sends them (unless the first step just
   restored their message), or, after ``JOB_MAX_ATTEMPTS`` claims, fails them as
   ``worker_lost`` with a refund;
-- re-sends ``queued`` jobs older than ``STALE_QUEUED_S`` when their queues are
+- re-sends ``queued`` jobs whose message was sent longer than ``STALE_QUEUED_S``
+  ago (single jobs at submission, bulk jobs when dispatched) when their queues are
   empty, at most once per ``STALE_QUEUED_S`` (such a job may only be waiting,
   prefetched, in a live worker: re-sending it every pass would flood the queue).
+  Bulk jobs still waiting in SQL for their turn (never dispatched) are not stale:
+  sending them would defeat the bulk window;
+- refills the bulk window (``shared.dispatch``): a safety net for a refill that
+  failed, and how a new worker's share of the window goes out.
 
 Re-sending is always safe: the batch function only changes jobs that are still
 active, so a duplicate message finds nothing to do. A released job is no longer
@@ -38,7 +43,7 @@ from celery import Celery
 from sqlalchemy import ColumnElement, and_, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import batches, events, jobs, webhook_events
+from shared import batches, dispatch, events, jobs, webhook_events
 from shared.config import Config
 from shared.db import make_engine, make_session_factory
 from shared.models import Job, utcnow
@@ -87,6 +92,9 @@ class Reconciler:
         failed = self._fail_exhausted(
             [j for j in lost if j.attempts >= self.config.job_max_attempts]
         )
+        dispatched = dispatch.refill(self.sessions, self.redis, self.celery, self.config)
+        if dispatched:
+            log.info("reconciler: dispatched %d waiting bulk job(s)", dispatched)
         if restored or resent or failed:
             log.warning(
                 "reconciler: restored %d message(s) of dead workers, re-sent %d job(s), "
@@ -119,7 +127,11 @@ class Reconciler:
         if not self.redis.set(scan_key, "1", nx=True, ex=max(1, self.config.stale_queued_s)):
             return []  # scanned less than STALE_QUEUED_S ago
         cutoff = utcnow() - timedelta(seconds=self.config.stale_queued_s)
-        return self._select(Job.status == JobStatus.QUEUED.value, Job.created_at < cutoff)
+        sent_long_ago = or_(
+            and_(Job.batch_id.is_(None), Job.created_at < cutoff),
+            Job.dispatched_at < cutoff,  # NULL (waiting for its turn) is never stale
+        )
+        return self._select(Job.status == JobStatus.QUEUED.value, sent_long_ago)
 
     def _lost(self, judge_liveness: bool = True) -> tuple[list[Job], ColumnElement[bool]]:
         """Processing jobs whose worker is gone, and the condition that found them."""

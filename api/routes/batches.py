@@ -28,7 +28,7 @@ from api.ratelimit import limits
 from api.routes.jobs import after_cancel, idempotency_key
 from api.services import db, services
 from api.submission import checked_model
-from shared import batches, jobs
+from shared import batches, dispatch, jobs
 from shared.errors import Conflict, NotFound, ValidationFailed
 from shared.models import Batch, Job, utcnow
 
@@ -253,6 +253,9 @@ def cancel_batch(batch_id: str):
     events = batches.complete_finished(session, [batch_id])
     session.commit()
     after_cancel(canceled, events)
+    # Its chunks out at the broker no longer count: other users' work takes the room.
+    svc = services()
+    dispatch.refill(svc.sessions, svc.redis, svc.celery, svc.config)
     return batches.batch_to_dict(session, batch)
 
 

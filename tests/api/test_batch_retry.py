@@ -4,14 +4,14 @@ import threading
 import uuid
 
 import pytest
+from kombu.exceptions import OperationalError
 from sqlalchemy import select
 
-from api import bulk, create_app
-from shared import batches, jobs, queue
+from api.services import services
+from shared import batches, dispatch, jobs
 from shared.models import Job, LedgerEntry
 from tests import support
 from tests.api.test_batches import _balance, _finished, _results, rich_user  # noqa: F401
-from tests.api.test_enqueue_faults import _delivered_then_raise
 from tests.webhook_receiver import Receiver
 
 
@@ -229,24 +229,22 @@ def test_the_same_key_sent_twice_at_once_gets_one_answer(api_stack):
     assert _balance(api_stack, user["username"]) == (3, 3)
 
 
-def test_a_retry_the_queue_drops_is_503_and_puts_every_line_back(api_stack, monkeypatch):
-    app = create_app(api_stack.config.replace(batch_max=1))  # one message per line
-    client = app.test_client()
+def test_a_retry_the_queue_drops_is_accepted_and_waits_in_sql(api_stack, monkeypatch):
+    """Like a new batch, a retry is not undone once committed: its lines wait, charged."""
+    client = api_stack.client()
     user = support.new_user(client)
-    batch = _failed_batch(app, client, user, 2)
-    before = client.get(f"/v1/batches/{batch['id']}", headers=user["headers"]).get_json()
-    assert before["status"] == "completed"
-    lines = _results(client, user, batch["id"])
-    monkeypatch.setattr(
-        bulk, "enqueue_bulk", _delivered_then_raise(app, queue.enqueue_bulk, wait_for_claim=False)
-    )
-    headers = {**user["headers"], "Idempotency-Key": uuid.uuid4().hex}
-    resp = client.post(f"/v1/batches/{batch['id']}/retry", headers=headers)
-    assert resp.status_code == 503, resp.get_json()
-    assert client.get(f"/v1/batches/{batch['id']}", headers=user["headers"]).get_json() == before
-    assert _results(client, user, batch["id"]) == lines
-    assert _balance(api_stack, user["username"]) == (5, 5)
-    monkeypatch.undo()
-    # The key went with the undo: the same retry now goes through.
-    assert client.post(f"/v1/batches/{batch['id']}/retry", headers=headers).status_code == 202
+    batch = _failed_batch(api_stack.app, client, user, 2)
+
+    def down(celery, config, chunks):
+        raise OperationalError("connection refused")
+
+    monkeypatch.setattr(dispatch, "enqueue_bulk", down)
+    resp = client.post(f"/v1/batches/{batch['id']}/retry", headers=user["headers"])
+    assert resp.status_code == 202, resp.get_json()
+    assert resp.get_json()["retried"] == 2 and resp.get_json()["completed_at"] is None
     assert _balance(api_stack, user["username"]) == (3, 3)
+    with api_stack.app.app_context(), services().sessions() as session:
+        lines = session.execute(
+            select(Job.status, Job.dispatched_at).where(Job.batch_id == batch["id"])
+        ).all()
+    assert sorted(tuple(line) for line in lines) == [("queued", None)] * 2

@@ -2,7 +2,10 @@
 
 The fault is injected by wrapping the real enqueue: it sends for real, optionally waits
 until the real worker has claimed the jobs (an event in SQL, not a sleep), then raises
-as kombu does when the connection drops before the publish is confirmed.
+as kombu does when the connection drops before the publish is confirmed. A single job
+is undone (503, nothing charged) unless a worker claimed it first; a bulk batch is
+never undone: the jobs it could not send wait in SQL for the next refill
+(shared/dispatch.py).
 """
 
 from __future__ import annotations
@@ -10,10 +13,10 @@ from __future__ import annotations
 from kombu.exceptions import OperationalError
 from sqlalchemy import func, select
 
-from api import bulk, create_app, submission
+from api import create_app, submission
 from api.services import services
-from shared import ledger, queue
-from shared.models import Batch, Job, User
+from shared import dispatch, ledger, queue
+from shared.models import Job, User
 from shared.status import JobStatus
 from tests import support
 
@@ -38,12 +41,10 @@ def _delivered_then_raise(app, send, wait_for_claim: bool):
     """An enqueue that really sends, then raises; with ``wait_for_claim``, only after the
     worker has claimed what was sent (the undo then finds the jobs taken)."""
 
-    def enqueue(celery, config, ids_or_chunks):
-        sent = ids_or_chunks[:1]  # a bulk batch: the first chunk got through, the rest not
-        send(celery, config, sent)
+    def enqueue(celery, config, job_ids):
+        send(celery, config, job_ids)
         if wait_for_claim:
-            ids = sent[0] if isinstance(sent[0], list) else sent
-            support.wait_for(lambda: _claimed(app, ids), CLAIM_TIMEOUT_S, "the worker's claim")
+            support.wait_for(lambda: _claimed(app, job_ids), CLAIM_TIMEOUT_S, "the worker's claim")
         raise OperationalError("connection lost after the publish")
 
     return enqueue
@@ -84,38 +85,69 @@ def test_job_claimed_before_the_undo_is_accepted_and_charged_once(stack, monkeyp
     assert _account(stack.app, user["username"]) == (4, 4, 1)
 
 
-def test_batch_partly_claimed_before_the_undo_keeps_only_the_claimed_jobs(
+def _second_send_fails(send):
+    """A bulk send that delivers the first chunk, then loses the connection for good."""
+    calls = []
+
+    def enqueue(celery, config, chunks):
+        calls.append(chunks)
+        if len(calls) > 1:
+            raise OperationalError("connection lost after the publish")
+        send(celery, config, chunks)
+
+    return enqueue, calls
+
+
+def test_batch_whose_sends_fail_after_the_commit_is_accepted_and_finished_later(
     stack, monkeypatch, photo_server
 ):
+    """A bulk batch is not undone: its jobs wait in SQL, charged, for the next refill
+    (here the worker's reconciler pass), and each is charged once."""
     # Chunks of two jobs, so the batch goes out as two messages and the second "fails".
     app = create_app(stack.config.replace(batch_max=2))
     client = app.test_client()
     user = support.new_user(client)
-    enqueue = _delivered_then_raise(app, queue.enqueue_bulk, wait_for_claim=True)
-    monkeypatch.setattr(bulk, "enqueue_bulk", enqueue)
+    enqueue, calls = _second_send_fails(queue.enqueue_bulk)
+    monkeypatch.setattr(dispatch, "enqueue_bulk", enqueue)
     urls = [photo_server.url(f"dog.jpg?{i}") for i in range(4)]
-    h = {**user["headers"], "Idempotency-Key": "partly-claimed"}
+    h = {**user["headers"], "Idempotency-Key": "partly-sent"}
     resp = client.post("/v1/batches", json={"urls": urls}, headers=h)
     assert resp.status_code == 202, resp.get_json()
+    assert len(calls) == 2  # the second send raised
     body = resp.get_json()
-    assert body["total"] == 2 and body["status"] == "canceled"
-    assert _account(app, user["username"]) == (3, 3, 2)
-    # A retry with the same key answers the batch as it stands, and charges nothing.
-    assert client.post("/v1/batches", json={"urls": urls}, headers=h).get_json()["total"] == 2
-    assert _account(app, user["username"]) == (3, 3, 2)
-    with app.app_context(), services().sessions() as session:
-        assert session.get(Batch, body["id"]).total == 2
+    assert body["total"] == 4 and body["canceled_at"] is None
+    assert _account(app, user["username"]) == (1, 1, 4)
+    # A retry with the same key answers the same batch, and charges nothing.
+    assert client.post("/v1/batches", json={"urls": urls}, headers=h).get_json()["id"] == body["id"]
+    monkeypatch.undo()
+
+    def finished():
+        got = client.get(f"/v1/batches/{body['id']}", headers=user["headers"]).get_json()
+        return got if got["status"] == "completed" else None
+
+    done = support.wait_for(finished, CLAIM_TIMEOUT_S, "the reconciler to send the rest")
+    assert done["counts"]["succeeded"] == 4
+    assert _account(app, user["username"]) == (1, 1, 4)
 
 
-def test_batch_failing_before_any_claim_is_503_and_leaves_nothing(
+def test_batch_with_the_broker_down_after_the_commit_waits_in_sql(
     api_stack, monkeypatch, photo_server
 ):
     app = create_app(api_stack.config.replace(batch_max=2))
     client = app.test_client()
     user = support.new_user(client)
-    enqueue = _delivered_then_raise(app, queue.enqueue_bulk, wait_for_claim=False)
-    monkeypatch.setattr(bulk, "enqueue_bulk", enqueue)
+
+    def down(celery, config, chunks):
+        raise OperationalError("connection refused")
+
+    monkeypatch.setattr(dispatch, "enqueue_bulk", down)
     urls = [photo_server.url(f"cat.bmp?{i}") for i in range(4)]
     resp = client.post("/v1/batches", json={"urls": urls}, headers=user["headers"])
-    assert resp.status_code == 503, resp.get_json()
-    assert _account(app, user["username"]) == (5, 5, 0)
+    assert resp.status_code == 202, resp.get_json()
+    assert resp.get_json()["status"] == "queued"
+    assert _account(app, user["username"]) == (1, 1, 4)
+    with app.app_context(), services().sessions() as session:
+        sent = session.scalars(
+            select(Job.dispatched_at).where(Job.batch_id == resp.get_json()["id"])
+        ).all()
+    assert sent == [None] * 4  # waiting for the next refill, not half-sent

@@ -59,3 +59,11 @@ def test_retention_takes_fractions_of_a_day_and_refuses_a_negative_one():
     assert Config.from_env({"RETENTION_DAYS": str(60 / 86400)}).retention_s == pytest.approx(60)
     with pytest.raises(ValueError, match="RETENTION_DAYS"):
         Config.from_env({"RETENTION_DAYS": "-1"})
+
+
+def test_the_bulk_window_defaults_to_one_batch_more_than_the_slots():
+    assert Config.from_env({}).effective_bulk_window_batches == 3  # 2 running, 1 waiting
+    assert Config.from_env({"WORKER_CONCURRENCY": "4"}).effective_bulk_window_batches == 5
+    assert Config.from_env({"BULK_WINDOW_BATCHES": "8"}).effective_bulk_window_batches == 8
+    with pytest.raises(ValueError, match="BULK_WINDOW_BATCHES"):
+        Config.from_env({"BULK_WINDOW_BATCHES": "-1"})

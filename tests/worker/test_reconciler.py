@@ -10,7 +10,7 @@ import redis
 from sqlalchemy import select, update
 
 from shared import ledger
-from shared.models import Job, LedgerEntry, User, new_id, utcnow
+from shared.models import Batch, Job, LedgerEntry, User, new_id, utcnow
 from shared.queue import bulk_queue, interactive_queue
 from tests import support
 from worker import liveness
@@ -232,3 +232,55 @@ def test_messages_held_by_a_dead_worker_go_back_to_their_queue(rec):
     assert not broker.hexists(liveness.UNACKED, held_by_dead)
     broker.zrem(liveness.UNACKED_INDEX, held_by_live)
     broker.hdel(liveness.UNACKED, held_by_live)
+
+
+# --- bulk jobs: waiting in SQL for their turn, or dispatched and lost ----------------
+
+
+def _bulk(rec, user_id, dispatched_s_ago: float | None) -> str:
+    """A queued bulk job created 10 minutes ago, dispatched that long ago (None: never)."""
+    created = utcnow() - timedelta(seconds=600)
+    with rec.sessions() as s:
+        batch = Batch(id=new_id(), user_id=user_id, total=1, model="mobilenet", created_at=created)
+        s.add(batch)
+        s.flush()
+        sent = None if dispatched_s_ago is None else utcnow() - timedelta(seconds=dispatched_s_ago)
+        job = Job(
+            id=new_id(),
+            user_id=user_id,
+            batch_id=batch.id,
+            batch_index=0,
+            chunk=0,
+            model="mobilenet",
+            input_url="http://x/a.jpg",
+            created_at=created,
+            dispatched_at=sent,
+        )
+        ledger.charge_jobs(s, user_id, [job.id])
+        s.add(job)
+        s.commit()
+        return job.id
+
+
+def test_a_bulk_job_is_stale_only_when_dispatched_long_ago(rec):
+    """Never-sent jobs wait for their turn in the bulk window: re-sending them as stale
+    would send every waiting job at once; a dispatched one whose message was lost is."""
+    user = _user(rec)
+    waiting = _bulk(rec, user, dispatched_s_ago=None)
+    lost = _bulk(rec, user, dispatched_s_ago=600)
+    recent = _bulk(rec, user, dispatched_s_ago=1)
+    stale = {j.id for j in rec._stale_queued()}
+    assert lost in stale
+    assert not {waiting, recent} & stale
+
+
+def test_a_pass_dispatches_bulk_jobs_waiting_for_their_turn(rec):
+    # A wide window: other tests' jobs in this shared database may be out, never finished.
+    wide = Reconciler(
+        rec.config.replace(bulk_window_batches=10_000), rec.sessions, rec.redis, rec.celery
+    )
+    waiting = _bulk(rec, _user(rec), dispatched_s_ago=None)
+    wide.run_once()
+    assert waiting in _queued_ids(rec, bulk_queue(rec.config))
+    with rec.sessions() as s:
+        assert s.get(Job, waiting).dispatched_at is not None

@@ -1,0 +1,261 @@
+"""The bulk dispatcher on the real databases and Redis: window, turns, chunks, failures.
+
+No worker: a test plays the worker by ending jobs in SQL, and reads what was sent
+from the bulk queue in Redis. Each test has its own database rows and queue prefix;
+the module has its own database, so no other test's waiting batches are dispatched.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+from kombu.exceptions import OperationalError
+from sqlalchemy import select, update
+
+from shared import dispatch
+from shared.db import make_engine, make_session_factory
+from shared.models import Batch, Job, User, new_id, utcnow
+from shared.queue import bulk_queue, heartbeat_key, make_celery
+from shared.redis_client import make_redis
+from tests import support
+
+BATCH_MAX = 4
+
+
+@pytest.fixture(scope="module")
+def database(db_url, tmp_path_factory):
+    if db_url.startswith("sqlite"):
+        yield f"sqlite:///{tmp_path_factory.mktemp('dispatch') / 'dispatch.db'}"
+        return
+    url = support.create_postgres_database()
+    yield url
+    support.drop_postgres_database(url)
+
+
+@pytest.fixture
+def sender(database):
+    """refill() with a window of two chunks of BATCH_MAX (one worker, or none alive)."""
+    config = support.migrated(
+        support.test_config(database, batch_max=BATCH_MAX, bulk_window_batches=2)
+    )
+    sessions = make_session_factory(make_engine(config))
+    s = Sender(config, sessions, make_redis(config), make_celery(config))
+    yield s
+    # The database outlives the test: nothing of this test may wait for the next one's refill.
+    with sessions() as session:
+        session.execute(
+            update(Job).where(Job.status.in_(["queued", "processing"])).values(status="canceled")
+        )
+        session.commit()
+    support.delete_redis_prefix(config.queue_prefix)
+
+
+class Sender:
+    def __init__(self, config, sessions, client, celery) -> None:
+        self.config, self.sessions, self.redis, self.celery = config, sessions, client, celery
+
+    def refill(self) -> int:
+        return dispatch.refill(self.sessions, self.redis, self.celery, self.config)
+
+    def sent(self) -> list[list[str]]:
+        """The messages on the bulk queue, oldest first (kombu LPUSHes, workers BRPOP)."""
+        raw = self.redis.lrange(bulk_queue(self.config), 0, -1)
+        return [json.loads(base64.b64decode(json.loads(m)["body"]))[0][0] for m in raw[::-1]]
+
+    def user(self) -> int:
+        with self.sessions() as session:
+            user = User(username=f"d{new_id()[:12]}", password_hash="x", tokens=0)
+            session.add(user)
+            session.commit()
+            return user.id
+
+    def batch(self, user_id: int, chunks: list[int], urls: list[str] | None = None) -> list[str]:
+        """A batch whose jobs are numbered in chunks of the given sizes; returns the job ids."""
+        numbers = [n for n, size in enumerate(chunks) for _ in range(size)]
+        ids = [new_id() for _ in numbers]
+        with self.sessions() as session:
+            batch = Batch(id=new_id(), user_id=user_id, total=len(ids), model="mobilenet")
+            session.add(batch)
+            session.flush()
+            for i, (job_id, n) in enumerate(zip(ids, numbers, strict=True)):
+                url = urls[i] if urls else f"http://x/{job_id}.jpg"
+                session.add(
+                    Job(
+                        id=job_id,
+                        user_id=user_id,
+                        batch_id=batch.id,
+                        batch_index=i,
+                        model="mobilenet",
+                        input_url=url,
+                        chunk=n,
+                    )
+                )
+            session.commit()
+        time.sleep(0.01)  # distinct created_at: the older batch is older
+        return ids
+
+    def finish(self, job_ids: list[str]) -> None:
+        """What a worker's write does to its batch's jobs."""
+        with self.sessions() as session:
+            session.execute(
+                update(Job)
+                .where(Job.id.in_(job_ids))
+                .values(status="succeeded", completed_at=utcnow())
+            )
+            session.commit()
+
+
+def owner(chunk: list[str], *users: list[str]) -> int:
+    """Which of the users' job lists the chunk came from."""
+    (found,) = {i for i, ids in enumerate(users) if set(chunk) <= set(ids)}
+    return found
+
+
+def test_nothing_waiting_sends_nothing(sender):
+    assert sender.refill() == 0
+    assert sender.sent() == []
+
+
+def test_the_window_bounds_what_is_out_and_finished_work_makes_room(sender):
+    ids = sender.batch(sender.user(), [BATCH_MAX] * 5)
+    assert sender.refill() == 2 * BATCH_MAX
+    assert sender.sent() == [ids[:4], ids[4:8]]
+    assert sender.refill() == 0  # full: nothing more until something finishes
+    sender.finish(ids[:4])
+    assert sender.refill() == BATCH_MAX
+    assert sender.sent()[-1] == ids[8:12]
+    with sender.sessions() as session:
+        waiting = session.scalars(
+            select(Job.id).where(Job.id.in_(ids), Job.dispatched_at.is_(None))
+        ).all()
+    assert set(waiting) == set(ids[12:])
+
+
+def test_live_workers_each_widen_the_window(sender):
+    ids = sender.batch(sender.user(), [BATCH_MAX] * 6)
+    now = time.time()
+    sender.redis.hset(
+        heartbeat_key(sender.config),
+        mapping={"w1": now, "w2": now, "dead": now - 10 * sender.config.worker_dead_after_s},
+    )
+    assert sender.refill() == 4 * BATCH_MAX  # two live workers, two chunks each
+    assert [j for chunk in sender.sent() for j in chunk] == ids[:16]
+
+
+@pytest.mark.parametrize("late", [1, 2])
+def test_a_late_user_waits_for_one_finished_chunk_not_for_the_backlog(sender, late):
+    first = sender.batch(sender.user(), [BATCH_MAX] * 10)
+    assert sender.refill() == 2 * BATCH_MAX
+    others = [sender.batch(sender.user(), [BATCH_MAX] * 2) for _ in range(late)]
+    assert sender.refill() == 0
+    sender.finish(first[:4])  # A: 1 chunk out, the others none
+    sender.refill()
+    sender.finish(first[4:8])
+    sender.refill()
+    users = (first, *others)
+    turns = [owner(chunk, *users) for chunk in sender.sent()]
+    if late == 1:  # B's first chunk goes out at the first finished chunk of A
+        assert turns == [0, 0, 1, 0]
+    else:  # B (as few out as C, waiting longer), then C (never served, as few as A)
+        assert turns == [0, 0, 1, 2]
+
+
+def test_three_users_with_equal_work_share_the_window_evenly(sender):
+    users = [sender.batch(sender.user(), [BATCH_MAX] * 9) for _ in range(3)]
+    done: list[int] = []
+    sender.refill()
+    # Play the worker: finish the oldest chunk out, refill, until all is done.
+    while len(done) < len(sender.sent()):
+        chunk = sender.sent()[len(done)]
+        sender.finish(chunk)
+        done.append(owner(chunk, *users))
+        sender.refill()
+    assert len(done) == 27
+    # Every user's last chunk ends within the last 3 of 27: they finish together.
+    last = [max(i for i, u in enumerate(done) if u == user) for user in range(3)]
+    assert min(last) >= 24, done
+
+
+def test_a_chunk_goes_out_whole_and_unnumbered_jobs_go_out_batch_max_at_a_time(sender):
+    # A URL's 6 duplicates form one chunk larger than BATCH_MAX (api.bulk.chunk's rule).
+    ids = sender.batch(sender.user(), [6, 2])
+    assert sender.refill() == 8
+    assert [sorted(c) for c in sender.sent()] == [sorted(ids[:6]), sorted(ids[6:])]
+    loose = sender.batch(sender.user(), [10])
+    with sender.sessions() as session:
+        session.execute(update(Job).where(Job.id.in_(loose)).values(chunk=None))
+        session.commit()
+    sender.finish(ids)
+    assert sender.refill() == 8
+    assert sender.sent()[2:] == [loose[:4], loose[4:8]]
+
+
+def test_a_batch_canceled_before_its_turn_is_never_sent(sender):
+    ids = sender.batch(sender.user(), [BATCH_MAX] * 3)
+    with sender.sessions() as session:
+        session.execute(update(Job).where(Job.id.in_(ids)).values(status="canceled"))
+        session.commit()
+    assert sender.refill() == 0 and sender.sent() == []
+
+
+def test_a_failed_send_leaves_the_unsent_chunks_waiting(sender, monkeypatch):
+    ids = sender.batch(sender.user(), [BATCH_MAX] * 2)
+    real, calls = dispatch.enqueue_bulk, []
+
+    def second_fails(celery, config, chunks):
+        calls.append(chunks)
+        if len(calls) == 2:
+            raise OperationalError("connection lost")
+        real(celery, config, chunks)
+
+    monkeypatch.setattr(dispatch, "enqueue_bulk", second_fails)
+    assert sender.refill() == BATCH_MAX
+    with sender.sessions() as session:
+        waiting = session.scalars(
+            select(Job.id).where(Job.id.in_(ids), Job.dispatched_at.is_(None))
+        ).all()
+    assert set(waiting) == set(ids[4:])
+    monkeypatch.undo()
+    assert sender.refill() == BATCH_MAX  # the next refill sends it
+    assert sender.sent() == [ids[:4], ids[4:]]
+
+
+def test_refills_racing_send_every_chunk_once(sender):
+    config = sender.config.replace(bulk_window_batches=100)
+    ids = [j for _ in range(4) for j in sender.batch(sender.user(), [BATCH_MAX] * 10)]
+    start = threading.Barrier(8)
+
+    def refill() -> None:
+        start.wait()
+        dispatch.refill(sender.sessions, sender.redis, sender.celery, config)
+
+    threads = [threading.Thread(target=refill) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    sent = [j for chunk in sender.sent() for j in chunk]
+    assert sorted(sent) == sorted(ids)  # all of them, none twice
+
+
+def test_a_refill_with_redis_down_raises_nothing_and_sends_nothing(sender):
+    ids = sender.batch(sender.user(), [BATCH_MAX])
+    down = make_redis(sender.config, "redis://127.0.0.1:1/0")
+    assert dispatch.refill(sender.sessions, down, sender.celery, sender.config) == 0
+    with sender.sessions() as session:
+        assert session.scalar(select(Job.dispatched_at).where(Job.id == ids[0])) is None
+
+
+def test_a_job_dispatched_long_ago_counts_as_out(sender):
+    """Out until final: a lost message holds its room until the reconciler re-sends it."""
+    ids = sender.batch(sender.user(), [BATCH_MAX] * 3)
+    old = utcnow() - timedelta(hours=1)
+    with sender.sessions() as session:
+        session.execute(update(Job).where(Job.id.in_(ids[:8])).values(dispatched_at=old))
+        session.commit()
+    assert sender.refill() == 0
