@@ -144,6 +144,7 @@ class Config:
     def effective_loader_threads(self) -> int:
         return self.loader_threads or self.fetch_threads
 
+    @property
     def effective_bulk_window_batches(self) -> int:
         # One batch running per slot and one waiting, so a slot that frees never idles.
         return self.bulk_window_batches or self.worker_concurrency + 1
