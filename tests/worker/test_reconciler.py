@@ -25,6 +25,14 @@ def rec(api_stack):
         stale_processing_s=60,
     )
     reconciler = Reconciler.build(config)
+    # The database is shared with earlier tests, whose active jobs no worker will take
+    # (a dispatcher pass would send their waiting bulk jobs to this test's queue, and a
+    # later pass find them stale): a pass here sees only this test's jobs.
+    with reconciler.sessions() as s:
+        s.execute(
+            update(Job).where(Job.status.in_(["queued", "processing"])).values(status="canceled")
+        )
+        s.commit()
     yield reconciler
     for q in (interactive_queue(config), bulk_queue(config)):
         reconciler.redis.delete(q)
