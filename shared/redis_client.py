@@ -16,3 +16,9 @@ def make_redis(config: Config, url: str | None = None) -> redis.Redis:
         health_check_interval=30,
         retry_on_timeout=False,
     )
+
+
+def once_per(client: redis.Redis, key: str, period_s: float) -> bool:
+    """True for the first caller per ``period_s`` cluster-wide (the key expires by itself):
+    one process of the cluster runs a periodic pass, and a dead one blocks nobody."""
+    return bool(client.set(key, "1", nx=True, ex=max(1, int(period_s))))

@@ -48,7 +48,7 @@ from shared.config import Config
 from shared.db import make_engine, make_session_factory
 from shared.models import Job, utcnow
 from shared.queue import classify_queues, enqueue_bulk, enqueue_jobs, make_celery, queue_depth
-from shared.redis_client import make_redis
+from shared.redis_client import make_redis, once_per
 from shared.status import JobStatus
 from worker import liveness
 
@@ -124,7 +124,7 @@ class Reconciler:
         if queue_depth(self.celery, classify_queues(self.config)):
             return []
         scan_key = f"{self.config.queue_prefix}:reconciler:queued-scan"
-        if not self.redis.set(scan_key, "1", nx=True, ex=max(1, self.config.stale_queued_s)):
+        if not once_per(self.redis, scan_key, self.config.stale_queued_s):
             return []  # scanned less than STALE_QUEUED_S ago
         cutoff = utcnow() - timedelta(seconds=self.config.stale_queued_s)
         sent_long_ago = or_(
@@ -205,9 +205,7 @@ def run_forever(config: Config, stop: threading.Event) -> None:
         try:
             reconciler = reconciler or Reconciler.build(config)
             # Whoever sets the key first runs this interval's pass; it expires by itself.
-            if reconciler.redis.set(
-                lock, "1", nx=True, ex=max(1, int(config.reconcile_interval_s))
-            ):
+            if once_per(reconciler.redis, lock, config.reconcile_interval_s):
                 reconciler.run_once(judge_liveness=time.monotonic() >= trust_after)
         except Exception as exc:  # never let the thread die: try again next interval
             trust_after = time.monotonic() + 2 * config.heartbeat_interval_s

@@ -41,7 +41,7 @@ from shared import batches, jobs, webhook_events
 from shared.config import Config
 from shared.db import make_engine, make_session_factory
 from shared.models import Batch, IdempotencyRecord, Job, WebhookEvent, utcnow
-from shared.redis_client import make_redis
+from shared.redis_client import make_redis, once_per
 from shared.status import TERMINAL
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ def run_forever(config: Config, stop: threading.Event) -> None:
             client = client or make_redis(config)
             # Whoever sets the key first runs this interval's pass; it expires by itself,
             # and the pass ends within the interval, so two never overlap for long.
-            if client.set(lock, "1", nx=True, ex=max(1, int(config.retention_interval_s))):
+            if once_per(client, lock, config.retention_interval_s):
                 retention.run_once(budget_s=config.retention_interval_s)
         except Exception as exc:  # never let the thread die: try again next interval
             log.warning("retention pass failed: %r", exc)
