@@ -1,4 +1,10 @@
-"""Job representation and the conditional status transitions both sides use.
+"""Job representation and every job status transition, for the API and the worker alike.
+
+This module is the one writer of ``jobs.status`` (and the bookkeeping that moves with
+it: claim, attempts, retries, outcome); batch-level transitions (cancel, completion,
+reopen) live in shared/batches.py, which owns batches, and the dispatch window's
+``dispatched_at`` marks in shared/dispatch.py. A token moves only through
+shared/ledger.py, called here in the same transaction as the transition that earns it.
 
 Every transition is an ``UPDATE ... WHERE status IN (...)``: whoever changes the
 row first wins, and a second attempt (a redelivered message, a cancel racing
@@ -80,6 +86,32 @@ def _transition_runs(
         .execution_options(synchronize_session=False)
     )
     return dict(won.all())
+
+
+def claim(session: Session, job_ids: list[str], worker_id: str | None) -> list[Job]:
+    """Mark the active jobs among ``job_ids`` processing by ``worker_id``; a final job is skipped.
+
+    A job processing elsewhere is taken over: its message came back, so its worker
+    is presumed gone (a duplicate message costs work, never a second outcome). Returns
+    the claimed rows as the UPDATE wrote them; the caller commits.
+    """
+    # One round trip: the claimed rows come back with RETURNING (PostgreSQL, SQLite >= 3.35).
+    return list(
+        session.scalars(
+            update(Job)
+            .where(Job.id.in_(job_ids), Job.status.in_([s.value for s in ACTIVE]))
+            .values(
+                status=JobStatus.PROCESSING.value,
+                attempts=Job.attempts + 1,
+                claimed_at=utcnow(),
+                claimed_by=worker_id,
+                started_at=case((Job.started_at.is_(None), utcnow()), else_=Job.started_at),
+            )
+            .returning(Job)
+            # The rows as written, even where the session already holds a stale copy.
+            .execution_options(synchronize_session=False, populate_existing=True)
+        )
+    )
 
 
 def mark_all_succeeded(session: Session, results: dict[str, dict[str, Any]]) -> set[str]:

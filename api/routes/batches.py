@@ -28,9 +28,9 @@ from api.ratelimit import limits
 from api.routes.jobs import after_cancel, idempotency_key
 from api.services import db, services
 from api.submission import checked_model
-from shared import batches, dispatch, jobs
+from shared import batches, dispatch
 from shared.errors import Conflict, NotFound, ValidationFailed
-from shared.models import Batch, Job, utcnow
+from shared.models import Batch, Job
 
 blp = Blueprint("batches", __name__, url_prefix="/v1/batches", description="Bulk URL batches")
 
@@ -247,10 +247,7 @@ def cancel_batch(batch_id: str):
     batch = _locked(session, batch_id)
     if batch.completed_at is not None or batch.canceled_at is not None:
         raise Conflict("The batch has already ended.", code="batch_not_cancelable")
-    canceled = jobs.cancel_queued(session, batch.user_id, Job.batch_id == batch.id)
-    batch.canceled_at = utcnow()
-    session.flush()
-    events = batches.complete_finished(session, [batch_id])
+    canceled, events = batches.cancel(session, batch)
     session.commit()
     after_cancel(canceled, events)
     # Its chunks out at the broker no longer count: other users' work takes the room.
