@@ -18,9 +18,12 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from sqlalchemy.orm import Session
+
+from api import idempotency
 from api.ratelimit import limits
 from api.services import db, services
-from api.submission import is_valid_url, replay, save_idempotent, validate_url
+from api.submission import is_valid_url, validate_url
 from shared import batches, dispatch, jobs, ledger, logs
 from shared.db import bulk_insert
 from shared.errors import Conflict, NotFound, ValidationFailed
@@ -202,7 +205,7 @@ def build_batch_request(
 
 def submit_batch(user: User, req: BatchRequest, idempotency_key: str | None) -> tuple[int, dict]:
     fingerprint = req.fingerprint()
-    if idempotency_key and (found := replay(user.id, idempotency_key, fingerprint)):
+    if idempotency_key and (found := idempotency.replay(user.id, idempotency_key, fingerprint)):
         return found
     limits().check_submission(user.id)  # a batch is one submission; tokens bound its size
     svc = services()
@@ -255,7 +258,7 @@ def submit_batch(user: User, req: BatchRequest, idempotency_key: str | None) -> 
         )
         body = batches.batch_to_dict(session, session.get(Batch, batch_id))
         if idempotency_key:
-            save_idempotent(user.id, idempotency_key, fingerprint, body)
+            idempotency.save(user.id, idempotency_key, fingerprint, body)
         session.commit()
     except Exception:
         session.rollback()
@@ -291,7 +294,7 @@ def retry_batch(
     """
     payload = json.dumps(["retry", batch_id, sorted(set(codes))])
     fingerprint = hashlib.sha256(payload.encode()).hexdigest()
-    if idempotency_key and (found := replay(user.id, idempotency_key, fingerprint)):
+    if idempotency_key and (found := idempotency.replay(user.id, idempotency_key, fingerprint)):
         return found
     limits().check_submission(user.id)  # a retry is a submission of its lines
     svc = services()
@@ -301,14 +304,16 @@ def retry_batch(
         batch, retried = _requeue(session, user, batch_id, codes)
         body = {**batches.batch_to_dict(session, batch), "retried": retried}
         if idempotency_key:
-            save_idempotent(user.id, idempotency_key, fingerprint, body)
+            idempotency.save(user.id, idempotency_key, fingerprint, body)
         session.commit()
     except Conflict as exc:
         session.rollback()
         # The same key sent twice at once: the second waited on the batch lock and found
         # the lines taken by the first, whose answer is the one to give.
         retry_of_same_key = exc.code == "nothing_to_retry" and idempotency_key
-        if retry_of_same_key and (found := replay(user.id, idempotency_key, fingerprint)):
+        if retry_of_same_key and (
+            found := idempotency.replay(user.id, idempotency_key, fingerprint)
+        ):
             return found
         raise
     except Exception:
@@ -318,12 +323,12 @@ def retry_batch(
     return 202, body
 
 
-def _requeue(session, user: User, batch_id: str, codes: Sequence[str]) -> tuple[Batch, int]:
+def _requeue(
+    session: Session, user: User, batch_id: str, codes: Sequence[str]
+) -> tuple[Batch, int]:
     """Lock the batch, move its failed lines back to waiting and charge them; returns the
     batch and how many lines were moved."""
-    batch = batches.lock(session, batch_id)
-    if batch is None or batch.user_id != user.id:
-        raise NotFound("No such batch.", code="batch_not_found")
+    batch = locked_batch(session, user, batch_id)
     if batch.canceled_at is not None:
         raise Conflict(
             "The batch was canceled; submit its lines as a new batch instead.",
@@ -340,3 +345,12 @@ def _requeue(session, user: User, batch_id: str, codes: Sequence[str]) -> tuple[
     ledger.charge_jobs(session, user.id, list(runs), runs)  # 402 rolls all of it back
     batches.reopen(session, batch)
     return batch, len(runs)
+
+
+def locked_batch(session: Session, user: User, batch_id: str) -> Batch:
+    """The user's batch, locked until the commit: cancel, retry, delete and completion
+    serialise on it. Someone else's batch is as missing as one that does not exist."""
+    batch = batches.lock(session, batch_id)
+    if batch is None or batch.user_id != user.id:
+        raise NotFound("No such batch.", code="batch_not_found")
+    return batch

@@ -12,7 +12,7 @@ from flask import Response, g, request, stream_with_context, url_for
 from flask_smorest import Blueprint
 from sqlalchemy import select
 
-from api import schemas
+from api import cancel, deletion, idempotency, schemas
 from api.auth import login_required, owned
 from api.bulk import (
     build_batch_request,
@@ -24,12 +24,10 @@ from api.bulk import (
 )
 from api.errors import invalid_body
 from api.pagination import page
-from api.ratelimit import limits
-from api.routes.jobs import after_cancel, idempotency_key
 from api.services import db, services
 from api.submission import checked_model
-from shared import batches, dispatch
-from shared.errors import Conflict, NotFound, ValidationFailed
+from shared import batches
+from shared.errors import ValidationFailed
 from shared.models import Batch, Job
 
 blp = Blueprint("batches", __name__, url_prefix="/v1/batches", description="Bulk URL batches")
@@ -127,7 +125,7 @@ def _parse():
 )
 def create_batch():
     """Submit up to 10,000 URLs (or JSON Lines items); charges one token each, all or nothing."""
-    status, body = submit_batch(g.user, _parse(), idempotency_key())
+    status, body = submit_batch(g.user, _parse(), idempotency.request_key())
     return body, status, {"Location": url_for("batches.get_batch", batch_id=body["id"])}
 
 
@@ -243,17 +241,7 @@ def _csv_lines(rows: Iterator[dict]) -> Iterator[str]:
 @blp.alt_response(409, schema=schemas.ErrorSchema, description="batch_not_cancelable")
 def cancel_batch(batch_id: str):
     """Cancel the jobs that have not started (refunded); running ones finish."""
-    session = db()
-    batch = _locked(session, batch_id)
-    if batch.completed_at is not None or batch.canceled_at is not None:
-        raise Conflict("The batch has already ended.", code="batch_not_cancelable")
-    canceled, events = batches.cancel(session, batch)
-    session.commit()
-    after_cancel(canceled, events)
-    # Its chunks out at the broker no longer count: other users' work takes the room.
-    svc = services()
-    dispatch.refill(svc.sessions, svc.redis, svc.celery, svc.config)
-    return batches.batch_to_dict(session, batch)
+    return batches.batch_to_dict(db(), cancel.cancel_batch(g.user, batch_id))
 
 
 @blp.route("/<batch_id>/retry", methods=["POST"])
@@ -265,16 +253,10 @@ def cancel_batch(batch_id: str):
 @blp.alt_response(409, schema=schemas.ErrorSchema, description="batch_canceled, nothing_to_retry")
 def retry_failed(args: dict, batch_id: str):
     """Re-queue the lines that failed (optionally only some error codes); one token each."""
-    status, body = retry_batch(g.user, batch_id, args.get("error_codes") or [], idempotency_key())
+    status, body = retry_batch(
+        g.user, batch_id, args.get("error_codes") or [], idempotency.request_key()
+    )
     return body, status
-
-
-def _locked(session, batch_id: str) -> Batch:
-    """The caller's batch, locked until the commit (cancel, retry and delete never interleave)."""
-    batch = batches.lock(session, batch_id)
-    if batch is None or batch.user_id != g.user.id:
-        raise NotFound("No such batch.", code="batch_not_found")
-    return batch
 
 
 @blp.route("/<batch_id>", methods=["DELETE"])
@@ -285,17 +267,4 @@ def _locked(session, batch_id: str) -> Batch:
 @blp.alt_response(429, schema=schemas.ErrorSchema, description="rate_limited (RATE_LIMIT_DELETE)")
 def delete_batch(batch_id: str):
     """Delete an ended batch and all its jobs at once; the ledger keeps their charges."""
-    limits().check_deletion(g.user.id)
-    session = db()
-    batch = _locked(session, batch_id)
-    if batch.completed_at is None:
-        first = (
-            "" if batch.canceled_at else f"cancel it first (POST /v1/batches/{batch_id}/cancel), "
-        )
-        raise Conflict(
-            f"The batch is still running; {first}wait until its running jobs have finished "
-            "(its completed_at is then set), then delete it.",
-            code="batch_running",
-        )
-    batches.delete_ended(session, batch_id)
-    session.commit()
+    deletion.delete_batch(g.user, batch_id)

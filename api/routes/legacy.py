@@ -11,22 +11,16 @@ from __future__ import annotations
 from flask import request
 from flask_smorest import Blueprint
 
-from api import schemas
+from api import accounts, schemas
 from api.auth import authenticate, user_by_password
 from api.errors import error_response, invalid_body
-from api.routes.admin import refill_user
-from api.routes.users import create_user
-from api.services import services
-from api.submission import build_request, submit, wait_for
-from api.waits import SKIPPED_HEADER, wait_slots
+from api.submission import submit_and_wait
 from shared.errors import (
     Forbidden,
     ServiceError,
     Unauthorized,
     ValidationFailed,
 )
-from shared.models import Job, User
-from shared.status import JobStatus
 
 blp = Blueprint(
     "legacy", __name__, description="The seed apps' endpoints, kept for older clients; prefer /v1."
@@ -56,10 +50,6 @@ SEED_STATUS = {
 }
 
 
-class Timeout(ServiceError):
-    status, code = 504, "timeout"
-
-
 def _json() -> dict:
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
@@ -80,7 +70,7 @@ def register():
     body = _json()
     # The seed app let a client make itself admin with "is_admin"; that field is ignored.
     # create_user checks the username as /v1/users does (the seed app took anything).
-    create_user(str(body.get("username", "")), str(body.get("password", "")))
+    accounts.create_user(str(body.get("username", "")), str(body.get("password", "")))
     return {"status": 200, "msg": "You have successfully signed up for the API"}
 
 
@@ -109,32 +99,8 @@ def refill():
     amount = body.get("refill")
     if not isinstance(amount, int) or isinstance(amount, bool) or not 1 <= amount <= 1_000_000:
         raise ValidationFailed("'refill' must be an integer from 1 to 1000000.")
-    refill_user(str(body.get("user", "")), amount, admin)
+    accounts.refill(str(body.get("user", "")), amount, admin)
     return {"status": 200, "msg": "Refilled Successfully!"}
-
-
-class TooManyWaits(ServiceError):
-    status, code = 429, "too_many_waits"
-
-
-def _finished(user: User, **job_fields) -> Job:
-    """Submit through the queue and wait for the result, as the seed's synchronous call did."""
-    wait_s = services().config.max_wait_s
-    with wait_slots().hold(user.id, wait_s) as skipped:
-        if skipped:
-            # Checked before submitting: a seed client expects the answer or nothing
-            # charged, and this call could not wait for the answer.
-            raise TooManyWaits(
-                "Too many requests waiting for results at once; retry shortly.",
-                headers={"Retry-After": "1", SKIPPED_HEADER: skipped},
-            )
-        _, job_body = submit(user, build_request(**job_fields))
-        job = wait_for(job_body["id"], wait_s)
-    if job.status == JobStatus.SUCCEEDED:
-        return job
-    if job.status == JobStatus.FAILED:
-        raise ServiceError(job.error_message, code=job.error_code, status=422)
-    raise Timeout(f"The job {job.id} is still {job.status}; poll GET /v1/jobs/{job.id}.")
 
 
 @blp.route("/classify", methods=["POST"])
@@ -146,7 +112,7 @@ def classify():
     user = user_by_password(body.get("username"), body.get("password"))
     if not body.get("url"):
         raise ValidationFailed("No url provided", code="missing_input")
-    job = _finished(user, url=body.get("url"), top_k=5)
+    job = submit_and_wait(user, url=body.get("url"), top_k=5)
     # Percent with two decimals, as the seed app answered ("Blenheim_spaniel": 90.27).
     return {p["label"]: round(p["score"] * 100, 2) for p in job.result["predictions"]}
 
@@ -177,6 +143,6 @@ def predict():
     upload = request.files.get("file")
     if upload is None:
         raise ValidationFailed("Send the image as multipart field 'file'.", code="missing_input")
-    job = _finished(user, upload=upload.read(), filename=upload.filename)
+    job = submit_and_wait(user, upload=upload.read(), filename=upload.filename)
     top = job.result["predictions"][0]
     return {"predicted_class": top["label"], "confidence_score": top["score"]}
