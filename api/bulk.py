@@ -15,15 +15,16 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api import idempotency
 from api.ratelimit import limits
 from api.services import db, services
-from api.submission import is_valid_url, validate_url
+from api.urls import is_valid_url
 from shared import batches, dispatch, jobs, ledger, logs
 from shared.db import bulk_insert
 from shared.errors import Conflict, NotFound, ValidationFailed
@@ -31,6 +32,7 @@ from shared.models import Batch, Job, User, new_id, utcnow
 from shared.status import JobStatus
 
 MAX_REPORTED_LINES = 100
+RESULTS_PAGE = 500
 MAX_CUSTOM_ID = 64
 TOP_K_RANGE = range(1, 21)  # the batch-level top_k's range (api/schemas.py BatchOptions)
 JSONL_KEYS = frozenset({"custom_id", "url", "top_k"})
@@ -176,7 +178,7 @@ def build_item_batch_request(
         urls=tuple(item["url"].strip() for item in items),
         model=model,
         top_k=top_k,
-        webhook_url=validate_url(webhook, "webhook") if webhook else None,
+        webhook_url=webhook,
         custom_ids=tuple(item.get("custom_id") for item in items),
         top_ks=tuple(item.get("top_k") for item in items),
     )
@@ -199,7 +201,7 @@ def build_batch_request(
         urls=tuple(str(url).strip() for _, url in numbered),
         model=model,
         top_k=top_k,
-        webhook_url=validate_url(webhook, "webhook") if webhook else None,
+        webhook_url=webhook,
     )
 
 
@@ -354,3 +356,24 @@ def locked_batch(session: Session, user: User, batch_id: str) -> Batch:
     if batch is None or batch.user_id != user.id:
         raise NotFound("No such batch.", code="batch_not_found")
     return batch
+
+
+def result_lines(batch_id: str) -> Iterator[dict]:
+    """The batch's result lines (shared.jobs.result_line) in input order, read page by
+    page in short transactions, so 10,000 lines never sit in memory at once."""
+    session, after = db(), -1
+    while True:
+        page = list(
+            session.scalars(
+                select(Job)
+                .where(Job.batch_id == batch_id, Job.batch_index > after)
+                .order_by(Job.batch_index)
+                .limit(RESULTS_PAGE)
+            )
+        )
+        session.commit()
+        yield from (jobs.result_line(job) for job in page)
+        if len(page) < RESULTS_PAGE:
+            return
+        after = page[-1].batch_index
+        session.expunge_all()

@@ -19,6 +19,13 @@ from shared.models import IdempotencyRecord, as_utc, utcnow
 
 HEADER = "Idempotency-Key"
 MAX_KEY_LENGTH = 255
+# The header's OpenAPI description, for every route that takes it.
+HEADER_DOC = {
+    "in": "header",
+    "name": HEADER,
+    "schema": {"type": "string", "maxLength": MAX_KEY_LENGTH},
+    "description": "The same key and body return the first response, charged once.",
+}
 
 
 def request_key() -> str | None:

@@ -14,12 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from sqlalchemy import insert
 from sqlalchemy.exc import IntegrityError
@@ -48,8 +45,6 @@ from shared.status import JobStatus
 
 log = logging.getLogger(__name__)
 
-MAX_URL_LENGTH = 2048
-
 
 @dataclass(frozen=True)
 class JobRequest:
@@ -72,44 +67,6 @@ class JobRequest:
             payload["upload"] = hashlib.sha256(self.upload).hexdigest()
             payload["filename"] = self.filename
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-def is_valid_url(url: str) -> bool:
-    try:
-        parts = urlsplit(url)
-        return (
-            parts.scheme.lower() in ("http", "https")
-            and bool(parts.hostname)
-            and len(url) <= MAX_URL_LENGTH
-            and _no_hidden_characters(url)
-        )
-    except ValueError:  # e.g. an invalid IPv6 literal
-        return False
-
-
-_ASCII_HIDDEN = re.compile(r"[\x00-\x20\x7f]")
-_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs"})
-
-
-def _no_hidden_characters(url: str) -> bool:
-    """No whitespace, control (ANSI escapes reached the logs), format (invisible, bidi
-    overrides) or surrogate character: never part of a real URL, only of an attack on
-    its readers."""
-    if url.isascii():  # nearly every URL: one regex search instead of a loop per character
-        return _ASCII_HIDDEN.search(url) is None
-    return not any(c.isspace() or unicodedata.category(c) in _HIDDEN_CATEGORIES for c in url)
-
-
-def validate_url(url: Any, field: str = "url") -> str:
-    if not isinstance(url, str) or not url.strip():
-        raise ValidationFailed("A 'url' or a 'file' upload is required.", code="missing_input")
-    url = url.strip()
-    if not is_valid_url(url):
-        raise ValidationFailed(
-            f"The {field} must be an absolute http(s) URL of at most {MAX_URL_LENGTH} characters.",
-            code=f"invalid_{field}",
-        )
-    return url
 
 
 def validate_upload(data: bytes, filename: str | None) -> None:
@@ -173,7 +130,7 @@ def _is_trained_model(model_dir: str, name: str) -> bool:
 
 def build_request(
     *,
-    url: Any = None,
+    url: str | None = None,
     upload: bytes | None = None,
     filename: str | None = None,
     model: str | None = None,
@@ -181,10 +138,12 @@ def build_request(
     webhook: str | None = None,
     webhook_events: list[str] | None = None,
 ) -> JobRequest:
+    """A job request from fields the schemas already checked (api/schemas.py ``JobCreate``):
+    the model must be enabled, and there must be one input, a url or an upload."""
     model = checked_model(model)
     top_k = services().config.default_top_k if top_k is None else top_k
     hook = {
-        "webhook_url": validate_url(webhook, "webhook") if webhook else None,
+        "webhook_url": webhook or None,
         "webhook_events": tuple(dict.fromkeys(webhook_events or ["completed"]))
         if webhook
         else None,
@@ -196,7 +155,9 @@ def build_request(
         return JobRequest(
             model=model, top_k=top_k, upload=upload, filename=filename or "upload", **hook
         )
-    return JobRequest(model=model, top_k=top_k, url=validate_url(url), **hook)
+    if not url:
+        raise ValidationFailed("A 'url' or a 'file' upload is required.", code="missing_input")
+    return JobRequest(model=model, top_k=top_k, url=url, **hook)
 
 
 def submit(user: User, req: JobRequest, idempotency_key: str | None = None) -> tuple[int, dict]:

@@ -31,8 +31,13 @@ def iso(dt: datetime | None) -> str | None:
     return as_utc(dt).astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
+def _error(job: Job) -> dict[str, str] | None:
+    return {"code": job.error_code, "message": job.error_message} if job.error_code else None
+
+
 def job_to_dict(job: Job) -> dict[str, Any]:
-    error = {"code": job.error_code, "message": job.error_message} if job.error_code else None
+    """A job as every answer shows it: the API, the web pages and webhook events."""
+    error = _error(job)
     source = {"url": job.input_url} if job.input_url else {"filename": job.input_filename}
     webhook = {"url": job.webhook_url, "events": job.webhook_events} if job.webhook_url else None
     return {
@@ -51,6 +56,19 @@ def job_to_dict(job: Job) -> dict[str, Any]:
         "retries": job.retries,
         "webhook": webhook,
         "request_id": job.request_id,
+    }
+
+
+def result_line(job: Job) -> dict[str, Any]:
+    """A batch line as its results show it (GET /v1/batches/{id}/results, a row of the CSV)."""
+    return {
+        "index": job.batch_index,
+        "custom_id": job.custom_id,
+        "url": job.input_url,
+        "status": job.status,
+        "predictions": job.result["predictions"] if job.result else None,
+        "error": _error(job),
+        "retries": job.retries,
     }
 
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from flask import g
-from flask_smorest import Blueprint
 
 from api import accounts, schemas
 from api.auth import admin_required
+from api.validation import Blueprint
 
 blp = Blueprint("admin", __name__, url_prefix="/v1/admin", description="Administration")
 

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import re
 
-import marshmallow as ma
 from flask import g, request, url_for
-from flask_smorest import Blueprint
 from sqlalchemy import select
 
-from api import cancel, deletion, idempotency, schemas
+from api import cancel, deletion, idempotency, schemas, validation
 from api.auth import login_required, owned
-from api.errors import invalid_body
 from api.pagination import page
 from api.services import db, services
-from api.submission import build_request, submit, wait_within_caps
+from api.submission import JobRequest, build_request, submit, wait_within_caps
+from api.validation import Blueprint
 from api.waits import PROCESS_LIMIT, SKIPPED_HEADER, USER_LIMIT
 from shared import jobs
 from shared.errors import ValidationFailed
@@ -33,66 +31,29 @@ WAIT_SKIPPED_DOC = {
 }
 
 PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+)", re.I)
-JOB_CREATE_DOC = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {"schema": "JobCreate"},
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {
-                        "file": {"type": "string", "format": "binary"},
-                        "model": {"type": "string"},
-                        "top_k": {"type": "integer", "minimum": 1, "maximum": 20},
-                    },
-                }
-            },
-        },
-    },
-    "parameters": [
-        {
-            "in": "header",
-            "name": "Idempotency-Key",
-            "schema": {"type": "string", "maxLength": 255},
-            "description": "The same key and body return the first response, charged once.",
-        },
-        {
-            "in": "header",
-            "name": "Prefer",
-            "schema": {"type": "string", "example": "wait=30"},
-            "description": "wait=N (N <= 60): answer 200 with the finished job if it ends "
-            "in time; past the caps on waits held at once, 202 at once with X-Wait-Skipped.",
-        },
-    ],
+PREFER_DOC = {
+    "in": "header",
+    "name": "Prefer",
+    "schema": {"type": "string", "example": "wait=30"},
+    "description": "wait=N (N <= 60): answer 200 with the finished job if it ends "
+    "in time; past the caps on waits held at once, 202 at once with X-Wait-Skipped.",
 }
 
 
-def _parse_job_request():
-    if request.mimetype == "multipart/form-data":
-        upload = request.files.get("file")
-        if upload is None:
-            raise ValidationFailed("The multipart form needs a 'file' field.", code="missing_input")
-        form = request.form.to_dict()
-        if "webhook_events" in form:  # a form sends a list as repeated or comma-separated values
-            form["webhook_events"] = [
-                e.strip() for v in request.form.getlist("webhook_events") for e in v.split(",")
-            ]
-        fields = _load(form)
-        return build_request(upload=upload.read(), filename=upload.filename, **fields)
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise invalid_body("a JSON object or a multipart form with a 'file' field")
-    fields = _load({k: v for k, v in body.items() if k != "url"})
-    return build_request(url=body.get("url"), **fields)
-
-
-def _load(data: dict) -> dict:
-    try:
-        return schemas.JobCreate().load(data)
-    except ma.ValidationError as exc:
-        raise ValidationFailed(details={"fields": exc.messages}) from None
+def _job_request(body: dict) -> JobRequest:
+    """The request from the JSON body (already loaded) or the multipart form (read here)."""
+    if request.mimetype != "multipart/form-data":
+        return build_request(**body)
+    upload = request.files.get("file")
+    if upload is None:
+        raise ValidationFailed("The multipart form needs a 'file' field.", code="missing_input")
+    form = request.form.to_dict()
+    if "webhook_events" in form:  # a form sends a list as repeated or comma-separated values
+        form["webhook_events"] = [
+            e.strip() for v in request.form.getlist("webhook_events") for e in v.split(",")
+        ]
+    fields = validation.load(schemas.JobCreate(), form)
+    return build_request(upload=upload.read(), filename=upload.filename, **fields)
 
 
 def _prefer_wait() -> int | None:
@@ -102,7 +63,11 @@ def _prefer_wait() -> int | None:
 
 @blp.route("", methods=["POST"])
 @login_required
-@blp.doc(**JOB_CREATE_DOC)
+@blp.arguments(schemas.JobCreate)
+@blp.doc(
+    requestBody={"content": {"multipart/form-data": {"schema": "JobUpload"}}},
+    parameters=[idempotency.HEADER_DOC, PREFER_DOC],
+)
 @blp.response(
     202,
     schemas.Job,
@@ -115,10 +80,10 @@ def _prefer_wait() -> int | None:
 @blp.alt_response(413, schema=schemas.ErrorSchema, description="payload_too_large, image_too_large")
 @blp.alt_response(415, schema=schemas.ErrorSchema, description="unsupported_image_format")
 @blp.alt_response(503, schema=schemas.ErrorSchema, description="service_unavailable")
-def create_job():
+def create_job(body: dict):
     """Submit one image by URL (JSON) or upload (multipart); costs one token."""
     wait_s = _prefer_wait()
-    job_request = _parse_job_request()
+    job_request = _job_request(body)
     status, body = submit(g.user, job_request, idempotency.request_key())
     if wait_s and status == 202:
         job, skipped = wait_within_caps(g.user.id, body["id"], wait_s)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from flask import g
-from flask_smorest import Blueprint
 
 from api import accounts, schemas
 from api.auth import login_required
+from api.validation import Blueprint
 from shared.jobs import iso
 from shared.models import ApiKey
 
