@@ -8,6 +8,10 @@ for, round-robin over the users with work waiting. A send that fails leaves the 
 waiting (charged, as accepted) for the next refill, not undone: the batch is the
 durable record, and the broker is only told about a few chunks at a time anyway.
 Retrying a batch's failed lines (``retry_batch``) goes the same way.
+
+The batch-level options (model, top_k, webhook) come checked by the schemas
+(api/schemas.py); each line is checked here, so that every bad line is reported by
+its number.
 """
 
 from __future__ import annotations
