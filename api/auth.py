@@ -238,9 +238,10 @@ def admin_required(view: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def owned(model: Any, row_id: str, noun: str) -> Any:
-    """The caller's row of ``model``; someone else's is indistinguishable from a missing one."""
+def owned(model: Any, row_id: str, noun: str, user: User | None = None) -> Any:
+    """``user``'s (default: the caller's) row of ``model``; someone else's is
+    indistinguishable from a missing one."""
     row = db().get(model, row_id)
-    if row is None or row.user_id != g.user.id:
+    if row is None or row.user_id != (user or g.user).id:
         raise NotFound(f"No such {noun}.", code=f"{noun}_not_found")
     return row

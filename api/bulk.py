@@ -8,6 +8,10 @@ for, round-robin over the users with work waiting. A send that fails leaves the 
 waiting (charged, as accepted) for the next refill, not undone: the batch is the
 durable record, and the broker is only told about a few chunks at a time anyway.
 Retrying a batch's failed lines (``retry_batch``) goes the same way.
+
+The batch-level options (model, top_k, webhook) come checked by the schemas
+(api/schemas.py); each line is checked here, so that every bad line is reported by
+its number.
 """
 
 from __future__ import annotations
@@ -15,12 +19,16 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api import idempotency
 from api.ratelimit import limits
 from api.services import db, services
-from api.submission import is_valid_url, replay, save_idempotent, validate_url
+from api.urls import is_valid_url
 from shared import batches, dispatch, jobs, ledger, logs
 from shared.db import bulk_insert
 from shared.errors import Conflict, NotFound, ValidationFailed
@@ -28,6 +36,7 @@ from shared.models import Batch, Job, User, new_id, utcnow
 from shared.status import JobStatus
 
 MAX_REPORTED_LINES = 100
+RESULTS_PAGE = 500
 MAX_CUSTOM_ID = 64
 TOP_K_RANGE = range(1, 21)  # the batch-level top_k's range (api/schemas.py BatchOptions)
 JSONL_KEYS = frozenset({"custom_id", "url", "top_k"})
@@ -173,7 +182,7 @@ def build_item_batch_request(
         urls=tuple(item["url"].strip() for item in items),
         model=model,
         top_k=top_k,
-        webhook_url=validate_url(webhook, "webhook") if webhook else None,
+        webhook_url=webhook,
         custom_ids=tuple(item.get("custom_id") for item in items),
         top_ks=tuple(item.get("top_k") for item in items),
     )
@@ -196,13 +205,13 @@ def build_batch_request(
         urls=tuple(str(url).strip() for _, url in numbered),
         model=model,
         top_k=top_k,
-        webhook_url=validate_url(webhook, "webhook") if webhook else None,
+        webhook_url=webhook,
     )
 
 
 def submit_batch(user: User, req: BatchRequest, idempotency_key: str | None) -> tuple[int, dict]:
     fingerprint = req.fingerprint()
-    if idempotency_key and (found := replay(user.id, idempotency_key, fingerprint)):
+    if idempotency_key and (found := idempotency.replay(user.id, idempotency_key, fingerprint)):
         return found
     limits().check_submission(user.id)  # a batch is one submission; tokens bound its size
     svc = services()
@@ -255,7 +264,7 @@ def submit_batch(user: User, req: BatchRequest, idempotency_key: str | None) -> 
         )
         body = batches.batch_to_dict(session, session.get(Batch, batch_id))
         if idempotency_key:
-            save_idempotent(user.id, idempotency_key, fingerprint, body)
+            idempotency.save(user.id, idempotency_key, fingerprint, body)
         session.commit()
     except Exception:
         session.rollback()
@@ -291,7 +300,7 @@ def retry_batch(
     """
     payload = json.dumps(["retry", batch_id, sorted(set(codes))])
     fingerprint = hashlib.sha256(payload.encode()).hexdigest()
-    if idempotency_key and (found := replay(user.id, idempotency_key, fingerprint)):
+    if idempotency_key and (found := idempotency.replay(user.id, idempotency_key, fingerprint)):
         return found
     limits().check_submission(user.id)  # a retry is a submission of its lines
     svc = services()
@@ -301,14 +310,16 @@ def retry_batch(
         batch, retried = _requeue(session, user, batch_id, codes)
         body = {**batches.batch_to_dict(session, batch), "retried": retried}
         if idempotency_key:
-            save_idempotent(user.id, idempotency_key, fingerprint, body)
+            idempotency.save(user.id, idempotency_key, fingerprint, body)
         session.commit()
     except Conflict as exc:
         session.rollback()
         # The same key sent twice at once: the second waited on the batch lock and found
         # the lines taken by the first, whose answer is the one to give.
         retry_of_same_key = exc.code == "nothing_to_retry" and idempotency_key
-        if retry_of_same_key and (found := replay(user.id, idempotency_key, fingerprint)):
+        if retry_of_same_key and (
+            found := idempotency.replay(user.id, idempotency_key, fingerprint)
+        ):
             return found
         raise
     except Exception:
@@ -318,12 +329,12 @@ def retry_batch(
     return 202, body
 
 
-def _requeue(session, user: User, batch_id: str, codes: Sequence[str]) -> tuple[Batch, int]:
+def _requeue(
+    session: Session, user: User, batch_id: str, codes: Sequence[str]
+) -> tuple[Batch, int]:
     """Lock the batch, move its failed lines back to waiting and charge them; returns the
     batch and how many lines were moved."""
-    batch = batches.lock(session, batch_id)
-    if batch is None or batch.user_id != user.id:
-        raise NotFound("No such batch.", code="batch_not_found")
+    batch = locked_batch(session, user, batch_id)
     if batch.canceled_at is not None:
         raise Conflict(
             "The batch was canceled; submit its lines as a new batch instead.",
@@ -340,3 +351,33 @@ def _requeue(session, user: User, batch_id: str, codes: Sequence[str]) -> tuple[
     ledger.charge_jobs(session, user.id, list(runs), runs)  # 402 rolls all of it back
     batches.reopen(session, batch)
     return batch, len(runs)
+
+
+def locked_batch(session: Session, user: User, batch_id: str) -> Batch:
+    """The user's batch, locked until the commit: cancel, retry, delete and completion
+    serialise on it. Someone else's batch is as missing as one that does not exist."""
+    batch = batches.lock(session, batch_id)
+    if batch is None or batch.user_id != user.id:
+        raise NotFound("No such batch.", code="batch_not_found")
+    return batch
+
+
+def result_lines(batch_id: str) -> Iterator[dict]:
+    """The batch's result lines (shared.jobs.result_line) in input order, read page by
+    page in short transactions, so 10,000 lines never sit in memory at once."""
+    session, after = db(), -1
+    while True:
+        page = list(
+            session.scalars(
+                select(Job)
+                .where(Job.batch_id == batch_id, Job.batch_index > after)
+                .order_by(Job.batch_index)
+                .limit(RESULTS_PAGE)
+            )
+        )
+        session.commit()
+        yield from (jobs.result_line(job) for job in page)
+        if len(page) < RESULTS_PAGE:
+            return
+        after = page[-1].batch_index
+        session.expunge_all()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+from typing import Any, ClassVar
 
 import marshmallow as ma
 from marshmallow import validate
 
+from api.urls import MAX_URL_LENGTH, invalid_message, is_valid_url
 from shared import webhook_events
 from shared.status import JobStatus
 
@@ -14,6 +16,53 @@ from shared.status import JobStatus
 # lookahead refuses that, and unlike \Z it is valid in the OpenAPI (ECMA) pattern too.
 USERNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{3,64}(?!\n)$")
 USERNAME = validate.Regexp(USERNAME_RE, error="3 to 64 letters, digits, '_', '.' or '-'.")
+
+
+BATCH_TEXT_TYPES = ("text/plain", "application/jsonl", "application/x-ndjson")
+REFILL_AMOUNT = validate.Range(min=1, max=1_000_000)
+
+
+class Body(ma.Schema):
+    """A JSON request body that must be an object (api/validation.py): anything else is
+    ``422 invalid_body``, saying to send ``EXPECTED``. Bodies of the ``OTHER_TYPES``
+    (uploads, text batches) are read by the route itself."""
+
+    EXPECTED: ClassVar[str] = "a JSON object"
+    OTHER_TYPES: ClassVar[tuple[str, ...]] = ()
+
+
+class HttpUrl(ma.fields.String):
+    """An absolute http(s) URL (api/urls.py), stripped; blank or null is "not given".
+
+    A refusal answers ``invalid_<noun>`` with one message (api/validation.py)."""
+
+    def __init__(self, noun: str = "url", **kwargs: Any) -> None:
+        kwargs.setdefault("allow_none", True)
+        kwargs.setdefault("metadata", {})
+        kwargs["metadata"].setdefault("maxLength", MAX_URL_LENGTH)
+        super().__init__(**kwargs)
+        self.noun, self.error_code = noun, f"invalid_{noun}"
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> str | None:
+        if not isinstance(value, str):
+            raise ma.ValidationError(invalid_message(self.noun))
+        url = value.strip()
+        if url and not is_valid_url(url):
+            raise ma.ValidationError(invalid_message(self.noun))
+        return url or None
+
+
+class Lines(ma.fields.List):
+    """A batch's lines, documented as a list of the inner field but loaded as sent:
+    api/bulk.py checks each line, to report every bad one by its number. Not a list at
+    all is ``invalid_body``."""
+
+    error_code = "invalid_body"
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> list:
+        if not isinstance(value, list):
+            raise self.make_error("invalid")
+        return value
 
 
 class ErrorBody(ma.Schema):
@@ -79,7 +128,7 @@ class StrictInteger(ma.fields.Integer):
 
 class Refill(ma.Schema):
     username = ma.fields.String(required=True)
-    amount = StrictInteger(required=True, validate=validate.Range(min=1, max=1_000_000))
+    amount = StrictInteger(required=True, validate=REFILL_AMOUNT)
 
 
 class Balance(ma.Schema):
@@ -87,17 +136,29 @@ class Balance(ma.Schema):
     tokens = ma.fields.Integer()
 
 
-class JobCreate(ma.Schema):
-    """JSON body; the multipart form takes the same fields plus ``file``."""
-
-    url = ma.fields.String(metadata={"description": "http(s) URL of a JPEG/PNG/WebP/GIF/BMP"})
+class JobOptions(ma.Schema):
     model = ma.fields.String(metadata={"example": "mobilenet"})
     top_k = ma.fields.Integer(validate=validate.Range(min=1, max=20))
-    webhook = ma.fields.String(metadata={"description": "https URL to POST job events to"})
+    webhook = HttpUrl("webhook", metadata={"description": "http(s) URL to POST job events to"})
     webhook_events = ma.fields.List(
         ma.fields.String(validate=validate.OneOf(webhook_events.JOB_EVENT_CHOICES)),
         metadata={"description": 'Default: ["completed"]'},
     )
+
+
+class JobCreate(Body, JobOptions):
+    """JSON body; a multipart form (``JobUpload``) takes the same fields, ``file`` for ``url``."""
+
+    EXPECTED = "a JSON object or a multipart form with a 'file' field"
+    OTHER_TYPES = ("multipart/form-data",)
+
+    url = HttpUrl(metadata={"description": "http(s) URL of a JPEG/PNG/WebP/GIF/BMP"})
+
+
+class JobUpload(JobOptions):
+    """The multipart form of POST /v1/jobs (documentation; the route reads the form)."""
+
+    file = ma.fields.Raw(required=True, metadata={"type": "string", "format": "binary"})
 
 
 class Prediction(ma.Schema):
@@ -160,7 +221,7 @@ class PageQuery(ma.Schema):
 class BatchOptions(ma.Schema):
     model = ma.fields.String()
     top_k = ma.fields.Integer(validate=validate.Range(min=1, max=20))
-    webhook = ma.fields.String(metadata={"description": "URL for the batch.completed event"})
+    webhook = HttpUrl("webhook", metadata={"description": "URL for the batch.completed event"})
 
 
 class BatchItem(ma.Schema):
@@ -170,15 +231,22 @@ class BatchItem(ma.Schema):
             "within the batch; echoed in the results and the job"
         }
     )
-    url = ma.fields.String(required=True)
+    url = HttpUrl(required=True, allow_none=False)
     top_k = ma.fields.Integer(validate=validate.Range(min=1, max=20))
 
 
-class BatchCreate(BatchOptions):
-    """Either ``urls`` or ``items`` (one object per line, as in JSON Lines bodies)."""
+class BatchCreate(Body, BatchOptions):
+    """Either ``urls`` or ``items`` (one object per line, as in JSON Lines bodies); a
+    text/plain or JSON Lines body takes the options from the query string instead."""
 
-    urls = ma.fields.List(ma.fields.String(), metadata={"maxItems": 10000})
-    items = ma.fields.List(ma.fields.Nested(BatchItem), metadata={"maxItems": 10000})
+    EXPECTED = (
+        '{"urls": [...]} or {"items": [{"custom_id": ..., "url": ...}]} as JSON, '
+        "one URL per line as text/plain, or one item per line as application/jsonl"
+    )
+    OTHER_TYPES = BATCH_TEXT_TYPES
+
+    urls = Lines(ma.fields.String(), metadata={"maxItems": 10000})
+    items = Lines(ma.fields.Nested(BatchItem), metadata={"maxItems": 10000})
 
 
 class BatchRetry(ma.Schema):
@@ -233,6 +301,30 @@ class JobListQuery(ma.Schema):
     status = ma.fields.String(validate=validate.OneOf([s.value for s in JobStatus]))
     limit = ma.fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
     cursor = ma.fields.String()
+
+
+class SeedCredentials(Body):
+    """The seed endpoints' bodies: credentials inside, unknown fields ignored."""
+
+    username = ma.fields.String(load_default=None)
+    password = ma.fields.String(load_default=None)
+
+
+class SeedRefill(SeedCredentials):
+    """The seed's /refill: an administrator's credentials, the account and the amount."""
+
+    user = ma.fields.String(load_default="")
+    refill = StrictInteger(required=True, validate=REFILL_AMOUNT)
+
+
+class SeedClassify(SeedCredentials):
+    url = HttpUrl(load_default=None)
+
+
+class SeedUpload(ma.Schema):
+    """The seed's /predict form (documentation; the route reads the form)."""
+
+    file = ma.fields.Raw(required=True, metadata={"type": "string", "format": "binary"})
 
 
 class Health(ma.Schema):

@@ -14,27 +14,24 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
-import unicodedata
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import insert
 from sqlalchemy.exc import IntegrityError
 
+from api import idempotency
 from api.ratelimit import limits
 from api.services import db, services
-from api.waits import wait_slots
+from api.waits import SKIPPED_HEADER, wait_slots
 from shared import jobs, ledger, logs
 from shared.config import BUILTIN_MODELS, TRAINED_MODEL_FILE, TRAINED_MODEL_NAME
 from shared.errors import (
-    Conflict,
     NotAnImage,
     NotFound,
     PayloadTooLarge,
+    ServiceError,
     ServiceUnavailable,
     UnsupportedMediaType,
     ValidationFailed,
@@ -42,13 +39,11 @@ from shared.errors import (
 from shared.image_header import probe
 from shared.images import ALLOWED_FORMATS, pixel_limit_message
 from shared.jobs import job_to_dict
-from shared.models import IdempotencyRecord, Job, User, as_utc, new_id, utcnow
+from shared.models import Job, User, new_id, utcnow
 from shared.queue import enqueue_jobs
 from shared.status import JobStatus
 
 log = logging.getLogger(__name__)
-
-MAX_URL_LENGTH = 2048
 
 
 @dataclass(frozen=True)
@@ -72,44 +67,6 @@ class JobRequest:
             payload["upload"] = hashlib.sha256(self.upload).hexdigest()
             payload["filename"] = self.filename
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-def is_valid_url(url: str) -> bool:
-    try:
-        parts = urlsplit(url)
-        return (
-            parts.scheme.lower() in ("http", "https")
-            and bool(parts.hostname)
-            and len(url) <= MAX_URL_LENGTH
-            and _no_hidden_characters(url)
-        )
-    except ValueError:  # e.g. an invalid IPv6 literal
-        return False
-
-
-_ASCII_HIDDEN = re.compile(r"[\x00-\x20\x7f]")
-_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs"})
-
-
-def _no_hidden_characters(url: str) -> bool:
-    """No whitespace, control (ANSI escapes reached the logs), format (invisible, bidi
-    overrides) or surrogate character: never part of a real URL, only of an attack on
-    its readers."""
-    if url.isascii():  # nearly every URL: one regex search instead of a loop per character
-        return _ASCII_HIDDEN.search(url) is None
-    return not any(c.isspace() or unicodedata.category(c) in _HIDDEN_CATEGORIES for c in url)
-
-
-def validate_url(url: Any, field: str = "url") -> str:
-    if not isinstance(url, str) or not url.strip():
-        raise ValidationFailed("A 'url' or a 'file' upload is required.", code="missing_input")
-    url = url.strip()
-    if not is_valid_url(url):
-        raise ValidationFailed(
-            f"The {field} must be an absolute http(s) URL of at most {MAX_URL_LENGTH} characters.",
-            code=f"invalid_{field}",
-        )
-    return url
 
 
 def validate_upload(data: bytes, filename: str | None) -> None:
@@ -173,7 +130,7 @@ def _is_trained_model(model_dir: str, name: str) -> bool:
 
 def build_request(
     *,
-    url: Any = None,
+    url: str | None = None,
     upload: bytes | None = None,
     filename: str | None = None,
     model: str | None = None,
@@ -181,10 +138,12 @@ def build_request(
     webhook: str | None = None,
     webhook_events: list[str] | None = None,
 ) -> JobRequest:
+    """A job request from fields the schemas already checked (api/schemas.py ``JobCreate``):
+    the model must be enabled, and there must be one input, a url or an upload."""
     model = checked_model(model)
     top_k = services().config.default_top_k if top_k is None else top_k
     hook = {
-        "webhook_url": validate_url(webhook, "webhook") if webhook else None,
+        "webhook_url": webhook or None,
         "webhook_events": tuple(dict.fromkeys(webhook_events or ["completed"]))
         if webhook
         else None,
@@ -196,13 +155,15 @@ def build_request(
         return JobRequest(
             model=model, top_k=top_k, upload=upload, filename=filename or "upload", **hook
         )
-    return JobRequest(model=model, top_k=top_k, url=validate_url(url), **hook)
+    if not url:
+        raise ValidationFailed("A 'url' or a 'file' upload is required.", code="missing_input")
+    return JobRequest(model=model, top_k=top_k, url=url, **hook)
 
 
 def submit(user: User, req: JobRequest, idempotency_key: str | None = None) -> tuple[int, dict]:
     """Charge, insert, commit, enqueue. Returns (HTTP status, job body)."""
     fingerprint = req.fingerprint()
-    if idempotency_key and (found := replay(user.id, idempotency_key, fingerprint)):
+    if idempotency_key and (found := idempotency.replay(user.id, idempotency_key, fingerprint)):
         return found
     limits().check_submission(user.id)
     if req.upload is not None:
@@ -232,7 +193,9 @@ def submit(user: User, req: JobRequest, idempotency_key: str | None = None) -> t
         # A concurrent request with the same idempotency key committed first.
         db().rollback()
         _forget_upload(job.id, req)
-        found = replay(user.id, idempotency_key, fingerprint) if idempotency_key else None
+        found = (
+            idempotency.replay(user.id, idempotency_key, fingerprint) if idempotency_key else None
+        )
         if found is None:
             raise
         return found
@@ -253,55 +216,9 @@ def _commit_new_job(user_id: int, job: Job, key: str | None, fingerprint: str) -
     session.execute(insert(Job.__table__), row)
     body = job_to_dict(job)
     if key:
-        save_idempotent(user_id, key, fingerprint, body)
+        idempotency.save(user_id, key, fingerprint, body)
     session.commit()
     return body
-
-
-def save_idempotent(user_id: int, key: str, fingerprint: str, body: dict) -> None:
-    """Remember the 202 answer for this key, in the caller's transaction."""
-    db().add(
-        IdempotencyRecord(
-            user_id=user_id, key=key, fingerprint=fingerprint, status_code=202, body=body
-        )
-    )
-
-
-def forget_idempotent(user_id: int, resource_id: str) -> None:
-    db().execute(
-        delete(IdempotencyRecord).where(
-            IdempotencyRecord.user_id == user_id,
-            IdempotencyRecord.body["id"].as_string() == resource_id,
-        )
-    )
-
-
-def replay(user_id: int, key: str, fingerprint: str) -> tuple[int, dict] | None:
-    """The first answer for this key, or None; 409 if the key came with another request."""
-    record = (
-        db()
-        .scalars(
-            select(IdempotencyRecord).where(
-                IdempotencyRecord.user_id == user_id, IdempotencyRecord.key == key
-            )
-        )
-        .first()
-    )
-    if record is None:
-        return None
-    if as_utc(record.created_at) < utcnow() - timedelta(
-        seconds=services().config.idempotency_ttl_s
-    ):
-        # Keys are remembered for IDEMPOTENCY_TTL_S; after that the key is free again.
-        db().delete(record)
-        db().commit()
-        return None
-    if record.fingerprint != fingerprint:
-        raise Conflict(
-            "This Idempotency-Key was already used with a different request.",
-            code="idempotency_key_reused",
-        )
-    return record.status_code, record.body
 
 
 def _forget_upload(job_id: str, req: JobRequest) -> None:
@@ -342,7 +259,7 @@ def _undo(user_id: int, job_id: str) -> bool:
     if not jobs.withdraw_unstarted(session, user_id, Job.id == job_id):
         session.rollback()
         return False
-    forget_idempotent(user_id, job_id)
+    idempotency.forget(user_id, job_id)
     session.commit()
     return True
 
@@ -377,3 +294,35 @@ def wait_for(job_id: str, timeout_s: float) -> Job:
     else:
         finished()
     return latest[0]
+
+
+class TooManyWaits(ServiceError):
+    status, code = 429, "too_many_waits"
+
+
+class Timeout(ServiceError):
+    status, code = 504, "timeout"
+
+
+def submit_and_wait(user: User, **job_fields: Any) -> Job:
+    """Submit through the queue and wait for the result, as the seed's synchronous call did.
+
+    The job succeeded, or this raises: its failure (422), a 504 past MAX_WAIT_S, or a 429
+    before anything is charged when the caps on waits held at once are reached.
+    """
+    wait_s = services().config.max_wait_s
+    with wait_slots().hold(user.id, wait_s) as skipped:
+        if skipped:
+            # Checked before submitting: a seed client expects the answer or nothing
+            # charged, and this call could not wait for the answer.
+            raise TooManyWaits(
+                "Too many requests waiting for results at once; retry shortly.",
+                headers={"Retry-After": "1", SKIPPED_HEADER: skipped},
+            )
+        _, job_body = submit(user, build_request(**job_fields))
+        job = wait_for(job_body["id"], wait_s)
+    if job.status == JobStatus.SUCCEEDED:
+        return job
+    if job.status == JobStatus.FAILED:
+        raise ServiceError(job.error_message, code=job.error_code, status=422)
+    raise Timeout(f"The job {job.id} is still {job.status}; poll GET /v1/jobs/{job.id}.")

@@ -7,6 +7,9 @@ transaction that ends the batch's last active job, which is also where the
 (``reopen``) clears it and starts a new run: ``retries`` goes up by one, and the
 retried lines' end sets ``completed_at`` and records ``batch.completed`` again,
 keyed by that run.
+
+This module owns every batch-level transition (``cancel``, ``complete_finished``,
+``reopen``, ``delete_ended``); the jobs' own status changes go through shared/jobs.py.
 """
 
 from __future__ import annotations
@@ -111,6 +114,16 @@ def lock(session: Session, batch_id: str) -> Batch | None:
         .with_for_update()
         .execution_options(populate_existing=True)  # the locked row, not a cached copy
     ).scalar_one_or_none()
+
+
+def cancel(session: Session, batch: Batch) -> tuple[list[str], list[str]]:
+    """Cancel a locked batch (see ``lock``): its queued jobs are canceled and refunded,
+    running ones finish. Returns (the job ids canceled, new webhook event ids); the
+    caller checks the batch has not ended, and commits."""
+    canceled = jobs.cancel_queued(session, batch.user_id, Job.batch_id == batch.id)
+    batch.canceled_at = utcnow()
+    session.flush()
+    return canceled, complete_finished(session, [batch.id])
 
 
 def reopen(session: Session, batch: Batch) -> None:

@@ -1,4 +1,10 @@
-"""Job representation and the conditional status transitions both sides use.
+"""Job representation and every job status transition, for the API and the worker alike.
+
+This module is the one writer of ``jobs.status`` (and the bookkeeping that moves with
+it: claim, attempts, retries, outcome); batch-level transitions (cancel, completion,
+reopen) live in shared/batches.py, which owns batches, and the dispatch window's
+``dispatched_at`` marks in shared/dispatch.py. A token moves only through
+shared/ledger.py, called here in the same transaction as the transition that earns it.
 
 Every transition is an ``UPDATE ... WHERE status IN (...)``: whoever changes the
 row first wins, and a second attempt (a redelivered message, a cancel racing
@@ -25,8 +31,13 @@ def iso(dt: datetime | None) -> str | None:
     return as_utc(dt).astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
+def _error(job: Job) -> dict[str, str] | None:
+    return {"code": job.error_code, "message": job.error_message} if job.error_code else None
+
+
 def job_to_dict(job: Job) -> dict[str, Any]:
-    error = {"code": job.error_code, "message": job.error_message} if job.error_code else None
+    """A job as every answer shows it: the API, the web pages and webhook events."""
+    error = _error(job)
     source = {"url": job.input_url} if job.input_url else {"filename": job.input_filename}
     webhook = {"url": job.webhook_url, "events": job.webhook_events} if job.webhook_url else None
     return {
@@ -45,6 +56,19 @@ def job_to_dict(job: Job) -> dict[str, Any]:
         "retries": job.retries,
         "webhook": webhook,
         "request_id": job.request_id,
+    }
+
+
+def result_line(job: Job) -> dict[str, Any]:
+    """A batch line as its results show it (GET /v1/batches/{id}/results, a row of the CSV)."""
+    return {
+        "index": job.batch_index,
+        "custom_id": job.custom_id,
+        "url": job.input_url,
+        "status": job.status,
+        "predictions": job.result["predictions"] if job.result else None,
+        "error": _error(job),
+        "retries": job.retries,
     }
 
 
@@ -80,6 +104,32 @@ def _transition_runs(
         .execution_options(synchronize_session=False)
     )
     return dict(won.all())
+
+
+def claim(session: Session, job_ids: list[str], worker_id: str | None) -> list[Job]:
+    """Mark the active jobs among ``job_ids`` processing by ``worker_id``; a final job is skipped.
+
+    A job processing elsewhere is taken over: its message came back, so its worker
+    is presumed gone (a duplicate message costs work, never a second outcome). Returns
+    the claimed rows as the UPDATE wrote them; the caller commits.
+    """
+    # One round trip: the claimed rows come back with RETURNING (PostgreSQL, SQLite >= 3.35).
+    return list(
+        session.scalars(
+            update(Job)
+            .where(Job.id.in_(job_ids), Job.status.in_([s.value for s in ACTIVE]))
+            .values(
+                status=JobStatus.PROCESSING.value,
+                attempts=Job.attempts + 1,
+                claimed_at=utcnow(),
+                claimed_by=worker_id,
+                started_at=case((Job.started_at.is_(None), utcnow()), else_=Job.started_at),
+            )
+            .returning(Job)
+            # The rows as written, even where the session already holds a stale copy.
+            .execution_options(synchronize_session=False, populate_existing=True)
+        )
+    )
 
 
 def mark_all_succeeded(session: Session, results: dict[str, dict[str, Any]]) -> set[str]:

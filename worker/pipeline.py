@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import case, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -25,8 +24,7 @@ from shared.errors import ServiceError, UploadExpired
 from shared.events import publish_done
 from shared.images import decode_image, to_array
 from shared.metrics import MetricsBuffer
-from shared.models import Job, utcnow
-from shared.status import ACTIVE, JobStatus
+from shared.models import Job
 from worker.batching import RETRY_BATCH
 from worker.runtime import Runtime
 
@@ -113,28 +111,8 @@ def _unique(loaded: list[Loaded]) -> list[JobOutcome]:
 def _claim(
     session: Session, job_ids: list[str], worker_id: str | None
 ) -> tuple[list[Job], list[str]]:
-    """Mark the batch's active jobs processing by this worker; a final job is skipped.
-
-    A job processing elsewhere is taken over: its message came back, so its worker
-    is presumed gone (a duplicate message costs work, never a second outcome).
-    """
-    active = [s.value for s in ACTIVE]
-    # One round trip: the claimed rows come back with RETURNING (PostgreSQL, SQLite >= 3.35).
-    rows = list(
-        session.scalars(
-            update(Job)
-            .where(Job.id.in_(job_ids), Job.status.in_(active))
-            .values(
-                status=JobStatus.PROCESSING.value,
-                attempts=Job.attempts + 1,
-                claimed_at=utcnow(),
-                claimed_by=worker_id,
-                started_at=case((Job.started_at.is_(None), utcnow()), else_=Job.started_at),
-            )
-            .returning(Job)
-            .execution_options(synchronize_session=False)
-        )
-    )
+    """Claim the message's active jobs (shared.jobs.claim) and record job.started events."""
+    rows = jobs.claim(session, job_ids, worker_id)
     # job.started is sent on the first delivery only, not again on a redelivery.
     events = [jobs.record_webhook(session, j, "started") for j in rows if j.attempts == 1]
     session.commit()

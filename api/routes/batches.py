@@ -5,36 +5,33 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
-import marshmallow as ma
 from flask import Response, g, request, stream_with_context, url_for
-from flask_smorest import Blueprint
 from sqlalchemy import select
 
-from api import schemas
+from api import cancel, deletion, idempotency, schemas, validation
 from api.auth import login_required, owned
 from api.bulk import (
+    BatchRequest,
     build_batch_request,
     build_item_batch_request,
     parse_jsonl,
     parse_lines,
+    result_lines,
     retry_batch,
     submit_batch,
 )
 from api.errors import invalid_body
 from api.pagination import page
-from api.ratelimit import limits
-from api.routes.jobs import after_cancel, idempotency_key
 from api.services import db, services
 from api.submission import checked_model
-from shared import batches, dispatch, jobs
-from shared.errors import Conflict, NotFound, ValidationFailed
-from shared.models import Batch, Job, utcnow
+from api.validation import Blueprint
+from shared import batches
+from shared.models import Batch
 
 blp = Blueprint("batches", __name__, url_prefix="/v1/batches", description="Bulk URL batches")
 
-RESULTS_PAGE = 500
 # New columns go at the end: readers that index columns by position keep working.
 CSV_COLUMNS = [
     "index",
@@ -48,86 +45,76 @@ CSV_COLUMNS = [
     "custom_id",
     "retries",
 ]
-JSONL_TYPES = ("application/jsonl", "application/x-ndjson")
 JSONL_EXAMPLE = (
     '{"custom_id": "sku-1", "url": "https://example.com/a.jpg"}\n'
     '{"custom_id": "sku-2", "url": "https://example.com/b.jpg", "top_k": 3}\n'
 )
+TEXT_EXAMPLES = {
+    "text/plain": "# one URL per line\nhttps://example.com/a.jpg\n",
+    "application/jsonl": JSONL_EXAMPLE,
+    "application/x-ndjson": JSONL_EXAMPLE,
+}
+# The JSON body is schemas.BatchCreate (@blp.arguments); a text body is read here, line
+# by line, with its options (schemas.BatchOptions) in the query string.
 BATCH_CREATE_DOC = {
     "requestBody": {
-        "required": True,
         "content": {
-            "application/json": {"schema": "BatchCreate"},
-            "text/plain": {
-                "schema": {"type": "string"},
-                "example": "# one URL per line\nhttps://example.com/a.jpg\n",
-            },
-            **{
-                mimetype: {"schema": {"type": "string"}, "example": JSONL_EXAMPLE}
-                for mimetype in JSONL_TYPES
-            },
+            mimetype: {"schema": {"type": "string"}, "example": TEXT_EXAMPLES[mimetype]}
+            for mimetype in schemas.BATCH_TEXT_TYPES
         },
     },
     "parameters": [
-        {
-            "in": "query",
-            "name": "model",
-            "schema": {"type": "string"},
-            "description": "For text/plain and JSON Lines bodies (JSON bodies carry it inside)",
-        },
-        {"in": "query", "name": "top_k", "schema": {"type": "integer"}},
-        {"in": "query", "name": "webhook", "schema": {"type": "string"}},
-        {"in": "header", "name": "Idempotency-Key", "schema": {"type": "string"}},
+        {"in": "query", "schema": schemas.BatchOptions},
+        idempotency.HEADER_DOC,
     ],
 }
 
 
-def _options(data: dict) -> dict:
-    try:
-        return schemas.BatchOptions().load(data)
-    except ma.ValidationError as exc:
-        raise ValidationFailed(details={"fields": exc.messages}) from None
+def _batch_request(body: dict) -> BatchRequest:
+    if request.mimetype in schemas.BATCH_TEXT_TYPES:
+        return _text_batch_request()
+    fields = [f for f in ("urls", "items") if f in body]
+    if len(fields) != 1:
+        raise invalid_body(schemas.BatchCreate.EXPECTED)
+    field = fields[0]
+    numbered = list(enumerate(body[field], start=1))
+    build = build_item_batch_request if field == "items" else build_batch_request
+    return _build(build, numbered, {k: v for k, v in body.items() if k != field})
 
 
-def _parse():
+def _text_batch_request() -> BatchRequest:
+    # Read line by line from the stream, never the whole body as one string.
     limit = services().config.max_batch_urls
-    build = build_batch_request
-    if request.mimetype in ("text/plain", *JSONL_TYPES):
-        # Read line by line from the stream, never the whole body as one string.
-        lines = io.TextIOWrapper(request.stream, encoding="utf-8", errors="replace")
-        if request.mimetype == "text/plain":
-            numbered = parse_lines(lines, limit)
-        else:
-            numbered, build = parse_jsonl(lines, limit), build_item_batch_request
-        options = _options(request.args.to_dict())
+    lines = io.TextIOWrapper(request.stream, encoding="utf-8", errors="replace")
+    if request.mimetype == "text/plain":
+        build, numbered = build_batch_request, parse_lines(lines, limit)
     else:
-        body = request.get_json(silent=True)
-        fields = [f for f in ("urls", "items") if isinstance(body, dict) and f in body]
-        if len(fields) != 1 or not isinstance(body[fields[0]], list):
-            raise invalid_body(
-                '{"urls": [...]} or {"items": [{"custom_id": ..., "url": ...}]} as JSON, '
-                "one URL per line as text/plain, or one item per line as application/jsonl"
-            )
-        field = fields[0]
-        numbered = list(enumerate(body[field], start=1))
-        if field == "items":
-            build = build_item_batch_request
-        options = _options({k: v for k, v in body.items() if k != field})
+        build, numbered = build_item_batch_request, parse_jsonl(lines, limit)
+    options = validation.load(schemas.BatchOptions(), request.args.to_dict())
+    return _build(build, numbered, options)
+
+
+def _build(build: Callable[..., BatchRequest], numbered: list, options: dict) -> BatchRequest:
     top_k = options.get("top_k", services().config.default_top_k)
     return build(numbered, checked_model(options.get("model")), top_k, options.get("webhook"))
 
 
 @blp.route("", methods=["POST"])
 @login_required
+@blp.arguments(schemas.BatchCreate)
 @blp.doc(**BATCH_CREATE_DOC)
 @blp.response(202, schemas.BatchSchema, headers=schemas.location_header("batch"))
 @blp.alt_response(402, schema=schemas.ErrorSchema, description="insufficient_tokens")
 @blp.alt_response(
     422, schema=schemas.ErrorSchema, description="invalid_urls, invalid_lines (details.lines)"
 )
-def create_batch():
-    """Submit up to 10,000 URLs (or JSON Lines items); charges one token each, all or nothing."""
-    status, body = submit_batch(g.user, _parse(), idempotency_key())
+def create_batch(body: dict):
+    """Submit up to 10,000 URLs (or JSON Lines items); charges one token each, all or nothing.
+
+    A JSON body carries its options; a text/plain or JSON Lines body takes them from the
+    query string.
+    """
+    status, body = submit_batch(g.user, _batch_request(body), idempotency.request_key())
     return body, status, {"Location": url_for("batches.get_batch", batch_id=body["id"])}
 
 
@@ -166,43 +153,11 @@ def batch_results(query, batch_id: str):
     owned(Batch, batch_id, "batch")
     db().commit()  # the stream reads in its own short transactions
     if query["format"] == "csv":
-        lines, mimetype = _csv_lines(_result_rows(batch_id)), "text/csv"
+        lines, mimetype = _csv_lines(result_lines(batch_id)), "text/csv"
     else:
-        lines = (json.dumps(row) + "\n" for row in _result_rows(batch_id))
+        lines = (json.dumps(row) + "\n" for row in result_lines(batch_id))
         mimetype = "application/x-ndjson"
     return Response(stream_with_context(lines), mimetype=mimetype)
-
-
-def _result_rows(batch_id: str) -> Iterator[dict]:
-    """Rows in input order, read page by page so 10,000 lines never sit in memory at once."""
-    session, after = db(), -1
-    while True:
-        chunk = list(
-            session.scalars(
-                select(Job)
-                .where(Job.batch_id == batch_id, Job.batch_index > after)
-                .order_by(Job.batch_index)
-                .limit(RESULTS_PAGE)
-            )
-        )
-        session.commit()
-        for job in chunk:
-            error = (
-                {"code": job.error_code, "message": job.error_message} if job.error_code else None
-            )
-            yield {
-                "index": job.batch_index,
-                "custom_id": job.custom_id,
-                "url": job.input_url,
-                "status": job.status,
-                "predictions": job.result["predictions"] if job.result else None,
-                "error": error,
-                "retries": job.retries,
-            }
-        if len(chunk) < RESULTS_PAGE:
-            return
-        after = chunk[-1].batch_index
-        session.expunge_all()
 
 
 def _csv_lines(rows: Iterator[dict]) -> Iterator[str]:
@@ -243,41 +198,22 @@ def _csv_lines(rows: Iterator[dict]) -> Iterator[str]:
 @blp.alt_response(409, schema=schemas.ErrorSchema, description="batch_not_cancelable")
 def cancel_batch(batch_id: str):
     """Cancel the jobs that have not started (refunded); running ones finish."""
-    session = db()
-    batch = _locked(session, batch_id)
-    if batch.completed_at is not None or batch.canceled_at is not None:
-        raise Conflict("The batch has already ended.", code="batch_not_cancelable")
-    canceled = jobs.cancel_queued(session, batch.user_id, Job.batch_id == batch.id)
-    batch.canceled_at = utcnow()
-    session.flush()
-    events = batches.complete_finished(session, [batch_id])
-    session.commit()
-    after_cancel(canceled, events)
-    # Its chunks out at the broker no longer count: other users' work takes the room.
-    svc = services()
-    dispatch.refill(svc.sessions, svc.redis, svc.celery, svc.config)
-    return batches.batch_to_dict(session, batch)
+    return batches.batch_to_dict(db(), cancel.cancel_batch(g.user, batch_id))
 
 
 @blp.route("/<batch_id>/retry", methods=["POST"])
 @login_required
-@blp.doc(parameters=[{"in": "header", "name": "Idempotency-Key", "schema": {"type": "string"}}])
+@blp.doc(parameters=[idempotency.HEADER_DOC])
 @blp.arguments(schemas.BatchRetry, required=False)
 @blp.response(202, schemas.BatchRetried)
 @blp.alt_response(402, schema=schemas.ErrorSchema, description="insufficient_tokens")
 @blp.alt_response(409, schema=schemas.ErrorSchema, description="batch_canceled, nothing_to_retry")
 def retry_failed(args: dict, batch_id: str):
     """Re-queue the lines that failed (optionally only some error codes); one token each."""
-    status, body = retry_batch(g.user, batch_id, args.get("error_codes") or [], idempotency_key())
+    status, body = retry_batch(
+        g.user, batch_id, args.get("error_codes") or [], idempotency.request_key()
+    )
     return body, status
-
-
-def _locked(session, batch_id: str) -> Batch:
-    """The caller's batch, locked until the commit (cancel, retry and delete never interleave)."""
-    batch = batches.lock(session, batch_id)
-    if batch is None or batch.user_id != g.user.id:
-        raise NotFound("No such batch.", code="batch_not_found")
-    return batch
 
 
 @blp.route("/<batch_id>", methods=["DELETE"])
@@ -288,17 +224,4 @@ def _locked(session, batch_id: str) -> Batch:
 @blp.alt_response(429, schema=schemas.ErrorSchema, description="rate_limited (RATE_LIMIT_DELETE)")
 def delete_batch(batch_id: str):
     """Delete an ended batch and all its jobs at once; the ledger keeps their charges."""
-    limits().check_deletion(g.user.id)
-    session = db()
-    batch = _locked(session, batch_id)
-    if batch.completed_at is None:
-        first = (
-            "" if batch.canceled_at else f"cancel it first (POST /v1/batches/{batch_id}/cancel), "
-        )
-        raise Conflict(
-            f"The batch is still running; {first}wait until its running jobs have finished "
-            "(its completed_at is then set), then delete it.",
-            code="batch_running",
-        )
-    batches.delete_ended(session, batch_id)
-    session.commit()
+    deletion.delete_batch(g.user, batch_id)

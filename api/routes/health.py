@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import time
 
-from flask_smorest import Blueprint
 from sqlalchemy import text
 
 from api import schemas
 from api.metrics import metrics_response
 from api.services import services
+from api.validation import Blueprint
 from shared.queue import heartbeat_key
 
 blp = Blueprint("health", __name__, description="Probes")

@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
 import re
 
-import marshmallow as ma
 from flask import g, request, url_for
-from flask_smorest import Blueprint
 from sqlalchemy import select
 
-from api import schemas
+from api import cancel, deletion, idempotency, schemas, validation
 from api.auth import login_required, owned
-from api.errors import invalid_body
 from api.pagination import page
-from api.ratelimit import limits
 from api.services import db, services
-from api.submission import build_request, submit, wait_within_caps
+from api.submission import JobRequest, build_request, submit, wait_within_caps
+from api.validation import Blueprint
 from api.waits import PROCESS_LIMIT, SKIPPED_HEADER, USER_LIMIT
-from shared import batches, events, jobs, webhook_events
-from shared.errors import Conflict, ValidationFailed
+from shared import jobs
+from shared.errors import ValidationFailed
 from shared.models import Job
 from shared.status import JobStatus
 
@@ -35,66 +31,29 @@ WAIT_SKIPPED_DOC = {
 }
 
 PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+)", re.I)
-JOB_CREATE_DOC = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {"schema": "JobCreate"},
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {
-                        "file": {"type": "string", "format": "binary"},
-                        "model": {"type": "string"},
-                        "top_k": {"type": "integer", "minimum": 1, "maximum": 20},
-                    },
-                }
-            },
-        },
-    },
-    "parameters": [
-        {
-            "in": "header",
-            "name": "Idempotency-Key",
-            "schema": {"type": "string", "maxLength": 255},
-            "description": "The same key and body return the first response, charged once.",
-        },
-        {
-            "in": "header",
-            "name": "Prefer",
-            "schema": {"type": "string", "example": "wait=30"},
-            "description": "wait=N (N <= 60): answer 200 with the finished job if it ends "
-            "in time; past the caps on waits held at once, 202 at once with X-Wait-Skipped.",
-        },
-    ],
+PREFER_DOC = {
+    "in": "header",
+    "name": "Prefer",
+    "schema": {"type": "string", "example": "wait=30"},
+    "description": "wait=N (N <= 60): answer 200 with the finished job if it ends "
+    "in time; past the caps on waits held at once, 202 at once with X-Wait-Skipped.",
 }
 
 
-def _parse_job_request():
-    if request.mimetype == "multipart/form-data":
-        upload = request.files.get("file")
-        if upload is None:
-            raise ValidationFailed("The multipart form needs a 'file' field.", code="missing_input")
-        form = request.form.to_dict()
-        if "webhook_events" in form:  # a form sends a list as repeated or comma-separated values
-            form["webhook_events"] = [
-                e.strip() for v in request.form.getlist("webhook_events") for e in v.split(",")
-            ]
-        fields = _load(form)
-        return build_request(upload=upload.read(), filename=upload.filename, **fields)
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise invalid_body("a JSON object or a multipart form with a 'file' field")
-    fields = _load({k: v for k, v in body.items() if k != "url"})
-    return build_request(url=body.get("url"), **fields)
-
-
-def _load(data: dict) -> dict:
-    try:
-        return schemas.JobCreate().load(data)
-    except ma.ValidationError as exc:
-        raise ValidationFailed(details={"fields": exc.messages}) from None
+def _job_request(body: dict) -> JobRequest:
+    """The request from the JSON body (already loaded) or the multipart form (read here)."""
+    if request.mimetype != "multipart/form-data":
+        return build_request(**body)
+    upload = request.files.get("file")
+    if upload is None:
+        raise ValidationFailed("The multipart form needs a 'file' field.", code="missing_input")
+    form = request.form.to_dict()
+    if "webhook_events" in form:  # a form sends a list as repeated or comma-separated values
+        form["webhook_events"] = [
+            e.strip() for v in request.form.getlist("webhook_events") for e in v.split(",")
+        ]
+    fields = validation.load(schemas.JobCreate(), form)
+    return build_request(upload=upload.read(), filename=upload.filename, **fields)
 
 
 def _prefer_wait() -> int | None:
@@ -102,18 +61,13 @@ def _prefer_wait() -> int | None:
     return min(int(match.group(1)), services().config.max_wait_s) if match else None
 
 
-def idempotency_key() -> str | None:
-    key = request.headers.get("Idempotency-Key")
-    if key is not None and not 1 <= len(key) <= 255:
-        raise ValidationFailed(
-            "Idempotency-Key must be 1 to 255 characters.", code="invalid_header"
-        )
-    return key
-
-
 @blp.route("", methods=["POST"])
 @login_required
-@blp.doc(**JOB_CREATE_DOC)
+@blp.arguments(schemas.JobCreate)
+@blp.doc(
+    requestBody={"content": {"multipart/form-data": {"schema": "JobUpload"}}},
+    parameters=[idempotency.HEADER_DOC, PREFER_DOC],
+)
 @blp.response(
     202,
     schemas.Job,
@@ -126,11 +80,11 @@ def idempotency_key() -> str | None:
 @blp.alt_response(413, schema=schemas.ErrorSchema, description="payload_too_large, image_too_large")
 @blp.alt_response(415, schema=schemas.ErrorSchema, description="unsupported_image_format")
 @blp.alt_response(503, schema=schemas.ErrorSchema, description="service_unavailable")
-def create_job():
+def create_job(body: dict):
     """Submit one image by URL (JSON) or upload (multipart); costs one token."""
     wait_s = _prefer_wait()
-    job_request = _parse_job_request()
-    status, body = submit(g.user, job_request, idempotency_key())
+    job_request = _job_request(body)
+    status, body = submit(g.user, job_request, idempotency.request_key())
     if wait_s and status == 202:
         job, skipped = wait_within_caps(g.user.id, body["id"], wait_s)
         if skipped:
@@ -184,31 +138,7 @@ def list_jobs(query):
 @blp.alt_response(409, schema=schemas.ErrorSchema, description="job_not_cancelable")
 def cancel_job(job_id: str):
     """Cancel a queued job and refund its token; a job already processing finishes."""
-    job = owned(Job, job_id, "job")
-    session = db()
-    if not jobs.cancel(session, job):
-        session.rollback()
-        status = session.get(Job, job_id).status
-        raise Conflict(
-            f"The job is {status}; only queued jobs can be canceled.", code="job_not_cancelable"
-        )
-    events = [jobs.record_webhook(session, job, webhook_events.COMPLETED)]
-    events += batches.complete_finished(session, [job.batch_id])
-    session.commit()
-    after_cancel([job_id], [e for e in events if e])
-    session.refresh(job)
-    return jobs.job_to_dict(job)
-
-
-def after_cancel(job_ids: list[str], event_ids: list[str]) -> None:
-    """Wake long-pollers, drop uploads, send webhooks. Best effort: SQL already says it all."""
-    svc = services()
-    webhook_events.dispatch(svc.celery, svc.config, event_ids)
-    try:
-        svc.uploads.delete(*job_ids)
-        events.publish_done(svc.redis, svc.config, job_ids)
-    except Exception:  # waiters re-check SQL; an upload's TTL removes it
-        pass
+    return jobs.job_to_dict(cancel.cancel_job(g.user, job_id))
 
 
 @blp.route("/<job_id>", methods=["DELETE"])
@@ -219,28 +149,4 @@ def after_cancel(job_ids: list[str], event_ids: list[str]) -> None:
 @blp.alt_response(429, schema=schemas.ErrorSchema, description="rate_limited (RATE_LIMIT_DELETE)")
 def delete_job(job_id: str):
     """Delete a finished job at once; its charge and refund stay in the ledger."""
-    limits().check_deletion(g.user.id)
-    job = owned(Job, job_id, "job")
-    if job.batch_id is not None:
-        # A batch's counts are its jobs: one job less would make them lie.
-        raise Conflict(
-            f"The job belongs to batch {job.batch_id}; delete the whole batch "
-            f"(DELETE /v1/batches/{job.batch_id}).",
-            code="job_in_batch",
-        )
-    session = db()
-    if not jobs.delete_finished(session, Job.id == job_id):
-        session.rollback()
-        raise Conflict(
-            f"The job is {job.status}; cancel it first (POST /v1/jobs/{job_id}/cancel) "
-            "or wait until it has finished, then delete it.",
-            code="job_not_finished",
-        )
-    session.commit()
-    _forget_upload(job_id)
-
-
-def _forget_upload(job_id: str) -> None:
-    # Best effort: SQL already says the job is gone, and the upload's TTL removes it anyway.
-    with contextlib.suppress(Exception):
-        services().uploads.delete(job_id)
+    deletion.delete_job(g.user, job_id)

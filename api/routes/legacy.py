@@ -8,41 +8,35 @@ Classification runs through the same queue, worker and batching as /v1/jobs.
 
 from __future__ import annotations
 
+import marshmallow as ma
 from flask import request
-from flask_smorest import Blueprint
 
-from api import schemas
+from api import accounts, schemas
 from api.auth import authenticate, user_by_password
-from api.errors import error_response, invalid_body
-from api.routes.admin import refill_user
-from api.routes.users import create_user
-from api.services import services
-from api.submission import build_request, submit, wait_for
-from api.waits import SKIPPED_HEADER, wait_slots
+from api.errors import error_response
+from api.submission import submit_and_wait
+from api.validation import Blueprint
 from shared.errors import (
     Forbidden,
     ServiceError,
     Unauthorized,
     ValidationFailed,
 )
-from shared.models import Job, User
-from shared.status import JobStatus
 
 blp = Blueprint(
     "legacy", __name__, description="The seed apps' endpoints, kept for older clients; prefer /v1."
 )
 
 
-def _doc(required: list[str], optional: tuple[str, ...] = (), security: list | None = None):
-    props = {
-        name: {"type": "integer" if name == "refill" else "string"}
-        for name in (*required, *optional)
-    }
-    body = {"type": "object", "required": required, "properties": props}
-    return blp.doc(
-        security=[] if security is None else security,
-        requestBody={"required": True, "content": {"application/json": {"schema": body}}},
-    )
+def _body(schema: type[schemas.SeedCredentials]):
+    """A seed body: a JSON object, loaded with ``schema``; unknown fields are ignored, as
+    the seed apps ignored them; no API credentials (they are inside the body)."""
+
+    def decorate(view):
+        view = blp.arguments(schema, unknown=ma.EXCLUDE)(view)
+        return blp.doc(security=[])(view)
+
+    return decorate
 
 
 # The seed app's in-body status codes, by our error code.
@@ -56,17 +50,6 @@ SEED_STATUS = {
 }
 
 
-class Timeout(ServiceError):
-    status, code = 504, "timeout"
-
-
-def _json() -> dict:
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise invalid_body("a JSON object")
-    return body
-
-
 @blp.errorhandler(ServiceError)
 def _seed_error(err: ServiceError):
     body = {"status": SEED_STATUS.get(err.code, err.status), "msg": err.message, **err.to_dict()}
@@ -74,22 +57,20 @@ def _seed_error(err: ServiceError):
 
 
 @blp.route("/register", methods=["POST"])
-@_doc(["username", "password"])
-def register():
+@_body(schemas.SeedCredentials)
+def register(body: dict):
     """Sign up (seed format); 5 tokens."""
-    body = _json()
     # The seed app let a client make itself admin with "is_admin"; that field is ignored.
     # create_user checks the username as /v1/users does (the seed app took anything).
-    create_user(str(body.get("username", "")), str(body.get("password", "")))
+    accounts.create_user(body["username"] or "", body["password"] or "")
     return {"status": 200, "msg": "You have successfully signed up for the API"}
 
 
 @blp.route("/token", methods=["POST"])
-@_doc(["username", "password"])
-def token():
+@_body(schemas.SeedCredentials)
+def token(body: dict):
     """The caller's balance (free, unlike the seed app)."""
-    body = _json()
-    user = user_by_password(body.get("username"), body.get("password"))
+    user = user_by_password(body["username"], body["password"])
     # Unlike the seed app, asking for the balance costs nothing.
     return {
         "status": 200,
@@ -99,72 +80,32 @@ def token():
 
 
 @blp.route("/refill", methods=["POST"])
-@_doc(["username", "password", "user", "refill"])
-def refill():
+@_body(schemas.SeedRefill)
+def refill(body: dict):
     """Admin: add 'refill' tokens to 'user'."""
-    body = _json()
-    admin = user_by_password(body.get("username"), body.get("password"))
+    admin = user_by_password(body["username"], body["password"])
     if not admin.is_admin:
         raise Forbidden("You are not authorized to perform this operation.", code="admin_required")
-    amount = body.get("refill")
-    if not isinstance(amount, int) or isinstance(amount, bool) or not 1 <= amount <= 1_000_000:
-        raise ValidationFailed("'refill' must be an integer from 1 to 1000000.")
-    refill_user(str(body.get("user", "")), amount, admin)
+    accounts.refill(body["user"], body["refill"], admin)
     return {"status": 200, "msg": "Refilled Successfully!"}
 
 
-class TooManyWaits(ServiceError):
-    status, code = 429, "too_many_waits"
-
-
-def _finished(user: User, **job_fields) -> Job:
-    """Submit through the queue and wait for the result, as the seed's synchronous call did."""
-    wait_s = services().config.max_wait_s
-    with wait_slots().hold(user.id, wait_s) as skipped:
-        if skipped:
-            # Checked before submitting: a seed client expects the answer or nothing
-            # charged, and this call could not wait for the answer.
-            raise TooManyWaits(
-                "Too many requests waiting for results at once; retry shortly.",
-                headers={"Retry-After": "1", SKIPPED_HEADER: skipped},
-            )
-        _, job_body = submit(user, build_request(**job_fields))
-        job = wait_for(job_body["id"], wait_s)
-    if job.status == JobStatus.SUCCEEDED:
-        return job
-    if job.status == JobStatus.FAILED:
-        raise ServiceError(job.error_message, code=job.error_code, status=422)
-    raise Timeout(f"The job {job.id} is still {job.status}; poll GET /v1/jobs/{job.id}.")
-
-
 @blp.route("/classify", methods=["POST"])
-@_doc(["username", "password", "url"])
+@_body(schemas.SeedClassify)
 @blp.alt_response(429, schema=schemas.ErrorSchema, description="too_many_waits (uncharged)")
-def classify():
+def classify(body: dict):
     """Classify an image URL; answers the top 5 as {label: percent}. Costs a token."""
-    body = _json()
-    user = user_by_password(body.get("username"), body.get("password"))
-    if not body.get("url"):
+    user = user_by_password(body["username"], body["password"])
+    if not body["url"]:
         raise ValidationFailed("No url provided", code="missing_input")
-    job = _finished(user, url=body.get("url"), top_k=5)
+    job = submit_and_wait(user, url=body["url"], top_k=5)
     # Percent with two decimals, as the seed app answered ("Blenheim_spaniel": 90.27).
     return {p["label"]: round(p["score"] * 100, 2) for p in job.result["predictions"]}
 
 
 @blp.route("/predict", methods=["POST"])
 @blp.doc(
-    requestBody={
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {"file": {"type": "string", "format": "binary"}},
-                }
-            }
-        },
-    }
+    requestBody={"required": True, "content": {"multipart/form-data": {"schema": "SeedUpload"}}}
 )
 @blp.alt_response(429, schema=schemas.ErrorSchema, description="too_many_waits (uncharged)")
 def predict():
@@ -177,6 +118,6 @@ def predict():
     upload = request.files.get("file")
     if upload is None:
         raise ValidationFailed("Send the image as multipart field 'file'.", code="missing_input")
-    job = _finished(user, upload=upload.read(), filename=upload.filename)
+    job = submit_and_wait(user, upload=upload.read(), filename=upload.filename)
     top = job.result["predictions"][0]
     return {"predicted_class": top["label"], "confidence_score": top["score"]}

@@ -3,51 +3,14 @@
 from __future__ import annotations
 
 from flask import g
-from flask_smorest import Blueprint
-from sqlalchemy import select, update
-from sqlalchemy.exc import IntegrityError
 
-from api import schemas
-from api.auth import (
-    hash_password,
-    login_required,
-    new_api_key,
-    validate_password,
-    validate_username,
-)
-from api.ratelimit import limits
-from api.services import db, services
-from shared import ledger
-from shared.errors import Conflict, NotFound
+from api import accounts, schemas
+from api.auth import login_required
+from api.validation import Blueprint
 from shared.jobs import iso
-from shared.models import ApiKey, User, utcnow
+from shared.models import ApiKey
 
 blp = Blueprint("users", __name__, url_prefix="/v1", description="Accounts and API keys")
-
-
-def create_user(username: str, password: str) -> tuple[User, ApiKey, str]:
-    """Insert a user with the signup grant and a first API key, committed together.
-
-    Every sign-up path comes here, so the username rule and the per-address sign-up
-    limit (each account brings free tokens) hold for all of them.
-    """
-    validate_username(username)
-    validate_password(password)
-    limits().check_signup()
-    session = db()
-    user = User(username=username, password_hash=hash_password(password), tokens=0)
-    session.add(user)
-    try:
-        session.flush()
-    except IntegrityError:
-        session.rollback()
-        raise Conflict(f"The username {username!r} is taken.", code="username_taken") from None
-    ledger.grant(session, user.id, services().config.signup_tokens, ledger.SIGNUP)
-    key_row, key = new_api_key(user.id, name="default")
-    session.add(key_row)
-    session.commit()
-    session.refresh(user)
-    return user, key_row, key
 
 
 def key_to_dict(row: ApiKey) -> dict:
@@ -68,7 +31,7 @@ def key_to_dict(row: ApiKey) -> dict:
 @blp.alt_response(429, schema=schemas.ErrorSchema, description="rate_limited (SIGNUP_LIMIT_PER_IP)")
 def register(body):
     """Sign up: 5 free tokens and an API key, shown once."""
-    user, key_row, key = create_user(body["username"], body["password"])
+    user, key_row, key = accounts.create_user(body["username"], body["password"])
     return {
         "username": user.username,
         "tokens": user.tokens,
@@ -97,10 +60,7 @@ def me():
 @blp.response(201, schemas.KeyCreated)
 def create_key(body):
     """Create another API key; the key itself is shown only in this response."""
-    row, key = new_api_key(g.user.id, name=body["name"])
-    session = db()
-    session.add(row)
-    session.commit()
+    row, key = accounts.create_key(g.user, body["name"])
     return {**key_to_dict(row), "key": key}
 
 
@@ -109,11 +69,7 @@ def create_key(body):
 @blp.response(200, schemas.KeyList)
 def list_keys():
     """The caller's active keys (prefix only)."""
-    rows = db().scalars(
-        select(ApiKey)
-        .where(ApiKey.user_id == g.user.id, ApiKey.revoked_at.is_(None))
-        .order_by(ApiKey.created_at)
-    )
+    rows = accounts.active_keys(g.user)
     return {"items": [key_to_dict(r) for r in rows]}
 
 
@@ -122,12 +78,4 @@ def list_keys():
 @blp.response(204)
 def revoke_key(key_id: str):
     """Revoke a key at once; requests using it get 401 from then on."""
-    session = db()
-    done = session.execute(
-        update(ApiKey)
-        .where(ApiKey.id == key_id, ApiKey.user_id == g.user.id, ApiKey.revoked_at.is_(None))
-        .values(revoked_at=utcnow())
-    ).rowcount
-    session.commit()
-    if not done:
-        raise NotFound("No such API key.", code="key_not_found")
+    accounts.revoke_key(g.user, key_id)

@@ -7,12 +7,12 @@ from typing import Any
 
 import marshmallow as ma
 from flask import g
-from flask_smorest import Blueprint
 from sqlalchemy import select
 
 from api import schemas
 from api.auth import login_required, owned
 from api.services import db, services
+from api.validation import Blueprint
 from shared import webhook_secrets
 from shared.jobs import iso
 from shared.models import Batch, Job, User, WebhookAttempt, WebhookEvent

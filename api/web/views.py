@@ -31,7 +31,7 @@ from flask import (
 from markupsafe import Markup
 from sqlalchemy import func, select
 
-from api import schemas
+from api import accounts, schemas
 from api.auth import (
     WEB_NEW_KEY,
     csrf_token,
@@ -42,7 +42,6 @@ from api.auth import (
     user_by_password,
 )
 from api.errors import UNAVAILABLE
-from api.routes.users import create_user
 from api.services import db, services
 from shared import batches
 from shared.errors import ServiceError
@@ -239,7 +238,7 @@ def signup():
         )
     if not errors:
         try:
-            user, _row, key = create_user(username, password)
+            user, _row, key = accounts.create_user(username, password)
         except ServiceError as exc:
             if exc.code == "rate_limited":
                 page_ = render_template(

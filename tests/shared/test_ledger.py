@@ -162,3 +162,48 @@ def test_a_retried_line_is_charged_and_refunded_once_per_run(session, account):
     session.rollback()
     # Only the lines failed with the codes asked for are taken.
     assert jobs.requeue_failed(session, batch.id, ["not_an_image"]) == {}
+
+
+def test_a_claim_takes_active_jobs_once_and_skips_final_ones(session, account):
+    first, second = _job(session, account), _job(session, account)
+    assert jobs.cancel(session, second)
+    session.commit()
+    claimed = jobs.claim(session, [first.id, second.id], "worker-a")
+    session.commit()
+    assert [(j.id, j.status, j.attempts, j.claimed_by) for j in claimed] == [
+        (first.id, JobStatus.PROCESSING.value, 1, "worker-a")
+    ]
+    started = claimed[0].started_at
+    # A redelivery takes the job over: one more attempt, the first start kept.
+    [again] = jobs.claim(session, [first.id], "worker-b")
+    session.commit()
+    assert (again.attempts, again.claimed_by, again.started_at) == (2, "worker-b", started)
+
+
+def test_a_batch_cancel_refunds_its_queued_lines_and_ends_the_batch(session, account):
+    from shared import batches
+    from shared.models import Batch
+
+    batch = Batch(id=new_id(), user_id=account.id, total=2, model="mobilenet")
+    session.add(batch)
+    session.flush()
+    lines = []
+    for i in range(2):
+        job = Job(id=new_id(), user_id=account.id, model="mobilenet", input_url="http://x/y.jpg")
+        job.batch_id, job.batch_index = batch.id, i
+        lines.append(job)
+    ledger.charge_jobs(session, account.id, [j.id for j in lines])
+    session.add_all(lines)
+    session.commit()
+    jobs.claim(session, [lines[0].id], "worker-a")  # running: it finishes, charged
+    session.commit()
+    canceled, _events = batches.cancel(session, batches.lock(session, batch.id))
+    session.commit()
+    assert canceled == [lines[1].id]
+    assert batch.canceled_at is not None and batch.completed_at is None
+    assert _balance(session, account) == ledger.ledger_sum(session, account.id) == 1
+    assert jobs.mark_all_succeeded(session, {lines[0].id: {"predictions": []}})
+    assert batches.complete_finished(session, [batch.id]) == []  # no webhook asked for
+    session.commit()
+    session.refresh(batch)
+    assert batch.completed_at is not None

@@ -1,0 +1,59 @@
+"""Canceling: a queued job, or a batch's queued lines, refunded; running work finishes.
+
+The transitions themselves are shared.jobs.cancel and shared.batches.cancel; this
+module adds the caller's checks and what follows a committed cancel (webhooks,
+waking long polls, dropping uploads, freeing the bulk window).
+"""
+
+from __future__ import annotations
+
+from api.auth import owned
+from api.bulk import locked_batch
+from api.services import db, services
+from shared import batches, dispatch, events, jobs, webhook_events
+from shared.errors import Conflict
+from shared.models import Batch, Job, User
+
+
+def cancel_job(user: User, job_id: str) -> Job:
+    """Cancel the user's queued job and refund its token; 409 once it has started."""
+    job = owned(Job, job_id, "job", user)
+    session = db()
+    if not jobs.cancel(session, job):
+        session.rollback()
+        status = session.get(Job, job_id).status
+        raise Conflict(
+            f"The job is {status}; only queued jobs can be canceled.", code="job_not_cancelable"
+        )
+    event_ids = [jobs.record_webhook(session, job, webhook_events.COMPLETED)]
+    event_ids += batches.complete_finished(session, [job.batch_id])
+    session.commit()
+    after_cancel([job_id], [e for e in event_ids if e])
+    session.refresh(job)
+    return job
+
+
+def cancel_batch(user: User, batch_id: str) -> Batch:
+    """Cancel the user's batch: its queued lines are refunded; 409 if it already ended."""
+    session = db()
+    batch = locked_batch(session, user, batch_id)
+    if batch.completed_at is not None or batch.canceled_at is not None:
+        raise Conflict("The batch has already ended.", code="batch_not_cancelable")
+    canceled, event_ids = batches.cancel(session, batch)
+    session.commit()
+    after_cancel(canceled, event_ids)
+    # Its chunks out at the broker no longer count: other users' work takes the room.
+    svc = services()
+    dispatch.refill(svc.sessions, svc.redis, svc.celery, svc.config)
+    return batch
+
+
+def after_cancel(job_ids: list[str], event_ids: list[str]) -> None:
+    """Wake long-pollers, drop uploads, send webhooks. Best effort: SQL already says it all."""
+    svc = services()
+    webhook_events.dispatch(svc.celery, svc.config, event_ids)
+    try:
+        svc.uploads.delete(*job_ids)
+        events.publish_done(svc.redis, svc.config, job_ids)
+    except Exception:  # waiters re-check SQL; an upload's TTL removes it
+        pass

@@ -1,0 +1,99 @@
+"""Request validation: the parser under every ``@blp.arguments``, and how marshmallow's
+errors become the service's error body.
+
+Every route module makes its blueprint from ``Blueprint`` here. Its parser differs from
+flask-smorest's in two ways, both so that the error JSON stays the service's own:
+
+- a JSON body schema that sets ``EXPECTED`` (api/schemas.py ``Body``) must get a JSON
+  object, else ``422 invalid_body`` saying what to send; content types in its
+  ``OTHER_TYPES`` (multipart uploads, text batches) are left to the route to read;
+- a validation error is raised as ``ValidationFailed`` (a ServiceError), not through
+  flask's ``abort``: the app's and the seed blueprint's ServiceError handlers render
+  it. A failing field that names its own ``error_code`` (``invalid_url``,
+  ``invalid_webhook``, ``invalid_body``) gives that code and message when it is the
+  only kind of failure; otherwise it is ``validation_error`` with ``details.fields``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NoReturn
+
+import flask
+import flask_smorest
+import marshmallow as ma
+from webargs.core import missing
+from webargs.flaskparser import FlaskParser
+
+from api.errors import invalid_body
+from shared.errors import ValidationFailed
+
+
+def validation_failed(messages: Any, schema: ma.Schema) -> ValidationFailed:
+    """The error for marshmallow's ``messages`` on ``schema``: a field's own code where
+    every failing field has one (the first in declaration order wins), else the generic
+    ``validation_error`` listing each field."""
+    if not isinstance(messages, dict):
+        return ValidationFailed(details={"fields": messages})
+    coded = [
+        (name, field)
+        for name, field in schema.load_fields.items()
+        if (field.data_key or name) in messages and getattr(field, "error_code", None)
+    ]
+    if not coded or len(coded) < len(messages):
+        return ValidationFailed(details={"fields": messages})
+    name, field = coded[0]
+    if field.error_code == "invalid_body":
+        return invalid_body(getattr(schema, "EXPECTED", None) or "a JSON object")
+    message = messages[field.data_key or name]
+    return ValidationFailed(_first(message), code=field.error_code)
+
+
+def _first(message: Any) -> str:
+    while isinstance(message, (list, dict)) and message:
+        message = message[0] if isinstance(message, list) else next(iter(message.values()))
+    return str(message)
+
+
+def load(schema: ma.Schema, data: Any) -> dict:
+    """``schema.load(data)`` for data a route read itself (a multipart form, query options
+    of a text body), with the same errors as ``@blp.arguments``."""
+    try:
+        return schema.load(data)
+    except ma.ValidationError as exc:
+        raise validation_failed(exc.messages, schema) from None
+
+
+class Parser(FlaskParser):
+    def load_json(self, req: flask.Request, schema: ma.Schema) -> Any:
+        expected = getattr(schema, "EXPECTED", None)
+        if expected is None:
+            return super().load_json(req, schema)
+        if req.mimetype in getattr(schema, "OTHER_TYPES", ()):
+            return missing  # the route reads this body itself
+        body = req.get_json(silent=True) if req.is_json else None
+        if not isinstance(body, dict):
+            raise invalid_body(expected)
+        return body
+
+    def handle_error(
+        self,
+        error: ma.ValidationError,
+        req: flask.Request,
+        schema: ma.Schema,
+        *,
+        error_status_code: int | None,
+        error_headers: Any,
+    ) -> NoReturn:
+        # webargs nests the messages under the location ({"json": {...}}).
+        messages = error.messages
+        if isinstance(messages, dict) and len(messages) == 1:
+            (only,) = messages.values()
+            if isinstance(only, dict):
+                messages = only
+        raise validation_failed(messages, schema)
+
+
+class Blueprint(flask_smorest.Blueprint):
+    """flask-smorest's Blueprint with the service's parser (see the module docstring)."""
+
+    ARGUMENTS_PARSER = Parser()
