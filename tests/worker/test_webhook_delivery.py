@@ -37,9 +37,9 @@ from worker.webhook_delivery import (
     DeliveryRuntime,
     decide,
     deliver,
-    http_session_maker,
     next_delay,
     parse_retry_after,
+    webhook_client,
 )
 
 SCHEDULE = ("0", "0.2", "0.4")
@@ -65,7 +65,7 @@ def wh_config(api_stack):
 
 def _runtime(config):
     engine = make_engine(config)
-    rt = DeliveryRuntime(config, make_session_factory(engine), http_session_maker(config))
+    rt = DeliveryRuntime(config, make_session_factory(engine), webhook_client(config))
     return rt, engine
 
 
