@@ -93,7 +93,7 @@ class JobCreate(ma.Schema):
     url = ma.fields.String(metadata={"description": "http(s) URL of a JPEG/PNG/WebP/GIF/BMP"})
     model = ma.fields.String(metadata={"example": "mobilenet"})
     top_k = ma.fields.Integer(validate=validate.Range(min=1, max=20))
-    webhook = ma.fields.String(metadata={"description": "https URL to POST job events to"})
+    webhook = ma.fields.String(metadata={"description": "http or https URL to POST job events to"})
     webhook_events = ma.fields.List(
         ma.fields.String(validate=validate.OneOf(webhook_events.JOB_EVENT_CHOICES)),
         metadata={"description": 'Default: ["completed"]'},

@@ -90,7 +90,7 @@ def new_event(rt, user_id: int, url: str, **data) -> str:
             session,
             user_id=user_id,
             url=url,
-            event_type=webhook_events.JOB_COMPLETED,
+            event_type="job.completed",
             data={"id": "job-1", "status": "succeeded", "label": "café ☕", **data},
         )
         session.commit()
