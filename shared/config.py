@@ -1,9 +1,11 @@
 """The one place that reads the environment.
 
 ``Config.from_env()`` builds an immutable settings object from environment
-variables; the API (``create_app``) and the workers (``worker.celery_app``,
-``worker.webhook_app``) are all built from it, so one set of variables configures
-the whole service. Every
+variables; the API (``api.create_app``) and the workers
+(``worker.celery_app.create_app``, ``worker.webhook_app.create_app``) are all built
+from it, so one set of variables configures the whole service. Entry points call
+``from_env`` (``api.wsgi``, the celery command's module-level ``app``, the command-line
+mains), never an import; tests build each app from a Config of their own. Every
 variable is listed, with its default, in the README's configuration table.
 """
 

@@ -74,9 +74,25 @@ def _transport_options(config: Config) -> dict:
     }
 
 
+# --- the workers' presence in Redis: written by the workers, read by others -------
+
+
 def heartbeat_key(config: Config) -> str:
     """Hash of classification workers' heartbeats (name -> unix time), read by /readyz."""
     return f"{config.queue_prefix}:workers:heartbeat"
+
+
+def worker_ready_key(config: Config) -> str:
+    """Hash of classification worker processes serving with their models loaded.
+
+    (process name -> unix time); tests and operators read it to know a worker is up.
+    """
+    return f"{config.queue_prefix}:workers:ready"
+
+
+def webhook_worker_ready_key(config: Config) -> str:
+    """Hash of webhook workers consuming and sweeping (process name -> unix time)."""
+    return f"{config.queue_prefix}:webhook-workers:ready"
 
 
 def heartbeats(client: redis.Redis, config: Config) -> dict[str, float]:

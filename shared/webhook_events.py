@@ -24,9 +24,10 @@ from shared.status import WebhookEventStatus
 
 log = logging.getLogger(__name__)
 
-JOB_STARTED, JOB_COMPLETED, BATCH_COMPLETED = "job.started", "job.completed", "batch.completed"
+BATCH_COMPLETED = "batch.completed"
+# What a client may ask for in a job's webhook_events; each is sent as job.<choice>.
 STARTED, COMPLETED = "started", "completed"
-JOB_EVENT_CHOICES = (STARTED, COMPLETED)  # what a client may ask for in webhook_events
+JOB_EVENT_CHOICES = (STARTED, COMPLETED)
 
 
 def record(
@@ -57,8 +58,8 @@ def record(
 
 
 def wants(job_events: Any, choice: str) -> bool:
-    """Whether a job asked for ``choice`` ("started" or "completed"); default: completed."""
-    events = job_events if isinstance(job_events, list) else ["completed"]
+    """Whether a job asked for ``choice`` (STARTED or COMPLETED); default: COMPLETED."""
+    events = job_events if isinstance(job_events, list) else [COMPLETED]
     return choice in events
 
 

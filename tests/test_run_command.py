@@ -10,6 +10,8 @@ from pathlib import Path
 import redis
 import requests
 
+from shared.config import Config
+from shared.queue import webhook_worker_ready_key, worker_ready_key
 from tests import support
 
 
@@ -57,8 +59,9 @@ class MakeRun:
             except requests.RequestException:  # not listening yet, or still booting
                 return False
             client = redis.Redis.from_url(self.redis_url)
-            hashes = ("workers:ready", "webhook-workers:ready")
-            return up and all(client.hlen(f"{self.prefix}:{h}") for h in hashes)
+            config = Config(queue_prefix=self.prefix)
+            hashes = (worker_ready_key(config), webhook_worker_ready_key(config))
+            return up and all(client.hlen(h) for h in hashes)
 
         support.wait_for(ready, 180, "make run to serve", interval=0.5)
 

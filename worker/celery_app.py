@@ -1,10 +1,18 @@
 """The worker's Celery app: ``celery -A worker.celery_app worker``.
 
-Built from the same Config as the API. The models are loaded once per process that
-runs batches, never at import: with the threads pool (``WORKER_POOL=threads``, the
-default) in the worker process itself before it consumes (``worker_init``); with
-prefork in each pool process after fork (``worker_process_init``), never in the
-parent, which must stay TensorFlow-free to fork safely.
+``create_app(config)`` builds it from a Config, as the API's ``create_app`` does, so a
+test can build one in-process. Nothing is configured at import: the module's ``app``,
+which the celery command loads, is built from the environment on first access.
+
+The models are loaded once per process that runs batches, never at import: with the
+threads pool (``WORKER_POOL=threads``, the default) in the worker process itself
+before it consumes (``worker_init``); with prefork in each pool process after fork
+(``worker_process_init``), never in the parent, which must stay TensorFlow-free to
+fork safely.
+
+Celery's signals are process-wide and some carry no app, so the handlers below are
+connected once, here, and act for the app whose worker this process runs: the one
+``worker_init`` names (a prefork pool process inherits it through the fork).
 """
 
 from __future__ import annotations
@@ -14,8 +22,10 @@ import os
 import socket
 import threading
 import time
+import weakref
+from dataclasses import dataclass, field
 
-from celery import signals
+from celery import Celery, signals
 
 from shared import logs
 from shared.config import Config
@@ -25,6 +35,7 @@ from shared.queue import (
     interactive_queue,
     make_celery,
     service_queue,
+    worker_ready_key,
 )
 from shared.redis_client import make_redis
 from worker import liveness, pipeline, reconciler, retention
@@ -34,46 +45,83 @@ from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-config = Config.from_env()
-app = make_celery(config, main="imgclf-worker")
-# Consume the classification queues only; webhooks have a worker of their own.
-app.conf.task_queues = [service_queue(config, name) for name in classify_queues(config)]
-
-_runtime: Runtime | None = None
-_runtime_lock = threading.Lock()
-
-# This worker instance's heartbeat name, which its claims record. Set in the main
-# process at worker_init, before prefork's pool processes fork and inherit it.
-_worker_id = liveness.new_worker_id(socket.gethostname())
+#: Built from the environment on first access (module ``__getattr__`` below), for the
+#: celery command; everything else builds its app with ``create_app``.
+app: Celery
 
 
-def runtime() -> Runtime:
-    global _runtime
-    with _runtime_lock:  # batch threads share one runtime: build it once
-        if _runtime is None:
-            _runtime = Runtime.build(config, worker_id=_worker_id)
-    return _runtime
+@dataclass
+class ClassifyWorker:
+    """One classification app's settings, and what its worker process holds."""
+
+    config: Config
+    app: Celery
+    # This worker instance's heartbeat name, which its claims record. Set again in the
+    # main process at worker_init, before prefork's pool processes fork and inherit it.
+    worker_id: str = field(default_factory=lambda: liveness.new_worker_id(socket.gethostname()))
+    stopping: threading.Event = field(default_factory=threading.Event)
+    _runtime: Runtime | None = None
+    _runtime_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def runtime(self) -> Runtime:
+        with self._runtime_lock:  # batch threads share one runtime: build it once
+            if self._runtime is None:
+                self._runtime = Runtime.build(self.config, worker_id=self.worker_id)
+        return self._runtime
+
+    @property
+    def task(self) -> ContinuousBatches:
+        return self.app.tasks[CLASSIFY_TASK]
 
 
-class ClassifyTask(ContinuousBatches):
-    batch_max = config.batch_max
-    flush_every = config.batch_max
-    batch_wait = config.batch_wait_ms / 1000
-    first_queues = frozenset({interactive_queue(config)})
-    flush_interval = batch_wait or ContinuousBatches.flush_interval
-    # The prefetch window's size, in job ids: a few batches' arrays waiting in memory.
-    load_ahead = config.effective_prefetch
+_workers: weakref.WeakKeyDictionary[Celery, ClassifyWorker] = weakref.WeakKeyDictionary()
+# The app whose worker runs in this process, set at worker_init.
+_serving: ClassifyWorker | None = None
 
 
-@app.task(name=CLASSIFY_TASK, base=ClassifyTask)
-def classify(requests) -> str | None:
-    """Classify every job id carried by the buffered messages, as one batch."""
-    job_ids = list(dict.fromkeys(j for r in requests for j in ClassifyTask.job_ids(r)))
+def create_app(config: Config) -> Celery:
+    """The classification worker's Celery app, configured by ``config``."""
+    app = make_celery(config, main="imgclf-worker")
+    # Consume the classification queues only; webhooks have a worker of their own.
+    app.conf.task_queues = [service_queue(config, name) for name in classify_queues(config)]
+    worker = ClassifyWorker(config, app)
+    _workers[app] = worker
+
+    # shared=False: else Celery adds the task, with this app's closure, to every app
+    # finalized later in the process.
+    @app.task(name=CLASSIFY_TASK, base=_task_class(config), shared=False)
+    def classify(requests) -> str | None:
+        """Classify every job id carried by the buffered messages, as one batch."""
+        return _classify(worker, requests)
+
+    return app
+
+
+def worker_of(app: Celery | None) -> ClassifyWorker | None:
+    """The state of an app that ``create_app`` built (None for any other app)."""
+    return _workers.get(app) if app is not None else None
+
+
+def _task_class(config: Config) -> type[ContinuousBatches]:
+    class ClassifyTask(ContinuousBatches):
+        batch_max = config.batch_max
+        flush_every = config.batch_max
+        batch_wait = config.batch_wait_ms / 1000
+        first_queues = frozenset({interactive_queue(config)})
+        flush_interval = batch_wait or ContinuousBatches.flush_interval
+        # The prefetch window's size, in job ids: a few batches' arrays waiting in memory.
+        load_ahead = config.effective_prefetch
+
+    return ClassifyTask
+
+
+def _classify(worker: ClassifyWorker, requests) -> str | None:
+    job_ids = list(dict.fromkeys(j for r in requests for j in ContinuousBatches.job_ids(r)))
     # Loaded by the loader stage (threads pool); else the batch loads them itself.
     loaded = [r.loaded for r in requests if hasattr(r, "loaded")]
     try:
         return pipeline.process(
-            runtime(), job_ids, loaded if len(loaded) == len(requests) else None
+            worker.runtime(), job_ids, loaded if len(loaded) == len(requests) else None
         )
     except Exception:
         # celery-batches would log this and ack the whole batch; requeue instead, and
@@ -82,20 +130,37 @@ def classify(requests) -> str | None:
         return pipeline.RETRY_BATCH
 
 
-def ready_key() -> str:
-    return f"{config.queue_prefix}:workers:ready"
+def __getattr__(name: str) -> Celery:
+    # Only the celery command (and bench.worker_app) reads the module's app.
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    built = create_app(Config.from_env())
+    globals()["app"] = built
+    return built
+
+
+# --- signal handlers --------------------------------------------------------------
 
 
 @signals.worker_init.connect
-def _name_instance(sender=None, **_kwargs) -> None:
-    global _worker_id
-    _worker_id = liveness.new_worker_id(getattr(sender, "hostname", None) or socket.gethostname())
+def _start_serving(sender=None, **_kwargs) -> None:
+    global _serving
+    worker = worker_of(getattr(sender, "app", None))
+    if worker is None:  # another app's worker in this process
+        return
+    _serving = worker
+    worker.worker_id = liveness.new_worker_id(
+        getattr(sender, "hostname", None) or socket.gethostname()
+    )
+    _check_prefetch(worker, sender)
+    if "thread" in _pool_name(worker, sender):
+        _load_models_in_threads_pool(worker)
 
 
-@signals.worker_init.connect
-def _check_prefetch(sender=None, **_kwargs) -> None:
+def _check_prefetch(worker: ClassifyWorker, sender) -> None:
+    config = worker.config
     concurrency = getattr(sender, "concurrency", None) or config.worker_concurrency
-    prefetch = app.conf.worker_prefetch_multiplier * concurrency
+    prefetch = worker.app.conf.worker_prefetch_multiplier * concurrency
     if prefetch < 2 * config.batch_max * concurrency:
         raise SystemExit(
             f"prefetch {prefetch} cannot fill a batch of BATCH_MAX={config.batch_max} while "
@@ -103,18 +168,15 @@ def _check_prefetch(sender=None, **_kwargs) -> None:
         )
 
 
-def _pool_name(sender) -> str:
-    pool = getattr(sender, "pool_cls", None) or app.conf.worker_pool
+def _pool_name(worker: ClassifyWorker, sender) -> str:
+    pool = getattr(sender, "pool_cls", None) or worker.app.conf.worker_pool
     return pool if isinstance(pool, str) else f"{pool.__module__}.{pool.__name__}"
 
 
-@signals.worker_init.connect
-def _load_models_in_threads_pool(sender=None, **_kwargs) -> None:
+def _load_models_in_threads_pool(worker: ClassifyWorker) -> None:
     # Before the consumer starts, so no message waits on a model that is still loading.
-    if "thread" not in _pool_name(sender):
-        return
     try:
-        _load_models()
+        _load_models(worker)
     except Exception as exc:
         # Celery logs and swallows a signal handler's exception; a worker without its
         # models must not start consuming, so leave with a message instead.
@@ -122,59 +184,70 @@ def _load_models_in_threads_pool(sender=None, **_kwargs) -> None:
         raise SystemExit(f"worker not started: could not load the models: {exc}") from exc
     # Batches share this process, so images load outside the batch slots (prefork's
     # pool processes, each with its own runtime, still load inside theirs).
-    rt = runtime()
-    ClassifyTask.loader = Loader(
-        lambda job_ids: pipeline.load(rt, job_ids), config.effective_loader_threads
+    rt = worker.runtime()
+    worker.task.loader = Loader(
+        lambda job_ids: pipeline.load(rt, job_ids), worker.config.effective_loader_threads
     )
 
 
-_stop_reconciler = threading.Event()
-
-
-def _heartbeat(stop: threading.Event, name: str) -> None:
+def _heartbeat(worker: ClassifyWorker) -> None:
+    config = worker.config
     client = make_redis(config)
     broker = liveness.make_broker_redis(config) if config.broker_is_redis else None
     while True:
         try:
             # Leases first: a message received after this beat is younger than it anyway.
             if broker is not None:
-                liveness.renew_leases(broker, classify.held_deliveries())
-            liveness.beat(client, config, name)
+                liveness.renew_leases(broker, worker.task.held_deliveries())
+            liveness.beat(client, config, worker.worker_id)
         except Exception as exc:  # Redis down: /readyz shows the heartbeat ageing
             log.warning("heartbeat not written: %r", exc)
-        if stop.wait(config.heartbeat_interval_s):
+        if worker.stopping.wait(config.heartbeat_interval_s):
             return
 
 
 @signals.worker_ready.connect
 def _start_threads(sender=None, **_kwargs) -> None:
+    worker = worker_of(getattr(sender, "app", None))
+    if worker is None:
+        return
     # In the main process: pool processes come and go, these threads stay.
     for target, args in (
-        (reconciler.run_forever, (config, _stop_reconciler)),
-        (retention.run_forever, (config, _stop_reconciler)),
-        (_heartbeat, (_stop_reconciler, _worker_id)),
+        (reconciler.run_forever, (worker.config, worker.stopping)),
+        (retention.run_forever, (worker.config, worker.stopping)),
+        (_heartbeat, (worker,)),
     ):
         threading.Thread(target=target, args=args, daemon=True, name=target.__name__).start()
 
 
 @signals.worker_shutting_down.connect
 def _stop(how: str = "", **_kwargs) -> None:
-    _stop_reconciler.set()
+    worker = _serving
+    if worker is None:
+        return
+    worker.stopping.set()
     # No new loads; on a warm shutdown those running (their jobs claimed) finish and
     # join a batch while the pool drains. The rest goes back to the broker.
-    classify.close(config.worker_shutdown_timeout_s if how == "Warm" else 0)
+    worker.task.close(worker.config.worker_shutdown_timeout_s if how == "Warm" else 0)
 
 
 @signals.worker_process_init.connect
-def _load_models(**_kwargs) -> None:
-    rt = runtime()
+def _load_models_in_pool_process(**_kwargs) -> None:
+    if _serving is not None:
+        _load_models(_serving)
+
+
+def _load_models(worker: ClassifyWorker) -> None:
+    rt = worker.runtime()
     name = f"{socket.gethostname()}:{os.getpid()}"
-    # Tests and /readyz read this to know a model is loaded and the process serving.
-    rt.redis.hset(ready_key(), name, time.time())
+    # Tests and operators read this to know a model is loaded and the process serving
+    # (/readyz reads the heartbeat instead: shared.queue.heartbeat_key).
+    rt.redis.hset(worker_ready_key(worker.config), name, time.time())
     log.info("worker process %s ready with models %s", name, ", ".join(rt.models.names()))
 
 
 @signals.setup_logging.connect
 def _logging(**_kwargs) -> None:
     # Our format (JSON when LOG_FORMAT=json, with request ids) instead of Celery's own.
-    logs.configure(config.log_level, config.log_format)
+    if _serving is not None:
+        logs.configure(_serving.config.log_level, _serving.config.log_format)

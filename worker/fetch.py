@@ -1,9 +1,9 @@
 """SSRF-safe image download for the worker.
 
-requests-hardened does the address filtering: its adapter resolves the host,
-rejects private, loopback, link-local and other reserved addresses, and then
-connects to the vetted IP itself, so a second DNS answer cannot slip in. The
-check runs for every connection, so every redirect hop is filtered too.
+The SSRF policy and the error mapping are ``worker.http_client``'s, shared with
+webhook deliveries; this module follows redirects (by hand, each hop checked like
+the first, at most FETCH_MAX_REDIRECTS), caps the body (MAX_IMAGE_BYTES), keeps the
+deadline, and words the errors for the job's owner.
 
 The deadline (FETCH_TIMEOUT_S) is wall-clock: one watchdog thread per process keeps
 the deadlines of the fetches in flight and shuts down the sockets of a fetch that
@@ -25,21 +25,18 @@ import os
 import socket
 import threading
 import time
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
 import requests
-import requests_hardened
 import urllib3
-from requests_hardened.ip_filter import InvalidIPAddress
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from shared import ssrf
 from shared.config import Config
 from shared.errors import BlockedAddress, FetchFailed, ImageTooLarge
+from worker.http_client import Failure, HttpClient, RequestFailed, check_scheme, mapped_errors
 
 USER_AGENT = "imgclf-fetcher/0.1"
-_SCHEMES = frozenset({"http", "https"})
 _CHUNK = 64 * 1024
 # AVIF, TIFF and friends are not decodable, so do not invite a CDN to send them.
 _ACCEPT = "image/jpeg, image/png, image/webp, image/gif, image/bmp;q=0.9, */*;q=0.1"
@@ -158,26 +155,15 @@ _GUARDED_POOLS = {"http": _GuardedHTTPPool, "https": _GuardedHTTPSPool}
 class Fetcher:
     """Downloads image URLs; ``fetch`` may be called from several threads at once.
 
-    Each call uses its own session: ``requests.Session`` is not documented as
-    thread-safe, and a shared cookie jar would carry cookies set by one job's
-    server into another job's requests. Image URLs rarely share hosts, so
-    keep-alive pooling would buy little.
+    Each call uses its own session (``HttpClient``); image URLs rarely share hosts,
+    so keep-alive pooling would buy little.
     """
 
     def __init__(self, config: Config) -> None:
         self._max_bytes = config.max_image_bytes
         self._timeout_s = config.fetch_timeout_s
         self._max_redirects = config.fetch_max_redirects
-        ssrf.install()  # also refuse IPv4-compatible IPv6 (::/96)
-        self._manager = requests_hardened.Manager(
-            requests_hardened.Config(
-                ip_filter_enable=not config.allow_private_urls,
-                ip_filter_allow_loopback_ips=False,
-                never_redirect=True,  # redirects are followed by hand, see _get
-                default_timeout=(self._timeout_s, self._timeout_s),
-                user_agent_override=USER_AGENT,
-            )
-        )
+        self._client = HttpClient(config, timeout_s=self._timeout_s, user_agent=USER_AGENT)
 
     def fetch(self, url: str) -> bytes:
         guard = _watchdog.watch(time.monotonic() + self._timeout_s)
@@ -197,33 +183,21 @@ class Fetcher:
 
     def _fetch(self, url: str, deadline: float) -> bytes:
         try:
-            with self._manager.get_session() as session:
-                # Proxies from the environment would make the filter vet the proxy, not
-                # the target; .netrc would hand credentials to arbitrary hosts.
-                session.trust_env = False
+            with mapped_errors(url), self._client.session() as session:
                 for adapter in session.adapters.values():
                     # Every socket this session opens joins the fetch's guard.
                     adapter.poolmanager.pool_classes_by_scheme = _GUARDED_POOLS
                 with self._get(session, url, deadline) as response:
                     return self._read_body(response, deadline)
-        except InvalidIPAddress as exc:
-            raise BlockedAddress() from exc
-        except (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError) as exc:
-            raise self._timed_out() from exc
-        except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema) as exc:
-            raise FetchFailed("The image URL is not valid.") from exc
-        except requests.ConnectionError as exc:
-            raise FetchFailed("Could not connect to the image host.") from exc
-        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
-            raise FetchFailed(f"Downloading the image failed: {type(exc).__name__}.") from exc
+        except RequestFailed as exc:
+            raise self._failed(exc) from exc
 
     def _get(self, session: requests.Session, url: str, deadline: float) -> requests.Response:
         """Follow redirects by hand so each hop's scheme is checked and the hops are counted."""
         for _hop in range(self._max_redirects + 1):
-            if urlsplit(url).scheme.lower() not in _SCHEMES:
-                raise FetchFailed("Only http and https URLs are supported")
+            check_scheme(url)
             remaining = self._remaining(deadline)
-            try:
+            with mapped_errors(url):  # a blocked hop names its own host
                 response = session.get(
                     url,
                     headers={"Accept": _ACCEPT},
@@ -231,8 +205,6 @@ class Fetcher:
                     allow_redirects=False,
                     timeout=(remaining, remaining),
                 )
-            except InvalidIPAddress as exc:
-                raise _blocked(url, exc) from exc
             if not response.is_redirect:
                 if not 200 <= response.status_code < 300:
                     response.close()
@@ -241,6 +213,21 @@ class Fetcher:
             url = urljoin(response.url, session.get_redirect_target(response))
             response.close()
         raise FetchFailed(f"The image URL redirected more than {self._max_redirects} times.")
+
+    def _failed(self, exc: RequestFailed) -> FetchFailed | BlockedAddress:
+        """The job's error for a request that got no response."""
+        match exc.kind:
+            case Failure.BLOCKED:
+                return _blocked(exc)
+            case Failure.TIMEOUT:
+                return self._timed_out()
+            case Failure.SCHEME:
+                return FetchFailed("Only http and https URLs are supported")
+            case Failure.INVALID_URL:
+                return FetchFailed("The image URL is not valid.")
+            case Failure.CONNECT:
+                return FetchFailed("Could not connect to the image host.")
+        return FetchFailed(f"Downloading the image failed: {exc.cause_name}.")
 
     def _read_body(self, response: requests.Response, deadline: float) -> bytes:
         declared = response.headers.get("Content-Length", "")
@@ -278,13 +265,12 @@ class Fetcher:
         )
 
 
-def _blocked(url: str, exc: InvalidIPAddress) -> BlockedAddress:
+def _blocked(exc: RequestFailed) -> BlockedAddress:
     # Say which host and address, and the setting a developer trying it locally needs.
-    address = exc.args[0] if exc.args else "a non-public address"
     return BlockedAddress(
-        f"{urlsplit(url).hostname} resolves to {address}, a loopback, private or reserved "
-        "address, which the service does not fetch. For local development and tests, "
-        "start the worker with ALLOW_PRIVATE_URLS=1."
+        f"{exc.host} resolves to {exc.address or 'a non-public address'}, a loopback, "
+        "private or reserved address, which the service does not fetch. For local "
+        "development and tests, start the worker with ALLOW_PRIVATE_URLS=1."
     )
 
 

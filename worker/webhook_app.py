@@ -20,6 +20,10 @@ Two ways in, one delivery function (worker/webhook_delivery.py):
 
 Several webhook workers may run against the same database: each attempt starts
 with a conditional UPDATE, so only one of them gets a given due slot.
+
+``create_app(config)`` builds the app from a Config (tests build one in-process);
+the module's ``app``, which the celery command loads, is built from the environment
+on first access, never at import.
 """
 
 from __future__ import annotations
@@ -29,13 +33,21 @@ import os
 import socket
 import threading
 import time
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 
-from celery import signals
+from celery import Celery, signals
 
 from shared import logs
 from shared.config import Config
-from shared.queue import DELIVER_WEBHOOK_TASK, make_celery, service_queue, webhook_queue
+from shared.queue import (
+    DELIVER_WEBHOOK_TASK,
+    make_celery,
+    service_queue,
+    webhook_queue,
+    webhook_worker_ready_key,
+)
 from shared.redis_client import make_redis
 from worker import webhook_delivery
 from worker.webhook_delivery import DeliveryRuntime
@@ -48,32 +60,66 @@ SWEEP_PENDING_GRACE_S = 2.0  # a fresh event belongs to its task first
 DEFAULT_CONCURRENCY = 8  # task threads, unless --concurrency says otherwise
 PREFETCH_PER_THREAD = 4
 
-config = Config.from_env()
-app = make_celery(config, main="imgclf-webhooks")
-app.conf.update(
-    task_queues=[service_queue(config, webhook_queue(config))],
-    task_default_queue=webhook_queue(config),
-    worker_concurrency=DEFAULT_CONCURRENCY,
-    worker_prefetch_multiplier=PREFETCH_PER_THREAD,
-)
-
-_runtime: DeliveryRuntime | None = None
-_runtime_lock = threading.Lock()
-_sweeper: Sweeper | None = None
+#: Built from the environment on first access (module ``__getattr__`` below), for the
+#: celery command; everything else builds its app with ``create_app``.
+app: Celery
 
 
-def runtime() -> DeliveryRuntime:
-    global _runtime
-    with _runtime_lock:
-        if _runtime is None:
-            _runtime = DeliveryRuntime.build(config)
-        return _runtime
+@dataclass
+class WebhookWorker:
+    """One webhook app's settings, and what its worker process holds."""
+
+    config: Config
+    _runtime: DeliveryRuntime | None = None
+    _runtime_lock: threading.Lock = field(default_factory=threading.Lock)
+    sweeper: Sweeper | None = None
+
+    def runtime(self) -> DeliveryRuntime:
+        with self._runtime_lock:
+            if self._runtime is None:
+                self._runtime = DeliveryRuntime.build(self.config)
+            return self._runtime
 
 
-@app.task(name=DELIVER_WEBHOOK_TASK)
-def deliver_webhook(event_id: str) -> str:
-    """One attempt for a freshly recorded event (nothing happens if it is not due)."""
-    return webhook_delivery.deliver(runtime(), event_id)
+_workers: weakref.WeakKeyDictionary[Celery, WebhookWorker] = weakref.WeakKeyDictionary()
+# The app whose worker runs in this process, set at worker_init.
+_serving: WebhookWorker | None = None
+
+
+def create_app(config: Config) -> Celery:
+    """The webhook worker's Celery app, configured by ``config``."""
+    app = make_celery(config, main="imgclf-webhooks")
+    app.conf.update(
+        task_queues=[service_queue(config, webhook_queue(config))],
+        task_default_queue=webhook_queue(config),
+        worker_concurrency=DEFAULT_CONCURRENCY,
+        worker_prefetch_multiplier=PREFETCH_PER_THREAD,
+    )
+    worker = WebhookWorker(config)
+    _workers[app] = worker
+
+    # shared=False: else Celery adds the task, with this app's closure, to every app
+    # finalized later in the process.
+    @app.task(name=DELIVER_WEBHOOK_TASK, shared=False)
+    def deliver_webhook(event_id: str) -> str:
+        """One attempt for a freshly recorded event (nothing happens if it is not due)."""
+        return webhook_delivery.deliver(worker.runtime(), event_id)
+
+    return app
+
+
+def worker_of(app: Celery | None) -> WebhookWorker | None:
+    """The state of an app that ``create_app`` built (None for any other app)."""
+    return _workers.get(app) if app is not None else None
+
+
+def __getattr__(name: str) -> Celery:
+    # Only the celery command reads the module's app.
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    built = create_app(Config.from_env())
+    globals()["app"] = built
+    return built
 
 
 class Sweeper:
@@ -138,23 +184,32 @@ class Sweeper:
                 log.exception("webhook sweep failed")
 
 
-def ready_key() -> str:
-    return f"{config.queue_prefix}:webhook-workers:ready"
-
-
 def _worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+# --- signal handlers (process-wide: each acts for an app create_app built) -----------
+
+
+@signals.worker_init.connect
+def _start_serving(sender=None, **_kwargs) -> None:
+    global _serving
+    worker = worker_of(getattr(sender, "app", None))
+    if worker is not None:  # else another app's worker in this process
+        _serving = worker
+
+
 @signals.worker_ready.connect
 def _start_sweeper(sender=None, **_kwargs) -> None:
-    global _sweeper
-    if getattr(sender, "app", None) is not app:  # another app's worker in this process
+    worker = worker_of(getattr(sender, "app", None))
+    if worker is None:
         return
-    if _sweeper is None:
-        _sweeper = Sweeper(runtime()).start()
+    if worker.sweeper is None:
+        worker.sweeper = Sweeper(worker.runtime()).start()
     try:  # tests and operators read this to know the worker consumes and sweeps
-        make_redis(config).hset(ready_key(), _worker_name(), time.time())
+        make_redis(worker.config).hset(
+            webhook_worker_ready_key(worker.config), _worker_name(), time.time()
+        )
     except Exception as exc:
         log.warning("could not mark the webhook worker ready in Redis: %r", exc)
 
@@ -162,18 +217,19 @@ def _start_sweeper(sender=None, **_kwargs) -> None:
 @signals.worker_shutting_down.connect
 def _stop_sweeping(**_kwargs) -> None:
     # Runs in the signal handler: only raise the flag; deliveries under way finish.
-    if _sweeper is not None:
-        _sweeper.stopping.set()
+    if _serving is not None and _serving.sweeper is not None:
+        _serving.sweeper.stopping.set()
 
 
 @signals.worker_shutdown.connect
 def _stop_sweeper(sender=None, **_kwargs) -> None:
-    if getattr(sender, "app", None) is not app:
+    worker = worker_of(getattr(sender, "app", None))
+    if worker is None:
         return
-    if _sweeper is not None:
-        _sweeper.stop()
+    if worker.sweeper is not None:
+        worker.sweeper.stop()
     try:
-        make_redis(config).hdel(ready_key(), _worker_name())
+        make_redis(worker.config).hdel(webhook_worker_ready_key(worker.config), _worker_name())
     except Exception as exc:
         log.warning("could not unmark the webhook worker in Redis: %r", exc)
 
@@ -181,4 +237,5 @@ def _stop_sweeper(sender=None, **_kwargs) -> None:
 @signals.setup_logging.connect
 def _logging(**_kwargs) -> None:
     # Our format (JSON when LOG_FORMAT=json, with request ids) instead of Celery's own.
-    logs.configure(config.log_level, config.log_format)
+    if _serving is not None:
+        logs.configure(_serving.config.log_level, _serving.config.log_format)

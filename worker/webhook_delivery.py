@@ -21,11 +21,15 @@ is ``failed``. The event id is the ``webhook-id`` of every attempt and the body
 is the same JSON each time; ``webhook-timestamp`` and the signatures are made
 per attempt, as Standard Webhooks expects.
 
-Known gap (shared with worker/fetch.py): the timeout bounds connecting and each
-socket read, not a receiver that dribbles its status line and headers a byte at
-a time. The claim lock (timeout + LOCK_MARGIN_S) bounds how long such an
-attempt holds the event; if it outlives the lock and the event is claimed
-again, the stale outcome is recorded as an attempt but changes no status.
+The HTTP client, with its SSRF policy and error mapping, is ``worker.http_client``'s,
+shared with image fetches.
+
+Known gap: the timeout bounds connecting and each socket read, not a receiver that
+dribbles its status line and headers a byte at a time (image fetches have a
+wall-clock watchdog for that; deliveries do not). The claim lock (timeout +
+LOCK_MARGIN_S) bounds how long such an attempt holds the event; if it outlives the
+lock and the event is claimed again, the stale outcome is recorded as an attempt but
+changes no status.
 """
 
 from __future__ import annotations
@@ -35,27 +39,24 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from urllib.parse import urlsplit
 
 import redis
 import requests
-import requests_hardened
-import urllib3
-from requests_hardened.ip_filter import InvalidIPAddress
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 from standardwebhooks.webhooks import Webhook
 
-from shared import logs, ssrf, webhook_secrets
+from shared import logs, webhook_secrets
 from shared.config import Config
 from shared.db import make_engine, make_session_factory
 from shared.metrics import MetricsBuffer
 from shared.models import User, WebhookAttempt, WebhookEvent, utcnow
 from shared.redis_client import make_redis
 from shared.status import WebhookEventStatus
+from worker.http_client import Failure, HttpClient, RequestFailed, check_scheme, mapped_errors
 
 log = logging.getLogger(__name__)
 
@@ -72,17 +73,16 @@ LOCK_MARGIN_S = 30.0
 JITTER = 0.1
 MAX_ERROR_CHARS = 500
 BLOCKED_MESSAGE = "The webhook URL points at an address that is not allowed."
-_SCHEMES = frozenset({"http", "https"})
 _RETRYABLE_4XX = frozenset({408, 429})  # Request Timeout, Too Many Requests
 
 
 @dataclass(frozen=True)
 class DeliveryRuntime:
-    """What deliveries need: config, SQL sessions and a maker of SSRF-filtered HTTP sessions."""
+    """What deliveries need: config, SQL sessions and the SSRF-safe HTTP client."""
 
     config: Config
     sessions: sessionmaker[Session]
-    http: Callable[[], requests.Session]
+    http: HttpClient
     redis: redis.Redis | None = None  # for cluster metrics; None: not recorded
 
     @classmethod
@@ -92,7 +92,7 @@ class DeliveryRuntime:
         return cls(
             config=config,
             sessions=sessions or make_session_factory(make_engine(config)),
-            http=http_session_maker(config),
+            http=webhook_client(config),
             redis=make_redis(config),
         )
 
@@ -335,26 +335,9 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
 # --- HTTP -----------------------------------------------------------------------
 
 
-def http_session_maker(config: Config) -> Callable[[], requests.Session]:
-    """SSRF rules exactly as for image URLs (worker/fetch.py), and never a redirect."""
-    ssrf.install()  # also refuse IPv4-compatible IPv6 (::/96)
-    manager = requests_hardened.Manager(
-        requests_hardened.Config(
-            ip_filter_enable=not config.allow_private_urls,
-            ip_filter_allow_loopback_ips=False,
-            never_redirect=True,
-            default_timeout=(config.webhook_timeout_s, config.webhook_timeout_s),
-            user_agent_override=USER_AGENT,
-        )
-    )
-
-    def make() -> requests.Session:
-        session = manager.get_session()
-        # Environment proxies would make the filter vet the proxy; .netrc would leak credentials.
-        session.trust_env = False
-        return session
-
-    return make
+def webhook_client(config: Config) -> HttpClient:
+    """The SSRF rules of image URLs (worker.http_client); deliveries follow no redirect."""
+    return HttpClient(config, timeout_s=config.webhook_timeout_s, user_agent=USER_AGENT)
 
 
 def encode_payload(payload: dict) -> str:
@@ -372,7 +355,7 @@ def sign_headers(event_id: str, timestamp: datetime, body: str, secrets: Sequenc
 
 
 def send(rt: DeliveryRuntime, claim: Claim) -> DeliveryOutcome:
-    """POST the signed body once; every failure becomes an DeliveryOutcome, never an exception."""
+    """POST the signed body once; every failure becomes a DeliveryOutcome, never an exception."""
     attempted_at = utcnow()
     started = time.monotonic()
 
@@ -380,12 +363,11 @@ def send(rt: DeliveryRuntime, claim: Claim) -> DeliveryOutcome:
         ms = int((time.monotonic() - started) * 1000)
         return DeliveryOutcome(code, error, ms, attempted_at, **kw)
 
-    if urlsplit(claim.url).scheme.lower() not in _SCHEMES:
-        return outcome(error="Only http and https webhook URLs are supported.", permanent=True)
     timeout = rt.config.webhook_timeout_s
     headers = sign_headers(claim.event_id, attempted_at, claim.body, claim.secrets)
     try:
-        with rt.http() as session:
+        check_scheme(claim.url)
+        with mapped_errors(claim.url), rt.http.session() as session:
             response = session.post(
                 claim.url,
                 data=claim.body.encode(),
@@ -400,16 +382,25 @@ def send(rt: DeliveryRuntime, claim: Claim) -> DeliveryOutcome:
                     _response_error(response),
                     retry_after_s=parse_retry_after(response.headers.get("Retry-After")),
                 )
-    except InvalidIPAddress:
-        return outcome(error=BLOCKED_MESSAGE, permanent=True)
-    except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema) as exc:
-        return outcome(error=f"The webhook URL is not valid: {exc}", permanent=True)
-    except (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError):
-        return outcome(error=f"Timed out after {timeout:g} s.")
-    except requests.ConnectionError as exc:
-        return outcome(error=f"Could not connect: {_short(exc)}")
-    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
-        return outcome(error=f"Delivery failed: {_short(exc)}")
+    except RequestFailed as exc:
+        error, permanent = _failure_error(exc, timeout)
+        return outcome(error=error[:MAX_ERROR_CHARS], permanent=permanent)
+
+
+def _failure_error(exc: RequestFailed, timeout_s: float) -> tuple[str, bool]:
+    """What an attempt that got no response records, and whether it ends the event."""
+    match exc.kind:
+        case Failure.SCHEME:
+            return "Only http and https webhook URLs are supported.", True
+        case Failure.BLOCKED:
+            return BLOCKED_MESSAGE, True
+        case Failure.INVALID_URL:
+            return f"The webhook URL is not valid: {exc.cause}", True
+        case Failure.TIMEOUT:
+            return f"Timed out after {timeout_s:g} s.", False
+        case Failure.CONNECT:
+            return f"Could not connect: {exc.detail()}", False
+    return f"Delivery failed: {exc.detail()}", False
 
 
 def _response_error(response: requests.Response) -> str | None:
@@ -420,7 +411,3 @@ def _response_error(response: requests.Response) -> str | None:
         location = response.headers.get("Location", "")
         return f"HTTP {code}: redirects are not followed (Location: {location})"
     return f"HTTP {code}"
-
-
-def _short(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]

@@ -92,9 +92,7 @@ def _event_with_attempts(sessions, owner_id: int, **target) -> str:
             session,
             user_id=owner_id,
             url="https://receiver.example/hook",
-            event_type=webhook_events.BATCH_COMPLETED
-            if "batch_id" in target
-            else webhook_events.JOB_COMPLETED,
+            event_type=webhook_events.BATCH_COMPLETED if "batch_id" in target else "job.completed",
             data={"id": "x"},
             **target,
         )
@@ -151,7 +149,7 @@ def test_pending_delivery_shows_when_it_is_next_tried(client, user, sessions):
             session,
             user_id=user_id(sessions, user),
             url="https://receiver.example/hook",
-            event_type=webhook_events.JOB_STARTED,
+            event_type="job.started",
             data={"id": job_id},
             job_id=job_id,
         )

@@ -1,11 +1,14 @@
-"""Worker start-up refuses settings that cannot work."""
+"""Worker start-up refuses settings that cannot work; the apps are built from a Config."""
 
 import os
 import subprocess
 import sys
 
+from shared.config import Config
+from shared.queue import CLASSIFY_TASK, DELIVER_WEBHOOK_TASK, classify_queues, webhook_queue
 from tests import support
 from tests.support import ROOT
+from worker import celery_app, webhook_app
 
 
 def _start_worker(**env: str) -> str:
@@ -52,7 +55,8 @@ def test_a_prefork_pool_process_gets_the_time_its_models_take_to_load():
     # under load takes longer, and pool processes were killed and restarted in a loop.
     code = (
         "import worker.celery_app as w; "
-        "print(w.app.conf.worker_proc_alive_timeout, w.config.worker_proc_alive_timeout_s)"
+        "print(w.app.conf.worker_proc_alive_timeout, "
+        "w.worker_of(w.app).config.worker_proc_alive_timeout_s)"
     )
     env = {**os.environ, "WORKER_PROC_ALIVE_TIMEOUT_S": "240"}
     out = subprocess.run(
@@ -65,3 +69,46 @@ def test_a_prefork_pool_process_gets_the_time_its_models_take_to_load():
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
     )
     assert float(default.stdout.split()[0]) >= 120
+
+
+def test_importing_the_worker_apps_reads_no_environment():
+    # Settings that cannot work: importing must not mind; the celery command's app,
+    # built from the environment on first access, refuses them.
+    code = (
+        "import worker.celery_app as w, worker.webhook_app as h\n"
+        "for m in (w, h):\n"
+        "    try:\n"
+        "        m.app\n"
+        "    except ValueError as exc:\n"
+        "        print('refused', exc)\n"
+    )
+    env = {**os.environ, "BATCH_MAX": "0"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("refused BATCH_MAX") == 2
+
+
+def test_a_classification_app_is_built_from_the_config_it_is_given():
+    small = Config(queue_prefix="imgclf-a", batch_max=4, batch_wait_ms=20)
+    large = Config(queue_prefix="imgclf-b", batch_max=64)
+    a, b = celery_app.create_app(small), celery_app.create_app(large)
+    task_a, task_b = a.tasks[CLASSIFY_TASK], b.tasks[CLASSIFY_TASK]
+    # Each app's task has its own settings: nothing is frozen at import or shared.
+    assert (task_a.batch_max, task_a.batch_wait, task_a.load_ahead) == (4, 0.02, 16)
+    assert (task_b.batch_max, task_b.batch_wait, task_b.load_ahead) == (64, 0.0, 256)
+    assert task_a.first_queues == {"imgclf-a.interactive"}
+    assert [q.name for q in a.conf.task_queues] == list(classify_queues(small))
+    assert celery_app.worker_of(a).config is small
+    assert celery_app.worker_of(b).config is large
+    assert celery_app.worker_of(webhook_app.create_app(small)) is None
+
+
+def test_a_webhook_app_is_built_from_the_config_it_is_given():
+    config = Config(queue_prefix="imgclf-c")
+    app = webhook_app.create_app(config)
+    assert DELIVER_WEBHOOK_TASK in app.tasks
+    assert [q.name for q in app.conf.task_queues] == [webhook_queue(config)]
+    assert app.conf.task_default_queue == webhook_queue(config)
+    assert webhook_app.worker_of(app).config is config

@@ -299,7 +299,7 @@ def test_octal_loopback_is_blocked_or_unresolvable(server: ThreadingHTTPServer) 
 def test_every_redirect_hop_is_filtered(base: str) -> None:
     fetcher = _fetcher(allow_private_urls=False)
     # Test-only: let the first hop reach our loopback server; everything else stays filtered.
-    fetcher._manager.config.ip_filter_allow_loopback_ips = True
+    fetcher._client._manager.config.ip_filter_allow_loopback_ips = True
     assert fetcher.fetch(f"{base}/photo") == Handler.photo
     started = time.monotonic()
     with pytest.raises(BlockedAddress):
@@ -317,7 +317,7 @@ def test_a_blocked_address_names_the_host_the_address_and_the_setting(
     assert "localhost resolves to" in message and "ALLOW_PRIVATE_URLS=1" in message
     assert "127.0.0.1" in message or "::1" in message
     # A redirect hop names the hop's host, not the first URL's.
-    fetcher._manager.config.ip_filter_allow_loopback_ips = True
+    fetcher._client._manager.config.ip_filter_allow_loopback_ips = True
     with pytest.raises(BlockedAddress) as hop:
         fetcher.fetch(f"{base}/to-metadata")
     assert "169.254.169.254 resolves to 169.254.169.254" in hop.value.message

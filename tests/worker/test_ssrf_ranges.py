@@ -12,7 +12,7 @@ from requests_hardened.ip_filter import InvalidIPAddress
 from shared.config import Config
 from shared.errors import BlockedAddress
 from worker.fetch import Fetcher
-from worker.webhook_delivery import http_session_maker
+from worker.webhook_delivery import webhook_client
 
 V4_COMPATIBLE = [
     "http://[::7f00:1]:9/photo",  # 127.0.0.1
@@ -30,6 +30,6 @@ def test_image_fetch_refuses_ipv4_compatible_ipv6(url: str) -> None:
 
 @pytest.mark.parametrize("url", V4_COMPATIBLE)
 def test_webhook_delivery_refuses_ipv4_compatible_ipv6(url: str) -> None:
-    make = http_session_maker(Config(allow_private_urls=False, webhook_timeout_s=2.0))
-    with make() as session, pytest.raises(InvalidIPAddress):
+    client = webhook_client(Config(allow_private_urls=False, webhook_timeout_s=2.0))
+    with client.session() as session, pytest.raises(InvalidIPAddress):
         session.post(url, data=b"{}")

@@ -20,6 +20,7 @@ import time
 from datetime import timedelta
 
 import pytest
+from celery.contrib.testing.worker import start_worker
 from sqlalchemy import select, update
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
@@ -29,16 +30,16 @@ from shared.models import User, WebhookAttempt, WebhookEvent, as_utc, utcnow
 from shared.queue import make_celery
 from tests import support
 from tests.webhook_receiver import Received, Receiver, Reply
-from worker import webhook_delivery
+from worker import webhook_app, webhook_delivery
 from worker.webhook_delivery import (
     USER_AGENT,
     DeliveryOutcome,
     DeliveryRuntime,
     decide,
     deliver,
-    http_session_maker,
     next_delay,
     parse_retry_after,
+    webhook_client,
 )
 
 SCHEDULE = ("0", "0.2", "0.4")
@@ -64,7 +65,7 @@ def wh_config(api_stack):
 
 def _runtime(config):
     engine = make_engine(config)
-    rt = DeliveryRuntime(config, make_session_factory(engine), http_session_maker(config))
+    rt = DeliveryRuntime(config, make_session_factory(engine), webhook_client(config))
     return rt, engine
 
 
@@ -89,7 +90,7 @@ def new_event(rt, user_id: int, url: str, **data) -> str:
             session,
             user_id=user_id,
             url=url,
-            event_type=webhook_events.JOB_COMPLETED,
+            event_type="job.completed",
             data={"id": "job-1", "status": "succeeded", "label": "café ☕", **data},
         )
         session.commit()
@@ -415,6 +416,28 @@ def test_parse_retry_after():
 
 
 # --- the real webhook worker -------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_a_webhook_app_built_in_process_delivers(api_stack, rt, owner, receiver, monkeypatch):
+    # Before the module's worker process starts: nothing else consumes or sweeps.
+    config = rt.config.replace(queue_prefix=support.new_prefix("wh-app"))
+    used = []
+
+    def deliver_and_note(runtime, event_id):
+        used.append(runtime.config)
+        return deliver(runtime, event_id)
+
+    monkeypatch.setattr(webhook_delivery, "deliver", deliver_and_note)
+    app = webhook_app.create_app(config)
+    event_id = new_event(rt, owner, receiver.url())
+    with start_worker(app, pool="threads", concurrency=2, perform_ping_check=False):
+        webhook_events.dispatch(make_celery(config, main="test-sender"), config, [event_id])
+        support.wait_for(
+            lambda: event_row(rt, event_id).status == "succeeded", 10, "the task to deliver"
+        )
+    assert used == [config]
+    assert len(receiver.received) == 1
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,10 @@
 Modelled on replicate/cog's ``BasePredictor``: a model object is cheap to
 construct, ``setup()`` loads its weights once per process (in the worker, after
 the pool has forked, never at import time), and ``predict_batch()`` then runs
-many times. Importing this module imports neither keras nor tensorflow: the API
-process imports ``worker.models`` for names and errors and must stay light.
+many times. Importing this module imports neither keras nor tensorflow: the worker's
+main process imports ``worker.models`` and must stay TensorFlow-free to fork safely
+(the API never imports the worker; it names the built-in models from
+``shared.config``).
 
 Batches are padded up to a fixed set of bucket sizes (powers of two up to
 ``max_batch``) so the backend's compiled predict function sees only a handful of
