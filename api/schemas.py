@@ -139,7 +139,9 @@ class Balance(ma.Schema):
 class JobOptions(ma.Schema):
     model = ma.fields.String(metadata={"example": "mobilenet"})
     top_k = ma.fields.Integer(validate=validate.Range(min=1, max=20))
-    webhook = HttpUrl("webhook", metadata={"description": "http or https URL to POST job events to"})
+    webhook = HttpUrl(
+        "webhook", metadata={"description": "http or https URL to POST job events to"}
+    )
     webhook_events = ma.fields.List(
         ma.fields.String(validate=validate.OneOf(webhook_events.JOB_EVENT_CHOICES)),
         metadata={"description": 'Default: ["completed"]'},

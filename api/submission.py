@@ -42,6 +42,7 @@ from shared.jobs import job_to_dict
 from shared.models import Job, User, new_id, utcnow
 from shared.queue import enqueue_jobs
 from shared.status import JobStatus
+from shared.webhook_events import COMPLETED
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +145,7 @@ def build_request(
     top_k = services().config.default_top_k if top_k is None else top_k
     hook = {
         "webhook_url": webhook or None,
-        "webhook_events": tuple(dict.fromkeys(webhook_events or ["completed"]))
-        if webhook
-        else None,
+        "webhook_events": tuple(dict.fromkeys(webhook_events or [COMPLETED])) if webhook else None,
     }
     if upload is not None:
         if url:

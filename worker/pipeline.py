@@ -114,7 +114,9 @@ def _claim(
     """Claim the message's active jobs (shared.jobs.claim) and record job.started events."""
     rows = jobs.claim(session, job_ids, worker_id)
     # job.started is sent on the first delivery only, not again on a redelivery.
-    events = [jobs.record_webhook(session, j, "started") for j in rows if j.attempts == 1]
+    events = [
+        jobs.record_webhook(session, j, webhook_events.STARTED) for j in rows if j.attempts == 1
+    ]
     session.commit()
     return rows, [e for e in events if e]
 
