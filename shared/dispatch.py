@@ -188,15 +188,16 @@ def _mark_next_chunk(session: Session, batch_id: str, batch_max: int) -> list[st
     session.execute(update(Batch).where(Batch.id == batch_id).values(dispatched_at=now))
     # Plain conditions, no IN (subquery): PostgreSQL planned that as a scan of the
     # batch's rows for each row, seconds per chunk, right after the batch's COPY.
-    return list(
-        session.scalars(
-            update(Job)
-            .where(*_waiting(batch_id), chosen)
-            .values(dispatched_at=now)
-            .returning(Job.id)
-            .execution_options(synchronize_session=False)
-        )
-    )
+    won = session.execute(
+        update(Job)
+        .where(*_waiting(batch_id), chosen)
+        .values(dispatched_at=now)
+        .returning(Job.id, Job.batch_index)
+        .execution_options(synchronize_session=False)
+    ).all()
+    # RETURNING follows the rows' physical order, which updates shuffle: send the chunk
+    # in the batch's order, so a message's ids are the same whichever rows moved.
+    return [job_id for job_id, _ in sorted(won, key=lambda row: row.batch_index)]
 
 
 def _send(
