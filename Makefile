@@ -4,7 +4,7 @@
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
 
-install:  ## Create .venv with the pinned runtime and dev requirements
+install:  ## Create .venv with the pinned runtime, training and dev requirements
 	scripts/bootstrap.sh requirements-dev.txt
 
 run:  ## Install and run everything on embedded defaults (SQLite, local Redis, worker, API :5000)

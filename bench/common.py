@@ -30,14 +30,13 @@ import requests
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
+from harness import accounts, databases, processes, stack_config, waiting
+from harness.services import OUTPUT, ROOT
 from shared import ledger
 from shared.models import User
-from tests import support
 
-ROOT = Path(__file__).resolve().parent.parent
 ASSETS = Path(os.environ.get("IMGCLF_ASSETS", ROOT.parent / "shared" / "assets"))
 PHOTOS = ASSETS / "photos"
-OUTPUT = support.OUTPUT
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
@@ -134,23 +133,23 @@ def fmt(value: float | None, digits: int = 1) -> str:
 def backend(name: str, tmp_dir: str, **overrides):
     """A migrated database of kind ``name`` ("postgres" or "sqlite") and its Config."""
     if name == "postgres":
-        url = support.create_postgres_database()
+        url = databases.create_postgres_database()
     else:
         url = f"sqlite:///{tmp_dir}/bench.db"
-    config = support.migrated(support.test_config(url, **overrides))
+    config = databases.migrated(stack_config.test_config(url, **overrides))
     try:
         yield config
     finally:
-        support.delete_redis_prefix(config.queue_prefix)
+        databases.delete_redis_prefix(config.queue_prefix)
         if name == "postgres":
-            support.drop_postgres_database(url)
+            databases.drop_postgres_database(url)
 
 
 def funded_user(app, tokens: int) -> dict:
     """A user made through the API, then given ``tokens`` more by a direct ledger grant."""
     from api.services import services
 
-    user = support.new_user(app.test_client())
+    user = accounts.new_user(app.test_client())
     with app.app_context(), services().sessions() as session:
         user_id = session.scalars(select(User.id).where(User.username == user["username"])).one()
         ledger.grant(session, user_id, tokens, ledger.REFILL)
@@ -348,7 +347,7 @@ class MemorySampler:
 
 
 class PhotoServerProcess:
-    """support.PhotoServer over the real photos, in its own process (its own GIL)."""
+    """harness.photos.PhotoServer over the real photos, in its own process (its own GIL)."""
 
     def __init__(self, directory: Path = PHOTOS) -> None:
         self.directory = directory
@@ -409,7 +408,7 @@ class ApiProcess:
         return self.proc.pid
 
     def start(self) -> ApiProcess:
-        env = {**os.environ, **support.config_env(self.config), "PORT": str(self.port)}
+        env = {**os.environ, **stack_config.config_env(self.config), "PORT": str(self.port)}
         if self.workers:
             env["WEB_CONCURRENCY"] = str(self.workers)
         if self.threads:
@@ -423,7 +422,7 @@ class ApiProcess:
         # gunicorn answers from the first worker; wait until every worker has booted.
         expected = self.workers or int(env.get("WEB_CONCURRENCY") or 0)
         if expected:
-            support.wait_for(lambda: len(descendants(self.pid)) >= expected, 60, "API workers")
+            waiting.wait_for(lambda: len(descendants(self.pid)) >= expected, 60, "API workers")
         return self
 
     def worker_pids(self) -> list[int]:
@@ -442,7 +441,7 @@ def wait_http(url: str, proc: subprocess.Popen, log_path: Path, timeout: float =
         except requests.RequestException:
             return False
 
-    support.wait_for(up, timeout, url, interval=0.2)
+    waiting.wait_for(up, timeout, url, interval=0.2)
 
 
 def stop_process(proc: subprocess.Popen | None, timeout: float = 30) -> None:
@@ -458,7 +457,7 @@ def stop_process(proc: subprocess.Popen | None, timeout: float = 30) -> None:
         proc.wait()
 
 
-class BenchWorker(support.WorkerProcess):
+class BenchWorker(processes.WorkerProcess):
     """The real classification worker; bench.worker_app only swaps in random weights for
     a model whose weights are not in the offline Keras cache (InceptionV3)."""
 
@@ -493,7 +492,7 @@ class ServiceStack:
         from api import create_app
 
         ensure_keras_home()
-        self.db_url = support.create_postgres_database()
+        self.db_url = databases.create_postgres_database()
         try:
             values = {
                 "models": self.models,
@@ -503,7 +502,7 @@ class ServiceStack:
                 "rate_limit_submit": "100000/second",
                 **self.overrides,
             }
-            self.config = support.migrated(support.test_config(self.db_url, **values))
+            self.config = databases.migrated(stack_config.test_config(self.db_url, **values))
             self.app = create_app(self.config)  # in-process: only to make funded users
             self.photos = PhotoServerProcess().start()
             self.api = ApiProcess(
@@ -536,10 +535,10 @@ class ServiceStack:
                     stop()
         if self.config:
             with contextlib.suppress(Exception):
-                support.delete_redis_prefix(self.config.queue_prefix)
+                databases.delete_redis_prefix(self.config.queue_prefix)
         if self.db_url:
             with contextlib.suppress(Exception):
-                support.drop_postgres_database(self.db_url)
+                databases.drop_postgres_database(self.db_url)
 
     @property
     def dsn(self) -> str:

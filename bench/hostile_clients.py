@@ -29,18 +29,23 @@ from concurrent.futures import ThreadPoolExecutor
 import requests
 
 from bench.common import backend, fmt, free_port, loadavg, percentile
-from tests import support
+from harness import accounts, services, stack_config, waiting
 
 URL = "http://images.example.com/dog.jpg"
 KINDS = ("healthz", "me", "submit")
 
 
 def start_api(config, port: int) -> subprocess.Popen:
-    env = {**os.environ, **support.config_env(config), "PORT": str(port), "LOG_LEVEL": "WARNING"}
+    env = {
+        **os.environ,
+        **stack_config.config_env(config),
+        "PORT": str(port),
+        "LOG_LEVEL": "WARNING",
+    }
     env.pop("GUNICORN_CMD_ARGS", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{port}"],
-        cwd=support.ROOT,
+        cwd=services.ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -53,7 +58,7 @@ def start_api(config, port: int) -> subprocess.Popen:
         except requests.RequestException:
             return False
 
-    support.wait_for(up, 60, "gunicorn to answer", interval=0.2)
+    waiting.wait_for(up, 60, "gunicorn to answer", interval=0.2)
     return proc
 
 
@@ -121,7 +126,7 @@ def drip_upload(base_port: int, user: dict, photo: bytes, stop: threading.Event)
 
 
 def run_upload(base: str, port: int, holder: dict, others: list[dict], seconds: float) -> None:
-    photo = (support.ROOT.parent / "shared" / "assets" / "photos" / "cat.bmp").read_bytes()
+    photo = (services.ROOT.parent / "shared" / "assets" / "photos" / "cat.bmp").read_bytes()
     # The dripper's key was used a moment ago: authenticating it then writes nothing.
     requests.get(f"{base}/v1/me", headers=holder["headers"], timeout=10)
     stop = threading.Event()
@@ -177,7 +182,7 @@ def main() -> None:
         proc = start_api(config, port)
         base = f"http://127.0.0.1:{port}"
         try:
-            users = [support.new_user(_Client(base)) for _ in range(5)]
+            users = [accounts.new_user(_Client(base)) for _ in range(5)]
             for u in users:  # enough tokens for every submission of the run
                 _fund(config, u["username"])
             holder, others = users[0], users[1:]
@@ -193,7 +198,7 @@ def main() -> None:
 
 
 class _Client:
-    """The few calls support.new_user makes, over real HTTP."""
+    """The few calls harness.accounts.new_user makes, over real HTTP."""
 
     def __init__(self, base: str) -> None:
         self.base = base

@@ -41,9 +41,9 @@ from bench.common import (
     tree,
     wait_done,
 )
+from harness import images
 from shared.errors import NotAnImage
 from shared.image_header import probe
-from tests import support
 
 PNGS = 12
 SIDE = 6300
@@ -127,7 +127,7 @@ def slow_hosts() -> dict:
 def decode_memory(n: int) -> dict:
     with ServiceStack(batch_wait_ms=5000, batch_max=32) as stack:
         user = stack.user(n)
-        data = support.png_16bit_grey(SIDE)
+        data = images.png_16bit_grey(SIDE)
         pid = stack.worker_pid()
         idle_kb = sum(status_kb(p).get("VmRSS", 0) for p in tree(pid))
         cpu_before = sum(cpu_seconds(p) for p in tree(pid))
@@ -165,8 +165,8 @@ def decode_memory(n: int) -> dict:
 def hostile_uploads(repeat: int = 5) -> list[dict]:
     size = 19_200_000
     files = {
-        "jpeg, 4.8M empty APP0 segments": support.jpeg_segment_flood(4_800_000),
-        "png, 1.6M empty chunks": support.png_chunk_flood(1_600_000),
+        "jpeg, 4.8M empty APP0 segments": images.jpeg_segment_flood(4_800_000),
+        "png, 1.6M empty chunks": images.png_chunk_flood(1_600_000),
         # The same size in bytes that are no image: what any upload this large costs.
         "baseline: random bytes": random.Random(1).randbytes(size),
     }

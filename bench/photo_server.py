@@ -11,7 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests import support
+from harness import photos
 
 
 def main(directory: str) -> None:
@@ -19,7 +19,7 @@ def main(directory: str) -> None:
         root = Path(tmp)
         for photo in Path(directory).iterdir():
             (root / photo.name).symlink_to(photo)
-        with support.PhotoServer(root) as server:
+        with photos.PhotoServer(root) as server:
             print(server.base_url, flush=True)
             signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
             signal.pause()

@@ -33,12 +33,21 @@ from bench.common import (
     photo_names,
     photo_urls,
 )
-from tests import support
+from harness import databases, stack_config
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 OVERLAP_SIZES = (8, 16, 32, 64)
 OVERLAP_IMAGES = 256  # per batch size
-STAGES = ("_claim", "_load_inputs", "_predict", "_write", "_announce")
+# worker.pipeline's public stage functions, and the keys of their times in the results:
+# the keys keep the names recorded runs have (bench/run_all.py reads them, also from a
+# saved run's raw results).
+STAGES = {
+    "claim": "_claim",
+    "load_inputs": "_load_inputs",
+    "predict": "_predict",
+    "write": "_write",
+    "announce": "_announce",
+}
 
 
 def repeats(batch_size: int, quick: bool) -> int:
@@ -48,23 +57,23 @@ def repeats(batch_size: int, quick: bool) -> int:
 
 
 class StageTimer:
-    """Wraps the pipeline's module-level stage functions to time them (when they exist)."""
+    """Wraps the pipeline's public stage functions to time them (those that exist)."""
 
     def __init__(self, module) -> None:
         self.totals: dict[str, float] = defaultdict(float)
         self.module = module
-        for name in STAGES:
+        for name, key in STAGES.items():
             fn = getattr(module, name, None)
             if callable(fn):
-                setattr(module, name, self._wrap(name, fn))
+                setattr(module, name, self._wrap(key, fn))
 
-    def _wrap(self, name, fn):
+    def _wrap(self, key, fn):
         def timed(*args, **kwargs):
             start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.totals[name] += time.perf_counter() - start
+                self.totals[key] += time.perf_counter() - start
 
         return timed
 
@@ -108,13 +117,13 @@ def run(quick: bool = False) -> dict:
     sizes = (8,) if quick else BATCH_SIZES
     names = photo_names()
     photo_bytes = [(n, (PHOTOS / n).read_bytes()) for n in names]
-    db_url = support.create_postgres_database()
+    db_url = databases.create_postgres_database()
     photos = PhotoServerProcess().start()
     config = None
     rows = []
     try:
-        config = support.migrated(
-            support.test_config(db_url, batch_max=max(64, max(sizes)), log_level="WARNING")
+        config = databases.migrated(
+            stack_config.test_config(db_url, batch_max=max(64, max(sizes)), log_level="WARNING")
         )
         app = create_app(config)
         client = app.test_client()
@@ -161,8 +170,8 @@ def run(quick: bool = False) -> dict:
     finally:
         photos.stop()
         if config:
-            support.delete_redis_prefix(config.queue_prefix)
-        support.drop_postgres_database(db_url)
+            databases.delete_redis_prefix(config.queue_prefix)
+        databases.drop_postgres_database(db_url)
     best = max(rows, key=lambda r: r["images_per_s"])
     return {
         "model": config.default_model,
@@ -202,9 +211,7 @@ def report(result: dict) -> str:
         lines.append(
             f"| {r['batch_size']} | {fmt(r['batch_ms'])} | {fmt(r['images_per_s'])} | "
             f"{fmt(r.get('cpu_ms_per_image'))} | "
-            + " | ".join(
-                fmt(s.get(k)) for k in ("_claim", "_load_inputs", "_predict", "_write", "_announce")
-            )
+            + " | ".join(fmt(s.get(k)) for k in STAGES.values())
             + f" | {100 * s.get('_predict', 0) / r['batch_ms']:.0f}% |"
         )
     best = result["best"]

@@ -29,8 +29,8 @@ import psycopg
 import requests
 
 from bench.common import ServiceStack, machine, main_json
-from tests import support
-from tests.webhook_receiver import Receiver
+from harness import processes
+from harness.webhook_receiver import Receiver
 
 PURGED = ("jobs", "batches", "webhook_events", "webhook_attempts", "idempotency_keys")
 KEPT = ("token_ledger",)
@@ -99,7 +99,7 @@ def run(quick: bool = False) -> dict:
     }
     tokens = int(duration * (SINGLES_PER_S + BATCH_URLS / BATCH_EVERY_S) * 1.5) + 100
     with Receiver() as receiver, ServiceStack(**overrides) as stack:
-        webhooks = support.WebhookWorkerProcess(stack.config).start()
+        webhooks = processes.WebhookWorkerProcess(stack.config).start()
         try:
             webhooks.wait_ready()
             user = stack.user(tokens)

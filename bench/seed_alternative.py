@@ -38,7 +38,7 @@ from bench.common import (
     stop_process,
     wait_http,
 )
-from tests import support
+from harness import waiting
 
 N_REQUESTS = 1000
 CLIENTS = 16
@@ -69,7 +69,7 @@ def serve(shape: dict, ready_dir: str) -> tuple[subprocess.Popen, str]:
     )
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/healthz", proc, log_path, timeout=180)
-    support.wait_for(lambda: len(os.listdir(ready_dir)) >= shape["workers"], 180, "seed workers")
+    waiting.wait_for(lambda: len(os.listdir(ready_dir)) >= shape["workers"], 180, "seed workers")
     return proc, url
 
 

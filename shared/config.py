@@ -236,8 +236,8 @@ RUNTIMES = ("auto", "keras", "openvino")
 # The ImageNet models the worker knows how to build (worker.models.registry); the API
 # names them in errors without importing the worker.
 BUILTIN_MODELS = ("mobilenet", "mobilenet_v2", "inception_v3")
-# A trained model is the folder MODEL_DIR/<name>/ holding this file (worker.models.trained);
-# its name follows this rule (worker.train.export), so it can never walk out of MODEL_DIR.
+# A trained model is the folder MODEL_DIR/<name>/ holding this file (shared.trained_models);
+# its name follows this rule (training.export), so it can never walk out of MODEL_DIR.
 TRAINED_MODEL_FILE = "model.keras"
 TRAINED_MODEL_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 

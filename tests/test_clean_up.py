@@ -31,7 +31,7 @@ def test_a_test_session_removes_its_queues_bindings_and_databases():
     assert proc.returncode == 0, output[-3000:]
     assert "2 passed" in output  # PostgreSQL and SQLite: both made queues and bindings
     assert scratch.keys("*") == []
-    with psycopg.connect(support._admin_dsn(), autocommit=True) as conn:
+    with psycopg.connect(support.admin_dsn(), autocommit=True) as conn:
         left = conn.execute(
             "SELECT datname FROM pg_database WHERE datname LIKE %s", (f"imgclf_test_{proc.pid}_%",)
         ).fetchall()

@@ -57,14 +57,14 @@ class Loaded:
 def load(rt: Runtime, job_ids: list[str]) -> Loaded:
     """Claim the jobs, then fetch, decode and resize their images (errors kept per job)."""
     stats = MetricsBuffer()
-    claimed = _with_db_retry(rt, lambda s: _claim(s, job_ids, rt.worker_id))
+    claimed = _with_db_retry(rt, lambda s: claim(s, job_ids, rt.worker_id))
     if claimed is None:
         return Loaded([], stats, requeue=True)
     jobs_, started_events = claimed
     webhook_events.dispatch(rt.celery, rt.config, started_events)
     outcomes = [JobOutcome(job) for job in jobs_]
     _give_up_on_retried(rt, outcomes)
-    _load_inputs(rt, [o for o in outcomes if o.error is None], stats)
+    load_inputs(rt, [o for o in outcomes if o.error is None], stats)
     return Loaded(outcomes, stats)
 
 
@@ -83,8 +83,8 @@ def process(rt: Runtime, job_ids: list[str], loaded: list[Loaded] | None = None)
         stats.merge(part.stats)
     if not outcomes:
         return None
-    _predict(rt, [o for o in outcomes if o.error is None], stats)
-    written = _with_db_retry(rt, lambda s: _write(s, outcomes))
+    predict(rt, [o for o in outcomes if o.error is None], stats)
+    written = _with_db_retry(rt, lambda s: write(s, outcomes))
     if written is None:
         return RETRY_BATCH
     for o in outcomes:
@@ -95,7 +95,7 @@ def process(rt: Runtime, job_ids: list[str], loaded: list[Loaded] | None = None)
         # at once, and the refill (SQL and Redis round trips) sends the next one
         # meanwhile; on the batch's own path it cost the worker about 5 % of its rate.
         rt.io_pool.submit(dispatch.refill, rt.sessions, rt.redis, rt.celery, rt.config)
-    _announce(rt, outcomes, written, stats)
+    announce(rt, outcomes, written, stats)
     return None
 
 
@@ -108,7 +108,7 @@ def _unique(loaded: list[Loaded]) -> list[JobOutcome]:
     return list(by_id.values())
 
 
-def _claim(
+def claim(
     session: Session, job_ids: list[str], worker_id: str | None
 ) -> tuple[list[Job], list[str]]:
     """Claim the message's active jobs (shared.jobs.claim) and record job.started events."""
@@ -131,7 +131,7 @@ def _give_up_on_retried(rt: Runtime, outcomes: list[JobOutcome]) -> None:
             )
 
 
-def _load_inputs(rt: Runtime, outcomes: list[JobOutcome], stats: MetricsBuffer) -> None:
+def load_inputs(rt: Runtime, outcomes: list[JobOutcome], stats: MetricsBuffer) -> None:
     by_source: dict[str, list[JobOutcome]] = defaultdict(list)
     for o in outcomes:
         # The same URL twice in one batch is fetched and decoded once.
@@ -182,14 +182,14 @@ def _read_bytes(rt: Runtime, job: Job) -> bytes:
     return data
 
 
-def _predict(rt: Runtime, outcomes: list[JobOutcome], stats: MetricsBuffer) -> None:
+def predict(rt: Runtime, outcomes: list[JobOutcome], stats: MetricsBuffer) -> None:
     by_model: dict[str, list[JobOutcome]] = defaultdict(list)
     for o in outcomes:
         by_model[o.job.model].append(o)
     for name, group in by_model.items():
         try:
             model = rt.models.get(name)
-            # Jobs with the same source share one array (see _load_inputs): classify it once.
+            # Jobs with the same source share one array (see load_inputs): classify it once.
             unique = list({id(o.array): o.array for o in group}.values())
             inputs = np.stack(unique)
             with rt.forward_lock:
@@ -210,7 +210,7 @@ def _predict(rt: Runtime, outcomes: list[JobOutcome], stats: MetricsBuffer) -> N
                 o.array = None
 
 
-def _write(session: Session, outcomes: list[JobOutcome]) -> list[str]:
+def write(session: Session, outcomes: list[JobOutcome]) -> list[str]:
     """All outcomes in one transaction; returns the webhook events it recorded."""
     events = []
     succeeded = jobs.mark_all_succeeded(
@@ -241,7 +241,7 @@ def _log_outcome(o: JobOutcome) -> None:
         logs.request_id.reset(token)
 
 
-def _announce(
+def announce(
     rt: Runtime, outcomes: list[JobOutcome], events: list[str], stats: MetricsBuffer
 ) -> None:
     ids = [o.job.id for o in outcomes]

@@ -8,11 +8,11 @@ from kombu.exceptions import OperationalError
 from sqlalchemy import select
 
 from api.services import services
+from harness.webhook_receiver import Receiver
 from shared import batches, dispatch, jobs
 from shared.models import Job, LedgerEntry
 from tests import support
 from tests.api.test_batches import _balance, _finished, _results, rich_user  # noqa: F401
-from tests.webhook_receiver import Receiver
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ import time
 import pytest
 from standardwebhooks.webhooks import Webhook
 
+from harness.webhook_receiver import Receiver, Reply
 from tests import support
-from tests.webhook_receiver import Receiver, Reply
 
 
 @pytest.fixture

@@ -229,6 +229,19 @@ def test_dockerignore_keeps_local_state_and_secrets_out():
     assert "gunicorn.conf.py" not in ignored and "requirements.txt" not in ignored
 
 
+def test_the_serving_image_leaves_training_out():
+    # The training pipeline's packages are in requirements-train.txt, which the image does
+    # not install; its code and the test/benchmark harness stay out of the build context.
+    pinned = {
+        re.split(r"[=<>!~\[ ]", line, maxsplit=1)[0].lower()
+        for line in REQUIREMENTS.read_text().splitlines()
+        if line.strip() and not line.startswith(("#", "-r"))
+    }
+    assert not pinned & {"scikit-learn", "matplotlib", "keras-tuner", "tqdm"}
+    ignored = set((ROOT / ".dockerignore").read_text().split())
+    assert {"tests", "training", "harness", "requirements-train.txt"} <= ignored
+
+
 # --- hadolint -----------------------------------------------------------------------------
 
 

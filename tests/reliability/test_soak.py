@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from harness.webhook_receiver import Receiver
 from tests import support
-from tests.webhook_receiver import Receiver
 
 SOAK_S = float(os.environ.get("SOAK_S", "45"))
 RATE = float(os.environ.get("SOAK_RATE", "8"))  # operations per second, all kinds together

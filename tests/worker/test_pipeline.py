@@ -132,7 +132,7 @@ def test_a_claim_records_the_worker_instance(runtime, account, photo_server):
     job_id = _submit(runtime, account, photo_server.url("slow/dog.jpg"))
     named = dataclasses.replace(runtime, worker_id="host/abcd1234")
     with named.sessions() as s:
-        [job], _ = pipeline._claim(s, [job_id], named.worker_id)
+        [job], _ = pipeline.claim(s, [job_id], named.worker_id)
     assert (job.status, job.claimed_by, job.attempts) == ("processing", "host/abcd1234", 1)
     assert _job(runtime, job_id).claimed_by == "host/abcd1234"
     with runtime.sessions() as s:  # no other test's reconciler must find it lost

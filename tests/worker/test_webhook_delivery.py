@@ -24,12 +24,12 @@ from celery.contrib.testing.worker import start_worker
 from sqlalchemy import select, update
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from harness.webhook_receiver import Received, Receiver, Reply
 from shared import webhook_events, webhook_secrets
 from shared.db import make_engine, make_session_factory
 from shared.models import User, WebhookAttempt, WebhookEvent, as_utc, utcnow
 from shared.queue import make_celery
 from tests import support
-from tests.webhook_receiver import Received, Receiver, Reply
 from worker import webhook_app, webhook_delivery
 from worker.webhook_delivery import (
     USER_AGENT,

@@ -6,7 +6,7 @@
 Asking for a name that is not served raises ``ValidationFailed`` with code
 ``unknown_model``, never ``KeyError``.
 
-A name that is not a built-in model is a trained model (``python -m worker.train``):
+A name that is not a built-in model is a trained model (``python -m training``):
 the folder ``<config.model_dir>/<name>/`` with ``model.keras`` and ``metadata.json``
 (see ``worker.models.trained``). A configured name with no such folder is
 ``unknown_model`` too, with a message that says where the model was looked for.

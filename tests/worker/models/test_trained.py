@@ -34,7 +34,7 @@ def _tiny_model():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    from worker.train.export import export_model
+    from training.export import export_model
 
     root = tmp_path_factory.mktemp("models")
     meta = {"class_names": LABELS, "input_size": [12, 8], "arch": "test"}
@@ -64,7 +64,7 @@ def test_the_registry_finds_a_trained_model_by_name(model_dir: Path) -> None:
 
 
 def test_the_export_replaces_an_older_model(model_dir: Path, tmp_path: Path) -> None:
-    from worker.train.export import export_model
+    from training.export import export_model
 
     root = tmp_path / "models"
     export_model(_tiny_model(), root, "m", {"class_names": LABELS, "input_size": [12, 8]})
@@ -125,7 +125,7 @@ def test_a_folder_without_the_model_file_is_refused(tmp_path: Path) -> None:
 
 
 def test_class_names_must_match_the_model_outputs(model_dir: Path, tmp_path: Path) -> None:
-    from worker.train.export import export_model
+    from training.export import export_model
 
     export_model(
         _tiny_model(), tmp_path, "four", {"class_names": list("abcd"), "input_size": [12, 8]}

@@ -1,6 +1,6 @@
 """One training run, end to end: data, (search), fit, evaluate, report, export.
 
-``run(RunConfig(...))`` is what ``python -m worker.train`` calls. A run writes into
+``run(RunConfig(...))`` is what ``python -m training`` calls. A run writes into
 ``<out>/<run_id>/`` (``run_id`` = model name + UTC time unless given):
 
 - ``metrics.json``: settings, data summary, per-phase history, test metrics, timings;
@@ -21,8 +21,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from worker.train.augment import Augmentation
-from worker.train.data import class_weights, load_dataset, oversample
+from training.augment import Augmentation
+from training.data import class_weights, load_dataset, oversample
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +80,9 @@ class RunConfig:
 
     def resolved(self) -> RunConfig:
         """A copy with defaults filled in and values checked."""
-        from worker.train.export import check_name
-        from worker.train.models import ARCHITECTURES
-        from worker.train.train import OPTIMIZERS, SCHEDULES
+        from training.export import check_name
+        from training.models import ARCHITECTURES
+        from training.train import OPTIMIZERS, SCHEDULES
 
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"--arch must be one of {ARCHITECTURES}, got {self.arch!r}")
@@ -147,7 +147,7 @@ class RunResult:
 
 
 def _build_fn(c: RunConfig, num_classes: int):
-    from worker.train.models import build_cnn, build_mobilenet
+    from training.models import build_cnn, build_mobilenet
 
     size = (c.image_size, c.image_size)
 
@@ -169,11 +169,11 @@ def _build_fn(c: RunConfig, num_classes: int):
 
 def run(config: RunConfig) -> RunResult:
     """Train, evaluate, report and export; see the module docstring."""
-    from worker.train import evaluate as ev
-    from worker.train.export import code_version, export_model
-    from worker.train.models import unfreeze_top
-    from worker.train.report import PLOTS, write_report
-    from worker.train.train import FitOptions, fit_phase, make_dataset, seed_everything
+    from training import evaluate as ev
+    from training.export import code_version, export_model
+    from training.models import unfreeze_top
+    from training.report import PLOTS, write_report
+    from training.train import FitOptions, fit_phase, make_dataset, seed_everything
 
     started = time.monotonic()
     c = config.resolved()
@@ -226,7 +226,7 @@ def run(config: RunConfig) -> RunResult:
     search = None
     overrides: dict[str, Any] = {}
     if c.search:
-        from worker.train.search import random_search
+        from training.search import random_search
 
         log.info("random search: %d trials of %d epochs", c.search, c.search_epochs)
         search = random_search(

@@ -1,4 +1,4 @@
-"""A scripted webhook receiver: a real HTTP server on 127.0.0.1 for tests."""
+"""A scripted webhook receiver: a real HTTP server on 127.0.0.1 for tests and benchmarks."""
 
 from __future__ import annotations
 

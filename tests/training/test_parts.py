@@ -7,8 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
-from worker.train.augment import NONE, Augmentation, augment_batch
-from worker.train.evaluate import evaluate
+from training.augment import NONE, Augmentation, augment_batch
+from training.evaluate import evaluate
 
 
 def _batch(n: int = 4, size: int = 16) -> np.ndarray:
@@ -62,7 +62,7 @@ def test_a_class_missing_from_the_test_split_has_no_roc() -> None:
 def test_the_cnn_resizes_and_rescales_inside_the_model() -> None:
     import keras
 
-    from worker.train.models import build_cnn
+    from training.models import build_cnn
 
     model = build_cnn(3, (16, 16), depth=2, width=8, dense_units=0)
     names = [layer.name for layer in model.layers]
@@ -78,7 +78,7 @@ def test_the_cnn_resizes_and_rescales_inside_the_model() -> None:
 
 
 def test_one_cycle_warms_up_then_anneals_to_zero() -> None:
-    from worker.train.train import OneCycle
+    from training.train import OneCycle
 
     sched = OneCycle(peak=0.1, epochs=4, steps_per_epoch=10, warmup_epochs=1)
     rates = [sched.rate(s) for s in range(41)]
@@ -94,7 +94,7 @@ class _Model:
 def test_one_cycle_fits_the_epochs_into_a_deadline() -> None:
     import time
 
-    from worker.train.train import OneCycle
+    from training.train import OneCycle
 
     sched = OneCycle(peak=0.1, epochs=20, steps_per_epoch=10, deadline=time.monotonic() + 70)
     model = _Model()

@@ -12,7 +12,7 @@ import io
 import pytest
 
 from tests import support
-from tests.worker.train.conftest import CIFAR_CLASSES, NAME, Trained
+from tests.training.conftest import CIFAR_CLASSES, NAME, Trained
 
 pytestmark = pytest.mark.integration
 

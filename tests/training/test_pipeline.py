@@ -1,6 +1,6 @@
 """The training pipeline for real: real CIFAR-10 JPEGs in, a served model and its metrics out.
 
-The tests share one run of ``python -m worker.train`` (the ``trained`` fixture); then the
+The tests share one run of ``python -m training`` (the ``trained`` fixture); then the
 refusals.
 """
 
@@ -15,7 +15,7 @@ import pytest
 
 from shared.config import Config
 from shared.images import decode_image, to_array
-from tests.worker.train.conftest import (
+from tests.training.conftest import (
     CIFAR_CLASSES,
     CORRUPT,
     NAME,

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 import keras
 import numpy as np
 
-from worker.train.augment import NONE, Augmentation, augment_batch
-from worker.train.data import Split
+from training.augment import NONE, Augmentation, augment_batch
+from training.data import Split
 
 if TYPE_CHECKING:
     import tensorflow as tf

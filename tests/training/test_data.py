@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from worker.train.data import (
+from training.data import (
     DatasetError,
     class_weights,
     discover,
@@ -84,7 +84,7 @@ def test_a_corrupt_image_is_skipped_with_a_warning(cifar_subset, tmp_path, caplo
     bad = tmp_path / "dog" / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
     (tmp_path / "dog" / "README.txt").write_text("not an image, not counted")
-    with caplog.at_level(logging.WARNING, logger="worker.train"):
+    with caplog.at_level(logging.WARNING, logger="training"):
         ds = load_dataset(tmp_path, (32, 32))
     assert ds.skipped == [str(bad)]
     assert len(ds.train) + len(ds.validation) + len(ds.test) == 20

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ASSETS
-from worker.train.__main__ import main
+from training.__main__ import main
 
 CIFAR_TARBALL = ASSETS / "datasets" / "cifar10_jpg.tar.gz"
 CIFAR_CLASSES = (
@@ -96,12 +96,12 @@ class Trained:
 
 
 def run_cli(*args: str) -> tuple[int, str, str]:
-    """``python -m worker.train ARGS`` in this process: exit code, stdout, stderr + log."""
+    """``python -m training ARGS`` in this process: exit code, stdout, stderr + log."""
     out, err = io.StringIO(), io.StringIO()
     # Under pytest the root logger already has handlers, so main()'s basicConfig adds
     # none: catch the pipeline's log records here, where the command line shows them.
     handler = logging.StreamHandler(err)
-    logger = logging.getLogger("worker.train")
+    logger = logging.getLogger("training")
     logger.addHandler(handler)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

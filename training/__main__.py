@@ -1,4 +1,4 @@
-"""``python -m worker.train --data DIR --out OUT_DIR [options]``: train, evaluate, export.
+"""``python -m training --data DIR --out OUT_DIR [options]``: train, evaluate, export.
 
 Exit status: 0 on success, 2 when the data or the options are unusable (the message
 says why), 1 on any other failure.
@@ -16,16 +16,16 @@ import logging
 import sys
 from pathlib import Path
 
-from worker.train.augment import Augmentation
-from worker.train.data import DatasetError
-from worker.train.run import DEFAULTS, IMBALANCE_OPTIONS, RunConfig
+from training.augment import Augmentation
+from training.data import DatasetError
+from training.run import DEFAULTS, IMBALANCE_OPTIONS, RunConfig
 
 ARCHS = tuple(DEFAULTS)
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m worker.train",
+        prog="python -m training",
         description=(
             "Train an image classifier on a folder of labelled images (one sub-folder per "
             "class, or train/ plus test/ or validation/ splits), evaluate it on the held-out "
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         config = config_from_args(args).resolved()
-        from worker.train.run import run
+        from training.run import run
 
         result = run(config)
     except (DatasetError, ValueError) as exc:

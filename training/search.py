@@ -16,8 +16,8 @@ import keras
 import keras_tuner as kt
 import numpy as np
 
-from worker.train.data import Dataset
-from worker.train.train import FitOptions, OneCycle, compile_model, make_dataset
+from training.data import Dataset
+from training.train import FitOptions, OneCycle, compile_model, make_dataset
 
 LR_RANGES = {"adam": (1e-4, 3e-3), "sgd": (1e-2, 2e-1)}
 BATCH_SIZES = {"cnn": [64, 128, 256], "mobilenet": [16, 32, 64]}

@@ -1,7 +1,7 @@
 """Publishing a trained model where the workers load it: ``<model_dir>/<name>/``.
 
 The folder holds ``model.keras`` (the whole network, preprocessing layers included) and
-``metadata.json`` (see ``worker.models.trained`` for what the worker reads from it). It is
+``metadata.json`` (the format of ``shared.trained_models``, which the worker reads). It is
 written next to its final place and renamed into it, so a worker that starts meanwhile
 sees either the old complete model or the new one, never half of one.
 """
@@ -16,14 +16,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shared.config import TRAINED_MODEL_NAME
-from worker.models.trained import METADATA_FILE, METADATA_FORMAT, MODEL_FILE
-from worker.train.report import write_json
+from shared.config import BUILTIN_MODELS, TRAINED_MODEL_NAME
+from shared.trained_models import METADATA_FILE, METADATA_FORMAT, MODEL_FILE
+from training.report import write_json
 
 if TYPE_CHECKING:
     import keras
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def check_name(name: str) -> str:
@@ -33,8 +33,6 @@ def check_name(name: str) -> str:
             f"model name {name!r} must be 1-64 characters of a-z, 0-9, '_', '.', '-', "
             "starting with a letter or digit"
         )
-    from worker.models.registry import BUILTIN_MODELS
-
     if name in BUILTIN_MODELS:
         raise ValueError(f"model name {name!r} is a built-in model; choose another name")
     return name

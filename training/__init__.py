@@ -1,6 +1,6 @@
 """The training pipeline: a folder of labelled images in, an evaluated model the workers serve out.
 
-Run it with ``python -m worker.train --data DIR --out OUT_DIR`` (see ``docs/training.md``).
+Run it with ``python -m training --data DIR --out OUT_DIR`` (see ``docs/training.md``).
 The steps live in small modules, each usable on its own:
 
 - ``data``: find the class folders and splits, decode images into memory, split, weigh classes;
