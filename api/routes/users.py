@@ -6,9 +6,10 @@ from flask import g
 
 from api import accounts, schemas
 from api.auth import login_required
+from api.services import db
 from api.validation import Blueprint
 from shared.jobs import iso
-from shared.models import ApiKey
+from shared.models import ApiKey, User
 
 blp = Blueprint("users", __name__, url_prefix="/v1", description="Accounts and API keys")
 
@@ -45,7 +46,8 @@ def register(body):
 @blp.response(200, schemas.Me)
 def me():
     """The authenticated user and their token balance."""
-    user = g.user
+    # From SQL: a caller authenticated from the key cache carries no balance (api/auth.py).
+    user = db().get(User, g.user.id)
     return {
         "username": user.username,
         "tokens": user.tokens,
