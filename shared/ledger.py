@@ -121,12 +121,7 @@ def _charge_and_insert() -> Insert:
     )
     columns = [c.name for c in jobs.columns]
     job = select(*[charged.c.id if name == "user_id" else param(name) for name in columns])
-    return (
-        insert(jobs)
-        .from_select(columns, job)
-        .add_cte(entry.cte("entry"))
-        .returning(jobs.c.id)
-    )
+    return insert(jobs).from_select(columns, job).add_cte(entry.cte("entry")).returning(jobs.c.id)
 
 
 def _short(session: Session, user_id: int, cost: int) -> InsufficientTokens:
