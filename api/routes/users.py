@@ -79,5 +79,6 @@ def list_keys():
 @login_required
 @blp.response(204)
 def revoke_key(key_id: str):
-    """Revoke a key at once; requests using it get 401 from then on."""
+    """Revoke a key; requests using it get 401 at once on this API process, and within
+    API_KEY_CACHE_S (5 s) on the others."""
     accounts.revoke_key(g.user, key_id)
