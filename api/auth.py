@@ -139,8 +139,10 @@ class KeyCache:
 
     def forget(self, key_id: str) -> None:
         with self._lock:
-            for digest in [d for d, (_, k, _) in self._entries.items() if k == key_id]:
-                self._entries.pop(digest, None)
+            # A copy first (one C call, atomic): get() drops expired entries unlocked.
+            for digest, (_, cached_id, _) in list(self._entries.items()):
+                if cached_id == key_id:
+                    self._entries.pop(digest, None)
 
 
 def key_cache() -> KeyCache:
