@@ -26,6 +26,7 @@ from api.services import db, services
 from api.waits import SKIPPED_HEADER, wait_slots
 from shared import jobs, ledger, logs
 from shared.config import BUILTIN_MODELS, TRAINED_MODEL_FILE, TRAINED_MODEL_NAME
+from shared.db import one_statement
 from shared.errors import (
     NotAnImage,
     NotFound,
@@ -209,6 +210,9 @@ def submit(user: User, req: JobRequest, idempotency_key: str | None = None) -> t
 
 def _commit_new_job(user_id: int, job: Job, key: str | None, fingerprint: str) -> dict:
     session = db()
+    if not key:
+        # Then the charge is the transaction's only statement on PostgreSQL.
+        one_statement(session)
     # The row goes to Core, not the ORM's unit of work (flush), on the hottest write
     # path: charge, ledger row and job in one statement on PostgreSQL (shared/ledger.py).
     ledger.charge_new_job(session, {c.name: getattr(job, c.key) for c in JOB_COLUMNS})

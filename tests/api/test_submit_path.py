@@ -28,9 +28,13 @@ def _statements(app):
     def on_commit(_conn):
         sent.append("COMMIT")
 
-    def on_execute(_conn, _cursor, statement, *_args):
-        if not statement.startswith("BEGIN"):  # SQLite's BEGIN IMMEDIATE (shared/db.py)
-            sent.append(statement.split()[0])
+    def on_execute(conn, _cursor, statement, *_args):
+        if statement.startswith("BEGIN"):  # SQLite's BEGIN IMMEDIATE (shared/db.py)
+            return
+        # psycopg in autocommit sends no BEGIN or COMMIT of its own (SQLAlchemy's events
+        # above still fire): mark such a statement.
+        autocommit = getattr(conn.connection.driver_connection, "autocommit", False)
+        sent.append(statement.split()[0] + (" (autocommit)" if autocommit else ""))
 
     hooks = [("begin", on_begin), ("commit", on_commit), ("before_cursor_execute", on_execute)]
     for name, hook in hooks:
@@ -46,10 +50,27 @@ def test_a_submission_with_a_known_key_is_one_transaction(api_stack, client, use
     finally:
         stop()
     if api_stack.config.database_url.startswith("postgresql"):
-        # No authentication query; charge, ledger row and job in one statement.
-        assert sent == ["BEGIN", "WITH", "COMMIT"]
+        # No authentication query; charge, ledger row and job in one statement, sent
+        # alone: one round trip.
+        assert sent == ["BEGIN", "WITH (autocommit)", "COMMIT"]
     else:
         assert sent == ["BEGIN", "UPDATE", "INSERT", "INSERT", "COMMIT"]
+
+
+def test_with_an_idempotency_key_the_submission_stays_one_transaction(api_stack, client, user):
+    """The key's lookup and stored answer commit with the charge, or nothing does."""
+    assert _submit(client, user).status_code == 202  # the key is now cached
+    headers = {**user["headers"], "Idempotency-Key": "one-transaction"}
+    sent, stop = _statements(api_stack.app)
+    try:
+        first = client.post("/v1/jobs", json=JOB, headers=headers)
+    finally:
+        stop()
+    again = client.post("/v1/jobs", json=JOB, headers=headers)
+    assert first.status_code == again.status_code == 202
+    assert first.get_json()["id"] == again.get_json()["id"]
+    if api_stack.config.database_url.startswith("postgresql"):
+        assert sent == ["BEGIN", "SELECT", "WITH", "INSERT", "COMMIT"]
 
 
 def test_the_balance_is_read_fresh_for_a_cached_key(client, user):
