@@ -90,9 +90,10 @@ def user_by_password(username: str | None, password: str | None) -> User:
     return user
 
 
-#: The user columns a cached key carries: those that never change (``is_admin`` does, so
-#: admin_required never takes a cached key). ``tokens`` and the webhook secrets are left
-#: out on purpose: reading them from a cached caller raises instead of showing a stale value.
+#: The user columns a cached key carries. id, username and created_at never change;
+#: is_admin can (promote), so admin_required and /v1/me read it from SQL. ``tokens`` and
+#: the webhook secrets are left out on purpose: reading them from a cached caller raises
+#: instead of showing a stale value.
 CACHED_USER_COLUMNS = ("id", "username", "is_admin", "created_at")
 
 
