@@ -11,7 +11,7 @@ from flask_smorest import Api
 from flask_swagger_ui import get_swaggerui_blueprint
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from api.auth import dummy_hash
+from api.auth import KeyCache, dummy_hash
 from api.errors import register_error_handlers
 from api.json_provider import JSONProvider
 from api.metrics import init_metrics
@@ -52,6 +52,7 @@ def create_app(config: Config | None = None, **overrides: Any) -> Flask:
     app.extensions["imgclf"] = svc = Services.build(config)
     init_metrics(app, svc)
     app.extensions["imgclf_limits"] = Limits(config)
+    app.extensions["imgclf_keys"] = KeyCache(config.api_key_cache_s)
     # Made now, not on the first unknown username (that answer would be slower once).
     dummy_hash(config.bcrypt_rounds)
     app.extensions["imgclf_waits"] = WaitSlots(svc.redis, config)

@@ -10,7 +10,13 @@ from __future__ import annotations
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
-from api.auth import hash_password, new_api_key, validate_password, validate_username
+from api.auth import (
+    hash_password,
+    key_cache,
+    new_api_key,
+    validate_password,
+    validate_username,
+)
 from api.ratelimit import limits
 from api.services import db, services
 from shared import ledger
@@ -97,3 +103,5 @@ def revoke_key(user: User, key_id: str) -> None:
     session.commit()
     if not done:
         raise NotFound("No such API key.", code="key_not_found")
+    # At once in this process; other API processes within API_KEY_CACHE_S (api/auth.py).
+    key_cache().forget(key_id)

@@ -6,6 +6,8 @@ import functools
 import hashlib
 import hmac
 import secrets
+import threading
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -13,6 +15,7 @@ from typing import Any, TypeVar
 import bcrypt
 from flask import current_app, g, request, session
 from sqlalchemy import select, update
+from sqlalchemy.orm import make_transient_to_detached
 
 from api.ratelimit import limits
 from api.schemas import USERNAME_RE
@@ -87,22 +90,89 @@ def user_by_password(username: str | None, password: str | None) -> User:
     return user
 
 
-def _user_by_key(key: str) -> User:
+#: The user columns a cached key carries. id, username and created_at never change;
+#: is_admin can (promote), so admin_required and /v1/me read it from SQL. ``tokens`` and
+#: the webhook secrets are left out on purpose: reading them from a cached caller raises
+#: instead of showing a stale value.
+CACHED_USER_COLUMNS = ("id", "username", "is_admin", "created_at")
+
+
+class KeyCache:
+    """API keys that passed the SQL lookup, held per API process for ``API_KEY_CACHE_S``.
+
+    A Bearer request is then authenticated with no SQL at all. Only successes are kept,
+    keyed by the key's sha256 (never the key): a wrong, unknown or revoked key always
+    goes to SQL, so no cache entry can let a bad key in. A revoke forgets the key at
+    once in the process that served it (``forget``); other API processes stop accepting
+    it within ``API_KEY_CACHE_S`` at most. 0 turns the cache off.
+    """
+
+    MAX_ENTRIES = 10_000  # past this the cache starts over: a bound on memory, not an LRU
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._entries: dict[str, tuple[float, str, dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, digest: str) -> tuple[User, str] | None:
+        """A fresh detached copy of the caller and the key's id, or None."""
+        entry = self._entries.get(digest)
+        if entry is None:
+            return None
+        until, key_id, columns = entry
+        if time.monotonic() >= until:
+            self._entries.pop(digest, None)
+            return None
+        # A copy per request: gunicorn threads never share one ORM object. Detached,
+        # not transient, so a session that sees it never INSERTs it.
+        user = User(**columns)
+        make_transient_to_detached(user)
+        return user, key_id
+
+    def put(self, digest: str, user: User, key_id: str) -> None:
+        if self.ttl_s <= 0:
+            return
+        columns = {name: getattr(user, name) for name in CACHED_USER_COLUMNS}
+        with self._lock:
+            if len(self._entries) >= self.MAX_ENTRIES:
+                self._entries.clear()
+            self._entries[digest] = (time.monotonic() + self.ttl_s, key_id, columns)
+
+    def forget(self, key_id: str) -> None:
+        with self._lock:
+            # A copy first (one C call, atomic): get() drops expired entries unlocked.
+            for digest, (_, cached_id, _) in list(self._entries.items()):
+                if cached_id == key_id:
+                    self._entries.pop(digest, None)
+
+
+def key_cache() -> KeyCache:
+    return current_app.extensions["imgclf_keys"]
+
+
+def _user_by_key(key: str, use_cache: bool = True) -> User:
+    digest = hash_key(key)
+    cache = key_cache()
+    if use_cache and (hit := cache.get(digest)):
+        user, g.api_key_id = hit
+        return user
     session = db()
     # Only the key's two columns: loading it as an entity too costs more than the query.
     row = session.execute(
         select(User, ApiKey.id, ApiKey.last_used_at)
         .join(ApiKey, ApiKey.user_id == User.id)
-        .where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None))
+        .where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))
     ).first()
     if row is None:
         raise Unauthorized("Invalid or revoked API key.", code="invalid_api_key")
     user, key_id, last = row
     now = utcnow()
-    # Record use at a coarse resolution, so authenticating is not a write per request.
+    # Record use at a coarse resolution, so authenticating is not a write per request
+    # (a cached key is recorded when it is looked up again, API_KEY_CACHE_S later at most).
     if last is None or as_utc(last) < now - LAST_USED_RESOLUTION:
         session.execute(update(ApiKey).where(ApiKey.id == key_id).values(last_used_at=now))
         session.commit()
+    cache.put(digest, user, key_id)
     g.api_key_id = key_id
     return user
 
@@ -190,25 +260,29 @@ def _user_by_session() -> User:
     return user
 
 
-def authenticate() -> User:
+def authenticate(use_cache: bool = True) -> User:
     """The caller, with the authentication's transaction ended.
 
     Views read the request body after this; a body can arrive slowly (an upload at a
     byte a second), and no transaction may stay open meanwhile: on SQLite it holds the
     write lock (every transaction begins IMMEDIATE), on PostgreSQL a pooled connection.
+
+    A Bearer key may be answered from the process's ``KeyCache`` (``use_cache``): then
+    the caller carries only ``CACHED_USER_COLUMNS``; read anything else from SQL.
     """
-    user = _authenticate()
-    db().commit()  # expire_on_commit=False: the user's loaded columns stay readable
+    user = _authenticate(use_cache)
+    if "db" in g:  # a cached key opened no session
+        db().commit()  # expire_on_commit=False: the user's loaded columns stay readable
     return user
 
 
-def _authenticate() -> User:
+def _authenticate(use_cache: bool) -> User:
     header = request.headers.get("Authorization", "")
     if not header and session.get("uid") is not None:
         return _user_by_session()
     scheme, _, credentials = header.partition(" ")
     if scheme.lower() == "bearer" and credentials.strip():
-        return _user_by_key(credentials.strip())
+        return _user_by_key(credentials.strip(), use_cache)
     if scheme.lower() == "basic" and request.authorization:
         auth = request.authorization
         return user_by_password(auth.username, auth.password)
@@ -230,7 +304,8 @@ def login_required(view: F) -> F:
 def admin_required(view: F) -> F:
     @functools.wraps(view)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        g.user = authenticate()
+        # Never from the key cache: is_admin can change (promote) while a key is cached.
+        g.user = authenticate(use_cache=False)
         if not g.user.is_admin:
             raise Forbidden("This action needs an administrator.", code="admin_required")
         return view(*args, **kwargs)

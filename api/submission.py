@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import insert
 from sqlalchemy.exc import IntegrityError
 
 from api import idempotency
@@ -27,6 +26,7 @@ from api.services import db, services
 from api.waits import SKIPPED_HEADER, wait_slots
 from shared import jobs, ledger, logs
 from shared.config import BUILTIN_MODELS, TRAINED_MODEL_FILE, TRAINED_MODEL_NAME
+from shared.db import one_statement
 from shared.errors import (
     NotAnImage,
     NotFound,
@@ -45,6 +45,8 @@ from shared.status import JobStatus
 from shared.webhook_events import COMPLETED
 
 log = logging.getLogger(__name__)
+
+JOB_COLUMNS = tuple(Job.__table__.columns)
 
 
 @dataclass(frozen=True)
@@ -179,7 +181,7 @@ def submit(user: User, req: JobRequest, idempotency_key: str | None = None) -> t
         webhook_url=req.webhook_url,
         webhook_events=list(req.webhook_events) if req.webhook_events else None,
         request_id=logs.request_id.get(),
-        # Set here, not by ORM defaults: the row is inserted with Core (see _commit_new_job).
+        # Set here, not by ORM defaults: the row is inserted with Core (shared/ledger.py).
         created_at=utcnow(),
         attempts=0,
         retries=0,
@@ -207,12 +209,12 @@ def submit(user: User, req: JobRequest, idempotency_key: str | None = None) -> t
 
 def _commit_new_job(user_id: int, job: Job, key: str | None, fingerprint: str) -> dict:
     session = db()
-    ledger.charge_jobs(session, user_id, [job.id])
-    # A Core INSERT skips the ORM's unit of work (flush) on the hottest write path. The
-    # row goes as parameters, not .values(): then the statement is the same every time
-    # and its compiled form is reused, instead of coercing and hashing each value.
-    row = {c.name: getattr(job, c.key) for c in Job.__table__.columns}
-    session.execute(insert(Job.__table__), row)
+    if not key:
+        # Then the charge is the transaction's only statement on PostgreSQL.
+        one_statement(session)
+    # The row goes to Core, not the ORM's unit of work (flush), on the hottest write
+    # path: charge, ledger row and job in one statement on PostgreSQL (shared/ledger.py).
+    ledger.charge_new_job(session, {c.name: getattr(job, c.key) for c in JOB_COLUMNS})
     body = job_to_dict(job)
     if key:
         idempotency.save(user_id, key, fingerprint, body)

@@ -56,6 +56,9 @@ class Config:
     # Accounts created per client address (each comes with SIGNUP_TOKENS free tokens).
     signup_limit_per_ip: str = "10/hour"
     bcrypt_rounds: int = 12
+    # A Bearer key that passed the SQL lookup is trusted this long per API process
+    # (api/auth.py KeyCache): a revoke reaches the other API processes within it. 0: off.
+    api_key_cache_s: float = 5.0
     idempotency_ttl_s: int = 24 * 3600
 
     # Jobs
@@ -216,6 +219,8 @@ class Config:
             raise ValueError(
                 "RETENTION_DAYS must be >= 0, RETENTION_INTERVAL_S > 0 and RETENTION_CHUNK >= 1"
             )
+        if self.api_key_cache_s < 0:
+            raise ValueError("API_KEY_CACHE_S must be >= 0 (0: no key cache)")
         if self.broker_delivery_limit < 1:
             raise ValueError("BROKER_DELIVERY_LIMIT must be >= 1")
         if self.worker_pool not in WORKER_POOLS:

@@ -62,6 +62,18 @@ def _ping_when_idle(engine: Engine) -> None:
             raise DisconnectionError()
 
 
+def one_statement(session: Session) -> None:
+    """Run the session's next transaction as autocommit on PostgreSQL, where the caller
+    knows it is a single statement (atomic by itself): no BEGIN and COMMIT round trips.
+
+    Call before the transaction's first statement. SQLite keeps its transaction (its
+    ``BEGIN IMMEDIATE`` is the write lock, and in-process round trips cost little).
+    The pool resets the isolation level when the connection goes back.
+    """
+    if session.get_bind().dialect.name == "postgresql" and not session.in_transaction():
+        session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+
+
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
     # Let SQLAlchemy emit BEGIN itself (see make_engine) instead of pysqlite.
     dbapi_conn.isolation_level = None

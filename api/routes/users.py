@@ -6,9 +6,10 @@ from flask import g
 
 from api import accounts, schemas
 from api.auth import login_required
+from api.services import db
 from api.validation import Blueprint
 from shared.jobs import iso
-from shared.models import ApiKey
+from shared.models import ApiKey, User
 
 blp = Blueprint("users", __name__, url_prefix="/v1", description="Accounts and API keys")
 
@@ -45,7 +46,8 @@ def register(body):
 @blp.response(200, schemas.Me)
 def me():
     """The authenticated user and their token balance."""
-    user = g.user
+    # From SQL: a caller authenticated from the key cache carries no balance (api/auth.py).
+    user = db().get(User, g.user.id)
     return {
         "username": user.username,
         "tokens": user.tokens,
@@ -77,5 +79,6 @@ def list_keys():
 @login_required
 @blp.response(204)
 def revoke_key(key_id: str):
-    """Revoke a key at once; requests using it get 401 from then on."""
+    """Revoke a key; requests using it get 401 at once on this API process, and within
+    API_KEY_CACHE_S (5 s) on the others."""
     accounts.revoke_key(g.user, key_id)

@@ -50,3 +50,22 @@ def test_recently_used_connection_is_not_pinged_and_the_pool_recovers(engine, mo
         conn.execute(text("SELECT 1"))
     # ... and the next checkout reconnects without waiting for the threshold.
     assert _backend_pid(engine) != dead
+
+
+def test_one_statement_runs_in_autocommit_and_the_pool_resets_it(engine, sqlite_url):
+    """db.one_statement: the next transaction sends no BEGIN/COMMIT on PostgreSQL; the
+    connection goes back to the pool with transactions on; SQLite is left as it is."""
+    sessions = db.make_session_factory(engine)
+    with sessions() as session:
+        db.one_statement(session)
+        driver = session.connection().connection.driver_connection
+        assert driver.autocommit
+        session.execute(text("SELECT 1"))
+        session.commit()
+        session.execute(text("SELECT 1"))  # a new transaction: the pool reset the level
+        assert not session.connection().connection.driver_connection.autocommit
+    lite = db.make_engine(support.test_config(sqlite_url))
+    with db.make_session_factory(lite)() as session:
+        db.one_statement(session)
+        assert not session.in_transaction()
+    lite.dispose()

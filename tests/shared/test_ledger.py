@@ -1,13 +1,13 @@
 """Ledger and job transitions on the real databases (PostgreSQL and SQLite)."""
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import event, select, update
 from sqlalchemy.exc import IntegrityError
 
 from shared import jobs, ledger
 from shared.db import make_engine, make_session_factory
 from shared.errors import InsufficientTokens
-from shared.models import Job, User, new_id
+from shared.models import Job, LedgerEntry, User, new_id, utcnow
 from shared.status import JobStatus
 
 
@@ -207,3 +207,60 @@ def test_a_batch_cancel_refunds_its_queued_lines_and_ends_the_batch(session, acc
     session.commit()
     session.refresh(batch)
     assert batch.completed_at is not None
+
+
+def _new_job_row(user) -> dict:
+    """Every ``jobs`` column, as api/submission.py gives them to ``charge_new_job``."""
+    job = Job(
+        id=new_id(),
+        user_id=user.id,
+        model="mobilenet",
+        top_k=5,
+        input_url="http://x/y.jpg",
+        status=JobStatus.QUEUED.value,
+        webhook_url="http://hook/x",
+        webhook_events=["completed"],
+        created_at=utcnow(),
+        attempts=0,
+        retries=0,
+    )
+    return {c.name: getattr(job, c.key) for c in Job.__table__.columns}
+
+
+def test_a_new_job_is_charged_and_inserted_together_or_not_at_all(session, account):
+    """ledger.charge_new_job: one statement on PostgreSQL, three on SQLite; the same rows."""
+    statements = []
+    engine = session.get_bind()
+    listen = lambda *args: statements.append(args[2])  # noqa: E731
+    event.listen(engine, "before_cursor_execute", listen)
+    try:
+        rows = [_new_job_row(account) for _ in range(3)]
+        for row in rows[:2]:
+            ledger.charge_new_job(session, row)
+        session.commit()
+        # Not SQLite's BEGIN IMMEDIATE (shared/db.py), sent as a statement.
+        charged_statements = len([s for s in statements if not s.startswith("BEGIN")])
+        with pytest.raises(InsufficientTokens) as short:
+            ledger.charge_new_job(session, rows[2])
+        session.rollback()
+    finally:
+        event.remove(engine, "before_cursor_execute", listen)
+    per_job = 1 if engine.dialect.name == "postgresql" else 3
+    assert charged_statements == 2 * per_job
+    assert short.value.details == {"balance": 0, "cost": 1}
+    assert _balance(session, account) == 0 == ledger.ledger_sum(session, account.id)
+    stored = session.scalars(select(Job).where(Job.user_id == account.id)).all()
+    assert sorted(j.id for j in stored) == sorted(r["id"] for r in rows[:2])
+    job = session.get(Job, rows[0]["id"])
+    assert (job.status, job.webhook_events, job.result, job.attempts) == (
+        "queued",
+        ["completed"],
+        None,
+        0,
+    )
+    charges = session.scalars(
+        select(LedgerEntry).where(LedgerEntry.user_id == account.id, LedgerEntry.delta < 0)
+    ).all()
+    assert sorted((e.job_id, e.delta, e.reason, e.retry) for e in charges) == sorted(
+        (r["id"], -1, ledger.CHARGE, 0) for r in rows[:2]
+    )
