@@ -30,6 +30,7 @@ from shared.redis_client import make_redis
 from worker import liveness, pipeline, reconciler, retention
 from worker.batching import ContinuousBatches
 from worker.loader import Loader
+from worker.loader_pool import LoaderProcesses
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,9 @@ def _load_models_in_threads_pool(sender=None, **_kwargs) -> None:
     # Batches share this process, so images load outside the batch slots (prefork's
     # pool processes, each with its own runtime, still load inside theirs).
     rt = runtime()
+    if config.effective_loader_processes:  # fetch, decode, resize on every core
+        sizes = [rt.models.get(name).input_size for name in rt.models.names()]
+        rt.loader_processes = LoaderProcesses(config, sizes, config.effective_loader_processes)
     ClassifyTask.loader = Loader(
         lambda job_ids: pipeline.load(rt, job_ids), config.effective_loader_threads
     )
@@ -163,6 +167,13 @@ def _stop(how: str = "", **_kwargs) -> None:
     # No new loads; on a warm shutdown those running (their jobs claimed) finish and
     # join a batch while the pool drains. The rest goes back to the broker.
     classify.close(config.worker_shutdown_timeout_s if how == "Warm" else 0)
+
+
+@signals.worker_shutdown.connect
+def _stop_loader_processes(**_kwargs) -> None:
+    # After the pool has drained: no batch waits for an image any more.
+    if _runtime is not None and _runtime.loader_processes is not None:
+        _runtime.loader_processes.close()
 
 
 @signals.worker_process_init.connect
