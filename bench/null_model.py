@@ -106,9 +106,9 @@ def run(quick: bool = False, loader_counts=None, worker_counts=None) -> dict:
     cores = usable_cores()
     n = 24 if quick else N_JOBS
     if loader_counts is None:
-        loader_counts = (0, 1) if quick else tuple(range(cores + 1))
+        loader_counts = (1,) if quick else tuple(range(cores + 1))
     if worker_counts is None:
-        worker_counts = (1, 2) if quick else WORKER_COUNTS
+        worker_counts = (2,) if quick else WORKER_COUNTS
     default = Config().loader_processes
     with NullStack() as stack:
         loaders, workers = [], []

@@ -49,6 +49,7 @@ Size = tuple[int, int]  # (width, height)
 #: Sends of one task: the first, and once more after its loader process died.
 TASK_SENDS = 2
 STOP_WAIT_S = 10.0
+SHM_MAX_BYTES = 256 * 1024 * 1024
 LOST_MESSAGE = "The image loader stopped while loading the image."
 
 
@@ -94,8 +95,10 @@ class LoaderProcesses:
         self._config = config
         self._threads = config.fetch_threads
         self._slot_bytes = max(w * h * 3 for w, h in sizes)
-        # Enough for every fetch thread of every process to hold one slot, twice over.
-        count = slots or 2 * processes * self._threads
+        # Enough for every fetch thread of every process to hold one slot, twice over,
+        # within SHM_MAX_BYTES (docker-compose.yml gives the worker 512 MiB of /dev/shm).
+        fit = max(2 * processes, SHM_MAX_BYTES // self._slot_bytes)
+        count = slots or min(2 * processes * self._threads, fit)
         self._shm = SharedMemory(create=True, size=count * self._slot_bytes)
         self._slots = np.ndarray((count, self._slot_bytes), np.uint8, buffer=self._shm.buf)
         self._free = list(range(count))

@@ -5,6 +5,7 @@ process, or, killed again, the job fails cleanly and is refunded. Synced on the 
 server's request log (the fetch has arrived), never on sleeps.
 """
 
+import contextlib
 import os
 import signal
 import threading
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
+from api import create_app
 from shared import ledger
 from shared.images import decode_image, to_pixels
 from shared.models import Job, LedgerEntry, User, new_id
@@ -159,3 +161,96 @@ def test_an_image_whose_loader_dies_twice_fails_the_job_with_a_refund(null_runti
         reasons = sorted(s.scalars(select(LedgerEntry.reason).where(LedgerEntry.job_id == doomed)))
         assert reasons == ["charge", "refund"]
         assert s.get(User, user_id).tokens == ledger.ledger_sum(s, user_id) == 5
+
+
+# --- a real worker with loader processes ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def worker_stack():
+    database_url = support.create_postgres_database()
+    config = support.migrated(
+        support.test_config(
+            database_url, runtime="null", loader_processes="2", fetch_timeout_s=support.GATE_MAX_S
+        )
+    )
+    worker = support.WorkerProcess(config, name="loaderprocs").start()
+    try:
+        worker.wait_ready()
+        yield config, create_app(config).test_client(), worker
+    finally:
+        worker.stop()
+        support.delete_redis_prefix(config.queue_prefix)
+        support.drop_postgres_database(database_url)
+
+
+def _loader_pids(worker) -> list[int]:
+    return [p for p in _descendants(worker.proc.pid) if b"spawn_main" in _cmdline(p)]
+
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        for tid in os.listdir(f"/proc/{current}/task"):
+            try:
+                with open(f"/proc/{current}/task/{tid}/children") as f:
+                    children = [int(c) for c in f.read().split()]
+            except OSError:
+                continue
+            out += children
+            todo += children
+    return out
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def _connected_to(pid: int, port: int) -> bool:
+    """Whether process ``pid`` holds a TCP connection to 127.0.0.1:``port``."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    with open("/proc/net/tcp") as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    return any(int(r[2].split(":")[1], 16) == port and r[9] in inodes for r in rows)
+
+
+def test_a_worker_loads_in_processes_survives_a_killed_one_and_stops_them(
+    worker_stack, photo_server
+):
+    _, client, worker = worker_stack
+    user = support.new_user(client)
+    loaders = _loader_pids(worker)
+    assert len(loaders) == 2, worker.log_tail()
+    key = uuid.uuid4().hex[:8]
+    gate = photo_server.gate(key)
+    url = photo_server.url(f"gate/{key}/parrot.jpg")
+    held = client.post("/v1/jobs", json={"url": url}, headers=user["headers"]).get_json()["id"]
+    support.wait_for(lambda: _fetches(photo_server, key) == 1, 60, "the held fetch")
+    port = int(photo_server.base_url.rsplit(":", 1)[1].split("/")[0])
+    [holder] = [pid for pid in loaders if _connected_to(pid, port)]
+    os.kill(holder, signal.SIGKILL)
+    support.wait_for(lambda: _fetches(photo_server, key) == 2, 60, "the fetch sent again")
+    gate.set()
+    job = client.get(f"/v1/jobs/{held}?wait=60", headers=user["headers"]).get_json()
+    assert job["status"] == "succeeded", (job, worker.log_tail())
+    replaced = _loader_pids(worker)
+    assert len(replaced) == 2 and holder not in replaced
+
+    wait = {**user["headers"], "Prefer": "wait=60"}
+    resp = client.post("/v1/jobs", json={"url": photo_server.url("dog.jpg")}, headers=wait)
+    assert resp.get_json()["status"] == "succeeded"
+
+    worker.stop()  # SIGTERM: a warm shutdown stops the loader processes with the worker
+    assert worker.proc.returncode == 0, worker.log_tail()
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in replaced)
+    assert "leaked shared_memory" not in worker.log()
