@@ -44,8 +44,8 @@ STAGES = ("api", "worker", "loaders", "postgres", "redis", "photo server", "driv
 class NullStack(ServiceStack):
     """A ServiceStack whose worker side is any number of workers, counted by stage."""
 
-    def __init__(self, **overrides) -> None:
-        super().__init__(worker=False, runtime="null", **overrides)
+    def __init__(self, runtime: str = "null", **overrides) -> None:
+        super().__init__(worker=False, runtime=runtime, **overrides)
         self.workers: list[BenchWorker] = []
 
     @contextlib.contextmanager

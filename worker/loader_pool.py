@@ -195,23 +195,32 @@ class LoaderProcesses:
             pass  # the process is dead: the reader sees its sentinel and resends
 
     def _read(self) -> None:
-        """Results and deaths, for all processes (one thread)."""
+        """Results and deaths, for all processes (one thread, which must not die)."""
         while True:
+            try:
+                if self._read_once():
+                    return
+            except Exception:
+                log.exception("loader results: unexpected error; going on")
+
+    def _read_once(self) -> bool:
+        """Handle what is ready now; True once closed."""
+        with self._lock:
+            conns = {c: i for i, c in enumerate(self._conns)}
+            sentinels = {p.sentinel: i for i, p in enumerate(self._procs) if p is not None}
+        ready = wait([*conns, *sentinels, self._wake_r])
+        if self._wake_r in ready:
+            self._wake_r.recv()
             with self._lock:
-                conns = {c: i for i, c in enumerate(self._conns)}
-                sentinels = {p.sentinel: i for i, p in enumerate(self._procs) if p is not None}
-            ready = wait([*conns, *sentinels, self._wake_r])
-            if self._wake_r in ready:
-                self._wake_r.recv()
-                with self._lock:
-                    if self._closed:
-                        return
-            for ready_one in ready:
-                if ready_one in conns:
-                    self._receive(conns[ready_one], ready_one)
-            for ready_one in ready:
-                if ready_one in sentinels:
-                    self._died(sentinels[ready_one])
+                if self._closed:
+                    return True
+        for ready_one in ready:
+            if ready_one in conns:
+                self._receive(conns[ready_one], ready_one)
+        for ready_one in ready:
+            if ready_one in sentinels:
+                self._died(sentinels[ready_one])
+        return False
 
     def _receive(self, index: int, conn: Connection) -> None:
         try:
@@ -300,8 +309,13 @@ class LoaderProcesses:
         with self._lock:
             old, self._conns[index] = self._conns[index], ours
             self._procs[index] = proc
+            # Sent to the dead one's pipe between its death and now: never read there.
+            orphans = list(self._in_flight[index].items())
         if old is not None:
             old.close()
+        for task_id, pending in orphans:
+            pending.sends -= 1  # that send never reached a process
+            self._send(index, task_id, pending)
         if hasattr(self, "_reader"):
             self._wake_w.send(None)  # the reader waits on the new pipe and sentinel too
 
