@@ -150,9 +150,10 @@ class Config:
 
     @property
     def effective_loader_processes(self) -> int:
-        """Loader processes to start: LOADER_PROCESSES, or for "auto" one per core beyond
-        the first AUTO_LOADER_MIN_CORES - 1 (measured: below that the in-process threads
-        are as fast and cheaper; docs/benchmarks.md, "Loader processes")."""
+        """Loader processes to start: LOADER_PROCESSES; "auto": cores - 1 (one for the model
+        process) from AUTO_LOADER_MIN_CORES cores up, else 0 (measured on 2 cores: the
+        worker's own threads load as fast, at the same CPU per image, without a process
+        of ~120 MB; docs/benchmarks.md, "Loader processes and the null model")."""
         if str(self.loader_processes) != "auto":
             return int(self.loader_processes)
         cores = usable_cores()
