@@ -50,6 +50,7 @@ Size = tuple[int, int]  # (width, height)
 TASK_SENDS = 2
 STOP_WAIT_S = 10.0
 SHM_MAX_BYTES = 256 * 1024 * 1024
+RESULT_SLACK_S = 60.0
 LOST_MESSAGE = "The image loader stopped while loading the image."
 
 
@@ -130,7 +131,19 @@ class LoaderProcesses:
     def load(self, tasks: Sequence[ImageTask]) -> list[ImageResult]:
         """Load every task across the processes; returns when all are done, in order."""
         futures = [self._submit(task) for task in tasks]
-        return [f.result() for f in futures]
+        return [self._result(f) for f in futures]
+
+    def _result(self, future: Future) -> ImageResult:
+        # A loader bounds each task (fetch deadline, decode wait); past that, something is
+        # wrong there: fail the image rather than hold its message for ever. A late reply
+        # still frees the task's slots.
+        limit = self._config.fetch_timeout_s + self._config.decode_wait_s + RESULT_SLACK_S
+        try:
+            return future.result(timeout=limit)
+        except TimeoutError:
+            log.error("a loader process gave no answer within %.0f s", limit)
+            error = ServiceError(LOST_MESSAGE, code="internal_error")
+            return ImageResult(error=error, expected=False)
 
     def close(self) -> None:
         """Stop the processes (those loading finish their tasks) and free the memory."""
@@ -138,6 +151,7 @@ class LoaderProcesses:
             if self._closed:
                 return
             self._closed = True
+            self._lock.notify_all()  # loads waiting for a slot give up
             procs = list(self._procs)
         for index, conn in enumerate(self._conns):
             try:
