@@ -39,8 +39,14 @@ from typing import Any
 
 import numpy as np
 
+from shared import logs
 from shared.config import Config
 from shared.errors import ServiceError, UploadExpired
+from shared.images import decode_image, to_pixels
+from shared.pixel_budget import PixelBudget
+from shared.redis_client import make_redis
+from shared.uploads import UploadStore
+from worker.fetch import Fetcher
 
 log = logging.getLogger(__name__)
 
@@ -341,8 +347,6 @@ def _child_main(
     conn: Connection, shm_name: str, slot_bytes: int, config: Config, threads: int
 ) -> None:
     """A loader process: tasks in from ``conn``, pixels out to the shared slots."""
-    from shared import logs
-
     # Ctrl-C reaches the whole process group: the worker decides when loaders stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logs.configure(config.log_level, config.log_format)
@@ -369,11 +373,6 @@ class _ChildWork:
     """What one loader process holds: a fetcher, Redis for uploads, its pixel budget."""
 
     def __init__(self, config: Config, slots: np.ndarray, conn: Connection) -> None:
-        from shared.pixel_budget import PixelBudget
-        from shared.redis_client import make_redis
-        from shared.uploads import UploadStore
-        from worker.fetch import Fetcher
-
         self._config = config
         self._slots = slots
         self._conn = conn
@@ -414,8 +413,6 @@ class _ChildWork:
         return data
 
     def _decode(self, data: bytes, sizes: tuple[Size, ...], slots: list[int]) -> list[tuple]:
-        from shared.images import decode_image, to_pixels
-
         largest = max(sizes, key=lambda wh: wh[0] * wh[1])
         image = decode_image(
             data, max_pixels=self._config.max_image_pixels, at_least=largest, budget=self._budget
