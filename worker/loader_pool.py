@@ -25,13 +25,15 @@ the job is refunded), and a new process takes its place.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import multiprocessing
+import queue
 import signal
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.shared_memory import SharedMemory
@@ -57,16 +59,21 @@ TASK_SENDS = 2
 STOP_WAIT_S = 10.0
 SHM_MAX_BYTES = 256 * 1024 * 1024
 RESULT_SLACK_S = 60.0
+INTERACTIVE, BULK, STOP_PRIORITY = 0, 1, 2
 LOST_MESSAGE = "The image loader stopped while loading the image."
 
 
 @dataclass(frozen=True)
 class ImageTask:
-    """One image to load: from ``url``, or the upload of job ``upload_id``, at ``sizes``."""
+    """One image to load: from ``url``, or the upload of job ``upload_id``, at ``sizes``.
+
+    ``priority``: 0 for an interactive job's image, 1 for a bulk one's (loaded after).
+    """
 
     url: str | None
     upload_id: str | None
     sizes: tuple[Size, ...]
+    priority: int = BULK
 
 
 @dataclass
@@ -207,10 +214,11 @@ class LoaderProcesses:
             pending.process = index
             self._in_flight[index][task_id] = pending
             conn = self._conns[index]
-        message = (task_id, pending.task.url, pending.task.upload_id, pending.task.sizes)
+        task = pending.task
+        message = (task_id, task.url, task.upload_id, task.sizes, pending.slots, task.priority)
         try:
             with self._send_locks[index]:
-                conn.send((*message, pending.slots))
+                conn.send(message)
         except (OSError, ValueError):
             pass  # the process is dead: the reader sees its sentinel and resends
 
@@ -353,20 +361,50 @@ def _child_main(
     shm = SharedMemory(shm_name)
     slots = np.ndarray((shm.size // slot_bytes, slot_bytes), np.uint8, buffer=shm.buf)
     work = _ChildWork(config, slots, conn)
-    pool = ThreadPoolExecutor(threads, thread_name_prefix="fetch")
+    # Interactive images first (priority 0), then bulk ones, each in arrival order: a
+    # single job's image waits for the images being loaded, not for bulk ones queued.
+    line: queue.PriorityQueue = queue.PriorityQueue()
+    fetchers = [
+        threading.Thread(target=_serve, args=(line, work), name=f"fetch-{i}", daemon=True)
+        for i in range(threads)
+    ]
+    for thread in fetchers:
+        thread.start()
+    order = itertools.count()
     try:
         while True:
             try:
                 message = conn.recv()
-            except (EOFError, OSError):  # the worker is gone
+            except (EOFError, OSError):  # the worker is gone: nobody wants the rest
+                _drain(line)
                 break
-            if message is None:  # close(): finish what is running
+            if message is None:  # close(): finish what is waiting and running
                 break
-            pool.submit(work.run, *message)
+            *task, priority = message
+            line.put((priority, next(order), task))
     finally:
-        pool.shutdown(wait=True)
+        for _ in fetchers:
+            line.put((STOP_PRIORITY, next(order), None))  # after every task
+        for thread in fetchers:
+            thread.join()
         del slots, work
         shm.close()
+
+
+def _drain(line: queue.PriorityQueue) -> None:
+    while True:
+        try:
+            line.get_nowait()
+        except queue.Empty:
+            return
+
+
+def _serve(line: queue.PriorityQueue, work: _ChildWork) -> None:
+    while True:
+        _, _, task = line.get()
+        if task is None:
+            return
+        work.run(*task)
 
 
 class _ChildWork:

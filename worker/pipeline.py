@@ -28,7 +28,7 @@ from shared.metrics import MetricsBuffer
 from shared.models import Job, utcnow
 from shared.status import ACTIVE, JobStatus
 from worker.batching import RETRY_BATCH
-from worker.loader_pool import ImageTask
+from worker.loader_pool import BULK, INTERACTIVE, ImageTask
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -204,7 +204,9 @@ def _load_in_processes(rt: Runtime, groups: list[list[JobOutcome]], stats: Metri
         job = group[0].job
         sizes = tuple(dict.fromkeys(rt.models.get(o.job.model).input_size for o in group))
         upload_id = None if job.input_url else job.id
-        tasks.append(ImageTask(url=job.input_url, upload_id=upload_id, sizes=sizes))
+        # A job of no bulk batch is interactive: its image goes before bulk ones.
+        priority = INTERACTIVE if all(o.job.batch_id is None for o in group) else BULK
+        tasks.append(ImageTask(job.input_url, upload_id, sizes, priority))
     assert rt.loader_processes is not None
     for group, result in zip(groups, rt.loader_processes.load(tasks), strict=True):
         if result.fetch_s is not None:

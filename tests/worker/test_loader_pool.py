@@ -6,9 +6,12 @@ server's request log (the fetch has arrived), never on sleeps.
 """
 
 import contextlib
+import itertools
 import os
+import queue
 import signal
 import threading
+import types
 import uuid
 
 import numpy as np
@@ -22,8 +25,15 @@ from shared.models import Job, LedgerEntry, User, new_id
 from shared.redis_client import make_redis
 from shared.uploads import UploadStore
 from tests import support
-from worker import pipeline
-from worker.loader_pool import LOST_MESSAGE, ImageTask, LoaderProcesses
+from worker import loader_pool, pipeline
+from worker.loader_pool import (
+    BULK,
+    INTERACTIVE,
+    LOST_MESSAGE,
+    STOP_PRIORITY,
+    ImageTask,
+    LoaderProcesses,
+)
 from worker.runtime import Runtime
 
 MOBILENET = (224, 224)
@@ -254,3 +264,14 @@ def test_a_worker_loads_in_processes_survives_a_killed_one_and_stops_them(
     assert worker.proc.returncode == 0, worker.log_tail()
     assert not any(os.path.exists(f"/proc/{pid}") for pid in replaced)
     assert "leaked shared_memory" not in worker.log()
+
+
+def test_interactive_images_go_before_queued_bulk_ones():
+    line: queue.PriorityQueue = queue.PriorityQueue()
+    order = itertools.count()
+    for task_id, priority in ((1, BULK), (2, BULK), (3, INTERACTIVE), (4, BULK), (5, INTERACTIVE)):
+        line.put((priority, next(order), (task_id,)))
+    line.put((STOP_PRIORITY, next(order), None))
+    done: list[int] = []
+    loader_pool._serve(line, types.SimpleNamespace(run=done.append))
+    assert done == [3, 5, 1, 2, 4]
