@@ -95,7 +95,6 @@ class _Pending:
     slots: list[int]
     future: Future
     sends: int = 0
-    process: int = -1
 
 
 class LoaderProcesses:
@@ -211,7 +210,6 @@ class LoaderProcesses:
     def _send(self, index: int, task_id: int, pending: _Pending) -> None:
         with self._lock:
             pending.sends += 1
-            pending.process = index
             self._in_flight[index][task_id] = pending
             conn = self._conns[index]
         task = pending.task
