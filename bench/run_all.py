@@ -32,6 +32,7 @@ from bench import (
     memory,
     model_limit,
     model_recheck,
+    null_model,
     pipeline,
     profile,
     seed_alternative,
@@ -111,6 +112,7 @@ def run(quick: bool) -> Runner:
         # One TensorFlow import for the three.
         in_model_process = r.launch("model_limit", "pipeline", "model_recheck")
         in_seed_process = r.launch("seed_alternative")
+        in_null_process = r.launch("null_model")
     else:
         r.section("model_limit", lambda: r.subprocess("model_limit"))
         r.section("pipeline", lambda: r.subprocess("pipeline"))
@@ -135,9 +137,11 @@ def run(quick: bool) -> Runner:
             r.section("pipeline", lambda: both["r"]["pipeline"])
             r.section("model_recheck", lambda: both["r"]["model_recheck"])
         r.section("seed_alternative", lambda: in_seed_process()["seed_alternative"])
+        r.section("null_model", lambda: in_null_process()["null_model"])
     else:
         r.section("memory", lambda: memory.run(quick, models=memory.OTHER_MODELS))
         r.section("seed_alternative", lambda: r.subprocess("seed_alternative"))
+        r.section("null_model", lambda: r.subprocess("null_model"))
     r.section("bulk_accept", lambda: bulk_accept.run(quick))
     if not quick:
         r.section("model_recheck", lambda: r.subprocess("model_recheck"))
@@ -437,6 +441,11 @@ def render(
     lines.append(memory.__doc__.split("\n\n", 1)[1].strip().replace("\n", " "))
     lines.append("")
     section("Bulk acceptance (in-process)", "bulk_accept", bulk_accept.report)
+    section(
+        "8. The plumbing's ceiling: a null model, loader and worker processes",
+        "null_model",
+        null_model.report,
+    )
     lines += ["## What limits it", "", "Computed from this run:", ""]
     lines += analysis(res, derived) or ["- (no data)"]
     lines.append("")

@@ -103,6 +103,10 @@ class Config:
     # Messages whose images load at once, outside the batch slots (worker/loader.py,
     # threads pool); 0: FETCH_THREADS. Slow image hosts beyond this many delay others.
     loader_threads: int = 0
+    # Processes that fetch, decode and resize images for the loader stage, so loading
+    # uses every core (worker/loader_pool.py). "auto": from the cores (see
+    # effective_loader_processes); 0: loading runs in the worker process's threads.
+    loader_processes: str = "auto"
     # Pixels that a worker process's concurrent decodes may hold at once (shared/pixel_budget.py).
     decode_budget_pixels: int = 80_000_000
     decode_wait_s: float = 60.0
@@ -128,7 +132,7 @@ class Config:
     retention_interval_s: float = 600.0
     retention_chunk: int = 1000  # rows per purge transaction, so no lock is held long
 
-    # Inference runtime (worker/models/runtimes.py): auto, keras or openvino.
+    # Inference runtime (worker/models/runtimes.py): auto, keras or openvino (null: benchmarks).
     runtime: str = "auto"
     runtime_cache_dir: str = "var/runtime-cache"  # compiled models and accuracy-gate records
 
@@ -148,6 +152,17 @@ class Config:
     @property
     def effective_loader_threads(self) -> int:
         return self.loader_threads or self.fetch_threads
+
+    @property
+    def effective_loader_processes(self) -> int:
+        """Loader processes to start: LOADER_PROCESSES; "auto": cores - 1 (one for the model
+        process) from AUTO_LOADER_MIN_CORES cores up, else 0 (measured on 2 cores: the
+        worker's own threads load as fast, at the same CPU per image, without a process
+        of ~120 MB; docs/benchmarks.md, "Loader processes and the null model")."""
+        if str(self.loader_processes) != "auto":
+            return int(self.loader_processes)
+        cores = usable_cores()
+        return cores - 1 if cores >= AUTO_LOADER_MIN_CORES else 0
 
     @property
     def effective_bulk_window_batches(self) -> int:
@@ -206,6 +221,8 @@ class Config:
             raise ValueError("WORKER_CONCURRENCY must be >= 1")
         if self.fetch_threads < 1 or self.loader_threads < 0:
             raise ValueError("FETCH_THREADS must be >= 1 and LOADER_THREADS >= 0")
+        if not (str(self.loader_processes) == "auto" or str(self.loader_processes).isdigit()):
+            raise ValueError("LOADER_PROCESSES must be auto or a whole number >= 0")
         if self.bulk_window_batches < 0:
             raise ValueError("BULK_WINDOW_BATCHES must be >= 0 (0: WORKER_CONCURRENCY + 1)")
         if self.decode_budget_pixels < self.max_image_pixels or self.decode_wait_s <= 0:
@@ -227,6 +244,9 @@ class Config:
             raise ValueError(f"WORKER_POOL must be one of {', '.join(WORKER_POOLS)}")
         if self.runtime not in RUNTIMES:
             raise ValueError(f"RUNTIME must be one of {', '.join(RUNTIMES)}")
+        if self.runtime == "null" and not self.allow_private_urls:
+            # Fixed answers for every image: never in a deployment that serves users.
+            raise ValueError("RUNTIME=null is for benchmarks only; it needs ALLOW_PRIVATE_URLS=1")
         if self.effective_prefetch < 2 * self.batch_max * self.worker_concurrency:
             raise ValueError(
                 f"WORKER_PREFETCH={self.effective_prefetch} cannot fill a batch while another "
@@ -237,7 +257,20 @@ class Config:
 
 
 WORKER_POOLS = ("threads", "prefork", "solo")
-RUNTIMES = ("auto", "keras", "openvino")
+# null: fixed probabilities, no weights, instantly; a stand-in for a GPU in benchmarks only.
+RUNTIMES = ("auto", "keras", "openvino", "null")
+# LOADER_PROCESSES=auto starts loader processes from this many cores up (see above).
+AUTO_LOADER_MIN_CORES = 4
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 # The ImageNet models the worker knows how to build (worker.models.registry); the API
 # names them in errors without importing the worker.
 BUILTIN_MODELS = ("mobilenet", "mobilenet_v2", "inception_v3")

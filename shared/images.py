@@ -130,10 +130,14 @@ def _load_small(
 
 def to_array(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
     """Resize to ``size`` = (width, height) without cropping; float32 HxWx3 in 0..255."""
+    return np.asarray(to_pixels(image, size), dtype=np.float32)
+
+
+def to_pixels(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """As ``to_array`` but uint8: a quarter of the bytes to hand between processes."""
     if image.mode != "RGB":
         image = _to_rgb(image)
-    resized = image.resize(size, Image.Resampling.BILINEAR)
-    return np.asarray(resized, dtype=np.float32)
+    return np.asarray(image.resize(size, Image.Resampling.BILINEAR), dtype=np.uint8)
 
 
 _BOMB_MESSAGE = "The image exceeds the pixel limit (MAX_IMAGE_PIXELS)."

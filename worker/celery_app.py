@@ -41,6 +41,7 @@ from shared.redis_client import make_redis
 from worker import liveness, pipeline, reconciler, retention
 from worker.batching import ContinuousBatches
 from worker.loader import Loader
+from worker.loader_pool import LoaderProcesses
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -185,8 +186,12 @@ def _load_models_in_threads_pool(worker: ClassifyWorker) -> None:
     # Batches share this process, so images load outside the batch slots (prefork's
     # pool processes, each with its own runtime, still load inside theirs).
     rt = worker.runtime()
+    config = worker.config
+    if config.effective_loader_processes:  # fetch, decode, resize on every core
+        sizes = [rt.models.get(name).input_size for name in rt.models.names()]
+        rt.loader_processes = LoaderProcesses(config, sizes, config.effective_loader_processes)
     worker.task.loader = Loader(
-        lambda job_ids: pipeline.load(rt, job_ids), worker.config.effective_loader_threads
+        lambda job_ids: pipeline.load(rt, job_ids), config.effective_loader_threads
     )
 
 
@@ -229,6 +234,14 @@ def _stop(how: str = "", **_kwargs) -> None:
     # No new loads; on a warm shutdown those running (their jobs claimed) finish and
     # join a batch while the pool drains. The rest goes back to the broker.
     worker.task.close(worker.config.worker_shutdown_timeout_s if how == "Warm" else 0)
+
+
+@signals.worker_shutdown.connect
+def _stop_loader_processes(**_kwargs) -> None:
+    # After the pool has drained: no batch waits for an image any more.
+    rt = _serving._runtime if _serving is not None else None
+    if rt is not None and rt.loader_processes is not None:
+        rt.loader_processes.close()
 
 
 @signals.worker_process_init.connect

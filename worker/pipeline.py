@@ -26,6 +26,7 @@ from shared.images import decode_image, to_array
 from shared.metrics import MetricsBuffer
 from shared.models import Job
 from worker.batching import RETRY_BATCH
+from worker.loader_pool import BULK, INTERACTIVE, ImageTask
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,9 @@ def load_inputs(rt: Runtime, outcomes: list[JobOutcome], stats: MetricsBuffer) -
     for o in outcomes:
         # The same URL twice in one batch is fetched and decoded once.
         by_source[o.job.input_url or f"upload:{o.job.id}"].append(o)
+    if rt.loader_processes is not None:
+        _load_in_processes(rt, list(by_source.values()), stats)
+        return
 
     def load(group: list[JobOutcome]) -> None:
         job = group[0].job
@@ -171,6 +175,31 @@ def load_inputs(rt: Runtime, outcomes: list[JobOutcome], stats: MetricsBuffer) -
         load(groups[0])
     else:
         list(rt.io_pool.map(load, groups))
+
+
+def _load_in_processes(rt: Runtime, groups: list[list[JobOutcome]], stats: MetricsBuffer) -> None:
+    """The same work as the threads above, on the loader processes (uint8 arrays back)."""
+    tasks = []
+    for group in groups:
+        job = group[0].job
+        sizes = tuple(dict.fromkeys(rt.models.get(o.job.model).input_size for o in group))
+        upload_id = None if job.input_url else job.id
+        # A job of no bulk batch is interactive: its image goes before bulk ones.
+        priority = INTERACTIVE if all(o.job.batch_id is None for o in group) else BULK
+        tasks.append(ImageTask(job.input_url, upload_id, sizes, priority))
+    assert rt.loader_processes is not None
+    for group, result in zip(groups, rt.loader_processes.load(tasks), strict=True):
+        if result.fetch_s is not None:
+            stats.observe("image_fetch_seconds", result.fetch_s)
+        if result.error is not None:
+            if result.expected:
+                stats.inc("image_fetch_failures", code=result.error.code)
+            for o in group:
+                o.error = result.error
+            continue
+        arrays = result.arrays or {}
+        for o in group:
+            o.array = arrays[rt.models.get(o.job.model).input_size]
 
 
 def _read_bytes(rt: Runtime, job: Job) -> bytes:

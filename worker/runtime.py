@@ -18,6 +18,7 @@ from shared.queue import make_celery
 from shared.redis_client import make_redis
 from shared.uploads import UploadStore
 from worker.fetch import Fetcher
+from worker.loader_pool import LoaderProcesses
 from worker.models import ModelRegistry, top_k
 
 
@@ -39,6 +40,8 @@ class Runtime:
     # Batch threads share the model: one forward pass at a time, each with every core
     # (TensorFlow's own intra-op threads), while the other batch fetches or writes.
     forward_lock: threading.Lock = field(default_factory=threading.Lock)
+    # Set when images load in loader processes (LOADER_PROCESSES), else in io_pool threads.
+    loader_processes: LoaderProcesses | None = None
 
     @classmethod
     def build(cls, config: Config, worker_id: str | None = None) -> Runtime:

@@ -31,6 +31,7 @@ SECTIONS = (
     "## 6. The API alone",
     "## 7. Memory",
     "## Bulk acceptance",
+    "## 8. The plumbing's ceiling",
     "## What limits it",
 )
 
@@ -100,6 +101,8 @@ def test_raw_results_are_measurements(quick_run):
     memory = r["end_to_end"]["memory"]
     assert positive(memory["worker_total_mb"]) and positive(memory["api_worker_max_mb"])
     assert all(positive(row["median_s"]) for row in r["bulk_accept"]["rows"])
+    for point in r["null_model"]["loaders"] + r["null_model"]["workers"]:
+        assert positive(point["bulk"]["images_per_s"]), point
 
 
 def test_report_renders_again_from_saved_results(quick_run, tmp_path):

@@ -67,3 +67,16 @@ def test_the_bulk_window_defaults_to_one_batch_more_than_the_slots():
     assert Config.from_env({"BULK_WINDOW_BATCHES": "8"}).effective_bulk_window_batches == 8
     with pytest.raises(ValueError, match="BULK_WINDOW_BATCHES"):
         Config.from_env({"BULK_WINDOW_BATCHES": "-1"})
+
+
+def test_loader_processes_auto_follows_the_cores(monkeypatch):
+    from shared import config as config_module
+
+    for cores, expected in ((1, 0), (2, 0), (3, 0), (4, 3), (16, 15), (64, 63)):
+        monkeypatch.setattr(config_module, "usable_cores", lambda n=cores: n)
+        assert Config().effective_loader_processes == expected
+    assert Config.from_env({"LOADER_PROCESSES": "5"}).effective_loader_processes == 5
+    assert Config.from_env({"LOADER_PROCESSES": "0"}).effective_loader_processes == 0
+    for bad in ("-1", "many", "2.5"):
+        with pytest.raises(ValueError, match="LOADER_PROCESSES"):
+            Config.from_env({"LOADER_PROCESSES": bad})

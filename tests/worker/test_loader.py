@@ -65,11 +65,16 @@ def test_loads_run_on_loader_threads_and_report_results_and_errors() -> None:
     assert isinstance(outcomes["late"][1], LoadCanceled)  # not started: canceled
 
 
-@pytest.fixture(scope="module")
-def slow_stack():
+@pytest.fixture(scope="module", params=["0", "2"], ids=["threads", "loader-processes"])
+def slow_stack(request):
     # The gate holds the downloads for as long as the test needs, not FETCH_TIMEOUT_S.
+    # With loader processes too: a slow host holds a fetch thread there, never a process.
     database_url = support.create_postgres_database()
-    config = support.migrated(support.test_config(database_url, fetch_timeout_s=support.GATE_MAX_S))
+    config = support.migrated(
+        support.test_config(
+            database_url, fetch_timeout_s=support.GATE_MAX_S, loader_processes=request.param
+        )
+    )
     worker = support.WorkerProcess(config, name="loader").start()
     try:
         worker.wait_ready()

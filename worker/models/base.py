@@ -141,6 +141,9 @@ class ImageModel(abc.ABC):
         """
         if self.is_ready:
             return
+        if self.runtime == "null":
+            self._setup_null()
+            return
         labels = list(self.load_labels())
         model = self.build_model()
         self._labels = labels
@@ -219,6 +222,19 @@ class ImageModel(abc.ABC):
         self.choice = choice
         cached = " (from cache)" if self._compiled and self._compiled.from_cache else ""
         log.info("%s: runtime %s%s (RUNTIME=%s)", self.name, choice, cached, self.runtime)
+
+    def _setup_null(self) -> None:
+        """RUNTIME=null: labels only, no weights; fixed probabilities (benchmarks only)."""
+        from worker.models import runtimes
+
+        self._labels = list(self.load_labels())
+        self._compiled = self._model = runtimes.NullModel(len(self._labels))  # type: ignore[assignment]
+        self.choice = runtimes.NULL
+        log.warning(
+            "%s: RUNTIME=null: no model runs, every image gets the same fixed answer "
+            "(for benchmarks only)",
+            self.name,
+        )
 
     def _compile_checked(self, choice: Choice) -> OpenVINOModel:
         compiled = self.compile_runtime(choice)

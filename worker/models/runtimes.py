@@ -21,6 +21,12 @@ sets overlap at least 98%. The gate is run by ``python -m worker.models.runtimes
 never runs it at start (it has no photos), and without a passing record it uses fp32.
 
 On a GPU, or with a non-TensorFlow Keras backend, ``auto`` keeps Keras.
+
+``RUNTIME=null`` is for benchmarks only: no weights are loaded and every image gets
+the same fixed probabilities at once (``NullModel``), a stand-in for a GPU so that a
+benchmark measures the service's own plumbing (``python -m bench.null_model``). The
+configuration refuses it unless ALLOW_PRIVATE_URLS=1 (never set in production), and
+the worker logs a warning at start.
 """
 
 from __future__ import annotations
@@ -70,6 +76,7 @@ class Choice:
 
 
 KERAS = Choice("keras", "fp32")
+NULL = Choice("null", "none")
 
 
 @dataclass(frozen=True)
@@ -158,6 +165,8 @@ def candidates(
         raise ValueError(f"RUNTIME must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     if runtime == "keras":
         return [KERAS]
+    if runtime == "null":
+        return [NULL]
     usable = ov_version is not None and backend == "tensorflow"
     if runtime == "openvino" and not usable:
         raise RuntimeError("RUNTIME=openvino needs openvino installed and KERAS_BACKEND=tensorflow")
@@ -247,6 +256,19 @@ class OpenVINOModel:
         with self._lock:
             result = self._request.infer({0: batch}, share_inputs=True)
             return np.array(result[0], dtype=np.float32)  # a copy: the buffer is reused
+
+
+class NullModel:
+    """``RUNTIME=null``: the same probabilities for every image, at once (benchmarks only)."""
+
+    def __init__(self, num_classes: int) -> None:
+        # A fixed, strictly decreasing distribution: top-k is stable and sums to 1.
+        weights = np.arange(num_classes, 0, -1, dtype=np.float32)
+        self._row = weights / weights.sum()
+        self.from_cache = False
+
+    def predict_on_batch(self, batch: np.ndarray) -> np.ndarray:
+        return np.tile(self._row, (len(batch), 1))
 
 
 def _convert(model: ImageModel, keras_model: keras.Model, target: Path) -> None:

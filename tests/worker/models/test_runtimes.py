@@ -117,3 +117,24 @@ def test_config() -> None:
     assert Config.from_env({"RUNTIME": "keras"}).runtime == "keras"
     with pytest.raises(ValueError, match="RUNTIME"):
         Config.from_env({"RUNTIME": "tensorrt"})
+
+
+def test_the_null_runtime_is_for_benchmarks_only() -> None:
+    assert candidates("null") == [runtimes.NULL]
+    with pytest.raises(ValueError, match="benchmarks only"):
+        Config.from_env({"RUNTIME": "null"})
+    assert Config.from_env({"RUNTIME": "null", "ALLOW_PRIVATE_URLS": "1"}).runtime == "null"
+
+
+def test_a_null_model_answers_every_image_the_same_at_once() -> None:
+    from worker.models.base import top_k
+    from worker.models.registry import ModelRegistry
+
+    config = Config.from_env({"RUNTIME": "null", "ALLOW_PRIVATE_URLS": "1"})
+    model = ModelRegistry(config).get("mobilenet")
+    model.setup()  # labels only: no weights are read
+    assert model.choice == runtimes.NULL and model._model is model._compiled
+    probs = model.predict_batch(np.zeros((3, 224, 224, 3), dtype=np.uint8))
+    assert probs.shape == (3, 1000) and np.allclose(probs.sum(1), 1)
+    assert (probs == probs[0]).all()
+    assert [p["class_id"] for p in top_k(probs[0], 3, model.labels)] == [0, 1, 2]

@@ -1,0 +1,277 @@
+"""Loader processes (worker/loader_pool.py): real processes, real HTTP, real Redis and SQL.
+
+A loader process killed mid-fetch loses no job: its image is loaded again by another
+process, or, killed again, the job fails cleanly and is refunded. Synced on the photo
+server's request log (the fetch has arrived), never on sleeps.
+"""
+
+import contextlib
+import itertools
+import os
+import queue
+import signal
+import threading
+import types
+import uuid
+
+import numpy as np
+import pytest
+from sqlalchemy import select
+
+from api import create_app
+from shared import ledger
+from shared.images import decode_image, to_pixels
+from shared.models import Job, LedgerEntry, User, new_id
+from shared.redis_client import make_redis
+from shared.uploads import UploadStore
+from tests import support
+from worker import loader_pool, pipeline
+from worker.loader_pool import (
+    BULK,
+    INTERACTIVE,
+    LOST_MESSAGE,
+    STOP_PRIORITY,
+    ImageTask,
+    LoaderProcesses,
+)
+from worker.runtime import Runtime
+
+MOBILENET = (224, 224)
+INCEPTION = (299, 299)
+
+
+@pytest.fixture(scope="module")
+def config(api_stack):
+    return api_stack.config.replace(fetch_threads=4)
+
+
+@pytest.fixture(scope="module")
+def pool(config):
+    loaders = LoaderProcesses(config, [MOBILENET, INCEPTION], processes=2)
+    yield loaders
+    loaders.close()
+
+
+def _task(url: str, *sizes) -> ImageTask:
+    return ImageTask(url=url, upload_id=None, sizes=sizes or (MOBILENET,))
+
+
+def test_images_come_back_as_the_threads_would_load_them(pool, config, photo_server, photos_dir):
+    [result] = pool.load([_task(photo_server.url("parrot.jpg"), MOBILENET, INCEPTION)])
+    assert result.error is None and result.fetch_s is not None
+    image = decode_image(
+        (photos_dir / "parrot.jpg").read_bytes(),
+        max_pixels=config.max_image_pixels,
+        at_least=INCEPTION,
+    )
+    for size in (MOBILENET, INCEPTION):
+        expected = to_pixels(image, size)
+        assert result.arrays[size].dtype == np.uint8
+        np.testing.assert_array_equal(result.arrays[size], expected)
+
+
+def test_errors_and_uploads(pool, config, photo_server, photos_dir):
+    uploads = UploadStore(make_redis(config), config)
+    job_id = new_id()
+    uploads.put(job_id, (photos_dir / "dog.jpg").read_bytes())
+    missing, notes, upload, expired = pool.load(
+        [
+            _task(photo_server.url("missing.jpg")),
+            _task(photo_server.url("notes.jpg")),
+            ImageTask(url=None, upload_id=job_id, sizes=(MOBILENET,)),
+            ImageTask(url=None, upload_id=new_id(), sizes=(MOBILENET,)),
+        ]
+    )
+    assert (missing.error.code, missing.expected) == ("fetch_failed", True)
+    assert notes.error.code == "not_an_image"
+    assert upload.error is None and upload.arrays[MOBILENET].shape == (224, 224, 3)
+    assert expired.error.code == "upload_expired"
+    uploads.delete(job_id)
+
+
+def test_many_images_at_once_spread_over_the_processes(pool, photo_server):
+    names = ["parrot.jpg", "dog.jpg", "hot_dog.jpg", "bird.bmp"] * 8
+    results = pool.load([_task(photo_server.url(f"{n}?many{i}")) for i, n in enumerate(names)])
+    assert all(r.error is None for r in results)
+
+
+def _background(work) -> threading.Thread:
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    return thread
+
+
+def _fetches(photo_server, key: str) -> int:
+    return sum(p.startswith(f"/gate/{key}/") for p in list(photo_server.hits))
+
+
+def test_a_killed_loader_process_hands_its_image_to_another(config, photo_server):
+    loaders = LoaderProcesses(config, [MOBILENET], processes=2)
+    try:
+        key = uuid.uuid4().hex[:8]
+        gate = photo_server.gate(key)
+        tasks = [_task(photo_server.url(f"gate/{key}/dog.jpg?{i}")) for i in range(2)]
+        results: list = []
+        waiter = _background(lambda: results.extend(loaders.load(tasks)))
+        # One task per process (least busy first): both fetches are held at the gate.
+        support.wait_for(lambda: _fetches(photo_server, key) == 2, 60, "both fetches")
+        victim = loaders.pids()[0]
+        os.kill(victim, signal.SIGKILL)
+        support.wait_for(lambda: _fetches(photo_server, key) == 3, 60, "the fetch sent again")
+        assert victim not in loaders.pids() and len(loaders.pids()) == 2  # replaced
+        gate.set()
+        waiter.join(60)
+        assert [r.error for r in results] == [None, None]
+    finally:
+        loaders.close()
+
+
+@pytest.fixture(scope="module")
+def null_runtime(config):
+    rt = Runtime.build(config.replace(runtime="null"))
+    rt.loader_processes = LoaderProcesses(rt.config, [MOBILENET], processes=1)
+    yield rt
+    rt.loader_processes.close()
+    rt.io_pool.shutdown()
+
+
+def _submit(rt, url: str) -> tuple[str, str]:
+    with rt.sessions() as s:
+        user = User(username=f"lp{new_id()[:12]}", password_hash="x", tokens=0)
+        s.add(user)
+        s.flush()
+        ledger.grant(s, user.id, 5, ledger.SIGNUP)
+        job = Job(id=new_id(), user_id=user.id, model="mobilenet", input_url=url)
+        ledger.charge_jobs(s, user.id, [job.id])
+        s.add(job)
+        s.commit()
+        return user.id, job.id
+
+
+def test_an_image_whose_loader_dies_twice_fails_the_job_with_a_refund(null_runtime, photo_server):
+    rt = null_runtime
+    key = uuid.uuid4().hex[:8]
+    gate = photo_server.gate(key)
+    user_id, doomed = _submit(rt, photo_server.url(f"gate/{key}/dog.jpg"))
+    loaded: list = []
+    waiter = _background(lambda: loaded.append(pipeline.load(rt, [doomed])))
+    for sends in (1, 2):  # the first send, then the one to the replacement process
+        support.wait_for(lambda n=sends: _fetches(photo_server, key) == n, 60, f"fetch {sends}")
+        os.kill(rt.loader_processes.pids()[0], signal.SIGKILL)
+    waiter.join(60)
+    gate.set()
+    assert pipeline.process(rt, [doomed], loaded) is None
+    _, fine = _submit(rt, photo_server.url("parrot.jpg"))
+    assert pipeline.process(rt, [fine]) is None  # the replacement process loads it
+    with rt.sessions() as s:
+        failed, done = s.get(Job, doomed), s.get(Job, fine)
+        assert (failed.status, failed.error_code) == ("failed", "internal_error")
+        assert failed.error_message == LOST_MESSAGE
+        assert done.status == "succeeded"
+        reasons = sorted(s.scalars(select(LedgerEntry.reason).where(LedgerEntry.job_id == doomed)))
+        assert reasons == ["charge", "refund"]
+        assert s.get(User, user_id).tokens == ledger.ledger_sum(s, user_id) == 5
+
+
+# --- a real worker with loader processes ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def worker_stack():
+    database_url = support.create_postgres_database()
+    config = support.migrated(
+        support.test_config(
+            database_url, runtime="null", loader_processes="2", fetch_timeout_s=support.GATE_MAX_S
+        )
+    )
+    worker = support.WorkerProcess(config, name="loaderprocs").start()
+    try:
+        worker.wait_ready()
+        yield config, create_app(config).test_client(), worker
+    finally:
+        worker.stop()
+        support.delete_redis_prefix(config.queue_prefix)
+        support.drop_postgres_database(database_url)
+
+
+def _loader_pids(worker) -> list[int]:
+    return [p for p in _descendants(worker.proc.pid) if b"spawn_main" in _cmdline(p)]
+
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        for tid in os.listdir(f"/proc/{current}/task"):
+            try:
+                with open(f"/proc/{current}/task/{tid}/children") as f:
+                    children = [int(c) for c in f.read().split()]
+            except OSError:
+                continue
+            out += children
+            todo += children
+    return out
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def _connected_to(pid: int, port: int) -> bool:
+    """Whether process ``pid`` holds a TCP connection to 127.0.0.1:``port``."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    with open("/proc/net/tcp") as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    return any(int(r[2].split(":")[1], 16) == port and r[9] in inodes for r in rows)
+
+
+def test_a_worker_loads_in_processes_survives_a_killed_one_and_stops_them(
+    worker_stack, photo_server
+):
+    _, client, worker = worker_stack
+    user = support.new_user(client)
+    loaders = _loader_pids(worker)
+    assert len(loaders) == 2, worker.log_tail()
+    key = uuid.uuid4().hex[:8]
+    gate = photo_server.gate(key)
+    url = photo_server.url(f"gate/{key}/parrot.jpg")
+    held = client.post("/v1/jobs", json={"url": url}, headers=user["headers"]).get_json()["id"]
+    support.wait_for(lambda: _fetches(photo_server, key) == 1, 60, "the held fetch")
+    port = int(photo_server.base_url.rsplit(":", 1)[1].split("/")[0])
+    [holder] = [pid for pid in loaders if _connected_to(pid, port)]
+    os.kill(holder, signal.SIGKILL)
+    support.wait_for(lambda: _fetches(photo_server, key) == 2, 60, "the fetch sent again")
+    gate.set()
+    job = client.get(f"/v1/jobs/{held}?wait=60", headers=user["headers"]).get_json()
+    assert job["status"] == "succeeded", (job, worker.log_tail())
+    replaced = _loader_pids(worker)
+    assert len(replaced) == 2 and holder not in replaced
+
+    wait = {**user["headers"], "Prefer": "wait=60"}
+    resp = client.post("/v1/jobs", json={"url": photo_server.url("dog.jpg")}, headers=wait)
+    assert resp.get_json()["status"] == "succeeded"
+
+    worker.stop()  # SIGTERM: a warm shutdown stops the loader processes with the worker
+    assert worker.proc.returncode == 0, worker.log_tail()
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in replaced)
+    assert "leaked shared_memory" not in worker.log()
+
+
+def test_interactive_images_go_before_queued_bulk_ones():
+    line: queue.PriorityQueue = queue.PriorityQueue()
+    order = itertools.count()
+    for task_id, priority in ((1, BULK), (2, BULK), (3, INTERACTIVE), (4, BULK), (5, INTERACTIVE)):
+        line.put((priority, next(order), (task_id,)))
+    line.put((STOP_PRIORITY, next(order), None))
+    done: list[int] = []
+    loader_pool._serve(line, types.SimpleNamespace(run=done.append))
+    assert done == [3, 5, 1, 2, 4]
