@@ -101,8 +101,16 @@ def test_raw_results_are_measurements(quick_run):
     memory = r["end_to_end"]["memory"]
     assert positive(memory["worker_total_mb"]) and positive(memory["api_worker_max_mb"])
     assert all(positive(row["median_s"]) for row in r["bulk_accept"]["rows"])
-    for point in r["null_model"]["loaders"] + r["null_model"]["workers"]:
-        assert positive(point["bulk"]["images_per_s"]), point
+    null = r["null_model"]
+    for point in null["loaders"] + null["workers"]:
+        for scenario in ("bulk", "singles_wait"):
+            s = point[scenario]
+            assert s["succeeded"] == s["jobs"] and positive(s["images_per_s"]), s
+    # Loader processes did the loading where there were any: their CPU is a stage.
+    assert any(p["loader_processes"] for p in null["loaders"])
+    for point in null["loaders"]:
+        if point["loader_processes"]:
+            assert positive(point["bulk"]["cpu_ms_per_image"]["loaders"]), point
 
 
 def test_report_renders_again_from_saved_results(quick_run, tmp_path):
