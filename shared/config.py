@@ -107,7 +107,8 @@ class Config:
     # uses every core (worker/loader_pool.py). "auto": from the cores (see
     # effective_loader_processes); 0: loading runs in the worker process's threads.
     loader_processes: str = "auto"
-    # Pixels that a worker process's concurrent decodes may hold at once (shared/pixel_budget.py).
+    # Pixels that a worker's concurrent decodes, its loader processes' included, may hold
+    # at once (shared/pixel_budget.py).
     decode_budget_pixels: int = 80_000_000
     decode_wait_s: float = 60.0
     visibility_timeout_s: int = 900

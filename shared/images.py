@@ -18,7 +18,7 @@ from PIL import Image
 
 from shared.errors import ImageTooLarge, NotAnImage
 from shared.image_header import probe
-from shared.pixel_budget import PixelBudget
+from shared.pixel_budget import Budget
 
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP"})
 
@@ -65,7 +65,7 @@ def decode_image(
     *,
     max_pixels: int,
     at_least: tuple[int, int] | None = None,
-    budget: PixelBudget | None = None,
+    budget: Budget | None = None,
 ) -> Image.Image:
     """Decode the first frame of ``data``, upright, as RGB.
 
@@ -77,7 +77,7 @@ def decode_image(
     (libjpeg's DCT scaling), several times faster than a full decode, and any image
     comes back shrunk by whole factors to between two and four times that size.
 
-    ``budget``: the process's decodes together hold at most this many pixels; this
+    ``budget``: the decodes sharing it hold at most this many pixels together; this
     one takes its width × height from it for as long as the full-size pixels exist.
     Memory: the full-size image in the mode it is stored in (1 to 4 bytes a pixel),
     plus a strip of about a million pixels at a time while converting.

@@ -41,7 +41,6 @@ from shared.redis_client import make_redis
 from worker import liveness, pipeline, reconciler, retention
 from worker.batching import ContinuousBatches
 from worker.loader import Loader
-from worker.loader_pool import LoaderProcesses
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -69,6 +68,13 @@ class ClassifyWorker:
             if self._runtime is None:
                 self._runtime = Runtime.build(self.config, worker_id=self.worker_id)
         return self._runtime
+
+    def stop_loader_processes(self) -> None:
+        """Stop the runtime's loader processes; builds no runtime when none was built."""
+        with self._runtime_lock:
+            rt = self._runtime
+        if rt is not None:
+            rt.stop_loader_processes()
 
     @property
     def task(self) -> ContinuousBatches:
@@ -188,8 +194,7 @@ def _load_models_in_threads_pool(worker: ClassifyWorker) -> None:
     rt = worker.runtime()
     config = worker.config
     if config.effective_loader_processes:  # fetch, decode, resize on every core
-        sizes = [rt.models.get(name).input_size for name in rt.models.names()]
-        rt.loader_processes = LoaderProcesses(config, sizes, config.effective_loader_processes)
+        rt.start_loader_processes(config.effective_loader_processes)
     worker.task.loader = Loader(
         lambda job_ids: pipeline.load(rt, job_ids), config.effective_loader_threads
     )
@@ -239,9 +244,8 @@ def _stop(how: str = "", **_kwargs) -> None:
 @signals.worker_shutdown.connect
 def _stop_loader_processes(**_kwargs) -> None:
     # After the pool has drained: no batch waits for an image any more.
-    rt = _serving._runtime if _serving is not None else None
-    if rt is not None and rt.loader_processes is not None:
-        rt.loader_processes.close()
+    if _serving is not None:
+        _serving.stop_loader_processes()
 
 
 @signals.worker_process_init.connect

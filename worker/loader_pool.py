@@ -7,8 +7,9 @@ wait for one core's worth of Pillow. ``LoaderProcesses`` starts
 which a fork would copy half-locked). Each fetches many images at once (a thread
 per fetch, ``FETCH_THREADS`` per process, so a slow host holds one fetch thread,
 never a process nor a batch slot), reads uploads from Redis itself (the bytes
-never pass through the worker), decodes under its own pixel budget
-(``DECODE_BUDGET_PIXELS`` per process) and resizes to each model's input.
+never pass through the worker), decodes under the one pixel budget that all the
+processes share (``DECODE_BUDGET_PIXELS`` in all, ``SharedPixelBudget``) and
+resizes to each model's input.
 
 The pixels come back through shared memory: the worker owns one block of slots,
 each big enough for the largest model input as uint8, and names a slot per size
@@ -20,7 +21,8 @@ What stays in the worker process: the SQL claims (``worker.pipeline.load`` runs 
 the ``Loader``'s threads, which wait here for their images), the forward pass and
 the writes. A loader process that dies (SIGKILL, OOM) loses nothing: its tasks in
 flight are sent once more to another process, then fail (``internal_error``, so
-the job is refunded), and a new process takes its place.
+the job is refunded), the pixels it held and its places in the budget's line are
+given back, and a new process takes its place.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from shared import logs
 from shared.config import Config
 from shared.errors import ServiceError, UploadExpired
 from shared.images import decode_image, to_pixels
-from shared.pixel_budget import PixelBudget
+from shared.pixel_budget import SharedPixelBudget
 from shared.redis_client import make_redis
 from shared.uploads import UploadStore
 from worker.fetch import Fetcher
@@ -116,6 +118,15 @@ class LoaderProcesses:
         self._slots = np.ndarray((count, self._slot_bytes), np.uint8, buffer=self._shm.buf)
         self._free = list(range(count))
         self._ctx = multiprocessing.get_context("spawn")
+        # One budget for every process's decodes; owner i is loader process i (its
+        # replacement too, once the dead one's share is reclaimed), the last the worker.
+        self._budget = SharedPixelBudget(
+            config.decode_budget_pixels,
+            config.decode_wait_s,
+            owners=processes + 1,
+            waiters=max(self._threads, config.effective_loader_threads),
+        )
+        self.budget = self._budget.member(processes)
         self._lock = threading.Condition()
         self._send_locks: list[threading.Lock] = []
         self._procs: list[Any] = []
@@ -134,6 +145,11 @@ class LoaderProcesses:
         self._reader.start()
 
     # --- the worker's side ------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        """The shared pixel budget now: free, waiting, and the peak held at once."""
+        budget = self._budget
+        return {"free": budget.free, "waiting": budget.waiting, "peak": budget.peak}
 
     def pids(self) -> list[int]:
         """The loader processes' pids (tests kill one)."""
@@ -185,6 +201,7 @@ class LoaderProcesses:
         del self._slots
         self._shm.close()
         self._shm.unlink()
+        self._budget.close()
 
     def _submit(self, task: ImageTask) -> Future:
         future: Future = Future()
@@ -288,12 +305,17 @@ class LoaderProcesses:
             lost = list(self._in_flight[index].items())
             self._in_flight[index].clear()
             closed = self._closed
+        # Before a replacement takes the same owner: what the dead one held would be
+        # lost to every process for good (an OOM kill strikes mid-decode).
+        reclaimed = self._budget.reclaim(index)
         if not closed:
             log.error(
-                "loader process %s died (exit code %s) with %d image(s) in flight",
+                "loader process %s died (exit code %s) with %d image(s) in flight and "
+                "%d pixels of the decode budget, given back",
                 proc.pid,
                 proc.exitcode,
                 len(lost),
+                reclaimed,
             )
             self._start(index)
         for task_id, pending in lost:
@@ -326,7 +348,14 @@ class LoaderProcesses:
         ours, theirs = self._ctx.Pipe()
         proc = self._ctx.Process(
             target=_child_main,
-            args=(theirs, self._shm.name, self._slot_bytes, self._config, self._threads),
+            args=(
+                theirs,
+                self._shm.name,
+                self._slot_bytes,
+                self._config,
+                self._threads,
+                self._budget.member(index),
+            ),
             name=f"imgclf-loader-{index}",
             daemon=True,
         )
@@ -350,7 +379,12 @@ class LoaderProcesses:
 
 
 def _child_main(
-    conn: Connection, shm_name: str, slot_bytes: int, config: Config, threads: int
+    conn: Connection,
+    shm_name: str,
+    slot_bytes: int,
+    config: Config,
+    threads: int,
+    budget: SharedPixelBudget,
 ) -> None:
     """A loader process: tasks in from ``conn``, pixels out to the shared slots."""
     # Ctrl-C reaches the whole process group: the worker decides when loaders stop.
@@ -358,7 +392,7 @@ def _child_main(
     logs.configure(config.log_level, config.log_format)
     shm = SharedMemory(shm_name)
     slots = np.ndarray((shm.size // slot_bytes, slot_bytes), np.uint8, buffer=shm.buf)
-    work = _ChildWork(config, slots, conn)
+    work = _ChildWork(config, slots, conn, budget)
     # Interactive images first (priority 0), then bulk ones, each in arrival order: a
     # single job's image waits for the images being loaded, not for bulk ones queued.
     line: queue.PriorityQueue = queue.PriorityQueue()
@@ -406,16 +440,18 @@ def _serve(line: queue.PriorityQueue, work: _ChildWork) -> None:
 
 
 class _ChildWork:
-    """What one loader process holds: a fetcher, Redis for uploads, its pixel budget."""
+    """What one loader process holds: a fetcher, Redis for uploads, its share of the budget."""
 
-    def __init__(self, config: Config, slots: np.ndarray, conn: Connection) -> None:
+    def __init__(
+        self, config: Config, slots: np.ndarray, conn: Connection, budget: SharedPixelBudget
+    ) -> None:
         self._config = config
         self._slots = slots
         self._conn = conn
         self._send_lock = threading.Lock()
         self._fetcher = Fetcher(config)
         self._uploads = UploadStore(make_redis(config), config)
-        self._budget = PixelBudget(config.decode_budget_pixels, config.decode_wait_s)
+        self._budget = budget
 
     def run(
         self,

@@ -204,7 +204,7 @@ def _load_in_processes(rt: Runtime, groups: list[list[JobOutcome]], stats: Metri
 
 def _read_bytes(rt: Runtime, job: Job) -> bytes:
     if job.input_url:
-        return rt.fetcher.fetch(job.input_url)
+        return rt.fetch(job.input_url)
     data = rt.uploads.get(job.id)
     if data is None:
         raise UploadExpired()

@@ -1,11 +1,13 @@
 """Loader processes (worker/loader_pool.py): real processes, real HTTP, real Redis and SQL.
 
 A loader process killed mid-fetch loses no job: its image is loaded again by another
-process, or, killed again, the job fails cleanly and is refunded. Synced on the photo
-server's request log (the fetch has arrived), never on sleeps.
+process, or, killed again, the job fails cleanly and is refunded. All the processes
+decode under one pixel budget. Synced on the photo server's request log (the fetch
+has arrived) and the budget's line, never on sleeps.
 """
 
 import contextlib
+import io
 import itertools
 import os
 import queue
@@ -16,6 +18,7 @@ import uuid
 
 import numpy as np
 import pytest
+from PIL import Image
 from sqlalchemy import select
 
 from api import create_app
@@ -124,6 +127,57 @@ def test_a_killed_loader_process_hands_its_image_to_another(config, photo_server
         assert [r.error for r in results] == [None, None]
     finally:
         loaders.close()
+
+
+LARGE = (2000, 1500)  # 3 million pixels: two at once do not fit in BUDGET
+BUDGET = 4_000_000
+
+
+def _png(size: tuple[int, int], shade: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, (shade, 90, 160)).save(out, "PNG")  # a few KB, 9 MB decoded
+    return out.getvalue()
+
+
+def test_the_loader_processes_decode_under_one_budget_and_a_dead_one_leaves_its_line(config):
+    # One fetch thread per process: two decodes in line are one in each process.
+    cfg = config.replace(
+        fetch_threads=1, max_image_pixels=BUDGET, decode_budget_pixels=BUDGET, decode_wait_s=300
+    )
+    pixels = LARGE[0] * LARGE[1]
+    uploads = UploadStore(make_redis(cfg), cfg)
+    job_ids = [new_id() for _ in range(8)]
+    for shade, job_id in enumerate(job_ids):
+        uploads.put(job_id, _png(LARGE, 30 * shade))
+    tasks = [ImageTask(url=None, upload_id=job_id, sizes=(MOBILENET,)) for job_id in job_ids]
+    loaders = LoaderProcesses(cfg, [MOBILENET], processes=2)
+    try:
+        results: list = []
+        # The worker's own share of the budget: no large image fits beside it, in any process.
+        with loaders.budget.hold(BUDGET - pixels + 1):
+            waiter = _background(lambda: results.extend(loaders.load(tasks)))
+            support.wait_for(lambda: loaders.stats()["waiting"] == 2, 60, "both processes wait")
+            # Killed in line: reaped, its place is given back (first in line, it would
+            # block every process), and its image goes to the other process.
+            victim = loaders.pids()[0]
+            os.kill(victim, signal.SIGKILL)
+            support.wait_for(
+                lambda: victim not in loaders.pids() and loaders.stats()["waiting"] == 1,
+                60,
+                "the dead process out of the budget's line",
+            )
+            assert len(loaders.pids()) == 2
+        waiter.join(120)
+        assert [r.error for r in results] == [None] * len(tasks)
+        assert all(r.arrays[MOBILENET].shape == (224, 224, 3) for r in results)
+        stats = loaders.stats()
+        # Eight large images over two processes, one at a time: a budget per process
+        # would have let two decode at once (2 x 3 million pixels, over BUDGET).
+        assert stats["peak"] == pixels
+        assert stats["free"] == BUDGET and stats["waiting"] == 0
+    finally:
+        loaders.close()
+        uploads.delete(*job_ids)
 
 
 @pytest.fixture(scope="module")
