@@ -10,6 +10,10 @@ fresh unique URLs over the real photos:
   16 concurrent clients, each sending its next job when it has the previous
   result (what a client of the seed apps does).
 
+``python -m bench.end_to_end`` then runs the bulk scenario again on a worker restarted
+with ``RUNTIME=keras`` (``bulk_on_keras``): the ratio of the two is what the default
+runtime buys end to end.
+
 Throughput is succeeded jobs divided by the time from the first submission until
 the last result was written (the newest ``completed_at`` in SQL; for the waiting
 clients, until the last answer arrived). Also recorded: where the CPU went (from
@@ -167,9 +171,30 @@ def run_with(stack: ServiceStack, quick: bool = False) -> dict:
     }
 
 
+def bulk_on_keras(stack: ServiceStack, quick: bool = False, restore: bool = True) -> dict:
+    """The bulk scenario again on a worker with ``RUNTIME=keras`` (the runtime every
+    worker used before ``RUNTIME=auto``), for the runtime ratio. ``restore``: start the
+    default worker again afterwards (not needed when the next step stops the worker)."""
+    default = stack.config
+    stack.stop_worker()
+    stack.config = default.replace(runtime="keras")
+    try:
+        stack.start_worker()
+        singles(stack, 16, CLIENTS, wait=True)  # as run_with: set-up outside the measurement
+        scenario = bulk(stack, 24 if quick else N_JOBS)
+    finally:
+        stack.stop_worker()
+        stack.config = default
+        if restore:
+            stack.start_worker()
+    return {**scenario, "scenario": "bulk, RUNTIME=keras"}
+
+
 def run(quick: bool = False) -> dict:
     with ServiceStack() as stack:
-        return run_with(stack, quick)
+        result = run_with(stack, quick)
+        result["keras_bulk"] = bulk_on_keras(stack, quick, restore=False)
+        return result
 
 
 def _worker_shape() -> str:
@@ -189,7 +214,8 @@ def report(result: dict, limit: float | None = None) -> str:
         "mean batch | model busy | client p50 / p99 ms |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for s in result["scenarios"]:
+    scenarios = [*result["scenarios"], *filter(None, [result.get("keras_bulk")])]
+    for s in scenarios:
         lat = s.get("client_latency")
         lat_cell = f"{fmt(lat['p50_ms'], 0)} / {fmt(lat['p99_ms'], 0)}" if lat else "n/a"
         ratio = f"{100 * s['images_per_s'] / limit:.0f}%" if limit else "n/a"
@@ -202,7 +228,7 @@ def report(result: dict, limit: float | None = None) -> str:
     lines += ["", "Where the two cores went (mean cores busy per scenario, from /proc):", ""]
     lines.append("| scenario | " + " | ".join(CPU_ORDER) + " | machine |")
     lines.append("|---|" + "---|" * (len(CPU_ORDER) + 1))
-    for s in result["scenarios"]:
+    for s in scenarios:
         c = s["cpu_cores"]
         lines.append(
             f"| {s['scenario']} | "
@@ -212,7 +238,7 @@ def report(result: dict, limit: float | None = None) -> str:
     lines += ["", "CPU milliseconds per succeeded image, by process group:", ""]
     lines.append("| scenario | " + " | ".join(CPU_ORDER[:-1]) + " | benchmark total |")
     lines.append("|---|" + "---|" * len(CPU_ORDER))
-    for s in result["scenarios"]:
+    for s in scenarios:
         c = s.get("cpu_ms_per_image")
         if not c:
             continue
@@ -230,7 +256,10 @@ def report(result: dict, limit: float | None = None) -> str:
         "threads on this machine). *Model busy* is the worker's own sum of forward-pass "
         "time divided by the scenario's wall time; *mean batch* is images per forward "
         "pass. *other* is CPU used by processes outside this benchmark (other users of "
-        "the machine) and by PostgreSQL's background processes.",
+        "the machine) and by PostgreSQL's background processes. Every row but the last "
+        "runs the default `RUNTIME=auto` (worker/models/runtimes.py picks what runs the "
+        "model on this machine); *bulk, RUNTIME=keras* repeats the bulk scenario on a "
+        "worker restarted with TF-Keras' own `predict_on_batch`.",
     ]
     return "\n".join(lines)
 

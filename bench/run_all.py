@@ -6,7 +6,8 @@
 Sections that load TensorFlow in the measuring process (1, 2) run in their own
 processes; the service sections (3, 4, 6, 7) share one stack: a fresh PostgreSQL
 database, the API under gunicorn, one worker and a photo server; (6) runs on the
-same API after the worker is stopped. MobileNet's limit is measured again at the
+same API after the worker is stopped, and before that the bulk scenario of (3) runs
+once more on a worker with ``RUNTIME=keras``, for the runtime ratio of issue #17. MobileNet's limit is measured again at the
 end (``bench.model_recheck``), because the shared host's speed drifts. A section
 that fails is reported as such and the command exits non-zero after writing the rest.
 """
@@ -49,6 +50,15 @@ IDLE_P50_SLACK_MS = 40
 BUSY_P99_MS = 1000
 API_RATE = 300
 API_P99_MS = 50
+# Issue #17 (throughput per machine): its targets, each a row of its own.
+WAIT_SEED_TARGET = 2.5  # singles with wait vs the seed-style app
+RUNTIME_TARGET = 3.0  # bulk on the default runtime vs on RUNTIME=keras
+OVERHEAD_MS = {"bulk": 3.0, "singles_wait": 10.0}  # CPU per image outside the forward pass
+LONE_P50_SLACK_MS = 25
+WAIT_P99_MS = 500
+API_SATURATION = 500
+NULL_CEILING = {"bulk": 300.0, "singles_wait": 150.0}
+SERVICE_CPU = ("api", "worker", "loaders", "postgres", "redis")  # not clients, not image hosts
 
 
 class Runner:
@@ -120,11 +130,11 @@ def run(quick: bool) -> Runner:
         with ServiceStack() as stack:
             e2e = r.section("end_to_end", lambda: end_to_end.run_with(stack, quick))
             if e2e:
-                saturated = max(
-                    s["images_per_s"] for s in e2e["scenarios"] if s["scenario"] != "bulk"
-                )
-                r.section("latency", lambda: latency.run_with(stack, saturated, quick))
+                rates = latency.saturation(e2e)
+                r.section("latency", lambda: latency.run_with(stack, *rates, quick=quick))
             r.section("profile", lambda: profile.run_with(stack, 24 if quick else 1500, quick))
+            # Last with a worker: (6) below runs with none, so no default worker comes back.
+            r.section("keras_bulk", lambda: end_to_end.bulk_on_keras(stack, quick, restore=False))
             stack.stop_worker()
             r.section("api_only", lambda: api_only.run_with(stack, quick))
     except Exception as exc:  # the stack itself did not start
@@ -256,7 +266,86 @@ def headline(res: dict) -> tuple[list[str], dict]:
             f"{fmt(m['api_worker_max_mb'], 0)} MB (largest gunicorn worker) | "
             f"{verdict(m['api_worker_max_mb'] < memory.API_LIMIT_MB)} |"
         )
+    lines += issue17_rows(res, derived)
     return lines, derived
+
+
+def issue17_rows(res: dict, derived: dict) -> list[str]:
+    """The throughput issue's targets (#17), from this run's sections."""
+    rows: list[str] = []
+
+    def row(target: str, measured: str, ok: bool | None) -> None:
+        rows.append(f"| 17 | {target} | {measured} | {verdict(ok)} |")
+
+    e2e, seed_best = res.get("end_to_end"), derived["seed_best"]
+    by_name = {s["scenario"]: s for s in e2e["scenarios"]} if e2e else {}
+    wait = by_name.get("singles, wait for answer")
+    if wait and seed_best:
+        ratio = wait["images_per_s"] / seed_best
+        row(
+            f"singles with wait >= {WAIT_SEED_TARGET}x the seed-style app ({fmt(seed_best)}/s)",
+            f"{fmt(wait['images_per_s'])}/s = {fmt(ratio, 2)}x",
+            ratio >= WAIT_SEED_TARGET,
+        )
+    keras, bulk = res.get("keras_bulk"), by_name.get("bulk")
+    if keras and bulk and keras["images_per_s"]:
+        ratio = bulk["images_per_s"] / keras["images_per_s"]
+        row(
+            f"bulk on the default runtime >= {RUNTIME_TARGET:g}x bulk on RUNTIME=keras "
+            f"({fmt(keras['images_per_s'])}/s)",
+            f"{fmt(bulk['images_per_s'])}/s = {fmt(ratio, 2)}x",
+            ratio >= RUNTIME_TARGET,
+        )
+    null = res.get("null_model")
+    if null:
+        points = null["loaders"] + null["workers"]
+        # The service as configured: one worker, LOADER_PROCESSES at its default.
+        default = next((p for p in null["workers"] if p["workers"] == 1), None)
+        for key, label in (("bulk", "bulk"), ("singles_wait", "singles with wait")):
+            if default:
+                per = default[key]["cpu_ms_per_image"]
+                ms = sum(per.get(k, 0.0) for k in SERVICE_CPU)
+                row(
+                    f"CPU per image outside the forward pass, {label} (null model, one "
+                    f"worker, service processes) <= {OVERHEAD_MS[key]:g} ms",
+                    f"{fmt(ms)} ms",
+                    ms <= OVERHEAD_MS[key],
+                )
+            best = max(p[key]["images_per_s"] for p in points)
+            row(
+                f"null-model ceiling, {label} >= {NULL_CEILING[key]:g} images/s",
+                f"{fmt(best)}/s (best point of (8))",
+                best >= NULL_CEILING[key],
+            )
+    lat = res.get("latency")
+    if lat:
+        low = next((x for x in lat["levels"] if x["load"] == 0.1 and "basis" not in x), None)
+        b1 = derived["batch1_ms"]
+        if low and b1:
+            bound = b1 + LONE_P50_SLACK_MS
+            row(
+                f"lone-request p50 (10% load) <= batch-1 time + {LONE_P50_SLACK_MS} ms = "
+                f"{fmt(bound, 0)} ms",
+                f"{fmt(low['p50_ms'], 0)} ms",
+                below(low["p50_ms"], bound + 1e-9),
+            )
+        busy = next((x for x in lat["levels"] if x.get("basis") == "wait"), None)
+        if busy:
+            row(
+                f"p99 < {WAIT_P99_MS} ms at {100 * latency.WAIT_LOAD:.0f}% of the "
+                "wait-for-answer saturation",
+                f"{fmt(busy['p99_ms'], 0)} ms at {fmt(busy['offered_rate'])} jobs/s",
+                below(busy["p99_ms"], WAIT_P99_MS) and busy["failed"] == 0,
+            )
+    api = res.get("api_only")
+    if api:
+        sat = api["saturation"]
+        row(
+            f"API alone >= {API_SATURATION} submissions/s",
+            f"{fmt(sat['ok_per_s'])}/s",
+            sat["ok_per_s"] >= API_SATURATION and sat["non_2xx"] == 0,
+        )
+    return rows
 
 
 def analysis(res: dict, derived: dict) -> list[str]:
@@ -406,6 +495,8 @@ def render(
         first = res["model_limit"]["models"]["mobilenet"]
         lines += [model_recheck.report(first, res["model_recheck"]), ""]
     section("2. The worker pipeline alone", "pipeline", pipeline.report)
+    if e2e and "keras_bulk" in res:
+        e2e["keras_bulk"] = res["keras_bulk"]
     section(
         "3. End to end: API, Redis, worker, PostgreSQL",
         "end_to_end",

@@ -156,6 +156,9 @@ def _start_serving(sender=None, **_kwargs) -> None:
     if worker is None:  # another app's worker in this process
         return
     _serving = worker
+    # Celery sets up logging after worker_init, but the models load here: without this
+    # the runtime each model got and the "ready" line would never reach the log.
+    logs.configure(worker.config.log_level, worker.config.log_format)
     worker.worker_id = liveness.new_worker_id(
         getattr(sender, "hostname", None) or socket.gethostname()
     )

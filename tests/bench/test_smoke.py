@@ -93,6 +93,9 @@ def test_raw_results_are_measurements(quick_run):
     for scenario in r["end_to_end"]["scenarios"]:
         assert scenario["succeeded"] == scenario["jobs"], scenario
         assert positive(scenario["images_per_s"])
+    keras = r["keras_bulk"]  # the bulk scenario again on RUNTIME=keras, for the runtime ratio
+    assert keras["succeeded"] == keras["jobs"] and positive(keras["images_per_s"]), keras
+    assert any(level.get("basis") == "wait" for level in r["latency"]["levels"])
     for level in r["latency"]["levels"]:
         assert level["failed"] == 0 and positive(level["p50_ms"]), level
     assert positive(r["api_only"]["saturation"]["ok_per_s"])

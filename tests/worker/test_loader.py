@@ -126,3 +126,11 @@ def test_ten_blocked_hosts_do_not_delay_another_users_job(slow_stack, photo_serv
     support.wait_for(
         lambda: statuses() == {"succeeded": BLOCKED}, 120, "the ten to finish once released"
     )
+
+
+def test_the_worker_log_says_what_runs_each_model_before_ready(slow_stack):
+    # The models load before Celery sets up logging: these lines were once lost.
+    _, _, worker = slow_stack
+    log = worker.log()
+    assert "mobilenet: runtime " in log, worker.log_tail()
+    assert log.index("mobilenet: runtime ") < log.index("ready with models")
