@@ -7,9 +7,10 @@ Sections that load TensorFlow in the measuring process (1, 2) run in their own
 processes; the service sections (3, 4, 6, 7) share one stack: a fresh PostgreSQL
 database, the API under gunicorn, one worker and a photo server; (6) runs on the
 same API after the worker is stopped, and before that the bulk scenario of (3) runs
-once more on a worker with ``RUNTIME=keras``, for the runtime ratio of issue #17. MobileNet's limit is measured again at the
-end (``bench.model_recheck``), because the shared host's speed drifts. A section
-that fails is reported as such and the command exits non-zero after writing the rest.
+once more on a worker with ``RUNTIME=keras``, for the runtime ratio of issue #17.
+MobileNet's limit is measured again at the end (``bench.model_recheck``), because the
+shared host's speed drifts. A section that fails is reported as such and the command
+exits non-zero after writing the rest.
 """
 
 from __future__ import annotations
