@@ -43,9 +43,12 @@ def _rss_mb(pid: int) -> float:
 @pytest.mark.timeout(SOAK_S + 420)
 def test_mixed_traffic_soak(photo_server, photos_dir, fault_stack_factory):
     stack = fault_stack_factory()
-    worker = stack.worker("soak")
-    webhooks = support.WebhookWorkerProcess(stack.config).start().wait_ready()
+    # The webhook deliverer starts while the worker loads its model, not after it.
+    worker = stack.start_worker("soak")
+    webhooks = support.WebhookWorkerProcess(stack.config).start()
     stack.workers.append(webhooks)
+    webhooks.wait_ready()
+    stack.wait_ready(worker)
     user = stack.funded_user(100_000)
     headers = user["headers"]
     rng = random.Random(7)

@@ -98,7 +98,6 @@ def test_two_workers_one_killed_repeatedly_through_1000_jobs(
     # Each kill may land on the same chunk of jobs; JOB_MAX_ATTEMPTS (3 by default)
     # would rightly fail a chunk that took down 3 workers, so allow more kills here.
     stack = fault_stack_factory(job_max_attempts=10, broker_url=broker_url)
-    stack.worker("steady")
     user = stack.funded_user(1000)
     photos = ["dog.jpg", "parrot.jpg", "hot_dog.jpg", "eagle.jpg", "kite.jpg"]
     # Every 8th image is slow, so each batch lasts ~1.5 s and the run outlives the crashes.
@@ -107,9 +106,11 @@ def test_two_workers_one_killed_repeatedly_through_1000_jobs(
         for i in range(1000)
     ]
     # Started together and before the work: one after another they took longer to
-    # start than the run took to end, and the crashes hit an idle queue.
+    # start than the run took to end, and the crashes hit an idle queue. The survivor
+    # starts with them: its model loads alongside theirs instead of before them.
+    steady = stack.start_worker("steady")
     flaky = [stack.start_worker(f"flaky{i}") for i in range(3)]
-    stack.wait_ready(*flaky)
+    stack.wait_ready(steady, *flaky)
     batch_id = _submit_batch(stack, user, urls)
     for worker in flaky:
         time.sleep(2)  # let it take a batch or two, then crash it
