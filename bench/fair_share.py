@@ -1,7 +1,7 @@
 """Fair share between users' bulk work (issue #16): the bulk window against FIFO.
 
     python -m bench.fair_share            # about 12,000 images: 10-15 minutes on 2 cores
-    python -m bench.fair_share --quick    # tiny counts, the window mode only: a smoke run
+    python -m bench.fair_share --quick    # tiny counts, window mode only, one stack: a smoke run
 
 Each mode gets a fresh stack (PostgreSQL, the API under gunicorn, one worker, the photo
 server) and fresh users, and runs three scenarios one after another:
@@ -89,48 +89,60 @@ def together(stack: ServiceStack, users: int, each: int) -> dict:
 
 def run_mode(mode: str, sizes: dict) -> dict:
     with ServiceStack(**MODES[mode]) as stack:
-        idle(stack, 8)  # first-time set-up (model warm-up, connections) is not measured
-        # The load average says how much of a difference is the shared machine's.
-        out = {"load_before": loadavg(), "idle": idle(stack, sizes["small"])}
-        out["behind"] = behind(stack, sizes["big"], sizes["small"])
-        out["together"] = together(stack, sizes["users"], sizes["each"])
-        out["load_after"] = loadavg()
+        return _scenarios(stack, sizes)
+
+
+def _scenarios(stack: ServiceStack, sizes: dict) -> dict:
+    idle(stack, 8)  # first-time set-up (model warm-up, connections) is not measured
+    # The load average says how much of a difference is the shared machine's.
+    out = {"load_before": loadavg(), "idle": idle(stack, sizes["small"])}
+    out["behind"] = behind(stack, sizes["big"], sizes["small"])
+    out["together"] = together(stack, sizes["users"], sizes["each"])
+    out["load_after"] = loadavg()
     return out
 
 
 def alternating(n: int, rounds: int) -> dict:
     """One user's images/s, window and fifo taking turns on one worker."""
+    with ServiceStack() as stack:
+        return _alternate(stack, n, rounds)
+
+
+def _alternate(stack: ServiceStack, n: int, rounds: int) -> dict:
     from api import create_app
 
     rates: dict[str, list[float]] = {"window": [], "fifo": []}
-    with ServiceStack() as stack:
-        fifo = create_app(stack.config.replace(**MODES["fifo"])).test_client()
-        idle(stack, 8)
-        for _ in range(rounds):
-            for mode in rates:
-                user, text = stack.user(n), "\n".join(stack.urls(n))
-                start = time.time()
-                if mode == "window":
-                    batch_id = _batch(stack, user, n)[0]
-                else:
-                    resp = fifo.post(
-                        "/v1/batches", data=text, content_type="text/plain", headers=user["headers"]
-                    )
-                    batch_id = resp.get_json()["id"]
-                rates[mode].append(n / _done(stack, batch_id, n, start)["wall_s"])
+    fifo = create_app(stack.config.replace(**MODES["fifo"])).test_client()
+    idle(stack, 8)
+    for _ in range(rounds):
+        for mode in rates:
+            user, text = stack.user(n), "\n".join(stack.urls(n))
+            start = time.time()
+            if mode == "window":
+                batch_id = _batch(stack, user, n)[0]
+            else:
+                resp = fifo.post(
+                    "/v1/batches", data=text, content_type="text/plain", headers=user["headers"]
+                )
+                batch_id = resp.get_json()["id"]
+            rates[mode].append(n / _done(stack, batch_id, n, start)["wall_s"])
     return {"jobs": n, "images_per_s": rates}
 
 
 def run(quick: bool = False) -> dict:
     sizes = QUICK if quick else FULL
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    return {
-        "sizes": sizes,
-        "machine": machine_info(),
-        "date": started,
-        "modes": {mode: run_mode(mode, sizes) for mode in (["window"] if quick else MODES)},
-        "alternating": alternating(*((40, 1) if quick else (640, 2))),
-    }
+    out = {"sizes": sizes, "machine": machine_info(), "date": started}
+    if quick:
+        # The smoke run: both parts on one stack (the window mode is the default, so
+        # the alternation's stack would be the same one again), one worker start.
+        with ServiceStack(**MODES["window"]) as stack:
+            out["modes"] = {"window": _scenarios(stack, sizes)}
+            out["alternating"] = _alternate(stack, 40, 1)
+        return out
+    out["modes"] = {mode: run_mode(mode, sizes) for mode in MODES}
+    out["alternating"] = alternating(640, 2)
+    return out
 
 
 def judged(mode: dict, sizes: dict) -> dict:
