@@ -92,19 +92,18 @@ def test_prefork_pool_process_killed_mid_batch_requeues_at_once(photo_server, fa
     assert "lost its pool process" in worker.log()
 
 
-def test_two_workers_one_killed_repeatedly_through_500_jobs(
+def test_two_workers_one_killed_repeatedly_through_1000_jobs(
     photo_server, fault_stack_factory, broker_url
 ):
     # Each kill may land on the same chunk of jobs; JOB_MAX_ATTEMPTS (3 by default)
     # would rightly fail a chunk that took down 3 workers, so allow more kills here.
     stack = fault_stack_factory(job_max_attempts=10, broker_url=broker_url)
-    user = stack.funded_user(500)
+    user = stack.funded_user(1000)
     photos = ["dog.jpg", "parrot.jpg", "hot_dog.jpg", "eagle.jpg", "kite.jpg"]
     # Every 8th image is slow, so each batch lasts ~1.5 s and the run outlives the crashes.
-    # 500 jobs (16 chunks of 32) still take two to three times the 6 s of crashes on 2
-    # cores; the assertion after the crashes says so if a faster machine outruns them.
     urls = [
-        photo_server.url(f"{'slow/' if i % 8 == 0 else ''}{photos[i % 5]}?n{i}") for i in range(500)
+        photo_server.url(f"{'slow/' if i % 8 == 0 else ''}{photos[i % 5]}?n{i}")
+        for i in range(1000)
     ]
     # Started together and before the work: one after another they took longer to
     # start than the run took to end, and the crashes hit an idle queue. The survivor
@@ -117,8 +116,8 @@ def test_two_workers_one_killed_repeatedly_through_500_jobs(
         time.sleep(2)  # let it take a batch or two, then crash it
         worker.kill()
     assert stack.batch_statuses(batch_id).get("queued"), "the run ended before the crashes"
-    counts = _wait_all_final(stack, batch_id, 500, timeout=300)
-    assert counts == {"succeeded": 500}
+    counts = _wait_all_final(stack, batch_id, 1000, timeout=300)
+    assert counts == {"succeeded": 1000}
     stack.assert_ledger_exact(user)
 
 
