@@ -135,7 +135,8 @@ def run(quick: bool = False) -> dict:
 
     with ServiceStack() as stack:
         e2e = end_to_end.run_with(stack, quick)
-        return run_with(stack, *saturation(e2e), quick=quick)
+        best, wait = saturation(e2e)
+        return run_with(stack, best, quick, wait_saturated=wait)
 
 
 def saturation(e2e: dict) -> tuple[float, float]:

@@ -131,8 +131,10 @@ def run(quick: bool) -> Runner:
         with ServiceStack() as stack:
             e2e = r.section("end_to_end", lambda: end_to_end.run_with(stack, quick))
             if e2e:
-                rates = latency.saturation(e2e)
-                r.section("latency", lambda: latency.run_with(stack, *rates, quick=quick))
+                best, wait = latency.saturation(e2e)
+                r.section(
+                    "latency", lambda: latency.run_with(stack, best, quick, wait_saturated=wait)
+                )
             r.section("profile", lambda: profile.run_with(stack, 24 if quick else 1500, quick))
             # Last with a worker: (6) below runs with none, so no default worker comes back.
             r.section("keras_bulk", lambda: end_to_end.bulk_on_keras(stack, quick, restore=False))
