@@ -145,6 +145,21 @@ def saturation(e2e: dict) -> tuple[float, float]:
     return max(v for k, v in rates.items() if k != "bulk"), rates["singles, wait for answer"]
 
 
+def load_levels(result: dict) -> dict[int, dict]:
+    """The levels at fractions of the best single-job rate (LOADS), by percent: not the
+    wait-for-answer level, not the one beside a bulk batch."""
+    return {
+        round(100 * x["load"]): x
+        for x in result["levels"]
+        if "bulk_jobs" not in x and "basis" not in x
+    }
+
+
+def wait_level(result: dict) -> dict | None:
+    """The level at WAIT_LOAD of the wait-for-answer saturation, if it ran."""
+    return next((x for x in result["levels"] if x.get("basis") == "wait"), None)
+
+
 def report(result: dict) -> str:
     lines = [
         "| load | offered jobs/s | jobs | succeeded | failed | p50 ms | p95 ms | p99 ms | max ms "

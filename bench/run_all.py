@@ -136,9 +136,9 @@ def run(quick: bool) -> Runner:
                     "latency", lambda: latency.run_with(stack, best, quick, wait_saturated=wait)
                 )
             r.section("profile", lambda: profile.run_with(stack, 24 if quick else 1500, quick))
-            # Last with a worker: (6) below runs with none, so no default worker comes back.
-            r.section("keras_bulk", lambda: end_to_end.bulk_on_keras(stack, quick, restore=False))
-            stack.stop_worker()
+            # Last with a worker: it leaves none, and (6) below runs with none.
+            r.section("keras_bulk", lambda: end_to_end.bulk_on_keras(stack, quick))
+            stack.stop_worker()  # already stopped by the Keras section; (6) must not rely on it
             r.section("api_only", lambda: api_only.run_with(stack, quick))
     except Exception as exc:  # the stack itself did not start
         r.errors.setdefault("end_to_end", f"{type(exc).__name__}: {exc}")
@@ -227,7 +227,7 @@ def headline(res: dict) -> tuple[list[str], dict]:
             )
     lat = res.get("latency")
     if lat:
-        levels = {round(x["load"] * 100): x for x in lat["levels"] if "bulk_jobs" not in x}
+        levels = latency.load_levels(lat)
         low, high = levels.get(10), levels.get(90)
         if low:
             bound = batch1_ms + IDLE_P50_SLACK_MS if batch1_ms else None
@@ -322,7 +322,7 @@ def issue17_rows(res: dict, derived: dict) -> list[str]:
             )
     lat = res.get("latency")
     if lat:
-        low = next((x for x in lat["levels"] if x["load"] == 0.1 and "basis" not in x), None)
+        low = latency.load_levels(lat).get(10)
         b1 = derived["batch1_ms"]
         if low and b1:
             bound = b1 + LONE_P50_SLACK_MS
@@ -332,7 +332,7 @@ def issue17_rows(res: dict, derived: dict) -> list[str]:
                 f"{fmt(low['p50_ms'], 0)} ms",
                 below(low["p50_ms"], bound + 1e-9),
             )
-        busy = next((x for x in lat["levels"] if x.get("basis") == "wait"), None)
+        busy = latency.wait_level(lat)
         if busy:
             row(
                 f"p99 < {WAIT_P99_MS} ms at {100 * latency.WAIT_LOAD:.0f}% of the "
@@ -435,9 +435,8 @@ def analysis(res: dict, derived: dict) -> list[str]:
         out.append(
             "- Adaptive batching under open-loop load: mean batch "
             + ", ".join(
-                f"{fmt(x['mean_batch_size'])} at {100 * x['load']:.0f}%"
-                for x in lat["levels"]
-                if "bulk_jobs" not in x
+                f"{fmt(x['mean_batch_size'])} at {pct}%"
+                for pct, x in latency.load_levels(lat).items()
             )
             + "."
         )
