@@ -115,5 +115,6 @@ def _echo_request_id(response):
 
 def _reject_malformed_json() -> None:
     # One check for every endpoint: a JSON body that does not parse is a 400, not a 422.
-    if request.is_json and request.content_length and request.get_json(silent=True) is None:
+    # (get_data, not content_length: a chunked body has no Content-Length.)
+    if request.is_json and request.get_data(cache=True) and request.get_json(silent=True) is None:
         raise InvalidJSON()

@@ -8,6 +8,7 @@ marshmallow, logging) may recurse over it again with less stack left.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from flask.json.provider import DefaultJSONProvider
@@ -15,15 +16,26 @@ from flask.json.provider import DefaultJSONProvider
 MAX_DEPTH = 32  # our deepest request body is 3 levels
 
 
+class TooDeep(ValueError):
+    """JSON nested deeper than MAX_DEPTH (or than Python's decoder can recurse)."""
+
+
+def loads(s: str | bytes, **kwargs: Any) -> Any:
+    """``json.loads``, refusing nesting deeper than MAX_DEPTH with ``TooDeep``. Every
+    JSON a client sends is read through this: request bodies (the provider below) and
+    each line of a JSON Lines batch (api/bulk.py)."""
+    try:
+        value = json.loads(s, **kwargs)
+    except RecursionError:
+        raise TooDeep("JSON nested too deeply") from None
+    if too_deep(value, MAX_DEPTH):
+        raise TooDeep(f"JSON nested deeper than {MAX_DEPTH} levels")
+    return value
+
+
 class JSONProvider(DefaultJSONProvider):
     def loads(self, s: str | bytes, **kwargs: Any) -> Any:
-        try:
-            value = super().loads(s, **kwargs)
-        except RecursionError:
-            raise ValueError("JSON nested too deeply") from None
-        if too_deep(value, MAX_DEPTH):
-            raise ValueError(f"JSON nested deeper than {MAX_DEPTH} levels")
-        return value
+        return loads(s, **kwargs)
 
 
 def too_deep(value: Any, limit: int) -> bool:

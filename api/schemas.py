@@ -29,6 +29,7 @@ class Body(ma.Schema):
 
     EXPECTED: ClassVar[str] = "a JSON object"
     OTHER_TYPES: ClassVar[tuple[str, ...]] = ()
+    OPTIONAL: ClassVar[bool] = False  # whether no body at all is the defaults
 
 
 class HttpUrl(ma.fields.String):
@@ -251,7 +252,12 @@ class BatchCreate(Body, BatchOptions):
     items = Lines(ma.fields.Nested(BatchItem), metadata={"maxItems": 10000})
 
 
-class BatchRetry(ma.Schema):
+class BatchRetry(Body):
+    """Optional: no body retries every failed line."""
+
+    EXPECTED = '{"error_codes": [...]} as JSON, or no body'
+    OPTIONAL = True
+
     error_codes = ma.fields.List(
         ma.fields.String(validate=validate.Length(min=1, max=64)),
         validate=validate.Length(max=50),

@@ -6,7 +6,9 @@ flask-smorest's in two ways, both so that the error JSON stays the service's own
 
 - a JSON body schema that sets ``EXPECTED`` (api/schemas.py ``Body``) must get a JSON
   object, else ``422 invalid_body`` saying what to send; content types in its
-  ``OTHER_TYPES`` (multipart uploads, text batches) are left to the route to read;
+  ``OTHER_TYPES`` (multipart uploads, text batches) are left to the route to read, and
+  one that sets ``OPTIONAL`` may have no body at all (but not a form or text body,
+  which would otherwise be ignored: ``curl -d`` sends a form);
 - a validation error is raised as ``ValidationFailed`` (a ServiceError), not through
   flask's ``abort``: the app's and the seed blueprint's ServiceError handlers render
   it. A failing field that names its own ``error_code`` (``invalid_url``,
@@ -70,6 +72,8 @@ class Parser(FlaskParser):
             return super().load_json(req, schema)
         if req.mimetype in getattr(schema, "OTHER_TYPES", ()):
             return missing  # the route reads this body itself
+        if getattr(schema, "OPTIONAL", False) and not req.get_data(cache=True):
+            return missing  # no body at all: the schema's defaults
         body = req.get_json(silent=True) if req.is_json else None
         if not isinstance(body, dict):
             raise invalid_body(expected)
