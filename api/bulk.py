@@ -16,6 +16,7 @@ its number.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import io
 import json
@@ -33,7 +34,15 @@ from api.services import db, services
 from api.urls import is_valid_url
 from shared import batches, dispatch, jobs, ledger, logs
 from shared.db import bulk_insert
-from shared.errors import Conflict, InvalidJSON, NotFound, ServiceError, ValidationFailed
+from shared.errors import (
+    Conflict,
+    DecodeBusy,
+    InvalidJSON,
+    JobInputError,
+    NotFound,
+    ServiceError,
+    ValidationFailed,
+)
 from shared.models import Batch, Job, User, new_id, utcnow
 from shared.status import JobStatus
 
@@ -41,7 +50,22 @@ MAX_REPORTED_LINES = 100
 RESULTS_PAGE = 500
 MAX_CUSTOM_ID = 64
 TOP_K_RANGE = range(1, 21)  # the batch-level top_k's range (api/schemas.py BatchOptions)
-JSONL_KEYS = frozenset({"custom_id", "url", "top_k"})
+JSONL_KEYS = ("custom_id", "url", "top_k")
+JSONL_TYPE = "application/jsonl"
+
+
+def _job_error_codes() -> tuple[str, ...]:
+    """Every ``error.code`` a failed job can have: the input errors, the worker's own."""
+    classes, seen = [JobInputError, DecodeBusy], set()
+    while classes:
+        cls = classes.pop()
+        seen.add(cls.code)
+        classes += cls.__subclasses__()
+    # Raised by code, not by class: the worker's crash and the reconciler's give-up.
+    return tuple(sorted(seen | {"internal_error", "worker_lost"}))
+
+
+JOB_ERROR_CODES = _job_error_codes()
 # Bulk inserts bypass ORM defaults: every other column of a batch job.
 JOB_DEFAULTS = {
     "status": JobStatus.QUEUED.value,
@@ -166,8 +190,8 @@ def line_problem(item: object, seen: dict[str, int]) -> str | None:
         return item.reason
     if not isinstance(item, dict):
         return "not a JSON object"
-    if unknown := sorted(set(item) - JSONL_KEYS):
-        return f"unknown field(s) {', '.join(map(repr, unknown))}; use custom_id, url, top_k"
+    if unknown := sorted(set(item) - set(JSONL_KEYS)):
+        return "; ".join(map(_unknown_key, unknown))
     url = item.get("url")
     if not (isinstance(url, str) and is_valid_url(url.strip())):
         return "'url' must be an absolute http(s) URL"
@@ -175,6 +199,12 @@ def line_problem(item: object, seen: dict[str, int]) -> str | None:
     if top_k is not None and (type(top_k) is not int or top_k not in TOP_K_RANGE):
         return f"'top_k' must be an integer from {TOP_K_RANGE[0]} to {TOP_K_RANGE[-1]}"
     return _custom_id_problem(item.get("custom_id"), seen)
+
+
+def _unknown_key(key: str) -> str:
+    close = difflib.get_close_matches(key, JSONL_KEYS, n=1)
+    meant = f"did you mean {close[0]!r}?" if close else f"use {', '.join(JSONL_KEYS)}"
+    return f"unknown field {key!r}: {meant}"
 
 
 def _custom_id_problem(custom_id: object, seen: dict[str, int]) -> str | None:
@@ -247,7 +277,8 @@ def build_batch_request(
         shown = bad[:MAX_REPORTED_LINES]
         raise ValidationFailed(
             f"{len(bad)} line(s) are not absolute http(s) URLs: "
-            f"{', '.join(map(str, shown))}{' …' if len(bad) > len(shown) else ''}.",
+            f"{', '.join(map(str, shown))}{' …' if len(bad) > len(shown) else ''}."
+            f"{_jsonl_hint(numbered, bad)}",
             code="invalid_urls",
             details={"lines": shown, "count": len(bad)},
         )
@@ -256,6 +287,30 @@ def build_batch_request(
         model=model,
         top_k=top_k,
         webhook_url=webhook,
+    )
+
+
+def _jsonl_hint(numbered: list[tuple[int, object]], bad: list[int]) -> str:
+    """A hint when the refused lines are JSON objects: JSON Lines sent as text/plain."""
+    first = dict(numbered)[bad[0]]
+    if isinstance(first, str) and first.startswith("{") and first.rstrip().endswith("}"):
+        return f" The lines look like JSON Lines: send them with Content-Type: {JSONL_TYPE}."
+    return ""
+
+
+def check_error_codes(codes: Sequence[str]) -> None:
+    """422 ``unknown_error_code`` for a code no failed line can have, listing those there
+    are: otherwise a typo would only find nothing to retry."""
+    unknown = sorted(set(codes) - set(JOB_ERROR_CODES))
+    if not unknown:
+        return
+    close = [m for code in unknown for m in difflib.get_close_matches(code, JOB_ERROR_CODES, 1)]
+    meant = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+    raise ValidationFailed(
+        f"Unknown error code(s) {', '.join(map(repr, unknown))}.{meant} A failed line's "
+        f"error.code is one of: {', '.join(JOB_ERROR_CODES)}.",
+        code="unknown_error_code",
+        details={"unknown": unknown, "known": list(JOB_ERROR_CODES)},
     )
 
 
@@ -351,6 +406,7 @@ def retry_batch(
     The lines then wait in SQL like a new batch's jobs, and ``dispatch.refill`` sends
     them (in their original chunks) when the bulk window has room.
     """
+    check_error_codes(codes)
     payload = json.dumps(["retry", batch_id, sorted(set(codes))])
     fingerprint = hashlib.sha256(payload.encode()).hexdigest()
     if idempotency_key and (found := idempotency.replay(user.id, idempotency_key, fingerprint)):

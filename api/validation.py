@@ -18,6 +18,7 @@ flask-smorest's in two ways, both so that the error JSON stays the service's own
 
 from __future__ import annotations
 
+import difflib
 from typing import Any, NoReturn
 
 import flask
@@ -36,6 +37,10 @@ def validation_failed(messages: Any, schema: ma.Schema) -> ValidationFailed:
     ``validation_error`` listing each field."""
     if not isinstance(messages, dict):
         return ValidationFailed(details={"fields": messages})
+    unknown = _unknown_fields(messages, schema)
+    messages = {**messages, **{name: [hint] for name, hint in unknown.items()}}
+    if unknown and len(unknown) == len(messages):
+        return ValidationFailed(" ".join(unknown.values()), details={"fields": messages})
     coded = [
         (name, field)
         for name, field in schema.load_fields.items()
@@ -48,6 +53,20 @@ def validation_failed(messages: Any, schema: ma.Schema) -> ValidationFailed:
         return invalid_body(getattr(schema, "EXPECTED", None) or "a JSON object")
     message = messages[field.data_key or name]
     return ValidationFailed(_first(message), code=field.error_code)
+
+
+def _unknown_fields(messages: dict, schema: ma.Schema) -> dict[str, str]:
+    """For each unknown field sent, a message naming the field meant when one is close
+    ("uri" -> "url"), else the fields there are; marshmallow says only "Unknown field."."""
+    known = [field.data_key or name for name, field in schema.load_fields.items()]
+    hints = {}
+    for name, message in messages.items():
+        if message != [schema.error_messages["unknown"]]:
+            continue
+        close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.6)
+        meant = f"did you mean {close[0]!r}?" if close else f"the fields are {', '.join(known)}."
+        hints[name] = f"Unknown field {name!r}: {meant}"
+    return hints
 
 
 def _first(message: Any) -> str:

@@ -151,8 +151,9 @@ def list_batches(query):
 @blp.doc(
     responses={
         "200": {
-            "description": "One line per URL, in input order. If the batch is deleted "
-            "while they stream, a JSON Lines stream ends with an error line "
+            "description": "One line per URL, in input order; `index` counts from 0 over "
+            "the URLs (errors' `details.lines` count body lines from 1). If the batch is "
+            "deleted while they stream, a JSON Lines stream ends with an error line "
             '({"error": {"code": "batch_deleted", ...}}) and a CSV stream is cut.',
             "content": {"application/x-ndjson": {}, "text/csv": {}},
         }
@@ -230,7 +231,11 @@ def cancel_batch(batch_id: str):
 @blp.response(202, schemas.BatchRetried)
 @blp.alt_response(402, schema=schemas.ErrorSchema, description="insufficient_tokens")
 @blp.alt_response(409, schema=schemas.ErrorSchema, description="batch_canceled, nothing_to_retry")
-@blp.alt_response(422, schema=schemas.ErrorSchema, description="invalid_body (not a JSON object)")
+@blp.alt_response(
+    422,
+    schema=schemas.ErrorSchema,
+    description="invalid_body (not a JSON object), unknown_error_code (details.known)",
+)
 def retry_failed(args: dict, batch_id: str):
     """Re-queue the lines that failed (optionally only some error codes); one token each."""
     status, body = retry_batch(

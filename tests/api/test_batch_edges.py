@@ -214,3 +214,21 @@ def test_a_complete_results_stream_has_no_error_line(api_stack):
     resp = client.get(f"/v1/batches/{batch_id}/results", headers=user["headers"])
     lines = [json.loads(line) for line in resp.get_data(as_text=True).splitlines()]
     assert [line["index"] for line in lines] == [0, 1, 2]
+
+
+def test_a_retry_of_an_unknown_error_code_lists_the_known_ones(api_stack):
+    client = api_stack.client()
+    user = support.new_user(client)
+    batch = _failed_batch(api_stack.app, client, user, 1)
+    url = f"/v1/batches/{batch['id']}/retry"
+    for codes, meant in ((["bogus"], None), (["fetch_faild"], "fetch_failed")):
+        resp = client.post(url, json={"error_codes": codes}, headers=user["headers"])
+        assert resp.status_code == 422, resp.get_json()
+        error = resp.get_json()["error"]
+        assert error["code"] == "unknown_error_code"
+        assert error["details"]["unknown"] == codes
+        assert {"fetch_failed", "not_an_image", "worker_lost"} <= set(error["details"]["known"])
+        assert "fetch_failed" in error["message"]
+        if meant:
+            assert f"Did you mean '{meant}'" in error["message"]
+    assert _balance(api_stack, user["username"]) == (5, 5)

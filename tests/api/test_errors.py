@@ -196,3 +196,41 @@ def test_errors_gunicorn_answers_itself_are_json_too(tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+JSONL = (
+    '{"custom_id": "a", "url": "https://example.com/a.jpg"}\n{"url": "https://example.com/b.jpg"}\n'
+)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "status", "code"),
+    [("text/plain", 422, "invalid_urls"), ("application/json", 400, "invalid_json")],
+)
+def test_json_lines_sent_with_another_type_are_told_the_type(
+    client, user, content_type, status, code
+):
+    resp = client.post(
+        "/v1/batches", data=JSONL, content_type=content_type, headers=user["headers"]
+    )
+    assert resp.status_code == status, resp.get_json()
+    error = resp.get_json()["error"]
+    assert error["code"] == code
+    assert "Content-Type: application/jsonl" in error["message"]
+    plain = client.post(
+        "/v1/batches", data="not a url\n", content_type="text/plain", headers=user["headers"]
+    )
+    assert "application/jsonl" not in plain.get_json()["error"]["message"]
+
+
+def test_an_unknown_field_names_the_field_meant(client, user):
+    resp = client.post("/v1/jobs", json={"uri": URL}, headers=user["headers"])
+    assert resp.status_code == 422
+    error = resp.get_json()["error"]
+    assert "'url'" in error["message"] and "'uri'" in error["message"]
+    assert "'url'" in error["details"]["fields"]["uri"][0]
+    line = json.dumps({"uri": URL}) + "\n"
+    resp = client.post(
+        "/v1/batches", data=line, content_type="application/jsonl", headers=user["headers"]
+    )
+    assert "did you mean 'url'" in resp.get_json()["error"]["details"]["problems"][0]["problem"]
