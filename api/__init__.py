@@ -13,7 +13,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from api.auth import KeyCache, dummy_hash
 from api.errors import register_error_handlers
-from api.json_provider import JSONProvider
+from api.json_provider import JSONProvider, invalid_json
 from api.metrics import init_metrics
 from api.ratelimit import Limits
 from api.schemas import ErrorSchema
@@ -21,7 +21,6 @@ from api.services import Services, close_db
 from api.waits import WaitSlots
 from shared import logs
 from shared.config import Config
-from shared.errors import InvalidJSON
 
 API_TITLE = "imgclf: queued batch image classification"
 MULTIPART_OVERHEAD = 1024 * 1024
@@ -115,5 +114,6 @@ def _echo_request_id(response):
 
 def _reject_malformed_json() -> None:
     # One check for every endpoint: a JSON body that does not parse is a 400, not a 422.
-    if request.is_json and request.content_length and request.get_json(silent=True) is None:
-        raise InvalidJSON()
+    # (get_data, not content_length: a chunked body has no Content-Length.)
+    if request.is_json and request.get_data(cache=True) and request.get_json(silent=True) is None:
+        raise invalid_json(request.get_data())

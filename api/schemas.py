@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import marshmallow as ma
 from marshmallow import validate
 
+from api.bulk import JOB_ERROR_CODES
 from api.urls import MAX_URL_LENGTH, invalid_message, is_valid_url
 from shared import webhook_events
 from shared.status import JobStatus
@@ -29,6 +30,7 @@ class Body(ma.Schema):
 
     EXPECTED: ClassVar[str] = "a JSON object"
     OTHER_TYPES: ClassVar[tuple[str, ...]] = ()
+    OPTIONAL: ClassVar[bool] = False  # whether no body at all is the defaults
 
 
 class HttpUrl(ma.fields.String):
@@ -251,9 +253,17 @@ class BatchCreate(Body, BatchOptions):
     items = Lines(ma.fields.Nested(BatchItem), metadata={"maxItems": 10000})
 
 
-class BatchRetry(ma.Schema):
+class BatchRetry(Body):
+    """Optional: no body retries every failed line."""
+
+    EXPECTED = '{"error_codes": [...]} as JSON, or no body'
+    OPTIONAL = True
+
     error_codes = ma.fields.List(
-        ma.fields.String(validate=validate.Length(min=1, max=64)),
+        # The enum documents the codes; api/bulk.py refuses others, naming the one meant.
+        ma.fields.String(
+            validate=validate.Length(min=1, max=64), metadata={"enum": list(JOB_ERROR_CODES)}
+        ),
         validate=validate.Length(max=50),
         metadata={
             "description": "Retry only the failed lines with these error codes (default: all)",
