@@ -144,6 +144,7 @@ class Drip:
     source: str  # the loopback address it connects from
     outcome: str = "open"  # "closed" by the server, "answered <status>", or "open" at the end
     sent: int = 0
+    connections: int = 0  # made so far (a reconnecting dripper comes back after each cut)
 
 
 def drip_request(kind: str, authorization: str) -> tuple[bytes, bytes]:
@@ -163,6 +164,8 @@ def drip_request(kind: str, authorization: str) -> tuple[bytes, bytes]:
 
 async def _drip(drip: Drip, port: int, authorization: str, stop: asyncio.Event) -> None:
     head, tail = drip_request(drip.kind, authorization)
+    drip.outcome, drip.sent = "open", 0
+    drip.connections += 1
     try:
         reader, writer = await asyncio.open_connection(
             "127.0.0.1", port, local_addr=(drip.source, 0)
@@ -198,8 +201,12 @@ async def _drip(drip: Drip, port: int, authorization: str, stop: asyncio.Event) 
 class Drippers:
     """Slow clients run by an asyncio loop in a thread of their own until ``stop()``."""
 
-    def __init__(self, port: int, authorization: str, drips: list[Drip]) -> None:
+    def __init__(
+        self, port: int, authorization: str, drips: list[Drip], reconnect: bool = False
+    ) -> None:
+        """``reconnect``: a dripper that was cut off connects again (an attacker would)."""
         self.port, self.authorization, self.drips = port, authorization, drips
+        self.reconnect = reconnect
         self._loop = asyncio.new_event_loop()
         self._stop: asyncio.Event | None = None
         self._thread = None
@@ -210,9 +217,7 @@ class Drippers:
         async def main() -> None:
             self._stop = asyncio.Event()
             ready.set()
-            await asyncio.gather(
-                *(_drip(d, self.port, self.authorization, self._stop) for d in self.drips)
-            )
+            await asyncio.gather(*(self._run(d) for d in self.drips))
 
         self._thread = threading.Thread(
             target=self._loop.run_until_complete, args=(main(),), daemon=True
@@ -220,6 +225,13 @@ class Drippers:
         self._thread.start()
         ready.wait(30)
         return self
+
+    async def _run(self, drip: Drip) -> None:
+        while True:
+            await _drip(drip, self.port, self.authorization, self._stop)
+            if not self.reconnect or self._stop.is_set():
+                return
+            await asyncio.sleep(0.1)
 
     def stop(self) -> None:
         if self._stop is not None:
