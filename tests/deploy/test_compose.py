@@ -46,7 +46,7 @@ CONFIG_VARS = {f.name.upper() for f in dataclasses.fields(Config)}
 LIBRARY_VARS = {"KERAS_HOME", "PROMETHEUS_MULTIPROC_DIR"}
 GPU_LIBRARY_VARS = {"CUDA_VISIBLE_DEVICES", "TF_FORCE_GPU_ALLOW_GROWTH"}
 # Settings compose deliberately does not pass on (production must not fetch private URLs).
-NOT_PASSED = {"ALLOW_PRIVATE_URLS"}
+NOT_PASSED = {"ALLOW_PRIVATE_URLS", "ALLOW_NULL_RUNTIME"}
 # Literal (not interpolated) environment values that are allowed: none of them secret.
 LITERAL_OK = {
     "POSTGRES_USER",
