@@ -122,3 +122,24 @@ def test_the_rendered_config_is_the_repositorys_with_test_paths(tmp_path):
         "listen 127.0.0.1:8080;",
     ):
         assert directive in text
+
+
+def test_through_the_proxy_metrics_are_refused_and_nginx_errors_have_the_apis_shape(front_door):
+    _, base, port, _ = front_door
+    assert requests.get(f"{base}/healthz", timeout=30).status_code == 200
+    # nginx runs on this machine, but the request came through it: not a local scrape.
+    metrics = requests.get(f"{base}/metrics", timeout=30)
+    assert metrics.status_code == 403
+    assert metrics.json()["error"]["code"] == "metrics_forbidden"
+    # A body over client_max_body_size is refused by nginx before it is sent.
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(
+            b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 30000000\r\nConnection: close\r\n\r\n"
+        )
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413"), head
+    assert b'"code": "payload_too_large"' in body
