@@ -107,6 +107,7 @@ def test_slow_clients_hold_nginx_connections_not_the_apis_threads(front_door):
     # for client_body_timeout), and not one of them reached gunicorn ...
     assert still_dripping == BODY_DRIPS, outcomes
     assert posts == 0
+    assert gunicorn_log.read_text().count("GET /v1/me") >= answered // 2  # the log is written
     # ... and one address got no more than limit_conn connections at once.
     assert flood_refused >= ONE_ADDRESS - PER_ADDRESS_LIMIT, outcomes
 
