@@ -1,5 +1,10 @@
 """Gunicorn settings for the API: ``gunicorn -c gunicorn.conf.py 'api.wsgi:app'``.
 
+gunicorn's threaded workers give each connection a thread while it reads the request,
+with no time limit on a slow header or body: in production gunicorn is never reached
+directly, only through nginx (deploy/nginx.conf, docs/deploy.md "The front proxy"),
+which reads whole requests first.
+
 This file configures gunicorn, the HTTP server, not the service. The application
 reads its settings only through shared/config.py (the variables in the README's
 table); the variables read here are gunicorn's own knobs and are not

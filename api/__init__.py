@@ -59,6 +59,8 @@ def create_app(config: Config | None = None, **overrides: Any) -> Flask:
     app.before_request(_bind_request_id)
     app.before_request(_reject_malformed_json)
     app.after_request(_echo_request_id)
+    if config.null_runtime:  # fixed answers, not a model: say so on every answer
+        app.after_request(_mark_null_runtime)
 
     app.json.sort_keys = False
     api = ServiceApi(app, spec_kwargs={"components": _security_components(), "security": _SECURITY})
@@ -95,6 +97,11 @@ def _security_components() -> dict:
         "securitySchemes": {
             "bearerAuth": {"type": "http", "scheme": "bearer", "description": "API key"},
             "basicAuth": {"type": "http", "scheme": "basic"},
+            "metricsToken": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "METRICS_TOKEN (GET /metrics only)",
+            },
         }
     }
 
@@ -109,6 +116,16 @@ def _bind_request_id() -> None:
 
 def _echo_request_id(response):
     response.headers["X-Request-ID"] = g.get("request_id", "")
+    return response
+
+
+#: On every answer of an API configured with RUNTIME=null (benchmarks only).
+NULL_RUNTIME_HEADER = "X-Imgclf-Runtime"
+NULL_RUNTIME_NOTE = "null: every image gets the same fixed answer, no model runs (benchmarks only)"
+
+
+def _mark_null_runtime(response):
+    response.headers[NULL_RUNTIME_HEADER] = NULL_RUNTIME_NOTE
     return response
 
 

@@ -24,6 +24,8 @@ ROOT = support.ROOT
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # Programs a fresh shell has, or that the docs run inside a container (docs/deploy.md).
 SYSTEM = {"curl", "python3", "printf", "export", "cp", "chmod", "date", "docker", "cd", "tar"}
+# docs/deploy.md, "Without Docker": nginx in front of gunicorn on a plain host.
+SYSTEM |= {"sudo", "apt-get", "nginx", "systemctl"}
 SHELL_WORDS = {"for", "do", "done", "if", "then", "fi"}
 VENV_PROGRAMS = {"python", "flask", "celery", "gunicorn", "pytest", "ruff"}
 ASSIGNMENT = re.compile(r"^[A-Z_][A-Z0-9_]*=\S*$")
