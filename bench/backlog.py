@@ -24,9 +24,12 @@ import time
 from sqlalchemy import text, update
 from sqlalchemy.orm import sessionmaker
 
-from bench.common import fmt, machine, main_json, median
+from bench import end_to_end
+from bench.common import fmt, machine, main_json, median, photo_names, wait_done
+from bench.null_model import NullStack
 from harness import databases, stack_config
 from shared import dispatch
+from shared.config import Config
 from shared.db import make_engine, make_session_factory
 from shared.models import Job, utcnow
 from shared.queue import make_celery
@@ -74,7 +77,10 @@ QUERIES = {
 }
 
 
-def build(engine, users: int, per: int) -> float:
+def build(engine, users: int, per: int, base_url: str = "https://images.example.com") -> float:
+    """USERS users with a batch of PER_BATCH jobs each, all waiting, in one transaction;
+    their URLs go round the real photos at ``base_url`` (each unique)."""
+    names = photo_names()
     start = time.perf_counter()
     with engine.begin() as conn:
         for table in ("jobs", "batches", "users", "token_ledger"):
@@ -91,6 +97,7 @@ def build(engine, users: int, per: int) -> float:
                 "INSERT INTO batches (id, user_id, total, model, top_k, retries, created_at) "
                 "SELECT 'b' || lpad(u.id::text, 8, '0'), u.id, :per, 'mobilenet', 5, 0,"
                 " now() - (1000 - u.id) * interval '1 second' FROM users u"
+                " WHERE u.username LIKE 'backlog%'"
             ),
             {"per": per},
         )
@@ -100,10 +107,11 @@ def build(engine, users: int, per: int) -> float:
                 " input_url, attempts, retries, chunk, created_at) "
                 "SELECT gen_random_uuid()::text, u.id, 'b' || lpad(u.id::text, 8, '0'), i,"
                 " 'queued', 'mobilenet', 5,"
-                " 'https://images.example.com/photos/' || u.id || '/' || i || '.jpg',"
-                " 0, 0, i / 32, now() FROM users u, generate_series(0, :per - 1) i"
+                " :base || '/' || (CAST(:names AS text[]))[1 + i % :k] || '?n=backlog-'"
+                " || u.id || '-' || i, 0, 0, i / 32, now()"
+                " FROM users u, generate_series(0, :per - 1) i WHERE u.username LIKE 'backlog%'"
             ),
-            {"per": per},
+            {"per": per, "base": base_url, "names": names, "k": len(names)},
         )
     return time.perf_counter() - start
 
@@ -153,6 +161,43 @@ def storage(engine, jobs: int) -> dict:
     return {"total_bytes_per_job": total / jobs, "relations": {n: b for n, b in rows}}
 
 
+def service(quick: bool) -> dict:
+    """The null-model service (worker, API, photo server) before and with the backlog:
+    bulk images/s on an empty queue, then over a window with every user's batch
+    waiting, and how long a new user's 30 URLs take behind them."""
+    users, per = QUICK if quick else FULL
+    n, window_s = (200, 10.0) if quick else (2000, 30.0)
+    with NullStack() as stack, stack.running(1, Config().loader_processes):
+        end_to_end.singles(stack, 16, 16, wait=True)  # warm-up
+        empty = end_to_end.bulk(stack, n)
+        engine = make_engine(stack.config)
+        build(engine, users, per, stack.photos.base_url)
+        sessions = make_session_factory(engine)
+        dispatch.refill(sessions, make_redis(stack.config), make_celery(stack.config), stack.config)
+        time.sleep(2.0)  # the window fills and the worker's batches run full
+        before, start = _succeeded(engine), time.time()
+        time.sleep(window_s)
+        backlog_rate = (_succeeded(engine) - before) / (time.time() - start)
+        newcomer = stack.user(30)
+        posted = time.time()
+        resp = stack.post_batch(newcomer, "\n".join(stack.urls(30)))
+        resp.raise_for_status()
+        counts, end = wait_done(stack.dsn, "batch_id = %s", (resp.json()["id"],), 30, 300)
+        engine.dispose()
+    return {
+        "empty_images_per_s": empty["images_per_s"],
+        "backlog_images_per_s": backlog_rate,
+        "window_s": window_s,
+        "newcomer_s": end - posted,
+        "newcomer_counts": counts,
+    }
+
+
+def _succeeded(engine) -> int:
+    with engine.connect() as conn:
+        return conn.scalar(text("SELECT count(*) FROM jobs WHERE status = 'succeeded'"))
+
+
 def run(quick: bool = False) -> dict:
     users, per = QUICK if quick else FULL
     url = databases.create_postgres_database()
@@ -182,10 +227,11 @@ def run(quick: bool = False) -> dict:
             "storage": storage(engine, users * per),
         }
         engine.dispose()
-        return result
     finally:
         databases.delete_redis_prefix(prefix)
         databases.drop_postgres_database(url)
+    result["service"] = service(quick)
+    return result
 
 
 def report(r: dict) -> str:
@@ -209,6 +255,17 @@ def report(r: dict) -> str:
     ]
     for name, size in sorted(r["storage"]["relations"].items(), key=lambda kv: -kv[1]):
         lines.append(f"  {name}: {fmt(size / r['jobs'], 0)}")
+    svc = r["service"]
+    lines += [
+        "",
+        "The service on the null model (one worker, LOADER_PROCESSES at its default):",
+        f"  bulk on an empty queue: {fmt(svc['empty_images_per_s'])} images/s",
+        f"  with the backlog waiting ({svc['window_s']:.0f} s window): "
+        f"{fmt(svc['backlog_images_per_s'])} images/s "
+        f"({fmt(svc['backlog_images_per_s'] / svc['empty_images_per_s'], 2)}x the empty queue)",
+        f"  a new user's 30 URLs behind it: {fmt(svc['newcomer_s'], 2)} s "
+        f"({svc['newcomer_counts']})",
+    ]
     return "\n".join(lines)
 
 
