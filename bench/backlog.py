@@ -31,6 +31,7 @@ from harness import databases, stack_config
 from shared import dispatch
 from shared.config import Config
 from shared.db import make_engine, make_session_factory
+from shared.dispatch import FIRST_CHUNK
 from shared.models import Job, utcnow
 from shared.queue import make_celery
 from shared.redis_client import make_redis
@@ -108,10 +109,12 @@ def build(engine, users: int, per: int, base_url: str = "https://images.example.
                 "SELECT gen_random_uuid()::text, u.id, 'b' || lpad(u.id::text, 8, '0'), i,"
                 " 'queued', 'mobilenet', 5,"
                 " :base || '/' || (CAST(:names AS text[]))[1 + i % :k] || '?n=backlog-'"
-                " || u.id || '-' || i, 0, 0, i / 32, now()"
+                " || u.id || '-' || i, 0, 0,"
+                # numbered as api.bulk.chunk does: a short first chunk, then BATCH_MAX
+                " CASE WHEN i < :first THEN 0 ELSE 1 + (i - :first) / 32 END, now()"
                 " FROM users u, generate_series(0, :per - 1) i WHERE u.username LIKE 'backlog%'"
             ),
-            {"per": per, "base": base_url, "names": names, "k": len(names)},
+            {"per": per, "base": base_url, "names": names, "k": len(names), "first": FIRST_CHUNK},
         )
     return time.perf_counter() - start
 
