@@ -383,13 +383,16 @@ def submit_batch(user: User, req: BatchRequest, idempotency_key: str | None) -> 
 
 def chunk(job_ids: list[str], urls: tuple[str, ...], size: int) -> list[list[str]]:
     """Messages of up to ``size`` job ids, never splitting one URL's duplicates, so the
-    worker fetches and classifies each URL once for all of its lines."""
+    worker fetches and classifies each URL once for all of its lines. The first holds
+    ``dispatch.FIRST_CHUNK`` at most: a newcomer's first results come after one short
+    round of the users waiting (shared/dispatch.py)."""
     by_url: dict[str, list[str]] = defaultdict(list)
     for job_id, url in zip(job_ids, urls, strict=True):
         by_url[url].append(job_id)
     chunks: list[list[str]] = [[]]
     for group in by_url.values():
-        if chunks[-1] and len(chunks[-1]) + len(group) > size:
+        limit = min(size, dispatch.FIRST_CHUNK) if len(chunks) == 1 else size
+        if chunks[-1] and len(chunks[-1]) + len(group) > limit:
             chunks.append([])
         chunks[-1].extend(group)
     return chunks
