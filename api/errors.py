@@ -81,9 +81,15 @@ def _http_error(exc: HTTPException):
         code=HTTP_CODES.get(exc.code or 500, "http_error"),
         status=exc.code or 500,
         details={"fields": _flatten(details)} if details else None,
-        headers=data.get("headers"),
+        headers=data.get("headers") or _allow(exc),
     )
     return error_response(err)
+
+
+def _allow(exc: HTTPException) -> dict | None:
+    """A 405 names the methods the path takes (RFC 9110, section 15.5.6)."""
+    methods = getattr(exc, "valid_methods", None)
+    return {"Allow": ", ".join(methods)} if exc.code == 405 and methods else None
 
 
 def _http_message(exc: HTTPException, data: dict, details) -> str:
