@@ -23,7 +23,7 @@ MAX_KEY_LENGTH = 255
 HEADER_DOC = {
     "in": "header",
     "name": HEADER,
-    "schema": {"type": "string", "maxLength": MAX_KEY_LENGTH},
+    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH},
     "description": "The same key and body return the first response, charged once.",
 }
 

@@ -61,8 +61,10 @@ TEXT_EXAMPLES = {
 BATCH_CREATE_DOC = {
     "requestBody": {
         "content": {
-            mimetype: {"schema": {"type": "string"}, "example": TEXT_EXAMPLES[mimetype]}
-            for mimetype in schemas.BATCH_TEXT_TYPES
+            mimetype: {**doc, "example": TEXT_EXAMPLES[mimetype]}
+            if mimetype in TEXT_EXAMPLES
+            else doc
+            for mimetype, doc in schemas.batch_body_doc().items()
         },
     },
     "parameters": [
