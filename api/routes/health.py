@@ -68,7 +68,8 @@ def _check(probe) -> str:
 
 @blp.route("/metrics", methods=["GET"])
 @blp.doc(
-    security=[{"metricsToken": []}],
+    # The token when METRICS_TOKEN is set; none for a direct local request otherwise.
+    security=[{"metricsToken": []}, {}],
     responses={
         "200": {"description": "Prometheus text format", "content": {"text/plain": {}}},
         "401": {"description": "metrics_token_required: METRICS_TOKEN is set, not sent"},
