@@ -136,6 +136,10 @@ class Config:
     # Inference runtime (worker/models/runtimes.py): auto, keras or openvino (null: benchmarks).
     runtime: str = "auto"
     runtime_cache_dir: str = "var/runtime-cache"  # compiled models and accuracy-gate records
+    # OpenVINO's inference threads for the model's forward pass (INFERENCE_NUM_THREADS);
+    # 0: OpenVINO's own choice (one per core under its LATENCY hint). Fewer leaves cores
+    # to the loaders (docs/deploy.md, "Threads of the runtime").
+    runtime_threads: int = 0
 
     # Operations
     log_level: str = "INFO"
@@ -245,6 +249,8 @@ class Config:
             raise ValueError(f"WORKER_POOL must be one of {', '.join(WORKER_POOLS)}")
         if self.runtime not in RUNTIMES:
             raise ValueError(f"RUNTIME must be one of {', '.join(RUNTIMES)}")
+        if self.runtime_threads < 0:
+            raise ValueError("RUNTIME_THREADS must be >= 0 (0: OpenVINO's own choice)")
         if self.runtime == "null" and not self.allow_private_urls:
             # Fixed answers for every image: never in a deployment that serves users.
             raise ValueError("RUNTIME=null is for benchmarks only; it needs ALLOW_PRIVATE_URLS=1")
