@@ -390,7 +390,7 @@ class LoaderProcesses:
         delay = min(START_BACKOFF_S * 2 ** (failures - 1), START_BACKOFF_MAX_S)
         log.error(
             "loader process %s exited (exit code %s) before it was ready, %d time(s) in a "
-            "row; starting it again in %.1f s",
+            "row; starting it again in %g s",
             proc.pid,
             proc.exitcode,
             failures,
