@@ -60,6 +60,7 @@ from shared.pixel_budget import SharedPixelBudget
 from shared.redis_client import make_redis
 from shared.uploads import UploadStore
 from worker.fetch import Fetcher
+from worker.loader import reserved_threads
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,11 @@ class LoaderProcesses:
         self._slots = np.ndarray((count, self._slot_bytes), np.uint8, buffer=self._shm.buf)
         self._free = list(range(count))
         self._ctx = multiprocessing.get_context("spawn")
+        # Kept for interactive images: fetch threads per process (bulk ones take at most
+        # the rest), and slots in all.
+        reserve = reserved_threads(self._threads)
+        self._bulk_cap = self._threads - reserve
+        self._reserved_slots = min(reserve * processes, count // 4)
         # One budget for every process's decodes; owner i is loader process i (its
         # replacement too, once the dead one's share is reclaimed), the last the worker.
         self._budget = SharedPixelBudget(
@@ -246,29 +252,56 @@ class LoaderProcesses:
     def _submit(self, task: ImageTask) -> Future:
         future: Future = Future()
         with self._lock:
-            if self._closed:
-                raise RuntimeError("the loader processes are stopped")
-            # Waits while every slot is taken: as many images are in flight as fit.
-            self._lock.wait_for(lambda: len(self._free) >= len(task.sizes) or self._closed)
+            # Waits while it may not go yet: every slot taken, or (bulk) no room left
+            # outside the share kept for interactive images.
+            while (index := self._place_for(task)) is None and not self._closed:
+                self._lock.wait()
             if self._closed:
                 raise RuntimeError("the loader processes are stopped")
             slots = [self._free.pop() for _ in task.sizes]
             pending = _Pending(task, slots, future)
             self._next_id += 1
             task_id = self._next_id
-            index = self._least_busy()
-        self._send(index, task_id, pending)
+            # Counted in flight before the lock goes: the next task sees it.
+            conn = self._register(index, task_id, pending)
+        self._transmit(index, conn, task_id, pending)
         return future
 
-    def _least_busy(self) -> int:
+    def _place_for(self, task: ImageTask) -> int | None:
+        """The least busy process that may take ``task`` now, or None (under the lock).
+
+        Issue #23 item 5: one user's batch of hosts that drip a byte a second held every
+        fetch thread and slot, and another user's single job waited for one of them to
+        time out. So bulk images keep off ``reserve`` fetch threads of each process and
+        as many slots: an interactive image finds a thread at once, whatever bulk does.
+        """
+        interactive = task.priority == INTERACTIVE
+        spare = 0 if interactive else self._reserved_slots
+        if len(self._free) < len(task.sizes) + spare:
+            return None
         alive = [i for i, p in enumerate(self._procs) if p is not None]
-        return min(alive or range(len(self._procs)), key=lambda i: len(self._in_flight[i]))
+        places = alive or list(range(len(self._procs)))  # all restarting: wait in line
+        if not interactive:
+            places = [i for i in places if self._bulk_in_flight(i) < self._bulk_cap]
+        if not places:
+            return None
+        return min(places, key=lambda i: len(self._in_flight[i]))
+
+    def _bulk_in_flight(self, index: int) -> int:
+        return sum(p.task.priority != INTERACTIVE for p in self._in_flight[index].values())
 
     def _send(self, index: int, task_id: int, pending: _Pending) -> None:
         with self._lock:
-            pending.sends += 1
-            self._in_flight[index][task_id] = pending
-            conn = self._conns[index]
+            conn = self._register(index, task_id, pending)
+        self._transmit(index, conn, task_id, pending)
+
+    def _register(self, index: int, task_id: int, pending: _Pending) -> Connection:
+        """Count ``pending`` in flight at process ``index``; its pipe (under the lock)."""
+        pending.sends += 1
+        self._in_flight[index][task_id] = pending
+        return self._conns[index]
+
+    def _transmit(self, index: int, conn: Connection, task_id: int, pending: _Pending) -> None:
         task = pending.task
         message = (task_id, task.url, task.upload_id, task.sizes, pending.slots, task.priority)
         try:
