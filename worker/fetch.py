@@ -99,8 +99,14 @@ class Watchdog:
             if self._pid != os.getpid():  # first use here, or a fork copied a dead thread
                 self._pid, self._heap = os.getpid(), []
                 threading.Thread(target=self._run, daemon=True, name="fetch-watchdog").start()
+            # Woken only for a deadline earlier than every other: it sleeps until the
+            # earliest anyway, and a wake-up per fetch cost more CPU than the fetch's
+            # own socket calls (bench/fetch_cost.py). A finished guard stays in the heap
+            # until its deadline comes up.
+            sooner = not self._heap or deadline < self._heap[0][0]
             heapq.heappush(self._heap, (deadline, next(self._order), guard))
-            self._changed.notify()
+            if sooner:
+                self._changed.notify()
         return guard
 
     def _run(self) -> None:
