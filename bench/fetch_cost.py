@@ -6,18 +6,18 @@ CPU it spends (``time.process_time``: every thread of this process, the fetch
 watchdog's included; the server's is not) is divided by the fetches.
 
 Clients:
-- ``fetcher``: ``worker.fetch.Fetcher`` as deployed (a requests-hardened session per
-  fetch, so a new connection each time) with its address filter on, loopback let
-  through for the local server (production checks the same way, refusing loopback);
+- ``fetcher``: ``worker.fetch.Fetcher`` as deployed (one urllib3 pool manager, the
+  address checked as each connection opens, the watchdog, the cap) with its address
+  check on, loopback let through for the local server (production refuses loopback);
 - ``fetcher_no_filter``: the same with ``ALLOW_PRIVATE_URLS=1`` (as the tests run it);
+- ``session_per_fetch``: the Fetcher before issue #22 item 5, in its costly part: a
+  requests-hardened session per fetch (filter on, loopback allowed), a new
+  connection each time, the body streamed;
 - ``urllib3_pool``: a bare ``urllib3.PoolManager`` (keep-alive), no policy at all;
-- ``http_client``: one ``http.client.HTTPConnection`` kept alive, no policy at all;
-- ``candidate``: ``PooledFetcher`` below, a prototype of the switch: one urllib3
-  ``PoolManager`` per process (keep-alive per host), the address check at connect
-  time (requests-hardened's ``get_ip_address``: resolve, refuse, connect to the
-  address checked), the same wall-clock watchdog and body cap as ``Fetcher``.
+- ``http_client``: one ``http.client.HTTPConnection`` kept alive, no policy at all.
 
-``python -m bench.fetch_cost [--fetches 300]``
+``python -m bench.fetch_cost [--fetches 300] [--rounds 5]``: per client, the CPU ms per
+fetch of each round (the clients take turns), their minimum and median.
 """
 
 from __future__ import annotations
@@ -26,21 +26,18 @@ import argparse
 import http.client
 import http.server
 import json
+import statistics
 import subprocess
 import sys
 import time
 from urllib.parse import urlsplit
 
 import urllib3
-from requests_hardened.ip_filter import get_ip_address
-from urllib3.connection import HTTPConnection
-from urllib3.connectionpool import HTTPConnectionPool
 
 from bench.common import PHOTOS, loadavg, machine
-from shared import ssrf
 from shared.config import Config
-from worker import fetch
 from worker.fetch import Fetcher
+from worker.http_client import HttpClient
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -69,66 +66,6 @@ def serve() -> None:
     server.serve_forever()
 
 
-# --- the candidate ------------------------------------------------------------------
-
-
-class _CheckedConnection(fetch._Guarded, HTTPConnection):
-    """Resolves the host, refuses a blocked address, and connects to the one it checked."""
-
-    allow_loopback = True  # the bench's server is local; production: False
-
-    def _new_conn(self):
-        ip, _port = get_ip_address(self.host, self.port, allow_loopback=self.allow_loopback)
-        self._dns_host = str(ip)
-        return super()._new_conn()
-
-    def request(self, *args, **kwargs):
-        # A kept-alive socket joins this fetch's guard too (a new one joins in _new_conn).
-        guard = getattr(fetch._current, "guard", None)
-        if guard is not None and self.sock is not None:
-            guard.add(self.sock)
-        return super().request(*args, **kwargs)
-
-
-class _CheckedPool(HTTPConnectionPool):
-    ConnectionCls = _CheckedConnection
-
-
-class PooledFetcher:
-    """The prototype: same deadline and cap as Fetcher, on one keep-alive pool manager."""
-
-    def __init__(self, config: Config) -> None:
-        ssrf.install()
-        self._max_bytes = config.max_image_bytes
-        self._timeout_s = config.fetch_timeout_s
-        self._pools = urllib3.PoolManager(maxsize=config.fetch_threads, retries=False)
-        self._pools.pool_classes_by_scheme = {"http": _CheckedPool}
-
-    def fetch(self, url: str) -> bytes:
-        guard = fetch._watchdog.watch(time.monotonic() + self._timeout_s)
-        fetch._current.guard = guard
-        try:
-            response = self._pools.urlopen(
-                "GET",
-                url,
-                redirect=False,
-                preload_content=False,
-                timeout=urllib3.Timeout(connect=self._timeout_s, read=self._timeout_s),
-                headers={"User-Agent": fetch.USER_AGENT, "Accept": fetch._ACCEPT},
-            )
-            body = bytearray()
-            while chunk := response.read1(fetch._CHUNK):
-                body += chunk
-                if len(body) > self._max_bytes:
-                    response.close()
-                    raise ValueError("too large")
-            response.release_conn()
-            return bytes(body)
-        finally:
-            guard.finish()
-            fetch._current.guard = None
-
-
 # --- the measurement ----------------------------------------------------------------
 
 
@@ -145,9 +82,19 @@ def _http_client(base: str):
 
 def _filtered_fetcher(config: Config) -> Fetcher:
     fetcher = Fetcher(config.replace(allow_private_urls=False))
-    manager = fetcher._client._manager
-    manager.config.ip_filter_allow_loopback_ips = True  # the local server only
+    fetcher._check.allow_loopback = True  # the local server only
     return fetcher
+
+
+def _session_per_fetch(config: Config):
+    client = HttpClient(config.replace(allow_private_urls=False), timeout_s=10, user_agent="b")
+    client._manager.config.ip_filter_allow_loopback_ips = True  # the local server only
+
+    def get(url: str) -> bytes:
+        with client.session() as session, session.get(url, stream=True) as response:
+            return b"".join(response.raw.stream(64 * 1024, decode_content=True))
+
+    return get
 
 
 def _cost(get, urls: list[str]) -> dict:
@@ -163,6 +110,7 @@ def _cost(get, urls: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--fetches", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -180,18 +128,22 @@ def main() -> None:
         clients = {
             "fetcher": _filtered_fetcher(config).fetch,
             "fetcher_no_filter": Fetcher(config).fetch,
+            "session_per_fetch": _session_per_fetch(config),
             "urllib3_pool": lambda url: pool.request("GET", url).data,
             "http_client": _http_client(base),
-            "candidate": PooledFetcher(config).fetch,
         }
         results = {}
-        for _round in range(2):  # interleaved twice: the machine's load drifts
+        for _round in range(args.rounds):  # interleaved: the machine's load drifts
             for name, get in clients.items():
                 results.setdefault(name, []).append(_cost(get, urls))
     finally:
         server.terminate()
         server.wait(10)
-    report = {name: [r["cpu_ms"] for r in runs] for name, runs in results.items()}
+    report = {
+        name: {"min": min(cpu), "median": statistics.median(cpu), "all": cpu}
+        for name, runs in results.items()
+        for cpu in [[r["cpu_ms"] for r in runs]]
+    }
     print(json.dumps({"cpu_ms_per_fetch": report, "fetches": args.fetches,
                       "machine": machine(), "loadavg": loadavg()}, indent=1))  # fmt: skip
 
