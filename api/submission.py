@@ -23,7 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from api import idempotency
 from api.ratelimit import limits
 from api.services import db, services
-from api.waits import SKIPPED_HEADER, wait_slots
+from api.waits import skipped_headers, wait_slots
 from shared import jobs, ledger, logs
 from shared.config import BUILTIN_MODELS, TRAINED_MODEL_FILE, TRAINED_MODEL_NAME
 from shared.db import one_statement
@@ -318,7 +318,7 @@ def submit_and_wait(user: User, **job_fields: Any) -> Job:
             # charged, and this call could not wait for the answer.
             raise TooManyWaits(
                 "Too many requests waiting for results at once; retry shortly.",
-                headers={"Retry-After": "1", SKIPPED_HEADER: skipped},
+                headers=skipped_headers(skipped),
             )
         _, job_body = submit(user, build_request(**job_fields))
         job = wait_for(job_body["id"], wait_s)

@@ -12,7 +12,10 @@ holds a gunicorn thread for up to ``MAX_WAIT_S``. Two caps bound that:
   for everyone else's requests.
 
 Past either cap the wait is not honoured: the caller answers at once with the job as
-it is, and says so in ``X-Wait-Skipped``. If Redis cannot be reached the per-user cap
+it is, says so in ``X-Wait-Skipped`` and asks the client to come back after
+``Retry-After`` seconds (``SKIPPED_RETRY_AFTER_S``): a client that polled again at once
+would be refused again at once, and such a loop cost the API more CPU per image than
+the waits it was refused (issue #22). If Redis cannot be reached the per-user cap
 is not enforced (the per-process cap still is); the wait then meets the same outage.
 """
 
@@ -35,6 +38,10 @@ log = logging.getLogger(__name__)
 
 #: Response header naming the cap that kept a requested wait from being honoured.
 SKIPPED_HEADER = "X-Wait-Skipped"
+#: Seconds a client is asked to wait before polling again after a skipped wait. Waits
+#: end as their jobs finish, usually well within a second of a slot being taken; one
+#: second keeps a refused client's polls cheap without making it wait long for a slot.
+SKIPPED_RETRY_AFTER_S = 1
 USER_LIMIT = "user_limit"
 PROCESS_LIMIT = "process_limit"
 # A wait's slot outlives its deadline by this much: the last SQL check comes after it.
@@ -104,6 +111,11 @@ class WaitSlots:
             return
         with contextlib.suppress(redis.RedisError):  # its deadline frees the slot anyway
             self._redis.zrem(self._key(user_id), member)
+
+
+def skipped_headers(skipped: str) -> dict[str, str]:
+    """The headers of an answer whose wait was refused by the cap ``skipped``."""
+    return {SKIPPED_HEADER: skipped, "Retry-After": str(SKIPPED_RETRY_AFTER_S)}
 
 
 def wait_slots() -> WaitSlots:

@@ -13,7 +13,13 @@ from api.pagination import page
 from api.services import db, services
 from api.submission import JobRequest, build_request, submit, wait_within_caps
 from api.validation import Blueprint
-from api.waits import PROCESS_LIMIT, SKIPPED_HEADER, USER_LIMIT
+from api.waits import (
+    PROCESS_LIMIT,
+    SKIPPED_HEADER,
+    SKIPPED_RETRY_AFTER_S,
+    USER_LIMIT,
+    skipped_headers,
+)
 from shared import jobs
 from shared.errors import ValidationFailed
 from shared.models import Job
@@ -27,7 +33,12 @@ WAIT_SKIPPED_DOC = {
         "(user_limit) or the API process's (process_limit) cap on waits held at once; "
         "the answer shows the job as it is.",
         "schema": {"type": "string", "enum": [USER_LIMIT, PROCESS_LIMIT]},
-    }
+    },
+    "Retry-After": {
+        "description": "With X-Wait-Skipped: seconds to wait before polling again "
+        f"(currently {SKIPPED_RETRY_AFTER_S}); polling sooner is refused the same way.",
+        "schema": {"type": "integer", "minimum": 0},
+    },
 }
 
 PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+)", re.I)
@@ -36,7 +47,8 @@ PREFER_DOC = {
     "name": "Prefer",
     "schema": {"type": "string", "example": "wait=30"},
     "description": "wait=N (N <= 60): answer 200 with the finished job if it ends "
-    "in time; past the caps on waits held at once, 202 at once with X-Wait-Skipped.",
+    "in time; past the caps on waits held at once, 202 at once with X-Wait-Skipped "
+    "and Retry-After.",
 }
 
 
@@ -88,7 +100,7 @@ def create_job(body: dict):
     if wait_s and status == 202:
         job, skipped = wait_within_caps(g.user.id, body["id"], wait_s)
         if skipped:
-            return body, status, {SKIPPED_HEADER: skipped, **_location(body)}
+            return body, status, {**skipped_headers(skipped), **_location(body)}
         if JobStatus(job.status).is_terminal():
             return jobs.job_to_dict(job), 200, {"Preference-Applied": f"wait={wait_s}"}
     return body, status, _location(body)
@@ -115,7 +127,7 @@ def get_job(query, job_id: str):
     if wait_s and not JobStatus(job.status).is_terminal():
         job, skipped = wait_within_caps(g.user.id, job_id, wait_s)
         if skipped:
-            headers[SKIPPED_HEADER] = skipped
+            headers.update(skipped_headers(skipped))
     return jobs.job_to_dict(job), 200, headers
 
 
