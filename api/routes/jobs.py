@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 from flask import g, request, url_for
 from sqlalchemy import select
@@ -96,9 +97,12 @@ def create_job(body: dict):
     """Submit one image by URL (JSON) or upload (multipart); costs one token."""
     wait_s = _prefer_wait()
     job_request = _job_request(body)
-    status, body = submit(g.user, job_request, idempotency.request_key())
+    key = idempotency.request_key()
+    # A job submitted now did not exist before (unless a key replays an older one).
+    created_after = None if key else time.monotonic()
+    status, body = submit(g.user, job_request, key)
     if wait_s and status == 202:
-        job, skipped = wait_within_caps(g.user.id, body["id"], wait_s)
+        job, skipped = wait_within_caps(g.user.id, body["id"], wait_s, created_after)
         if skipped:
             return body, status, {**skipped_headers(skipped), **_location(body)}
         if JobStatus(job.status).is_terminal():
