@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import threading
 import time
 import uuid
@@ -111,6 +112,36 @@ class WaitSlots:
             return
         with contextlib.suppress(redis.RedisError):  # its deadline frees the slot anyway
             self._redis.zrem(self._key(user_id), member)
+
+
+# A comma or semicolon outside a quoted string (RFC 7240's lists and parameters).
+_COMMA = re.compile(r',(?=(?:[^"]*"[^"]*")*[^"]*$)')
+_SEMICOLON = re.compile(r';(?=(?:[^"]*"[^"]*")*[^"]*$)')
+_DELTA_SECONDS = re.compile(r"[0-9]+")
+
+
+def prefer_wait(values: list[str], max_wait_s: int) -> int | None:
+    """The ``wait`` preference of ``Prefer`` headers (RFC 7240), capped at ``max_wait_s``.
+
+    RFC 7240 (section 2): a server ignores a preference it does not understand or cannot
+    comply with, and only the first instance of a preference counts. So ``wait`` must
+    be a preference of its own (a parameter after ``;`` is not one) whose value is
+    delta-seconds (``wait=10`` or ``wait="10"``); anything else (``wait=abc``,
+    ``wait=-1``, ``wait=1.5``) is ignored, not refused, and so is any later ``wait``.
+    Returns None when there is no valid wait.
+    """
+    for value in values:
+        for preference in _COMMA.split(value):
+            token, _, raw = _SEMICOLON.split(preference, 1)[0].partition("=")
+            if token.strip().lower() != "wait":
+                continue
+            raw = raw.strip()
+            if len(raw) >= 2 and raw[0] == raw[-1] == '"':
+                raw = raw[1:-1]
+            if not _DELTA_SECONDS.fullmatch(raw):
+                return None  # the first instance is invalid: the preference is ignored
+            return min(int(raw), max_wait_s)
+    return None
 
 
 def skipped_headers(skipped: str) -> dict[str, str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 
 from flask import g, request, url_for
@@ -19,6 +18,7 @@ from api.waits import (
     SKIPPED_HEADER,
     SKIPPED_RETRY_AFTER_S,
     USER_LIMIT,
+    prefer_wait,
     skipped_headers,
 )
 from shared import jobs
@@ -42,14 +42,22 @@ WAIT_SKIPPED_DOC = {
     },
 }
 
-PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+)", re.I)
 PREFER_DOC = {
     "in": "header",
     "name": "Prefer",
     "schema": {"type": "string", "example": "wait=30"},
-    "description": "wait=N (N <= 60): answer 200 with the finished job if it ends "
-    "in time; past the caps on waits held at once, 202 at once with X-Wait-Skipped "
-    "and Retry-After.",
+    "description": "RFC 7240. wait=N (delta-seconds, capped at MAX_WAIT_S, 60): answer "
+    "200 with the finished job if it ends in time, else the usual 202; either way "
+    "Preference-Applied: wait=N says the wait was honoured. Past the caps on waits held "
+    "at once, 202 at once with X-Wait-Skipped and Retry-After (no Preference-Applied). "
+    "An invalid wait (wait=abc) and preferences other than wait are ignored, as RFC "
+    "7240 asks, not refused.",
+}
+PREFERENCE_APPLIED_DOC = {
+    "Preference-Applied": {
+        "description": "wait=N: the Prefer: wait was honoured (the request waited up to N s).",
+        "schema": {"type": "string", "example": "wait=30"},
+    }
 }
 
 
@@ -70,8 +78,7 @@ def _job_request(body: dict) -> JobRequest:
 
 
 def _prefer_wait() -> int | None:
-    match = PREFER_WAIT.search(request.headers.get("Prefer", ""))
-    return min(int(match.group(1)), services().config.max_wait_s) if match else None
+    return prefer_wait(request.headers.getlist("Prefer"), services().config.max_wait_s)
 
 
 @blp.route("", methods=["POST"])
@@ -85,9 +92,14 @@ def _prefer_wait() -> int | None:
     202,
     schemas.Job,
     description="Accepted and queued",
-    headers={**schemas.location_header("job"), **WAIT_SKIPPED_DOC},
+    headers={**schemas.location_header("job"), **WAIT_SKIPPED_DOC, **PREFERENCE_APPLIED_DOC},
 )
-@blp.alt_response(200, schema=schemas.Job, description="Finished within Prefer: wait")
+@blp.alt_response(
+    200,
+    schema=schemas.Job,
+    description="Finished within Prefer: wait",
+    headers=PREFERENCE_APPLIED_DOC,
+)
 @blp.alt_response(402, schema=schemas.ErrorSchema, description="insufficient_tokens")
 @blp.alt_response(409, schema=schemas.ErrorSchema, description="idempotency_key_reused")
 @blp.alt_response(413, schema=schemas.ErrorSchema, description="payload_too_large, image_too_large")
@@ -105,8 +117,10 @@ def create_job(body: dict):
         job, skipped = wait_within_caps(g.user.id, body["id"], wait_s, created_after)
         if skipped:
             return body, status, {**skipped_headers(skipped), **_location(body)}
+        applied = {"Preference-Applied": f"wait={wait_s}"}
         if JobStatus(job.status).is_terminal():
-            return jobs.job_to_dict(job), 200, {"Preference-Applied": f"wait={wait_s}"}
+            return jobs.job_to_dict(job), 200, applied
+        return jobs.job_to_dict(job), status, {**applied, **_location(body)}
     return body, status, _location(body)
 
 
