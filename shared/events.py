@@ -27,8 +27,12 @@ log = logging.getLogger(__name__)
 
 RECHECK_S = 1.0
 IDLE_EXIT_S = 60.0  # a listener with no waiter for this long ends (see DoneListener)
-RECENT_S = 30.0  # how long the listener remembers a job it heard finish
-RECENT_MAX = 100_000  # and at most this many (bulk batches finish thousands a second)
+# How long, and for how many jobs at most, the listener remembers a job it heard finish
+# (every API process hears every job, bulk ones too). A waiter only needs it between
+# its submission and its registration, milliseconds; one whose job was forgotten
+# meanwhile is answered by its re-check, RECHECK_S later.
+RECENT_S = 10.0
+RECENT_MAX = 20_000
 
 
 def channel(config: Config, job_id: str) -> str:
