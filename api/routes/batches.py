@@ -13,7 +13,9 @@ from sqlalchemy import select
 from api import cancel, deletion, idempotency, schemas, validation
 from api.auth import login_required, owned
 from api.bulk import (
+    BatchDeleted,
     BatchRequest,
+    Utf8Lines,
     build_batch_request,
     build_item_batch_request,
     parse_jsonl,
@@ -55,12 +57,15 @@ TEXT_EXAMPLES = {
     "application/x-ndjson": JSONL_EXAMPLE,
 }
 # The JSON body is schemas.BatchCreate (@blp.arguments); a text body is read here, line
-# by line, with its options (schemas.BatchOptions) in the query string.
+# by line, with its options (schemas.BatchOptions) in the query string, which is checked
+# for every body.
 BATCH_CREATE_DOC = {
     "requestBody": {
         "content": {
-            mimetype: {"schema": {"type": "string"}, "example": TEXT_EXAMPLES[mimetype]}
-            for mimetype in schemas.BATCH_TEXT_TYPES
+            mimetype: {**doc, "example": TEXT_EXAMPLES[mimetype]}
+            if mimetype in TEXT_EXAMPLES
+            else doc
+            for mimetype, doc in schemas.batch_body_doc().items()
         },
     },
     "parameters": [
@@ -71,26 +76,29 @@ BATCH_CREATE_DOC = {
 
 
 def _batch_request(body: dict) -> BatchRequest:
+    # The query's options are checked whatever the body: a bad one is never ignored.
+    query = validation.load(schemas.BatchOptions(), request.args.to_dict())
     if request.mimetype in schemas.BATCH_TEXT_TYPES:
-        return _text_batch_request()
+        return _text_batch_request(query)
     fields = [f for f in ("urls", "items") if f in body]
     if len(fields) != 1:
         raise invalid_body(schemas.BatchCreate.EXPECTED)
     field = fields[0]
     numbered = list(enumerate(body[field], start=1))
     build = build_item_batch_request if field == "items" else build_batch_request
-    return _build(build, numbered, {k: v for k, v in body.items() if k != field})
+    # A JSON body's own options win over the query's.
+    return _build(build, numbered, {**query, **{k: v for k, v in body.items() if k != field}})
 
 
-def _text_batch_request() -> BatchRequest:
+def _text_batch_request(options: dict) -> BatchRequest:
     # Read line by line from the stream, never the whole body as one string.
     limit = services().config.max_batch_urls
-    lines = io.TextIOWrapper(request.stream, encoding="utf-8", errors="replace")
+    lines = Utf8Lines(request.stream)
     if request.mimetype == "text/plain":
         build, numbered = build_batch_request, parse_lines(lines, limit)
     else:
         build, numbered = build_item_batch_request, parse_jsonl(lines, limit)
-    options = validation.load(schemas.BatchOptions(), request.args.to_dict())
+    lines.check()
     return _build(build, numbered, options)
 
 
@@ -106,13 +114,18 @@ def _build(build: Callable[..., BatchRequest], numbered: list, options: dict) ->
 @blp.response(202, schemas.BatchSchema, headers=schemas.location_header("batch"))
 @blp.alt_response(402, schema=schemas.ErrorSchema, description="insufficient_tokens")
 @blp.alt_response(
-    422, schema=schemas.ErrorSchema, description="invalid_urls, invalid_lines (details.lines)"
+    400, schema=schemas.ErrorSchema, description="invalid_json (a JSON Lines line: details.lines)"
+)
+@blp.alt_response(
+    422,
+    schema=schemas.ErrorSchema,
+    description="invalid_urls, invalid_lines, invalid_encoding (details.lines, 1-based)",
 )
 def create_batch(body: dict):
     """Submit up to 10,000 URLs (or JSON Lines items); charges one token each, all or nothing.
 
     A JSON body carries its options; a text/plain or JSON Lines body takes them from the
-    query string.
+    query string (with a JSON body, options given in both places: the body's win).
     """
     status, body = submit_batch(g.user, _batch_request(body), idempotency.request_key())
     return body, status, {"Location": url_for("batches.get_batch", batch_id=body["id"])}
@@ -143,21 +156,36 @@ def list_batches(query):
 @blp.doc(
     responses={
         "200": {
-            "description": "One line per URL, in input order",
+            "description": "One line per URL, in input order; `index` counts from 0 over "
+            "the URLs (errors' `details.lines` count body lines from 1). If the batch is "
+            "deleted while they stream, a JSON Lines stream ends with an error line "
+            '({"error": {"code": "batch_deleted", ...}}) and a CSV stream is cut.',
             "content": {"application/x-ndjson": {}, "text/csv": {}},
         }
     }
 )
 def batch_results(query, batch_id: str):
-    """Results so far, streamed: JSON Lines, or CSV with ?format=csv."""
-    owned(Batch, batch_id, "batch")
+    """Results so far, streamed: JSON Lines, or CSV with ?format=csv.
+
+    If the batch is deleted while its results stream, a JSON Lines stream ends with an
+    error line, ``{"error": {"code": "batch_deleted", ...}}``; a CSV stream is cut (the
+    chunked transfer ends without its last chunk, which HTTP clients report).
+    """
+    total = owned(Batch, batch_id, "batch").total
     db().commit()  # the stream reads in its own short transactions
     if query["format"] == "csv":
-        lines, mimetype = _csv_lines(result_lines(batch_id)), "text/csv"
+        lines, mimetype = _csv_lines(result_lines(batch_id, total)), "text/csv"
     else:
-        lines = (json.dumps(row) + "\n" for row in result_lines(batch_id))
-        mimetype = "application/x-ndjson"
+        lines, mimetype = _jsonl_lines(result_lines(batch_id, total)), "application/x-ndjson"
     return Response(stream_with_context(lines), mimetype=mimetype)
+
+
+def _jsonl_lines(rows: Iterator[dict]) -> Iterator[str]:
+    try:
+        for row in rows:
+            yield json.dumps(row) + "\n"
+    except BatchDeleted as exc:
+        yield json.dumps(exc.to_dict()) + "\n"
 
 
 def _csv_lines(rows: Iterator[dict]) -> Iterator[str]:
@@ -208,6 +236,11 @@ def cancel_batch(batch_id: str):
 @blp.response(202, schemas.BatchRetried)
 @blp.alt_response(402, schema=schemas.ErrorSchema, description="insufficient_tokens")
 @blp.alt_response(409, schema=schemas.ErrorSchema, description="batch_canceled, nothing_to_retry")
+@blp.alt_response(
+    422,
+    schema=schemas.ErrorSchema,
+    description="invalid_body (not a JSON object), unknown_error_code (details.known)",
+)
 def retry_failed(args: dict, batch_id: str):
     """Re-queue the lines that failed (optionally only some error codes); one token each."""
     status, body = retry_batch(
