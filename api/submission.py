@@ -14,14 +14,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import bindparam, select
+
 from api import idempotency
 from api.ratelimit import limits
 from api.services import db, services
-from api.waits import SKIPPED_HEADER, wait_slots
+from api.waits import skipped_headers, wait_slots
 from shared import jobs, ledger, logs
 from shared.config import BUILTIN_MODELS, TRAINED_MODEL_FILE, TRAINED_MODEL_NAME
 from shared.db import one_statement
@@ -36,15 +39,18 @@ from shared.errors import (
 )
 from shared.image_header import probe
 from shared.images import ALLOWED_FORMATS, pixel_limit_message
-from shared.jobs import job_to_dict
+from shared.jobs import JOBS, JobRow, job_to_dict
 from shared.models import Job, User, new_id, utcnow
 from shared.queue import enqueue_jobs
-from shared.status import JobStatus
+from shared.status import TERMINAL, JobStatus
 from shared.webhook_events import COMPLETED
 
 log = logging.getLogger(__name__)
 
 JOB_COLUMNS = tuple(Job.__table__.columns)
+# Built once: a long-poll reads its job with it on each wake-up.
+READ_JOB = select(*JOBS.c).where(JOBS.c.id == bindparam("job_id"))
+TERMINAL_VALUES = frozenset(s.value for s in TERMINAL)
 
 
 @dataclass(frozen=True)
@@ -256,36 +262,51 @@ def _undo(user_id: int, job_id: str) -> bool:
     return True
 
 
-def wait_within_caps(user_id: int, job_id: str, timeout_s: float) -> tuple[Job, str | None]:
+def wait_within_caps(
+    user_id: int, job_id: str, timeout_s: float, created_after: float | None = None
+) -> tuple[JobRow, str | None]:
     """``wait_for`` if the caller's wait caps allow it, else the job as it is now.
 
     The second item is None when the wait was honoured, else the cap that refused it
     (api/waits.py), for the ``X-Wait-Skipped`` header.
     """
     with wait_slots().hold(user_id, timeout_s) as skipped:
-        return wait_for(job_id, 0 if skipped else timeout_s), skipped
+        return wait_for(job_id, 0 if skipped else timeout_s, created_after), skipped
 
 
-def wait_for(job_id: str, timeout_s: float) -> Job:
-    """Long-poll: return the job once final, or as it is when the timeout passes."""
-    session = db()
-    latest: list[Job] = []
+def wait_for(job_id: str, timeout_s: float, created_after: float | None = None) -> JobRow:
+    """Long-poll: return the job once final, or as it is when the timeout passes.
+
+    ``created_after``: see ``DoneListener.wait`` (a job this request just submitted
+    is read from SQL only once it is done). Each read is one Core SELECT outside any
+    transaction: a waiter never holds one (SQLite would keep the worker from writing),
+    and no ORM object is loaded per wake-up.
+    """
+    latest: list[JobRow] = []
 
     def finished() -> bool:
-        session.expire_all()
-        job = session.get(Job, job_id)
-        # Never hold a transaction while waiting: SQLite would keep the worker from writing.
-        session.commit()
+        job = read_job(job_id)
         if job is None:  # deleted (DELETE /v1/jobs/{id}) the moment it finished
             raise NotFound("No such job.", code="job_not_found")
         latest[:] = [job]
-        return JobStatus(job.status).is_terminal()
+        return job.status in TERMINAL_VALUES
 
     if timeout_s > 0:
-        services().done.wait(job_id, timeout_s, finished)
+        services().done.wait(job_id, timeout_s, finished, created_after)
     else:
         finished()
     return latest[0]
+
+
+def read_job(job_id: str) -> JobRow | None:
+    """The job's row, in one statement (autocommit on PostgreSQL), then the request's
+    session ends its transaction: it holds none while the request waits."""
+    session = db()
+    session.commit()  # what the request read before (its own lookup of the job)
+    one_statement(session)
+    row = session.connection().execute(READ_JOB, {"job_id": job_id}).one_or_none()
+    session.commit()
+    return row
 
 
 class TooManyWaits(ServiceError):
@@ -296,7 +317,7 @@ class Timeout(ServiceError):
     status, code = 504, "timeout"
 
 
-def submit_and_wait(user: User, **job_fields: Any) -> Job:
+def submit_and_wait(user: User, **job_fields: Any) -> JobRow:
     """Submit through the queue and wait for the result, as the seed's synchronous call did.
 
     The job succeeded, or this raises: its failure (422), a 504 past MAX_WAIT_S, or a 429
@@ -309,10 +330,11 @@ def submit_and_wait(user: User, **job_fields: Any) -> Job:
             # charged, and this call could not wait for the answer.
             raise TooManyWaits(
                 "Too many requests waiting for results at once; retry shortly.",
-                headers={"Retry-After": "1", SKIPPED_HEADER: skipped},
+                headers=skipped_headers(skipped),
             )
+        created_after = time.monotonic()
         _, job_body = submit(user, build_request(**job_fields))
-        job = wait_for(job_body["id"], wait_s)
+        job = wait_for(job_body["id"], wait_s, created_after)
     if job.status == JobStatus.SUCCEEDED:
         return job
     if job.status == JobStatus.FAILED:

@@ -12,7 +12,10 @@ holds a gunicorn thread for up to ``MAX_WAIT_S``. Two caps bound that:
   for everyone else's requests.
 
 Past either cap the wait is not honoured: the caller answers at once with the job as
-it is, and says so in ``X-Wait-Skipped``. If Redis cannot be reached the per-user cap
+it is, says so in ``X-Wait-Skipped`` and asks the client to come back after
+``Retry-After`` seconds (``SKIPPED_RETRY_AFTER_S``): a client that polled again at once
+would be refused again at once, and such a loop cost the API more CPU per image than
+the waits it was refused (issue #22). If Redis cannot be reached the per-user cap
 is not enforced (the per-process cap still is); the wait then meets the same outage.
 """
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import threading
 import time
 import uuid
@@ -35,6 +39,10 @@ log = logging.getLogger(__name__)
 
 #: Response header naming the cap that kept a requested wait from being honoured.
 SKIPPED_HEADER = "X-Wait-Skipped"
+#: Seconds a client is asked to wait before polling again after a skipped wait. Waits
+#: end as their jobs finish, usually well within a second of a slot being taken; one
+#: second keeps a refused client's polls cheap without making it wait long for a slot.
+SKIPPED_RETRY_AFTER_S = 1
 USER_LIMIT = "user_limit"
 PROCESS_LIMIT = "process_limit"
 # A wait's slot outlives its deadline by this much: the last SQL check comes after it.
@@ -104,6 +112,41 @@ class WaitSlots:
             return
         with contextlib.suppress(redis.RedisError):  # its deadline frees the slot anyway
             self._redis.zrem(self._key(user_id), member)
+
+
+# A comma or semicolon outside a quoted string (RFC 7240's lists and parameters).
+_COMMA = re.compile(r',(?=(?:[^"]*"[^"]*")*[^"]*$)')
+_SEMICOLON = re.compile(r';(?=(?:[^"]*"[^"]*")*[^"]*$)')
+_DELTA_SECONDS = re.compile(r"[0-9]+")
+
+
+def prefer_wait(values: list[str], max_wait_s: int) -> int | None:
+    """The ``wait`` preference of ``Prefer`` headers (RFC 7240), capped at ``max_wait_s``.
+
+    RFC 7240 (section 2): a server ignores a preference it does not understand or cannot
+    comply with, and only the first instance of a preference counts. So ``wait`` must
+    be a preference of its own (a parameter after ``;`` is not one) whose value is
+    delta-seconds (``wait=10`` or ``wait="10"``); anything else (``wait=abc``,
+    ``wait=-1``, ``wait=1.5``) is ignored, not refused, and so is any later ``wait``.
+    Returns None when there is no valid wait.
+    """
+    for value in values:
+        for preference in _COMMA.split(value):
+            token, _, raw = _SEMICOLON.split(preference, 1)[0].partition("=")
+            if token.strip().lower() != "wait":
+                continue
+            raw = raw.strip()
+            if len(raw) >= 2 and raw[0] == raw[-1] == '"':
+                raw = raw[1:-1]
+            if not _DELTA_SECONDS.fullmatch(raw):
+                return None  # the first instance is invalid: the preference is ignored
+            return min(int(raw), max_wait_s)
+    return None
+
+
+def skipped_headers(skipped: str) -> dict[str, str]:
+    """The headers of an answer whose wait was refused by the cap ``skipped``."""
+    return {SKIPPED_HEADER: skipped, "Retry-After": str(SKIPPED_RETRY_AFTER_S)}
 
 
 def wait_slots() -> WaitSlots:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import mimetypes
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,9 @@ import requests
 CONNECT_TIMEOUT_S = 10.0
 # Long-polls hold the request open for up to `wait` seconds; allow that plus slack.
 READ_SLACK_S = 30.0
+# A skipped wait's Retry-After is honoured up to this many seconds (a bad value must not
+# stall the client for hours).
+MAX_RETRY_AFTER_S = 60.0
 TERMINAL_JOB_STATUSES = frozenset({"succeeded", "failed", "canceled"})
 TERMINAL_BATCH_STATUSES = frozenset({"completed", "canceled"})
 
@@ -61,18 +65,35 @@ class Client:
     """Holds the base URL and key; each method is one documented endpoint."""
 
     def __init__(
-        self, base_url: str, api_key: str, session: requests.Session | None = None
+        self,
+        base_url: str,
+        api_key: str,
+        session: requests.Session | None = None,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.session = session or requests.Session()
         self.session.headers["Authorization"] = f"Bearer {api_key}"
         self.session.headers["User-Agent"] = "imgclf-client/0.1"
+        self._sleep = sleep
+        # When the server last refused a wait (X-Wait-Skipped), the time its Retry-After
+        # asks the next wait to wait for (time.monotonic()).
+        self._next_wait_at = 0.0
 
     def _request(
         self, method: str, path: str, *, wait_s: float = 0, stream: bool = False, **kwargs: Any
     ) -> requests.Response:
-        """Send one request; raise ApiError for 4xx/5xx and Unreachable for no answer."""
+        """Send one request; raise ApiError for 4xx/5xx and Unreachable for no answer.
+
+        A request that asks to wait (``wait_s``) first honours the Retry-After of the
+        last skipped wait: polling sooner is refused again at once, a spin that costs
+        the server a request per turn.
+        """
         url = f"{self.base_url}{path}"
+        if wait_s:
+            pause = self._next_wait_at - time.monotonic()
+            if pause > 0:
+                self._sleep(pause)
         timeout = (CONNECT_TIMEOUT_S, wait_s + READ_SLACK_S)
         try:
             resp = self.session.request(method, url, timeout=timeout, stream=stream, **kwargs)
@@ -82,6 +103,8 @@ class Client:
             raise Unreachable(f"cannot reach {self.base_url} ({_reason(exc)})") from None
         if resp.status_code >= 400:
             raise ApiError.from_response(resp)
+        if wait_s and "X-Wait-Skipped" in resp.headers:
+            self._next_wait_at = time.monotonic() + _retry_after_s(resp)
         return resp
 
     def _json(self, resp: requests.Response) -> dict:
@@ -173,6 +196,13 @@ class Client:
         params = {"wait": wait_s} if wait_s else None
         resp = self._request("GET", f"/v1/jobs/{job_id}", params=params, wait_s=wait_s)
         return self._json(resp)
+
+
+def _retry_after_s(resp: requests.Response) -> float:
+    """Retry-After in seconds (delta-seconds; an HTTP-date or nonsense counts as 1 s)."""
+    value = resp.headers.get("Retry-After", "").strip()
+    seconds = float(value) if value.isdigit() else 1.0
+    return min(seconds, MAX_RETRY_AFTER_S)
 
 
 def _reason(exc: Exception) -> str:

@@ -9,20 +9,45 @@ shared/ledger.py, called here in the same transaction as the transition that ear
 Every transition is an ``UPDATE ... WHERE status IN (...)``: whoever changes the
 row first wins, and a second attempt (a redelivered message, a cancel racing
 the worker) changes nothing and refunds nothing.
+
+The statements are SQLAlchemy Core on the ``jobs`` table, not ORM-enabled UPDATEs:
+the worker runs a claim and a write per batch, and at batch 1 the ORM's statement
+set-up and the Job objects it loaded cost more CPU than the worker's SQL round trips
+(issue #22). A claimed job is a ``Row`` of every ``jobs`` column, read like a ``Job``
+(``row.id``, ``row.status``) but never tracked by a session.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, case, delete, literal, update
+from sqlalchemy import (
+    ARRAY,
+    ColumnElement,
+    Row,
+    String,
+    Update,
+    any_,
+    bindparam,
+    case,
+    delete,
+    literal,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from shared import ledger, webhook_events
 from shared.models import NULLABLE_JSON, Job, as_utc, utcnow
 from shared.status import ACTIVE, TERMINAL, JobStatus
+
+JOBS = Job.__table__
+#: A job as a claim or a transition's RETURNING read it: every column, by attribute.
+JobRow = Row[Any]
+ACTIVE_VALUES = tuple(s.value for s in ACTIVE)
 
 
 def iso(dt: datetime | None) -> str | None:
@@ -31,12 +56,15 @@ def iso(dt: datetime | None) -> str | None:
     return as_utc(dt).astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-def _error(job: Job) -> dict[str, str] | None:
+def _error(job: Job | JobRow) -> dict[str, str] | None:
     return {"code": job.error_code, "message": job.error_message} if job.error_code else None
 
 
-def job_to_dict(job: Job) -> dict[str, Any]:
-    """A job as every answer shows it: the API, the web pages and webhook events."""
+def job_to_dict(job: Job | JobRow) -> dict[str, Any]:
+    """A job as every answer shows it: the API, the web pages and webhook events.
+
+    ``job`` is an ORM ``Job`` or a Core row of every ``jobs`` column (``JobRow``).
+    """
     error = _error(job)
     source = {"url": job.input_url} if job.input_url else {"filename": job.input_filename}
     webhook = {"url": job.webhook_url, "events": job.webhook_events} if job.webhook_url else None
@@ -97,38 +125,103 @@ def _transition_runs(
     a refund belongs to, read in the same statement (a retry may have run the job again
     since the caller loaded it)."""
     won = session.execute(
-        update(Job)
-        .where(Job.id.in_(list(job_ids)), Job.status.in_([s.value for s in from_]), *still)
+        update(JOBS)
+        .where(JOBS.c.id.in_(list(job_ids)), JOBS.c.status.in_([s.value for s in from_]), *still)
         .values(**values)
-        .returning(Job.id, Job.retries)
-        .execution_options(synchronize_session=False)
+        .returning(JOBS.c.id, JOBS.c.retries)
     )
     return dict(won.all())
 
 
-def claim(session: Session, job_ids: list[str], worker_id: str | None) -> list[Job]:
-    """Mark the active jobs among ``job_ids`` processing by ``worker_id``; a final job is skipped.
+#: The columns a worker reads to process a job (shared.jobs.claim_plain returns these).
+WORK_COLUMNS = (
+    "id",
+    "user_id",
+    "batch_id",
+    "model",
+    "top_k",
+    "input_url",
+    "status",
+    "attempts",
+    "retries",
+    "claimed_by",
+    "webhook_url",
+    "webhook_events",
+    "request_id",
+)
+
+
+def _ids_match(dialect: str, name: str) -> ColumnElement[bool]:
+    """``id`` among the list bound as ``name``: ``= ANY(array)`` on PostgreSQL, one SQL
+    text for every list length (psycopg prepares it once; an expanding IN is re-rendered
+    per call), an expanding ``IN`` elsewhere."""
+    if dialect == "postgresql":
+        return JOBS.c.id == any_(bindparam(name, type_=ARRAY(String)))
+    return JOBS.c.id.in_(bindparam(name, expanding=True))
+
+
+@functools.cache
+def _claim_statement(dialect: str, plain: bool) -> Update:
+    """Built once per dialect: a statement built per call cost more CPU than its round trip."""
+    now = bindparam("claim_now")
+    where = [_ids_match(dialect, "claim_ids"), JOBS.c.status.in_(ACTIVE_VALUES)]
+    # A RETURNING column costs the driver a description entry on every execution.
+    returning = [JOBS.c[name] for name in WORK_COLUMNS] if plain else list(JOBS.c)
+    if plain:
+        where.append(JOBS.c.webhook_url.is_(None))
+    return (
+        update(JOBS)
+        .where(*where)
+        .values(
+            status=JobStatus.PROCESSING.value,
+            attempts=JOBS.c.attempts + 1,
+            claimed_at=now,
+            claimed_by=bindparam("claim_by"),
+            started_at=case((JOBS.c.started_at.is_(None), now), else_=JOBS.c.started_at),
+        )
+        .returning(*returning)
+    )
+
+
+def _claim(session: Session, job_ids: list[str], worker_id: str | None, plain: bool):
+    connection = session.connection()
+    params = {"claim_ids": list(job_ids), "claim_now": utcnow(), "claim_by": worker_id}
+    return list(connection.execute(_claim_statement(connection.dialect.name, plain), params))
+
+
+def claim(session: Session, job_ids: list[str], worker_id: str | None) -> list[JobRow]:
+    """Mark the active jobs among ``job_ids`` processing by ``worker_id``; a final job is
+    skipped.
 
     A job processing elsewhere is taken over: its message came back, so its worker
     is presumed gone (a duplicate message costs work, never a second outcome). Returns
-    the claimed rows as the UPDATE wrote them; the caller commits.
+    the claimed rows as the UPDATE wrote them (Core rows of every column, see
+    ``JobRow``); the caller commits.
     """
     # One round trip: the claimed rows come back with RETURNING (PostgreSQL, SQLite >= 3.35).
-    return list(
-        session.scalars(
-            update(Job)
-            .where(Job.id.in_(job_ids), Job.status.in_([s.value for s in ACTIVE]))
-            .values(
-                status=JobStatus.PROCESSING.value,
-                attempts=Job.attempts + 1,
-                claimed_at=utcnow(),
-                claimed_by=worker_id,
-                started_at=case((Job.started_at.is_(None), utcnow()), else_=Job.started_at),
-            )
-            .returning(Job)
-            # The rows as written, even where the session already holds a stale copy.
-            .execution_options(synchronize_session=False, populate_existing=True)
+    return _claim(session, job_ids, worker_id, plain=False)
+
+
+def claim_plain(session: Session, job_ids: list[str], worker_id: str | None) -> list[JobRow]:
+    """``claim`` of the jobs among ``job_ids`` that have no webhook (the worker's hot path).
+
+    Nothing else is written with such a claim, so it can be a statement of its own; rows
+    carry only ``WORK_COLUMNS``.
+    """
+    return _claim(session, job_ids, worker_id, plain=True)
+
+
+@functools.cache
+def _succeeded_one_statement(dialect: str) -> Update:
+    return (
+        update(JOBS)
+        .where(JOBS.c.id == bindparam("done_id"), JOBS.c.status.in_(ACTIVE_VALUES))
+        .values(
+            status=JobStatus.SUCCEEDED.value,
+            result=bindparam("done_result", type_=NULLABLE_JSON),
+            completed_at=bindparam("done_now"),
         )
+        .returning(JOBS.c.id)
     )
 
 
@@ -141,9 +234,15 @@ def mark_all_succeeded(session: Session, results: dict[str, dict[str, Any]]) -> 
     """
     if not results:
         return set()
+    if len(results) == 1:  # a lone job: a statement built once, no CASE
+        connection = session.connection()
+        [(job_id, value)] = results.items()
+        params = {"done_id": job_id, "done_result": value, "done_now": utcnow()}
+        stmt = _succeeded_one_statement(connection.dialect.name)
+        return set(connection.execute(stmt, params).scalars())
     result = case(
         {job_id: literal(value, NULLABLE_JSON) for job_id, value in results.items()},
-        value=Job.id,
+        value=JOBS.c.id,
     )
     return _transition(
         session,
@@ -173,7 +272,7 @@ def release_lost(session: Session, job_ids: Iterable[str], *still: ColumnElement
     )
 
 
-def mark_failed(session: Session, job: Job, code: str, message: str, refund: bool) -> bool:
+def mark_failed(session: Session, job: Job | JobRow, code: str, message: str, refund: bool) -> bool:
     won = _transition_runs(
         session,
         [job.id],
@@ -202,11 +301,19 @@ def cancel(session: Session, job: Job) -> bool:
     return bool(won)
 
 
-def record_webhook(session: Session, job: Job, choice: str) -> str | None:
-    """Record job.started / job.completed for a job that asked for it; returns the event id."""
+def record_webhook(
+    session: Session, job: Job | JobRow, choice: str, as_written: JobRow | None = None
+) -> str | None:
+    """Record job.started / job.completed for a job that asked for it; returns the event id.
+
+    The event shows the job as just written: ``as_written`` (a RETURNING row of this
+    transaction), else the row read again here.
+    """
     if not job.webhook_url or not webhook_events.wants(job.webhook_events, choice):
         return None
-    job = session.get(Job, job.id, populate_existing=True)  # the state just written
+    if as_written is None:
+        as_written = session.execute(select(*JOBS.c).where(JOBS.c.id == job.id)).one()
+    job = as_written
     return webhook_events.record(
         session,
         user_id=job.user_id,

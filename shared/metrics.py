@@ -35,6 +35,11 @@ METRICS: dict[str, tuple[str, str, tuple[float, ...]]] = {
     "image_fetch_failures": ("counter", "Images that could not be used, by error code", ()),
     "jobs_finished": ("counter", "Jobs the workers finished, by final status", ()),
     "webhook_deliveries": ("counter", "Webhook delivery attempts, by outcome", ()),
+    "bookkeeping_cpu_seconds": (
+        "counter",
+        "Worker thread CPU seconds spent claiming, writing and announcing jobs, by step",
+        (),
+    ),
 }
 
 

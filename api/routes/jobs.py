@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import re
+import time
 
 from flask import g, request, url_for
 from sqlalchemy import select
@@ -13,7 +13,14 @@ from api.pagination import page
 from api.services import db, services
 from api.submission import JobRequest, build_request, submit, wait_within_caps
 from api.validation import Blueprint
-from api.waits import PROCESS_LIMIT, SKIPPED_HEADER, USER_LIMIT
+from api.waits import (
+    PROCESS_LIMIT,
+    SKIPPED_HEADER,
+    SKIPPED_RETRY_AFTER_S,
+    USER_LIMIT,
+    prefer_wait,
+    skipped_headers,
+)
 from shared import jobs
 from shared.errors import ValidationFailed
 from shared.models import Job
@@ -27,16 +34,30 @@ WAIT_SKIPPED_DOC = {
         "(user_limit) or the API process's (process_limit) cap on waits held at once; "
         "the answer shows the job as it is.",
         "schema": {"type": "string", "enum": [USER_LIMIT, PROCESS_LIMIT]},
-    }
+    },
+    "Retry-After": {
+        "description": "With X-Wait-Skipped: seconds to wait before polling again "
+        f"(currently {SKIPPED_RETRY_AFTER_S}); polling sooner is refused the same way.",
+        "schema": {"type": "integer", "minimum": 0},
+    },
 }
 
-PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+)", re.I)
 PREFER_DOC = {
     "in": "header",
     "name": "Prefer",
     "schema": {"type": "string", "example": "wait=30"},
-    "description": "wait=N (N <= 60): answer 200 with the finished job if it ends "
-    "in time; past the caps on waits held at once, 202 at once with X-Wait-Skipped.",
+    "description": "RFC 7240. wait=N (delta-seconds, capped at MAX_WAIT_S, 60): answer "
+    "200 with the finished job if it ends in time, else the usual 202; either way "
+    "Preference-Applied: wait=N says the wait was honoured. Past the caps on waits held "
+    "at once, 202 at once with X-Wait-Skipped and Retry-After (no Preference-Applied). "
+    "An invalid wait (wait=abc) and preferences other than wait are ignored, as RFC "
+    "7240 asks, not refused.",
+}
+PREFERENCE_APPLIED_DOC = {
+    "Preference-Applied": {
+        "description": "wait=N: the Prefer: wait was honoured (the request waited up to N s).",
+        "schema": {"type": "string", "example": "wait=30"},
+    }
 }
 
 
@@ -57,8 +78,7 @@ def _job_request(body: dict) -> JobRequest:
 
 
 def _prefer_wait() -> int | None:
-    match = PREFER_WAIT.search(request.headers.get("Prefer", ""))
-    return min(int(match.group(1)), services().config.max_wait_s) if match else None
+    return prefer_wait(request.headers.getlist("Prefer"), services().config.max_wait_s)
 
 
 @blp.route("", methods=["POST"])
@@ -77,9 +97,14 @@ def _prefer_wait() -> int | None:
     202,
     schemas.Job,
     description="Accepted and queued",
-    headers={**schemas.location_header("job"), **WAIT_SKIPPED_DOC},
+    headers={**schemas.location_header("job"), **WAIT_SKIPPED_DOC, **PREFERENCE_APPLIED_DOC},
 )
-@blp.alt_response(200, schema=schemas.Job, description="Finished within Prefer: wait")
+@blp.alt_response(
+    200,
+    schema=schemas.Job,
+    description="Finished within Prefer: wait",
+    headers=PREFERENCE_APPLIED_DOC,
+)
 @blp.alt_response(402, schema=schemas.ErrorSchema, description="insufficient_tokens")
 @blp.alt_response(409, schema=schemas.ErrorSchema, description="idempotency_key_reused")
 @blp.alt_response(413, schema=schemas.ErrorSchema, description="payload_too_large, image_too_large")
@@ -89,13 +114,18 @@ def create_job(body: dict):
     """Submit one image by URL (JSON) or upload (multipart); costs one token."""
     wait_s = _prefer_wait()
     job_request = _job_request(body)
-    status, body = submit(g.user, job_request, idempotency.request_key())
+    key = idempotency.request_key()
+    # A job submitted now did not exist before (unless a key replays an older one).
+    created_after = None if key else time.monotonic()
+    status, body = submit(g.user, job_request, key)
     if wait_s and status == 202:
-        job, skipped = wait_within_caps(g.user.id, body["id"], wait_s)
+        job, skipped = wait_within_caps(g.user.id, body["id"], wait_s, created_after)
         if skipped:
-            return body, status, {SKIPPED_HEADER: skipped, **_location(body)}
+            return body, status, {**skipped_headers(skipped), **_location(body)}
+        applied = {"Preference-Applied": f"wait={wait_s}"}
         if JobStatus(job.status).is_terminal():
-            return jobs.job_to_dict(job), 200, {"Preference-Applied": f"wait={wait_s}"}
+            return jobs.job_to_dict(job), 200, applied
+        return jobs.job_to_dict(job), status, {**applied, **_location(body)}
     return body, status, _location(body)
 
 
@@ -120,7 +150,7 @@ def get_job(query, job_id: str):
     if wait_s and not JobStatus(job.status).is_terminal():
         job, skipped = wait_within_caps(g.user.id, job_id, wait_s)
         if skipped:
-            headers[SKIPPED_HEADER] = skipped
+            headers.update(skipped_headers(skipped))
     return jobs.job_to_dict(job), 200, headers
 
 

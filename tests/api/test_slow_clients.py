@@ -25,7 +25,14 @@ from werkzeug.serving import make_server
 
 from api import create_app
 from api.services import services
-from api.waits import PROCESS_LIMIT, SKIPPED_HEADER, USER_LIMIT, WaitSlots
+from api.waits import (
+    PROCESS_LIMIT,
+    SKIPPED_HEADER,
+    SKIPPED_RETRY_AFTER_S,
+    USER_LIMIT,
+    WaitSlots,
+)
+from client.api import Client
 from shared.models import User
 from tests import support
 
@@ -198,9 +205,20 @@ def test_waits_past_the_per_user_cap_are_answered_at_once(api_stack):
         extra = requests.get(base + poll, headers=holder["headers"], timeout=20)
         assert extra.status_code == 200 and extra.json()["status"] == "queued"
         assert extra.headers[SKIPPED_HEADER] == USER_LIMIT
+        # With a hint when to poll again: at once would only be refused again at once.
+        assert extra.headers["Retry-After"] == str(SKIPPED_RETRY_AFTER_S)
         prefer = {**holder["headers"], "Prefer": "wait=60"}
         submitted = requests.post(f"{base}/v1/jobs", json={"url": URL}, headers=prefer, timeout=20)
         assert submitted.status_code == 202 and submitted.headers[SKIPPED_HEADER] == USER_LIMIT
+        assert submitted.headers["Retry-After"] == str(SKIPPED_RETRY_AFTER_S)
+        # The CLI's client honours it: its next poll waits first, a plain read does not.
+        pauses: list[float] = []
+        api = Client(base, holder["key"], sleep=pauses.append)
+        assert api.get_job(job["id"], wait_s=60)["status"] == "queued" and pauses == []
+        api.get_job(job["id"])
+        assert pauses == []
+        assert api.get_job(job["id"], wait_s=60)["status"] == "queued"
+        assert len(pauses) == 1 and 0 < pauses[0] <= SKIPPED_RETRY_AFTER_S
         assert "Preference-Applied" not in submitted.headers
         # The seed endpoint could not wait for its answer: refused, nothing charged.
         tokens = client.get("/v1/me", headers=holder["headers"]).get_json()["tokens"]

@@ -106,3 +106,39 @@ def test_close_answers_every_waiter_at_once_and_refuses_new_waits(config, monkey
     assert results == [False, False, False]
     assert listener.wait("c", 60, lambda: False) is False  # returns at once after close
     assert listener._waiters == {}
+
+
+def _subscribed(listener) -> None:
+    listener.wait("warm-up", 0, lambda: False)  # starts the listener thread
+    support.wait_for(lambda: listener._subscribed_at is not None, 10, "the subscription", 0.01)
+
+
+def test_a_job_created_after_the_subscription_is_read_once_when_done(config, monkeypatch):
+    # Issue #22: a request that submits and waits reads its job from SQL once, when
+    # woken, not also before waiting (its job cannot have finished unheard).
+    monkeypatch.setattr(events, "RECHECK_S", 60.0)
+    client = redis.Redis.from_url(config.redis_url)
+    listener = events.DoneListener(client, config)
+    _subscribed(listener)
+    created = time.monotonic()
+    done, reads = threading.Event(), []
+    publisher = threading.Thread(
+        target=_publish_when_registered, args=(listener, client, config, "job-5", done)
+    )
+    publisher.start()
+    assert listener.wait("job-5", 30, lambda: reads.append(1) or done.is_set(), created)
+    publisher.join()
+    assert reads == [1]
+
+
+def test_a_job_heard_finishing_before_its_wait_is_read_at_once(config, monkeypatch):
+    monkeypatch.setattr(events, "RECHECK_S", 60.0)  # no re-check could answer in time
+    client = redis.Redis.from_url(config.redis_url)
+    listener = events.DoneListener(client, config)
+    _subscribed(listener)
+    created = time.monotonic()
+    events.publish_done(client, config, ["job-6"])
+    support.wait_for(lambda: "job-6" in listener._recent, 10, "the finish to be heard", 0.01)
+    start = time.monotonic()
+    assert listener.wait("job-6", 30, lambda: True, created)
+    assert time.monotonic() - start < 20

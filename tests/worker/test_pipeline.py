@@ -6,10 +6,10 @@ A redelivered batch must change nothing: one result, one charge, at most one ref
 import dataclasses
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import event, select, update
 
 from shared import ledger
-from shared.models import Job, LedgerEntry, User, new_id
+from shared.models import Job, LedgerEntry, User, WebhookEvent, new_id
 from shared.pixel_budget import PixelBudget
 from worker import pipeline
 from worker.fetch import Fetcher
@@ -182,3 +182,79 @@ def test_decodes_take_pixels_from_the_process_budget(runtime, account, photo_ser
     assert pipeline.process(runtime, [ok]) is None
     assert _job(runtime, ok).status == "succeeded"
     assert runtime.pixel_budget.free == runtime.config.decode_budget_pixels  # all given back
+
+
+class _Statements:
+    """The statements an engine sends, and whether each ran outside a transaction."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.seen = engine, []
+
+    def _record(self, conn, _cursor, statement, *_args) -> None:
+        dbapi = conn.connection.driver_connection
+        autocommit = getattr(dbapi, "autocommit", False) is True  # psycopg only
+        self.seen.append((statement.split()[0], autocommit))
+
+    def __enter__(self):
+        event.listen(self.engine, "before_cursor_execute", self._record)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        event.remove(self.engine, "before_cursor_execute", self._record)
+
+
+def test_a_lone_job_is_claimed_and_written_in_one_statement_each(runtime, account, photo_server):
+    # Issue #22: at batch 1 the bookkeeping around the forward pass is one round trip
+    # for the claim and one for the result (autocommit on PostgreSQL: no BEGIN, COMMIT).
+    job_id = _submit(runtime, account, photo_server.url("dog.jpg"))
+    engine = runtime.sessions.kw["bind"]
+    # SQLite keeps its BEGIN IMMEDIATE (the write lock; in-process, no round trip).
+    one = (
+        [("UPDATE", True)]
+        if engine.dialect.name == "postgresql"
+        else [
+            ("BEGIN", False),
+            ("UPDATE", False),
+        ]
+    )
+    with _Statements(engine) as claim_sql, runtime.sessions() as s:
+        [job], events = pipeline.claim(s, [job_id], "w")
+    assert (job.status, job.attempts, events) == ("processing", 1, [])
+    assert claim_sql.seen == one
+    outcome = pipeline.JobOutcome(job, predictions=[{"label": "x", "score": 1.0}])
+    with _Statements(engine) as write_sql, runtime.sessions() as s:
+        assert pipeline.write(s, [outcome]) == []
+    assert write_sql.seen == one
+    done = _job(runtime, job_id)
+    assert (done.status, done.result) == (
+        "succeeded",
+        {"predictions": [{"label": "x", "score": 1.0}]},
+    )
+    with runtime.sessions() as s:  # a redelivery after the write changes nothing
+        assert pipeline.claim(s, [job_id], "w") == ([], [])
+
+
+def test_a_claim_records_job_started_once_beside_plain_jobs(runtime, account, photo_server):
+    # A job with a webhook is claimed with its job.started event in one transaction;
+    # the plain jobs of the same message go in the one-statement claim.
+    plain = _submit(runtime, account, photo_server.url("dog.jpg"))
+    hooked = _submit(
+        runtime,
+        account,
+        photo_server.url("dog.jpg"),
+        webhook_url="http://hooks.invalid/x",
+        webhook_events=["started", "completed"],
+    )
+    with runtime.sessions() as s:
+        rows, events = pipeline.claim(s, [plain, hooked, plain], "w")
+    assert sorted(r.id for r in rows) == sorted([plain, hooked]) and len(events) == 1
+    with runtime.sessions() as s:  # the redelivery: taken over, no second job.started
+        rows, again = pipeline.claim(s, [plain, hooked], "w")
+        assert {r.attempts for r in rows} == {2} and again == []
+        recorded = s.scalars(select(WebhookEvent).where(WebhookEvent.job_id == hooked)).all()
+    assert [(e.event_type, e.payload["data"]["status"]) for e in recorded] == [
+        ("job.started", "processing")
+    ]
+    with runtime.sessions() as s:
+        s.execute(update(Job).where(Job.id.in_([plain, hooked])).values(status="canceled"))
+        s.commit()

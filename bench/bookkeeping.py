@@ -1,0 +1,369 @@
+"""What the service's bookkeeping costs per image, outside loading and the forward pass
+(issue #22).
+
+Two parts:
+
+* ``steps``: the worker's claim, write and announce called in this process, on a
+  fresh PostgreSQL database and Redis, at batch sizes 1 and 32: CPU ms of this
+  process (thread CPU) and of the PostgreSQL backend per batch, wall ms per batch.
+  No Celery, no model, no images: the SQL and Redis work alone.
+* ``service``: the whole service on the null model (``RUNTIME=null``), bulk and
+  singles with ``Prefer: wait`` (bench.null_model's scenarios) plus one user with 16
+  waiting clients (past MAX_WAITS_PER_USER), CPU ms per image per process from /proc.
+
+``python -m bench.bookkeeping [--quick] [--json PATH]``. The machine may be shared:
+numbers are as measured.
+"""
+
+from __future__ import annotations
+
+import time
+
+from bench.common import cpu_seconds, fmt, main_json, median, pids_matching
+from harness import databases, stack_config
+
+STEP_SIZES = (1, 32)
+STEP_BATCHES = 200  # per size (quick: 20)
+
+
+def _user_and_jobs(session, n: int) -> tuple[int, list[str]]:
+    from shared import ledger
+    from shared.db import bulk_insert
+    from shared.models import Job, User, new_id, utcnow
+
+    user = User(username=f"b{new_id()[:12]}", password_hash="x", tokens=0)
+    session.add(user)
+    session.flush()
+    ledger.grant(session, user.id, n, ledger.SIGNUP)
+    ids = [new_id() for _ in range(n)]
+    now = utcnow()
+    rows = [
+        {c.name: None for c in Job.__table__.columns}
+        | {
+            "id": j,
+            "user_id": user.id,
+            "model": "mobilenet",
+            "top_k": 5,
+            "input_url": f"http://photos.invalid/{j}.jpg",
+            "status": "queued",
+            "attempts": 0,
+            "retries": 0,
+            "created_at": now,
+        }
+        for j in ids
+    ]
+    ledger.charge_jobs(session, user.id, ids)
+    bulk_insert(session, Job.__table__, rows)
+    session.commit()
+    return user.id, ids
+
+
+def _backend_cpu(db_name: str) -> float:
+    return sum(cpu_seconds(p) for p in pids_matching(f" {db_name} "))
+
+
+def steps(quick: bool = False) -> dict:
+    """claim / write / announce per batch, in this process (see the module docstring)."""
+    import redis
+    from sqlalchemy.engine import make_url
+
+    from shared.db import make_engine, make_session_factory
+    from shared.events import publish_done
+    from worker import pipeline
+
+    batches = 20 if quick else STEP_BATCHES
+    url = databases.create_postgres_database()
+    config = databases.migrated(stack_config.test_config(url))
+    engine = make_engine(config)
+    sessions = make_session_factory(engine)
+    client = redis.Redis.from_url(config.redis_url)
+    db_name = make_url(url).database
+    out = {}
+    try:
+        for size in STEP_SIZES:
+            with sessions() as s:
+                _, ids = _user_and_jobs(s, size * (batches + 5))
+            groups = [ids[i : i + size] for i in range(0, len(ids), size)]
+            for g in groups[:5]:  # warm-up: statement caches, connections
+                _one_batch(pipeline, sessions, client, config, g, publish_done)
+            cpu = {"claim": 0.0, "write": 0.0, "announce": 0.0}
+            wall = {"claim": [], "write": [], "announce": []}
+            pg_before = _backend_cpu(db_name)
+            for g in groups[5:]:
+                for step, (c, w) in _one_batch(
+                    pipeline, sessions, client, config, g, publish_done
+                ).items():
+                    cpu[step] += c
+                    wall[step].append(w)
+            pg = _backend_cpu(db_name) - pg_before
+            n = len(groups) - 5
+            out[str(size)] = {
+                "batches": n,
+                "cpu_ms_per_batch": {k: 1000 * v / n for k, v in cpu.items()},
+                "wall_ms_per_batch_p50": {k: 1000 * median(v) for k, v in wall.items()},
+                "postgres_cpu_ms_per_batch": 1000 * pg / n,
+            }
+    finally:
+        engine.dispose()
+        databases.delete_redis_prefix(config.queue_prefix)
+        databases.drop_postgres_database(url)
+    return out
+
+
+def _timed(fn):
+    c, w = time.thread_time(), time.perf_counter()
+    result = fn()
+    return result, (time.thread_time() - c, time.perf_counter() - w)
+
+
+def _one_batch(pipeline, sessions, client, config, ids, publish_done) -> dict:
+    def claim():
+        with sessions() as s:
+            return pipeline.claim(s, ids, "bench")
+
+    (rows, _events), t_claim = _timed(claim)
+    outcomes = [
+        pipeline.JobOutcome(r, predictions=[{"label": "macaw", "score": 0.9}]) for r in rows
+    ]
+
+    def write():
+        with sessions() as s:
+            return pipeline.write(s, outcomes)
+
+    _, t_write = _timed(write)
+    _, t_announce = _timed(lambda: publish_done(client, config, ids))
+    return {"claim": t_claim, "write": t_write, "announce": t_announce}
+
+
+# --- the whole service on the null model ---------------------------------------------
+
+SERVICE_JOBS = 1000
+CLIENTS = 16
+LONE_REQUESTS = 100
+# The stages whose CPU is bookkeeping: loading (loader processes), the photo server and
+# the benchmark's own clients are not.
+BOOKKEEPING_GROUPS = ("api", "worker", "postgres", "redis")
+
+
+def _steps_cpu(stack) -> dict[str, float]:
+    """The worker's bookkeeping counter (worker.pipeline.BOOKKEEPING), seconds by step."""
+    import redis
+
+    client = redis.Redis.from_url(stack.config.redis_url)
+    raw = client.hgetall(f"{stack.config.queue_prefix}:metrics:bookkeeping_cpu_seconds")
+    out = {}
+    for field, value in raw.items():
+        labels = dict(p.split("=", 1) for p in field.decode().split("|")[0].split(",") if p)
+        out[labels.get("step", "?")] = float(value)
+    return out
+
+
+def _measured(stack, n: int, body) -> dict:
+    """Run ``body() -> dict`` (with 'succeeded'), CPU per image by group and worker step."""
+    from bench.common import CpuMeter
+
+    steps_before = _steps_cpu(stack)
+    meter = CpuMeter(stack.cpu_groups()).start()
+    out = body()
+    cpu = meter.stop()
+    images = max(1, out["succeeded"])
+    out["cpu_ms_per_image"] = {
+        k: 1000 * v * cpu["wall_s"] / images for k, v in cpu["cores"].items()
+    }
+    after = _steps_cpu(stack)
+    out["worker_steps_ms_per_image"] = {
+        k: 1000 * (after[k] - steps_before.get(k, 0.0)) / images for k in after
+    }
+    out["bookkeeping_ms_per_image"] = sum(
+        out["cpu_ms_per_image"].get(g, 0.0) for g in BOOKKEEPING_GROUPS
+    )
+    return out
+
+
+def one_user_waiting(stack, n: int, honour_retry_after: bool) -> dict:
+    """16 clients of ONE user (past MAX_WAITS_PER_USER), each submitting with
+    ``Prefer: wait=60`` and polling ``?wait=60`` until its job ends, with client/api.py's
+    Client: honouring Retry-After, or (the client before issue #22) polling at once."""
+    import queue
+    import threading
+
+    from client.api import TERMINAL_JOB_STATUSES, Client
+
+    user = stack.user(n + 2)
+    todo: queue.Queue = queue.Queue()
+    for url in stack.urls(n):
+        todo.put(url)
+    counts = {"ok": 0, "requests": 0}
+    lock = threading.Lock()
+
+    def client_loop() -> None:
+        sleep = time.sleep if honour_retry_after else (lambda _s: None)
+        api = Client(stack.api.url, user["key"], sleep=sleep)
+        while True:
+            try:
+                url = todo.get_nowait()
+            except queue.Empty:
+                return
+            job, sent = api.create_job_url(url, wait_s=60), 1
+            while job["status"] not in TERMINAL_JOB_STATUSES:
+                job, sent = api.get_job(job["id"], wait_s=60), sent + 1
+            with lock:
+                counts["requests"] += sent
+                counts["ok"] += job["status"] == "succeeded"
+
+    def body() -> dict:
+        start = time.monotonic()
+        threads = [threading.Thread(target=client_loop) for _ in range(CLIENTS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.monotonic() - start
+        return {
+            "scenario": "one user, 16 waiting clients",
+            "honour_retry_after": honour_retry_after,
+            "jobs": n,
+            "succeeded": counts["ok"],
+            "failed": n - counts["ok"],
+            "requests_per_image": counts["requests"] / max(1, counts["ok"]),
+            "wall_s": wall,
+            "images_per_s": counts["ok"] / wall,
+        }
+
+    return _measured(stack, n, body)
+
+
+def lone_requests(stack, n: int) -> dict:
+    """One client, one job at a time with ``Prefer: wait=60``: latency of a lone request."""
+    import requests
+
+    from bench.common import latency_summary
+
+    user = stack.user(n + 2)
+    headers = {**user["headers"], "Prefer": "wait=60"}
+    latencies = []
+    with requests.Session() as session:
+        for url in stack.urls(n):
+            start = time.perf_counter()
+            resp = session.post(f"{stack.api.url}/v1/jobs", json={"url": url}, headers=headers)
+            latencies.append(time.perf_counter() - start)
+            assert resp.status_code == 200, resp.text
+    return {"scenario": "lone requests", "jobs": n, **latency_summary(latencies)}
+
+
+def _scenario(stack, n: int, run) -> dict:
+    # bench.end_to_end's scenarios, re-measured here for the worker's step counter.
+    return _measured(stack, n, lambda: {k: v for k, v in run().items() if k != "cpu_cores"})
+
+
+def service(quick: bool = False) -> dict:
+    from bench import end_to_end
+    from bench.null_model import NullStack
+
+    n = 48 if quick else SERVICE_JOBS
+    with NullStack() as stack, stack.running(1, "1"):  # loading in a loader process
+        end_to_end.singles(stack, 16, CLIENTS, wait=True)  # warm-up
+        scenarios = {
+            "bulk": _scenario(stack, n, lambda: end_to_end.bulk(stack, n)),
+            "singles": _scenario(stack, n, lambda: end_to_end.singles(stack, n, CLIENTS, False)),
+            "singles_wait": _scenario(
+                stack, n, lambda: end_to_end.singles(stack, n, CLIENTS, wait=True)
+            ),
+            "one_user_spin": one_user_waiting(stack, n // 2, honour_retry_after=False),
+            "one_user_retry_after": one_user_waiting(stack, n // 2, honour_retry_after=True),
+            "lone": lone_requests(stack, 20 if quick else LONE_REQUESTS),
+        }
+    return scenarios
+
+
+def run(quick: bool = False) -> dict:
+    return {"steps": steps(quick), "service": service(quick)}
+
+
+def _breakdown(result: dict) -> list[str]:
+    sc = result["service"]
+    plain_api = sc["singles"]["cpu_ms_per_image"]["api"]
+    lines = [
+        "",
+        "Null model (`RUNTIME=null`), one worker, one loader process; CPU ms per image by "
+        "step (bookkeeping = API + worker + PostgreSQL + Redis; loading, photo server and "
+        "clients left out):",
+        "",
+        "| step | bulk | singles, fire and forget | singles with wait |",
+        "|---|---|---|---|",
+    ]
+    keys = ("bulk", "singles", "singles_wait")
+
+    def row(label: str, value) -> None:
+        lines.append(f"| {label} | " + " | ".join(fmt(value(sc[k])) for k in keys) + " |")
+
+    row("API (all of it)", lambda s: s["cpu_ms_per_image"].get("api"))
+    row(
+        "  of which the wait and its wake-up (API with wait - fire and forget)",
+        lambda s: s["cpu_ms_per_image"].get("api") - plain_api if s is sc["singles_wait"] else None,
+    )
+    row("worker process (all of it)", lambda s: s["cpu_ms_per_image"].get("worker"))
+    for step in ("claim", "write", "announce"):
+        row(f"  of which {step}", lambda s, step=step: s["worker_steps_ms_per_image"].get(step))
+    row(
+        "  of which Celery/kombu and the rest (per message)",
+        lambda s: (
+            s["cpu_ms_per_image"].get("worker")
+            - sum(
+                s["worker_steps_ms_per_image"].get(k, 0.0) for k in ("claim", "write", "announce")
+            )
+        ),
+    )
+    row("PostgreSQL", lambda s: s["cpu_ms_per_image"].get("postgres"))
+    row("Redis", lambda s: s["cpu_ms_per_image"].get("redis"))
+    row("**bookkeeping total**", lambda s: s["bookkeeping_ms_per_image"])
+    row("(loader processes, not bookkeeping)", lambda s: s["cpu_ms_per_image"].get("loaders"))
+    row("images/s", lambda s: s["images_per_s"])
+    lines += [
+        "",
+        "One user, 16 clients waiting (`Prefer: wait=60`, then `?wait=60` until the end; "
+        "MAX_WAITS_PER_USER 10):",
+        "",
+        "| client | images/s | requests per image | API CPU ms/image | bookkeeping CPU ms/image |",
+        "|---|---|---|---|---|",
+    ]
+    for key, label in (
+        ("one_user_spin", "polls again at once (before)"),
+        ("one_user_retry_after", "honours Retry-After"),
+    ):
+        s = sc[key]
+        lines.append(
+            f"| {label} | {fmt(s['images_per_s'])} | {fmt(s['requests_per_image'])} "
+            f"| {fmt(s['cpu_ms_per_image'].get('api'))} | {fmt(s['bookkeeping_ms_per_image'])} |"
+        )
+    lone = sc["lone"]
+    lines += [
+        "",
+        f"Lone requests (one client, `Prefer: wait=60`, {lone['jobs']} in a row): p50 "
+        f"{fmt(lone['p50_ms'])} ms, p95 {fmt(lone['p95_ms'])} ms (no forward pass).",
+    ]
+    return lines
+
+
+def report(result: dict) -> str:
+    lines = [
+        "Worker steps in process (PostgreSQL; CPU ms per batch: this process / PG backend):",
+        "",
+        "| batch | claim CPU | write CPU | announce CPU | PG backend CPU (all three) "
+        "| claim wall p50 | write wall p50 | announce wall p50 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for size, s in result["steps"].items():
+        c, w = s["cpu_ms_per_batch"], s["wall_ms_per_batch_p50"]
+        lines.append(
+            f"| {size} | {fmt(c['claim'])} | {fmt(c['write'])} | {fmt(c['announce'])} "
+            f"| {fmt(s['postgres_cpu_ms_per_batch'])} | {fmt(w['claim'])} | {fmt(w['write'])} "
+            f"| {fmt(w['announce'])} |"
+        )
+    if "service" in result:
+        lines += _breakdown(result)
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main_json(run)
