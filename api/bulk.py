@@ -340,6 +340,7 @@ def _requeue(
             "The batch was canceled; submit its lines as a new batch instead.",
             code="batch_canceled",
         )
+    batches.check_whole(session, batch)  # 410 once retention has begun to purge it
     runs = jobs.requeue_failed(session, batch_id, codes)
     if not runs:
         which = f" with error code {', '.join(codes)}" if codes else ""

@@ -15,14 +15,16 @@ This module owns every batch-level transition (``cancel``, ``complete_finished``
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from shared import jobs, webhook_events
+from shared.errors import Conflict
 from shared.jobs import iso
-from shared.models import Batch, Job, utcnow
+from shared.models import Batch, Job, as_utc, utcnow
 from shared.status import ACTIVE, TERMINAL, JobStatus
 
 ACTIVE_VALUES = [s.value for s in ACTIVE]
@@ -133,17 +135,45 @@ def reopen(session: Session, batch: Batch) -> None:
     session.flush()
 
 
+def check_whole(session: Session, batch: Batch) -> None:
+    """Refuse to change a locked batch that retention has begun to purge (some of its
+    lines are gone): it is purged whole, never reopened half empty. A canceled batch may
+    have fewer lines (see ``cancel``), and cannot be reopened anyway."""
+    if batch.canceled_at is not None:
+        return
+    lines = session.scalar(select(func.count()).where(Job.batch_id == batch.id))
+    if lines < batch.total:
+        raise Conflict(
+            "The batch ended more than RETENTION_DAYS ago and is being purged; "
+            "submit its lines as a new batch instead.",
+            status=410,
+            code="batch_expired",
+        )
+
+
 def delete_ended(
-    session: Session, batch_id: str, chunk: int | None = None, with_events: bool = True
+    session: Session,
+    batch_id: str,
+    chunk: int | None = None,
+    with_events: bool = True,
+    ended_before: datetime | None = None,
 ) -> bool:
     """Delete an ended batch (``completed_at`` set: all its jobs are final) and its jobs.
 
     Without ``chunk`` all goes at once. With it, at most that many jobs go in this call
     and the batch row only once none is left: the caller commits and calls again while
     this returns False, so a 10,000-job batch never holds its locks in one long
-    transaction. True: done (the batch is gone, or was not deletable). ``with_events``
-    as in ``jobs.delete_finished``. The caller commits.
+    transaction. ``ended_before`` (retention): each call first locks the batch and goes
+    on only if it still ended before then, so a retry (``check_whole``, under the same
+    lock) either reopens the batch before its first line goes, and this deletes
+    nothing, or finds lines gone and is refused. True: done (the batch is gone, or was
+    not deletable). ``with_events`` as in ``jobs.delete_finished``. The caller commits.
     """
+    if ended_before is not None:
+        batch = lock(session, batch_id)
+        ended = batch.completed_at if batch is not None else None
+        if ended is None or as_utc(ended) >= ended_before:  # gone, or reopened meanwhile
+            return True
     which = Job.batch_id == batch_id
     if chunk:  # by id: a DELETE cannot take a LIMIT on both databases
         final = Job.status.in_([s.value for s in TERMINAL])

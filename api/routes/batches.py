@@ -208,6 +208,7 @@ def cancel_batch(batch_id: str):
 @blp.response(202, schemas.BatchRetried)
 @blp.alt_response(402, schema=schemas.ErrorSchema, description="insufficient_tokens")
 @blp.alt_response(409, schema=schemas.ErrorSchema, description="batch_canceled, nothing_to_retry")
+@blp.alt_response(410, schema=schemas.ErrorSchema, description="batch_expired (being purged)")
 def retry_failed(args: dict, batch_id: str):
     """Re-queue the lines that failed (optionally only some error codes); one token each."""
     status, body = retry_batch(
