@@ -214,6 +214,7 @@ def submit_batch(user: User, req: BatchRequest, idempotency_key: str | None) -> 
     if idempotency_key and (found := idempotency.replay(user.id, idempotency_key, fingerprint)):
         return found
     limits().check_submission(user.id)  # a batch is one submission; tokens bound its size
+    limits().check_bulk_lines(user.id, len(req.urls))  # ... but a cancel gives them back
     svc = services()
     svc.redis.ping()  # a dead broker is a 503 before anything is written
     batch_id, job_ids = new_id(), [new_id() for _ in req.urls]

@@ -49,8 +49,18 @@ def status_of(batch: Batch, job_counts: dict[str, int]) -> str:
     return "queued"
 
 
-def batch_to_dict(session: Session, batch: Batch) -> dict[str, Any]:
+def batch_counts(session: Session, batch: Batch) -> dict[str, int]:
+    """``counts``, with the lines a cancel withdrew (deleted unsent, see ``cancel``)
+    counted canceled: only a canceled batch has fewer lines than its total, as long as
+    retention has not begun to purge it."""
     job_counts = counts(session, batch.id)
+    if batch.canceled_at is not None:
+        job_counts[JobStatus.CANCELED.value] += max(0, batch.total - sum(job_counts.values()))
+    return job_counts
+
+
+def batch_to_dict(session: Session, batch: Batch) -> dict[str, Any]:
+    job_counts = batch_counts(session, batch)
     return {
         "id": batch.id,
         "status": status_of(batch, job_counts),
@@ -121,8 +131,23 @@ def lock(session: Session, batch_id: str) -> Batch | None:
 def cancel(session: Session, batch: Batch) -> tuple[list[str], list[str]]:
     """Cancel a locked batch (see ``lock``): its queued jobs are canceled and refunded,
     running ones finish. Returns (the job ids canceled, new webhook event ids); the
-    caller checks the batch has not ended, and commits."""
-    canceled = jobs.cancel_queued(session, batch.user_id, Job.batch_id == batch.id)
+    caller checks the batch has not ended, and commits.
+
+    Its lines still waiting in SQL on their first run (never sent: ``dispatched_at``
+    NULL) are withdrawn instead: deleted with their charge rows, their tokens back
+    (``jobs.withdraw_unstarted``). No worker can hold them (the dispatcher marks a
+    chunk under this batch's lock before sending it), and so a canceled 10,000-line
+    batch leaves no row per line behind: a submit-and-cancel loop cannot grow the
+    database. ``batch_counts`` counts them canceled; the results list only the lines
+    that remain."""
+    withdrawn = jobs.withdraw_unstarted(
+        session,
+        batch.user_id,
+        Job.batch_id == batch.id,
+        Job.dispatched_at.is_(None),
+        Job.retries == 0,  # a retried line's earlier runs stay in the ledger
+    )
+    canceled = withdrawn + jobs.cancel_queued(session, batch.user_id, Job.batch_id == batch.id)
     batch.canceled_at = utcnow()
     session.flush()
     return canceled, complete_finished(session, [batch.id])
