@@ -5,7 +5,8 @@ Run by hand: ``.venv/bin/python -m bench.cancel_loop [--db sqlite|postgres|both]
 The API as deployed (``gunicorn -c gunicorn.conf.py``) on a fresh database and the
 local Redis, with no worker, and the production rate limits (``RATE_LIMIT_SUBMIT``,
 ``RATE_LIMIT_BULK_LINES`` at their defaults, unless ``--bulk-lines`` says otherwise).
-One user loops "submit 10,000 lines, cancel" for ``--seconds`` while four others send
+One user loops "submit 10,000 lines, cancel" for ``--seconds`` (a refused submission
+is sent again at once; ``--polite``: after its ``Retry-After``) while four others send
 ``GET /v1/me``; the script prints the cycles done, the answers the looping user got,
 the database's growth in MB (SQLite: the file and its WAL; PostgreSQL:
 ``pg_database_size``) and the other users' /v1/me p50/p99/max.
@@ -18,7 +19,7 @@ import os
 import tempfile
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import psycopg
@@ -39,24 +40,32 @@ def db_bytes(url: str) -> int:
         return conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
 
 
-def cancel_loop(base: str, user: dict, stop: threading.Event) -> Counter:
-    """Submit LINES lines and cancel them until ``stop``; the answers, by kind and status."""
+def cancel_loop(
+    base: str, user: dict, stop: threading.Event, polite: bool, took: defaultdict
+) -> Counter:
+    """Submit LINES lines and cancel them until ``stop``; the answers, by kind and status.
+    Refused (429), it submits again at once, unless ``polite``. ``took``: seconds per
+    answer, by kind and status."""
     body = "\n".join(f"https://images.example.com/{i}.jpg" for i in range(LINES))
     http, answers = requests.Session(), Counter()
     headers = {**user["headers"], "Content-Type": "text/plain"}
     while not stop.is_set():
+        start = time.perf_counter()
         resp = http.post(f"{base}/v1/batches", data=body, headers=headers, timeout=120)
         answers[f"submit {resp.status_code}"] += 1
-        if resp.status_code == 429:  # as a client that honours Retry-After would
+        took[f"submit {resp.status_code}"].append(time.perf_counter() - start)
+        if resp.status_code == 429 and polite:  # as a client that honours Retry-After
             stop.wait(float(resp.headers.get("Retry-After", "1")))
             continue
         if resp.status_code != 202:
             continue
         batch_id = resp.json()["id"]
+        start = time.perf_counter()
         resp = http.post(
             f"{base}/v1/batches/{batch_id}/cancel", headers=user["headers"], timeout=120
         )
         answers[f"cancel {resp.status_code}"] += 1
+        took[f"cancel {resp.status_code}"].append(time.perf_counter() - start)
     return answers
 
 
@@ -86,7 +95,7 @@ def me_latencies(base: str, users: list[dict], stop: threading.Event) -> tuple[l
     return latencies, errors
 
 
-def run(db: str, seconds: float, bulk_lines: str | None) -> None:
+def run(db: str, seconds: float, bulk_lines: str | None, polite: bool) -> None:
     overrides = {"rate_limit_submit": "20/second"}  # the production default
     if bulk_lines:
         overrides["rate_limit_bulk_lines"] = bulk_lines
@@ -106,7 +115,8 @@ def run(db: str, seconds: float, bulk_lines: str | None) -> None:
             me.start()
             timer = threading.Timer(seconds, stop.set)
             timer.start()
-            answers = cancel_loop(base, looper, stop)
+            took: defaultdict = defaultdict(list)
+            answers = cancel_loop(base, looper, stop, polite, took)
             me.join(180)
             grown = (db_bytes(config.database_url) - before) / 1e6
             latencies, errors = result["me"]
@@ -116,6 +126,10 @@ def run(db: str, seconds: float, bulk_lines: str | None) -> None:
                 f"(RATE_LIMIT_BULK_LINES={config.rate_limit_bulk_lines}); load {loadavg()}"
             )
             print(f"  looping user's answers: {dict(sorted(answers.items()))}")
+            print(
+                "  their time, max s: "
+                + ", ".join(f"{k} {max(v):.2f}" for k, v in sorted(took.items()))
+            )
             print(f"  database growth: {grown:.1f} MB")
             print(
                 f"  other users' GET /v1/me: n={len(ms)} p50 {fmt(percentile(ms, 50))} ms"
@@ -132,10 +146,13 @@ def main() -> None:
     parser.add_argument("--db", choices=["sqlite", "postgres", "both"], default="both")
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--bulk-lines", help="RATE_LIMIT_BULK_LINES for this run")
+    parser.add_argument(
+        "--polite", action="store_true", help="wait Retry-After after a 429 (default: at once)"
+    )
     args = parser.parse_args()
     os.environ.setdefault("LOG_LEVEL", "WARNING")
     for db in ("sqlite", "postgres") if args.db == "both" else (args.db,):
-        run(db, args.seconds, args.bulk_lines)
+        run(db, args.seconds, args.bulk_lines, args.polite)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 from collections.abc import Callable, Iterator
@@ -24,10 +25,12 @@ from api.bulk import (
 )
 from api.errors import invalid_body
 from api.pagination import page
+from api.ratelimit import limits
 from api.services import db, services
 from api.submission import checked_model
 from api.validation import Blueprint
 from shared import batches
+from shared.errors import RateLimited
 from shared.models import Batch
 
 blp = Blueprint("batches", __name__, url_prefix="/v1/batches", description="Bulk URL batches")
@@ -99,8 +102,29 @@ def _build(build: Callable[..., BatchRequest], numbered: list, options: dict) ->
     return build(numbered, checked_model(options.get("model")), top_k, options.get("webhook"))
 
 
+def _bulk_room_first(view: Callable) -> Callable:
+    """Refuse a user with no batch line left in RATE_LIMIT_BULK_LINES's window before
+    the body is read: a client resubmitting 10,000 lines at once after each 429 would
+    otherwise cost the parsing of every line, every time (api/ratelimit.py)."""
+
+    @functools.wraps(view)
+    def wrapper(*args, **kwargs):
+        try:
+            limits().check_bulk_room(g.user.id)
+        except RateLimited:
+            # Read (not parse) the rest of the body: answered before its end, an HTTP
+            # client still sending it sees the connection reset, not the 429.
+            while request.stream.read(1 << 16):
+                pass
+            raise
+        return view(*args, **kwargs)
+
+    return wrapper
+
+
 @blp.route("", methods=["POST"])
 @login_required
+@_bulk_room_first
 @blp.arguments(schemas.BatchCreate)
 @blp.doc(**BATCH_CREATE_DOC)
 @blp.response(202, schemas.BatchSchema, headers=schemas.location_header("batch"))

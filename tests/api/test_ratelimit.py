@@ -67,6 +67,11 @@ def test_batch_lines_beyond_the_limit_are_429_even_when_canceled(api_stack):
     assert client.get("/v1/me", headers=user["headers"]).get_json()["tokens"] == 5
     fits = client.post("/v1/batches", json={"urls": urls[:2]}, headers=user["headers"])
     assert fits.status_code == 202  # 4 + 2 lines: within the 6
+    # The window is full: refused before the lines are checked (these are no URLs).
+    unread = client.post(
+        "/v1/batches", data="not a URL\n" * 4, content_type="text/plain", headers=user["headers"]
+    )
+    assert unread.status_code == 429, unread.get_json()
     other = support.new_user(client)  # per user
     assert (
         client.post("/v1/batches", json={"urls": urls}, headers=other["headers"]).status_code == 202
