@@ -32,10 +32,12 @@ from harness import accounts
 LINES = 10_000
 
 
-def db_bytes(url: str) -> int:
+def db_bytes(url: str, wal: bool = True) -> int:
+    """The database's size: SQLite's file and (``wal``) its WAL, or pg_database_size."""
     if url.startswith("sqlite"):
         path = Path(url.removeprefix("sqlite:///"))
-        return sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())
+        files = (path, Path(f"{path}-wal")) if wal else (path,)
+        return sum(p.stat().st_size for p in files if p.exists())
     with psycopg.connect(libpq_dsn(url), autocommit=True) as conn:
         return conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
 
@@ -109,6 +111,7 @@ def run(db: str, seconds: float, bulk_lines: str | None, polite: bool) -> None:
                 _fund(config, u["username"])
             looper, others = users[0], users[1:]
             before = db_bytes(config.database_url)
+            before_file = db_bytes(config.database_url, wal=False)
             stop = threading.Event()
             result: dict = {}
             me = threading.Thread(target=lambda: result.update(me=me_latencies(base, others, stop)))
@@ -119,6 +122,7 @@ def run(db: str, seconds: float, bulk_lines: str | None, polite: bool) -> None:
             answers = cancel_loop(base, looper, stop, polite, took)
             me.join(180)
             grown = (db_bytes(config.database_url) - before) / 1e6
+            file_grown = (db_bytes(config.database_url, wal=False) - before_file) / 1e6
             latencies, errors = result["me"]
             ms = [v * 1000 for v in latencies]
             print(
@@ -130,7 +134,8 @@ def run(db: str, seconds: float, bulk_lines: str | None, polite: bool) -> None:
                 "  their time, max s: "
                 + ", ".join(f"{k} {max(v):.2f}" for k, v in sorted(took.items()))
             )
-            print(f"  database growth: {grown:.1f} MB")
+            wal = f" (the file alone: {file_grown:.1f} MB)" if db == "sqlite" else ""
+            print(f"  database growth: {grown:.1f} MB{wal}")
             print(
                 f"  other users' GET /v1/me: n={len(ms)} p50 {fmt(percentile(ms, 50))} ms"
                 f"  p99 {fmt(percentile(ms, 99))} ms  max {fmt(max(ms, default=float('nan')))} ms"
