@@ -37,5 +37,6 @@ api:  ## Run the API under gunicorn on 127.0.0.1:5000 (HOST, PORT to change)
 bench:  ## Run every benchmark (15-30 min) and write docs/benchmarks.md
 	.venv/bin/python -m bench.run_all
 
-clean:  ## Remove local state (var/, caches)
+clean:  ## Remove local state (var/, caches) and this QUEUE_PREFIX's keys from Redis
+	if [ -x .venv/bin/python ]; then .venv/bin/python -m scripts.clean_redis; fi
 	rm -rf var .cache .pytest_cache test-output

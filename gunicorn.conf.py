@@ -1,5 +1,10 @@
 """Gunicorn settings for the API: ``gunicorn -c gunicorn.conf.py 'api.wsgi:app'``.
 
+gunicorn's threaded workers give each connection a thread while it reads the request,
+with no time limit on a slow header or body: in production gunicorn is never reached
+directly, only through nginx (deploy/nginx.conf, docs/deploy.md "The front proxy"),
+which reads whole requests first.
+
 This file configures gunicorn, the HTTP server, not the service. The application
 reads its settings only through shared/config.py (the variables in the README's
 table); the variables read here are gunicorn's own knobs and are not
@@ -26,10 +31,13 @@ place that reads the application's environment stays shared/config.py.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
 import threading
+
+import gunicorn.util
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -87,6 +95,45 @@ loglevel = _config.log_level.lower()
 def on_starting(server) -> None:
     _check_threads_outnumber_waits(server.cfg.threads)
     _empty_metrics_dir()
+    gunicorn.util.write_error = _write_json_error  # before the workers fork
+
+
+# gunicorn answers some requests itself, before the app sees them: a request line over
+# limit_request_line (4094 bytes: 414), over limit_request_fields headers or
+# limit_request_field_size bytes in one (431), a malformed request (400). It writes them
+# as HTML through gunicorn.util.write_error, for which it has no setting or hook; this
+# replaces it so that they come in the service's JSON error format too (docs/api.md).
+SERVER_ERROR_CODES = {
+    400: "bad_request",
+    403: "forbidden",
+    414: "uri_too_long",
+    417: "expectation_failed",
+    431: "headers_too_large",
+    501: "not_implemented",
+}
+SERVER_ERROR_HINTS = {
+    414: "The request line is longer than the server's limit_request_line; send long "
+    "input in the body (many URLs: POST /v1/batches).",
+    431: "Too many or too large request headers (the server's limit_request_fields, "
+    "limit_request_field_size).",
+}
+
+
+def _write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
+    message = SERVER_ERROR_HINTS.get(status_int) or mesg or "An internal error occurred."
+    body = json.dumps(
+        {
+            "error": {
+                "code": SERVER_ERROR_CODES.get(status_int, "internal_error"),
+                "message": message,
+            }
+        }
+    ).encode()
+    head = (
+        f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    gunicorn.util.write_nonblock(sock, head.encode("latin-1") + body)
 
 
 def _check_threads_outnumber_waits(threads: int) -> None:

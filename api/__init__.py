@@ -13,7 +13,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from api.auth import KeyCache, dummy_hash
 from api.errors import register_error_handlers
-from api.json_provider import JSONProvider
+from api.json_provider import JSONProvider, invalid_json
 from api.metrics import init_metrics
 from api.ratelimit import Limits
 from api.schemas import ErrorSchema
@@ -21,7 +21,6 @@ from api.services import Services, close_db
 from api.waits import WaitSlots
 from shared import logs
 from shared.config import Config
-from shared.errors import InvalidJSON
 
 API_TITLE = "imgclf: queued batch image classification"
 MULTIPART_OVERHEAD = 1024 * 1024
@@ -60,6 +59,8 @@ def create_app(config: Config | None = None, **overrides: Any) -> Flask:
     app.before_request(_bind_request_id)
     app.before_request(_reject_malformed_json)
     app.after_request(_echo_request_id)
+    if config.null_runtime:  # fixed answers, not a model: say so on every answer
+        app.after_request(_mark_null_runtime)
 
     app.json.sort_keys = False
     api = ServiceApi(app, spec_kwargs={"components": _security_components(), "security": _SECURITY})
@@ -96,6 +97,11 @@ def _security_components() -> dict:
         "securitySchemes": {
             "bearerAuth": {"type": "http", "scheme": "bearer", "description": "API key"},
             "basicAuth": {"type": "http", "scheme": "basic"},
+            "metricsToken": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "METRICS_TOKEN (GET /metrics only)",
+            },
         }
     }
 
@@ -113,7 +119,18 @@ def _echo_request_id(response):
     return response
 
 
+#: On every answer of an API configured with RUNTIME=null (benchmarks only).
+NULL_RUNTIME_HEADER = "X-Imgclf-Runtime"
+NULL_RUNTIME_NOTE = "null: every image gets the same fixed answer, no model runs (benchmarks only)"
+
+
+def _mark_null_runtime(response):
+    response.headers[NULL_RUNTIME_HEADER] = NULL_RUNTIME_NOTE
+    return response
+
+
 def _reject_malformed_json() -> None:
     # One check for every endpoint: a JSON body that does not parse is a 400, not a 422.
-    if request.is_json and request.content_length and request.get_json(silent=True) is None:
-        raise InvalidJSON()
+    # (get_data, not content_length: a chunked body has no Content-Length.)
+    if request.is_json and request.get_data(cache=True) and request.get_json(silent=True) is None:
+        raise invalid_json(request.get_data())

@@ -105,6 +105,12 @@ class KeyCache:
     goes to SQL, so no cache entry can let a bad key in. A revoke forgets the key at
     once in the process that served it (``forget``); other API processes stop accepting
     it within ``API_KEY_CACHE_S`` at most. 0 turns the cache off.
+
+    A lookup that read the key from SQL just before a revoke in this process must not
+    put it back afterwards: every ``forget`` moves the cache to a new generation, and
+    ``put`` stores nothing if the generation changed since its lookup began
+    (``generation()`` before the SQL read). Both happen under one lock, so the revoke
+    wins in its own process whichever order the two threads reach it.
     """
 
     MAX_ENTRIES = 10_000  # past this the cache starts over: a bound on memory, not an LRU
@@ -113,6 +119,11 @@ class KeyCache:
         self.ttl_s = ttl_s
         self._entries: dict[str, tuple[float, str, dict[str, Any]]] = {}
         self._lock = threading.Lock()
+        self._generation = 0
+
+    def generation(self) -> int:
+        """Read before a lookup's SQL query; handed to ``put`` with its result."""
+        return self._generation
 
     def get(self, digest: str) -> tuple[User, str] | None:
         """A fresh detached copy of the caller and the key's id, or None."""
@@ -129,17 +140,21 @@ class KeyCache:
         make_transient_to_detached(user)
         return user, key_id
 
-    def put(self, digest: str, user: User, key_id: str) -> None:
+    def put(self, digest: str, user: User, key_id: str, since: int | None = None) -> None:
+        """Keep a key that SQL accepted; ``since``: ``generation()`` before that lookup."""
         if self.ttl_s <= 0:
             return
         columns = {name: getattr(user, name) for name in CACHED_USER_COLUMNS}
         with self._lock:
+            if since is not None and since != self._generation:
+                return  # a key was revoked meanwhile: maybe this one (a miss costs one query)
             if len(self._entries) >= self.MAX_ENTRIES:
                 self._entries.clear()
             self._entries[digest] = (time.monotonic() + self.ttl_s, key_id, columns)
 
     def forget(self, key_id: str) -> None:
         with self._lock:
+            self._generation += 1
             # A copy first (one C call, atomic): get() drops expired entries unlocked.
             for digest, (_, cached_id, _) in list(self._entries.items()):
                 if cached_id == key_id:
@@ -156,6 +171,7 @@ def _user_by_key(key: str, use_cache: bool = True) -> User:
     if use_cache and (hit := cache.get(digest)):
         user, g.api_key_id = hit
         return user
+    since = cache.generation()  # before the SQL read: a revoke after it must win
     session = db()
     # Only the key's two columns: loading it as an entity too costs more than the query.
     row = session.execute(
@@ -172,7 +188,7 @@ def _user_by_key(key: str, use_cache: bool = True) -> User:
     if last is None or as_utc(last) < now - LAST_USED_RESOLUTION:
         session.execute(update(ApiKey).where(ApiKey.id == key_id).values(last_used_at=now))
         session.commit()
-    cache.put(digest, user, key_id)
+    cache.put(digest, user, key_id, since)
     g.api_key_id = key_id
     return user
 

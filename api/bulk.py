@@ -16,22 +16,33 @@ its number.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import io
 import json
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import IO
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api import idempotency
+from api import idempotency, json_provider
 from api.ratelimit import limits
 from api.services import db, services
 from api.urls import is_valid_url
 from shared import batches, dispatch, jobs, ledger, logs
 from shared.db import bulk_insert
-from shared.errors import Conflict, NotFound, ValidationFailed
+from shared.errors import (
+    Conflict,
+    DecodeBusy,
+    InvalidJSON,
+    JobInputError,
+    NotFound,
+    ServiceError,
+    ValidationFailed,
+)
 from shared.models import Batch, Job, User, new_id, utcnow
 from shared.status import JobStatus
 
@@ -39,7 +50,22 @@ MAX_REPORTED_LINES = 100
 RESULTS_PAGE = 500
 MAX_CUSTOM_ID = 64
 TOP_K_RANGE = range(1, 21)  # the batch-level top_k's range (api/schemas.py BatchOptions)
-JSONL_KEYS = frozenset({"custom_id", "url", "top_k"})
+JSONL_KEYS = ("custom_id", "url", "top_k")
+JSONL_TYPE = "application/jsonl"
+
+
+def _job_error_codes() -> tuple[str, ...]:
+    """Every ``error.code`` a failed job can have: the input errors, the worker's own."""
+    classes, seen = [JobInputError, DecodeBusy], set()
+    while classes:
+        cls = classes.pop()
+        seen.add(cls.code)
+        classes += cls.__subclasses__()
+    # Raised by code, not by class: the worker's crash and the reconciler's give-up.
+    return tuple(sorted(seen | {"internal_error", "worker_lost"}))
+
+
+JOB_ERROR_CODES = _job_error_codes()
 # Bulk inserts bypass ORM defaults: every other column of a batch job.
 JOB_DEFAULTS = {
     "status": JobStatus.QUEUED.value,
@@ -99,14 +125,62 @@ def parse_lines(lines: Iterable[str], limit: int, comments: bool = True) -> list
 
 def parse_jsonl(lines: Iterable[str], limit: int) -> list[tuple[int, object]]:
     """(line number, decoded object) for each non-blank JSON Lines line; a line that is
-    not JSON comes as ``Unparsable``. Stops after ``limit`` + 1 lines, as parse_lines."""
+    not JSON comes as ``Unparsable``. Stops after ``limit`` + 1 lines, as parse_lines.
+
+    A line nested deeper than any batch line can be is ``400 invalid_json`` at once, as
+    for a JSON body (api/json_provider.py): Python's decoder would recurse past its limit.
+    """
     out: list[tuple[int, object]] = []
     for number, line in parse_lines(lines, limit, comments=False):
         try:
-            out.append((number, json.loads(line)))
+            out.append((number, json_provider.loads(line)))
+        except json_provider.TooDeep:
+            raise InvalidJSON(
+                f"Line {number} is nested deeper than {json_provider.MAX_DEPTH} levels; "
+                'each line is one flat object, {"custom_id": "...", "url": "https://..."}.',
+                details={"lines": [number]},
+            ) from None
         except ValueError:
             out.append((number, Unparsable("not a JSON object")))
     return out
+
+
+class Utf8Lines:
+    """The lines of a text or JSON Lines body, decoded as UTF-8 while they are read.
+
+    A line that is not UTF-8 is noted in ``bad`` and read with U+FFFD for its bad bytes,
+    so that parsing goes on; ``check`` then refuses the body, naming those lines.
+    (Replacing alone accepted them, and two different bad byte sequences became the same
+    custom_id.) Bad bytes are first kept as surrogates (surrogateescape), which valid
+    UTF-8 never decodes to: a line that cannot be encoded back held some.
+    """
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self._text = io.TextIOWrapper(stream, encoding="utf-8", errors="surrogateescape")
+        self.bad: list[int] = []
+
+    def __iter__(self) -> Iterator[str]:
+        for number, line in enumerate(self._text, start=1):
+            if not line.isascii():
+                try:
+                    line.encode("utf-8")
+                except UnicodeEncodeError:
+                    self.bad.append(number)
+                    line = line.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            yield line
+
+    def check(self) -> None:
+        """422 ``invalid_encoding`` naming the lines that were not UTF-8, if any."""
+        if not self.bad:
+            return
+        shown = self.bad[:MAX_REPORTED_LINES]
+        more = " …" if len(self.bad) > len(shown) else ""
+        raise ValidationFailed(
+            f"{len(self.bad)} line(s) are not valid UTF-8: {', '.join(map(str, shown))}{more}. "
+            "Send the body encoded as UTF-8.",
+            code="invalid_encoding",
+            details={"lines": shown, "count": len(self.bad)},
+        )
 
 
 def line_problem(item: object, seen: dict[str, int]) -> str | None:
@@ -116,8 +190,8 @@ def line_problem(item: object, seen: dict[str, int]) -> str | None:
         return item.reason
     if not isinstance(item, dict):
         return "not a JSON object"
-    if unknown := sorted(set(item) - JSONL_KEYS):
-        return f"unknown field(s) {', '.join(map(repr, unknown))}; use custom_id, url, top_k"
+    if unknown := sorted(set(item) - set(JSONL_KEYS)):
+        return "; ".join(map(_unknown_key, unknown))
     url = item.get("url")
     if not (isinstance(url, str) and is_valid_url(url.strip())):
         return "'url' must be an absolute http(s) URL"
@@ -125,6 +199,12 @@ def line_problem(item: object, seen: dict[str, int]) -> str | None:
     if top_k is not None and (type(top_k) is not int or top_k not in TOP_K_RANGE):
         return f"'top_k' must be an integer from {TOP_K_RANGE[0]} to {TOP_K_RANGE[-1]}"
     return _custom_id_problem(item.get("custom_id"), seen)
+
+
+def _unknown_key(key: str) -> str:
+    close = difflib.get_close_matches(key, JSONL_KEYS, n=1)
+    meant = f"did you mean {close[0]!r}?" if close else f"use {', '.join(JSONL_KEYS)}"
+    return f"unknown field {key!r}: {meant}"
 
 
 def _custom_id_problem(custom_id: object, seen: dict[str, int]) -> str | None:
@@ -197,7 +277,8 @@ def build_batch_request(
         shown = bad[:MAX_REPORTED_LINES]
         raise ValidationFailed(
             f"{len(bad)} line(s) are not absolute http(s) URLs: "
-            f"{', '.join(map(str, shown))}{' …' if len(bad) > len(shown) else ''}.",
+            f"{', '.join(map(str, shown))}{' …' if len(bad) > len(shown) else ''}."
+            f"{_jsonl_hint(numbered, bad)}",
             code="invalid_urls",
             details={"lines": shown, "count": len(bad)},
         )
@@ -206,6 +287,30 @@ def build_batch_request(
         model=model,
         top_k=top_k,
         webhook_url=webhook,
+    )
+
+
+def _jsonl_hint(numbered: list[tuple[int, object]], bad: list[int]) -> str:
+    """A hint when the refused lines are JSON objects: JSON Lines sent as text/plain."""
+    first = dict(numbered)[bad[0]]
+    if isinstance(first, str) and first.startswith("{") and first.rstrip().endswith("}"):
+        return f" The lines look like JSON Lines: send them with Content-Type: {JSONL_TYPE}."
+    return ""
+
+
+def check_error_codes(codes: Sequence[str]) -> None:
+    """422 ``unknown_error_code`` for a code no failed line can have, listing those there
+    are: otherwise a typo would only find nothing to retry."""
+    unknown = sorted(set(codes) - set(JOB_ERROR_CODES))
+    if not unknown:
+        return
+    close = [m for code in unknown for m in difflib.get_close_matches(code, JOB_ERROR_CODES, 1)]
+    meant = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+    raise ValidationFailed(
+        f"Unknown error code(s) {', '.join(map(repr, unknown))}.{meant} A failed line's "
+        f"error.code is one of: {', '.join(JOB_ERROR_CODES)}.",
+        code="unknown_error_code",
+        details={"unknown": unknown, "known": list(JOB_ERROR_CODES)},
     )
 
 
@@ -269,6 +374,9 @@ def submit_batch(user: User, req: BatchRequest, idempotency_key: str | None) -> 
         session.commit()
     except Exception:
         session.rollback()
+        # The same key sent twice at once: the first commit wins, the others replay it.
+        if found := idempotency.replay_if_raced(user.id, idempotency_key, fingerprint):
+            return found
         raise
     dispatch.refill(svc.sessions, svc.redis, svc.celery, svc.config)
     return 202, body
@@ -276,13 +384,16 @@ def submit_batch(user: User, req: BatchRequest, idempotency_key: str | None) -> 
 
 def chunk(job_ids: list[str], urls: tuple[str, ...], size: int) -> list[list[str]]:
     """Messages of up to ``size`` job ids, never splitting one URL's duplicates, so the
-    worker fetches and classifies each URL once for all of its lines."""
+    worker fetches and classifies each URL once for all of its lines. The first holds
+    ``dispatch.FIRST_CHUNK`` at most: a newcomer's first results come after one short
+    round of the users waiting (shared/dispatch.py)."""
     by_url: dict[str, list[str]] = defaultdict(list)
     for job_id, url in zip(job_ids, urls, strict=True):
         by_url[url].append(job_id)
     chunks: list[list[str]] = [[]]
     for group in by_url.values():
-        if chunks[-1] and len(chunks[-1]) + len(group) > size:
+        limit = min(size, dispatch.FIRST_CHUNK) if len(chunks) == 1 else size
+        if chunks[-1] and len(chunks[-1]) + len(group) > limit:
             chunks.append([])
         chunks[-1].extend(group)
     return chunks
@@ -299,6 +410,7 @@ def retry_batch(
     The lines then wait in SQL like a new batch's jobs, and ``dispatch.refill`` sends
     them (in their original chunks) when the bulk window has room.
     """
+    check_error_codes(codes)
     payload = json.dumps(["retry", batch_id, sorted(set(codes))])
     fingerprint = hashlib.sha256(payload.encode()).hexdigest()
     if idempotency_key and (found := idempotency.replay(user.id, idempotency_key, fingerprint)):
@@ -313,18 +425,12 @@ def retry_batch(
         if idempotency_key:
             idempotency.save(user.id, idempotency_key, fingerprint, body)
         session.commit()
-    except Conflict as exc:
-        session.rollback()
-        # The same key sent twice at once: the second waited on the batch lock and found
-        # the lines taken by the first, whose answer is the one to give.
-        retry_of_same_key = exc.code == "nothing_to_retry" and idempotency_key
-        if retry_of_same_key and (
-            found := idempotency.replay(user.id, idempotency_key, fingerprint)
-        ):
-            return found
-        raise
     except Exception:
         session.rollback()
+        # The same key sent twice at once: the second waited on the batch lock and found
+        # the lines taken by the first (409), whose answer is the one to give.
+        if found := idempotency.replay_if_raced(user.id, idempotency_key, fingerprint):
+            return found
         raise
     dispatch.refill(svc.sessions, svc.redis, svc.celery, svc.config)
     return 202, body
@@ -364,9 +470,38 @@ def locked_batch(session: Session, user: User, batch_id: str) -> Batch:
     return batch
 
 
-def result_lines(batch_id: str) -> Iterator[dict]:
+class BatchDeleted(ServiceError):
+    """The batch was deleted while its results were being streamed."""
+
+    status, code = 410, "batch_deleted"
+
+    def __init__(self, sent: int, total: int) -> None:
+        super().__init__(
+            f"The batch was deleted while its results were being sent: {sent} of its "
+            f"{total} lines were sent. The results are incomplete.",
+            details={"sent": sent, "total": total},
+        )
+
+
+def result_lines(batch_id: str, total: int) -> Iterator[dict]:
     """The batch's result lines (shared.jobs.result_line) in input order, read page by
-    page in short transactions, so 10,000 lines never sit in memory at once."""
+    page in short transactions, so 10,000 lines never sit in memory at once.
+
+    A batch's lines are only ever deleted all at once, with the batch (DELETE, the
+    retention purge), and a page is one statement: fewer than ``total`` lines means the
+    batch was deleted between two pages, and ``BatchDeleted`` is raised after the last
+    line sent. (One transaction for the whole stream would hold a snapshot open as long
+    as the slowest client reads.)
+    """
+    sent = 0
+    for line in _result_pages(batch_id):
+        sent += 1
+        yield line
+    if sent < total:
+        raise BatchDeleted(sent, total)
+
+
+def _result_pages(batch_id: str) -> Iterator[dict]:
     session, after = db(), -1
     while True:
         page = list(

@@ -9,7 +9,7 @@ from flask import Flask, current_app, jsonify, request
 from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from shared.errors import ServiceError, ServiceUnavailable, ValidationFailed
 
@@ -76,12 +76,15 @@ def invalid_body(expected: str) -> ValidationFailed:
 def _http_error(exc: HTTPException):
     data = getattr(exc, "data", None) or {}
     details = data.get("messages") or data.get("errors")
+    headers = dict(data.get("headers") or {})
+    if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+        headers["Allow"] = ", ".join(exc.valid_methods)  # RFC 9110: every 405 lists them
     err = ServiceError(
         _http_message(exc, data, details),
         code=HTTP_CODES.get(exc.code or 500, "http_error"),
         status=exc.code or 500,
         details={"fields": _flatten(details)} if details else None,
-        headers=data.get("headers"),
+        headers=headers,
     )
     return error_response(err)
 

@@ -23,7 +23,7 @@ MAX_KEY_LENGTH = 255
 HEADER_DOC = {
     "in": "header",
     "name": HEADER,
-    "schema": {"type": "string", "maxLength": MAX_KEY_LENGTH},
+    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH},
     "description": "The same key and body return the first response, charged once.",
 }
 
@@ -56,6 +56,18 @@ def forget(user_id: int, resource_id: str) -> None:
             IdempotencyRecord.body["id"].as_string() == resource_id,
         )
     )
+
+
+def replay_if_raced(user_id: int, key: str | None, fingerprint: str) -> tuple[int, dict] | None:
+    """After this request's transaction failed (rolled back): the first answer, when a
+    concurrent request with the same key committed first, else None (raise the failure).
+
+    The twin's commit is what made this one fail: its idempotency row's unique key
+    (uq_idempotency_keys_user_key), or its charge leaving too little for a second (402),
+    or its retry taking the lines (409). Either way the client asked once, and gets the
+    answer of the request that won.
+    """
+    return replay(user_id, key, fingerprint) if key else None
 
 
 def replay(user_id: int, key: str, fingerprint: str) -> tuple[int, dict] | None:

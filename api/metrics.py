@@ -10,6 +10,7 @@ the workers write (shared/metrics.py).
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import time
@@ -28,6 +29,7 @@ from sqlalchemy import func, select
 
 from api.services import Services
 from shared import metrics
+from shared.errors import Forbidden, Unauthorized
 from shared.models import Job, LedgerEntry
 from shared.queue import bulk_queue, interactive_queue, queue_depth, webhook_queue
 
@@ -152,6 +154,40 @@ def init_metrics(app: Flask, svc: Services) -> None:
     app.extensions["imgclf_metrics"] = registry
 
 
+LOOPBACK = ("127.", "::1", "::ffff:127.")
+
+
 def metrics_response() -> Response:
+    """The metrics, for a caller allowed to read them (``check_scraper``)."""
+    check_scraper(current_app.extensions["imgclf"].config.metrics_token)
     registry = current_app.extensions["imgclf_metrics"]
     return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
+
+
+def check_scraper(token: str) -> None:
+    """/metrics shows token totals and queue depths: never to the public.
+
+    With ``METRICS_TOKEN`` set, the caller must send it as a Bearer token (Prometheus'
+    ``authorization: credentials_file``). Without it, only a request made on this
+    machine straight to the API: from a loopback address and not through a proxy
+    (a proxied request carries X-Forwarded-For, and a proxy on this machine would
+    otherwise make every client look local).
+    """
+    if token:
+        scheme, _, sent = request.headers.get("Authorization", "").partition(" ")
+        # Compared as bytes: compare_digest refuses non-ASCII str.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            sent.strip().encode(), token.encode()
+        ):
+            raise Unauthorized(
+                "Send the metrics token as 'Authorization: Bearer <METRICS_TOKEN>'.",
+                code="metrics_token_required",
+            )
+        return
+    direct = request.environ.get("werkzeug.proxy_fix.orig", request.environ)
+    address = direct.get("REMOTE_ADDR") or ""
+    if not address.startswith(LOOPBACK) or "X-Forwarded-For" in request.headers:
+        raise Forbidden(
+            "/metrics answers only this machine; set METRICS_TOKEN to scrape it from another.",
+            code="metrics_forbidden",
+        )

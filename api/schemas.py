@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import marshmallow as ma
 from marshmallow import validate
 
+from api.bulk import JOB_ERROR_CODES
 from api.urls import MAX_URL_LENGTH, invalid_message, is_valid_url
 from shared import webhook_events
 from shared.status import JobStatus
@@ -29,6 +30,14 @@ class Body(ma.Schema):
 
     EXPECTED: ClassVar[str] = "a JSON object"
     OTHER_TYPES: ClassVar[tuple[str, ...]] = ()
+    OPTIONAL: ClassVar[bool] = False  # whether no body at all is the defaults
+
+
+# What is_valid_url accepts, for the spec: http(s), a host, no whitespace or control
+# character. A subset (printable ASCII; IPv6 literals and user info left out) that a
+# generator or a client-side check can use; the server's check is api/urls.py.
+URL_PATTERN = r"^[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9._~%!$&'()*+,;=-]+(:[0-9]{1,5})?([/?#][!-~]*)?$"
+CURSOR_DOC = {"minLength": 1, "description": "next_cursor of the previous page"}
 
 
 class HttpUrl(ma.fields.String):
@@ -40,6 +49,7 @@ class HttpUrl(ma.fields.String):
         kwargs.setdefault("allow_none", True)
         kwargs.setdefault("metadata", {})
         kwargs["metadata"].setdefault("maxLength", MAX_URL_LENGTH)
+        kwargs["metadata"].setdefault("pattern", URL_PATTERN)
         super().__init__(**kwargs)
         self.noun, self.error_code = noun, f"invalid_{noun}"
 
@@ -75,9 +85,20 @@ class ErrorSchema(ma.Schema):
     error = ma.fields.Nested(ErrorBody, required=True)
 
 
+# bcrypt reads 72 bytes; JSON Schema counts characters. Any 6 to 72 printable ASCII
+# characters, or any 6 to 18 characters (4 UTF-8 bytes at most each), are 6 to 72 bytes.
+PASSWORD_DOC = {
+    "description": "6 to 72 bytes in UTF-8",
+    "anyOf": [
+        {"minLength": 6, "maxLength": 72, "pattern": "^[ -~]*$"},
+        {"minLength": 6, "maxLength": 18},
+    ],
+}
+
+
 class Credentials(ma.Schema):
     username = ma.fields.String(required=True, validate=USERNAME)
-    password = ma.fields.String(required=True, metadata={"description": "6 to 72 bytes"})
+    password = ma.fields.String(required=True, metadata=PASSWORD_DOC)
 
 
 class UserCreated(ma.Schema):
@@ -94,8 +115,14 @@ class Me(ma.Schema):
     created_at = ma.fields.String()
 
 
+# PostgreSQL text cannot hold U+0000: a stored string with one is 422 invalid_value.
+NO_NUL = "^[^\\u0000]*$"
+
+
 class KeyCreate(ma.Schema):
-    name = ma.fields.String(load_default="", validate=validate.Length(max=100))
+    name = ma.fields.String(
+        load_default="", validate=validate.Length(max=100), metadata={"pattern": NO_NUL}
+    )
 
 
 class KeyInfo(ma.Schema):
@@ -157,8 +184,26 @@ class JobCreate(Body, JobOptions):
     url = HttpUrl(metadata={"description": "http(s) URL of a JPEG/PNG/WebP/GIF/BMP"})
 
 
+class JobCreateDoc(JobOptions):
+    """POST /v1/jobs' JSON body as documented: the route loads ``JobCreate`` (url optional,
+    since the multipart form sends a file instead) and answers a missing url itself."""
+
+    url = HttpUrl(
+        required=True,
+        allow_none=False,
+        metadata={"description": "http(s) URL of a JPEG/PNG/WebP/GIF/BMP"},
+    )
+
+
 class JobUpload(JobOptions):
     """The multipart form of POST /v1/jobs (documentation; the route reads the form)."""
+
+    # A form field has no null: leave it out instead.
+    webhook = HttpUrl(
+        "webhook",
+        allow_none=False,
+        metadata={"description": "http or https URL to POST job events to"},
+    )
 
     file = ma.fields.Raw(required=True, metadata={"type": "string", "format": "binary"})
 
@@ -217,7 +262,7 @@ class WaitQuery(ma.Schema):
 
 class PageQuery(ma.Schema):
     limit = ma.fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
-    cursor = ma.fields.String()
+    cursor = ma.fields.String(metadata=CURSOR_DOC)
 
 
 class BatchOptions(ma.Schema):
@@ -230,7 +275,11 @@ class BatchItem(ma.Schema):
     custom_id = ma.fields.String(
         metadata={
             "description": "Your id for the line: 1 to 64 printable characters, unique "
-            "within the batch; echoed in the results and the job"
+            "within the batch; echoed in the results and the job",
+            "minLength": 1,
+            "maxLength": 64,
+            # Printable ASCII: a subset of what the server takes (str.isprintable()).
+            "pattern": "^[ -~]*$",
         }
     )
     url = HttpUrl(required=True, allow_none=False)
@@ -247,13 +296,60 @@ class BatchCreate(Body, BatchOptions):
     )
     OTHER_TYPES = BATCH_TEXT_TYPES
 
-    urls = Lines(ma.fields.String(), metadata={"maxItems": 10000})
-    items = Lines(ma.fields.Nested(BatchItem), metadata={"maxItems": 10000})
+    urls = Lines(
+        ma.fields.String(metadata={"pattern": URL_PATTERN, "maxLength": MAX_URL_LENGTH}),
+        metadata={"minItems": 1, "maxItems": 10000},
+    )
+    items = Lines(ma.fields.Nested(BatchItem), metadata={"minItems": 1, "maxItems": 10000})
 
 
-class BatchRetry(ma.Schema):
+# An upload must be an image: the encoding names the formats the API decodes.
+IMAGE_TYPES = "image/jpeg, image/png, image/webp, image/gif, image/bmp"
+IMAGE_ENCODING = {"file": {"contentType": IMAGE_TYPES}}
+# One URL per line, after an optional # comment (a subset a generator can use: blank lines and
+# comments may go anywhere).
+URL_LINES_PATTERN = (
+    r"^(#[ -~]*\n)?([Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9._~%!$&'()*+,;=-]+([/?#][!-~]*)?\n){1,100}$"
+)
+
+
+def batch_body_doc() -> dict:
+    """POST /v1/batches' bodies as the spec shows them: JSON with ``urls`` or ``items``
+    (never both), one URL per line, or JSON Lines (an item per line, shown as the array
+    of the items)."""
+    jsonl = {
+        "schema": {
+            "type": "array",
+            "items": BatchItem,
+            "minItems": 1,
+            "maxItems": 10000,
+            "description": "One JSON object per line (JSON Lines), not a JSON array",
+        },
+    }
+    return {
+        "application/json": {
+            "schema": {
+                "allOf": [BatchCreate],
+                "oneOf": [{"required": ["urls"]}, {"required": ["items"]}],
+            }
+        },
+        "text/plain": {"schema": {"type": "string", "pattern": URL_LINES_PATTERN}},
+        "application/jsonl": jsonl,
+        "application/x-ndjson": jsonl,
+    }
+
+
+class BatchRetry(Body):
+    """Optional: no body retries every failed line."""
+
+    EXPECTED = '{"error_codes": [...]} as JSON, or no body'
+    OPTIONAL = True
+
     error_codes = ma.fields.List(
-        ma.fields.String(validate=validate.Length(min=1, max=64)),
+        # The enum documents the codes; api/bulk.py refuses others, naming the one meant.
+        ma.fields.String(
+            validate=validate.Length(min=1, max=64), metadata={"enum": list(JOB_ERROR_CODES)}
+        ),
         validate=validate.Length(max=50),
         metadata={
             "description": "Retry only the failed lines with these error codes (default: all)",
@@ -302,7 +398,7 @@ class ResultsQuery(ma.Schema):
 class JobListQuery(ma.Schema):
     status = ma.fields.String(validate=validate.OneOf([s.value for s in JobStatus]))
     limit = ma.fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
-    cursor = ma.fields.String()
+    cursor = ma.fields.String(metadata=CURSOR_DOC)
 
 
 class SeedCredentials(Body):
@@ -324,9 +420,76 @@ class SeedClassify(SeedCredentials):
 
 
 class SeedUpload(ma.Schema):
-    """The seed's /predict form (documentation; the route reads the form)."""
+    """The seed's /predict form (documentation; the route reads the form, and ignores any
+    other field, as the seed app did)."""
+
+    class Meta:
+        unknown = ma.INCLUDE  # documented as additionalProperties: true
 
     file = ma.fields.Raw(required=True, metadata={"type": "string", "format": "binary"})
+
+
+# --- the seed endpoints' documentation only: the routes load SeedCredentials & co. ------
+
+
+class SeedSignupDoc(ma.Schema):
+    """/register's body as documented: what create_user accepts (unknown fields ignored)."""
+
+    class Meta:
+        unknown = ma.INCLUDE
+
+    username = ma.fields.String(required=True, validate=USERNAME)
+    password = ma.fields.String(required=True, metadata=PASSWORD_DOC)
+
+
+class SeedLoginDoc(ma.Schema):
+    """A seed body with an account's credentials (unknown fields ignored)."""
+
+    class Meta:
+        unknown = ma.INCLUDE
+
+    username = ma.fields.String(required=True, metadata={"pattern": NO_NUL})
+    password = ma.fields.String(required=True, metadata={"pattern": NO_NUL})
+
+
+class SeedRefillDoc(SeedLoginDoc):
+    user = ma.fields.String(
+        required=True, metadata={"description": "The account to refill", "pattern": NO_NUL}
+    )
+    refill = ma.fields.Integer(
+        required=True, validate=REFILL_AMOUNT, metadata={"description": "Tokens to add"}
+    )
+
+
+class SeedClassifyDoc(SeedLoginDoc):
+    url = HttpUrl(required=True, allow_none=False)
+
+
+class SeedStatus(ma.Schema):
+    """The seed apps' answer: an in-body ``status`` and a message (``tokens`` on /token)."""
+
+    status = ma.fields.Integer(required=True, metadata={"example": 200})
+    msg = ma.fields.String(required=True)
+    tokens = ma.fields.Integer()
+
+
+class SeedPrediction(ma.Schema):
+    predicted_class = ma.fields.String(required=True, metadata={"example": "macaw"})
+    confidence_score = ma.fields.Float(required=True, metadata={"example": 0.97})
+
+
+class SeedError(ErrorSchema):
+    """A seed endpoint's error: the seed apps' ``status`` and ``msg`` beside the v1 ``error``."""
+
+    status = ma.fields.Integer(
+        required=True,
+        metadata={
+            "description": "The seed app's code: 301 username taken or unknown user, 302 bad "
+            "credentials, 303 insufficient tokens, 304 not an administrator; otherwise the "
+            "HTTP status"
+        },
+    )
+    msg = ma.fields.String(required=True, metadata={"description": "error.message again"})
 
 
 class Health(ma.Schema):

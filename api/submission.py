@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.exc import IntegrityError
-
 from api import idempotency
 from api.ratelimit import limits
 from api.services import db, services
@@ -190,19 +188,12 @@ def submit(user: User, req: JobRequest, idempotency_key: str | None = None) -> t
         svc.uploads.put(job.id, req.upload)
     try:
         body = _commit_new_job(user.id, job, idempotency_key, fingerprint)
-    except IntegrityError:
-        # A concurrent request with the same idempotency key committed first.
-        db().rollback()
-        _forget_upload(job.id, req)
-        found = (
-            idempotency.replay(user.id, idempotency_key, fingerprint) if idempotency_key else None
-        )
-        if found is None:
-            raise
-        return found
     except Exception:
         db().rollback()
         _forget_upload(job.id, req)
+        # A concurrent request with the same idempotency key may have committed first.
+        if found := idempotency.replay_if_raced(user.id, idempotency_key, fingerprint):
+            return found
         raise
     return 202, _enqueue_or_undo(user.id, job.id, req, body)
 

@@ -6,7 +6,9 @@ flask-smorest's in two ways, both so that the error JSON stays the service's own
 
 - a JSON body schema that sets ``EXPECTED`` (api/schemas.py ``Body``) must get a JSON
   object, else ``422 invalid_body`` saying what to send; content types in its
-  ``OTHER_TYPES`` (multipart uploads, text batches) are left to the route to read;
+  ``OTHER_TYPES`` (multipart uploads, text batches) are left to the route to read, and
+  one that sets ``OPTIONAL`` may have no body at all (but not a form or text body,
+  which would otherwise be ignored: ``curl -d`` sends a form);
 - a validation error is raised as ``ValidationFailed`` (a ServiceError), not through
   flask's ``abort``: the app's and the seed blueprint's ServiceError handlers render
   it. A failing field that names its own ``error_code`` (``invalid_url``,
@@ -16,6 +18,7 @@ flask-smorest's in two ways, both so that the error JSON stays the service's own
 
 from __future__ import annotations
 
+import difflib
 from typing import Any, NoReturn
 
 import flask
@@ -34,6 +37,10 @@ def validation_failed(messages: Any, schema: ma.Schema) -> ValidationFailed:
     ``validation_error`` listing each field."""
     if not isinstance(messages, dict):
         return ValidationFailed(details={"fields": messages})
+    unknown = _unknown_fields(messages, schema)
+    messages = {**messages, **{name: [hint] for name, hint in unknown.items()}}
+    if unknown and len(unknown) == len(messages):
+        return ValidationFailed(" ".join(unknown.values()), details={"fields": messages})
     coded = [
         (name, field)
         for name, field in schema.load_fields.items()
@@ -46,6 +53,20 @@ def validation_failed(messages: Any, schema: ma.Schema) -> ValidationFailed:
         return invalid_body(getattr(schema, "EXPECTED", None) or "a JSON object")
     message = messages[field.data_key or name]
     return ValidationFailed(_first(message), code=field.error_code)
+
+
+def _unknown_fields(messages: dict, schema: ma.Schema) -> dict[str, str]:
+    """For each unknown field sent, a message naming the field meant when one is close
+    ("uri" -> "url"), else the fields there are; marshmallow says only "Unknown field."."""
+    known = [field.data_key or name for name, field in schema.load_fields.items()]
+    hints = {}
+    for name, message in messages.items():
+        if message != [schema.error_messages["unknown"]]:
+            continue
+        close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.6)
+        meant = f"did you mean {close[0]!r}?" if close else f"the fields are {', '.join(known)}."
+        hints[name] = f"Unknown field {name!r}: {meant}"
+    return hints
 
 
 def _first(message: Any) -> str:
@@ -70,6 +91,8 @@ class Parser(FlaskParser):
             return super().load_json(req, schema)
         if req.mimetype in getattr(schema, "OTHER_TYPES", ()):
             return missing  # the route reads this body itself
+        if getattr(schema, "OPTIONAL", False) and not req.get_data(cache=True):
+            return missing  # no body at all: the schema's defaults
         body = req.get_json(silent=True) if req.is_json else None
         if not isinstance(body, dict):
             raise invalid_body(expected)

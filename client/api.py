@@ -106,10 +106,11 @@ class Client:
         model: str | None = None,
         top_k: int | None = None,
         jsonl: bool = False,
+        webhook: str | None = None,
     ) -> dict:
         """POST the file as it is (a URL list as text/plain, or JSON Lines items) so the
-        server validates and numbers the lines."""
-        params = _params(model=model, top_k=top_k)
+        server validates and numbers the lines; options go in the query string."""
+        params = _params(model=model, top_k=top_k, webhook=webhook)
         content_type = "application/jsonl" if jsonl else "text/plain; charset=utf-8"
         resp = self._request(
             "POST",

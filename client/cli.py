@@ -5,7 +5,13 @@ goes through :func:`exit_code_for` or a command's explicit return:
 
 0 ok · 2 usage or local file · 3 authentication/permission (401/403) ·
 4 insufficient tokens (402) · 5 any other API error · 6 server unreachable ·
-130 interrupted.
+7 some lines of the batch failed (after ``--wait`` or ``wait``; ``--allow-failures``
+makes that 0) · 130 interrupted.
+
+Failed lines exit 7 by default because a script or CI job that runs ``submit --wait``
+under ``set -e`` must not go on as if every image had been classified; the results are
+downloaded first either way, and a pipeline that handles failed lines from the results
+says so with ``--allow-failures``.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import json
 import os
 import shlex
 import sys
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -40,6 +47,7 @@ class ExitCode(enum.IntEnum):
     TOKENS = 4
     API = 5
     UNREACHABLE = 6
+    FAILED_LINES = 7
     INTERRUPTED = 130
 
 
@@ -92,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Classify images with an imgclf server.",
         parents=[common],
         epilog="exit codes: 0 ok, 2 usage/local file, 3 auth, 4 insufficient tokens, "
-        "5 other API error, 6 server unreachable, 130 interrupted",
+        "5 other API error, 6 server unreachable, 7 some lines failed (see --allow-failures), "
+        "130 interrupted",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -102,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     def output_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--out", help="results file (default: stdout)")
+        p.add_argument(
+            "--allow-failures",
+            action="store_true",
+            help="exit 0 even when some lines failed (default: exit 7, with a summary "
+            "by error code on stderr)",
+        )
         p.add_argument(
             "--format",
             choices=("jsonl", "csv"),
@@ -120,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("file", metavar="FILE")
     model_flags(p)
+    p.add_argument(
+        "--webhook",
+        metavar="URL",
+        help="http(s) URL the server POSTs the signed batch.completed event to",
+    )
     p.add_argument("--wait", action="store_true", help="show progress, then download results")
     output_flags(p)
     p.set_defaults(handler=cmd_submit)
@@ -234,6 +254,7 @@ def _wait_and_download(
             _note(f"batch {batch_id} ({_images(batch.get('total'))})")
         batch = wait_for_batch(client, batch, Console(stderr=True))
         write_results(client.iter_results(batch_id, _results_format(args)), args.out)
+        failures = failure_codes(client, batch_id) if _failed(batch) else Counter()
     except KeyboardInterrupt:
         _note(
             f"\ninterrupted; batch {batch_id} keeps running on the server. Resume with:\n"
@@ -243,7 +264,45 @@ def _wait_and_download(
     where = f"; results in {escape(args.out)}" if args.out and args.out != "-" else ""
     plain = Console(stderr=True, highlight=False)
     plain.print(f"batch {batch_id} {batch.get('status')}: {summary(batch)}{where}")
-    return ExitCode.OK
+    if not failures:
+        return ExitCode.OK
+    _failure_summary(batch_id, failures, args)
+    return ExitCode.OK if args.allow_failures else ExitCode.FAILED_LINES
+
+
+def _failed(batch: dict) -> int:
+    return int((batch.get("counts") or {}).get("failed", 0))
+
+
+def failure_codes(client: Client, batch_id: str) -> Counter[str]:
+    """Failed lines per error code, read from the JSON Lines results (whatever format the
+    user asked for): the batch's counts say how many failed, not why."""
+    codes: Counter[str] = Counter()
+    pending = b""
+    for chunk in client.iter_results(batch_id, "jsonl"):
+        *lines, pending = (pending + chunk).split(b"\n")
+        codes.update(_error_code(line) for line in lines if line.strip())
+    if pending.strip():
+        codes.update([_error_code(pending)])
+    codes.pop(None, None)
+    return codes
+
+
+def _error_code(line: bytes) -> str | None:
+    row = json.loads(line)
+    if row.get("status") != "failed":
+        return None
+    return str((row.get("error") or {}).get("code") or "unknown")
+
+
+def _failure_summary(batch_id: str, failures: Counter[str], args: argparse.Namespace) -> None:
+    """What failed, by error code, and the command that runs those lines again."""
+    total = sum(failures.values())
+    _note(f"{total} line{'s' if total != 1 else ''} failed:")
+    for code, count in sorted(failures.items(), key=lambda item: (-item[1], item[0])):
+        _note(f"  {count:>6}  {code}")
+    retry = _command("retry", batch_id, args, "--wait")
+    _note(f"run them again with: {retry}  (add --error-code CODE for some codes only)")
 
 
 def resume_command(batch_id: str, args: argparse.Namespace) -> str:
@@ -251,11 +310,17 @@ def resume_command(batch_id: str, args: argparse.Namespace) -> str:
 
     The API key is left out on purpose: a hint is printed, and may be pasted or logged.
     """
-    words = [_python(), "-m", "client", "wait", batch_id]
+    return _command("wait", batch_id, args)
+
+
+def _command(verb: str, batch_id: str, args: argparse.Namespace, *extra: str) -> str:
+    words = [_python(), "-m", "client", verb, batch_id, *extra]
     for flag in ("url", "out", "format"):
         value = getattr(args, flag, None)
         if value:
             words += [f"--{flag}", value]
+    if getattr(args, "allow_failures", False):
+        words.append("--allow-failures")
     return shlex.join(words)
 
 
@@ -280,9 +345,15 @@ def _invalid_urls(exc: ApiError, entries: list[UrlLine], source: str) -> None:
             print(f"  {name}:{n}: {by_line[n]}", file=sys.stderr)
 
 
+def _needs_wait(args: argparse.Namespace) -> None:
+    if (args.out or args.format or args.allow_failures) and not args.wait:
+        raise UsageError(
+            "--out, --format and --allow-failures need --wait (or use: python -m client wait ID)"
+        )
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
-    if (args.out or args.format) and not args.wait:
-        raise UsageError("--out and --format need --wait (or use: python -m client wait ID)")
+    _needs_wait(args)
     _check_out(args.out)
     try:
         text = read_url_text(args.file)
@@ -294,7 +365,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     client = make_client(args)
     jsonl = args.file.lower().endswith(JSONL_SUFFIXES)
     try:
-        batch = client.create_batch(text, model=args.model, top_k=args.top_k, jsonl=jsonl)
+        batch = client.create_batch(
+            text, model=args.model, top_k=args.top_k, jsonl=jsonl, webhook=args.webhook
+        )
     except ApiError as exc:
         if exc.code not in ("invalid_urls", "invalid_lines"):
             raise
@@ -310,8 +383,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    if (args.out or args.format) and not args.wait:
-        raise UsageError("--out and --format need --wait (or use: python -m client wait ID)")
+    _needs_wait(args)
     _check_out(args.out)
     client = make_client(args)
     batch = client.retry_batch(args.batch_id, args.error_codes)

@@ -17,6 +17,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -59,6 +60,9 @@ class Config:
     # Accounts created per client address (each comes with SIGNUP_TOKENS free tokens).
     signup_limit_per_ip: str = "10/hour"
     bcrypt_rounds: int = 12
+    # GET /metrics answers a request with 'Authorization: Bearer <METRICS_TOKEN>'; empty:
+    # only unproxied requests from this machine (api/metrics.py).
+    metrics_token: str = ""
     # A Bearer key that passed the SQL lookup is trusted this long per API process
     # (api/auth.py KeyCache): a revoke reaches the other API processes within it. 0: off.
     api_key_cache_s: float = 5.0
@@ -138,6 +142,9 @@ class Config:
 
     # Inference runtime (worker/models/runtimes.py): auto, keras or openvino (null: benchmarks).
     runtime: str = "auto"
+    # RUNTIME=null answers every image with the same fixed probabilities, and charges for
+    # it: allowed only with this set, and only on a local database (benchmarks).
+    allow_null_runtime: bool = False
     runtime_cache_dir: str = "var/runtime-cache"  # compiled models and accuracy-gate records
 
     # Operations
@@ -250,9 +257,8 @@ class Config:
             raise ValueError(f"WORKER_POOL must be one of {', '.join(WORKER_POOLS)}")
         if self.runtime not in RUNTIMES:
             raise ValueError(f"RUNTIME must be one of {', '.join(RUNTIMES)}")
-        if self.runtime == "null" and not self.allow_private_urls:
-            # Fixed answers for every image: never in a deployment that serves users.
-            raise ValueError("RUNTIME=null is for benchmarks only; it needs ALLOW_PRIVATE_URLS=1")
+        if self.runtime == "null":
+            self._check_null_runtime()
         if self.effective_prefetch < 2 * self.batch_max * self.worker_concurrency:
             raise ValueError(
                 f"WORKER_PREFETCH={self.effective_prefetch} cannot fill a batch while another "
@@ -260,6 +266,34 @@ class Config:
                 f"= {2 * self.batch_max * self.worker_concurrency}"
             )
         return self
+
+    def _check_null_runtime(self) -> None:
+        """Fixed answers for every image, charged as real ones: never where users are served."""
+        if not self.allow_null_runtime:
+            raise ValueError(
+                "RUNTIME=null is for benchmarks only (every image gets the same fixed answer); "
+                "it needs ALLOW_NULL_RUNTIME=1"
+            )
+        if not is_local_database(self.database_url):
+            raise ValueError(
+                "RUNTIME=null is for benchmarks only: refused with a DATABASE_URL on another "
+                "host (SQLite or PostgreSQL on localhost only)"
+            )
+
+    @property
+    def null_runtime(self) -> bool:
+        return self.runtime == "null"
+
+
+def is_local_database(url: str) -> bool:
+    """SQLite, or a database server on this machine (loopback or a Unix socket)."""
+    if url.startswith("sqlite"):
+        return True
+    parts = urlsplit(url)
+    socket_dir = parse_qs(parts.query).get("host", [""])[0]
+    if socket_dir and not socket_dir.startswith("/"):
+        return False  # ?host=<a server>, not a Unix socket directory
+    return (parts.hostname or "") in ("", "localhost", "127.0.0.1", "::1")
 
 
 WORKER_POOLS = ("threads", "prefork", "solo")

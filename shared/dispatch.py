@@ -34,7 +34,7 @@ from datetime import datetime
 
 import redis
 from celery import Celery
-from sqlalchemy import func, select, text, update
+from sqlalchemy import Select, func, literal, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.config import Config
@@ -46,7 +46,24 @@ log = logging.getLogger(__name__)
 
 # Long enough for a refill on a slow database; a holder that died frees it by itself.
 LOCK_TTL_S = 10
+# Each pass of a refill renews the lock, and on PostgreSQL no statement of a pass may
+# run longer than this: a pass never outlives the lock it holds (a refill that did
+# once ran beside four others). Were it to, overlapping refills stay harmless: a
+# chunk is marked by a conditional UPDATE, so it goes out once (the window may
+# overshoot by the racing refills' share). Renewed before the note is taken, so a
+# holder that lost the lock leaves the note for the one that has it.
+PASS_STATEMENT_TIMEOUT_MS = LOCK_TTL_S * 1000 // 2
+# A batch's first chunk holds this many jobs at most (api.bulk.chunk numbers them),
+# whatever BATCH_MAX: after a restore, or when many users arrive at once, a newcomer
+# waits behind one round of every user never served (see _take), and that round
+# then costs FIRST_CHUNK jobs a user rather than BATCH_MAX (100 users: 400 jobs,
+# not 3,200; bench.backlog).
+FIRST_CHUNK = 4
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end"
+_RENEW = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then "
+    "return redis.call('expire', KEYS[1], ARGV[2]) end return 0"
+)
 
 
 def _waiting(batch_id: object) -> tuple:
@@ -84,7 +101,7 @@ def _refill(
         if not client.set(lock, token, nx=True, ex=LOCK_TTL_S):
             return sent
         try:
-            while client.delete(again):
+            while client.eval(_RENEW, 1, lock, token, LOCK_TTL_S) and client.delete(again):
                 sent += _refill_once(sessions, client, celery, config)
         finally:
             client.eval(_RELEASE, 1, lock, token)
@@ -108,22 +125,34 @@ def out_by_user(session: Session) -> dict[int, int]:
     return {user_id: n for user_id, n in rows}
 
 
-def _waiting_batches(session: Session) -> list[tuple[str, int, datetime | None]]:
+def waiting_batches_query() -> Select:
     """(batch id, user id, last dispatch) of open batches with jobs waiting in SQL,
-    oldest first."""
-    has_waiting = select(Job.id).where(*_waiting(Batch.id)).exists()
-    rows = session.execute(
+    oldest first.
+
+    One probe per open batch, LIMIT 1, into ``ix_jobs_bulk_waiting``: a subquery with
+    a LIMIT cannot be flattened into a join, so the batch id is the index condition
+    whatever the planner guesses. As ``EXISTS`` it was planned, on a database never
+    analyzed, as a semi-join that walked the whole index once per open batch (1M
+    waiting jobs x 100 batches: 27 s per refill; now 3 ms, bench/backlog.py).
+    """
+    probe = select(literal(1)).where(*_waiting(Batch.id)).limit(1).scalar_subquery()
+    return (
         select(Batch.id, Batch.user_id, Batch.dispatched_at)
-        .where(Batch.completed_at.is_(None), has_waiting)
+        .where(Batch.completed_at.is_(None), probe.is_not(None))
         .order_by(Batch.created_at, Batch.id)
     )
-    return [tuple(row) for row in rows]
+
+
+def _waiting_batches(session: Session) -> list[tuple[str, int, datetime | None]]:
+    return [tuple(row) for row in session.execute(waiting_batches_query())]
 
 
 def _refill_once(
     sessions: sessionmaker[Session], client: redis.Redis, celery: Celery, config: Config
 ) -> int:
     with sessions() as session:
+        if session.get_bind().dialect.name == "postgresql":
+            session.execute(text(f"SET LOCAL statement_timeout = {PASS_STATEMENT_TIMEOUT_MS}"))
         out = out_by_user(session)
         room = window(client, config) - sum(out.values())
         if room <= 0:
@@ -171,7 +200,14 @@ def _mark_next_chunk(session: Session, batch_id: str, batch_max: int) -> list[st
 
     Jobs with no chunk number (put back by hand) go out BATCH_MAX at a time.
     """
-    first = session.scalar(select(func.min(Job.chunk)).where(*_waiting(batch_id)))
+    # ORDER BY ... LIMIT 1, not min(): PostgreSQL without statistics aggregated every
+    # waiting entry of the batch for min(), 10,000 for a full batch.
+    first = session.scalar(
+        select(Job.chunk)
+        .where(*_waiting(batch_id), Job.chunk.is_not(None))
+        .order_by(Job.chunk)
+        .limit(1)
+    )
     if first is not None:
         chosen = Job.chunk == first
     else:

@@ -58,10 +58,18 @@ class TextFormatter(logging.Formatter):
         return super().formatMessage(record)
 
 
+# Libraries that log routine start-up at INFO: alembic names each of its seven built-in
+# plugins when it is imported (the API, `flask create-admin`), which buries the lines a
+# reader is looking for. Their warnings and errors still show.
+QUIET_LOGGERS = ("alembic.runtime.plugins",)
+
+
 def configure(level: str, fmt: str) -> None:
     """Install one stderr handler on the root logger (idempotent)."""
     root = logging.getLogger()
     root.setLevel(level)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     for handler in root.handlers:
         if getattr(handler, "_imgclf", False):
             return

@@ -122,6 +122,7 @@ BULK_OUT = (
     "status IN ('queued', 'processing') AND batch_id IS NOT NULL AND dispatched_at IS NOT NULL"
 )
 OPEN_BATCH = "completed_at IS NULL"
+PROCESSING = "status = 'processing'"
 
 
 class Job(Base):
@@ -137,7 +138,10 @@ class Job(Base):
     custom_id: Mapped[str | None] = mapped_column(String(64), default=None)
     # How many times the line was retried (POST /v1/batches/{id}/retry); 0 on its first run.
     retries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
-    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED.value, index=True)
+    # No index on status alone: with a backlog nearly every row is 'queued', and a
+    # planner without statistics picked it to AND with the small partial indexes below,
+    # reading the whole backlog (0008). Each status question has its own index.
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED.value)
     model: Mapped[str] = mapped_column(String(100))
     top_k: Mapped[int] = mapped_column(Integer, default=5)
     input_url: Mapped[str | None] = mapped_column(Text, default=None)
@@ -188,6 +192,13 @@ class Job(Base):
             "user_id",
             postgresql_where=text(BULK_OUT),
             sqlite_where=text(BULK_OUT),
+        ),
+        # The reconciler's lost-job check: the jobs being processed, a few batches' worth.
+        Index(
+            "ix_jobs_processing",
+            "claimed_at",
+            postgresql_where=text(PROCESSING),
+            sqlite_where=text(PROCESSING),
         ),
     )
 

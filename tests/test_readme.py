@@ -23,7 +23,12 @@ from tests import support
 ROOT = support.ROOT
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # Programs a fresh shell has, or that the docs run inside a container (docs/deploy.md).
-SYSTEM = {"curl", "python3", "printf", "export", "cp", "chmod", "date", "docker", "cd", "tar"}
+SYSTEM = {
+    *("curl", "python3", "printf", "export", "cp", "chmod", "date", "docker", "cd", "tar"),
+    "mkdir",
+}
+# docs/deploy.md, "Without Docker": nginx in front of gunicorn on a plain host.
+SYSTEM |= {"sudo", "apt-get", "nginx", "systemctl"}
 SHELL_WORDS = {"for", "do", "done", "if", "then", "fi"}
 VENV_PROGRAMS = {"python", "flask", "celery", "gunicorn", "pytest", "ruff"}
 ASSIGNMENT = re.compile(r"^[A-Z_][A-Z0-9_]*=\S*$")
@@ -162,5 +167,51 @@ def test_the_try_it_commands_work_as_written(stack, photo_server, tmp_path):
         )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert '"label":"macaw"' in run.stdout.replace(" ", "")
-    rows = (tmp_path / "results.csv").read_text().splitlines()
+    rows = (tmp_path / "var" / "results.csv").read_text().splitlines()
     assert len(rows) == 4 and all("succeeded" in row for row in rows[1:]), rows
+    # The try-out writes into var/ (ignored by git, removed by make clean), not the root.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".venv", "client", "var"]
+
+
+def _webhook_receiver_snippet() -> str:
+    """The README's Flask receiver ("Verifying a webhook"), as written."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Verifying a webhook", 1)[1].split("\n## ", 1)[0]
+    (snippet,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    return snippet
+
+
+def test_the_webhook_verification_snippet_accepts_a_real_delivery_only(stack, photo_server):
+    """A real signed delivery from the webhook worker passes the README's receiver; the
+    same delivery with its body changed, or checked with another user's secret, does not."""
+    from harness.webhook_receiver import Receiver
+
+    client = stack.client()
+    user = support.new_user(client)
+    with Receiver() as receiver:
+        resp = client.post(
+            "/v1/jobs",
+            json={"url": photo_server.url("parrot.jpg"), "webhook": receiver.url()},
+            headers=user["headers"],
+        )
+        assert resp.status_code == 202, resp.get_json()
+        delivery = support.wait_for(
+            lambda: receiver.received[0] if receiver.received else None, 60, "a delivery"
+        )
+    secret = client.get("/v1/webhook-secret", headers=user["headers"]).get_json()["secret"]
+    snippet = _webhook_receiver_snippet()
+    assert '"whsec_..."' in snippet
+
+    def receiver_app(with_secret: str):
+        namespace: dict = {"__name__": "readme_receiver"}
+        exec(snippet.replace('"whsec_..."', repr(with_secret)), namespace)
+        return namespace["app"].test_client()
+
+    def post(app, body: bytes):
+        return app.post("/hook", data=body, headers=delivery.headers)
+
+    good = receiver_app(secret)
+    assert post(good, delivery.body).status_code == 204
+    assert post(good, delivery.body.replace(b"succeeded", b"failed")).status_code == 400
+    other = client.get("/v1/webhook-secret", headers=support.new_user(client)["headers"])
+    assert post(receiver_app(other.get_json()["secret"]), delivery.body).status_code == 400

@@ -36,17 +36,17 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import redis
 from celery import Celery
-from sqlalchemy import ColumnElement, and_, or_, select
+from sqlalchemy import ColumnElement, Select, and_, or_, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import batches, dispatch, events, jobs, webhook_events
 from shared.config import Config
 from shared.db import make_engine, make_session_factory
-from shared.models import Job, utcnow
+from shared.models import BULK_OUT, PROCESSING, Job, utcnow
 from shared.queue import classify_queues, enqueue_bulk, enqueue_jobs, make_celery, queue_depth
 from shared.redis_client import make_redis, once_per
 from shared.status import JobStatus
@@ -127,11 +127,7 @@ class Reconciler:
         if not once_per(self.redis, scan_key, self.config.stale_queued_s):
             return []  # scanned less than STALE_QUEUED_S ago
         cutoff = utcnow() - timedelta(seconds=self.config.stale_queued_s)
-        sent_long_ago = or_(
-            and_(Job.batch_id.is_(None), Job.created_at < cutoff),
-            Job.dispatched_at < cutoff,  # NULL (waiting for its turn) is never stale
-        )
-        return self._select(Job.status == JobStatus.QUEUED.value, sent_long_ago)
+        return [job for query in stale_queued_queries(cutoff) for job in self._select(query)]
 
     def _lost(self, judge_liveness: bool = True) -> tuple[list[Job], ColumnElement[bool]]:
         """Processing jobs whose worker is gone, and the condition that found them."""
@@ -147,11 +143,11 @@ class Reconciler:
                 Job.claimed_at < now - timedelta(seconds=self.config.worker_dead_after_s),
             )
             condition = or_(condition, orphaned)
-        return self._select(Job.status == JobStatus.PROCESSING.value, condition), condition
+        return self._select(lost_query(condition)), condition
 
-    def _select(self, *conditions) -> list[Job]:
+    def _select(self, query: Select) -> list[Job]:
         with self.sessions() as session:
-            return list(session.scalars(select(Job).where(*conditions).limit(SCAN_LIMIT)))
+            return list(session.scalars(query.limit(SCAN_LIMIT)))
 
     def _release(self, lost: list[Job], still_lost: ColumnElement[bool]) -> set[str]:
         if not lost:
@@ -191,6 +187,29 @@ class Reconciler:
         webhook_events.dispatch(self.celery, self.config, [e for e in recorded if e])
         events.publish_done(self.redis, self.config, ended)
         return len(ended)
+
+
+def stale_queued_queries(cutoff: datetime) -> tuple[Select, Select]:
+    """Queued jobs whose message went out before ``cutoff``: single jobs (sent at
+    submission) and dispatched bulk jobs. A bulk job still waiting for its turn
+    (``dispatched_at`` NULL) is never stale.
+
+    Two queries, each the condition of one small index, so that neither reads the
+    backlog: single queued jobs through ``ix_jobs_batch_status`` (batch_id NULL,
+    status), bulk jobs out through the partial ``ix_jobs_bulk_out`` (a few batches'
+    worth whatever waits in SQL). As one OR they matched no index and read every
+    queued job: 160-390 ms at 1M waiting.
+    """
+    queued = Job.status == JobStatus.QUEUED.value
+    return (
+        select(Job).where(Job.batch_id.is_(None), queued, Job.created_at < cutoff),
+        select(Job).where(text(BULK_OUT), queued, Job.dispatched_at < cutoff),
+    )
+
+
+def lost_query(condition: ColumnElement[bool]) -> Select:
+    """Processing jobs matching ``condition``, through the partial ``ix_jobs_processing``."""
+    return select(Job).where(text(PROCESSING), condition)
 
 
 def run_forever(config: Config, stop: threading.Event) -> None:

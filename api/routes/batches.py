@@ -14,7 +14,9 @@ from sqlalchemy import select
 from api import cancel, deletion, idempotency, schemas, validation
 from api.auth import login_required, owned
 from api.bulk import (
+    BatchDeleted,
     BatchRequest,
+    Utf8Lines,
     build_batch_request,
     build_item_batch_request,
     parse_jsonl,
@@ -62,8 +64,10 @@ TEXT_EXAMPLES = {
 BATCH_CREATE_DOC = {
     "requestBody": {
         "content": {
-            mimetype: {"schema": {"type": "string"}, "example": TEXT_EXAMPLES[mimetype]}
-            for mimetype in schemas.BATCH_TEXT_TYPES
+            mimetype: {**doc, "example": TEXT_EXAMPLES[mimetype]}
+            if mimetype in TEXT_EXAMPLES
+            else doc
+            for mimetype, doc in schemas.batch_body_doc().items()
         },
     },
     "parameters": [
@@ -88,11 +92,12 @@ def _batch_request(body: dict) -> BatchRequest:
 def _text_batch_request() -> BatchRequest:
     # Read line by line from the stream, never the whole body as one string.
     limit = services().config.max_batch_urls
-    lines = io.TextIOWrapper(request.stream, encoding="utf-8", errors="replace")
+    lines = Utf8Lines(request.stream)
     if request.mimetype == "text/plain":
         build, numbered = build_batch_request, parse_lines(lines, limit)
     else:
         build, numbered = build_item_batch_request, parse_jsonl(lines, limit)
+    lines.check()
     options = validation.load(schemas.BatchOptions(), request.args.to_dict())
     return _build(build, numbered, options)
 
@@ -130,7 +135,12 @@ def _bulk_room_first(view: Callable) -> Callable:
 @blp.response(202, schemas.BatchSchema, headers=schemas.location_header("batch"))
 @blp.alt_response(402, schema=schemas.ErrorSchema, description="insufficient_tokens")
 @blp.alt_response(
-    422, schema=schemas.ErrorSchema, description="invalid_urls, invalid_lines (details.lines)"
+    400, schema=schemas.ErrorSchema, description="invalid_json (a JSON Lines line: details.lines)"
+)
+@blp.alt_response(
+    422,
+    schema=schemas.ErrorSchema,
+    description="invalid_urls, invalid_lines, invalid_encoding (details.lines, 1-based)",
 )
 def create_batch(body: dict):
     """Submit up to 10,000 URLs (or JSON Lines items); charges one token each, all or nothing.
@@ -167,21 +177,36 @@ def list_batches(query):
 @blp.doc(
     responses={
         "200": {
-            "description": "One line per URL, in input order",
+            "description": "One line per URL, in input order; `index` counts from 0 over "
+            "the URLs (errors' `details.lines` count body lines from 1). If the batch is "
+            "deleted while they stream, a JSON Lines stream ends with an error line "
+            '({"error": {"code": "batch_deleted", ...}}) and a CSV stream is cut.',
             "content": {"application/x-ndjson": {}, "text/csv": {}},
         }
     }
 )
 def batch_results(query, batch_id: str):
-    """Results so far, streamed: JSON Lines, or CSV with ?format=csv."""
-    owned(Batch, batch_id, "batch")
+    """Results so far, streamed: JSON Lines, or CSV with ?format=csv.
+
+    If the batch is deleted while its results stream, a JSON Lines stream ends with an
+    error line, ``{"error": {"code": "batch_deleted", ...}}``; a CSV stream is cut (the
+    chunked transfer ends without its last chunk, which HTTP clients report).
+    """
+    total = owned(Batch, batch_id, "batch").total
     db().commit()  # the stream reads in its own short transactions
     if query["format"] == "csv":
-        lines, mimetype = _csv_lines(result_lines(batch_id)), "text/csv"
+        lines, mimetype = _csv_lines(result_lines(batch_id, total)), "text/csv"
     else:
-        lines = (json.dumps(row) + "\n" for row in result_lines(batch_id))
-        mimetype = "application/x-ndjson"
+        lines, mimetype = _jsonl_lines(result_lines(batch_id, total)), "application/x-ndjson"
     return Response(stream_with_context(lines), mimetype=mimetype)
+
+
+def _jsonl_lines(rows: Iterator[dict]) -> Iterator[str]:
+    try:
+        for row in rows:
+            yield json.dumps(row) + "\n"
+    except BatchDeleted as exc:
+        yield json.dumps(exc.to_dict()) + "\n"
 
 
 def _csv_lines(rows: Iterator[dict]) -> Iterator[str]:
@@ -233,6 +258,11 @@ def cancel_batch(batch_id: str):
 @blp.alt_response(402, schema=schemas.ErrorSchema, description="insufficient_tokens")
 @blp.alt_response(409, schema=schemas.ErrorSchema, description="batch_canceled, nothing_to_retry")
 @blp.alt_response(410, schema=schemas.ErrorSchema, description="batch_expired (being purged)")
+@blp.alt_response(
+    422,
+    schema=schemas.ErrorSchema,
+    description="invalid_body (not a JSON object), unknown_error_code (details.known)",
+)
 def retry_failed(args: dict, batch_id: str):
     """Re-queue the lines that failed (optionally only some error codes); one token each."""
     status, body = retry_batch(

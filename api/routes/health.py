@@ -6,7 +6,7 @@ import time
 
 from sqlalchemy import text
 
-from api import schemas
+from api import NULL_RUNTIME_NOTE, schemas
 from api.metrics import metrics_response
 from api.services import services
 from api.validation import Blueprint
@@ -39,6 +39,8 @@ def readyz():
         checks["worker"] = "ok" if fresh else f"error: no worker heartbeat in {max_age} s"
     ok = all(v == "ok" for v in checks.values())
     checks["worker_heartbeat_age_s"] = age
+    if svc.config.null_runtime:  # ready, but not classifying anything
+        checks["runtime"] = NULL_RUNTIME_NOTE
     return {"status": "ok" if ok else "unavailable", "checks": checks}, 200 if ok else 503
 
 
@@ -66,9 +68,15 @@ def _check(probe) -> str:
 
 @blp.route("/metrics", methods=["GET"])
 @blp.doc(
-    security=[],
-    responses={"200": {"description": "Prometheus text format", "content": {"text/plain": {}}}},
+    security=[{"metricsToken": []}],
+    responses={
+        "200": {"description": "Prometheus text format", "content": {"text/plain": {}}},
+        "401": {"description": "metrics_token_required: METRICS_TOKEN is set, not sent"},
+        "403": {"description": "metrics_forbidden: no METRICS_TOKEN, not a local request"},
+    },
 )
 def prometheus_metrics():
-    """Prometheus metrics: requests, jobs, queues, batches, fetches, webhooks, tokens."""
+    """Prometheus metrics: requests, jobs, queues, batches, fetches, webhooks, tokens.
+
+    Bearer METRICS_TOKEN; with none set, only unproxied requests from the API's machine."""
     return metrics_response()

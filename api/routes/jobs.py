@@ -65,7 +65,12 @@ def _prefer_wait() -> int | None:
 @login_required
 @blp.arguments(schemas.JobCreate)
 @blp.doc(
-    requestBody={"content": {"multipart/form-data": {"schema": "JobUpload"}}},
+    requestBody={
+        "content": {
+            "application/json": {"schema": schemas.JobCreateDoc},
+            "multipart/form-data": {"schema": "JobUpload", "encoding": schemas.IMAGE_ENCODING},
+        }
+    },
     parameters=[idempotency.HEADER_DOC, PREFER_DOC],
 )
 @blp.response(

@@ -9,7 +9,7 @@ Classification runs through the same queue, worker and batching as /v1/jobs.
 from __future__ import annotations
 
 import marshmallow as ma
-from flask import request
+from flask import Response, current_app, request
 
 from api import accounts, schemas
 from api.auth import authenticate, user_by_password
@@ -28,15 +28,43 @@ blp = Blueprint(
 )
 
 
-def _body(schema: type[schemas.SeedCredentials]):
+def _body(schema: type[schemas.SeedCredentials], doc: type[ma.Schema]):
     """A seed body: a JSON object, loaded with ``schema``; unknown fields are ignored, as
-    the seed apps ignored them; no API credentials (they are inside the body)."""
+    the seed apps ignored them; no API credentials (they are inside the body).
+
+    ``doc`` is what the spec shows: the fields each endpoint needs in fact (``schema``
+    loads them all as optional, so the endpoint answers a missing one in its own words)."""
 
     def decorate(view):
         view = blp.arguments(schema, unknown=ma.EXCLUDE)(view)
-        return blp.doc(security=[])(view)
+        body = {"required": True, "content": {"application/json": {"schema": doc}}}
+        return blp.doc(security=[], requestBody=body)(view)
 
     return decorate
+
+
+def _answers(ok: type[ma.Schema] | dict):
+    """Document the seed answers: ``ok`` on 200, and every error in the seed format."""
+    error = {"description": "Error (seed format)", "content": _json(schemas.SeedError)}
+    return blp.doc(
+        responses={
+            "200": {"description": "OK", "content": _json(ok)},
+            "422": error,
+            "default": error,
+        }
+    )
+
+
+def _json(schema: type[ma.Schema] | dict) -> dict:
+    return {"application/json": {"schema": schema}}
+
+
+# /classify's answer: the top 5 as {label: percent}, e.g. {"Blenheim_spaniel": 90.27}.
+LABEL_PERCENTS = {
+    "type": "object",
+    "additionalProperties": {"type": "number", "minimum": 0, "maximum": 100},
+    "example": {"macaw": 97.12, "lorikeet": 1.3},
+}
 
 
 # The seed app's in-body status codes, by our error code.
@@ -56,8 +84,27 @@ def _seed_error(err: ServiceError):
     return error_response(err, body)
 
 
+@blp.after_request
+def _seed_error_fields(response: Response) -> Response:
+    """Every error of a seed endpoint carries ``status`` and ``msg``, also those answered
+    outside this blueprint's handler (a value the database refuses, a malformed body, a
+    dependency down), as the spec's SeedError says."""
+    if response.status_code < 400 or not response.is_json:
+        return response
+    body = response.get_json(silent=True)
+    if isinstance(body, dict) and isinstance(body.get("error"), dict) and "msg" not in body:
+        error = body["error"]
+        seed = {
+            "status": SEED_STATUS.get(error.get("code"), response.status_code),
+            "msg": str(error.get("message", "")),
+        }
+        response.set_data(current_app.json.dumps({**seed, **body}))
+    return response
+
+
 @blp.route("/register", methods=["POST"])
-@_body(schemas.SeedCredentials)
+@_body(schemas.SeedCredentials, schemas.SeedSignupDoc)
+@_answers(schemas.SeedStatus)
 def register(body: dict):
     """Sign up (seed format); 5 tokens."""
     # The seed app let a client make itself admin with "is_admin"; that field is ignored.
@@ -67,7 +114,8 @@ def register(body: dict):
 
 
 @blp.route("/token", methods=["POST"])
-@_body(schemas.SeedCredentials)
+@_body(schemas.SeedCredentials, schemas.SeedLoginDoc)
+@_answers(schemas.SeedStatus)
 def token(body: dict):
     """The caller's balance (free, unlike the seed app)."""
     user = user_by_password(body["username"], body["password"])
@@ -80,7 +128,8 @@ def token(body: dict):
 
 
 @blp.route("/refill", methods=["POST"])
-@_body(schemas.SeedRefill)
+@_body(schemas.SeedRefill, schemas.SeedRefillDoc)
+@_answers(schemas.SeedStatus)
 def refill(body: dict):
     """Admin: add 'refill' tokens to 'user'."""
     admin = user_by_password(body["username"], body["password"])
@@ -91,8 +140,8 @@ def refill(body: dict):
 
 
 @blp.route("/classify", methods=["POST"])
-@_body(schemas.SeedClassify)
-@blp.alt_response(429, schema=schemas.ErrorSchema, description="too_many_waits (uncharged)")
+@_body(schemas.SeedClassify, schemas.SeedClassifyDoc)
+@_answers(LABEL_PERCENTS)
 def classify(body: dict):
     """Classify an image URL; answers the top 5 as {label: percent}. Costs a token."""
     user = user_by_password(body["username"], body["password"])
@@ -105,9 +154,14 @@ def classify(body: dict):
 
 @blp.route("/predict", methods=["POST"])
 @blp.doc(
-    requestBody={"required": True, "content": {"multipart/form-data": {"schema": "SeedUpload"}}}
+    requestBody={
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": "SeedUpload", "encoding": schemas.IMAGE_ENCODING}
+        },
+    }
 )
-@blp.alt_response(429, schema=schemas.ErrorSchema, description="too_many_waits (uncharged)")
+@_answers(schemas.SeedPrediction)
 def predict():
     """Classify an uploaded file; answers predicted_class and confidence_score."""
     try:

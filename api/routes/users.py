@@ -59,6 +59,7 @@ def me():
 @blp.route("/keys", methods=["POST"])
 @login_required
 @blp.arguments(schemas.KeyCreate)
+@blp.doc(requestBody={"required": False})  # no body: a key without a name
 @blp.response(201, schemas.KeyCreated)
 def create_key(body):
     """Create another API key; the key itself is shown only in this response."""

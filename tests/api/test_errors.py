@@ -1,6 +1,13 @@
 """Errors that say what to do: each message's key facts, on the real API, database and Redis."""
 
 import base64
+import contextlib
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -72,6 +79,24 @@ def test_unknown_paths_and_methods_answer_json(client):
     wrong = client.delete("/v1/jobs")
     assert wrong.status_code == 405 and wrong.get_json()["error"]["code"] == "method_not_allowed"
     assert "GET" in wrong.get_json()["error"]["message"]
+    assert set(wrong.headers["Allow"].split(", ")) >= {"GET", "POST"}  # RFC 9110
+
+
+def test_malformed_chunked_json_is_400_like_any_malformed_json(client, user):
+    """A chunked body has no Content-Length; it is JSON all the same."""
+    for path in ("/v1/jobs", "/v1/batches", "/v1/keys"):
+        resp = client.post(
+            path,
+            input_stream=io.BytesIO(b'{"url": "http://images.example.com/a.jpg",'),
+            headers={
+                **user["headers"],
+                "Content-Type": "application/json",
+                "Transfer-Encoding": "chunked",
+            },
+            environ_overrides={"wsgi.input_terminated": True},  # as gunicorn sets it
+        )
+        assert resp.status_code == 400, (path, resp.get_json())
+        assert resp.get_json()["error"]["code"] == "invalid_json"
 
 
 def test_every_401_carries_www_authenticate(client, user):
@@ -112,3 +137,100 @@ def test_a_trained_model_that_is_not_enabled_says_so(api_stack, tmp_path):
     for name, code in (("cifar10-cnn", "model_not_enabled"), ("../cifar10-cnn", "unknown_model")):
         resp = client.post("/v1/jobs", json={"url": URL, "model": name}, headers=user["headers"])
         assert resp.get_json()["error"]["code"] == code, name
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _raw_request(port: int, request: bytes) -> tuple[bytes, bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.sendall(request)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return head, body
+
+
+def test_errors_gunicorn_answers_itself_are_json_too(tmp_path):
+    """A request line over limit_request_line never reaches Flask: gunicorn answers it."""
+    port = _free_port()
+    env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "WEB_CONCURRENCY": "1"}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    # Any WSGI app will do: these answers come before the app is called.
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-c",
+            "gunicorn.conf.py",
+            "wsgiref.simple_server:demo_app",
+        ],
+        cwd=support.ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+
+        def up():
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                return True
+            return None
+
+        support.wait_for(up, 60, "gunicorn to listen", interval=0.2)
+        long_line = b"GET /v1/jobs?" + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+        many_headers = b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-A: 1\r\n" * 200 + b"\r\n"
+        for request, status, code in (
+            (long_line, b"414", "uri_too_long"),
+            (many_headers, b"431", "headers_too_large"),
+        ):
+            head, body = _raw_request(port, request)
+            assert head.split(b" ")[1] == status, head
+            assert b"Content-Type: application/json" in head
+            assert json.loads(body)["error"]["code"] == code
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+JSONL = (
+    '{"custom_id": "a", "url": "https://example.com/a.jpg"}\n{"url": "https://example.com/b.jpg"}\n'
+)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "status", "code"),
+    [("text/plain", 422, "invalid_urls"), ("application/json", 400, "invalid_json")],
+)
+def test_json_lines_sent_with_another_type_are_told_the_type(
+    client, user, content_type, status, code
+):
+    resp = client.post(
+        "/v1/batches", data=JSONL, content_type=content_type, headers=user["headers"]
+    )
+    assert resp.status_code == status, resp.get_json()
+    error = resp.get_json()["error"]
+    assert error["code"] == code
+    assert "Content-Type: application/jsonl" in error["message"]
+    plain = client.post(
+        "/v1/batches", data="not a url\n", content_type="text/plain", headers=user["headers"]
+    )
+    assert "application/jsonl" not in plain.get_json()["error"]["message"]
+
+
+def test_an_unknown_field_names_the_field_meant(client, user):
+    resp = client.post("/v1/jobs", json={"uri": URL}, headers=user["headers"])
+    assert resp.status_code == 422
+    error = resp.get_json()["error"]
+    assert "'url'" in error["message"] and "'uri'" in error["message"]
+    assert "'url'" in error["details"]["fields"]["uri"][0]
+    line = json.dumps({"uri": URL}) + "\n"
+    resp = client.post(
+        "/v1/batches", data=line, content_type="application/jsonl", headers=user["headers"]
+    )
+    assert "did you mean 'url'" in resp.get_json()["error"]["details"]["problems"][0]["problem"]

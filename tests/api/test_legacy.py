@@ -129,3 +129,18 @@ def test_predict_takes_an_upload_with_basic_auth(stack, photos_dir):
     assert body["predicted_class"] == "hotdog" and 0.5 < body["confidence_score"] <= 1
     anonymous = client.post("/predict", data={"file": (io.BytesIO(data), "hot_dog.jpg")})
     assert anonymous.status_code == 401
+
+
+def test_every_seed_error_carries_status_and_msg(client, db_url):
+    """Also the errors answered outside the seed blueprint's handler (issue #25): a body
+    that is not JSON, and (PostgreSQL) a value the database refuses."""
+    bad_json = client.post("/token", data="{oops", content_type="application/json")
+    assert bad_json.status_code == 400
+    body = bad_json.get_json()
+    assert body["status"] == 400 and body["msg"] == body["error"]["message"]
+    if db_url.startswith("postgresql"):
+        nul = client.post("/token", json={"username": "a\u0000b", "password": "pw-123456"})
+        assert nul.status_code == 422, nul.get_json()
+        body = nul.get_json()
+        assert body["error"]["code"] == "invalid_value"
+        assert body["status"] == 422 and body["msg"] == body["error"]["message"]

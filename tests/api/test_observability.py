@@ -94,3 +94,64 @@ def test_queue_depth_is_read_from_the_broker(tmp_path):
     finally:
         support.delete_rabbitmq_queues(config)
         support.delete_redis_prefix(config.queue_prefix)
+
+
+def _local_app(tmp_path, **overrides):
+    config = support.migrated(support.test_config(f"sqlite:///{tmp_path / 'm.db'}", **overrides))
+    return create_app(config), config
+
+
+def test_metrics_are_not_public_without_a_token(tmp_path):
+    # Issue #23: /metrics (token totals, queue depths) answered anyone.
+    app, config = _local_app(tmp_path)
+    client = app.test_client()
+    try:
+        assert client.get("/metrics").status_code == 200  # on this machine, straight in
+        for environ, headers in (
+            ({"REMOTE_ADDR": "203.0.113.9"}, {}),  # another machine
+            ({}, {"X-Forwarded-For": "203.0.113.9"}),  # through a proxy on this machine
+        ):
+            resp = client.get("/metrics", environ_base=environ, headers=headers)
+            assert resp.status_code == 403
+            assert resp.get_json()["error"]["code"] == "metrics_forbidden"
+            assert "imgclf_tokens_total" not in resp.get_data(as_text=True)
+    finally:
+        support.delete_redis_prefix(config.queue_prefix)
+
+
+def test_metrics_take_the_bearer_token_from_anywhere_and_nothing_else(tmp_path):
+    app, config = _local_app(tmp_path, metrics_token="s3cret-metrics")
+    client = app.test_client()
+    user = support.new_user(client)
+    remote = {"REMOTE_ADDR": "203.0.113.9"}
+    try:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, user["headers"]):
+            resp = client.get("/metrics", environ_base=remote, headers=headers)
+            assert resp.status_code == 401
+            assert resp.get_json()["error"]["code"] == "metrics_token_required"
+            assert "Bearer" in resp.headers["WWW-Authenticate"]
+        # With a token set, even a local request needs it.
+        assert client.get("/metrics").status_code == 401
+        ok = client.get(
+            "/metrics", environ_base=remote, headers={"Authorization": "Bearer s3cret-metrics"}
+        )
+        assert ok.status_code == 200 and "imgclf_http_requests_total" in ok.get_data(as_text=True)
+    finally:
+        support.delete_redis_prefix(config.queue_prefix)
+
+
+def test_a_null_runtime_deployment_says_so_on_readyz_and_every_answer(tmp_path):
+    app, config = _local_app(tmp_path, runtime="null", ready_heartbeat_max_age_s=0)
+    client = app.test_client()
+    try:
+        ready = client.get("/readyz")
+        assert ready.get_json()["checks"]["runtime"].startswith("null: ")
+        user = support.new_user(client)
+        for resp in (ready, client.get("/v1/me", headers=user["headers"]), client.get("/nope")):
+            assert resp.headers["X-Imgclf-Runtime"].startswith("null: ")
+        real, real_config = _local_app(tmp_path / "real")
+        assert "runtime" not in real.test_client().get("/readyz").get_json()["checks"]
+        assert "X-Imgclf-Runtime" not in real.test_client().get("/healthz").headers
+        support.delete_redis_prefix(real_config.queue_prefix)
+    finally:
+        support.delete_redis_prefix(config.queue_prefix)

@@ -17,11 +17,13 @@ from pathlib import Path
 
 import pytest
 import requests
+from standardwebhooks.webhooks import Webhook
 
 from client.api import ApiError, Unreachable
 from client.cli import ExitCode, UsageError, exit_code_for, main
 from client.progress import is_final, wait_for_batch
 from client.urlfile import UrlLine, parse_url_lines
+from harness.webhook_receiver import Receiver
 from tests import support
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,6 +89,7 @@ def test_local_problems_are_usage_errors_before_any_request(tmp_path, monkeypatc
     out = str(tmp_path / "no-such-dir" / "r.jsonl")
     assert main(["submit", str(urls), "--wait", "--out", out]) == ExitCode.USAGE
     assert main(["submit", str(urls), "--out", str(tmp_path / "r.jsonl")]) == ExitCode.USAGE
+    assert main(["submit", str(urls), "--allow-failures"]) == ExitCode.USAGE
     monkeypatch.delenv("IMGCLF_API_KEY")
     assert main(["submit", str(urls)]) == ExitCode.USAGE
     assert "IMGCLF_API_KEY" in capsys.readouterr().err
@@ -244,7 +247,8 @@ def test_submit_wait_downloads_one_result_per_line_in_order(
     result = run_client(
         live, live_user["key"], "submit", str(urls_file), "--wait", "--out", str(out)
     )
-    assert result.returncode == 0, result.stderr
+    # Two lines failed: exit 7 by default, with the results written all the same.
+    assert result.returncode == ExitCode.FAILED_LINES, result.stderr
     assert not result.stdout  # progress and the id go to stderr; results to --out
     results = _results(out)
     assert [r["index"] for r in results] == list(range(len(names)))
@@ -261,13 +265,19 @@ def test_submit_wait_downloads_one_result_per_line_in_order(
     batch_id = next(
         line.split()[1] for line in result.stderr.splitlines() if line.startswith("batch ")
     )
+    summary = result.stderr[result.stderr.index("2 lines failed:") :].splitlines()
+    assert [line.split() for line in summary[1:3]] == [["1", "fetch_failed"], ["1", "not_an_image"]]
+    assert f"client retry {batch_id} --wait --out {out}" in summary[3]
     again = tmp_path / "again.jsonl"
-    resumed = run_client(live, live_user["key"], "wait", batch_id, "--out", str(again))
+    resumed = run_client(
+        live, live_user["key"], "wait", batch_id, "--out", str(again), "--allow-failures"
+    )
     assert resumed.returncode == 0, resumed.stderr
+    assert "2 lines failed:" in resumed.stderr  # the summary is shown either way
     assert again.read_text() == out.read_text()
 
     as_csv = run_client(live, live_user["key"], "wait", batch_id, "--format", "csv")
-    assert as_csv.returncode == 0, as_csv.stderr
+    assert as_csv.returncode == ExitCode.FAILED_LINES, as_csv.stderr
     rows = list(csv.DictReader(io.StringIO(as_csv.stdout)))
     assert [r["url"] for r in rows] == urls
     assert rows[0]["top_label"] == "macaw" and rows[2]["error_code"] == "fetch_failed"
@@ -299,7 +309,8 @@ def test_jsonl_submit_then_retry_with_the_progress_bar(live, live_user, photo_se
     result = run_client(
         live, live_user["key"], "submit", str(items_file), "--wait", "--out", str(first)
     )
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == ExitCode.FAILED_LINES, result.stderr
+    assert "1 line failed:" in result.stderr and "fetch_failed" in result.stderr
     rows = list(csv.DictReader(io.StringIO(first.read_text())))
     assert [(r["custom_id"], r["status"]) for r in rows] == [
         ("row-1", "succeeded"),
@@ -332,6 +343,32 @@ def test_jsonl_submit_then_retry_with_the_progress_bar(live, live_user, photo_se
     assert len(results[1]["predictions"]) == 2
     nothing = run_client(live, live_user["key"], "retry", batch_id)
     assert nothing.returncode == ExitCode.API and "nothing_to_retry" in nothing.stderr
+
+
+def test_submit_with_a_webhook_gets_the_signed_batch_completed_event(
+    live, live_user, photo_server, tmp_path
+):
+    urls_file = tmp_path / "urls.txt"
+    urls_file.write_text(photo_server.url("parrot.jpg") + "\n")
+    with Receiver() as receiver:
+        result = run_client(
+            live, live_user["key"], "submit", str(urls_file), "--webhook", receiver.url()
+        )
+        assert result.returncode == 0, result.stderr
+        batch_id = result.stdout.strip()
+        delivery = support.wait_for(
+            lambda: receiver.received[-1] if receiver.received else None,
+            60,
+            "the batch.completed delivery",
+            interval=0.2,
+        )
+    secret = requests.get(
+        f"{live}/v1/webhook-secret", headers=live_user["headers"], timeout=10
+    ).json()["secret"]
+    payload = Webhook(secret).verify(delivery.body, delivery.headers)
+    assert payload["type"] == "batch.completed" and payload["data"]["id"] == batch_id
+    batch = requests.get(f"{live}/v1/batches/{batch_id}", headers=live_user["headers"], timeout=10)
+    assert batch.json()["webhook"] == receiver.url()
 
 
 def test_submit_rejections_map_to_exit_codes(live, live_user, photo_server, tmp_path):

@@ -33,6 +33,7 @@ EXPECTED_SERVICES = {
     "rabbitmq",
     "migrate",
     "api",
+    "proxy",
     "worker",
     "webhooks",
     "flower",
@@ -45,7 +46,7 @@ CONFIG_VARS = {f.name.upper() for f in dataclasses.fields(Config)}
 LIBRARY_VARS = {"KERAS_HOME", "PROMETHEUS_MULTIPROC_DIR"}
 GPU_LIBRARY_VARS = {"CUDA_VISIBLE_DEVICES", "TF_FORCE_GPU_ALLOW_GROWTH"}
 # Settings compose deliberately does not pass on (production must not fetch private URLs).
-NOT_PASSED = {"ALLOW_PRIVATE_URLS"}
+NOT_PASSED = {"ALLOW_PRIVATE_URLS", "ALLOW_NULL_RUNTIME"}
 # Literal (not interpolated) environment values that are allowed: none of them secret.
 LITERAL_OK = {
     "POSTGRES_USER",
@@ -339,7 +340,9 @@ def test_env_example_names_only_variables_compose_reads():
 # --- health, dependencies, scaling ------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["postgres", "redis", "rabbitmq", "api", "worker", "webhooks"])
+@pytest.mark.parametrize(
+    "name", ["postgres", "redis", "rabbitmq", "api", "proxy", "worker", "webhooks"]
+)
 def test_services_have_healthchecks(services, name):
     check = services[name]["healthcheck"]
     assert not check.get("disable")
@@ -382,6 +385,21 @@ def test_redis_keeps_queued_messages(services):
     rabbit = services["rabbitmq"]
     assert any(v.endswith(":/var/lib/rabbitmq") for v in rabbit["volumes"])
     assert rabbit["hostname"] == "rabbitmq"
+
+
+def test_only_nginx_is_published_and_gunicorn_is_behind_it(services):
+    """Issue #23: gunicorn gives a slow client a thread; nginx reads whole requests first."""
+    assert "ports" not in services["api"]
+    proxy = services["proxy"]
+    assert proxy["image"].startswith("nginx:")
+    assert "./deploy/nginx.conf:/etc/nginx/nginx.conf:ro" in proxy["volumes"]
+    assert [interpolate(str(p)) for p in proxy["ports"]] == ["5000:80"]
+    assert proxy["depends_on"]["api"]["condition"] == "service_healthy"
+    assert proxy["ulimits"]["nofile"]["soft"] >= 16384
+    conf = (ROOT / "deploy" / "nginx.conf").read_text()
+    assert "server api:5000;" in conf and "listen 80;" in conf
+    # The API counts clients (per-address limits) by the address nginx saw.
+    assert interpolate(environment(services["api"])["TRUSTED_PROXIES"]) == "1"
 
 
 def test_the_worker_can_be_scaled(services):

@@ -80,3 +80,42 @@ def test_loader_processes_auto_follows_the_cores(monkeypatch):
     for bad in ("-1", "many", "2.5"):
         with pytest.raises(ValueError, match="LOADER_PROCESSES"):
             Config.from_env({"LOADER_PROCESSES": bad})
+
+
+def test_the_null_runtime_needs_its_own_setting_not_allow_private_urls():
+    # Issue #23: ALLOW_PRIVATE_URLS (which also turns off SSRF protection) used to permit it.
+    with pytest.raises(ValueError, match="ALLOW_NULL_RUNTIME=1"):
+        Config.from_env({"RUNTIME": "null", "ALLOW_PRIVATE_URLS": "1"})
+    with pytest.raises(ValueError, match="ALLOW_NULL_RUNTIME=1"):
+        Config.from_env({"RUNTIME": "null"})
+    allowed = Config.from_env({"RUNTIME": "null", "ALLOW_NULL_RUNTIME": "1"})
+    assert allowed.null_runtime and not allowed.allow_private_urls
+    assert not Config.from_env({"ALLOW_NULL_RUNTIME": "1"}).null_runtime
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql+psycopg://imgclf:pw@postgres:5432/imgclf",  # compose's database
+        "postgresql+psycopg://u:pw@db.internal:5432/imgclf",
+        "postgresql+psycopg://u:pw@10.0.0.5/imgclf",
+        "postgresql+psycopg://u:pw@/imgclf?host=db.internal",
+    ],
+)
+def test_the_null_runtime_is_refused_next_to_a_database_on_another_host(url):
+    with pytest.raises(ValueError, match="another host"):
+        Config.from_env({"RUNTIME": "null", "ALLOW_NULL_RUNTIME": "1", "DATABASE_URL": url})
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite:///var/bench.db",
+        "postgresql+psycopg://postgres@127.0.0.1:5432/imgclf_bench",
+        "postgresql+psycopg://postgres@localhost/imgclf_bench",
+        "postgresql+psycopg://postgres@/imgclf_bench?host=/var/run/postgresql",
+    ],
+)
+def test_the_null_runtime_runs_on_a_local_database(url):
+    env = {"RUNTIME": "null", "ALLOW_NULL_RUNTIME": "1", "DATABASE_URL": url}
+    assert Config.from_env(env).null_runtime

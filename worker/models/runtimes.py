@@ -25,7 +25,7 @@ On a GPU, or with a non-TensorFlow Keras backend, ``auto`` keeps Keras.
 ``RUNTIME=null`` is for benchmarks only: no weights are loaded and every image gets
 the same fixed probabilities at once (``NullModel``), a stand-in for a GPU so that a
 benchmark measures the service's own plumbing (``python -m bench.null_model``). The
-configuration refuses it unless ALLOW_PRIVATE_URLS=1 (never set in production), and
+configuration refuses it unless ALLOW_NULL_RUNTIME=1 and the database is local, and
 the worker logs a warning at start.
 """
 

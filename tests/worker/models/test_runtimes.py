@@ -123,14 +123,14 @@ def test_the_null_runtime_is_for_benchmarks_only() -> None:
     assert candidates("null") == [runtimes.NULL]
     with pytest.raises(ValueError, match="benchmarks only"):
         Config.from_env({"RUNTIME": "null"})
-    assert Config.from_env({"RUNTIME": "null", "ALLOW_PRIVATE_URLS": "1"}).runtime == "null"
+    assert Config.from_env({"RUNTIME": "null", "ALLOW_NULL_RUNTIME": "1"}).runtime == "null"
 
 
 def test_a_null_model_answers_every_image_the_same_at_once() -> None:
     from worker.models.base import top_k
     from worker.models.registry import ModelRegistry
 
-    config = Config.from_env({"RUNTIME": "null", "ALLOW_PRIVATE_URLS": "1"})
+    config = Config.from_env({"RUNTIME": "null", "ALLOW_NULL_RUNTIME": "1"})
     model = ModelRegistry(config).get("mobilenet")
     model.setup()  # labels only: no weights are read
     assert model.choice == runtimes.NULL and model._model is model._compiled

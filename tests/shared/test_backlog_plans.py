@@ -1,0 +1,122 @@
+"""The dispatcher's and the reconciler's queries use their indexes on a database never analyzed.
+
+After a restore or a big import PostgreSQL has no statistics until ANALYZE runs, and
+its guesses then decide the plan. The dispatcher's old EXISTS probe was planned as a
+semi-join that read the whole waiting index once per open batch (1M waiting jobs:
+27 s per refill); these tests read the plans themselves, not the clock, so they hold
+on a busy machine. PostgreSQL only: SQLite has no planner statistics to lack.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import Select, text
+from sqlalchemy.dialects import postgresql
+
+from shared.db import make_engine
+from shared.dispatch import waiting_batches_query
+from shared.models import Job, utcnow
+from tests import support
+from worker.reconciler import lost_query, stale_queued_queries
+
+USERS, JOBS_PER_BATCH = 40, 1500
+
+
+@pytest.fixture(scope="module")
+def engine():
+    url = support.create_postgres_database()
+    config = support.migrated(support.test_config(url))
+    engine = make_engine(config)
+    with engine.begin() as conn:
+        for table in ("jobs", "batches", "users"):
+            # Never analyzed, even where autovacuum runs: the state after a restore.
+            conn.execute(text(f"ALTER TABLE {table} SET (autovacuum_enabled = false)"))
+        conn.execute(
+            text(
+                "INSERT INTO users (username, password_hash, tokens, is_admin, created_at) "
+                "SELECT 'plan' || g, 'x', 0, false, now() FROM generate_series(1, :n) g"
+            ),
+            {"n": USERS},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO batches (id, user_id, total, model, top_k, retries, created_at) "
+                "SELECT 'b' || u.id, u.id, :per, 'mobilenet', 5, 0, now() FROM users u"
+            ),
+            {"per": JOBS_PER_BATCH},
+        )
+        # Every batch's jobs waiting in SQL, and one chunk of each out (dispatched).
+        conn.execute(
+            text(
+                "INSERT INTO jobs (id, user_id, batch_id, batch_index, status, model, top_k,"
+                " input_url, attempts, retries, chunk, dispatched_at, created_at) "
+                "SELECT gen_random_uuid()::text, u.id, 'b' || u.id, i, 'queued', 'mobilenet',"
+                " 5, 'http://x/' || i, 0, 0, i / 32,"
+                " CASE WHEN i < 32 THEN now() END, now() "
+                "FROM users u, generate_series(0, :per - 1) i"
+            ),
+            {"per": JOBS_PER_BATCH},
+        )
+    yield engine
+    engine.dispose()
+    support.drop_postgres_database(url)
+
+
+def plan(engine, query: Select) -> dict:
+    sql = query.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True})
+    with engine.connect() as conn:
+        (rows,) = conn.execute(text(f"EXPLAIN (FORMAT JSON) {sql}")).one()
+    return (rows if isinstance(rows, list) else json.loads(rows))[0]["Plan"]
+
+
+def nodes(node: dict):
+    yield node
+    for child in node.get("Plans", []):
+        yield from nodes(child)
+
+
+def job_scans(root: dict) -> list[dict]:
+    return [n for n in nodes(root) if n.get("Relation Name") == "jobs"]
+
+
+def indexes_read(root: dict) -> set[str]:
+    """The indexes the plan reads; fails on a sequential scan of jobs."""
+    seq = [n for n in job_scans(root) if n["Node Type"] == "Seq Scan"]
+    assert not seq, root
+    return {n["Index Name"] for n in nodes(root) if "Index Name" in n}
+
+
+def test_the_database_has_no_statistics(engine):
+    with engine.connect() as conn:
+        analyzed = conn.scalar(
+            text(
+                "SELECT last_analyze IS NOT NULL OR last_autoanalyze IS NOT NULL "
+                "FROM pg_stat_user_tables WHERE relname = 'jobs'"
+            )
+        )
+    assert not analyzed
+
+
+def test_the_refill_probes_each_batch_by_its_id(engine):
+    root = plan(engine, waiting_batches_query())
+    scans = job_scans(root)
+    assert scans, root
+    for scan in scans:
+        assert scan["Index Name"] == "ix_jobs_bulk_waiting", scan
+        assert "batch_id" in scan.get("Index Cond", ""), scan
+    # The old plan: a semi-join filtering every waiting job against every batch.
+    assert not [n for n in nodes(root) if "Join Filter" in n], root
+
+
+def test_the_stale_queued_check_reads_small_indexes(engine):
+    single, bulk = stale_queued_queries(utcnow() - timedelta(seconds=60))
+    assert indexes_read(plan(engine, single)) == {"ix_jobs_batch_status"}
+    assert indexes_read(plan(engine, bulk)) == {"ix_jobs_bulk_out"}
+
+
+def test_the_lost_check_reads_the_processing_index(engine):
+    root = plan(engine, lost_query(Job.claimed_at < utcnow()))
+    assert indexes_read(root) == {"ix_jobs_processing"}
