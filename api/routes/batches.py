@@ -138,6 +138,9 @@ def _bulk_room_first(view: Callable) -> Callable:
     400, schema=schemas.ErrorSchema, description="invalid_json (a JSON Lines line: details.lines)"
 )
 @blp.alt_response(
+    429, schema=schemas.ErrorSchema, description="rate_limited (RATE_LIMIT_BULK_LINES)"
+)
+@blp.alt_response(
     422,
     schema=schemas.ErrorSchema,
     description="invalid_urls, invalid_lines, invalid_encoding (details.lines, 1-based)",
