@@ -593,22 +593,28 @@ class ServiceStack:
 
 
 def closed_loop(
-    n_clients: int, items: Iterable, call: Callable[[requests.Session, object], bool]
+    n_clients: int,
+    items: Iterable,
+    call: Callable[[requests.Session, object], bool],
+    *,
+    lanes: bool = False,
 ) -> dict:
     """``n_clients`` threads, each sending its next item when its previous answer came back.
 
-    Returns wall time from the first send to the last answer, per-request latencies,
-    and how many calls returned True (ok) or False/raised (failed).
+    ``lanes``: client ``c`` sends only items ``c``, ``c + n_clients``, ... (one client per
+    user when item ``i`` belongs to user ``i % n_clients``); else any client takes the
+    next item. Returns wall time from the first send to the last answer, per-request
+    latencies, and how many calls returned True (ok) or False/raised (failed).
     """
-    work: queue.SimpleQueue = queue.SimpleQueue()
-    for item in items:
-        work.put(item)
+    queues = [queue.SimpleQueue() for _ in range(n_clients if lanes else 1)]
+    for i, item in enumerate(items):
+        queues[i % len(queues)].put(item)
     latencies: list[float] = []
     failures: list[str] = []
     lock = threading.Lock()
     start_gate = threading.Barrier(n_clients + 1)
 
-    def client() -> None:
+    def client(work: queue.SimpleQueue) -> None:
         session = requests.Session()
         start_gate.wait()
         while True:
@@ -629,7 +635,10 @@ def closed_loop(
                 else:
                     failures.append(err)
 
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(n_clients)]
+    threads = [
+        threading.Thread(target=client, args=(queues[c % len(queues)],), daemon=True)
+        for c in range(n_clients)
+    ]
     for t in threads:
         t.start()
     start_gate.wait()

@@ -7,7 +7,7 @@ fresh unique URLs over the real photos:
 * singles, fire and forget: N ``POST /v1/jobs`` from 16 concurrent clients, each
   sending its next job as soon as the API accepted the previous one;
 * singles, wait for the answer: N ``POST /v1/jobs`` with ``Prefer: wait=60`` from
-  16 concurrent clients, each sending its next job when it has the previous
+  16 users, one client each, each sending its next job when it has the previous
   result (what a client of the seed apps does).
 
 ``python -m bench.end_to_end`` then runs the bulk scenario again on a worker restarted
@@ -113,7 +113,8 @@ def singles(stack: ServiceStack, n: int, clients: int, wait: bool) -> dict:
         return resp.status_code == 202
 
     def body() -> dict:
-        driven = closed_loop(clients, items, call)
+        # With wait: one client per user, each holding one job at a time (lanes).
+        driven = closed_loop(clients, items, call, lanes=wait)
         ids = [u["id"] for u in users]
         counts, end = wait_done(stack.dsn, "user_id = ANY(%s)", (ids,), n, timeout=60 + n)
         start = driven["start_epoch"]

@@ -8,6 +8,9 @@ processes; the service sections (3, 4, 6, 7) share one stack: a fresh PostgreSQL
 database, the API under gunicorn, one worker and a photo server; (6) runs on the
 same API after the worker is stopped, and before that the bulk scenario of (3) runs
 once more on a worker with ``RUNTIME=keras``, for the runtime ratio of issue #17.
+(9), the service's efficiency, runs a no-bookkeeping pipeline (``bench.no_bookkeeping``,
+in a process of its own) on the stack's photo server before and after (3) and divides
+(3)'s rates by its rate (``bench.efficiency``, also a command of its own).
 MobileNet's limit is measured again at the end (``bench.model_recheck``), because the
 shared host's speed drifts. A section that fails is reported as such and the command
 exits non-zero after writing the rest.
@@ -29,6 +32,7 @@ from pathlib import Path
 from bench import (
     api_only,
     bulk_accept,
+    efficiency,
     end_to_end,
     latency,
     memory,
@@ -127,9 +131,17 @@ def run(quick: bool) -> Runner:
     else:
         r.section("model_limit", lambda: r.subprocess("model_limit"))
         r.section("pipeline", lambda: r.subprocess("pipeline"))
+    # (9)'s pipeline loads its model while the stack starts, and runs on the stack's photo
+    # server before and after (3), whose scenarios it is compared with.
+    plain = efficiency.PipelineProcess()
     try:
         with ServiceStack() as stack:
+            r.section("no_bookkeeping", lambda: efficiency.pipeline_round(stack, plain, quick))
             e2e = r.section("end_to_end", lambda: end_to_end.run_with(stack, quick))
+            r.section(
+                "no_bookkeeping_after", lambda: efficiency.pipeline_round(stack, plain, quick)
+            )
+            plain.stop()  # its memory, before the sections below
             if e2e:
                 best, wait = latency.saturation(e2e)
                 r.section(
@@ -143,6 +155,8 @@ def run(quick: bool) -> Runner:
     except Exception as exc:  # the stack itself did not start
         r.errors.setdefault("end_to_end", f"{type(exc).__name__}: {exc}")
         traceback.print_exc()
+    finally:
+        plain.stop()
     if quick:
         both: dict = {}
         r.section("model_limit", lambda: both.setdefault("r", in_model_process())["model_limit"])
@@ -270,7 +284,33 @@ def headline(res: dict) -> tuple[list[str], dict]:
             f"{verdict(m['api_worker_max_mb'] < memory.API_LIMIT_MB)} |"
         )
     lines += issue17_rows(res, derived)
+    lines += issue22_rows(res)
     return lines, derived
+
+
+def efficiency_result(res: dict) -> dict | None:
+    """(9): the end-to-end scenarios over the no-bookkeeping pipeline's rounds, with the
+    seed-style app's best shape as a reference row."""
+    rounds = [res[k] for k in ("no_bookkeeping", "no_bookkeeping_after") if k in res]
+    e2e = res.get("end_to_end")
+    if not rounds or not e2e:
+        return None
+    return efficiency.summarize(rounds, e2e["scenarios"], res.get("seed_alternative"))
+
+
+def issue22_rows(res: dict) -> list[str]:
+    """Issue #22's efficiency targets: the service's rate over the no-bookkeeping pipeline's."""
+    eff = efficiency_result(res)
+    rows = []
+    for r in eff["rows"] if eff else []:
+        if r["target"] is not None:
+            rows.append(
+                f"| 22 | efficiency, {r['name']} >= {r['target']:.2f} (the service's rate over "
+                f"the no-bookkeeping pipeline's {fmt(eff['pipeline_best'])}/s) | "
+                f"{fmt(r['images_per_s'])}/s = {fmt(r['efficiency'], 2)} | "
+                f"{verdict(r['efficiency'] >= r['target'])} |"
+            )
+    return rows
 
 
 def issue17_rows(res: dict, derived: dict) -> list[str]:
@@ -539,6 +579,10 @@ def render(
         "null_model",
         null_model.report,
     )
+    eff = efficiency_result(res)
+    if eff:
+        res["_efficiency"] = eff
+    section(efficiency.TITLE.removeprefix("## "), "_efficiency", efficiency.report)
     lines += ["## What limits it", "", "Computed from this run:", ""]
     lines += analysis(res, derived) or ["- (no data)"]
     lines.append("")

@@ -81,10 +81,11 @@ def drive(url: str, urls: list[str]) -> dict:
     return closed_loop(CLIENTS, urls, call)
 
 
-def run(quick: bool = False) -> dict:
+def run(quick: bool = False, shapes: tuple[dict, ...] | None = None, n: int | None = None) -> dict:
+    """Every shape (quick: the first) or ``shapes``, ``n`` requests each."""
     ensure_keras_home()
-    n = 24 if quick else N_REQUESTS
-    shapes = SHAPES[:1] if quick else SHAPES
+    n = n or (24 if quick else N_REQUESTS)
+    shapes = shapes or (SHAPES[:1] if quick else SHAPES)
     photos = PhotoServerProcess().start()
     rows = []
     try:

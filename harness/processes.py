@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import redis
 
@@ -18,15 +19,35 @@ from shared.queue import webhook_queue
 WORKER_START_TIMEOUT_S = 120
 
 
+#: The ``celery`` program of the interpreter running the tests: ``.venv/bin/celery``.
+CELERY_PROGRAM = Path(sys.executable).parent / "celery"
+
+
 class WorkerProcess:
-    """``celery -A worker.celery_app worker`` in a subprocess, configured by ``config``."""
+    """``celery -A worker.celery_app worker`` in a subprocess, configured by ``config``.
+
+    ``as_documented``: started with the ``celery`` program, as the README, the Makefile
+    and the Dockerfile start it, instead of ``python -m celery``. The two differ: the
+    program's sys.path lacks the working directory (Celery puts it there only while it
+    imports the app), and spawned children inherit that sys.path. ``env``: more
+    environment for the worker and its children.
+    """
 
     app_module = "worker.celery_app"
     ready_hash = "workers:ready"
 
-    def __init__(self, config: Config, name: str = "w1") -> None:
+    def __init__(
+        self,
+        config: Config,
+        name: str = "w1",
+        *,
+        as_documented: bool = False,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.config = config
         self.name = name
+        self.as_documented = as_documented
+        self.extra_env = env or {}
         self.proc: subprocess.Popen | None = None
         OUTPUT.mkdir(parents=True, exist_ok=True)
         self.log_path = OUTPUT / f"{name}-{config.queue_prefix}.log"
@@ -35,9 +56,12 @@ class WorkerProcess:
         return []  # WORKER_POOL and WORKER_CONCURRENCY from the config, as in production
 
     def start(self) -> WorkerProcess:
-        env = {**os.environ, **config_env(self.config), "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ, **config_env(self.config), "PYTHONUNBUFFERED": "1", **self.extra_env
+        }  # fmt: skip
+        program = [str(CELERY_PROGRAM)] if self.as_documented else [sys.executable, "-m", "celery"]
         cmd = [
-            sys.executable, "-m", "celery", "-A", self.app_module, "worker", *self.pool_args(),
+            *program, "-A", self.app_module, "worker", *self.pool_args(),
             "--hostname", f"{self.name}-{self.config.queue_prefix}@%h", "--loglevel", "INFO",
             "--without-mingle", "--without-gossip",
         ]  # fmt: skip

@@ -146,6 +146,10 @@ class Config:
     # it: allowed only with this set, and only on a local database (benchmarks).
     allow_null_runtime: bool = False
     runtime_cache_dir: str = "var/runtime-cache"  # compiled models and accuracy-gate records
+    # OpenVINO's inference threads for the model's forward pass (INFERENCE_NUM_THREADS);
+    # 0: OpenVINO's own choice (one per core under its LATENCY hint). Fewer leaves cores
+    # to the loaders (docs/deploy.md, "Threads of the runtime").
+    runtime_threads: int = 0
 
     # Operations
     log_level: str = "INFO"
@@ -257,6 +261,8 @@ class Config:
             raise ValueError(f"WORKER_POOL must be one of {', '.join(WORKER_POOLS)}")
         if self.runtime not in RUNTIMES:
             raise ValueError(f"RUNTIME must be one of {', '.join(RUNTIMES)}")
+        if self.runtime_threads < 0:
+            raise ValueError("RUNTIME_THREADS must be >= 0 (0: OpenVINO's own choice)")
         if self.runtime == "null":
             self._check_null_runtime()
         if self.effective_prefetch < 2 * self.batch_max * self.worker_concurrency:

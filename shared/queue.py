@@ -111,6 +111,28 @@ def heartbeat_key(config: Config) -> str:
     return f"{config.queue_prefix}:workers:heartbeat"
 
 
+def worker_health_key(config: Config) -> str:
+    """Hash of classification workers that beat but cannot serve (name -> why), for /readyz.
+
+    A worker writes its entry with its heartbeat while something it needs is broken
+    (its loader processes cannot start) and deletes it once well again.
+    """
+    return f"{config.queue_prefix}:workers:health"
+
+
+def publish_health(client: redis.Redis, config: Config, name: str, problem: str | None) -> None:
+    """Record worker ``name``'s problem, or that it has none."""
+    if problem:
+        client.hset(worker_health_key(config), name, problem)
+    else:
+        client.hdel(worker_health_key(config), name)
+
+
+def worker_problems(client: redis.Redis, config: Config) -> dict[str, str]:
+    """Every classification worker's problem (name -> why); a worker absent has none."""
+    return {k.decode(): v.decode() for k, v in client.hgetall(worker_health_key(config)).items()}
+
+
 def worker_ready_key(config: Config) -> str:
     """Hash of classification worker processes serving with their models loaded.
 

@@ -40,7 +40,7 @@ from typing import Any
 from celery_batches import Batches, SimpleRequest
 from celery_batches.trace import apply_batches_task
 
-from worker.loader import LoadCanceled, Loader
+from worker.loader import LoadCanceled, Loader, reserved_threads
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,7 @@ class ContinuousBatches(Batches):
         # arrival order; those loading, and the results of the finished loads.
         self._waiting: list[Any] = []
         self._loading: set[int] = set()
+        self._bulk_loading: set[int] = set()  # those of them not from first_queues
         self._loads: dict[int, Any] = {}
         self._ahead = 0  # job ids loading or loaded, not yet in a batch
         # The consumer's event loop and the threads pool's callbacks both dispatch.
@@ -152,21 +153,35 @@ class ContinuousBatches(Batches):
             if key in self._loading or key in self._loads:
                 continue
             size = self._size(request)
-            if not self._first(request) and self._ahead and self._ahead + size > self.load_ahead:
-                break  # the rest waits for loaded messages to leave in batches
+            if not self._first(request):
+                if self._ahead and self._ahead + size > self.load_ahead:
+                    break  # the rest waits for loaded messages to leave in batches
+                if len(self._bulk_loading) >= self._bulk_loads():
+                    break  # the other loader threads are kept for first_queues messages
+                self._bulk_loading.add(key)
             self._loading.add(key)
             self._ahead += size
             self.loader.submit(self.job_ids(request), functools.partial(self._loaded, request))
+
+    def _bulk_loads(self) -> int:
+        """Messages not from first_queues that may load at once: a slow host's bulk
+        messages hold their loader threads, and a single job must still find one."""
+        threads = getattr(self.loader, "threads", None)
+        if threads is None:  # a loader that does not say: no limit
+            return self.load_ahead
+        return max(1, threads - reserved_threads(threads))
 
     def _loaded(self, request: Any, result: Any, error: BaseException | None) -> None:
         """A load finished (in a loader thread): the request may join a batch now."""
         if isinstance(error, LoadCanceled):  # worker shutdown: the broker gets it back
             with self._dispatch_lock:
                 self._loading.discard(id(request))
+                self._bulk_loading.discard(id(request))
             return
         give_back = error is not None or getattr(result, "requeue", False)
         with self._dispatch_lock:
             self._loading.discard(id(request))
+            self._bulk_loading.discard(id(request))
             if give_back:
                 self._waiting.remove(request)
                 self._ahead -= self._size(request)

@@ -34,6 +34,7 @@ from shared.queue import (
     classify_queues,
     interactive_queue,
     make_celery,
+    publish_health,
     service_queue,
     worker_ready_key,
 )
@@ -75,6 +76,13 @@ class ClassifyWorker:
             rt = self._runtime
         if rt is not None:
             rt.stop_loader_processes()
+
+    def health(self) -> str | None:
+        """What keeps this worker from serving (its loader processes), or None."""
+        with self._runtime_lock:
+            rt = self._runtime
+        pool = rt.loader_processes if rt is not None else None
+        return pool.health() if pool is not None else None
 
     @property
     def task(self) -> ContinuousBatches:
@@ -213,6 +221,7 @@ def _heartbeat(worker: ClassifyWorker) -> None:
             if broker is not None:
                 liveness.renew_leases(broker, worker.task.held_deliveries())
             liveness.beat(client, config, worker.worker_id)
+            publish_health(client, config, worker.worker_id, worker.health())
         except Exception as exc:  # Redis down: /readyz shows the heartbeat ageing
             log.warning("heartbeat not written: %r", exc)
         if worker.stopping.wait(config.heartbeat_interval_s):

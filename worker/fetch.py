@@ -5,13 +5,23 @@ webhook deliveries; this module follows redirects (by hand, each hop checked lik
 the first, at most FETCH_MAX_REDIRECTS), caps the body (MAX_IMAGE_BYTES), keeps the
 deadline, and words the errors for the job's owner.
 
+Issue #22 item 5: a requests session per fetch (a new connection each time) cost
+1.2-1.4 CPU ms per fetch. A ``Fetcher`` now holds one urllib3 ``PoolManager``
+(thread-safe; connections kept alive per host, ``FETCH_THREADS`` at most), and the
+policy's address check runs where a connection is opened (``_CheckedConnection``):
+the host is resolved, a refused address fails the fetch before any packet is sent,
+and the socket connects to the address that was checked, as requests-hardened does
+(its ``filter_host``, the same check with ``shared.ssrf``'s extra ranges). A kept-alive
+connection was checked when it opened; each redirect hop is a request of its own,
+through the same check when it opens a connection.
+
 The deadline (FETCH_TIMEOUT_S) is wall-clock: one watchdog thread per process keeps
 the deadlines of the fetches in flight and shuts down the sockets of a fetch that
 passes its own, whatever the server does (response headers dripped a byte at a
 time included); the fetch then fails with the usual "timed out" error. The
 per-read socket timeouts stay, so a silent server is noticed without the watchdog.
 
-Known gap: DNS resolution (``getaddrinfo``, called by requests-hardened's filter)
+Known gap: DNS resolution (``getaddrinfo``, called by the address check)
 has no socket to shut down; it is bounded by the resolver's own timeouts
 (``/etc/resolv.conf``: 5 s times the attempts, by default), not by the deadline.
 """
@@ -27,14 +37,16 @@ import threading
 import time
 from urllib.parse import urljoin
 
-import requests
+import certifi
 import urllib3
+from requests_hardened.ip_filter import filter_host
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
+from shared import ssrf
 from shared.config import Config
 from shared.errors import BlockedAddress, FetchFailed, ImageTooLarge
-from worker.http_client import Failure, HttpClient, RequestFailed, check_scheme, mapped_errors
+from worker.http_client import Failure, RequestFailed, check_scheme, mapped_errors
 
 USER_AGENT = "imgclf-fetcher/0.1"
 _CHUNK = 64 * 1024
@@ -99,8 +111,14 @@ class Watchdog:
             if self._pid != os.getpid():  # first use here, or a fork copied a dead thread
                 self._pid, self._heap = os.getpid(), []
                 threading.Thread(target=self._run, daemon=True, name="fetch-watchdog").start()
+            # Woken only for a deadline earlier than every other: it sleeps until the
+            # earliest anyway, and a wake-up per fetch cost more CPU than the fetch's
+            # own socket calls (bench/fetch_cost.py). A finished guard stays in the heap
+            # until its deadline comes up.
+            sooner = not self._heap or deadline < self._heap[0][0]
             heapq.heappush(self._heap, (deadline, next(self._order), guard))
-            self._changed.notify()
+            if sooner:
+                self._changed.notify()
         return guard
 
     def _run(self) -> None:
@@ -124,46 +142,89 @@ _watchdog = Watchdog()
 _current = threading.local()
 
 
-class _Guarded:
+class _Refused(Exception):
+    """The address check's error, carried through urllib3 (which would wrap an OSError)."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _AddressCheck:
+    """One Fetcher's address policy: off with ALLOW_PRIVATE_URLS (local development)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.allow_loopback = False  # tests only: reach their own server, nothing else
+
+
+class _Checked:
+    """A connection that checks the host's address as it opens, and joins the fetch's guard."""
+
+    check: _AddressCheck  # set per Fetcher (_pool_classes)
+
     def _new_conn(self) -> socket.socket:
+        check = self.check
+        if check.enabled:
+            try:
+                address = filter_host(self.host, self.port, allow_loopback=check.allow_loopback)
+            except Exception as exc:  # refused, unresolvable, or the resolver timed out
+                raise _Refused(exc) from exc
+            self._dns_host = address.strip("[]")  # connect to the address checked
         sock = super()._new_conn()
         guard = getattr(_current, "guard", None)
         if guard is not None:
             guard.add(sock)
         return sock
 
-
-class _GuardedHTTPConnection(_Guarded, HTTPConnection):
-    pass
-
-
-class _GuardedHTTPSConnection(_Guarded, HTTPSConnection):
-    pass
-
-
-class _GuardedHTTPPool(HTTPConnectionPool):
-    ConnectionCls = _GuardedHTTPConnection
+    def request(self, *args, **kwargs) -> None:
+        # A kept-alive socket joins this fetch's guard (a new one joins in _new_conn).
+        guard = getattr(_current, "guard", None)
+        if guard is not None and self.sock is not None:
+            guard.add(self.sock)
+        super().request(*args, **kwargs)
 
 
-class _GuardedHTTPSPool(HTTPSConnectionPool):
-    ConnectionCls = _GuardedHTTPSConnection
+def _pool_classes(check: _AddressCheck) -> dict[str, type]:
+    """urllib3 pool classes per scheme whose connections apply ``check``."""
+    attrs = {"check": check}
+    http = type("CheckedHTTPConnection", (_Checked, HTTPConnection), attrs)
+    https = type("CheckedHTTPSConnection", (_Checked, HTTPSConnection), attrs)
+    return {
+        "http": type("CheckedHTTPPool", (HTTPConnectionPool,), {"ConnectionCls": http}),
+        "https": type("CheckedHTTPSPool", (HTTPSConnectionPool,), {"ConnectionCls": https}),
+    }
 
 
-_GUARDED_POOLS = {"http": _GuardedHTTPPool, "https": _GuardedHTTPSPool}
+# Hosts whose connections are kept; image URLs come from many, and the least recently
+# used host's connections are closed beyond this.
+_HOSTS_KEPT = 64
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
 class Fetcher:
-    """Downloads image URLs; ``fetch`` may be called from several threads at once.
-
-    Each call uses its own session (``HttpClient``); image URLs rarely share hosts,
-    so keep-alive pooling would buy little.
-    """
+    """Downloads image URLs; ``fetch`` may be called from several threads at once."""
 
     def __init__(self, config: Config) -> None:
+        ssrf.install()  # also refuse IPv4-compatible IPv6 (::/96)
         self._max_bytes = config.max_image_bytes
         self._timeout_s = config.fetch_timeout_s
         self._max_redirects = config.fetch_max_redirects
-        self._client = HttpClient(config, timeout_s=self._timeout_s, user_agent=USER_AGENT)
+        self._headers = {
+            **urllib3.make_headers(accept_encoding=True),
+            "User-Agent": USER_AGENT,
+            "Accept": _ACCEPT,
+        }
+        # Environment proxies are not read (urllib3 reads none): the check would vet the
+        # proxy, not the target. No cookies are kept from one URL to another.
+        self._pools = urllib3.PoolManager(
+            num_pools=_HOSTS_KEPT,
+            maxsize=config.fetch_threads,
+            retries=False,
+            ca_certs=certifi.where(),
+        )
+        self._check = _AddressCheck(enabled=not config.allow_private_urls)
+        self._pools.pool_classes_by_scheme = _pool_classes(self._check)
 
     def fetch(self, url: str) -> bytes:
         guard = _watchdog.watch(time.monotonic() + self._timeout_s)
@@ -183,35 +244,46 @@ class Fetcher:
 
     def _fetch(self, url: str, deadline: float) -> bytes:
         try:
-            with mapped_errors(url), self._client.session() as session:
-                for adapter in session.adapters.values():
-                    # Every socket this session opens joins the fetch's guard.
-                    adapter.poolmanager.pool_classes_by_scheme = _GUARDED_POOLS
-                with self._get(session, url, deadline) as response:
-                    return self._read_body(response, deadline)
+            response = self._get(url, deadline)
+            try:
+                with mapped_errors(url):
+                    body = self._read_body(response, deadline)
+            except BaseException:
+                _discard(response)
+                raise
+            if _current.guard.fired:
+                _discard(response)  # its socket is shut down: not for the next fetch
+            else:
+                response.release_conn()  # kept alive for the next fetch from this host
+            return body
         except RequestFailed as exc:
             raise self._failed(exc) from exc
 
-    def _get(self, session: requests.Session, url: str, deadline: float) -> requests.Response:
+    def _get(self, url: str, deadline: float) -> urllib3.BaseHTTPResponse:
         """Follow redirects by hand so each hop's scheme is checked and the hops are counted."""
         for _hop in range(self._max_redirects + 1):
             check_scheme(url)
             remaining = self._remaining(deadline)
             with mapped_errors(url):  # a blocked hop names its own host
-                response = session.get(
-                    url,
-                    headers={"Accept": _ACCEPT},
-                    stream=True,
-                    allow_redirects=False,
-                    timeout=(remaining, remaining),
-                )
-            if not response.is_redirect:
-                if not 200 <= response.status_code < 300:
-                    response.close()
-                    raise FetchFailed(f"The image URL returned HTTP {response.status_code}.")
+                try:
+                    response = self._pools.urlopen(
+                        "GET",
+                        url,
+                        headers=self._headers,
+                        redirect=False,
+                        preload_content=False,
+                        timeout=urllib3.Timeout(connect=remaining, read=remaining),
+                    )
+                except _Refused as exc:
+                    raise exc.error from exc
+            location = response.headers.get("Location")
+            if response.status not in _REDIRECTS or not location:
+                if not 200 <= response.status < 300:
+                    _discard(response)
+                    raise FetchFailed(f"The image URL returned HTTP {response.status}.")
                 return response
-            url = urljoin(response.url, session.get_redirect_target(response))
-            response.close()
+            _discard(response)
+            url = urljoin(url, _as_text(location))
         raise FetchFailed(f"The image URL redirected more than {self._max_redirects} times.")
 
     def _failed(self, exc: RequestFailed) -> FetchFailed | BlockedAddress:
@@ -229,12 +301,13 @@ class Fetcher:
                 return FetchFailed("Could not connect to the image host.")
         return FetchFailed(f"Downloading the image failed: {exc.cause_name}.")
 
-    def _read_body(self, response: requests.Response, deadline: float) -> bytes:
+    def _read_body(self, response: urllib3.BaseHTTPResponse, deadline: float) -> bytes:
         declared = response.headers.get("Content-Length", "")
         if declared.isdigit() and int(declared) > self._max_bytes:
             raise self._too_large(f"{int(declared):,} bytes")
-        sock = _socket_of(response.raw)
-        body = bytearray()
+        sock = _socket_of(response)
+        chunks: list[bytes] = []
+        size = 0
         while True:
             # read1 returns what one socket read gave, so the deadline is checked often
             # even when a server drips data; urllib3 bounds decompressed output to _CHUNK.
@@ -243,11 +316,12 @@ class Fetcher:
                 # The read timeout was fixed when the hop began; shrink it so one stalled
                 # read cannot outlive the deadline.
                 sock.settimeout(remaining)
-            chunk = response.raw.read1(_CHUNK, decode_content=True)
+            chunk = response.read1(_CHUNK, decode_content=True)
             if not chunk:
-                return bytes(body)
-            body += chunk
-            if len(body) > self._max_bytes:
+                return b"".join(chunks)  # one copy (a bytearray grown, then copied: three)
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > self._max_bytes:
                 raise self._too_large(f"more than {self._max_bytes:,} bytes")
 
     def _remaining(self, deadline: float) -> float:
@@ -272,6 +346,22 @@ def _blocked(exc: RequestFailed) -> BlockedAddress:
         "private or reserved address, which the service does not fetch. For local "
         "development and tests, start the worker with ALLOW_PRIVATE_URLS=1."
     )
+
+
+def _discard(response: urllib3.BaseHTTPResponse) -> None:
+    """Close the response's connection (what is left of the body is not read) and give
+    its place back to the pool."""
+    response.close()
+    response.release_conn()
+
+
+def _as_text(location: str) -> str:
+    # http.client decodes headers as Latin-1; a UTF-8 Location reads right re-encoded
+    # (requests' get_redirect_target does the same).
+    try:
+        return location.encode("latin1").decode("utf8")
+    except UnicodeError:
+        return location
 
 
 def _socket_of(raw: urllib3.HTTPResponse) -> socket.socket | None:

@@ -6,6 +6,8 @@ Both send requests to URLs that users chose, so both follow one SSRF policy, kep
   other reserved addresses (and ``shared.ssrf``'s extra ranges), then connects to
   the address it checked, so a second DNS answer cannot slip in. The check runs for
   every connection. ``ALLOW_PRIVATE_URLS=1`` turns it off (local development, tests).
+  Image fetches run the same check (its ``filter_host``) on a urllib3 pool of their
+  own, as each connection opens (``worker.fetch``: connections kept alive per host).
 - http and https only (``check_scheme``).
 - The library follows no redirect. A caller that follows them (image fetches) sends
   each hop as a request of its own, through ``check_scheme`` and the filter again;
@@ -119,6 +121,10 @@ def mapped_errors(url: str) -> Iterator[None]:
         raise  # already mapped, by an inner block that knew the hop's URL
     except InvalidIPAddress as exc:
         raise RequestFailed(Failure.BLOCKED, url, exc) from exc
+    except urllib3.exceptions.NewConnectionError as exc:  # before TimeoutError, its base
+        raise RequestFailed(Failure.CONNECT, url, exc) from exc
+    except urllib3.exceptions.LocationValueError as exc:  # LocationParseError too
+        raise RequestFailed(Failure.INVALID_URL, url, exc) from exc
     except (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError) as exc:
         raise RequestFailed(Failure.TIMEOUT, url, exc) from exc
     except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema) as exc:

@@ -22,8 +22,20 @@ from typing import Generic, TypeVar
 
 log = logging.getLogger(__name__)
 
+#: One loader or fetch thread in this many (at least one) is kept for interactive work.
+INTERACTIVE_SHARE = 4
+
 T = TypeVar("T")
 Done = Callable[[T | None, BaseException | None], None]
+
+
+def reserved_threads(threads: int) -> int:
+    """Threads of ``threads`` that bulk work leaves to interactive work (none of one).
+
+    Issue #23 item 5: one user's batch on hosts that drip a byte a second held every
+    thread, and another user's single job waited for one of them to time out.
+    """
+    return 0 if threads < 2 else max(1, threads // INTERACTIVE_SHARE)
 
 
 class LoadCanceled(Exception):
@@ -35,6 +47,7 @@ class Loader(Generic[T]):
 
     def __init__(self, load: Callable[[list[str]], T], threads: int) -> None:
         self._load = load
+        self.threads = threads
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="loader")
         self._closed = False
 

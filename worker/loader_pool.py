@@ -23,6 +23,12 @@ the writes. A loader process that dies (SIGKILL, OOM) loses nothing: its tasks i
 flight are sent once more to another process, then fail (``internal_error``, so
 the job is refunded), the pixels it held and its places in the budget's line are
 given back, and a new process takes its place.
+
+A loader process says READY once it is set up. One that exits before that (it cannot
+import the project, cannot attach the shared memory...) would only die again: it is
+started again after a back-off (START_BACKOFF_S, doubling up to START_BACKOFF_MAX_S,
+one log line per try), and ``health()`` reports it, which the worker publishes with
+its heartbeat for /readyz.
 """
 
 from __future__ import annotations
@@ -30,8 +36,10 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing
+import os
 import queue
 import signal
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -39,6 +47,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,6 +60,7 @@ from shared.pixel_budget import SharedPixelBudget
 from shared.redis_client import make_redis
 from shared.uploads import UploadStore
 from worker.fetch import Fetcher
+from worker.loader import reserved_threads
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +73,14 @@ SHM_MAX_BYTES = 256 * 1024 * 1024
 RESULT_SLACK_S = 60.0
 INTERACTIVE, BULK, STOP_PRIORITY = 0, 1, 2
 LOST_MESSAGE = "The image loader stopped while loading the image."
+#: What a loader process sends once it is set up, before it reads any task.
+READY = "ready"
+#: The wait before starting again a loader process that exited before READY: doubled
+#: at each failure in a row, up to the cap.
+START_BACKOFF_S = 0.5
+START_BACKOFF_MAX_S = 30.0
+#: The directory that holds the ``worker`` and ``shared`` packages.
+PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
 @dataclass(frozen=True)
@@ -118,6 +136,11 @@ class LoaderProcesses:
         self._slots = np.ndarray((count, self._slot_bytes), np.uint8, buffer=self._shm.buf)
         self._free = list(range(count))
         self._ctx = multiprocessing.get_context("spawn")
+        # Kept for interactive images: fetch threads per process (bulk ones take at most
+        # the rest), and slots in all.
+        reserve = reserved_threads(self._threads)
+        self._bulk_cap = self._threads - reserve
+        self._reserved_slots = min(reserve * processes, count // 4)
         # One budget for every process's decodes; owner i is loader process i (its
         # replacement too, once the dead one's share is reclaimed), the last the worker.
         self._budget = SharedPixelBudget(
@@ -128,6 +151,11 @@ class LoaderProcesses:
         )
         self.budget = self._budget.member(processes)
         self._lock = threading.Condition()
+        # Per process index: whether the process now there said READY, how many in a
+        # row exited before that, and the timer that starts the next one meanwhile.
+        self._ready: list[bool] = []
+        self._start_failures: list[int] = []
+        self._restarts: list[threading.Timer | None] = []
         self._send_locks: list[threading.Lock] = []
         self._procs: list[Any] = []
         self._conns: list[Connection] = []
@@ -135,7 +163,11 @@ class LoaderProcesses:
         self._next_id = 0
         self._closed = False
         self._wake_r, self._wake_w = self._ctx.Pipe(duplex=False)
+        _make_project_importable()
         for index in range(processes):
+            self._ready.append(False)
+            self._start_failures.append(0)
+            self._restarts.append(None)
             self._procs.append(None)
             self._conns.append(None)  # type: ignore[arg-type]
             self._in_flight.append({})
@@ -150,6 +182,17 @@ class LoaderProcesses:
         """The shared pixel budget now: free, waiting, and the peak held at once."""
         budget = self._budget
         return {"free": budget.free, "waiting": budget.waiting, "peak": budget.peak}
+
+    def health(self) -> str | None:
+        """None while every loader process runs or starts as usual; else what is wrong."""
+        with self._lock:
+            failing = [n for n in self._start_failures if n]
+        if not failing:
+            return None
+        return (
+            f"{len(failing)} of {len(self._start_failures)} loader process(es) cannot start "
+            f"(exited before ready {max(failing)} time(s) in a row; see the worker's log)"
+        )
 
     def pids(self) -> list[int]:
         """The loader processes' pids (tests kill one)."""
@@ -180,7 +223,10 @@ class LoaderProcesses:
                 return
             self._closed = True
             self._lock.notify_all()  # loads waiting for a slot give up
-            procs = list(self._procs)
+            procs = [p for p in self._procs if p is not None]
+            timers = [t for t in self._restarts if t is not None]
+        for timer in timers:
+            timer.cancel()
         for index, conn in enumerate(self._conns):
             try:
                 with self._send_locks[index]:
@@ -206,29 +252,56 @@ class LoaderProcesses:
     def _submit(self, task: ImageTask) -> Future:
         future: Future = Future()
         with self._lock:
-            if self._closed:
-                raise RuntimeError("the loader processes are stopped")
-            # Waits while every slot is taken: as many images are in flight as fit.
-            self._lock.wait_for(lambda: len(self._free) >= len(task.sizes) or self._closed)
+            # Waits while it may not go yet: every slot taken, or (bulk) no room left
+            # outside the share kept for interactive images.
+            while (index := self._place_for(task)) is None and not self._closed:
+                self._lock.wait()
             if self._closed:
                 raise RuntimeError("the loader processes are stopped")
             slots = [self._free.pop() for _ in task.sizes]
             pending = _Pending(task, slots, future)
             self._next_id += 1
             task_id = self._next_id
-            index = self._least_busy()
-        self._send(index, task_id, pending)
+            # Counted in flight before the lock goes: the next task sees it.
+            conn = self._register(index, task_id, pending)
+        self._transmit(index, conn, task_id, pending)
         return future
 
-    def _least_busy(self) -> int:
+    def _place_for(self, task: ImageTask) -> int | None:
+        """The least busy process that may take ``task`` now, or None (under the lock).
+
+        Issue #23 item 5: one user's batch of hosts that drip a byte a second held every
+        fetch thread and slot, and another user's single job waited for one of them to
+        time out. So bulk images keep off ``reserve`` fetch threads of each process and
+        as many slots: an interactive image finds a thread at once, whatever bulk does.
+        """
+        interactive = task.priority == INTERACTIVE
+        spare = 0 if interactive else self._reserved_slots
+        if len(self._free) < len(task.sizes) + spare:
+            return None
         alive = [i for i, p in enumerate(self._procs) if p is not None]
-        return min(alive or range(len(self._procs)), key=lambda i: len(self._in_flight[i]))
+        places = alive or list(range(len(self._procs)))  # all restarting: wait in line
+        if not interactive:
+            places = [i for i in places if self._bulk_in_flight(i) < self._bulk_cap]
+        if not places:
+            return None
+        return min(places, key=lambda i: len(self._in_flight[i]))
+
+    def _bulk_in_flight(self, index: int) -> int:
+        return sum(p.task.priority != INTERACTIVE for p in self._in_flight[index].values())
 
     def _send(self, index: int, task_id: int, pending: _Pending) -> None:
         with self._lock:
-            pending.sends += 1
-            self._in_flight[index][task_id] = pending
-            conn = self._conns[index]
+            conn = self._register(index, task_id, pending)
+        self._transmit(index, conn, task_id, pending)
+
+    def _register(self, index: int, task_id: int, pending: _Pending) -> Connection:
+        """Count ``pending`` in flight at process ``index``; its pipe (under the lock)."""
+        pending.sends += 1
+        self._in_flight[index][task_id] = pending
+        return self._conns[index]
+
+    def _transmit(self, index: int, conn: Connection, task_id: int, pending: _Pending) -> None:
         task = pending.task
         message = (task_id, task.url, task.upload_id, task.sizes, pending.slots, task.priority)
         try:
@@ -249,7 +322,9 @@ class LoaderProcesses:
     def _read_once(self) -> bool:
         """Handle what is ready now; True once closed."""
         with self._lock:
-            conns = {c: i for i, c in enumerate(self._conns)}
+            # Not the pipe of a dead process waiting for its restart: it reads as ready
+            # (at its end) for as long as it stays, and this loop would spin.
+            conns = {c: i for i, c in enumerate(self._conns) if self._procs[i] is not None}
             sentinels = {p.sentinel: i for i, p in enumerate(self._procs) if p is not None}
         ready = wait([*conns, *sentinels, self._wake_r])
         if self._wake_r in ready:
@@ -268,9 +343,20 @@ class LoaderProcesses:
     def _receive(self, index: int, conn: Connection) -> None:
         try:
             while conn.poll():
-                self._resolve(index, conn.recv())
+                reply = conn.recv()
+                if reply == READY:
+                    self._started(index)
+                else:
+                    self._resolve(index, reply)
         except (EOFError, OSError):
             pass  # the process died: its sentinel says so
+
+    def _started(self, index: int) -> None:
+        with self._lock:
+            self._ready[index] = True
+            failures, self._start_failures[index] = self._start_failures[index], 0
+        if failures:
+            log.info("loader process %d started after %d failed start(s)", index, failures)
 
     def _resolve(self, index: int, reply: tuple) -> None:
         task_id, ok, body, fetch_s = reply
@@ -301,14 +387,22 @@ class LoaderProcesses:
             proc = self._procs[index]
             if proc is None or proc.is_alive():
                 return
+            conn = self._conns[index]
+        self._receive(index, conn)  # what it answered before it died
+        with self._lock:
             self._procs[index] = None
             lost = list(self._in_flight[index].items())
             self._in_flight[index].clear()
             closed = self._closed
+            if not self._ready[index]:
+                self._start_failures[index] += 1
+            failures = self._start_failures[index]
         # Before a replacement takes the same owner: what the dead one held would be
         # lost to every process for good (an OOM kill strikes mid-decode).
         reclaimed = self._budget.reclaim(index)
-        if not closed:
+        if not closed and failures:
+            self._start_later(index, proc, failures)
+        elif not closed:
             log.error(
                 "loader process %s died (exit code %s) with %d image(s) in flight and "
                 "%d pixels of the decode budget, given back",
@@ -323,6 +417,37 @@ class LoaderProcesses:
                 self._send(self._least_busy_other(index), task_id, pending)
             else:
                 self._lost(pending)
+
+    def _start_later(self, index: int, proc: Any, failures: int) -> None:
+        """Start process ``index`` again after a back-off: it died before READY."""
+        delay = min(START_BACKOFF_S * 2 ** (failures - 1), START_BACKOFF_MAX_S)
+        log.error(
+            "loader process %s exited (exit code %s) before it was ready, %d time(s) in a "
+            "row; starting it again in %g s",
+            proc.pid,
+            proc.exitcode,
+            failures,
+            delay,
+        )
+        timer = threading.Timer(delay, self._restart, (index,))
+        timer.daemon = True
+        with self._lock:
+            self._restarts[index] = timer
+        timer.start()
+
+    def _restart(self, index: int) -> None:
+        with self._lock:
+            self._restarts[index] = None
+            if self._closed:
+                return
+        try:
+            self._start(index)
+        except Exception:  # a timer thread's error would go unseen: try again later
+            log.exception("starting loader process %d failed", index)
+            with self._lock:
+                self._start_failures[index] += 1
+                failures = self._start_failures[index]
+            self._start_later(index, _NotStarted(), failures)
 
     def _least_busy_other(self, dead: int) -> int:
         with self._lock:
@@ -364,6 +489,7 @@ class LoaderProcesses:
         with self._lock:
             old, self._conns[index] = self._conns[index], ours
             self._procs[index] = proc
+            self._ready[index] = False
             # Sent to the dead one's pipe between its death and now: never read there.
             orphans = list(self._in_flight[index].items())
         if old is not None:
@@ -373,6 +499,24 @@ class LoaderProcesses:
             self._send(index, task_id, pending)
         if hasattr(self, "_reader"):
             self._wake_w.send(None)  # the reader waits on the new pipe and sentinel too
+
+
+class _NotStarted:
+    pid = exitcode = None
+
+
+def _make_project_importable() -> None:
+    """Put the project on sys.path, which 'spawn' children start with.
+
+    A spawned child gets its parent's sys.path and imports ``worker.loader_pool`` from
+    it before it runs anything. The ``celery`` program, as the README starts the worker,
+    has no project directory on sys.path (Celery's ``import_from_cwd`` adds the working
+    directory only while it imports the app), and every loader died on ``import worker``.
+    Appended: it adds the project's packages, and shadows nothing found before.
+    """
+    here = os.path.realpath(PROJECT_ROOT)
+    if not any(os.path.realpath(p or os.curdir) == here for p in sys.path):
+        sys.path.append(PROJECT_ROOT)
 
 
 # --- the loader process's side ------------------------------------------------------
@@ -402,6 +546,7 @@ def _child_main(
     ]
     for thread in fetchers:
         thread.start()
+    conn.send(READY)  # before any task: a process that dies before this read none
     order = itertools.count()
     try:
         while True:

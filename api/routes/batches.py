@@ -60,7 +60,8 @@ TEXT_EXAMPLES = {
     "application/x-ndjson": JSONL_EXAMPLE,
 }
 # The JSON body is schemas.BatchCreate (@blp.arguments); a text body is read here, line
-# by line, with its options (schemas.BatchOptions) in the query string.
+# by line, with its options (schemas.BatchOptions) in the query string, which is checked
+# for every body.
 BATCH_CREATE_DOC = {
     "requestBody": {
         "content": {
@@ -78,18 +79,21 @@ BATCH_CREATE_DOC = {
 
 
 def _batch_request(body: dict) -> BatchRequest:
+    # The query's options are checked whatever the body: a bad one is never ignored.
+    query = validation.load(schemas.BatchOptions(), request.args.to_dict())
     if request.mimetype in schemas.BATCH_TEXT_TYPES:
-        return _text_batch_request()
+        return _text_batch_request(query)
     fields = [f for f in ("urls", "items") if f in body]
     if len(fields) != 1:
         raise invalid_body(schemas.BatchCreate.EXPECTED)
     field = fields[0]
     numbered = list(enumerate(body[field], start=1))
     build = build_item_batch_request if field == "items" else build_batch_request
-    return _build(build, numbered, {k: v for k, v in body.items() if k != field})
+    # A JSON body's own options win over the query's.
+    return _build(build, numbered, {**query, **{k: v for k, v in body.items() if k != field}})
 
 
-def _text_batch_request() -> BatchRequest:
+def _text_batch_request(options: dict) -> BatchRequest:
     # Read line by line from the stream, never the whole body as one string.
     limit = services().config.max_batch_urls
     lines = Utf8Lines(request.stream)
@@ -98,7 +102,6 @@ def _text_batch_request() -> BatchRequest:
     else:
         build, numbered = build_item_batch_request, parse_jsonl(lines, limit)
     lines.check()
-    options = validation.load(schemas.BatchOptions(), request.args.to_dict())
     return _build(build, numbered, options)
 
 
@@ -149,7 +152,7 @@ def create_batch(body: dict):
     """Submit up to 10,000 URLs (or JSON Lines items); charges one token each, all or nothing.
 
     A JSON body carries its options; a text/plain or JSON Lines body takes them from the
-    query string.
+    query string (with a JSON body, options given in both places: the body's win).
     """
     status, body = submit_batch(g.user, _batch_request(body), idempotency.request_key())
     return body, status, {"Location": url_for("batches.get_batch", batch_id=body["id"])}

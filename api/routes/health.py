@@ -10,7 +10,7 @@ from api import NULL_RUNTIME_NOTE, schemas
 from api.metrics import metrics_response
 from api.services import services
 from api.validation import Blueprint
-from shared.queue import heartbeat_key
+from shared.queue import heartbeat_key, heartbeats, worker_problems
 
 blp = Blueprint("health", __name__, description="Probes")
 
@@ -28,7 +28,8 @@ def healthz():
 @blp.response(200, schemas.Health)
 @blp.alt_response(503, schema=schemas.Health, description="A dependency is down")
 def readyz():
-    """The database and Redis answer, and a classification worker sent a recent heartbeat."""
+    """The database and Redis answer, and a classification worker that can serve sent a
+    recent heartbeat (one whose loader processes cannot start cannot serve)."""
     svc = services()
     checks = {"database": _check(lambda: _ping_db(svc)), "redis": _check(svc.redis.ping)}
     age = _heartbeat_age(svc) if checks["redis"] == "ok" else None
@@ -37,6 +38,8 @@ def readyz():
         # Accepting jobs that no worker will run only hides an outage behind a queue.
         fresh = age is not None and age <= max_age
         checks["worker"] = "ok" if fresh else f"error: no worker heartbeat in {max_age} s"
+        if fresh:
+            checks["worker"] = _serving_check(svc, max_age)
     ok = all(v == "ok" for v in checks.values())
     checks["worker_heartbeat_age_s"] = age
     if svc.config.null_runtime:  # ready, but not classifying anything
@@ -51,6 +54,19 @@ def _heartbeat_age(svc) -> float | None:
     except Exception:  # a probe reports, it never raises
         return None
     return round(time.time() - max(float(b) for b in beats), 1) if beats else None
+
+
+def _serving_check(svc, max_age: float) -> str:
+    """Whether a worker with a fresh heartbeat reports no problem; else their problem."""
+    try:
+        beats, problems = heartbeats(svc.redis, svc.config), worker_problems(svc.redis, svc.config)
+    except Exception as exc:  # a probe reports, it never raises
+        return f"error: {type(exc).__name__}"
+    now = time.time()
+    fresh = [name for name, at in beats.items() if now - at <= max_age]
+    if any(name not in problems for name in fresh):
+        return "ok"
+    return f"error: no worker can serve: {problems[fresh[0]]}" if fresh else "ok"
 
 
 def _ping_db(svc) -> None:
@@ -68,7 +84,8 @@ def _check(probe) -> str:
 
 @blp.route("/metrics", methods=["GET"])
 @blp.doc(
-    security=[{"metricsToken": []}],
+    # The token when METRICS_TOKEN is set; none for a direct local request otherwise.
+    security=[{"metricsToken": []}, {}],
     responses={
         "200": {"description": "Prometheus text format", "content": {"text/plain": {}}},
         "401": {"description": "metrics_token_required: METRICS_TOKEN is set, not sent"},

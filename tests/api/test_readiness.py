@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from api import create_app
-from shared.queue import heartbeat_key
+from shared.queue import heartbeat_key, publish_health
 from tests import support
 
 
@@ -21,10 +21,11 @@ def fresh_config(api_stack):
     support.delete_redis_prefix(config.queue_prefix)
 
 
-def _beat(config, age_s: float) -> None:
+def _beat(config, age_s: float, name: str = "w1@host", problem: str | None = None) -> None:
     """A heartbeat written the way worker/celery_app.py writes it, ``age_s`` seconds ago."""
     client = redis.Redis.from_url(config.redis_url)
-    client.hset(heartbeat_key(config), "w1@host", time.time() - age_s)
+    client.hset(heartbeat_key(config), name, time.time() - age_s)
+    publish_health(client, config, name, problem)
 
 
 def test_not_ready_without_a_worker_heartbeat(fresh_config):
@@ -57,3 +58,25 @@ def test_workers_can_be_reported_without_being_judged(fresh_config):
     ready = create_app(config).test_client().get("/readyz")
     assert ready.status_code == 200
     assert "worker" not in ready.get_json()["checks"]
+
+
+def test_not_ready_when_the_only_fresh_worker_cannot_serve(fresh_config):
+    _beat(fresh_config, age_s=1, problem="2 of 2 loader process(es) cannot start")
+    _beat(fresh_config, age_s=500, name="old@host")  # a healthy one, but long gone
+    ready = create_app(fresh_config).test_client().get("/readyz")
+    assert ready.status_code == 503
+    assert "loader process(es) cannot start" in ready.get_json()["checks"]["worker"]
+
+
+def test_ready_while_another_fresh_worker_serves(fresh_config):
+    _beat(fresh_config, age_s=1, problem="2 of 2 loader process(es) cannot start")
+    _beat(fresh_config, age_s=1, name="w2@host")
+    ready = create_app(fresh_config).test_client().get("/readyz")
+    assert ready.status_code == 200, ready.get_json()
+
+
+def test_a_worker_that_recovers_is_ready_again(fresh_config):
+    _beat(fresh_config, age_s=1, problem="1 of 2 loader process(es) cannot start")
+    _beat(fresh_config, age_s=1, problem=None)  # its next beat: all well
+    ready = create_app(fresh_config).test_client().get("/readyz")
+    assert ready.status_code == 200, ready.get_json()

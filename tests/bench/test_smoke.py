@@ -32,6 +32,7 @@ SECTIONS = (
     "## 7. Memory",
     "## Bulk acceptance",
     "## 8. The plumbing's ceiling",
+    "## 9. Efficiency",
     "## What limits it",
 )
 
@@ -72,6 +73,9 @@ def test_report_has_every_section_with_numbers(quick_run):
     assert "python -m bench.run_all --quick" in text
     for title in SECTIONS:
         assert title in text, f"missing section {title!r}"
+    # Issue #22's efficiency rows: service rate over the no-bookkeeping pipeline's.
+    assert re.search(r"^\| 22 \| efficiency, bulk >= ", text, flags=re.M)
+    assert re.search(r"^\| 22 \| efficiency, singles, wait for answer >= ", text, flags=re.M)
     # Each section after the header carries at least one table row with a number in it.
     sections = re.split(r"^## ", text, flags=re.M)[1:]
     for body in sections:
@@ -93,6 +97,10 @@ def test_raw_results_are_measurements(quick_run):
     for scenario in r["end_to_end"]["scenarios"]:
         assert scenario["succeeded"] == scenario["jobs"], scenario
         assert positive(scenario["images_per_s"])
+    for key in ("no_bookkeeping", "no_bookkeeping_after"):  # (9)'s pipeline, both rounds
+        plain = r[key]
+        assert plain["ok"] == plain["images"] and plain["failed"] == 0, plain
+        assert positive(plain["images_per_s"]) and positive(plain["cpu_ms_per_image"]), plain
     keras = r["keras_bulk"]  # the bulk scenario again on RUNTIME=keras, for the runtime ratio
     assert keras["succeeded"] == keras["jobs"] and positive(keras["images_per_s"]), keras
     assert any(level.get("basis") == "wait" for level in r["latency"]["levels"])

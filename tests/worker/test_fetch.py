@@ -3,9 +3,9 @@
 Private addresses must be allowed to reach the test server at all, so the
 download behaviour is tested with ``allow_private_urls=True`` and the address
 filter with it off. A redirect from a public host to a private one needs a
-public server; requests-hardened checks the address on every connection, which
+public server; the fetcher checks the address as every connection opens, which
 is what ``test_every_redirect_hop_is_filtered`` shows by letting loopback through
-and redirecting to the metadata address.
+and redirecting to the metadata address (kept alive too: the last tests).
 """
 
 from __future__ import annotations
@@ -299,7 +299,7 @@ def test_octal_loopback_is_blocked_or_unresolvable(server: ThreadingHTTPServer) 
 def test_every_redirect_hop_is_filtered(base: str) -> None:
     fetcher = _fetcher(allow_private_urls=False)
     # Test-only: let the first hop reach our loopback server; everything else stays filtered.
-    fetcher._client._manager.config.ip_filter_allow_loopback_ips = True
+    fetcher._check.allow_loopback = True
     assert fetcher.fetch(f"{base}/photo") == Handler.photo
     started = time.monotonic()
     with pytest.raises(BlockedAddress):
@@ -317,7 +317,55 @@ def test_a_blocked_address_names_the_host_the_address_and_the_setting(
     assert "localhost resolves to" in message and "ALLOW_PRIVATE_URLS=1" in message
     assert "127.0.0.1" in message or "::1" in message
     # A redirect hop names the hop's host, not the first URL's.
-    fetcher._client._manager.config.ip_filter_allow_loopback_ips = True
+    fetcher._check.allow_loopback = True
     with pytest.raises(BlockedAddress) as hop:
         fetcher.fetch(f"{base}/to-metadata")
     assert "169.254.169.254 resolves to 169.254.169.254" in hop.value.message
+
+
+# --- keep-alive (issue #22 item 5: one pool of connections per Fetcher) --------------
+
+
+class KeepAliveHandler(Handler):
+    protocol_version = "HTTP/1.1"  # connections stay open between requests
+    peers: list[int] = []
+
+    def do_GET(self) -> None:
+        type(self).peers.append(self.client_address[1])
+        super().do_GET()
+
+
+@pytest.fixture(scope="module")
+def keep_alive_base(server: ThreadingHTTPServer) -> Iterator[str]:
+    httpd = Server(("127.0.0.1", 0), KeepAliveHandler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_port}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_a_kept_alive_connection_is_reused_and_still_cut_at_the_deadline(
+    keep_alive_base: str,
+) -> None:
+    fetcher = _fetcher(fetch_timeout_s=1.0)
+    KeepAliveHandler.peers.clear()
+    assert fetcher.fetch(f"{keep_alive_base}/photo") == Handler.photo
+    assert fetcher.fetch(f"{keep_alive_base}/photo") == Handler.photo
+    started = time.monotonic()
+    with pytest.raises(FetchFailed, match="timed out"):
+        fetcher.fetch(f"{keep_alive_base}/drip-headers")  # no read ever times out
+    assert time.monotonic() - started < 3
+    # All three on one connection: the watchdog cut a socket that an earlier fetch opened.
+    assert len(set(KeepAliveHandler.peers)) == 1, KeepAliveHandler.peers
+    assert fetcher.fetch(f"{keep_alive_base}/photo") == Handler.photo  # a new one
+
+
+def test_a_kept_alive_connection_does_not_skip_the_check_of_a_redirect_hop(
+    keep_alive_base: str,
+) -> None:
+    fetcher = _fetcher(allow_private_urls=False)
+    fetcher._check.allow_loopback = True  # test-only: our own server; the rest filtered
+    assert fetcher.fetch(f"{keep_alive_base}/photo") == Handler.photo
+    with pytest.raises(BlockedAddress):
+        fetcher.fetch(f"{keep_alive_base}/to-metadata")

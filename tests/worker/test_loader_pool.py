@@ -161,12 +161,16 @@ def test_the_loader_processes_decode_under_one_budget_and_a_dead_one_leaves_its_
             # block every process), and its image goes to the other process.
             victim = loaders.pids()[0]
             os.kill(victim, signal.SIGKILL)
+            # (Replaced too: the replacement starts after the dead one leaves the line.)
             support.wait_for(
-                lambda: victim not in loaders.pids() and loaders.stats()["waiting"] == 1,
+                lambda: (
+                    victim not in loaders.pids()
+                    and loaders.stats()["waiting"] == 1
+                    and len(loaders.pids()) == 2
+                ),
                 60,
-                "the dead process out of the budget's line",
+                "the dead process out of the budget's line, and replaced",
             )
-            assert len(loaders.pids()) == 2
         waiter.join(120)
         assert [r.error for r in results] == [None] * len(tasks)
         assert all(r.arrays[MOBILENET].shape == (224, 224, 3) for r in results)

@@ -87,6 +87,7 @@ class ImageModel(abc.ABC):
         max_batch: int = DEFAULT_MAX_BATCH,
         runtime: str = "keras",
         runtime_cache_dir: str | Path = DEFAULT_RUNTIME_CACHE_DIR,
+        runtime_threads: int = 0,
     ) -> None:
         """
         Args:
@@ -94,11 +95,13 @@ class ImageModel(abc.ABC):
             runtime: ``keras`` (default when built directly), ``openvino`` or ``auto``
                 (the ``RUNTIME`` setting; see ``worker.models.runtimes``).
             runtime_cache_dir: Where compiled forms of the model are cached.
+            runtime_threads: OpenVINO's inference threads (``RUNTIME_THREADS``; 0: its own).
         """
         self.max_batch = max_batch
         self.buckets = bucket_sizes(max_batch)
         self.runtime = runtime
         self.runtime_cache_dir = Path(runtime_cache_dir)
+        self.runtime_threads = runtime_threads
         self._model: Any = None
         self._labels: list[str] | None = None
         self._compiled: OpenVINOModel | None = None
@@ -284,7 +287,12 @@ class ImageModel(abc.ABC):
 
         key = self.runtime_key(choice)
         return runtimes.compile_openvino(
-            self, self._model, choice.precision, self.runtime_cache_dir, key
+            self,
+            self._model,
+            choice.precision,
+            self.runtime_cache_dir,
+            key,
+            threads=self.runtime_threads,
         )
 
     def _agrees_with_keras(self, compiled: OpenVINOModel) -> bool:

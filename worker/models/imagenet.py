@@ -69,7 +69,8 @@ class _KerasImageNetModel(ImageModel):
                 ``None`` (random initialisation: for shape and speed tests), or
                 the path to a weights file.
             max_batch: Largest batch run at once; larger batches are chunked.
-            runtime: ``runtime`` and ``runtime_cache_dir``, as ``ImageModel`` takes them.
+            runtime: ``runtime``, ``runtime_cache_dir`` and ``runtime_threads``, as
+                ``ImageModel`` takes them.
         """
         super().__init__(max_batch=max_batch, **runtime)
         self.weights = weights

@@ -83,6 +83,7 @@ class ModelRegistry:
             max_batch=self._config.batch_max,
             runtime=self._config.runtime,
             runtime_cache_dir=self._config.runtime_cache_dir,
+            runtime_threads=self._config.runtime_threads,
         )
         self._instances[name] = model
         return model

@@ -251,6 +251,8 @@ class OpenVINOModel:
         self._lock = threading.Lock()
         self.path = path
         self.from_cache = from_cache
+        # What OpenVINO settled on (RUNTIME_THREADS, or its own choice), for logs and benches.
+        self.threads = int(compiled.get_property("INFERENCE_NUM_THREADS"))
 
     def predict_on_batch(self, batch: np.ndarray) -> np.ndarray:
         with self._lock:
@@ -305,10 +307,32 @@ def _write_cache(model: ImageModel, keras_model: keras.Model, folder: Path, meta
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def compile_properties(precision: str, threads: int = 0) -> dict[str, Any]:
+    """OpenVINO's CPU properties for a worker's model (``RUNTIME_THREADS`` is ``threads``).
+
+    The LATENCY hint gives one stream: the worker runs one forward pass at a time
+    (``worker/pipeline.py``'s forward lock), so a second stream would only hold threads
+    that no request uses. ``threads`` caps that stream's threads (0: OpenVINO's choice,
+    one per core), leaving the other cores to the loaders.
+    """
+    hint = "bf16" if precision == "bf16" else "f32"  # OpenVINO defaults to bf16 on AMX
+    props: dict[str, Any] = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        props["INFERENCE_NUM_THREADS"] = threads
+    return props
+
+
 def compile_openvino(
-    model: ImageModel, keras_model: keras.Model, precision: str, cache_dir: Path, key: str
+    model: ImageModel,
+    keras_model: keras.Model,
+    precision: str,
+    cache_dir: Path,
+    key: str,
+    *,
+    threads: int = 0,
 ) -> OpenVINOModel:
-    """The OpenVINO form of ``keras_model`` at ``precision``, from the cache or converted now."""
+    """The OpenVINO form of ``keras_model`` at ``precision``, from the cache or converted now;
+    ``threads``: OpenVINO's inference threads (0: its own choice)."""
     import openvino as ov
 
     folder = cache_dir / key
@@ -319,11 +343,8 @@ def compile_openvino(
     core = ov.Core()
     # Kernels compiled for this CPU are cached too (OpenVINO's own format).
     core.set_property({"CACHE_DIR": str(cache_dir / "openvino-kernels")})
-    hint = "bf16" if precision == "bf16" else "f32"  # OpenVINO defaults to bf16 on AMX
     compiled = core.compile_model(
-        core.read_model(str(folder / "model.xml")),
-        "CPU",
-        {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"},
+        core.read_model(str(folder / "model.xml")), "CPU", compile_properties(precision, threads)
     )
     return OpenVINOModel(compiled, folder, from_cache)
 

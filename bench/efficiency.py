@@ -1,0 +1,271 @@
+"""The service's efficiency: its rates over a no-bookkeeping pipeline's, in one run.
+
+    python -m bench.efficiency            # about 5 minutes on a quiet 2-core machine
+    python -m bench.efficiency --quick    # the smoke: tiny counts, under a minute
+    python -m bench.efficiency --write    # also replace its section in docs/benchmarks.md
+
+EFFICIENCY = the service's images/s in a scenario / the images/s of the best plain
+pipeline for the same work (``bench/no_bookkeeping.py``: loader threads, keep-alive
+HTTP, draft decoding, batches of 16 through the same default runtime, in one process).
+Both run on one stack, side by side: the same photo server, the same photos, the same
+model and runtime. The pipeline runs before and after the service's three scenarios
+(bulk, singles fire and forget, singles with wait: ``bench/end_to_end.py``), and the
+faster of its two rounds is the denominator (the stricter one when the shared host's
+speed drifts). The seed-style sync app (``bench/seed_app.py``, its best shape in
+``bench/seed_alternative.py``) is a reference row, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bench import end_to_end, no_bookkeeping, seed_alternative
+from bench.common import (
+    OUTPUT,
+    ROOT,
+    CpuMeter,
+    ServiceStack,
+    ensure_keras_home,
+    fmt,
+    loadavg,
+    machine_info,
+)
+
+N_IMAGES = 1000
+QUICK_IMAGES = 32
+# Issue #22's targets: service rate / pipeline rate.
+TARGETS = {"singles, wait for answer": 0.65, "bulk": 0.85}
+DOC = ROOT / "docs" / "benchmarks.md"
+# The same title in run_all's report, so --write replaces that section.
+TITLE = "## 9. Efficiency: the service against a no-bookkeeping pipeline"
+SERVICE_CPU = ("worker", "loaders", "api", "postgres", "redis")  # not clients or photo hosts
+
+
+class PipelineProcess:
+    """``python -m bench.no_bookkeeping --serve`` in its own process (its own GIL and CPU
+    count); started early, since loading the model takes seconds."""
+
+    def __init__(self) -> None:
+        ensure_keras_home()
+        OUTPUT.mkdir(parents=True, exist_ok=True)
+        self.log_path = OUTPUT / "bench-no-bookkeeping.log"
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "bench.no_bookkeeping", "--serve"],
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+            )
+        self.info: dict | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _answer(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            tail = self.log_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"the no-bookkeeping pipeline exited:\n{tail}")
+        return json.loads(line)
+
+    def ready(self) -> dict:
+        if self.info is None:
+            self.info = self._answer()["ready"]
+        return self.info
+
+    def run(self, urls: list[str]) -> dict:
+        self.ready()
+        self.proc.stdin.write(json.dumps({"urls": urls}) + "\n")
+        self.proc.stdin.flush()
+        return self._answer()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def pipeline_round(stack: ServiceStack, pipeline: PipelineProcess, quick: bool) -> dict:
+    """One measured round over fresh URLs of the stack's photo server (after a warm one)."""
+    pipeline.run(stack.urls((1 if quick else 2) * no_bookkeeping.BATCH, "warm"))
+    urls = stack.urls(QUICK_IMAGES if quick else N_IMAGES)
+    meter = CpuMeter({"pipeline": pipeline.pid, "photo server": stack.photos.pid}).start()
+    out = pipeline.run(urls)
+    out["cpu_cores"] = meter.stop()["cores"]
+    return {**out, **pipeline.ready()}
+
+
+def service_scenarios(stack: ServiceStack, quick: bool) -> list[dict]:
+    """bench.end_to_end's three scenarios on this stack, with its warm-up first."""
+    n = QUICK_IMAGES if quick else N_IMAGES
+    clients = end_to_end.CLIENTS
+    if not quick:  # set-up outside the measurement; quick mode measures nothing
+        end_to_end.singles(stack, 16, clients, wait=True)
+    return [
+        end_to_end.bulk(stack, n),
+        end_to_end.singles(stack, n, clients, wait=False),
+        end_to_end.singles(stack, n, clients, wait=True),
+    ]
+
+
+def service_cpu_ms(scenario: dict) -> float | None:
+    """CPU ms per image of the service's own processes in one end-to-end scenario."""
+    per = scenario.get("cpu_ms_per_image")
+    return sum(per.get(k, 0.0) for k in SERVICE_CPU) if per else None
+
+
+def summarize(rounds: list[dict], scenarios: list[dict], seed: dict | None) -> dict:
+    """The efficiency rows: each rate over the faster pipeline round's."""
+    best = max(rounds, key=lambda r: r["images_per_s"])
+    base = best["images_per_s"]
+    rows = [
+        {
+            "name": s["scenario"],
+            "jobs": s["jobs"],
+            "succeeded": s["succeeded"],
+            "failed": s["failed"],
+            "images_per_s": s["images_per_s"],
+            "efficiency": s["images_per_s"] / base if base else None,
+            "target": TARGETS.get(s["scenario"]),
+            "cpu_ms_per_image": service_cpu_ms(s),
+        }
+        for s in scenarios
+    ]
+    if seed:
+        row = seed["best"]
+        rows.append(
+            {
+                "name": f"seed-style app ({row['name']}, `{row.get('predict', 'predict')}`)",
+                "jobs": row["requests"],
+                "succeeded": row["ok"],
+                "failed": row["failed"],
+                "images_per_s": row["images_per_s"],
+                "efficiency": row["images_per_s"] / base if base else None,
+                "target": None,
+                "cpu_ms_per_image": None,
+            }
+        )
+    return {"pipeline": rounds, "pipeline_best": base, "rows": rows}
+
+
+def run(quick: bool = False, with_seed: bool = True) -> dict:
+    """The whole section on a fresh stack. The seed app is skipped in quick mode."""
+    pipeline = PipelineProcess()  # loads its model while the stack starts
+    try:
+        with ServiceStack() as stack:
+            rounds = [pipeline_round(stack, pipeline, quick)]
+            scenarios = service_scenarios(stack, quick)
+            rounds.append(pipeline_round(stack, pipeline, quick))
+    finally:
+        pipeline.stop()
+    seed = None
+    if with_seed and not quick:
+        # Its two predict_on_batch shapes: the third (model.predict) is never the best.
+        seed = seed_alternative.run(shapes=seed_alternative.SHAPES[:2], n=N_IMAGES)
+    return summarize(rounds, scenarios, seed)
+
+
+def verdict(row: dict) -> str:
+    if row["target"] is None or row["efficiency"] is None:
+        return ""
+    return "met" if row["efficiency"] >= row["target"] else "**MISSED**"
+
+
+def report(result: dict) -> str:
+    lines = [
+        "| what | jobs | succeeded | failed | images/s | EFFICIENCY (÷ pipeline) | target "
+        "| CPU ms per image |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for p in result["pipeline"]:
+        lines.append(
+            f"| no-bookkeeping pipeline ({p['loaders']} loader threads, batch {p['batch']}, "
+            f"{p['runtime']}, {p['runtime_threads']} inference threads) | {p['images']} | "
+            f"{p['ok']} | {p['failed']} | {fmt(p['images_per_s'])} | "
+            f"{fmt(p['images_per_s'] / result['pipeline_best'], 2)} | | "
+            f"{fmt(p['cpu_ms_per_image'])} |"
+        )
+    for r in result["rows"]:
+        target = f">= {r['target']:.2f}: {verdict(r)}" if r["target"] else ""
+        lines.append(
+            f"| {r['name']} | {r['jobs']} | {r['succeeded']} | {r['failed']} | "
+            f"**{fmt(r['images_per_s'])}** | **{fmt(r['efficiency'], 2)}** | {target} | "
+            f"{fmt(r['cpu_ms_per_image'])} |"
+        )
+    others = " and ".join(fmt(p["cpu_cores"].get("other"), 2) for p in result["pipeline"])
+    lines += [
+        "",
+        "EFFICIENCY = the row's images/s over the faster of the two pipeline rounds "
+        f"({fmt(result['pipeline_best'])}/s), which ran before and after the service's "
+        "scenarios on the same stack, photo server and photos (`bench/no_bookkeeping.py`: "
+        "one process, loader threads with keep-alive sessions, JPEG draft decoding, "
+        "batches through the service's model and runtime; no accounts, SQL or queue). "
+        "The service rows are `bench/end_to_end.py`'s scenarios (16 clients for singles; "
+        "with wait, 16 users with one client each, which sends its next job when it has "
+        "the previous answer). "
+        "*CPU ms per image*: the pipeline's process, or the service's processes (worker, "
+        "loaders, API, PostgreSQL, Redis; not the clients or the photo server). While the "
+        f"pipeline ran, the machine's other processes used {others} cores (the service's "
+        "idle processes and everyone else on the host).",
+    ]
+    return "\n".join(lines)
+
+
+def write_section(text: str, path: Path = DOC) -> None:
+    """Put ``text`` under TITLE in ``path``, replacing the section if it is there."""
+    doc = path.read_text()
+    block = f"{TITLE}\n\n{text.strip()}\n\n"
+    pattern = re.compile(rf"^{re.escape(TITLE)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(doc):
+        doc = pattern.sub(lambda _: block, doc)
+    elif "\n## What limits it\n" in doc:  # where run_all puts it
+        doc = doc.replace("\n## What limits it\n", "\n" + block + "## What limits it\n", 1)
+    else:
+        doc = doc.rstrip() + "\n\n" + block
+    path.write_text(doc.rstrip() + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny counts: a smoke run")
+    parser.add_argument("--json", help="also write the raw results here")
+    parser.add_argument("--write", action="store_true", help=f"write the section into {DOC}")
+    args = parser.parse_args(argv)
+    started, before = datetime.now(UTC), loadavg()
+    result = run(args.quick)
+    info = machine_info()
+    header = (
+        f"Measured by `python -m bench.efficiency{' --quick' if args.quick else ''}` on "
+        f"{started:%Y-%m-%d %H:%M} UTC, {info['nproc']} cores, {info['cpu_model']}; load "
+        f"average {before} before, {loadavg()} after."
+    )
+    text = report(result) + "\n\n" + header
+    print(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1, default=str))
+    if args.write:
+        write_section(text)
+    failed = any(r["failed"] or r["succeeded"] != r["jobs"] for r in result["rows"])
+    return 1 if failed or any(p["failed"] for p in result["pipeline"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
