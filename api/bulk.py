@@ -319,6 +319,7 @@ def submit_batch(user: User, req: BatchRequest, idempotency_key: str | None) -> 
     if idempotency_key and (found := idempotency.replay(user.id, idempotency_key, fingerprint)):
         return found
     limits().check_submission(user.id)  # a batch is one submission; tokens bound its size
+    limits().check_bulk_lines(user.id, len(req.urls))  # ... but a cancel gives them back
     svc = services()
     svc.redis.ping()  # a dead broker is a 503 before anything is written
     batch_id, job_ids = new_id(), [new_id() for _ in req.urls]
@@ -446,6 +447,7 @@ def _requeue(
             "The batch was canceled; submit its lines as a new batch instead.",
             code="batch_canceled",
         )
+    batches.check_whole(session, batch)  # 410 once retention has begun to purge it
     runs = jobs.requeue_failed(session, batch_id, codes)
     if not runs:
         which = f" with error code {', '.join(codes)}" if codes else ""
@@ -486,17 +488,25 @@ def result_lines(batch_id: str, total: int) -> Iterator[dict]:
     page in short transactions, so 10,000 lines never sit in memory at once.
 
     A batch's lines are only ever deleted all at once, with the batch (DELETE, the
-    retention purge), and a page is one statement: fewer than ``total`` lines means the
-    batch was deleted between two pages, and ``BatchDeleted`` is raised after the last
-    line sent. (One transaction for the whole stream would hold a snapshot open as long
-    as the slowest client reads.)
+    retention purge), but for those a cancel withdrew (never sent: shared.batches.cancel),
+    and a page is one statement: fewer than ``total`` lines, and the batch gone, means it
+    was deleted between two pages, and ``BatchDeleted`` is raised after the last line
+    sent. (One transaction for the whole stream would hold a snapshot open as long as
+    the slowest client reads.)
     """
     sent = 0
     for line in _result_pages(batch_id):
         sent += 1
         yield line
-    if sent < total:
+    if sent < total and _gone(batch_id):
         raise BatchDeleted(sent, total)
+
+
+def _gone(batch_id: str) -> bool:
+    session = db()
+    found = session.scalar(select(Batch.id).where(Batch.id == batch_id))
+    session.commit()
+    return found is None
 
 
 def _result_pages(batch_id: str) -> Iterator[dict]:

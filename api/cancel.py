@@ -11,6 +11,7 @@ from api.auth import owned
 from api.bulk import locked_batch
 from api.services import db, services
 from shared import batches, dispatch, events, jobs, webhook_events
+from shared.db import retry_deadlocks
 from shared.errors import Conflict
 from shared.models import Batch, Job, User
 
@@ -34,13 +35,20 @@ def cancel_job(user: User, job_id: str) -> Job:
 
 
 def cancel_batch(user: User, batch_id: str) -> Batch:
-    """Cancel the user's batch: its queued lines are refunded; 409 if it already ended."""
+    """Cancel the user's batch: its queued lines are refunded (those never sent are
+    withdrawn, see shared.batches.cancel); 409 if it already ended. A deadlock with a
+    worker writing the same batch runs the transaction again, never a 503."""
     session = db()
-    batch = locked_batch(session, user, batch_id)
-    if batch.completed_at is not None or batch.canceled_at is not None:
-        raise Conflict("The batch has already ended.", code="batch_not_cancelable")
-    canceled, event_ids = batches.cancel(session, batch)
-    session.commit()
+
+    def transaction() -> tuple[Batch, list[str], list[str]]:
+        batch = locked_batch(session, user, batch_id)
+        if batch.completed_at is not None or batch.canceled_at is not None:
+            raise Conflict("The batch has already ended.", code="batch_not_cancelable")
+        canceled, event_ids = batches.cancel(session, batch)
+        session.commit()
+        return batch, canceled, event_ids
+
+    batch, canceled, event_ids = retry_deadlocks(session, transaction)
     after_cancel(canceled, event_ids)
     # Its chunks out at the broker no longer count: other users' work takes the room.
     svc = services()

@@ -1,7 +1,9 @@
 """Rate limits, counted in Redis with the ``limits`` library (flask-limiter's core).
 
-Four guards:
+Five guards:
 - submissions per user (``RATE_LIMIT_SUBMIT``): 429 with Retry-After;
+- batch lines per user (``RATE_LIMIT_BULK_LINES``): a cancel refunds, so without it a
+  submit-and-cancel loop is free;
 - deletions per user (``RATE_LIMIT_DELETE``): free, and a batch is many rows;
 - sign-ups per client address (``SIGNUP_LIMIT_PER_IP``), since each account comes
   with free tokens: 429 with Retry-After;
@@ -34,7 +36,11 @@ class Limits:
             config.redis_url, key_prefix=f"{config.queue_prefix}:limits"
         )
         self._limiter = strategies.FixedWindowRateLimiter(store)
+        # Lines come 10,000 at a time: a fixed window would let twice the limit through
+        # across a window's edge; the sliding counter (two counters, any cost) does not.
+        self._sliding = strategies.SlidingWindowCounterRateLimiter(store)
         self.submit = parse(config.rate_limit_submit)
+        self.bulk_lines = parse(config.rate_limit_bulk_lines)
         self.delete = parse(config.rate_limit_delete)
         self.login_user = parse(config.login_failure_limit)
         self.login_ip = parse(config.login_failure_limit_per_ip)
@@ -42,6 +48,21 @@ class Limits:
 
     def check_submission(self, user_id: int) -> None:
         self._hit(self.submit, ("submit", str(user_id)), 1, "Too many submissions")
+
+    def check_bulk_lines(self, user_id: int, lines: int) -> None:
+        """Count a batch's lines: a cancel refunds them, so tokens alone do not bound
+        how many rows a user can have written and withdrawn."""
+        what = f"Too many batch lines (at most {self.bulk_lines} per user)"
+        self._hit(self.bulk_lines, ("bulk-lines", str(user_id)), lines, what, self._sliding)
+
+    def check_bulk_room(self, user_id: int) -> None:
+        """Refuse before reading a batch's body when the user has no line left in the
+        window: a client that resubmits at once after a 429 costs a Redis read, not the
+        parsing and checking of 10,000 lines."""
+        key = ("bulk-lines", str(user_id))
+        if not self._safe(lambda: self._sliding.test(self.bulk_lines, *key), True):
+            what = f"Too many batch lines (at most {self.bulk_lines} per user)"
+            raise self._refusal(self.bulk_lines, key, what, self._sliding)
 
     def check_deletion(self, user_id: int) -> None:
         self._hit(self.delete, ("delete", str(user_id)), 1, "Too many deletions")
@@ -66,13 +87,15 @@ class Limits:
             (self.login_ip, ("login-ip", request.remote_addr or "unknown")),
         ]
 
-    def _hit(self, item, key: tuple[str, ...], cost: int, what: str) -> None:
-        allowed = self._safe(lambda: self._limiter.hit(item, *key, cost=cost), True)
+    def _hit(self, item, key: tuple[str, ...], cost: int, what: str, limiter=None) -> None:
+        limiter = limiter or self._limiter
+        allowed = self._safe(lambda: limiter.hit(item, *key, cost=cost), True)
         if not allowed:
-            raise self._refusal(item, key, what)
+            raise self._refusal(item, key, what, limiter)
 
-    def _refusal(self, item, key, what: str) -> RateLimited:
-        reset = self._safe(lambda: self._limiter.get_window_stats(item, *key).reset_time, None)
+    def _refusal(self, item, key, what: str, limiter=None) -> RateLimited:
+        limiter = limiter or self._limiter
+        reset = self._safe(lambda: limiter.get_window_stats(item, *key).reset_time, None)
         retry_after = max(1, math.ceil((reset or time.time() + 1) - time.time()))
         return RateLimited(
             f"{what}; try again in {retry_after} s.",

@@ -15,14 +15,16 @@ This module owns every batch-level transition (``cancel``, ``complete_finished``
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from shared import jobs, webhook_events
+from shared.errors import Conflict
 from shared.jobs import iso
-from shared.models import Batch, Job, utcnow
+from shared.models import Batch, Job, as_utc, utcnow
 from shared.status import ACTIVE, TERMINAL, JobStatus
 
 ACTIVE_VALUES = [s.value for s in ACTIVE]
@@ -47,8 +49,18 @@ def status_of(batch: Batch, job_counts: dict[str, int]) -> str:
     return "queued"
 
 
-def batch_to_dict(session: Session, batch: Batch) -> dict[str, Any]:
+def batch_counts(session: Session, batch: Batch) -> dict[str, int]:
+    """``counts``, with the lines a cancel withdrew (deleted unsent, see ``cancel``)
+    counted canceled: only a canceled batch has fewer lines than its total, as long as
+    retention has not begun to purge it."""
     job_counts = counts(session, batch.id)
+    if batch.canceled_at is not None:
+        job_counts[JobStatus.CANCELED.value] += max(0, batch.total - sum(job_counts.values()))
+    return job_counts
+
+
+def batch_to_dict(session: Session, batch: Batch) -> dict[str, Any]:
+    job_counts = batch_counts(session, batch)
     return {
         "id": batch.id,
         "status": status_of(batch, job_counts),
@@ -119,8 +131,23 @@ def lock(session: Session, batch_id: str) -> Batch | None:
 def cancel(session: Session, batch: Batch) -> tuple[list[str], list[str]]:
     """Cancel a locked batch (see ``lock``): its queued jobs are canceled and refunded,
     running ones finish. Returns (the job ids canceled, new webhook event ids); the
-    caller checks the batch has not ended, and commits."""
-    canceled = jobs.cancel_queued(session, batch.user_id, Job.batch_id == batch.id)
+    caller checks the batch has not ended, and commits.
+
+    Its lines still waiting in SQL on their first run (never sent: ``dispatched_at``
+    NULL) are withdrawn instead: deleted with their charge rows, their tokens back
+    (``jobs.withdraw_unstarted``). No worker can hold them (the dispatcher marks a
+    chunk under this batch's lock before sending it), and so a canceled 10,000-line
+    batch leaves no row per line behind: a submit-and-cancel loop cannot grow the
+    database. ``batch_counts`` counts them canceled; the results list only the lines
+    that remain."""
+    withdrawn = jobs.withdraw_unstarted(
+        session,
+        batch.user_id,
+        Job.batch_id == batch.id,
+        Job.dispatched_at.is_(None),
+        Job.retries == 0,  # a retried line's earlier runs stay in the ledger
+    )
+    canceled = withdrawn + jobs.cancel_queued(session, batch.user_id, Job.batch_id == batch.id)
     batch.canceled_at = utcnow()
     session.flush()
     return canceled, complete_finished(session, [batch.id])
@@ -133,17 +160,45 @@ def reopen(session: Session, batch: Batch) -> None:
     session.flush()
 
 
+def check_whole(session: Session, batch: Batch) -> None:
+    """Refuse to change a locked batch that retention has begun to purge (some of its
+    lines are gone): it is purged whole, never reopened half empty. A canceled batch may
+    have fewer lines (see ``cancel``), and cannot be reopened anyway."""
+    if batch.canceled_at is not None:
+        return
+    lines = session.scalar(select(func.count()).where(Job.batch_id == batch.id))
+    if lines < batch.total:
+        raise Conflict(
+            "The batch ended more than RETENTION_DAYS ago and is being purged; "
+            "submit its lines as a new batch instead.",
+            status=410,
+            code="batch_expired",
+        )
+
+
 def delete_ended(
-    session: Session, batch_id: str, chunk: int | None = None, with_events: bool = True
+    session: Session,
+    batch_id: str,
+    chunk: int | None = None,
+    with_events: bool = True,
+    ended_before: datetime | None = None,
 ) -> bool:
     """Delete an ended batch (``completed_at`` set: all its jobs are final) and its jobs.
 
     Without ``chunk`` all goes at once. With it, at most that many jobs go in this call
     and the batch row only once none is left: the caller commits and calls again while
     this returns False, so a 10,000-job batch never holds its locks in one long
-    transaction. True: done (the batch is gone, or was not deletable). ``with_events``
-    as in ``jobs.delete_finished``. The caller commits.
+    transaction. ``ended_before`` (retention): each call first locks the batch and goes
+    on only if it still ended before then, so a retry (``check_whole``, under the same
+    lock) either reopens the batch before its first line goes, and this deletes
+    nothing, or finds lines gone and is refused. True: done (the batch is gone, or was
+    not deletable). ``with_events`` as in ``jobs.delete_finished``. The caller commits.
     """
+    if ended_before is not None:
+        batch = lock(session, batch_id)
+        ended = batch.completed_at if batch is not None else None
+        if ended is None or as_utc(ended) >= ended_before:  # gone, or reopened meanwhile
+            return True
     which = Job.batch_id == batch_id
     if chunk:  # by id: a DELETE cannot take a LIMIT on both databases
         final = Job.status.in_([s.value for s in TERMINAL])

@@ -50,6 +50,9 @@ class Config:
     signup_tokens: int = 5
     # Rate limits, in the ``limits`` notation ("N per second|minute|hour", "N/5minutes").
     rate_limit_submit: str = "20/second"
+    # Bulk lines (batch lines and retried lines) accepted per user: a cancel refunds, so
+    # without it a submit-and-cancel loop writes rows for free (at least MAX_BATCH_URLS).
+    rate_limit_bulk_lines: str = "20000/minute"
     # DELETE /v1/jobs/{id} and /v1/batches/{id} per user: free, and a batch is many rows.
     rate_limit_delete: str = "20/second"
     login_failure_limit: str = "10/5minutes"
@@ -248,6 +251,8 @@ class Config:
             raise ValueError(
                 "RETENTION_DAYS must be >= 0, RETENTION_INTERVAL_S > 0 and RETENTION_CHUNK >= 1"
             )
+        if _limit_amount(self.rate_limit_bulk_lines) < self.max_batch_urls:
+            raise ValueError("RATE_LIMIT_BULK_LINES must allow at least MAX_BATCH_URLS lines")
         if self.api_key_cache_s < 0:
             raise ValueError("API_KEY_CACHE_S must be >= 0 (0: no key cache)")
         if self.broker_delivery_limit < 1:
@@ -332,3 +337,9 @@ def _parse(f: dataclasses.Field, raw: str) -> Any:
     if kind.startswith("tuple"):
         return _csv(raw)
     return raw
+
+
+def _limit_amount(limit: str) -> int:
+    """The N of a ``limits`` rate ("N/minute", "N per hour"); 0 if it has none."""
+    found = re.match(r"\s*(\d+)", limit)
+    return int(found.group(1)) if found else 0

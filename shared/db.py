@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import random
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, Table, create_engine, event, insert
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.config import Config
@@ -72,6 +73,42 @@ def one_statement(session: Session) -> None:
     """
     if session.get_bind().dialect.name == "postgresql" and not session.in_transaction():
         session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+
+
+T = TypeVar("T")
+
+#: SQLSTATEs after which the whole transaction may simply run again: deadlock_detected
+#: and serialization_failure (PostgreSQL rolled the transaction back; nothing was written).
+RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})
+DEADLOCK_ATTEMPTS = 3
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """A deadlock (or serialization failure) PostgreSQL broke by aborting this transaction."""
+    return isinstance(exc, DBAPIError) and getattr(exc.orig, "sqlstate", None) in (
+        RETRYABLE_SQLSTATES
+    )
+
+
+def retry_deadlocks(
+    session: Session, transaction: Callable[[], T], attempts: int = DEADLOCK_ATTEMPTS
+) -> T:
+    """Run ``transaction`` (it does its own writes and commit) again, after a rollback
+    and a short random pause, when PostgreSQL aborted it to break a deadlock: two
+    transactions locking the same rows in different orders (a batch cancel and a
+    worker's refund, say) is normal under load, and nothing of the aborted one was
+    written, so the caller's answer should not be a 503. Other errors, and the last
+    attempt's, go to the caller. SQLite never deadlocks (BEGIN IMMEDIATE serialises).
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return transaction()
+        except DBAPIError as exc:
+            if attempt == attempts or not is_retryable(exc):
+                raise
+            session.rollback()
+            time.sleep(random.uniform(0, 0.05 * attempt))  # let the other one finish
+    raise AssertionError("unreachable")
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

@@ -5,7 +5,9 @@ elects it) deletes:
 
 - single jobs that ended (succeeded, failed, canceled) before the cutoff;
 - batches that ended (``completed_at``: all their jobs are final) before the
-  cutoff, with all their jobs: a batch's counts are its jobs, so they go together;
+  cutoff, with all their jobs: a batch's counts are its jobs, so they go together.
+  Each chunk locks the batch row and re-checks the cutoff, and a retry refuses a
+  batch with lines gone (410 ``batch_expired``): a batch is purged whole or kept whole;
 - webhook events whose delivery ended (delivered or given up) before the cutoff,
   with their attempts. An event still to be delivered is never purged, even when
   its job is: it carries its own copy of what it reports;
@@ -123,18 +125,26 @@ class Retention:
                 batch_ids = list(session.scalars(ended.limit(self.config.retention_chunk)))
                 session.commit()
             for batch_id in batch_ids:
-                if self._purge_batch(batch_id, deadline):
+                if self._purge_batch(batch_id, cutoff, deadline):
                     purged += 1
             if len(batch_ids) < self.config.retention_chunk:
                 break
         return purged
 
-    def _purge_batch(self, batch_id: str, deadline: float) -> bool:
-        """Its jobs a chunk per transaction, then the batch; False if time ran out first."""
+    def _purge_batch(self, batch_id: str, cutoff: datetime, deadline: float) -> bool:
+        """Its jobs a chunk per transaction, then the batch; False if time ran out first.
+
+        Each chunk locks the batch and re-checks that it ended before ``cutoff``: a retry
+        (or any change) that reopened it first makes the purge leave it whole, and one
+        that comes after a chunk went is refused (``batches.check_whole``)."""
         while time.monotonic() < deadline:
             with self.sessions() as session:
                 done = batches.delete_ended(
-                    session, batch_id, chunk=self.config.retention_chunk, with_events=False
+                    session,
+                    batch_id,
+                    chunk=self.config.retention_chunk,
+                    with_events=False,
+                    ended_before=cutoff,
                 )
                 session.commit()
             if done:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 from collections.abc import Callable, Iterator
@@ -26,10 +27,12 @@ from api.bulk import (
 )
 from api.errors import invalid_body
 from api.pagination import page
+from api.ratelimit import limits
 from api.services import db, services
 from api.submission import checked_model
 from api.validation import Blueprint
 from shared import batches
+from shared.errors import RateLimited
 from shared.models import Batch
 
 blp = Blueprint("batches", __name__, url_prefix="/v1/batches", description="Bulk URL batches")
@@ -107,14 +110,38 @@ def _build(build: Callable[..., BatchRequest], numbered: list, options: dict) ->
     return build(numbered, checked_model(options.get("model")), top_k, options.get("webhook"))
 
 
+def _bulk_room_first(view: Callable) -> Callable:
+    """Refuse a user with no batch line left in RATE_LIMIT_BULK_LINES's window before
+    the body is read: a client resubmitting 10,000 lines at once after each 429 would
+    otherwise cost the parsing of every line, every time (api/ratelimit.py)."""
+
+    @functools.wraps(view)
+    def wrapper(*args, **kwargs):
+        try:
+            limits().check_bulk_room(g.user.id)
+        except RateLimited:
+            # Read (not parse) the rest of the body: answered before its end, an HTTP
+            # client still sending it sees the connection reset, not the 429.
+            while request.stream.read(1 << 16):
+                pass
+            raise
+        return view(*args, **kwargs)
+
+    return wrapper
+
+
 @blp.route("", methods=["POST"])
 @login_required
+@_bulk_room_first
 @blp.arguments(schemas.BatchCreate)
 @blp.doc(**BATCH_CREATE_DOC)
 @blp.response(202, schemas.BatchSchema, headers=schemas.location_header("batch"))
 @blp.alt_response(402, schema=schemas.ErrorSchema, description="insufficient_tokens")
 @blp.alt_response(
     400, schema=schemas.ErrorSchema, description="invalid_json (a JSON Lines line: details.lines)"
+)
+@blp.alt_response(
+    429, schema=schemas.ErrorSchema, description="rate_limited (RATE_LIMIT_BULK_LINES)"
 )
 @blp.alt_response(
     422,
@@ -236,6 +263,7 @@ def cancel_batch(batch_id: str):
 @blp.response(202, schemas.BatchRetried)
 @blp.alt_response(402, schema=schemas.ErrorSchema, description="insufficient_tokens")
 @blp.alt_response(409, schema=schemas.ErrorSchema, description="batch_canceled, nothing_to_retry")
+@blp.alt_response(410, schema=schemas.ErrorSchema, description="batch_expired (being purged)")
 @blp.alt_response(
     422,
     schema=schemas.ErrorSchema,

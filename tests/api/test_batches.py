@@ -278,3 +278,109 @@ def test_a_finished_batch_is_deleted_with_its_jobs_and_the_ledger_stays(
         ).all()
     assert sorted(charged) == sorted(job_ids)  # the charges keep the ids of jobs now gone
     assert _balance(stack, rich_user["username"]) == before
+
+
+def _sessions(config):
+    from shared.db import make_engine, make_session_factory
+
+    return make_session_factory(make_engine(config))
+
+
+def _user_id(sessions, username: str) -> int:
+    with sessions() as session:
+        return session.scalars(select(User.id).where(User.username == username)).one()
+
+
+def test_a_cancel_withdraws_the_unsent_lines_and_leaves_no_row_for_them(api_stack):
+    client = api_stack.client()
+    user = support.new_user(client)
+    sessions = _sessions(api_stack.config)
+    user_id = _user_id(sessions, user["username"])
+    from api.services import services
+    from shared import dispatch
+
+    with api_stack.app.app_context():  # twice the bulk window: some lines wait in SQL
+        size = 2 * dispatch.window(services().redis, api_stack.config) + 40
+    with sessions() as session:
+        ledger.grant(session, user_id, size - 5, ledger.REFILL)
+        session.commit()
+    urls = [f"https://example.com/{i}.jpg" for i in range(size)]  # COPY on PostgreSQL
+    batch = client.post("/v1/batches", json={"urls": urls}, headers=user["headers"]).get_json()
+    with sessions() as session:
+        sent = set(
+            session.scalars(
+                select(Job.id).where(Job.batch_id == batch["id"], Job.dispatched_at.is_not(None))
+            )
+        )
+    assert 0 < len(sent) < size  # no worker: the bulk window sent a few chunks, no more
+
+    resp = client.post(f"/v1/batches/{batch['id']}/cancel", headers=user["headers"])
+    assert resp.status_code == 200
+    done = resp.get_json()
+    assert done["status"] == "canceled" and done["total"] == size
+    assert done["counts"]["canceled"] == size and sum(done["counts"].values()) == size
+    got = client.get(f"/v1/batches/{batch['id']}", headers=user["headers"]).get_json()
+    assert got["counts"] == done["counts"]
+    with sessions() as session:
+        left = set(session.scalars(select(Job.id).where(Job.batch_id == batch["id"])))
+        rows = session.execute(
+            select(LedgerEntry.job_id, LedgerEntry.reason).where(
+                LedgerEntry.user_id == user_id, LedgerEntry.job_id.is_not(None)
+            )
+        ).all()
+    # The lines sent stay, canceled, charged and refunded; the others left nothing behind.
+    assert left == sent
+    assert sorted(rows) == sorted((j, r) for j in sent for r in ("charge", "refund"))
+    assert _balance(api_stack, user["username"]) == (size, size)
+    results = _results(client, user, batch["id"])  # the lines left, and no error line
+    assert len(results) == len(sent) and all(r["status"] == "canceled" for r in results)
+
+
+def test_a_cancel_that_deadlocks_is_run_again_not_a_503(api_stack):
+    """PostgreSQL: a cancel holding the batch waits for the user row, which a transaction
+    that then asks for the batch holds (as a worker refunding a line and completing the
+    batch does); PostgreSQL aborts the cancel, which runs again once the other is done."""
+    if not api_stack.config.database_url.startswith("postgresql"):
+        pytest.skip("SQLite serialises writers (BEGIN IMMEDIATE): it never deadlocks")
+    import threading
+
+    from sqlalchemy import text
+
+    client = api_stack.client()
+    user = support.new_user(client)
+    sessions = _sessions(api_stack.config)
+    user_id = _user_id(sessions, user["username"])
+    urls = [f"https://example.com/{i}.jpg" for i in range(3)]
+    batch = client.post("/v1/batches", json={"urls": urls}, headers=user["headers"]).get_json()
+    answer = {}
+
+    def cancel():
+        resp = api_stack.app.test_client().post(
+            f"/v1/batches/{batch['id']}/cancel", headers=user["headers"]
+        )
+        answer["cancel"] = (resp.status_code, resp.get_json())
+
+    with sessions() as other, sessions() as watcher:
+        # Only the cancel may detect the deadlock (1 s, the server's default), so that
+        # this side is never the one aborted.
+        other.execute(text("SET LOCAL deadlock_timeout = '60s'"))
+        other.execute(text("UPDATE users SET tokens = tokens WHERE id = :u"), {"u": user_id})
+        thread = threading.Thread(target=cancel)
+        thread.start()
+
+        def cancel_waits():
+            watcher.rollback()
+            return watcher.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event_type = 'Lock' AND query LIKE 'UPDATE users%'"
+                )
+            )
+
+        support.wait_for(cancel_waits, 30, "the cancel to wait for the user row", interval=0.05)
+        other.execute(text("SELECT id FROM batches WHERE id = :b FOR UPDATE"), {"b": batch["id"]})
+        other.rollback()  # the cancel's second run goes on
+        thread.join(60)
+    status, body = answer["cancel"]
+    assert status == 200 and body["status"] == "canceled", body
+    assert _balance(api_stack, user["username"]) == (5, 5)

@@ -46,3 +46,33 @@ def test_password_guessing_is_slowed_down(api_stack):
     assert client.get("/v1/me", headers=user["headers"]).status_code == 200
     other = support.new_user(client)
     assert client.get("/v1/me", headers=other["basic"]).status_code == 200
+
+
+def test_batch_lines_beyond_the_limit_are_429_even_when_canceled(api_stack):
+    """A cancel refunds its lines, so their count, not the tokens, bounds the rows a
+    submit-and-cancel loop writes."""
+    config = api_stack.config.replace(max_batch_urls=4, rate_limit_bulk_lines="6/minute")
+    client = create_app(config).test_client()
+    user = support.new_user(client)
+    urls = [f"http://images.example.com/{i}.jpg" for i in range(4)]
+    batch = client.post("/v1/batches", json={"urls": urls}, headers=user["headers"])
+    assert batch.status_code == 202
+    cancel = client.post(f"/v1/batches/{batch.get_json()['id']}/cancel", headers=user["headers"])
+    assert cancel.status_code == 200
+    refused = client.post("/v1/batches", json={"urls": urls}, headers=user["headers"])
+    assert refused.status_code == 429, refused.get_json()
+    assert refused.get_json()["error"]["code"] == "rate_limited"
+    assert "batch lines" in refused.get_json()["error"]["message"]
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert client.get("/v1/me", headers=user["headers"]).get_json()["tokens"] == 5
+    fits = client.post("/v1/batches", json={"urls": urls[:2]}, headers=user["headers"])
+    assert fits.status_code == 202  # 4 + 2 lines: within the 6
+    # The window is full: refused before the lines are checked (these are no URLs).
+    unread = client.post(
+        "/v1/batches", data="not a URL\n" * 4, content_type="text/plain", headers=user["headers"]
+    )
+    assert unread.status_code == 429, unread.get_json()
+    other = support.new_user(client)  # per user
+    assert (
+        client.post("/v1/batches", json={"urls": urls}, headers=other["headers"]).status_code == 202
+    )

@@ -69,3 +69,51 @@ def test_one_statement_runs_in_autocommit_and_the_pool_resets_it(engine, sqlite_
         db.one_statement(session)
         assert not session.in_transaction()
     lite.dispose()
+
+
+class _Deadlock(Exception):
+    sqlstate = "40P01"
+
+
+class _Rollbacks:
+    def __init__(self) -> None:
+        self.count = 0
+
+    def rollback(self) -> None:
+        self.count += 1
+
+
+def _failing(times: int, error: Exception):
+    calls = []
+
+    def transaction():
+        calls.append(1)
+        if len(calls) <= times:
+            raise error
+        return "done"
+
+    return transaction, calls
+
+
+def test_retry_deadlocks_runs_the_transaction_again_after_a_rollback():
+    from sqlalchemy.exc import OperationalError as Wrapped
+
+    session = _Rollbacks()
+    transaction, calls = _failing(2, Wrapped("UPDATE users", {}, _Deadlock()))
+    assert db.retry_deadlocks(session, transaction) == "done"
+    assert len(calls) == 3 and session.count == 2
+
+
+def test_retry_deadlocks_gives_up_and_leaves_other_errors_alone():
+    from sqlalchemy.exc import OperationalError as Wrapped
+
+    session = _Rollbacks()
+    transaction, calls = _failing(5, Wrapped("UPDATE users", {}, _Deadlock()))
+    with pytest.raises(Wrapped):
+        db.retry_deadlocks(session, transaction, attempts=3)
+    assert len(calls) == 3
+    other = Wrapped("SELECT 1", {}, ConnectionError("server closed the connection"))
+    transaction, calls = _failing(1, other)
+    with pytest.raises(Wrapped):
+        db.retry_deadlocks(session, transaction)
+    assert len(calls) == 1

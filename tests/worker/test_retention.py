@@ -206,3 +206,83 @@ def test_the_worker_loop_purges_every_interval(ret):
     finally:
         stop.set()
         thread.join(10)
+
+
+def _api_user(ret, client, tokens: int) -> tuple[dict, int]:
+    user = support.new_user(client)
+    with ret.sessions() as s:
+        user_id = s.scalars(select(User.id).where(User.username == user["username"])).one()
+        ledger.grant(s, user_id, tokens, ledger.REFILL)
+        s.commit()
+    return user, user_id
+
+
+def _between_chunks(monkeypatch, before: int, action) -> None:
+    """Run ``action`` once, just before the purge's call number ``before`` (0: the first)
+    of ``batches.delete_ended``: a retry between two of its transactions, deterministic."""
+    real, calls = retention_module.batches.delete_ended, []
+
+    def interleaved(*args, **kwargs):
+        if len(calls) == before:
+            action()
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(retention_module.batches, "delete_ended", interleaved)
+
+
+def _lines(ret, batch_id: str) -> int:
+    with ret.sessions() as s:
+        return s.scalar(select(func.count()).where(Job.batch_id == batch_id))
+
+
+def _balanced(ret, user_id: int) -> int:
+    with ret.sessions() as s:
+        tokens = s.get(User, user_id).tokens
+        assert tokens == ledger.ledger_sum(s, user_id)
+        return tokens
+
+
+def test_a_retry_in_mid_purge_is_refused_and_the_batch_goes_whole(ret, api_stack, monkeypatch):
+    client = api_stack.client()
+    user, user_id = _api_user(ret, client, 10)
+    batch_id, _ = _batch(ret, user_id, OLD, ["succeeded"] * 3 + ["failed"] * 2)
+    before = _balanced(ret, user_id)
+    answers = []
+
+    def retry():
+        resp = client.post(f"/v1/batches/{batch_id}/retry", headers=user["headers"])
+        answers.append((resp.status_code, resp.get_json()))
+
+    _between_chunks(monkeypatch, 1, retry)  # after the first chunk of lines went
+    purged = ret.run_once()
+
+    [(status, body)] = answers
+    assert status == 410 and body["error"]["code"] == "batch_expired", body
+    assert purged["batches"] >= 1
+    assert not _exists(ret, Batch, batch_id) and _lines(ret, batch_id) == 0
+    assert _balanced(ret, user_id) == before  # the refused retry charged nothing
+
+
+def test_a_retry_that_reopened_the_batch_first_keeps_it_whole(ret, api_stack, monkeypatch):
+    client = api_stack.client()
+    user, user_id = _api_user(ret, client, 10)
+    batch_id, _ = _batch(ret, user_id, OLD, ["succeeded"] * 3 + ["failed"] * 2)
+    before = _balanced(ret, user_id)
+    answers = []
+
+    def retry():
+        resp = client.post(f"/v1/batches/{batch_id}/retry", headers=user["headers"])
+        answers.append((resp.status_code, resp.get_json()))
+
+    _between_chunks(monkeypatch, 0, retry)  # after the purge chose it, before any chunk
+    ret.run_once()
+
+    [(status, body)] = answers
+    assert status == 202 and body["retried"] == 2, body
+    assert _exists(ret, Batch, batch_id) and _lines(ret, batch_id) == 5
+    with ret.sessions() as s:
+        assert s.get(Batch, batch_id).completed_at is None
+        kept = s.scalars(select(Job.status).where(Job.batch_id == batch_id)).all()
+        assert sorted(kept) == ["queued"] * 2 + ["succeeded"] * 3
+    assert _balanced(ret, user_id) == before - 2
