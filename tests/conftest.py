@@ -142,6 +142,29 @@ def admin(api_stack):
     return support.make_admin(api_stack.app)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def redis_left_as_found():
+    """Keys the suite did not create survive it, in every database of the test Redis.
+
+    A sentinel key goes into each database at the start and must still be there at the
+    end: a test that runs FLUSHDB or FLUSHALL, or deletes by a pattern wider than its own
+    prefix, fails the session here.
+    """
+    sentinels = support.plant_redis_sentinels(support.REDIS_URL)
+    yield
+    missing = support.missing_redis_sentinels(sentinels)
+    assert not missing, f"the suite deleted keys it did not create, in Redis {missing}"
+
+
+@pytest.fixture
+def receiver():
+    """A local HTTP server that records the webhooks delivered to it."""
+    from harness.webhook_receiver import Receiver
+
+    with Receiver() as server:
+        yield server
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Leave Redis and PostgreSQL as the session found them, whatever the tests left."""
     support.clean_up_session()

@@ -16,7 +16,9 @@ from harness.databases import (
     delete_redis_prefix,
     drop_postgres_database,
     migrated,
+    missing_redis_sentinels,
     new_prefix,
+    plant_redis_sentinels,
 )
 from harness.images import (
     jpeg_segment_flood,
@@ -56,8 +58,10 @@ __all__ = [
     "jpeg_segment_flood",
     "make_admin",
     "migrated",
+    "missing_redis_sentinels",
     "new_prefix",
     "new_user",
+    "plant_redis_sentinels",
     "png_16bit_grey",
     "png_chunk",
     "png_chunk_flood",
