@@ -165,6 +165,28 @@ def receiver():
         yield server
 
 
+# The slow tier (``-m integration``): a real worker with the model, a browser, a trained
+# model, the run command, or many processes for a reliability run. ``make test-fast``
+# runs the rest (``-m "not integration"``): unit and API tests on the real databases.
+INTEGRATION_FIXTURES = frozenset(
+    {"stack", "fault_stack_factory", "browser", "live", "idle", "sessions", "runtime",
+     "null_runtime", "trained", "cifar_subset"}
+)  # fmt: skip
+INTEGRATION_PATHS = (
+    "reliability/", "bench/", "training/", "worker/models/", "web/test_browser.py",
+    "worker/test_loader.py", "worker/test_loader_pool.py", "worker/test_pipeline.py",
+    "worker/test_celery_app.py", "test_run_command.py", "test_clean_up.py",
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(config, items):
+    tests_dir = Path(__file__).parent
+    for item in items:
+        path = Path(item.fspath).relative_to(tests_dir).as_posix()
+        if path.startswith(INTEGRATION_PATHS) or INTEGRATION_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.integration)
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Leave Redis and PostgreSQL as the session found them, whatever the tests left."""
     support.clean_up_session()

@@ -7,7 +7,7 @@ helper in its ``harness`` module, not here.
 
 from __future__ import annotations
 
-from harness.accounts import basic_auth, bearer, make_admin, new_user
+from harness.accounts import add_account, basic_auth, bearer, make_admin, new_account, new_user
 from harness.databases import (
     admin_dsn,
     clean_up_session,
@@ -46,6 +46,7 @@ __all__ = [
     "PhotoServer",
     "WebhookWorkerProcess",
     "WorkerProcess",
+    "add_account",
     "admin_dsn",
     "basic_auth",
     "bearer",
@@ -59,6 +60,7 @@ __all__ = [
     "make_admin",
     "migrated",
     "missing_redis_sentinels",
+    "new_account",
     "new_prefix",
     "new_user",
     "plant_redis_sentinels",
