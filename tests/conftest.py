@@ -176,13 +176,15 @@ INTEGRATION_PATHS = (
     "reliability/", "bench/", "training/", "worker/models/", "web/test_browser.py",
     "worker/test_loader.py", "worker/test_loader_pool.py", "worker/test_pipeline.py",
     "worker/test_celery_app.py", "test_run_command.py", "test_clean_up.py",
+    "api/test_fuzz.py",  # a generated run over the whole API: minutes
 )  # fmt: skip
 
 
 def pytest_collection_modifyitems(config, items):
     tests_dir = Path(__file__).parent
     for item in items:
-        path = Path(item.fspath).relative_to(tests_dir).as_posix()
+        file = Path(item.fspath)
+        path = file.relative_to(tests_dir).as_posix() if tests_dir in file.parents else ""
         if path.startswith(INTEGRATION_PATHS) or INTEGRATION_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.integration)
 

@@ -2,7 +2,6 @@
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -11,37 +10,17 @@ import pytest
 import redis
 
 from tests import support
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.faults import RedisServer
 
 
 @pytest.fixture
-def private_redis(tmp_path):
+def private_redis():
     """A redis-server of this test's own on a free port: every key in it is accounted for."""
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed")
-    port = _free_port()
-    proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"redis://127.0.0.1:{port}/0"
-    support.wait_for(lambda: _answers(url), 30, "the private redis-server to answer")
-    yield url
-    proc.terminate()
-    proc.wait(30)
-
-
-def _answers(url: str) -> bool:
-    try:
-        return bool(redis.Redis.from_url(url).ping())
-    except redis.ConnectionError:
-        return False
+    server = RedisServer().start()
+    yield server.url
+    server.cleanup()
 
 
 def test_a_test_session_removes_its_keys_and_databases_and_nothing_else(private_redis):
