@@ -1,10 +1,10 @@
 .DEFAULT_GOAL := help
-.PHONY: help install run test lint format worker webhook-worker api migrate bench clean
+.PHONY: help install run test test-fast lint format worker webhook-worker api migrate bench clean
 
 help:  ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
-install:  ## Create .venv with the pinned runtime, training and dev requirements
+install:  ## Create .venv from requirements-dev.txt (runtime, training pipeline, test tools)
 	scripts/bootstrap.sh requirements-dev.txt
 
 run:  ## Install and run everything on embedded defaults (SQLite, local Redis, worker, API :5000)
@@ -13,10 +13,14 @@ run:  ## Install and run everything on embedded defaults (SQLite, local Redis, w
 test:  ## Run the whole test suite against real Redis, PostgreSQL, SQLite and a worker
 	scripts/test.sh
 
-lint:  ## ruff lint and format check
+test-fast:  ## Unit and API tests only: no model, browser or multi-process runs
+	scripts/test.sh -m "not integration"
+
+lint:  ## ruff lint and format check, mypy type check
 	scripts/bootstrap.sh requirements-dev.txt
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
+	.venv/bin/mypy
 
 format:  ## Apply ruff fixes and formatting
 	.venv/bin/ruff check --fix .

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import base64
 import uuid
+from collections.abc import Callable
+from typing import Any
+
+from shared import ledger
+from shared.models import User, new_id
 
 
 def basic_auth(username: str, password: str) -> dict[str, str]:
@@ -40,3 +45,26 @@ def make_admin(app) -> dict:
     assert result.exit_code == 0, result.output
     key = result.output.strip().rsplit(" ", 1)[-1]
     return {"username": username, "password": "admin-secret", "headers": bearer(key)}
+
+
+def new_account(sessions: Callable[[], Any], tokens: int = 0, prefix: str = "u") -> int:
+    """A user row made straight in the database, for tests below the API; returns its id.
+
+    ``tokens`` are granted as at sign-up (a ledger entry, as the API does); ``prefix``
+    starts the username, so a test can find its own users. Use ``new_user`` when the test
+    goes through the API.
+    """
+    with sessions() as session:
+        user = add_account(session, tokens, prefix)
+        session.commit()
+        return user.id
+
+
+def add_account(session: Any, tokens: int = 0, prefix: str = "u") -> User:
+    """``new_account`` inside a session of the caller's (flushed, not committed)."""
+    user = User(username=f"{prefix}{new_id()[:12]}", password_hash="x", tokens=0)
+    session.add(user)
+    session.flush()
+    if tokens:
+        ledger.grant(session, user.id, tokens, ledger.SIGNUP)
+    return user

@@ -73,6 +73,38 @@ def delete_redis_prefix(prefix: str) -> None:
             client.delete(key)
 
 
+def plant_redis_sentinels(url: str) -> dict[str, str]:
+    """A key of no test's prefix in every database of ``url``'s Redis: {db url: key}.
+
+    ``missing_redis_sentinels`` then says which are gone; a run that leaves Redis as it
+    found it (deletes only its own prefixes) loses none. They expire in a day should the
+    process die before removing them.
+    """
+    base = url.rsplit("/", 1)[0]
+    key = f"imgclf-sentinel-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    planted = {}
+    for db in range(_redis_databases(url)):
+        redis.Redis.from_url(f"{base}/{db}").set(key, "not the suite's to delete", ex=86400)
+        planted[f"{base}/{db}"] = key
+    return planted
+
+
+def missing_redis_sentinels(planted: dict[str, str]) -> list[str]:
+    """The databases of ``planted`` whose sentinel is gone; removes those still there."""
+    missing = []
+    for db_url, key in planted.items():
+        if not redis.Redis.from_url(db_url).delete(key):
+            missing.append(db_url)
+    return missing
+
+
+def _redis_databases(url: str) -> int:
+    try:
+        return int(redis.Redis.from_url(url).config_get("databases")["databases"])
+    except redis.ResponseError:  # CONFIG disabled (a managed Redis): the default count
+        return 16
+
+
 def clean_up_session() -> None:
     """Remove every prefix and scratch database this process created (end of the session)."""
     try:

@@ -8,6 +8,13 @@
 # started one. If one of them dies on its own, the others are stopped and the
 # script says which one died, with the end of its log, and exits 1.
 set -euo pipefail
+# Started with SIGINT ignored (a background job of a script or a tool, as POSIX makes
+# them), this shell could not trap it, while Celery installs its own handler anyway:
+# SIGINT then stopped the workers behind this script's back (exit 1, "exited on its
+# own", issue #24). Ctrl-C and SIGINT mean stop here: restart with the default action.
+if [ -n "$(trap -p INT)" ] && env --default-signal=INT true 2>/dev/null; then
+  exec env --default-signal=INT "$0" "$@"
+fi
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh requirements.txt
 mkdir -p var
@@ -27,17 +34,26 @@ fi
 
 .venv/bin/python -m shared.migrate upgrade
 
+# Each child runs in a process group of its own (set -m), so Ctrl-C (SIGINT to the
+# terminal's process group) and a SIGTERM to make's group reach only this script, which
+# alone decides to stop, then stops them with SIGTERM (Celery's warm shutdown exits 0;
+# on SIGINT it exits 1). A child never exits because of the signal that stops us, so
+# `wait -n` below sees only deaths of their own. And gunicorn's worker would get the
+# SIGINT and, at once, the master's SIGQUIT: its quit handler can deadlock on its
+# thread pool's lock (the master then SIGKILLs the worker).
 declare -A names logs
 start() {  # start NAME LOG COMMAND...: run COMMAND in the background, output to LOG (- : here)
   local name="$1" log="$2"
   shift 2
-  if [ "$log" = - ]; then "$@" & else "$@" >>"$log" 2>&1 & fi
+  set -m
+  if [ "$log" = - ]; then "$@" </dev/null & else "$@" </dev/null >>"$log" 2>&1 & fi
+  set +m
   names[$!]="$name"
   logs[$!]="$log"
 }
 
 stop_all() {
-  trap '' INT TERM  # a second Ctrl-C must not interrupt the clean-up
+  trap '' INT TERM HUP  # a second Ctrl-C must not interrupt the clean-up
   kill -TERM "${!names[@]}" 2>/dev/null || true
   # Celery finishes the batches in flight (WORKER_SHUTDOWN_TIMEOUT_S); then force.
   for _ in $(seq 700); do
@@ -63,29 +79,23 @@ on_signal() {
   echo "stopped"
   exit 0  # a requested stop is not an error (make prints none)
 }
-trap on_signal INT TERM
+trap on_signal INT TERM HUP  # HUP: the terminal closed
 
 start "classification worker" var/worker.log \
   .venv/bin/celery -A worker.celery_app worker --loglevel "${LOG_LEVEL:-INFO}"
 start "webhook worker" var/webhooks.log \
   .venv/bin/celery -A worker.webhook_app worker --pool threads --concurrency 8 \
   --loglevel "${LOG_LEVEL:-INFO}"
-# gunicorn in a process group of its own (set -m): Ctrl-C reaches only this script,
-# whose SIGTERM then stops it gracefully. Otherwise its worker gets the terminal's
-# SIGINT and, at once, the master's SIGQUIT, and gunicorn's quit handler can
-# deadlock on its thread pool's lock (the master then SIGKILLs the worker).
-set -m
 start "API (gunicorn)" - env HOST="${HOST:-127.0.0.1}" \
   .venv/bin/gunicorn -c gunicorn.conf.py --workers "${API_WORKERS:-1}" \
   --threads "${API_THREADS:-32}" --graceful-timeout 10 'api.wsgi:app'
-set +m
 echo "workers started (logs in var/worker.log and var/webhooks.log; the API logs here)"
 echo "API on http://${HOST:-127.0.0.1}:${PORT:-5000}  (docs: /docs, spec: /openapi.json); Ctrl-C stops everything"
 
 set +e
 wait -n -p died "${!names[@]}"
 rc=$?
-trap '' INT TERM
+trap '' INT TERM HUP
 how="with code $rc"
 # 137 = SIGKILL, most often the kernel's out-of-memory killer (see dmesg).
 [ "$rc" -gt 128 ] && how="killed by signal $((rc - 128))$([ "$rc" = 137 ] && echo ' (SIGKILL: out of memory?)')"

@@ -142,6 +142,53 @@ def admin(api_stack):
     return support.make_admin(api_stack.app)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def redis_left_as_found():
+    """Keys the suite did not create survive it, in every database of the test Redis.
+
+    A sentinel key goes into each database at the start and must still be there at the
+    end: a test that runs FLUSHDB or FLUSHALL, or deletes by a pattern wider than its own
+    prefix, fails the session here.
+    """
+    sentinels = support.plant_redis_sentinels(support.REDIS_URL)
+    yield
+    missing = support.missing_redis_sentinels(sentinels)
+    assert not missing, f"the suite deleted keys it did not create, in Redis {missing}"
+
+
+@pytest.fixture
+def receiver():
+    """A local HTTP server that records the webhooks delivered to it."""
+    from harness.webhook_receiver import Receiver
+
+    with Receiver() as server:
+        yield server
+
+
+# The slow tier (``-m integration``): a real worker with the model, a browser, a trained
+# model, the run command, or many processes for a reliability run. ``make test-fast``
+# runs the rest (``-m "not integration"``): unit and API tests on the real databases.
+INTEGRATION_FIXTURES = frozenset(
+    {"stack", "fault_stack_factory", "browser", "live", "idle", "sessions", "runtime",
+     "null_runtime", "trained", "cifar_subset"}
+)  # fmt: skip
+INTEGRATION_PATHS = (
+    "reliability/", "bench/", "training/", "worker/models/", "web/test_browser.py",
+    "worker/test_loader.py", "worker/test_loader_pool.py", "worker/test_pipeline.py",
+    "worker/test_celery_app.py", "test_run_command.py", "test_clean_up.py",
+    "api/test_fuzz.py",  # a generated run over the whole API: minutes
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(config, items):
+    tests_dir = Path(__file__).parent
+    for item in items:
+        file = Path(item.fspath)
+        path = file.relative_to(tests_dir).as_posix() if tests_dir in file.parents else ""
+        if path.startswith(INTEGRATION_PATHS) or INTEGRATION_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.integration)
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Leave Redis and PostgreSQL as the session found them, whatever the tests left."""
     support.clean_up_session()

@@ -7,7 +7,7 @@ helper in its ``harness`` module, not here.
 
 from __future__ import annotations
 
-from harness.accounts import basic_auth, bearer, make_admin, new_user
+from harness.accounts import add_account, basic_auth, bearer, make_admin, new_account, new_user
 from harness.databases import (
     admin_dsn,
     clean_up_session,
@@ -16,7 +16,9 @@ from harness.databases import (
     delete_redis_prefix,
     drop_postgres_database,
     migrated,
+    missing_redis_sentinels,
     new_prefix,
+    plant_redis_sentinels,
 )
 from harness.images import (
     jpeg_segment_flood,
@@ -44,6 +46,7 @@ __all__ = [
     "PhotoServer",
     "WebhookWorkerProcess",
     "WorkerProcess",
+    "add_account",
     "admin_dsn",
     "basic_auth",
     "bearer",
@@ -56,8 +59,11 @@ __all__ = [
     "jpeg_segment_flood",
     "make_admin",
     "migrated",
+    "missing_redis_sentinels",
+    "new_account",
     "new_prefix",
     "new_user",
+    "plant_redis_sentinels",
     "png_16bit_grey",
     "png_chunk",
     "png_chunk_flood",

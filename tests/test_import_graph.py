@@ -58,3 +58,37 @@ def test_only_the_tests_import_the_training_pipeline() -> None:
         if "training" in names
     }
     assert importers == set()
+
+
+def _imported_names(nodes) -> set[str]:
+    """Dotted names the imports among ``nodes`` bring in (``from a import b``: a and a.b)."""
+    names = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return names
+
+
+def _run_time_imports(path) -> tuple[set[str], set[str]]:
+    """(module-level, inside functions) imports of a file; ``if TYPE_CHECKING:`` is skipped."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    top = _imported_names(tree.body)
+    nested = _imported_names(
+        node
+        for func in ast.walk(tree)
+        if isinstance(func, ast.FunctionDef | ast.AsyncFunctionDef)
+        for node in ast.walk(func)
+    )
+    return top, nested
+
+
+def test_the_model_interface_imports_its_runtimes_once_and_they_never_import_it() -> None:
+    """worker.models.base -> worker.models.runtimes, one way (issue #24): no import cycle
+    kept apart by imports inside functions. runtimes names ImageModel for types only."""
+    base_top, base_nested = _run_time_imports(ROOT / "worker/models/base.py")
+    runtimes_top, runtimes_nested = _run_time_imports(ROOT / "worker/models/runtimes.py")
+    assert "worker.models.runtimes" in base_top
+    assert not {n for n in base_nested if "runtimes" in n}
+    assert "worker.models.base" not in runtimes_top | runtimes_nested

@@ -24,7 +24,7 @@ def _free_port() -> int:
 class MakeRun:
     """``make run`` in its own process group, as a terminal runs it."""
 
-    def __init__(self, tmp_path: Path, redis_url: str) -> None:
+    def __init__(self, tmp_path: Path, redis_url: str, sigint_ignored: bool = False) -> None:
         self.port, self.prefix = _free_port(), support.new_prefix("run")
         self.redis_url = redis_url
         self.log_path = tmp_path / "run.log"
@@ -45,6 +45,10 @@ class MakeRun:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            # As a background job of a script starts it (POSIX: SIGINT ignored).
+            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+            if sigint_ignored
+            else None,
         )
         self.base = f"http://127.0.0.1:{self.port}"
 
@@ -82,23 +86,44 @@ class MakeRun:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             raise
+        finally:
+            # The run's children have process groups of their own: a killed script leaves them.
+            for pid in self.processes():
+                os.kill(pid, signal.SIGKILL)
 
-    def classification_worker_pid(self) -> int:
-        """The worker's pid, found by its QUEUE_PREFIX (unique to this run)."""
+    def processes(self, command: bytes = b"") -> list[int]:
+        """Pids of this run's processes (by its QUEUE_PREFIX) whose command has ``command``."""
         marker = f"QUEUE_PREFIX={self.prefix}".encode()
+        found = []
         for entry in Path("/proc").iterdir():
             try:
                 environ = (entry / "environ").read_bytes()
                 cmdline = (entry / "cmdline").read_bytes()
             except OSError:  # not a process, or gone
                 continue
-            if marker in environ.split(b"\0") and b"worker.celery_app" in cmdline:
-                return int(entry.name)
-        raise AssertionError("no classification worker found")
+            if marker in environ.split(b"\0") and command in cmdline:
+                found.append(int(entry.name))
+        return found
+
+    def classification_worker_pid(self) -> int:
+        """The worker's main process (its pool processes are its children)."""
+        pids = set(self.processes(b"worker.celery_app"))
+        main = [pid for pid in pids if _parent(pid) not in pids]
+        assert main, "no classification worker found"
+        return main[0]
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):  # gone
+        return 0
 
 
 def test_make_run_serves_classifications_and_ctrl_c_stops_it(tmp_path, photo_server):
-    run = MakeRun(tmp_path, support.REDIS_URL)
+    # Started with SIGINT ignored, the run script could not trap it while the workers
+    # did, and stopped as if they had crashed (issue #24): SIGINT must still mean stop.
+    run = MakeRun(tmp_path, support.REDIS_URL, sigint_ignored=True)
     try:
         run.wait_ready()
         resp = requests.post(
@@ -111,10 +136,15 @@ def test_make_run_serves_classifications_and_ctrl_c_stops_it(tmp_path, photo_ser
         assert resp.json()["result"]["predictions"][0]["label"] == "macaw"
         assert requests.get(f"{run.base}/openapi.json", timeout=10).status_code == 200
     finally:
-        run.stop(signal.SIGINT)  # what Ctrl-C sends to the terminal's process group
+        # What Ctrl-C sends to the terminal's process group: a stop, not a crash (issue #24).
+        code = run.stop(signal.SIGINT)
+        left = run.processes()
         support.delete_redis_prefix(run.prefix)
     output = run.output()
     assert "stopped" in output
+    assert "exited on its own" not in output, output[-3000:]
+    assert code in (0, -signal.SIGINT), output[-3000:]  # make dies of the SIGINT, as it should
+    assert left == []  # "stopped" means every process of the run has ended
     assert "Error" not in output and "SIGKILL" not in output, output[-3000:]
     # The Redis it found running is not its own to stop.
     assert redis.Redis.from_url(support.REDIS_URL).ping()

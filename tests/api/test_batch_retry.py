@@ -3,22 +3,14 @@
 import threading
 import uuid
 
-import pytest
 from kombu.exceptions import OperationalError
 from sqlalchemy import select
 
 from api.services import services
-from harness.webhook_receiver import Receiver
 from shared import batches, dispatch, jobs
 from shared.models import Job, LedgerEntry
 from tests import support
 from tests.api.test_batches import _balance, _finished, _results, rich_user  # noqa: F401
-
-
-@pytest.fixture
-def receiver():
-    with Receiver() as server:
-        yield server
 
 
 def _ledger_rows(app, job_id):

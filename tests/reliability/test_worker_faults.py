@@ -64,6 +64,21 @@ def test_sigkill_mid_batch_redelivers_and_each_job_ends_once(
     assert max(attempts) >= 2  # the killed batch really was taken twice
 
 
+def _wait_claimed_by(stack, batch_id: str, worker: support.WorkerProcess) -> None:
+    """Until ``worker`` has claimed jobs of the batch (its claims record its Celery
+    hostname, which names the worker: see harness.processes)."""
+    hostname = f"{worker.name}-{stack.config.queue_prefix}@"
+
+    def claimed() -> bool:
+        with stack.sessions() as s:
+            query = select(Job.id).where(
+                Job.batch_id == batch_id, Job.claimed_by.startswith(hostname, autoescape=True)
+            )
+            return s.execute(query.limit(1)).first() is not None
+
+    support.wait_for(claimed, 120, f"{worker.name} to claim a batch", 0.05)
+
+
 def _children(pid: int) -> list[int]:
     tasks = Path(f"/proc/{pid}/task")
     return [int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split()]
@@ -113,7 +128,7 @@ def test_two_workers_one_killed_repeatedly_through_1000_jobs(
     stack.wait_ready(steady, *flaky)
     batch_id = _submit_batch(stack, user, urls)
     for worker in flaky:
-        time.sleep(2)  # let it take a batch or two, then crash it
+        _wait_claimed_by(stack, batch_id, worker)  # it holds work: crash it now
         worker.kill()
     assert stack.batch_statuses(batch_id).get("queued"), "the run ended before the crashes"
     counts = _wait_all_final(stack, batch_id, 1000, timeout=300)

@@ -19,7 +19,7 @@ from sqlalchemy import select, update
 
 from shared import dispatch
 from shared.db import make_engine, make_session_factory
-from shared.models import Batch, Job, User, new_id, utcnow
+from shared.models import Batch, Job, new_id, utcnow
 from shared.queue import bulk_queue, heartbeat_key, make_celery
 from shared.redis_client import make_redis
 from tests import support
@@ -58,6 +58,8 @@ def sender(database):
 class Sender:
     def __init__(self, config, sessions, client, celery) -> None:
         self.config, self.sessions, self.redis, self.celery = config, sessions, client, celery
+        # Each batch is a second younger than the one made before it: order by age is exact.
+        self.clock = utcnow() - timedelta(hours=1)
 
     def refill(self) -> int:
         return dispatch.refill(self.sessions, self.redis, self.celery, self.config)
@@ -68,18 +70,16 @@ class Sender:
         return [json.loads(base64.b64decode(json.loads(m)["body"]))[0][0] for m in raw[::-1]]
 
     def user(self) -> int:
-        with self.sessions() as session:
-            user = User(username=f"d{new_id()[:12]}", password_hash="x", tokens=0)
-            session.add(user)
-            session.commit()
-            return user.id
+        return support.new_account(self.sessions, prefix="d")
 
     def batch(self, user_id: int, chunks: list[int], urls: list[str] | None = None) -> list[str]:
         """A batch whose jobs are numbered in chunks of the given sizes; returns the job ids."""
         numbers = [n for n, size in enumerate(chunks) for _ in range(size)]
         ids = [new_id() for _ in numbers]
         with self.sessions() as session:
+            self.clock += timedelta(seconds=1)
             batch = Batch(id=new_id(), user_id=user_id, total=len(ids), model="mobilenet")
+            batch.created_at = self.clock
             session.add(batch)
             session.flush()
             for i, (job_id, n) in enumerate(zip(ids, numbers, strict=True)):
@@ -96,7 +96,6 @@ class Sender:
                     )
                 )
             session.commit()
-        time.sleep(0.01)  # distinct created_at: the older batch is older
         return ids
 
     def finish(self, job_ids: list[str]) -> None:

@@ -9,6 +9,7 @@ from shared.db import make_engine, make_session_factory
 from shared.errors import InsufficientTokens
 from shared.models import Job, LedgerEntry, User, new_id, utcnow
 from shared.status import JobStatus
+from tests import support
 
 
 @pytest.fixture
@@ -20,10 +21,7 @@ def session(api_stack):
 
 @pytest.fixture
 def account(session):
-    user = User(username=f"l{new_id()[:12]}", password_hash="x", tokens=0)
-    session.add(user)
-    session.flush()
-    ledger.grant(session, user.id, 2, ledger.SIGNUP)
+    user = support.add_account(session, tokens=2, prefix="l")
     session.commit()
     return user
 

@@ -195,10 +195,7 @@ def null_runtime(config):
 
 def _submit(rt, url: str) -> tuple[str, str]:
     with rt.sessions() as s:
-        user = User(username=f"lp{new_id()[:12]}", password_hash="x", tokens=0)
-        s.add(user)
-        s.flush()
-        ledger.grant(s, user.id, 5, ledger.SIGNUP)
+        user = support.add_account(s, tokens=5, prefix="lp")
         job = Job(id=new_id(), user_id=user.id, model="mobilenet", input_url=url)
         ledger.charge_jobs(s, user.id, [job.id])
         s.add(job)

@@ -11,6 +11,7 @@ from sqlalchemy import event, select, update
 from shared import ledger
 from shared.models import Job, LedgerEntry, User, WebhookEvent, new_id
 from shared.pixel_budget import PixelBudget
+from tests import support
 from worker import pipeline
 from worker.fetch import Fetcher
 from worker.runtime import Runtime
@@ -25,13 +26,7 @@ def runtime(api_stack):
 
 @pytest.fixture
 def account(runtime):
-    with runtime.sessions() as s:
-        user = User(username=f"p{new_id()[:12]}", password_hash="x", tokens=0)
-        s.add(user)
-        s.flush()
-        ledger.grant(s, user.id, 10, ledger.SIGNUP)
-        s.commit()
-        return user.id
+    return support.new_account(runtime.sessions, tokens=10, prefix="p")
 
 
 def _submit(runtime, user_id, url, **fields) -> str:

@@ -50,13 +50,7 @@ def rec(api_stack):
 
 
 def _user(rec) -> int:
-    with rec.sessions() as s:
-        user = User(username=f"r{new_id()[:12]}", password_hash="x", tokens=0)
-        s.add(user)
-        s.flush()
-        ledger.grant(s, user.id, 5, ledger.SIGNUP)
-        s.commit()
-        return user.id
+    return support.new_account(rec.sessions, tokens=5, prefix="r")
 
 
 def _job(rec, user_id, age_s: float, **fields) -> str:

@@ -36,13 +36,7 @@ def ret(api_stack):
 
 
 def _user(ret) -> int:
-    with ret.sessions() as s:
-        user = User(username=f"ret{new_id()[:12]}", password_hash="x", tokens=0)
-        s.add(user)
-        s.flush()
-        ledger.grant(s, user.id, 50, ledger.SIGNUP)
-        s.commit()
-        return user.id
+    return support.new_account(ret.sessions, tokens=50, prefix="ret")
 
 
 def _job(ret, user_id: int, age: timedelta, status: str = "succeeded", **fields) -> str:

@@ -24,7 +24,7 @@ from celery.contrib.testing.worker import start_worker
 from sqlalchemy import select, update
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from harness.webhook_receiver import Received, Receiver, Reply
+from harness.webhook_receiver import Received, Reply
 from shared import webhook_events, webhook_secrets
 from shared.db import make_engine, make_session_factory
 from shared.models import User, WebhookAttempt, WebhookEvent, as_utc, utcnow
@@ -45,12 +45,6 @@ from worker.webhook_delivery import (
 SCHEDULE = ("0", "0.2", "0.4")
 TIMEOUT_S = 1.0
 FINAL = ("succeeded", "failed")
-
-
-@pytest.fixture
-def receiver():
-    with Receiver() as server:
-        yield server
 
 
 # --- runtime, users and events -----------------------------------------------------------

@@ -27,10 +27,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from worker.models import runtimes
+from worker.models.runtimes import Choice, OpenVINOModel
+
 if TYPE_CHECKING:
     import keras
-
-    from worker.models.runtimes import Choice, OpenVINOModel
 
 DEFAULT_MAX_BATCH = 32
 DEFAULT_RUNTIME_CACHE_DIR = "var/runtime-cache"
@@ -210,8 +211,6 @@ class ImageModel(abc.ABC):
 
     def _use_runtime(self) -> None:
         """Pick what runs the model (``self.runtime``) and compile it; Keras needs nothing."""
-        from worker.models import runtimes
-
         choice = runtimes.KERAS if self.runtime == "keras" else self._choose_runtime()
         if choice.runtime == "openvino":
             try:
@@ -228,8 +227,6 @@ class ImageModel(abc.ABC):
 
     def _setup_null(self) -> None:
         """RUNTIME=null: labels only, no weights; fixed probabilities (benchmarks only)."""
-        from worker.models import runtimes
-
         self._labels = list(self.load_labels())
         self._compiled = self._model = runtimes.NullModel(len(self._labels))  # type: ignore[assignment]
         self.choice = runtimes.NULL
@@ -249,8 +246,6 @@ class ImageModel(abc.ABC):
     def _choose_runtime(self) -> Choice:
         import keras
 
-        from worker.models import runtimes
-
         if self.runtime == "auto" and not isinstance(self._model, keras.Model):
             return runtimes.KERAS  # only a Keras model can be converted
         options = runtimes.candidates(
@@ -266,8 +261,6 @@ class ImageModel(abc.ABC):
 
     def runtime_key(self, choice: Choice) -> str:
         """The cache key of this model's compiled form under ``choice``."""
-        from worker.models import runtimes
-
         if self._digest is None:  # hashing ~10 MB of weights: once
             self._digest = runtimes.weights_digest(self._model)
         width, height = self.input_size
@@ -283,8 +276,6 @@ class ImageModel(abc.ABC):
 
     def compile_runtime(self, choice: Choice) -> OpenVINOModel:
         """This model compiled for ``choice`` (OpenVINO), read from the cache when there."""
-        from worker.models import runtimes
-
         key = self.runtime_key(choice)
         return runtimes.compile_openvino(
             self,
@@ -297,8 +288,6 @@ class ImageModel(abc.ABC):
 
     def _agrees_with_keras(self, compiled: OpenVINOModel) -> bool:
         """fp32 self-check: same probabilities as Keras on a fixed pseudo-random batch."""
-        from worker.models import runtimes
-
         width, height = self.input_size
         probe = np.random.default_rng(0).uniform(0, 255, (2, height, width, 3))
         probe = probe.astype(np.float32)
