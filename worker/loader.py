@@ -7,10 +7,12 @@ message to a ``Loader``, and a message becomes eligible for a batch only once
 its load is done; the batch slot then only predicts and writes.
 
 The interface is two calls, so the way loading runs can change behind it: a pool
-of threads today (``LOADER_THREADS``; fetching, Pillow and SQL release the GIL);
-loader processes that decode across cores into shared memory, or a GPU decoder
-(DALI) in place of Pillow, later. What a load does is ``worker.pipeline.load``:
-claim the jobs in SQL, fetch, decode under the process's pixel budget, resize.
+of threads (``LOADER_THREADS``; fetching, Pillow and SQL release the GIL) that
+claims the jobs in SQL and then loads the images in this process, or hands them to
+the loader processes (``worker.loader_pool``, ``LOADER_PROCESSES``), which fetch,
+decode under the one shared pixel budget and resize across cores. A GPU decoder
+(DALI) in place of Pillow would go behind the same interface. What a load does is
+``worker.pipeline.load``.
 """
 
 from __future__ import annotations

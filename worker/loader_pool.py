@@ -254,10 +254,12 @@ class LoaderProcesses:
         with self._lock:
             # Waits while it may not go yet: every slot taken, or (bulk) no room left
             # outside the share kept for interactive images.
-            while (index := self._place_for(task)) is None and not self._closed:
+            while True:
+                if self._closed:
+                    raise RuntimeError("the loader processes are stopped")
+                if (index := self._place_for(task)) is not None:
+                    break
                 self._lock.wait()
-            if self._closed:
-                raise RuntimeError("the loader processes are stopped")
             slots = [self._free.pop() for _ in task.sizes]
             pending = _Pending(task, slots, future)
             self._next_id += 1
