@@ -384,15 +384,18 @@ def submit_batch(user: User, req: BatchRequest, idempotency_key: str | None) -> 
 
 def chunk(job_ids: list[str], urls: tuple[str, ...], size: int) -> list[list[str]]:
     """Messages of up to ``size`` job ids, never splitting one URL's duplicates, so the
-    worker fetches and classifies each URL once for all of its lines. The first holds
-    ``dispatch.FIRST_CHUNK`` at most: a newcomer's first results come after one short
-    round of the users waiting (shared/dispatch.py)."""
+    worker fetches and classifies each URL once for all of its lines.
+
+    A batch larger than one message starts with a short one, ``dispatch.FIRST_CHUNK``
+    at most, so that a round of users never served costs little (shared/dispatch.py);
+    a batch that fits one message stays one, so it needs one turn, not two."""
     by_url: dict[str, list[str]] = defaultdict(list)
     for job_id, url in zip(job_ids, urls, strict=True):
         by_url[url].append(job_id)
+    first = min(size, dispatch.FIRST_CHUNK) if len(job_ids) > size else size
     chunks: list[list[str]] = [[]]
     for group in by_url.values():
-        limit = min(size, dispatch.FIRST_CHUNK) if len(chunks) == 1 else size
+        limit = first if len(chunks) == 1 else size
         if chunks[-1] and len(chunks[-1]) + len(group) > limit:
             chunks.append([])
         chunks[-1].extend(group)

@@ -53,11 +53,11 @@ LOCK_TTL_S = 10
 # overshoot by the racing refills' share). Renewed before the note is taken, so a
 # holder that lost the lock leaves the note for the one that has it.
 PASS_STATEMENT_TIMEOUT_MS = LOCK_TTL_S * 1000 // 2
-# A batch's first chunk holds this many jobs at most (api.bulk.chunk numbers them),
-# whatever BATCH_MAX: after a restore, or when many users arrive at once, a newcomer
-# waits behind one round of every user never served (see _take), and that round
-# then costs FIRST_CHUNK jobs a user rather than BATCH_MAX (100 users: 400 jobs,
-# not 3,200; bench.backlog).
+# The first chunk of a batch larger than BATCH_MAX holds this many jobs at most
+# (api.bulk.chunk numbers them): after a restore, or when many users arrive at once,
+# a newcomer waits behind one round of every user never served (see _take), and that
+# round then costs FIRST_CHUNK jobs a user rather than BATCH_MAX (100 users: 400 jobs,
+# not 3,200; bench.backlog). A batch that fits one chunk stays one: it needs one turn.
 FIRST_CHUNK = 4
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end"
 _RENEW = (

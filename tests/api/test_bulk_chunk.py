@@ -26,3 +26,8 @@ def test_a_urls_duplicates_stay_together_even_past_the_first_chunks_size():
 def test_batch_max_below_the_first_chunks_size_bounds_it():
     ids = [str(i) for i in range(5)]
     assert [len(c) for c in chunk(ids, urls(*ids), size=2)] == [2, 2, 1]
+
+
+def test_a_batch_that_fits_one_message_stays_one():
+    ids = [str(i) for i in range(8)]
+    assert chunk(ids, urls(*ids), size=8) == [ids]
