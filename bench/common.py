@@ -8,6 +8,7 @@ own gunicorn.conf.py, and real Celery worker processes. Nothing is mocked.
 from __future__ import annotations
 
 import contextlib
+import http.server
 import json
 import os
 import platform
@@ -587,6 +588,53 @@ class ServiceStack:
             out[f"{name}_sum"] = sum(float(v) for k, v in fields.items() if k.endswith(b"|sum"))
             out[f"{name}_count"] = sum(float(v) for k, v in fields.items() if k.endswith(b"|count"))
         return out
+
+
+# --- hostile image hosts -------------------------------------------------------------
+
+
+class DripServer:
+    """An image host on 127.0.0.1 that answers one byte a second, for ever: ``head``
+    then ``body``. ``hits`` lists the paths asked for, in order. A context manager."""
+
+    def __init__(self, head: bytes, body: bytes = b"") -> None:
+        hits: list[str] = []
+        data = head + body
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                hits.append(self.path)
+                with contextlib.suppress(OSError):  # the worker hung up (its deadline)
+                    for byte in data:
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        time.sleep(1)
+
+        self.hits = hits
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.base_url = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self) -> DripServer:
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def single_job_seconds(stack: ServiceStack, user: dict, url: str) -> float:
+    """Submit one URL job for ``user`` and wait until it is final; the seconds it took."""
+    start = time.monotonic()
+    requests.post(
+        f"{stack.api.url}/v1/jobs", json={"url": url}, headers=user["headers"], timeout=60
+    ).raise_for_status()
+    wait_done(stack.dsn, "user_id = %s", (user["id"],), 1, timeout=600, interval=0.02)
+    return time.monotonic() - start
 
 
 # --- HTTP drivers ------------------------------------------------------------------

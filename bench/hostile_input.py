@@ -23,20 +23,20 @@
 from __future__ import annotations
 
 import contextlib
-import http.server
 import random
 import statistics
 import sys
-import threading
 import time
 
 import requests
 
 from bench.common import (
+    DripServer,
     MemorySampler,
     ServiceStack,
     cpu_seconds,
     main_json,
+    single_job_seconds,
     status_kb,
     tree,
     wait_done,
@@ -50,68 +50,34 @@ SIDE = 6300
 SLOW_URLS = 10
 
 
-class _DripHandler(http.server.BaseHTTPRequestHandler):
-    """Response headers one byte a second: no read ever times out, only a deadline helps."""
-
-    hits: list[str] = []
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        type(self).hits.append(self.path)
-        head = b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nX-Pad: " + b"x" * 300
-        with contextlib.suppress(OSError):  # the worker hung up
-            for byte in head:
-                self.wfile.write(bytes([byte]))
-                self.wfile.flush()
-                time.sleep(1)
-
-
-def _done_after(stack, user: dict, url: str) -> float:
-    start = time.monotonic()
-    resp = requests.post(
-        f"{stack.api.url}/v1/jobs", json={"url": url}, headers=user["headers"], timeout=60
-    )
-    resp.raise_for_status()
-    wait_done(stack.dsn, "user_id = %s", (user["id"],), 1, timeout=600, interval=0.02)
-    return time.monotonic() - start
+# Response headers one byte a second: no read ever times out, only a deadline helps.
+DRIP_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nX-Pad: " + b"x" * 300
 
 
 def slow_hosts() -> dict:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _DripHandler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    drip = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
-        with ServiceStack() as stack:
-            photo = stack.urls(3)
-            idle = [_done_after(stack, stack.user(1), url) for url in photo[:2]]
-            attacker = stack.user(SLOW_URLS)
-            start = time.monotonic()
-            for i in range(SLOW_URLS):
-                requests.post(
-                    f"{stack.api.url}/v1/jobs",
-                    json={"url": f"{drip}/slow{i}.jpg"},
-                    headers=attacker["headers"],
-                    timeout=60,
-                ).raise_for_status()
-            # Until the worker fetches all ten, or as many as it will (2 batch slots).
-            deadline = time.monotonic() + 5
-            while len(_DripHandler.hits) < SLOW_URLS and time.monotonic() < deadline:
-                time.sleep(0.05)
-            in_flight = len(_DripHandler.hits)
-            other = _done_after(stack, stack.user(1), photo[2])
-            counts, _ = wait_done(
-                stack.dsn, "user_id = %s", (attacker["id"],), SLOW_URLS, timeout=600
-            )
-            attack_s = time.monotonic() - start
-            tokens = requests.get(
-                f"{stack.api.url}/v1/me", headers=attacker["headers"], timeout=10
-            ).json()["tokens"]
-    finally:
-        server.shutdown()
-        server.server_close()
+    with DripServer(DRIP_HEAD) as drips, ServiceStack() as stack:
+        photo = stack.urls(3)
+        idle = [single_job_seconds(stack, stack.user(1), url) for url in photo[:2]]
+        attacker = stack.user(SLOW_URLS)
+        start = time.monotonic()
+        for i in range(SLOW_URLS):
+            requests.post(
+                f"{stack.api.url}/v1/jobs",
+                json={"url": f"{drips.base_url}/slow{i}.jpg"},
+                headers=attacker["headers"],
+                timeout=60,
+            ).raise_for_status()
+        # Until the worker fetches all ten, or as many as it will (2 batch slots).
+        deadline = time.monotonic() + 5
+        while len(drips.hits) < SLOW_URLS and time.monotonic() < deadline:
+            time.sleep(0.05)
+        in_flight = len(drips.hits)
+        other = single_job_seconds(stack, stack.user(1), photo[2])
+        counts, _ = wait_done(stack.dsn, "user_id = %s", (attacker["id"],), SLOW_URLS, timeout=600)
+        attack_s = time.monotonic() - start
+        tokens = requests.get(
+            f"{stack.api.url}/v1/me", headers=attacker["headers"], timeout=10
+        ).json()["tokens"]
     return {
         "slow_urls": SLOW_URLS,
         "fetching_when_other_submitted": in_flight,

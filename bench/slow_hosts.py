@@ -13,47 +13,30 @@ submit-to-done time is compared with the same on the idle worker (before the dri
 from __future__ import annotations
 
 import argparse
-import contextlib
-import http.server
 import json
 import statistics
-import threading
 import time
 
-import requests
-
-from bench.common import ServiceStack, loadavg, machine, wait_done
+from bench.common import (
+    DripServer,
+    ServiceStack,
+    loadavg,
+    machine,
+    single_job_seconds,
+    wait_done,
+)
 
 SINGLE_JOBS = 5
 OTHER_BATCH = 32
 
 
-class _DripHandler(http.server.BaseHTTPRequestHandler):
-    """An image host that sends its response one byte a second, for ever."""
-
-    hits: list[str] = []
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        type(self).hits.append(self.path)
-        head = b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: 99999\r\n\r\n"
-        with contextlib.suppress(OSError):  # the worker hung up (its deadline)
-            for byte in head + b"\xff" * 99999:
-                self.wfile.write(bytes([byte]))
-                self.wfile.flush()
-                time.sleep(1)
+# An image host that sends its response one byte a second, for ever.
+DRIP_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: 99999\r\n\r\n"
+DRIP_BODY = b"\xff" * 99999
 
 
 def _single(stack: ServiceStack, url: str) -> float:
-    user = stack.user(1)
-    start = time.monotonic()
-    requests.post(
-        f"{stack.api.url}/v1/jobs", json={"url": url}, headers=user["headers"], timeout=60
-    ).raise_for_status()
-    wait_done(stack.dsn, "user_id = %s", (user["id"],), 1, timeout=600, interval=0.02)
-    return time.monotonic() - start
+    return single_job_seconds(stack, stack.user(1), url)
 
 
 def _batch(stack: ServiceStack, urls: list[str]) -> float:
@@ -65,31 +48,26 @@ def _batch(stack: ServiceStack, urls: list[str]) -> float:
 
 
 def measure(drips: int, loader_processes: int, fetch_threads: int, runtime: str) -> dict:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _DripHandler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    drip = f"http://127.0.0.1:{server.server_address[1]}"
     overrides = {"loader_processes": str(loader_processes), "fetch_threads": fetch_threads}
-    try:
-        with ServiceStack(runtime=runtime, **overrides) as stack:
-            urls = stack.urls(2 * SINGLE_JOBS + OTHER_BATCH)
-            idle = [_single(stack, url) for url in urls[:SINGLE_JOBS]]
-            if drips:
-                attacker = stack.user(drips)
-                text = "\n".join(f"{drip}/drip{i}.jpg" for i in range(drips))
-                stack.post_batch(attacker, text).raise_for_status()
-                deadline = time.monotonic() + 30
-                seen = -1  # until the fetches in flight stop growing
-                while time.monotonic() < deadline and len(_DripHandler.hits) != seen:
-                    seen = len(_DripHandler.hits)
-                    time.sleep(1.0)
-            in_flight = len(_DripHandler.hits)
-            loaded = [_single(stack, url) for url in urls[SINGLE_JOBS : 2 * SINGLE_JOBS]]
-            batch_s = _batch(stack, urls[2 * SINGLE_JOBS :])
-            dripping = len(_DripHandler.hits) - in_flight  # drips started meanwhile
-    finally:
-        server.shutdown()
-        server.server_close()
+    with (
+        DripServer(DRIP_HEAD, DRIP_BODY) as server,
+        ServiceStack(runtime=runtime, **overrides) as stack,
+    ):
+        urls = stack.urls(2 * SINGLE_JOBS + OTHER_BATCH)
+        idle = [_single(stack, url) for url in urls[:SINGLE_JOBS]]
+        if drips:
+            attacker = stack.user(drips)
+            text = "\n".join(f"{server.base_url}/drip{i}.jpg" for i in range(drips))
+            stack.post_batch(attacker, text).raise_for_status()
+            deadline = time.monotonic() + 30
+            seen = -1  # until the fetches in flight stop growing
+            while time.monotonic() < deadline and len(server.hits) != seen:
+                seen = len(server.hits)
+                time.sleep(1.0)
+        in_flight = len(server.hits)
+        loaded = [_single(stack, url) for url in urls[SINGLE_JOBS : 2 * SINGLE_JOBS]]
+        batch_s = _batch(stack, urls[2 * SINGLE_JOBS :])
+        dripping = len(server.hits) - in_flight  # drips started meanwhile
     return {
         "drips": drips,
         "drip_fetches_in_flight": in_flight,
