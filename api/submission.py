@@ -27,7 +27,7 @@ from api.services import db, services
 from api.waits import skipped_headers, wait_slots
 from shared import jobs, ledger, logs
 from shared.config import BUILTIN_MODELS, TRAINED_MODEL_FILE, TRAINED_MODEL_NAME
-from shared.db import one_statement
+from shared.db import one_statement, read_only
 from shared.errors import (
     NotAnImage,
     NotFound,
@@ -299,11 +299,13 @@ def wait_for(job_id: str, timeout_s: float, created_after: float | None = None) 
 
 
 def read_job(job_id: str) -> JobRow | None:
-    """The job's row, in one statement (autocommit on PostgreSQL), then the request's
-    session ends its transaction: it holds none while the request waits."""
+    """The job's row, in one statement (autocommit on PostgreSQL, a plain read on
+    SQLite), then the request's session ends its transaction: it holds none while the
+    request waits."""
     session = db()
     session.commit()  # what the request read before (its own lookup of the job)
     one_statement(session)
+    read_only(session)
     row = session.connection().execute(READ_JOB, {"job_id": job_id}).one_or_none()
     session.commit()
     return row

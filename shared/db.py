@@ -22,8 +22,9 @@ def make_engine(config: Config) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         # pysqlite's own transaction handling defers BEGIN until the first write, so a
         # read-then-write transaction can fail with "database is locked" instead of
-        # waiting; take the write lock at BEGIN instead.
-        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        # waiting; take the write lock at BEGIN instead, unless the caller said the
+        # transaction only reads (``read_only``).
+        event.listen(engine, "begin", _sqlite_begin)
         return engine
     engine = create_engine(url, pool_size=10, max_overflow=20)
     _ping_when_idle(engine)
@@ -61,6 +62,29 @@ def _ping_when_idle(engine: Engine) -> None:
             raise DisconnectionError() from exc
         if not alive:
             raise DisconnectionError()
+
+
+def _sqlite_begin(conn) -> None:
+    read_only = conn.get_execution_options().get(READ_ONLY, False)
+    conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+#: The execution option ``read_only`` sets (SQLite only).
+READ_ONLY = "imgclf_read_only"
+
+
+def read_only(session: Session) -> None:
+    """Run the session's next transaction as a plain read on SQLite: ``BEGIN`` (deferred),
+    which in WAL mode reads a snapshot without waiting for a writer, where
+    ``BEGIN IMMEDIATE`` queued behind it (a 10,000-line batch held every user's
+    ``GET /v1/me`` for seconds). Only for a transaction that writes nothing: a deferred
+    one that writes after a commit elsewhere fails instead of waiting.
+
+    Call before the transaction's first statement. PostgreSQL reads never wait for
+    writers, so nothing changes there.
+    """
+    if session.get_bind().dialect.name == "sqlite" and not session.in_transaction():
+        session.connection(execution_options={READ_ONLY: True})
 
 
 def one_statement(session: Session) -> None:

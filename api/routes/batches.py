@@ -32,6 +32,7 @@ from api.services import db, services
 from api.submission import checked_model
 from api.validation import Blueprint
 from shared import batches
+from shared.db import read_only
 from shared.errors import RateLimited
 from shared.models import Batch
 
@@ -163,6 +164,7 @@ def create_batch(body: dict):
 @blp.response(200, schemas.BatchSchema)
 def get_batch(batch_id: str):
     """Progress: status and counts per job status (always consistent with the jobs)."""
+    read_only(db())
     return batches.batch_to_dict(db(), owned(Batch, batch_id, "batch"))
 
 
@@ -173,6 +175,7 @@ def get_batch(batch_id: str):
 def list_batches(query):
     """The caller's batches, newest first."""
     session = db()
+    read_only(session)
     rows, next_cursor = page(session, select(Batch).where(Batch.user_id == g.user.id), Batch, query)
     return {"items": [batches.batch_to_dict(session, b) for b in rows], "next_cursor": next_cursor}
 

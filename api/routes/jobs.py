@@ -22,6 +22,7 @@ from api.waits import (
     skipped_headers,
 )
 from shared import jobs
+from shared.db import read_only
 from shared.errors import ValidationFailed
 from shared.models import Job
 from shared.status import JobStatus
@@ -144,6 +145,7 @@ def get_job(query, job_id: str):
     Past the caps on waits held at once the answer comes without waiting, with
     X-Wait-Skipped.
     """
+    read_only(db())
     job = owned(Job, job_id, "job")
     wait_s = min(query["wait"], services().config.max_wait_s)
     headers = {}
@@ -160,6 +162,7 @@ def get_job(query, job_id: str):
 @blp.response(200, schemas.JobList)
 def list_jobs(query):
     """The caller's jobs, newest first; follow next_cursor for the next page."""
+    read_only(db())
     stmt = select(Job).where(Job.user_id == g.user.id)
     if "status" in query:
         stmt = stmt.where(Job.status == query["status"])

@@ -8,6 +8,7 @@ from api import accounts, schemas
 from api.auth import login_required
 from api.services import db
 from api.validation import Blueprint
+from shared.db import read_only
 from shared.jobs import iso
 from shared.models import ApiKey, User
 
@@ -47,7 +48,9 @@ def register(body):
 def me():
     """The authenticated user and their token balance."""
     # From SQL: a caller authenticated from the key cache carries no balance (api/auth.py).
-    user = db().get(User, g.user.id)
+    session = db()
+    read_only(session)
+    user = session.get(User, g.user.id)
     return {
         "username": user.username,
         "tokens": user.tokens,
