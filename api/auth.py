@@ -281,7 +281,8 @@ def authenticate(use_cache: bool = True) -> User:
 
     Views read the request body after this; a body can arrive slowly (an upload at a
     byte a second), and no transaction may stay open meanwhile: on SQLite it holds the
-    write lock (every transaction begins IMMEDIATE), on PostgreSQL a pooled connection.
+    write lock (a transaction that may write begins IMMEDIATE), on PostgreSQL a pooled
+    connection.
 
     A Bearer key may be answered from the process's ``KeyCache`` (``use_cache``): then
     the caller carries only ``CACHED_USER_COLUMNS``; read anything else from SQL.
