@@ -195,6 +195,16 @@ def _take(
     return chunks
 
 
+def next_chunk_query(batch_id: str) -> Select:
+    """The batch's lowest chunk number with jobs waiting (none: NULL)."""
+    return (
+        select(Job.chunk)
+        .where(*_waiting(batch_id), Job.chunk.is_not(None))
+        .order_by(Job.chunk)
+        .limit(1)
+    )
+
+
 def _mark_next_chunk(session: Session, batch_id: str, batch_max: int) -> list[str]:
     """Mark the batch's lowest waiting chunk dispatched; returns the ids this call won.
 
@@ -202,12 +212,7 @@ def _mark_next_chunk(session: Session, batch_id: str, batch_max: int) -> list[st
     """
     # ORDER BY ... LIMIT 1, not min(): PostgreSQL without statistics aggregated every
     # waiting entry of the batch for min(), 10,000 for a full batch.
-    first = session.scalar(
-        select(Job.chunk)
-        .where(*_waiting(batch_id), Job.chunk.is_not(None))
-        .order_by(Job.chunk)
-        .limit(1)
-    )
+    first = session.scalar(next_chunk_query(batch_id))
     if first is not None:
         chosen = Job.chunk == first
     else:
