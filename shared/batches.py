@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import CursorResult, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from shared import jobs, webhook_events
@@ -96,12 +96,13 @@ def complete_finished(session: Session, batch_ids: Iterable[str]) -> list[str]:
         if left:
             continue
         now = utcnow()
-        won = session.execute(
+        result = session.execute(
             update(Batch)
             .where(Batch.id == batch_id, Batch.completed_at.is_(None))
             .values(completed_at=now)
             .execution_options(synchronize_session=False)
-        ).rowcount
+        )
+        won = cast(CursorResult, result).rowcount
         if won and batch.webhook_url:
             batch.completed_at = now
             events.append(
@@ -166,7 +167,7 @@ def check_whole(session: Session, batch: Batch) -> None:
     have fewer lines (see ``cancel``), and cannot be reopened anyway."""
     if batch.canceled_at is not None:
         return
-    lines = session.scalar(select(func.count()).where(Job.batch_id == batch.id))
+    lines = session.scalar(select(func.count()).where(Job.batch_id == batch.id)) or 0
     if lines < batch.total:
         raise Conflict(
             "The batch ended more than RETENTION_DAYS ago and is being purged; "

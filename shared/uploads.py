@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import redis
 
 from shared.config import Config
@@ -17,7 +19,8 @@ class UploadStore:
         self._redis.set(self._prefix + job_id, data, ex=self._ttl)
 
     def get(self, job_id: str) -> bytes | None:
-        return self._redis.get(self._prefix + job_id)
+        # The client is built without decode_responses, so values come back as bytes.
+        return cast(bytes | None, self._redis.get(self._prefix + job_id))
 
     def delete(self, *job_ids: str) -> None:
         if job_ids:

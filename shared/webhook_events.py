@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from celery import Celery
-from sqlalchemy import ColumnElement, delete, or_
+from sqlalchemy import ColumnElement, CursorResult, delete, or_
 from sqlalchemy.orm import Session
 
 from shared.config import Config
@@ -95,8 +95,9 @@ def _delete_settled(session: Session, which: ColumnElement[bool]) -> int:
     # The attempts go with their event in the same statement (ON DELETE CASCADE, on
     # SQLite too: shared/db.py turns foreign keys on), and the status check is in the
     # DELETE itself, so a delivery claiming the event meanwhile keeps it whole.
-    return session.execute(
+    result = session.execute(
         delete(WebhookEvent)
         .where(which, WebhookEvent.status != WebhookEventStatus.DELIVERING.value)
         .execution_options(synchronize_session=False)
-    ).rowcount
+    )
+    return cast(CursorResult, result).rowcount

@@ -43,6 +43,7 @@ def current_secret(session: Session, user: User) -> str:
     )
     # Whoever wrote first won; read back what is stored, not what we generated.
     session.refresh(user, ["webhook_secret"])
+    assert user.webhook_secret is not None  # set by the UPDATE above, ours or a racer's
     return user.webhook_secret
 
 
@@ -78,6 +79,6 @@ def signing_secrets(user: User, config: Config, now: datetime | None = None) -> 
     now = now or utcnow()
     found = [user.webhook_secret] if user.webhook_secret else []
     until = previous_valid_until(user, config)
-    if until is not None and now < until:
+    if until is not None and now < until and user.webhook_secret_previous:
         found.append(user.webhook_secret_previous)
     return found

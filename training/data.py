@@ -367,11 +367,12 @@ def load_dataset(
     layout = discover(data_dir)
     names = layout.class_names
     cache = Path(cache_dir) if cache_dir else None
-    given = [
+    train_files = limit_per_class(layout.train, limit, seed)
+    val_files, test_files = (
         limit_per_class(f, limit, seed + i) if f is not None else None
-        for i, f in enumerate((layout.train, layout.validation, layout.test))
-    ]
-    used = [f for f in given if f is not None]
+        for i, f in enumerate((layout.validation, layout.test), start=1)
+    )
+    used = [f for f in (train_files, val_files, test_files) if f is not None]
     skipped: list[Path] = []
 
     def dec(files: ClassFiles) -> Split:
@@ -379,7 +380,6 @@ def load_dataset(
         skipped.extend(bad)
         return split
 
-    train_files, val_files, test_files = given
     if val_files is None and test_files is None:
         everything = dec(train_files)
         tr, va, te = stratified_split(everything.y, (val_fraction, test_fraction), seed)
@@ -389,7 +389,9 @@ def load_dataset(
         if val_files is not None and test_files is not None:
             train, validation, test = pool, dec(val_files), dec(test_files)
         else:
-            test = dec(test_files if test_files is not None else val_files)
+            held_out = test_files if test_files is not None else val_files
+            assert held_out is not None  # neither given is the first branch
+            test = dec(held_out)
             tr, va = stratified_split(pool.y, (val_fraction,), seed)
             train, validation = pool.take(tr), pool.take(va)
     if skipped:

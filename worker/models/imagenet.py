@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -74,7 +75,7 @@ class _KerasImageNetModel(ImageModel):
         """
         super().__init__(max_batch=max_batch, **runtime)
         self.weights = weights
-        self._preprocess_input = None
+        self._preprocess_input: Callable[[np.ndarray], np.ndarray] | None = None
 
     def load_labels(self) -> list[str]:
         return list(imagenet_labels())
@@ -89,6 +90,7 @@ class _KerasImageNetModel(ImageModel):
         super().setup()
 
     def preprocess(self, batch: np.ndarray) -> np.ndarray:
+        assert self._preprocess_input is not None, "setup() runs before the first batch"
         return self._preprocess_input(batch)
 
     def _input_shape(self) -> tuple[int, int, int]:

@@ -390,7 +390,7 @@ def load_photos(paths: Sequence[Path], size: tuple[int, int]) -> np.ndarray:
     out = np.empty((len(paths), size[1], size[0], 3), dtype=np.float32)
     for i, path in enumerate(paths):
         with Image.open(path) as image:
-            out[i] = np.asarray(image.convert("RGB").resize(size, Image.BILINEAR))
+            out[i] = np.asarray(image.convert("RGB").resize(size, Image.Resampling.BILINEAR))
     return out
 
 
