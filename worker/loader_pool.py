@@ -165,6 +165,9 @@ class LoaderProcesses:
                 proc.join()
         self._wake_w.send(None)
         self._reader.join(STOP_WAIT_S)
+        for index, place in enumerate(places):
+            if place.conn is not None:
+                self._receive(index, place.conn)  # answers the reader left unread
         with self._lock:
             lost = [pending for p in places for pending in p.in_flight.values()]
             for place in places:
