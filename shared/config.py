@@ -107,9 +107,6 @@ class Config:
     # the rest wait in SQL and go out round-robin over users. 0: WORKER_CONCURRENCY + 1.
     bulk_window_batches: int = 0
     fetch_threads: int = 16
-    # Messages whose images load at once, outside the batch slots (worker/loader.py,
-    # threads pool); 0: FETCH_THREADS. Slow image hosts beyond this many delay others.
-    loader_threads: int = 0
     # Processes that fetch, decode and resize images for the loader stage, so loading
     # uses every core (worker/loader_pool.py). "auto": from the cores (see
     # effective_loader_processes); 0: loading runs in the worker process's threads.
@@ -163,10 +160,6 @@ class Config:
     def effective_prefetch(self) -> int:
         """Messages a worker may hold unacknowledged, across its pool processes."""
         return self.worker_prefetch or 2 * self.batch_max * self.worker_concurrency
-
-    @property
-    def effective_loader_threads(self) -> int:
-        return self.loader_threads or self.fetch_threads
 
     @property
     def effective_loader_processes(self) -> int:
@@ -234,8 +227,8 @@ class Config:
             raise ValueError("MAX_WAITS_PER_USER and MAX_WAITS_PER_PROCESS must be >= 0")
         if self.worker_concurrency < 1:
             raise ValueError("WORKER_CONCURRENCY must be >= 1")
-        if self.fetch_threads < 1 or self.loader_threads < 0:
-            raise ValueError("FETCH_THREADS must be >= 1 and LOADER_THREADS >= 0")
+        if self.fetch_threads < 1:
+            raise ValueError("FETCH_THREADS must be >= 1")
         if not (str(self.loader_processes) == "auto" or str(self.loader_processes).isdigit()):
             raise ValueError("LOADER_PROCESSES must be auto or a whole number >= 0")
         if self.bulk_window_batches < 0:

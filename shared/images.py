@@ -18,7 +18,7 @@ from PIL import Image
 
 from shared.errors import ImageTooLarge, NotAnImage
 from shared.image_header import probe
-from shared.pixel_budget import Budget
+from shared.pixel_budget import PixelBudget
 
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP"})
 
@@ -52,20 +52,12 @@ _TRANSPOSE = {
 }
 
 
-def sniff_format(data: bytes) -> str | None:
-    """Return the allowed format name of ``data`` from its header alone, else None."""
-    try:
-        return probe(data).format
-    except NotAnImage:
-        return None
-
-
 def decode_image(
     data: bytes,
     *,
     max_pixels: int,
     at_least: tuple[int, int] | None = None,
-    budget: Budget | None = None,
+    budget: PixelBudget | None = None,
 ) -> Image.Image:
     """Decode the first frame of ``data``, upright, as RGB.
 

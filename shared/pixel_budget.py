@@ -8,10 +8,9 @@ gives it back when done; a decode that does not fit waits, first come first
 served, and gives up after a deadline. An image larger than the whole budget is
 refused outright.
 
-``PixelBudget``: one process's threads share it (the worker when it loads in its own
-threads). ``SharedPixelBudget``: the worker and all its loader processes share one
-(``worker.loader_pool``), so N loader processes still decode at most
-``DECODE_BUDGET_PIXELS`` together, not N times that.
+One implementation for one process's threads and for several processes: the worker
+and its loader processes (``worker.loader_pool``) share one, so N loader processes
+still decode at most ``DECODE_BUDGET_PIXELS`` together, not N times that.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ import tempfile
 import threading
 import time
 import weakref
-from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -34,64 +32,14 @@ from shared.errors import DecodeBusy, ImageTooLarge
 
 
 class PixelBudget:
-    def __init__(self, capacity: int, wait_s: float) -> None:
-        if capacity < 1:
-            raise ValueError("a pixel budget needs at least one pixel")
-        self.capacity = capacity
-        self._wait_s = wait_s
-        self._free = capacity
-        self._line: deque[object] = deque()
-        self._changed = threading.Condition()
+    """One pixel budget for the threads of one or several processes.
 
-    @property
-    def free(self) -> int:
-        with self._changed:
-            return self._free
-
-    @property
-    def waiting(self) -> int:
-        """Decodes standing in line for pixels."""
-        with self._changed:
-            return len(self._line)
-
-    @contextmanager
-    def hold(self, pixels: int) -> Iterator[None]:
-        """Hold ``pixels`` of the budget for the ``with`` block; given back on any exit."""
-        self._take(pixels)
-        try:
-            yield
-        finally:
-            with self._changed:
-                self._free += pixels
-                self._changed.notify_all()
-
-    def _take(self, pixels: int) -> None:
-        if pixels > self.capacity:
-            raise ImageTooLarge(_too_large(pixels, self.capacity))
-        ticket = object()
-        with self._changed:
-            self._line.append(ticket)
-            try:
-                # First in line only: a stream of small images must not starve a large one.
-                fits = self._changed.wait_for(
-                    lambda: self._line[0] is ticket and self._free >= pixels, self._wait_s
-                )
-                if not fits:
-                    raise DecodeBusy(_busy(self._wait_s))
-                self._free -= pixels
-            finally:
-                self._line.remove(ticket)
-                self._changed.notify_all()  # the next in line may fit now
-
-
-class SharedPixelBudget:
-    """One pixel budget for several processes: the worker and its loader processes.
-
-    The same contract as ``PixelBudget`` (an image larger than the whole budget is
-    refused at once, first come first served across all processes, ``DecodeBusy``
-    after ``wait_s``), over state in shared memory. Made by the worker with one
-    *owner* per process that decodes; ``member(owner)`` is what that process holds
-    (passed as a ``Process`` argument at spawn).
+    An image larger than the whole budget is refused at once; the others wait first
+    come first served across all threads and processes, and give up with
+    ``DecodeBusy`` after ``wait_s``. The state is in shared memory. Made with one
+    *owner* per process that decodes; the maker is the last owner, and
+    ``member(owner)`` is what another process holds (passed as a ``Process``
+    argument at spawn).
 
     Built to survive a process killed at any instruction (SIGKILL, the OOM killer):
 
@@ -110,8 +58,9 @@ class SharedPixelBudget:
       otherwise block everyone).
     """
 
-    def __init__(self, capacity: int, wait_s: float, owners: int, waiters: int) -> None:
-        """``waiters``: how many threads of one owner may wait in line at once."""
+    def __init__(self, capacity: int, wait_s: float, owners: int = 1, waiters: int = 16) -> None:
+        """``waiters``: how many threads of one owner may stand in line at once (more
+        wait for a place in it)."""
         if capacity < 1:
             raise ValueError("a pixel budget needs at least one pixel")
         if owners < 1 or waiters < 1:
@@ -125,16 +74,16 @@ class SharedPixelBudget:
         fd, self._path = tempfile.mkstemp(prefix="imgclf-pixel-budget-")
         os.close(fd)
         self._creator = os.getpid()
-        self.owner: int | None = None
+        self.owner = owners - 1
         self._attach()
 
-    def member(self, owner: int) -> SharedPixelBudget:
+    def member(self, owner: int) -> PixelBudget:
         """The same budget as taken by ``owner`` (pass it to that owner's process)."""
         if not 0 <= owner < self._owners:
             raise ValueError(f"owner {owner} is not one of the budget's {self._owners}")
         state = self.__getstate__()
         state["owner"] = owner
-        other = SharedPixelBudget.__new__(SharedPixelBudget)
+        other = PixelBudget.__new__(PixelBudget)
         other.__setstate__(state)  # its own file description: flock excludes it from this one
         return other
 
@@ -211,8 +160,6 @@ class SharedPixelBudget:
     @contextmanager
     def hold(self, pixels: int) -> Iterator[None]:
         """Hold ``pixels`` of the budget for the ``with`` block; given back on any exit."""
-        if self.owner is None:
-            raise RuntimeError("hold() needs a member(owner) of the shared budget")
         self._take(pixels)
         try:
             yield
@@ -224,7 +171,6 @@ class SharedPixelBudget:
         if pixels > self.capacity:
             raise ImageTooLarge(_too_large(pixels, self.capacity))
         owner = self.owner
-        assert owner is not None
         deadline = time.monotonic() + self._wait_s
         if not self._seat_free.acquire(timeout=self._wait_s):
             raise DecodeBusy(_busy(self._wait_s))
@@ -281,7 +227,3 @@ def _too_large(pixels: int, capacity: int) -> str:
 
 def _busy(wait_s: float) -> str:
     return f"No memory came free to decode the image within {wait_s:g} s."
-
-
-#: What ``decode_image`` takes from: one process's budget, or a member of a shared one.
-Budget = PixelBudget | SharedPixelBudget

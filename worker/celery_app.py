@@ -41,7 +41,6 @@ from shared.queue import (
 from shared.redis_client import make_redis
 from worker import liveness, pipeline, reconciler, retention
 from worker.batching import ContinuousBatches
-from worker.loader import Loader
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -81,8 +80,7 @@ class ClassifyWorker:
         """What keeps this worker from serving (its loader processes), or None."""
         with self._runtime_lock:
             rt = self._runtime
-        pool = rt.loader_processes if rt is not None else None
-        return pool.health() if pool is not None else None
+        return rt.loader.health() if rt is not None else None
 
     @property
     def task(self) -> ContinuousBatches:
@@ -105,9 +103,9 @@ def create_app(config: Config) -> Celery:
     # shared=False: else Celery adds the task, with this app's closure, to every app
     # finalized later in the process.
     @app.task(name=CLASSIFY_TASK, base=_task_class(config), shared=False)
-    def classify(requests) -> str | None:
-        """Classify every job id carried by the buffered messages, as one batch."""
-        return _classify(worker, requests)
+    def classify(requests, loaded=None) -> str | None:
+        """Classify the messages' job ids (``loaded``: their loads) as one batch."""
+        return _classify(worker, requests, loaded)
 
     return app
 
@@ -130,14 +128,11 @@ def _task_class(config: Config) -> type[ContinuousBatches]:
     return ClassifyTask
 
 
-def _classify(worker: ClassifyWorker, requests) -> str | None:
+def _classify(worker: ClassifyWorker, requests, loaded) -> str | None:
     job_ids = list(dict.fromkeys(j for r in requests for j in ContinuousBatches.job_ids(r)))
-    # Loaded by the loader stage (threads pool); else the batch loads them itself.
-    loaded = [r.loaded for r in requests if hasattr(r, "loaded")]
     try:
-        return pipeline.process(
-            worker.runtime(), job_ids, loaded if len(loaded) == len(requests) else None
-        )
+        # Loaded by the loader stage (threads pool); None: the batch loads them itself.
+        return pipeline.process(worker.runtime(), job_ids, loaded)
     except Exception:
         # celery-batches would log this and ack the whole batch; requeue instead, and
         # let the per-job attempt counter end a batch that always fails.
@@ -206,9 +201,7 @@ def _load_models_in_threads_pool(worker: ClassifyWorker) -> None:
     config = worker.config
     if config.effective_loader_processes:  # fetch, decode, resize on every core
         rt.start_loader_processes(config.effective_loader_processes)
-    worker.task.loader = Loader(
-        lambda job_ids: pipeline.load(rt, job_ids), config.effective_loader_threads
-    )
+    worker.task.loader = pipeline.Loading(rt)
 
 
 def _heartbeat(worker: ClassifyWorker) -> None:

@@ -1,81 +1,239 @@
-"""The loader stage: a message's images are loaded before it may join a model batch.
+"""The one image-loading interface: fetch, decode under the pixel budget, resize.
 
-Issue #14 item 2 and issue #17: fetching and decoding used to run inside a batch
-slot, so a host that drips bytes held a slot (and the model's turn) for up to
-FETCH_TIMEOUT_S. Now ``worker.batching.ContinuousBatches`` hands each arriving
-message to a ``Loader``, and a message becomes eligible for a batch only once
-its load is done; the batch slot then only predicts and writes.
+A ``Loader`` takes an ``ImageTask`` (a URL, or an upload's job id, and the sizes its
+models want) and returns a ``Future`` of its ``ImageResult`` (uint8 arrays, or the
+image's error). Two kinds stand behind it, chosen by ``LOADER_PROCESSES``:
 
-The interface is two calls, so the way loading runs can change behind it: a pool
-of threads (``LOADER_THREADS``; fetching, Pillow and SQL release the GIL) that
-claims the jobs in SQL and then loads the images in this process, or hands them to
-the loader processes (``worker.loader_pool``, ``LOADER_PROCESSES``), which fetch,
-decode under the one shared pixel budget and resize across cores. A GPU decoder
-(DALI) in place of Pillow would go behind the same interface. What a load does is
-``worker.pipeline.load``.
+- ``ThreadLoader`` (0): ``FETCH_THREADS`` threads of the worker process (fetching,
+  Pillow and Redis release the GIL);
+- ``worker.loader_pool.LoaderProcesses`` (N): N spawned processes with
+  ``FETCH_THREADS`` threads each, so decoding and resizing use every core.
+
+Both run the same ``ImageWork`` on the same kind of ``Line``: interactive images
+(jobs of no bulk batch) before bulk ones, and bulk images never on the last
+``reserved_threads`` threads, so a batch of URLs on hosts that drip a byte a second
+cannot hold every thread while another user's single job waits (issue #23 item 5).
+That line is the only reserve for interactive work. A GPU decoder (DALI) in place of
+Pillow would go behind the same interface. ``worker.pipeline.Loading`` claims a
+message's jobs and hands its images to the runtime's loader.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Generic, TypeVar
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from shared.config import Config
+from shared.errors import ServiceError, UploadExpired
+from shared.images import decode_image, to_pixels
+from shared.pixel_budget import PixelBudget
+from shared.uploads import UploadStore
+from worker.fetch import Fetcher
 
 log = logging.getLogger(__name__)
 
-#: One loader or fetch thread in this many (at least one) is kept for interactive work.
+Size = tuple[int, int]  # (width, height)
+INTERACTIVE, BULK = 0, 1
+#: One loading thread in this many (at least one) is kept for interactive images.
 INTERACTIVE_SHARE = 4
-
-T = TypeVar("T")
-Done = Callable[[T | None, BaseException | None], None]
 
 
 def reserved_threads(threads: int) -> int:
-    """Threads of ``threads`` that bulk work leaves to interactive work (none of one).
-
-    Issue #23 item 5: one user's batch on hosts that drip a byte a second held every
-    thread, and another user's single job waited for one of them to time out.
-    """
+    """Threads of ``threads`` that bulk images leave to interactive ones (none of one)."""
     return 0 if threads < 2 else max(1, threads // INTERACTIVE_SHARE)
 
 
 class LoadCanceled(Exception):
-    """The error a load gets when ``close`` came before it started."""
+    """The error a message's load gets when the stage closed before it started."""
 
 
-class Loader(Generic[T]):
-    """Runs ``load(job_ids)`` for messages, one per loader thread; thread-safe."""
+@dataclass(frozen=True)
+class ImageTask:
+    """One image to load: from ``url``, or the upload of job ``upload_id``, at ``sizes``.
 
-    def __init__(self, load: Callable[[list[str]], T], threads: int) -> None:
-        self._load = load
-        self.threads = threads
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="loader")
-        self._closed = False
+    ``priority``: INTERACTIVE for an image of a job of no bulk batch, else BULK.
+    """
 
-    def submit(self, job_ids: list[str], done: Done) -> None:
-        """Start loading; ``done(result, error)`` is called later, from a loader thread.
+    url: str | None
+    upload_id: str | None
+    sizes: tuple[Size, ...]
+    priority: int = BULK
 
-        Never from the caller's own thread, so the caller may hold its locks. A load
-        that ``close`` came before gets ``LoadCanceled`` without running.
-        """
-        self._pool.submit(self._run, job_ids, done)
+
+@dataclass
+class ImageResult:
+    """A task's arrays (uint8 HxWx3, one per size), or its error (code and message).
+
+    ``expected``: the error is the image's own (fetch, format, size), not ours. Plain
+    fields, so that a result pickles between processes.
+    """
+
+    arrays: dict[Size, np.ndarray] | None = None
+    code: str | None = None
+    message: str = ""
+    expected: bool = True
+    fetch_s: float | None = None
+
+    @property
+    def error(self) -> ServiceError | None:
+        return None if self.code is None else ServiceError(self.message, code=self.code)
+
+
+def failed(error: ServiceError, expected: bool = True, fetch_s: float | None = None) -> ImageResult:
+    return ImageResult(code=error.code, message=error.message, expected=expected, fetch_s=fetch_s)
+
+
+class Loader(Protocol):
+    """Loads images; every method may be called from many threads at once."""
+
+    def submit(self, task: ImageTask) -> Future[ImageResult]: ...
+
+    def health(self) -> str | None:
+        """None while it can load; else what is wrong (published with the heartbeat)."""
+        ...
 
     def close(self) -> None:
-        """Start no more loads (worker shutdown); those running finish."""
-        self._closed = True
-        self._pool.shutdown(wait=False)
+        """Stop: what is waiting and running still finishes."""
+        ...
 
-    def _run(self, job_ids: list[str], done: Done) -> None:
+
+def load_all(loader: Loader, tasks: Sequence[ImageTask]) -> list[ImageResult]:
+    """Load every task; returns when all are done, in order."""
+    futures = [loader.submit(task) for task in tasks]
+    return [f.result() for f in futures]
+
+
+class ImageWork:
+    """What a loading thread does with a task; one per process (thread-safe)."""
+
+    def __init__(self, config: Config, uploads: UploadStore, budget: PixelBudget) -> None:
+        self._config = config
+        self._uploads = uploads
+        self.budget = budget
+        self.fetcher = Fetcher(config)
+
+    def run(self, task: ImageTask) -> ImageResult:
+        fetch_s = None
         try:
-            if self._closed:
-                raise LoadCanceled()
-            result = self._load(job_ids)
-        except Exception as exc:
-            outcome: tuple = (None, exc)
-        else:
-            outcome = (result, None)
-        try:
-            done(*outcome)
-        except Exception:  # the pool would swallow it: say so
-            log.exception("handing over a load of %d job(s) failed", len(job_ids))
+            start = time.perf_counter()
+            data = self._read(task)
+            fetch_s = time.perf_counter() - start
+            largest = max(task.sizes, key=lambda wh: wh[0] * wh[1])
+            image = decode_image(
+                data,
+                max_pixels=self._config.max_image_pixels,
+                at_least=largest,
+                budget=self.budget,
+            )
+            arrays = {size: to_pixels(image, size) for size in task.sizes}
+            return ImageResult(arrays=arrays, fetch_s=fetch_s)
+        except ServiceError as exc:
+            return failed(exc, fetch_s=fetch_s)
+        except Exception as exc:  # one broken image must not fail the others
+            log.exception("loading %s failed", task.url or f"upload {task.upload_id}")
+            error = ServiceError(f"Could not load the image: {type(exc).__name__}")
+            return failed(error, expected=False, fetch_s=fetch_s)
+
+    def _read(self, task: ImageTask) -> bytes:
+        if task.url:
+            return self.fetcher.fetch(task.url)
+        data = self._uploads.get(task.upload_id or "")
+        if data is None:
+            raise UploadExpired()
+        return data
+
+
+class Line:
+    """Items waiting for one of ``threads`` loading threads, which ``serve`` it.
+
+    Interactive items first, each kind in arrival order; at most ``threads -
+    reserved_threads(threads)`` threads run bulk items at once, so an interactive
+    item finds a thread at once whatever bulk items do.
+    """
+
+    def __init__(self, threads: int) -> None:
+        self._bulk_cap = threads - reserved_threads(threads)
+        self._waiting: dict[int, deque[Any]] = {INTERACTIVE: deque(), BULK: deque()}
+        self._bulk_running = 0
+        self._closed = False
+        self._changed = threading.Condition()
+
+    def put(self, priority: int, item: Any) -> None:
+        with self._changed:
+            self._waiting[priority].append(item)
+            self._changed.notify_all()
+
+    def close(self, drop: bool = False) -> None:
+        """Serve no more once empty; ``drop``: forget what is waiting too."""
+        with self._changed:
+            self._closed = True
+            if drop:
+                for waiting in self._waiting.values():
+                    waiting.clear()
+            self._changed.notify_all()
+
+    def serve(self, run: Callable[[Any], None]) -> None:
+        """A loading thread's loop: run the next item, until closed and empty."""
+        while (taken := self._take()) is not None:
+            priority, item = taken
+            try:
+                run(item)
+            finally:
+                if priority == BULK:
+                    with self._changed:
+                        self._bulk_running -= 1
+                        self._changed.notify_all()
+
+    def _take(self) -> tuple[int, Any] | None:
+        with self._changed:
+            while True:
+                if self._waiting[INTERACTIVE]:
+                    return INTERACTIVE, self._waiting[INTERACTIVE].popleft()
+                if self._waiting[BULK] and self._bulk_running < self._bulk_cap:
+                    self._bulk_running += 1
+                    return BULK, self._waiting[BULK].popleft()
+                if self._closed and not any(self._waiting.values()):
+                    return None
+                self._changed.wait()
+
+
+def start_threads(line: Line, run: Callable[[Any], None], threads: int) -> list[threading.Thread]:
+    started = [
+        threading.Thread(target=line.serve, args=(run,), name=f"fetch-{i}", daemon=True)
+        for i in range(threads)
+    ]
+    for thread in started:
+        thread.start()
+    return started
+
+
+class ThreadLoader:
+    """Images loaded by ``FETCH_THREADS`` threads of this process (LOADER_PROCESSES=0)."""
+
+    def __init__(self, config: Config, uploads: UploadStore, budget: PixelBudget) -> None:
+        self.work = ImageWork(config, uploads, budget)
+        self._line = Line(config.fetch_threads)
+        start_threads(self._line, self._run, config.fetch_threads)
+
+    def submit(self, task: ImageTask) -> Future[ImageResult]:
+        future: Future[ImageResult] = Future()
+        self._line.put(task.priority, (task, future))
+        return future
+
+    def health(self) -> str | None:
+        return None
+
+    def close(self) -> None:
+        self._line.close()
+
+    def _run(self, item: tuple[ImageTask, Future]) -> None:
+        task, future = item
+        future.set_result(self.work.run(task))

@@ -1,6 +1,6 @@
-"""The work on jobs: ``load`` claims a message's jobs in SQL and loads their images
-(worker.loader runs it off the batch slots); ``process`` runs one batch's forward
-pass per model and writes the outcomes.
+"""The work on jobs: ``Loading`` (the loader stage) claims a message's jobs in SQL and
+has the runtime's ``Loader`` load their images, off the batch slots; ``process`` runs
+one batch's forward pass per model and writes the outcomes.
 
 Every SQL write is a conditional status transition, so running the same batch
 twice (a redelivered message) leaves the first outcome, charge and refund as
@@ -10,8 +10,11 @@ they were.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,14 +24,12 @@ from sqlalchemy.orm import Session
 
 from shared import batches, dispatch, jobs, logs, webhook_events
 from shared.db import one_statement
-from shared.errors import ServiceError, UploadExpired
+from shared.errors import ServiceError
 from shared.events import publish_done
-from shared.images import decode_image, to_array
 from shared.jobs import JobRow
 from shared.metrics import MetricsBuffer
-from shared.models import Job
 from worker.batching import RETRY_BATCH
-from worker.loader_pool import BULK, INTERACTIVE, ImageTask
+from worker.loader import BULK, INTERACTIVE, ImageResult, ImageTask, LoadCanceled, load_all
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -59,20 +60,133 @@ class Loaded:
     requeue: bool = False
 
 
+#: Threads that claim arriving messages' jobs (one SQL round trip each); images load
+#: on the runtime's loader meanwhile, so a slow host holds none of these.
+CLAIM_THREADS = 4
+Done = Callable[[Loaded | None, BaseException | None], None]
+
+
+class Loading:
+    """The loader stage of ``worker.batching.ContinuousBatches``: ``submit(job_ids, done)``.
+
+    A message's jobs are claimed on a claim thread, then its images go to the runtime's
+    loader; ``done(loaded, error)`` is called once every image is in, from a loader's
+    thread (never from the caller's). A message whose claim had not started when
+    ``close`` came gets ``LoadCanceled``; the others finish.
+    """
+
+    def __init__(self, rt: Runtime, claim_threads: int = CLAIM_THREADS) -> None:
+        self._rt = rt
+        self._claims = ThreadPoolExecutor(claim_threads, thread_name_prefix="claim")
+        self._closed = False
+
+    def submit(self, job_ids: list[str], done: Done) -> None:
+        self._claims.submit(self._start, job_ids, done)
+
+    def close(self) -> None:
+        self._closed = True
+        self._claims.shutdown(wait=False)
+
+    def _start(self, job_ids: list[str], done: Done) -> None:
+        try:
+            if self._closed:
+                raise LoadCanceled()
+            loaded, groups = claim_message(self._rt, job_ids)
+            futures = [self._rt.loader.submit(image_task(self._rt, g)) for g in groups]
+        except Exception as exc:
+            _hand_over(done, None, exc)
+            return
+
+        def finish(results: list[ImageResult]) -> None:
+            take_images(self._rt, loaded, groups, results)
+            _hand_over(done, loaded, None)
+
+        _when_all(futures, finish)
+
+
+def _when_all(futures: list[Future], then: Callable[[list], None]) -> None:
+    """``then(results)`` once every future is done, on the thread that ends the last."""
+    left = [len(futures)]
+    lock = threading.Lock()
+
+    def one_done(_: Future) -> None:
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            then([f.result() for f in futures])
+
+    if not futures:
+        then([])
+    for future in futures:
+        future.add_done_callback(one_done)
+
+
+def _hand_over(done: Done, loaded: Loaded | None, error: BaseException | None) -> None:
+    try:
+        done(loaded, error)
+    except Exception:  # a pool's thread would swallow it: say so
+        log.exception("handing over a loaded message failed")
+
+
 def load(rt: Runtime, job_ids: list[str]) -> Loaded:
-    """Claim the jobs, then fetch, decode and resize their images (errors kept per job)."""
+    """Claim the jobs and load their images, waiting here (a batch that loads its own)."""
+    loaded, groups = claim_message(rt, job_ids)
+    take_images(rt, loaded, groups, load_inputs(rt, groups))
+    return loaded
+
+
+def load_inputs(rt: Runtime, groups: list[list[JobOutcome]]) -> list[ImageResult]:
+    """Each group's image from the runtime's loader (bench.pipeline times this stage)."""
+    return load_all(rt.loader, [image_task(rt, g) for g in groups])
+
+
+def claim_message(rt: Runtime, job_ids: list[str]) -> tuple[Loaded, list[list[JobOutcome]]]:
+    """Claim the jobs; the outcomes that need an image, one group per source."""
     stats = MetricsBuffer()
     cpu = time.thread_time()
     claimed = _with_db_retry(rt, lambda s: claim(s, job_ids, rt.worker_id))
     stats.inc(BOOKKEEPING, time.thread_time() - cpu, step="claim")
     if claimed is None:
-        return Loaded([], stats, requeue=True)
+        return Loaded([], stats, requeue=True), []
     jobs_, started_events = claimed
     webhook_events.dispatch(rt.celery, rt.config, started_events)
     outcomes = [JobOutcome(job) for job in jobs_]
     _give_up_on_retried(rt, outcomes)
-    load_inputs(rt, [o for o in outcomes if o.error is None], stats)
-    return Loaded(outcomes, stats)
+    by_source: dict[str, list[JobOutcome]] = defaultdict(list)
+    for o in outcomes:
+        if o.error is None:
+            # The same URL twice in one message is fetched and decoded once.
+            by_source[o.job.input_url or f"upload:{o.job.id}"].append(o)
+    return Loaded(outcomes, stats), list(by_source.values())
+
+
+def image_task(rt: Runtime, group: list[JobOutcome]) -> ImageTask:
+    job = group[0].job
+    sizes = tuple(dict.fromkeys(rt.models.get(o.job.model).input_size for o in group))
+    upload_id = None if job.input_url else job.id
+    # A job of no bulk batch is interactive: its image goes before bulk ones.
+    priority = INTERACTIVE if all(o.job.batch_id is None for o in group) else BULK
+    return ImageTask(job.input_url, upload_id, sizes, priority)
+
+
+def take_images(
+    rt: Runtime, loaded: Loaded, groups: list[list[JobOutcome]], results: list[ImageResult]
+) -> None:
+    """Each group's arrays (shared by its jobs of one input size) or its error."""
+    for group, result in zip(groups, results, strict=True):
+        if result.fetch_s is not None:
+            loaded.stats.observe("image_fetch_seconds", result.fetch_s)
+        error = result.error
+        if error is not None:
+            if result.expected:
+                loaded.stats.inc("image_fetch_failures", code=error.code)
+            for o in group:
+                o.error = error
+            continue
+        arrays = result.arrays or {}
+        for o in group:
+            o.array = arrays[rt.models.get(o.job.model).input_size]
 
 
 def process(rt: Runtime, job_ids: list[str], loaded: list[Loaded] | None = None) -> str | None:
@@ -155,85 +269,6 @@ def _give_up_on_retried(rt: Runtime, outcomes: list[JobOutcome]) -> None:
             )
 
 
-def load_inputs(rt: Runtime, outcomes: list[JobOutcome], stats: MetricsBuffer) -> None:
-    by_source: dict[str, list[JobOutcome]] = defaultdict(list)
-    for o in outcomes:
-        # The same URL twice in one batch is fetched and decoded once.
-        by_source[o.job.input_url or f"upload:{o.job.id}"].append(o)
-    if rt.loader_processes is not None:
-        _load_in_processes(rt, list(by_source.values()), stats)
-        return
-
-    def load(group: list[JobOutcome]) -> None:
-        job = group[0].job
-        start = time.perf_counter()
-        try:
-            data = _read_bytes(rt, job)
-            stats.observe("image_fetch_seconds", time.perf_counter() - start)
-            sizes = [rt.models.get(o.job.model).input_size for o in group]
-            largest = max(sizes, key=lambda wh: wh[0] * wh[1])
-            image = decode_image(
-                data,
-                max_pixels=rt.config.max_image_pixels,
-                at_least=largest,
-                budget=rt.pixel_budget,
-            )
-            arrays: dict[tuple[int, int], np.ndarray] = {}
-            for o in group:
-                size = rt.models.get(o.job.model).input_size
-                if size not in arrays:
-                    arrays[size] = to_array(image, size)
-                o.array = arrays[size]
-        except ServiceError as exc:
-            stats.inc("image_fetch_failures", code=exc.code)
-            for o in group:
-                o.error = exc
-        except Exception as exc:  # one broken image must not fail the batch
-            log.exception("loading job %s failed", job.id)
-            for o in group:
-                o.error = ServiceError(f"Could not load the image: {type(exc).__name__}")
-
-    groups = list(by_source.values())
-    if len(groups) == 1:
-        load(groups[0])
-    else:
-        list(rt.io_pool.map(load, groups))
-
-
-def _load_in_processes(rt: Runtime, groups: list[list[JobOutcome]], stats: MetricsBuffer) -> None:
-    """The same work as the threads above, on the loader processes (uint8 arrays back)."""
-    tasks = []
-    for group in groups:
-        job = group[0].job
-        sizes = tuple(dict.fromkeys(rt.models.get(o.job.model).input_size for o in group))
-        upload_id = None if job.input_url else job.id
-        # A job of no bulk batch is interactive: its image goes before bulk ones.
-        priority = INTERACTIVE if all(o.job.batch_id is None for o in group) else BULK
-        tasks.append(ImageTask(job.input_url, upload_id, sizes, priority))
-    assert rt.loader_processes is not None
-    for group, result in zip(groups, rt.loader_processes.load(tasks), strict=True):
-        if result.fetch_s is not None:
-            stats.observe("image_fetch_seconds", result.fetch_s)
-        if result.error is not None:
-            if result.expected:
-                stats.inc("image_fetch_failures", code=result.error.code)
-            for o in group:
-                o.error = result.error
-            continue
-        arrays = result.arrays or {}
-        for o in group:
-            o.array = arrays[rt.models.get(o.job.model).input_size]
-
-
-def _read_bytes(rt: Runtime, job: Job) -> bytes:
-    if job.input_url:
-        return rt.fetch(job.input_url)
-    data = rt.uploads.get(job.id)
-    if data is None:
-        raise UploadExpired()
-    return data
-
-
 def predict(rt: Runtime, outcomes: list[JobOutcome], stats: MetricsBuffer) -> None:
     by_model: dict[str, list[JobOutcome]] = defaultdict(list)
     for o in outcomes:
@@ -241,7 +276,7 @@ def predict(rt: Runtime, outcomes: list[JobOutcome], stats: MetricsBuffer) -> No
     for name, group in by_model.items():
         try:
             model = rt.models.get(name)
-            # Jobs with the same source share one array (see load_inputs): classify it once.
+            # Jobs with the same source share one array (see take_images): classify it once.
             unique = list({id(o.array): o.array for o in group}.values())
             inputs = np.stack(unique)
             with rt.forward_lock:

@@ -13,11 +13,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.config import Config
 from shared.db import make_engine, make_session_factory
-from shared.pixel_budget import Budget, PixelBudget
+from shared.pixel_budget import PixelBudget
 from shared.queue import make_celery
 from shared.redis_client import make_redis
 from shared.uploads import UploadStore
-from worker.fetch import Fetcher
+from worker.loader import Loader, ThreadLoader
 from worker.loader_pool import LoaderProcesses
 from worker.models import ModelRegistry, top_k
 
@@ -31,39 +31,23 @@ class Runtime:
     models: ModelRegistry
     io_pool: ThreadPoolExecutor
     celery: Celery  # sends webhook deliveries
-    # All of the process's concurrent decodes share it (FETCH_THREADS may be 16); with
-    # loader processes, the worker's member of the budget they all share.
-    pixel_budget: Budget
-    # Built on first use: with loader processes, they fetch and this process never does.
-    fetcher: Fetcher | None = None
+    # Loads images (worker.loader): this process's threads, or loader processes.
+    loader: Loader
     top_k: Callable = top_k
     # The worker instance's heartbeat name, recorded by claims (worker.liveness).
     worker_id: str | None = None
     # Batch threads share the model: one forward pass at a time, each with every core
     # (TensorFlow's own intra-op threads), while the other batch fetches or writes.
     forward_lock: threading.Lock = field(default_factory=threading.Lock)
-    # Set when images load in loader processes (LOADER_PROCESSES), else in io_pool threads.
-    loader_processes: LoaderProcesses | None = None
-    _fetcher_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
-
-    def fetch(self, url: str) -> bytes:
-        """Download an image URL with this process's fetcher (built on the first call)."""
-        with self._fetcher_lock:
-            if self.fetcher is None:
-                self.fetcher = Fetcher(self.config)
-            fetcher = self.fetcher
-        return fetcher.fetch(url)
 
     def start_loader_processes(self, processes: int) -> None:
         """Load images in ``processes`` loader processes, all decoding under one budget."""
-        sizes = [self.models.get(name).input_size for name in self.models.names()]
-        self.loader_processes = LoaderProcesses(self.config, sizes, processes)
-        self.pixel_budget = self.loader_processes.budget
+        threads, self.loader = self.loader, LoaderProcesses(self.config, processes)
+        threads.close()
 
     def stop_loader_processes(self) -> None:
-        """Stop the loader processes, if any (after the batches stopped waiting for images)."""
-        if self.loader_processes is not None:
-            self.loader_processes.close()
+        """Stop the loader (after the batches stopped waiting for images)."""
+        self.loader.close()
 
     @classmethod
     def build(cls, config: Config, worker_id: str | None = None) -> Runtime:
@@ -71,15 +55,19 @@ class Runtime:
         models = ModelRegistry(config)
         models.setup_all()  # loads Keras and the weights: seconds, so once per process
         client = make_redis(config)
+        uploads = UploadStore(client, config)
+        budget = PixelBudget(
+            config.decode_budget_pixels, config.decode_wait_s, waiters=config.fetch_threads
+        )
         return cls(
             config=config,
             sessions=make_session_factory(make_engine(config)),
             redis=client,
-            uploads=UploadStore(client, config),
+            uploads=uploads,
             models=models,
             io_pool=ThreadPoolExecutor(config.fetch_threads, thread_name_prefix="fetch"),
             celery=make_celery(config, main="imgclf-worker-sender"),
-            pixel_budget=PixelBudget(config.decode_budget_pixels, config.decode_wait_s),
+            loader=ThreadLoader(config, uploads, budget),
             worker_id=worker_id,
         )
 

@@ -1,8 +1,8 @@
-"""Pixel budgets: concurrent decodes share one pool of pixels (threads, events, no sleeps).
+"""The pixel budget: concurrent decodes share one pool of pixels (threads, events, no sleeps).
 
-The same contract for ``PixelBudget`` (one process's threads) and ``SharedPixelBudget``
-(the worker and its loader processes), then the shared one across real processes,
-including ones killed while holding pixels, waiting in line or holding its lock.
+The contract through the budget's maker (one process's threads) and through a member
+(a loader process's share), then across real processes, including ones killed while
+holding pixels, waiting in line or holding its lock.
 """
 
 from __future__ import annotations
@@ -18,29 +18,30 @@ import pytest
 
 from harness.waiting import wait_for
 from shared.errors import DecodeBusy, ImageTooLarge
-from shared.pixel_budget import Budget, PixelBudget, SharedPixelBudget
+from shared.pixel_budget import PixelBudget
 
 PATIENT_S = 30.0  # long enough never to expire on a busy machine; waits end on events
 SPAWN = multiprocessing.get_context("spawn")  # as the loader processes are started
 
 
-@pytest.fixture(params=["threads", "shared"])
-def make(request) -> Iterator[Callable[..., Budget]]:
-    """Build a budget of either kind; a shared one is used through one owner's member."""
-    made: list[SharedPixelBudget] = []
+@pytest.fixture(params=["maker", "member"])
+def make(request) -> Iterator[Callable[..., PixelBudget]]:
+    """Build a budget, used by its maker (one process) or through another owner's member."""
+    made: list[PixelBudget] = []
 
-    def build(capacity: int, wait_s: float) -> Budget:
-        if request.param == "threads":
-            return PixelBudget(capacity, wait_s=wait_s)
-        made.append(SharedPixelBudget(capacity, wait_s, owners=2, waiters=4))
-        return made[-1].member(1)
+    def build(capacity: int, wait_s: float) -> PixelBudget:
+        if request.param == "maker":
+            made.append(PixelBudget(capacity, wait_s=wait_s))
+            return made[-1]
+        made.append(PixelBudget(capacity, wait_s, owners=2, waiters=4))
+        return made[-1].member(0)
 
     yield build
     for budget in made:
         budget.close()
 
 
-def _holder(budget: Budget, pixels: int, entered: threading.Event, leave: threading.Event):
+def _holder(budget: PixelBudget, pixels: int, entered: threading.Event, leave: threading.Event):
     with budget.hold(pixels):
         entered.set()
         assert leave.wait(PATIENT_S)
@@ -127,14 +128,14 @@ def test_pixels_come_back_when_the_decode_fails(make) -> None:
     assert budget.free == 100
 
 
-def _wait_until_waiting(budget: Budget, n: int) -> None:
+def _wait_until_waiting(budget: PixelBudget, n: int) -> None:
     wait_for(lambda: budget.waiting >= n, PATIENT_S, f"{n} decodes in line")
 
 
 # --- one budget across real processes ---------------------------------------------------
 
 
-def _hold_in_child(member: SharedPixelBudget, pixels: int, entered, leave, gave_up=None) -> None:
+def _hold_in_child(member: PixelBudget, pixels: int, entered, leave, gave_up=None) -> None:
     """A loader process's decode: hold ``pixels`` until told to leave."""
     try:
         with member.hold(pixels):
@@ -145,15 +146,15 @@ def _hold_in_child(member: SharedPixelBudget, pixels: int, entered, leave, gave_
             gave_up.set()
 
 
-def _lock_in_child(member: SharedPixelBudget, entered, leave) -> None:
+def _lock_in_child(member: PixelBudget, entered, leave) -> None:
     with member._locked():  # killed here: the budget's mutex must not stay taken
         entered.set()
         leave.wait(PATIENT_S)
 
 
 @pytest.fixture
-def shared() -> Iterator[SharedPixelBudget]:
-    budget = SharedPixelBudget(100, PATIENT_S, owners=3, waiters=2)
+def shared() -> Iterator[PixelBudget]:
+    budget = PixelBudget(100, PATIENT_S, owners=3, waiters=2)
     yield budget
     budget.close()
 

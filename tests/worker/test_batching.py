@@ -15,7 +15,10 @@ class RecordingPool:
         self.calls = []
 
     def apply_async(self, target, args, callback, error_callback):
-        self.calls.append(SimpleNamespace(requests=args[1][0], done=callback, lost=error_callback))
+        requests, loaded = args[1]
+        self.calls.append(
+            SimpleNamespace(requests=requests, loaded=loaded, done=callback, lost=error_callback)
+        )
 
 
 class Message:
@@ -39,13 +42,13 @@ class Message:
 def batcher():
     task = ContinuousBatches()
     task.batch_max = 4
-    task._pool = RecordingPool()
+    task.slot_pool = RecordingPool()
     return task
 
 
 def _buffer(task, *messages):
     for m in messages:
-        task._buffer.put(m)
+        task.receive(m)  # as the strategy does for each delivery: dispatches at once
 
 
 def _ids(call):
@@ -54,63 +57,63 @@ def _ids(call):
 
 def test_a_lone_job_is_dispatched_at_once(batcher):
     _buffer(batcher, Message("a"))
-    batcher._do_flush()
-    assert [_ids(c) for c in batcher._pool.calls] == [["a"]]
+    batcher.dispatch()
+    assert [_ids(c) for c in batcher.slot_pool.calls] == [["a"]]
 
 
 def test_while_busy_jobs_accumulate_into_the_next_full_batch(batcher):
     first = Message("a")
     _buffer(batcher, first)
-    batcher._do_flush()
+    batcher.dispatch()
     rest = [Message(x) for x in "bcdefg"]
     _buffer(batcher, *rest)
-    batcher._do_flush()  # the timer fires while the model is busy: nothing is dispatched
-    assert len(batcher._pool.calls) == 1
-    batcher._pool.calls[0].done(None)
-    assert [_ids(c) for c in batcher._pool.calls] == [["a"], ["b", "c", "d", "e"]]
+    batcher.dispatch()  # the timer fires while the model is busy: nothing is dispatched
+    assert len(batcher.slot_pool.calls) == 1
+    batcher.slot_pool.calls[0].done(None)
+    assert [_ids(c) for c in batcher.slot_pool.calls] == [["a"], ["b", "c", "d", "e"]]
     assert first.events == ["ack"]
-    batcher._pool.calls[1].done(None)
-    assert _ids(batcher._pool.calls[2]) == ["f", "g"]
+    batcher.slot_pool.calls[1].done(None)
+    assert _ids(batcher.slot_pool.calls[2]) == ["f", "g"]
 
 
 def test_batches_count_job_ids_not_messages(batcher):
     _buffer(batcher, Message("a", "b", "c"), Message("d", "e"), Message("f"))
-    batcher._do_flush()
-    assert _ids(batcher._pool.calls[0]) == ["a", "b", "c"]
+    batcher.dispatch()
+    assert _ids(batcher.slot_pool.calls[0]) == ["a", "b", "c"]
 
 
 def test_unwritten_results_requeue_the_messages(batcher):
     msg = Message("a")
     _buffer(batcher, msg)
-    batcher._do_flush()
-    batcher._pool.calls[0].done(RETRY_BATCH)
+    batcher.dispatch()
+    batcher.slot_pool.calls[0].done(RETRY_BATCH)
     assert msg.events == ["requeue"]
 
 
 def test_a_lost_pool_process_requeues_and_frees_the_slot(batcher):
     lost, waiting = Message("a"), Message("b")
     _buffer(batcher, lost)
-    batcher._do_flush()
+    batcher.dispatch()
     _buffer(batcher, waiting)
-    batcher._pool.calls[0].lost(RuntimeError("WorkerLostError"))
+    batcher.slot_pool.calls[0].lost(RuntimeError("WorkerLostError"))
     assert lost.events == ["requeue"]
-    assert _ids(batcher._pool.calls[1]) == ["b"]
+    assert _ids(batcher.slot_pool.calls[1]) == ["b"]
 
 
 def test_two_slots_keep_two_batches_in_flight(batcher):
     # The threads pool (WORKER_CONCURRENCY=2): one batch loads while the other runs.
-    batcher._pool.limit = 2
+    batcher.slot_pool.limit = 2
     _buffer(batcher, Message("a"))
-    batcher._do_flush()
+    batcher.dispatch()
     _buffer(batcher, Message("b"))
-    batcher._do_flush()
+    batcher.dispatch()
     _buffer(batcher, *[Message(x) for x in "cdefg"])
-    batcher._do_flush()  # both slots busy: c..g wait
-    assert [_ids(c) for c in batcher._pool.calls] == [["a"], ["b"]]
-    batcher._pool.calls[1].done(None)  # either slot returning takes the next full batch
-    assert _ids(batcher._pool.calls[2]) == ["c", "d", "e", "f"]
-    batcher._pool.calls[0].done(None)
-    assert _ids(batcher._pool.calls[3]) == ["g"]
+    batcher.dispatch()  # both slots busy: c..g wait
+    assert [_ids(c) for c in batcher.slot_pool.calls] == [["a"], ["b"]]
+    batcher.slot_pool.calls[1].done(None)  # either slot returning takes the next full batch
+    assert _ids(batcher.slot_pool.calls[2]) == ["c", "d", "e", "f"]
+    batcher.slot_pool.calls[0].done(None)
+    assert _ids(batcher.slot_pool.calls[3]) == ["g"]
 
 
 def _from(queue: str, *ids: str) -> Message:
@@ -121,17 +124,17 @@ def _from(queue: str, *ids: str) -> Message:
 
 def test_single_submissions_go_before_prefetched_bulk_chunks(batcher):
     batcher.first_queues = frozenset({"q.interactive"})
-    batcher._pool.limit = 1
+    batcher.slot_pool.limit = 1
     _buffer(batcher, _from("q.bulk", "x"))
-    batcher._do_flush()  # the slot is busy with x
+    batcher.dispatch()  # the slot is busy with x
     chunks = [_from("q.bulk", f"b{i}", f"c{i}") for i in range(3)]
     single = _from("q.interactive", "s")
     _buffer(batcher, *chunks, single)
-    batcher._pool.calls[0].done(None)
+    batcher.slot_pool.calls[0].done(None)
     # The single job arrived last but rides in the next batch, with what still fits.
-    assert _ids(batcher._pool.calls[1]) == ["s", "b0", "c0"]
-    batcher._pool.calls[1].done(None)
-    assert _ids(batcher._pool.calls[2]) == ["b1", "c1", "b2", "c2"]
+    assert _ids(batcher.slot_pool.calls[1]) == ["s", "b0", "c0"]
+    batcher.slot_pool.calls[1].done(None)
+    assert _ids(batcher.slot_pool.calls[2]) == ["b1", "c1", "b2", "c2"]
 
 
 class Delivery(Message):
@@ -145,19 +148,17 @@ class Delivery(Message):
 def test_held_deliveries_are_those_not_yet_acked_or_requeued(batcher):
     # The heartbeat renews these on a Redis broker (worker.liveness).
     done, lost, waiting = Delivery("t1", "a"), Delivery("t2", "b"), Delivery("t3", "c")
-    for d in (done, lost, waiting):
-        batcher._hold(d.message.delivery_tag)
-    batcher._pool.limit = 2
+    batcher.slot_pool.limit = 2
     _buffer(batcher, done)
-    batcher._do_flush()
+    batcher.dispatch()
     _buffer(batcher, lost)
-    batcher._do_flush()
+    batcher.dispatch()
     _buffer(batcher, waiting)
     assert sorted(batcher.held_deliveries()) == ["t1", "t2", "t3"]
-    batcher._pool.calls[0].done(None)  # acked; c is dispatched in its place
-    batcher._pool.calls[1].lost(RuntimeError("WorkerLostError"))  # requeued
+    batcher.slot_pool.calls[0].done(None)  # acked; c is dispatched in its place
+    batcher.slot_pool.calls[1].lost(RuntimeError("WorkerLostError"))  # requeued
     assert batcher.held_deliveries() == ["t3"]
-    batcher._pool.calls[2].done(RETRY_BATCH)
+    batcher.slot_pool.calls[2].done(RETRY_BATCH)
     assert batcher.held_deliveries() == []
 
 
@@ -184,50 +185,48 @@ class RecordingLoader:
 @pytest.fixture
 def loading(batcher):
     batcher.loader = RecordingLoader()
-    batcher._pool.limit = 2
+    batcher.slot_pool.limit = 2
     return batcher
 
 
 def test_a_message_still_loading_holds_no_slot(loading):
     slow, quick = Message("slow"), Message("quick")
     _buffer(loading, slow, quick)
-    loading._do_flush()
+    loading.dispatch()
     assert sorted(loading.loader.loads) == ["quick", "slow"]  # both load at once
-    assert loading._pool.calls == []  # neither is loaded: no batch
+    assert loading.slot_pool.calls == []  # neither is loaded: no batch
     loading.loader.finish("quick")
-    assert [_ids(c) for c in loading._pool.calls] == [["quick"]]
-    assert loading._pool.calls[0].requests[0].loaded == "arrays"
+    assert [_ids(c) for c in loading.slot_pool.calls] == [["quick"]]
+    assert loading.slot_pool.calls[0].loaded == ["arrays"]
     loading.loader.finish("slow", "slow arrays")
-    assert _ids(loading._pool.calls[1]) == ["slow"]
-    assert loading._pool.calls[1].requests[0].loaded == "slow arrays"
+    assert _ids(loading.slot_pool.calls[1]) == ["slow"]
+    assert loading.slot_pool.calls[1].loaded == ["slow arrays"]
 
 
 def test_loading_starts_while_every_slot_is_busy(loading):
     _buffer(loading, Message("a"), Message("b"))
-    loading._do_flush()
+    loading.dispatch()
     loading.loader.finish("a")
     loading.loader.finish("b")
-    assert len(loading._pool.calls) == 2  # both slots busy
+    assert len(loading.slot_pool.calls) == 2  # both slots busy
     _buffer(loading, *[Message(x) for x in "cde"])
-    loading._do_flush()
+    loading.dispatch()
     assert sorted(loading.loader.loads) == ["c", "d", "e"]
     for x in "cde":
         loading.loader.finish(x)
-    loading._pool.calls[0].done(None)
-    assert _ids(loading._pool.calls[2]) == ["c", "d", "e"]
+    loading.slot_pool.calls[0].done(None)
+    assert _ids(loading.slot_pool.calls[2]) == ["c", "d", "e"]
 
 
 def test_a_load_that_could_not_claim_requeues_its_message(loading):
     unclaimed, broken = Delivery("t1", "a"), Delivery("t2", "b")
-    for d in (unclaimed, broken):
-        loading._hold(d.message.delivery_tag)
     _buffer(loading, unclaimed, broken)
-    loading._do_flush()
+    loading.dispatch()
     loading.loader.finish("a", SimpleNamespace(requeue=True))
     loading.loader.finish("b", None, RuntimeError("bug"))
     assert unclaimed.events == ["requeue"] and broken.events == ["requeue"]
-    assert loading.held_deliveries() == [] and loading._pool.calls == []
-    assert loading._ahead == 0
+    assert loading.held_deliveries() == [] and loading.slot_pool.calls == []
+    assert loading._messages == []  # nothing left loading ahead
 
 
 def test_bulk_loads_ahead_at_most_load_ahead_ids_and_singles_are_never_held_back(loading):
@@ -236,7 +235,7 @@ def test_bulk_loads_ahead_at_most_load_ahead_ids_and_singles_are_never_held_back
     chunks = [_from("q.bulk", f"b{i}", f"c{i}") for i in range(3)]
     single = _from("q.interactive", "s")
     _buffer(loading, *chunks, single)
-    loading._do_flush()
+    loading.dispatch()
     # The single job first, then 2 + 2 bulk ids fill the allowance; a third chunk waits.
     assert sorted(loading.loader.loads) == ["b0", "b1", "s"]
     loading.loader.finish("b0")  # dispatched: its ids no longer count
@@ -245,18 +244,16 @@ def test_bulk_loads_ahead_at_most_load_ahead_ids_and_singles_are_never_held_back
 
 def test_close_lets_running_loads_finish_and_starts_no_more(loading):
     running, canceled = Delivery("t1", "a"), Delivery("t2", "b")
-    for d in (running, canceled):
-        loading._hold(d.message.delivery_tag)
     _buffer(loading, running, canceled)
-    loading._do_flush()
+    loading.dispatch()
     loading.close()
     assert loading.loader.closed
     _buffer(loading, Message("c"))
     loading.loader.finish("a")  # its jobs are claimed: it still runs while the pool drains
     loading.loader.finish("b", None, LoadCanceled())  # never started
-    assert [_ids(c) for c in loading._pool.calls] == [["a"]]
-    assert "c" not in loading.loader.loads and not loading._loading
-    loading._pool.calls[0].done(None)
+    assert [_ids(c) for c in loading.slot_pool.calls] == [["a"]]
+    assert "c" not in loading.loader.loads and not loading._loading()
+    loading.slot_pool.calls[0].done(None)
     assert running.events == ["ack"] and canceled.events == []
     assert loading.held_deliveries() == ["t2"]  # unacknowledged: the broker's again
 
@@ -265,7 +262,7 @@ def test_single_jobs_load_past_a_full_allowance_of_bulk(loading):
     loading.first_queues = frozenset({"q.interactive"})
     loading.load_ahead = 4
     _buffer(loading, _from("q.bulk", "b0", "c0"), _from("q.bulk", "b1", "c1"))
-    loading._do_flush()
+    loading.dispatch()
     _buffer(loading, _from("q.interactive", "s"))
-    loading._do_flush()
+    loading.dispatch()
     assert sorted(loading.loader.loads) == ["b0", "b1", "s"]

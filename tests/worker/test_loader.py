@@ -1,5 +1,5 @@
-"""worker.loader, and the loader stage with a real worker: slow image hosts hold
-loader threads, not batch slots.
+"""worker.loader's line and the loader stage with a real worker: slow image hosts hold
+loading threads, not batch slots.
 
 Issue #14 item 2: two URLs whose host dripped its headers filled both batch slots,
 and another user's job waited 58.6 s behind them.
@@ -18,51 +18,41 @@ from api import create_app
 from shared.db import make_engine, make_session_factory
 from shared.models import Job
 from tests import support
-from worker.loader import LoadCanceled, Loader
+from worker.loader import BULK, INTERACTIVE, Line, reserved_threads, start_threads
 
 BLOCKED = 10
 
 
-def test_loads_run_on_loader_threads_and_report_results_and_errors() -> None:
+def test_the_line_serves_interactive_items_first_and_keeps_threads_from_bulk() -> None:
+    threads = 4
+    line = Line(threads)
     release = threading.Event()
-    started = {"slow": threading.Event(), "slow too": threading.Event()}
-    outcomes: dict[str, tuple] = {}
-    finished = threading.Semaphore(0)
+    started: list[str] = []
+    changed = threading.Condition()
 
-    def load(job_ids: list[str]) -> str:
-        if job_ids[0] in started:
-            started[job_ids[0]].set()
-            release.wait(60)
-        if job_ids == ["bad"]:
-            raise ValueError("broken")
-        return f"loaded {job_ids[0]}"
+    def run(item: str) -> None:
+        with changed:
+            started.append(item)
+            changed.notify_all()
+        if item.startswith("held"):
+            assert release.wait(60)
 
-    def done(key: str):
-        def record(result, error) -> None:
-            outcomes[key] = (result, error, threading.current_thread().name)
-            finished.release()
-
-        return record
-
-    loader = Loader(load, threads=2)
-    loader.submit(["slow"], done("slow"))
-    assert started["slow"].wait(60)
-    loader.submit(["quick"], done("quick"))  # the other thread: not behind the slow one
-    assert finished.acquire(timeout=60)
-    assert outcomes["quick"][:2] == ("loaded quick", None)
-    assert outcomes["quick"][2].startswith("loader")
-    loader.submit(["bad"], done("bad"))
-    assert finished.acquire(timeout=60)
-    assert isinstance(outcomes["bad"][1], ValueError)
-    loader.submit(["slow too"], done("slow too"))
-    assert started["slow too"].wait(60)  # both threads busy now
-    loader.submit(["late"], done("late"))
-    loader.close()
+    for i in range(6):  # a slow bulk batch: more items than threads
+        line.put(BULK, f"held bulk {i}")
+    workers = start_threads(line, run, threads)
+    bulk_cap = threads - reserved_threads(threads)
+    with changed:
+        assert changed.wait_for(lambda: len(started) == bulk_cap, 60)
+    line.put(BULK, "bulk")
+    line.put(INTERACTIVE, "single")  # after every bulk item, yet on the reserved thread
+    with changed:
+        assert changed.wait_for(lambda: "single" in started, 60)
+    assert "bulk" not in started  # bulk items wait for bulk threads
     release.set()
-    for _ in range(3):
-        assert finished.acquire(timeout=60)
-    assert outcomes["slow"][:2] == ("loaded slow", None)  # running: finishes
-    assert isinstance(outcomes["late"][1], LoadCanceled)  # not started: canceled
+    line.close()
+    for worker in workers:
+        worker.join(60)
+    assert sorted(started) == sorted([f"held bulk {i}" for i in range(6)] + ["bulk", "single"])
 
 
 @pytest.fixture(scope="module", params=["0", "2"], ids=["threads", "loader-processes"])

@@ -8,12 +8,9 @@ has arrived) and the budget's line, never on sleeps.
 
 import contextlib
 import io
-import itertools
 import os
-import queue
 import signal
 import threading
-import types
 import uuid
 
 import numpy as np
@@ -28,15 +25,9 @@ from shared.models import Job, LedgerEntry, User, new_id
 from shared.redis_client import make_redis
 from shared.uploads import UploadStore
 from tests import support
-from worker import loader_pool, pipeline
-from worker.loader_pool import (
-    BULK,
-    INTERACTIVE,
-    LOST_MESSAGE,
-    STOP_PRIORITY,
-    ImageTask,
-    LoaderProcesses,
-)
+from worker import pipeline
+from worker.loader import ImageTask, load_all
+from worker.loader_pool import LOST_MESSAGE, LoaderProcesses
 from worker.runtime import Runtime
 
 MOBILENET = (224, 224)
@@ -48,9 +39,14 @@ def config(api_stack):
     return api_stack.config.replace(fetch_threads=4)
 
 
+def pids(loaders: LoaderProcesses) -> list[int]:
+    """The loader processes' pids, to kill one."""
+    return [p.proc.pid for p in loaders._places if p.proc is not None]
+
+
 @pytest.fixture(scope="module")
 def pool(config):
-    loaders = LoaderProcesses(config, [MOBILENET, INCEPTION], processes=2)
+    loaders = LoaderProcesses(config, processes=2)
     yield loaders
     loaders.close()
 
@@ -60,7 +56,7 @@ def _task(url: str, *sizes) -> ImageTask:
 
 
 def test_images_come_back_as_the_threads_would_load_them(pool, config, photo_server, photos_dir):
-    [result] = pool.load([_task(photo_server.url("parrot.jpg"), MOBILENET, INCEPTION)])
+    [result] = load_all(pool, [_task(photo_server.url("parrot.jpg"), MOBILENET, INCEPTION)])
     assert result.error is None and result.fetch_s is not None
     image = decode_image(
         (photos_dir / "parrot.jpg").read_bytes(),
@@ -77,13 +73,14 @@ def test_errors_and_uploads(pool, config, photo_server, photos_dir):
     uploads = UploadStore(make_redis(config), config)
     job_id = new_id()
     uploads.put(job_id, (photos_dir / "dog.jpg").read_bytes())
-    missing, notes, upload, expired = pool.load(
+    missing, notes, upload, expired = load_all(
+        pool,
         [
             _task(photo_server.url("missing.jpg")),
             _task(photo_server.url("notes.jpg")),
             ImageTask(url=None, upload_id=job_id, sizes=(MOBILENET,)),
             ImageTask(url=None, upload_id=new_id(), sizes=(MOBILENET,)),
-        ]
+        ],
     )
     assert (missing.error.code, missing.expected) == ("fetch_failed", True)
     assert notes.error.code == "not_an_image"
@@ -94,7 +91,7 @@ def test_errors_and_uploads(pool, config, photo_server, photos_dir):
 
 def test_many_images_at_once_spread_over_the_processes(pool, photo_server):
     names = ["parrot.jpg", "dog.jpg", "hot_dog.jpg", "bird.bmp"] * 8
-    results = pool.load([_task(photo_server.url(f"{n}?many{i}")) for i, n in enumerate(names)])
+    results = load_all(pool, [_task(photo_server.url(f"{n}?many{i}")) for i, n in enumerate(names)])
     assert all(r.error is None for r in results)
 
 
@@ -109,19 +106,19 @@ def _fetches(photo_server, key: str) -> int:
 
 
 def test_a_killed_loader_process_hands_its_image_to_another(config, photo_server):
-    loaders = LoaderProcesses(config, [MOBILENET], processes=2)
+    loaders = LoaderProcesses(config, processes=2)
     try:
         key = uuid.uuid4().hex[:8]
         gate = photo_server.gate(key)
         tasks = [_task(photo_server.url(f"gate/{key}/dog.jpg?{i}")) for i in range(2)]
         results: list = []
-        waiter = _background(lambda: results.extend(loaders.load(tasks)))
+        waiter = _background(lambda: results.extend(load_all(loaders, tasks)))
         # One task per process (least busy first): both fetches are held at the gate.
         support.wait_for(lambda: _fetches(photo_server, key) == 2, 60, "both fetches")
-        victim = loaders.pids()[0]
+        victim = pids(loaders)[0]
         os.kill(victim, signal.SIGKILL)
         support.wait_for(lambda: _fetches(photo_server, key) == 3, 60, "the fetch sent again")
-        assert victim not in loaders.pids() and len(loaders.pids()) == 2  # replaced
+        assert victim not in pids(loaders) and len(pids(loaders)) == 2  # replaced
         gate.set()
         waiter.join(60)
         assert [r.error for r in results] == [None, None]
@@ -150,23 +147,23 @@ def test_the_loader_processes_decode_under_one_budget_and_a_dead_one_leaves_its_
     for shade, job_id in enumerate(job_ids):
         uploads.put(job_id, _png(LARGE, 30 * shade))
     tasks = [ImageTask(url=None, upload_id=job_id, sizes=(MOBILENET,)) for job_id in job_ids]
-    loaders = LoaderProcesses(cfg, [MOBILENET], processes=2)
+    loaders = LoaderProcesses(cfg, processes=2)
     try:
         results: list = []
         # The worker's own share of the budget: no large image fits beside it, in any process.
         with loaders.budget.hold(BUDGET - pixels + 1):
-            waiter = _background(lambda: results.extend(loaders.load(tasks)))
-            support.wait_for(lambda: loaders.stats()["waiting"] == 2, 60, "both processes wait")
+            waiter = _background(lambda: results.extend(load_all(loaders, tasks)))
+            support.wait_for(lambda: loaders.budget.waiting == 2, 60, "both processes wait")
             # Killed in line: reaped, its place is given back (first in line, it would
             # block every process), and its image goes to the other process.
-            victim = loaders.pids()[0]
+            victim = pids(loaders)[0]
             os.kill(victim, signal.SIGKILL)
             # (Replaced too: the replacement starts after the dead one leaves the line.)
             support.wait_for(
                 lambda: (
-                    victim not in loaders.pids()
-                    and loaders.stats()["waiting"] == 1
-                    and len(loaders.pids()) == 2
+                    victim not in pids(loaders)
+                    and loaders.budget.waiting == 1
+                    and len(pids(loaders)) == 2
                 ),
                 60,
                 "the dead process out of the budget's line, and replaced",
@@ -174,11 +171,11 @@ def test_the_loader_processes_decode_under_one_budget_and_a_dead_one_leaves_its_
         waiter.join(120)
         assert [r.error for r in results] == [None] * len(tasks)
         assert all(r.arrays[MOBILENET].shape == (224, 224, 3) for r in results)
-        stats = loaders.stats()
+        budget = loaders.budget
         # Eight large images over two processes, one at a time: a budget per process
         # would have let two decode at once (2 x 3 million pixels, over BUDGET).
-        assert stats["peak"] == pixels
-        assert stats["free"] == BUDGET and stats["waiting"] == 0
+        assert budget.peak == pixels
+        assert budget.free == BUDGET and budget.waiting == 0
     finally:
         loaders.close()
         uploads.delete(*job_ids)
@@ -187,9 +184,9 @@ def test_the_loader_processes_decode_under_one_budget_and_a_dead_one_leaves_its_
 @pytest.fixture(scope="module")
 def null_runtime(config):
     rt = Runtime.build(config.replace(runtime="null"))
-    rt.loader_processes = LoaderProcesses(rt.config, [MOBILENET], processes=1)
+    rt.start_loader_processes(1)
     yield rt
-    rt.loader_processes.close()
+    rt.stop_loader_processes()
     rt.io_pool.shutdown()
 
 
@@ -212,7 +209,7 @@ def test_an_image_whose_loader_dies_twice_fails_the_job_with_a_refund(null_runti
     waiter = _background(lambda: loaded.append(pipeline.load(rt, [doomed])))
     for sends in (1, 2):  # the first send, then the one to the replacement process
         support.wait_for(lambda n=sends: _fetches(photo_server, key) == n, 60, f"fetch {sends}")
-        os.kill(rt.loader_processes.pids()[0], signal.SIGKILL)
+        os.kill(pids(rt.loader)[0], signal.SIGKILL)
     waiter.join(60)
     gate.set()
     assert pipeline.process(rt, [doomed], loaded) is None
@@ -319,14 +316,3 @@ def test_a_worker_loads_in_processes_survives_a_killed_one_and_stops_them(
     assert worker.proc.returncode == 0, worker.log_tail()
     assert not any(os.path.exists(f"/proc/{pid}") for pid in replaced)
     assert "leaked shared_memory" not in worker.log()
-
-
-def test_interactive_images_go_before_queued_bulk_ones():
-    line: queue.PriorityQueue = queue.PriorityQueue()
-    order = itertools.count()
-    for task_id, priority in ((1, BULK), (2, BULK), (3, INTERACTIVE), (4, BULK), (5, INTERACTIVE)):
-        line.put((priority, next(order), (task_id,)))
-    line.put((STOP_PRIORITY, next(order), None))
-    done: list[int] = []
-    loader_pool._serve(line, types.SimpleNamespace(run=done.append))
-    assert done == [3, 5, 1, 2, 4]

@@ -16,7 +16,8 @@ import pytest
 from api import create_app
 from tests import support
 from worker import loader_pool
-from worker.loader_pool import ImageTask, LoaderProcesses
+from worker.loader import ImageTask, load_all
+from worker.loader_pool import LoaderProcesses
 
 MOBILENET = (224, 224)
 FAIL_IN_SPAWNED_CHILDREN = """\
@@ -44,7 +45,7 @@ def test_a_loader_that_cannot_start_is_started_again_with_back_off(
     no_spawned_child_starts.setattr(loader_pool, "START_BACKOFF_S", 0.05)
     no_spawned_child_starts.setattr(loader_pool, "START_BACKOFF_MAX_S", 0.4)
     caplog.set_level(logging.INFO, logger="worker.loader_pool")
-    loaders = LoaderProcesses(config, [MOBILENET], processes=1)
+    loaders = LoaderProcesses(config, processes=1)
     try:
         support.wait_for(lambda: len(_retries(caplog)) >= 6, 60, "six failed starts")
         assert "cannot start" in loaders.health()
@@ -59,7 +60,7 @@ def test_a_loader_that_cannot_start_is_started_again_with_back_off(
         support.wait_for(lambda: loaders.health() is None, 60, "the loader to start")
         assert any("started after" in r.getMessage() for r in caplog.records)
         url = photo_server.url("dog.jpg?startup")
-        [result] = loaders.load([ImageTask(url=url, upload_id=None, sizes=(MOBILENET,))])
+        [result] = load_all(loaders, [ImageTask(url=url, upload_id=None, sizes=(MOBILENET,))])
         assert result.error is None
     finally:
         loaders.close()

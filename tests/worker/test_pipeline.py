@@ -13,7 +13,7 @@ from shared.models import Job, LedgerEntry, User, WebhookEvent, new_id
 from shared.pixel_budget import PixelBudget
 from tests import support
 from worker import pipeline
-from worker.fetch import Fetcher
+from worker.loader import ThreadLoader
 from worker.runtime import Runtime
 
 
@@ -146,9 +146,9 @@ def test_final_and_unknown_jobs_are_skipped(runtime, account, photo_server):
 
 
 def test_private_addresses_are_refused_and_refunded(runtime, account, photo_server):
-    strict = dataclasses.replace(
-        runtime, fetcher=Fetcher(runtime.config.replace(allow_private_urls=False))
-    )
+    config = runtime.config.replace(allow_private_urls=False)
+    budget = PixelBudget(config.decode_budget_pixels, config.decode_wait_s)
+    strict = dataclasses.replace(runtime, loader=ThreadLoader(config, runtime.uploads, budget))
     job_id = _submit(runtime, account, photo_server.url("dog.jpg"))
     pipeline.process(strict, [job_id])
     job = _job(runtime, job_id)
@@ -167,7 +167,10 @@ def test_pathological_files_fail_as_not_images_and_are_refunded(runtime, account
 
 def test_decodes_take_pixels_from_the_process_budget(runtime, account, photo_server):
     # parrot.jpg has about 230,000 pixels: a budget of 1,000 can never hold it.
-    tiny = dataclasses.replace(runtime, pixel_budget=PixelBudget(1000, wait_s=5))
+    tiny_budget = PixelBudget(1000, wait_s=5)
+    tiny = dataclasses.replace(
+        runtime, loader=ThreadLoader(runtime.config, runtime.uploads, tiny_budget)
+    )
     refused = _submit(runtime, account, photo_server.url("parrot.jpg"))
     assert pipeline.process(tiny, [refused]) is None
     job = _job(runtime, refused)
@@ -176,7 +179,8 @@ def test_decodes_take_pixels_from_the_process_budget(runtime, account, photo_ser
     ok = _submit(runtime, account, photo_server.url("parrot.jpg"))
     assert pipeline.process(runtime, [ok]) is None
     assert _job(runtime, ok).status == "succeeded"
-    assert runtime.pixel_budget.free == runtime.config.decode_budget_pixels  # all given back
+    assert tiny_budget.free == 1000  # all given back
+    assert runtime.loader.work.budget.free == runtime.config.decode_budget_pixels
 
 
 class _Statements:
