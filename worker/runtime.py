@@ -29,6 +29,8 @@ class Runtime:
     redis: redis.Redis
     uploads: UploadStore  # also with loader processes: the worker deletes done uploads
     models: ModelRegistry
+    # Runs the bulk refill after a batch, off the slot's path. One thread: refills are
+    # serialised cluster-wide by their lock anyway, so more would only wait.
     io_pool: ThreadPoolExecutor
     celery: Celery  # sends webhook deliveries
     # Loads images (worker.loader): this process's threads, or loader processes.
@@ -65,7 +67,7 @@ class Runtime:
             redis=client,
             uploads=uploads,
             models=models,
-            io_pool=ThreadPoolExecutor(config.fetch_threads, thread_name_prefix="fetch"),
+            io_pool=ThreadPoolExecutor(1, thread_name_prefix="refill"),
             celery=make_celery(config, main="imgclf-worker-sender"),
             loader=ThreadLoader(config, uploads, budget),
             worker_id=worker_id,
