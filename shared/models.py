@@ -299,3 +299,20 @@ class IdempotencyRecord(Base):
     status_code: Mapped[int] = mapped_column(Integer)
     body: Mapped[dict[str, Any]] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Counter(Base):
+    """Jobs by status and tokens by ledger reason, kept by the database's triggers
+    (migration 0009) as rows change: a label's value is the sum of its rows' ``n``.
+
+    On PostgreSQL each statement that changes jobs or the ledger adds signed delta rows,
+    and ``imgclf_counters_fold()`` folds them into one row per label; on SQLite there is
+    one row per label (a unique index there). Never written by the application.
+    """
+
+    __tablename__ = "counters"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    metric: Mapped[str] = mapped_column(String(16))  # jobs | tokens
+    label: Mapped[str] = mapped_column(String(32))  # a job status, or a ledger reason
+    n: Mapped[int] = mapped_column(BigInteger)
