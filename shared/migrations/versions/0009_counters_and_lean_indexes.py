@@ -1,4 +1,4 @@
-"""counters: jobs by status and tokens by ledger reason, kept by triggers as rows change
+"""counters kept by triggers (jobs by status, tokens by reason); leaner jobs indexes
 
 Revision ID: 0009
 Revises: 0008
@@ -21,6 +21,11 @@ Folders never wait: one holds an advisory lock, the others skip.
 SQLite has one writer at a time: row triggers update one row per label in place.
 A later migration that copies ``jobs`` or ``token_ledger`` (alembic's batch mode on
 SQLite) drops their triggers with the old table and must create them again.
+
+Two indexes of jobs held an entry for every line of every batch and answered nothing
+about them (bench.backlog measures the bytes): retention's index on completed_at is
+for single jobs only, and the custom-id uniqueness matters only for lines that have
+one (NULLs never collide). Both become partial.
 """
 
 from __future__ import annotations
@@ -36,9 +41,13 @@ depends_on = None
 # 'imgclf' in ASCII: the advisory lock key only folders take.
 FOLD_LOCK = 0x696D67636C66
 FOLD_ONE_IN = 64
+# As in shared/models.py.
+SINGLE = "batch_id IS NULL"
+HAS_CUSTOM_ID = "custom_id IS NOT NULL"
 
 
 def upgrade() -> None:
+    _lean_indexes()
     op.create_table(
         "counters",
         sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), autoincrement=True),
@@ -61,6 +70,26 @@ def upgrade() -> None:
     op.execute(
         "INSERT INTO counters (metric, label, n) "
         "SELECT 'tokens', reason, sum(delta) FROM token_ledger GROUP BY reason"
+    )
+
+
+def _lean_indexes() -> None:
+    op.drop_index("ix_jobs_batch_completed", table_name="jobs")
+    op.create_index(
+        "ix_jobs_single_completed",
+        "jobs",
+        ["completed_at"],
+        postgresql_where=sa.text(SINGLE),
+        sqlite_where=sa.text(SINGLE),
+    )
+    op.drop_index("uq_jobs_batch_custom_id", table_name="jobs")
+    op.create_index(
+        "uq_jobs_batch_custom_id",
+        "jobs",
+        ["batch_id", "custom_id"],
+        unique=True,
+        postgresql_where=sa.text(HAS_CUSTOM_ID),
+        sqlite_where=sa.text(HAS_CUSTOM_ID),
     )
 
 
@@ -181,3 +210,7 @@ def downgrade() -> None:
             for event in ("insert", "delete", "update"):
                 op.execute(f"DROP TRIGGER imgclf_count_{table}_{event}")
     op.drop_table("counters")
+    op.drop_index("uq_jobs_batch_custom_id", table_name="jobs")
+    op.create_index("uq_jobs_batch_custom_id", "jobs", ["batch_id", "custom_id"], unique=True)
+    op.drop_index("ix_jobs_single_completed", table_name="jobs")
+    op.create_index("ix_jobs_batch_completed", "jobs", ["batch_id", "completed_at"])
