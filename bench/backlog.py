@@ -19,10 +19,12 @@ rows), ``--quick`` for 20 x 2,000.
 
 from __future__ import annotations
 
+import math
 import time
 from datetime import timedelta
 
 from sqlalchemy import Select, text, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import sessionmaker
 
 from api.bulk import JOB_DEFAULTS
@@ -45,7 +47,7 @@ from worker.reconciler import SCAN_LIMIT
 FULL, QUICK = (100, 10_000), (20, 2_000)
 REPEAT = 5
 REFILLS = 20
-OLD_TIMEOUT_MS = 120_000
+OLD_TIMEOUT_MS = 30_000  # the old probe ran past it with 1,000 batches open
 
 WAITING = "status = 'queued' AND batch_id IS NOT NULL AND dispatched_at IS NULL"
 # Job ids in SQL: random (before) or UUIDv7 as shared.models.new_id makes them (now):
@@ -165,9 +167,12 @@ def time_sql(engine, statements: list, params: dict) -> list[float]:
         with engine.connect() as conn:
             conn.execute(text(f"SET statement_timeout = {OLD_TIMEOUT_MS}"))
             start = time.perf_counter()
-            for statement in statements:
-                query = text(statement) if isinstance(statement, str) else statement
-                conn.execute(query, params if isinstance(statement, str) else {}).all()
+            try:
+                for statement in statements:
+                    query = text(statement) if isinstance(statement, str) else statement
+                    conn.execute(query, params if isinstance(statement, str) else {}).all()
+            except OperationalError:  # statement_timeout: reported as "> OLD_TIMEOUT_MS"
+                return [math.inf]
             times.append(time.perf_counter() - start)
     return times
 
@@ -477,6 +482,8 @@ def report(r: dict) -> str:
     ]
     for what, q in r["queries"].items():
         before = fmt(median(q["before_ms"]), 1) if q["before_ms"] else "-"
+        if q["before_ms"] and math.isinf(q["before_ms"][0]):
+            before = f"> {OLD_TIMEOUT_MS:,}"
         lines.append(f"| {what} | {before} | {fmt(median(q['now_ms']), 1)} |")
     refill = r["refill_ms"]
     lines += [
