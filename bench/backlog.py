@@ -19,21 +19,26 @@ rows), ``--quick`` for 20 x 2,000.
 
 from __future__ import annotations
 
+import math
 import time
 from datetime import timedelta
 
 from sqlalchemy import Select, text, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import sessionmaker
 
+from api.bulk import JOB_DEFAULTS
+from api.metrics import read_counters
 from bench import end_to_end
-from bench.common import fmt, machine, main_json, median, photo_names, wait_done
+from bench.common import fmt, machine, median, photo_names, wait_done
 from bench.null_model import NullStack
 from harness import databases, stack_config
-from shared import dispatch
+from harness.accounts import add_account
+from shared import dispatch, ledger
 from shared.config import Config
-from shared.db import make_engine, make_session_factory
+from shared.db import bulk_insert, make_engine, make_session_factory
 from shared.dispatch import FIRST_CHUNK
-from shared.models import Job, utcnow
+from shared.models import Job, new_id, utcnow
 from shared.queue import make_celery
 from shared.redis_client import make_redis
 from worker import reconciler
@@ -42,9 +47,29 @@ from worker.reconciler import SCAN_LIMIT
 FULL, QUICK = (100, 10_000), (20, 2_000)
 REPEAT = 5
 REFILLS = 20
-OLD_TIMEOUT_MS = 120_000
+OLD_TIMEOUT_MS = 30_000  # the old probe ran past it with 1,000 batches open
 
 WAITING = "status = 'queued' AND batch_id IS NOT NULL AND dispatched_at IS NULL"
+# Job ids in SQL: random (before) or UUIDv7 as shared.models.new_id makes them (now):
+# clock_timestamp() is per row, so the build's rows get increasing milliseconds.
+_MS = "lpad(to_hex((extract(epoch FROM clock_timestamp()) * 1000)::bigint), 12, '0')"
+_R = "gen_random_uuid()::text"
+_HEX = "md5(random()::text)"
+IDS = {
+    "v4": _R,
+    # Inline, not a subquery: PostgreSQL would run an uncorrelated one once.
+    "v7": f"substr({_MS}, 1, 8) || '-' || substr({_MS}, 9, 4) || '-7' || substr({_HEX}, 1, 3)"
+    f" || '-' || substr('89ab', 1 + floor(random() * 4)::int, 1) || substr({_HEX}, 1, 3)"
+    f" || '-' || substr({_HEX}, 1, 12)",
+}
+# What the worker writes for a top-5 answer (worker/models/base.py), as json.dumps does.
+RESULT = (
+    '{"predictions": [{"label": "goldfish", "class_id": 1, "score": 0.931204},'
+    ' {"label": "great_white_shark", "class_id": 2, "score": 0.031102},'
+    ' {"label": "tiger_shark", "class_id": 3, "score": 0.010215},'
+    ' {"label": "hammerhead", "class_id": 4, "score": 0.004417},'
+    ' {"label": "electric_ray", "class_id": 5, "score": 0.002108}]}'
+)
 # The queries as they stood before issue #26's change, as literal SQL; what runs now is
 # built by the code itself (``now_queries``), so the "now" column cannot drift from it.
 BEFORE = {
@@ -78,9 +103,16 @@ def now_queries(batch_id: str) -> dict[str, list[Select]]:
     }
 
 
-def build(engine, users: int, per: int, base_url: str = "https://images.example.com") -> float:
-    """USERS users with a batch of PER_BATCH jobs each, all waiting, in one transaction;
-    their URLs go round the real photos at ``base_url`` (each unique)."""
+def build(
+    engine,
+    users: int,
+    per: int,
+    base_url: str = "https://images.example.com",
+    ids: str = "v7",
+) -> float:
+    """USERS users with a batch of PER_BATCH jobs each, all waiting, charged (a ledger
+    row each), in one transaction; their URLs go round the real photos at ``base_url``
+    (each unique); job ids as ``IDS[ids]`` makes them."""
     names = photo_names()
     start = time.perf_counter()
     with engine.begin() as conn:
@@ -96,7 +128,7 @@ def build(engine, users: int, per: int, base_url: str = "https://images.example.
         conn.execute(
             text(
                 "INSERT INTO batches (id, user_id, total, model, top_k, retries, created_at) "
-                "SELECT 'b' || lpad(u.id::text, 8, '0'), u.id, :per, 'mobilenet', 5, 0,"
+                "SELECT 'b' || lpad(u.id::text, 35, '0'), u.id, :per, 'mobilenet', 5, 0,"
                 " now() - (1000 - u.id) * interval '1 second' FROM users u"
                 " WHERE u.username LIKE 'backlog%'"
             ),
@@ -106,7 +138,7 @@ def build(engine, users: int, per: int, base_url: str = "https://images.example.
             text(
                 "INSERT INTO jobs (id, user_id, batch_id, batch_index, status, model, top_k,"
                 " input_url, attempts, retries, chunk, created_at) "
-                "SELECT gen_random_uuid()::text, u.id, 'b' || lpad(u.id::text, 8, '0'), i,"
+                f"SELECT {IDS[ids]}, u.id, 'b' || lpad(u.id::text, 35, '0'), i,"
                 " 'queued', 'mobilenet', 5,"
                 " :base || '/' || (CAST(:names AS text[]))[1 + i % :k] || '?n=backlog-'"
                 " || u.id || '-' || i, 0, 0,"
@@ -115,6 +147,13 @@ def build(engine, users: int, per: int, base_url: str = "https://images.example.
                 " FROM users u, generate_series(0, :per - 1) i WHERE u.username LIKE 'backlog%'"
             ),
             {"per": per, "base": base_url, "names": names, "k": len(names), "first": FIRST_CHUNK},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO token_ledger (user_id, delta, reason, job_id, retry, created_at)"
+                " SELECT user_id, -1, 'charge', id, 0, now() FROM jobs"
+                " WHERE batch_id LIKE 'b%'"
+            )
         )
     return time.perf_counter() - start
 
@@ -128,11 +167,177 @@ def time_sql(engine, statements: list, params: dict) -> list[float]:
         with engine.connect() as conn:
             conn.execute(text(f"SET statement_timeout = {OLD_TIMEOUT_MS}"))
             start = time.perf_counter()
-            for statement in statements:
-                query = text(statement) if isinstance(statement, str) else statement
-                conn.execute(query, params if isinstance(statement, str) else {}).all()
+            try:
+                for statement in statements:
+                    query = text(statement) if isinstance(statement, str) else statement
+                    conn.execute(query, params if isinstance(statement, str) else {}).all()
+            except OperationalError:  # statement_timeout: reported as "> OLD_TIMEOUT_MS"
+                return [math.inf]
             times.append(time.perf_counter() - start)
     return times
+
+
+def time_counters(engine) -> list[float]:
+    """Milliseconds per ``api.metrics.read_counters`` (the fold and the read), REPEAT runs."""
+    sessions, times = make_session_factory(engine), []
+    for _ in range(REPEAT):
+        with sessions() as session:
+            start = time.perf_counter()
+            read_counters(session)
+            times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def trigger_cost(engine, users: int = 1) -> dict:
+    """What the counters' triggers add to writing jobs: a single submission's rows
+    (charge, job: what api/submission.py writes) and a 10,000-line batch's (charge rows
+    and COPY, as api/bulk.py), each with the triggers on and off, alternated."""
+    sessions = make_session_factory(engine)
+    with sessions() as session:
+        user_id = add_account(session, tokens=10**9, prefix="trig").id
+        session.commit()
+
+    def single() -> None:
+        with sessions() as session:
+            job_id = new_id()
+            ledger.charge_jobs(session, user_id, [job_id])
+            session.add(Job(id=job_id, user_id=user_id, model="mobilenet", input_url="u"))
+            session.commit()
+
+    def bulk() -> None:
+        with sessions() as session:
+            ids = [new_id() for _ in range(BULK_LINES)]
+            ledger.charge_jobs(session, user_id, ids)
+            rows = [
+                {
+                    **JOB_DEFAULTS,
+                    "id": j,
+                    "user_id": user_id,
+                    "batch_id": None,
+                    "batch_index": i,
+                    "custom_id": None,
+                    "model": "mobilenet",
+                    "top_k": 5,
+                    "input_url": f"https://images.example.com/{i}.jpg",
+                    "chunk": i // 32,
+                    "created_at": utcnow(),
+                    "request_id": None,
+                }
+                for i, j in enumerate(ids)
+            ]
+            bulk_insert(session, Job.__table__, rows)
+            session.commit()
+
+    out: dict[str, dict[str, list[float]]] = {}
+    for what, work, rounds, each in (("single", single, 10, 20), ("bulk", bulk, 3, 1)):
+        out[what] = {"on": [], "off": []}
+        for _ in range(rounds):
+            for state in ("on", "off"):
+                _triggers(engine, state == "on")
+                for _ in range(each):
+                    start = time.perf_counter()
+                    work()
+                    out[what][state].append((time.perf_counter() - start) * 1000)
+    _triggers(engine, True)
+    return out
+
+
+def _triggers(engine, on: bool) -> None:
+    with engine.begin() as conn:
+        for table in ("jobs", "token_ledger"):
+            conn.execute(text(f"ALTER TABLE {table} {'ENABLE' if on else 'DISABLE'} TRIGGER USER"))
+
+
+# Index layouts compared on a small database each (bench.backlog's storage section).
+LAYOUT_BATCHES, BULK_LINES = 5, 10_000
+BEFORE_INDEXES = (
+    "DROP INDEX ix_jobs_single_completed; DROP INDEX uq_jobs_batch_custom_id; "
+    "CREATE INDEX ix_jobs_batch_completed ON jobs (batch_id, completed_at); "
+    "CREATE UNIQUE INDEX uq_jobs_batch_custom_id ON jobs (batch_id, custom_id)"
+)
+
+
+def layouts() -> dict:
+    """Bytes per finished job, ledger included, and per canceled line, before (random
+    ids, 0008's indexes) and now (UUIDv7, 0009's partial indexes): LAYOUT_BATCHES
+    batches of 10,000 lines accepted one after the other, then taken and finished by
+    two UPDATEs (a worker's claim and its result), then VACUUM as autovacuum would;
+    and the same rows compacted (VACUUM FULL), the floor."""
+    out = {}
+    for name, ids in (("before", "v4"), ("now", "v7")):
+        url = databases.create_postgres_database()
+        try:
+            config = databases.migrated(stack_config.test_config(url, queue_prefix="x"))
+            engine = make_engine(config)
+            if name == "before":
+                with engine.begin() as conn:
+                    for statement in BEFORE_INDEXES.split("; "):
+                        conn.execute(text(statement))
+            out[name] = _layout(engine, ids)
+            engine.dispose()
+        finally:
+            databases.drop_postgres_database(url)
+    return out
+
+
+def _layout(engine, ids: str) -> dict:
+    jobs = LAYOUT_BATCHES * BULK_LINES
+    build(engine, LAYOUT_BATCHES, BULK_LINES, ids=ids)
+    accepted = _sizes(engine)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE jobs SET status = 'processing', claimed_at = now()"))
+        conn.execute(
+            text(
+                "UPDATE jobs SET status = 'succeeded', completed_at = now(), started_at = now(),"
+                " attempts = 1, dispatched_at = now(), result = CAST(:r AS json)"
+            ),
+            {"r": RESULT},
+        )
+    _vacuum(engine, "VACUUM")
+    finished = _sizes(engine)
+    _vacuum(engine, "VACUUM FULL")
+    compact = _sizes(engine)
+    with engine.begin() as conn:  # a canceled line's refund row
+        conn.execute(
+            text(
+                "INSERT INTO token_ledger (user_id, delta, reason, job_id, retry, created_at)"
+                " SELECT user_id, 1, 'refund', id, 0, now() FROM jobs"
+            )
+        )
+    refunded = _sizes(engine)
+    return {
+        "accepted": {k: v / jobs for k, v in accepted.items()},
+        "finished": {k: v / jobs for k, v in finished.items()},
+        "compact": {k: v / jobs for k, v in compact.items()},
+        "refund_row_bytes": (refunded["token_ledger"] - compact["token_ledger"]) / jobs,
+    }
+
+
+def _vacuum(engine, what: str) -> None:
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text(f"{what} jobs"))
+        conn.execute(text(f"{what} token_ledger"))
+
+
+def _sizes(engine) -> dict[str, int]:
+    """Bytes of jobs' heap and each index, and the ledger with its indexes."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT c.relname, pg_relation_size(c.oid) FROM pg_class c WHERE c.relname ="
+                " 'jobs' OR c.oid IN (SELECT indexrelid FROM pg_index WHERE indrelid ="
+                " 'jobs'::regclass)"
+            )
+        ).all()
+        sizes = {name: size for name, size in rows}
+        sizes["jobs TOAST"] = conn.scalar(
+            text(
+                "SELECT pg_total_relation_size('jobs') - pg_indexes_size('jobs')"
+                " - pg_relation_size('jobs')"
+            )
+        )
+        sizes["token_ledger"] = conn.scalar(text("SELECT pg_total_relation_size('token_ledger')"))
+    return sizes
 
 
 def refills(config, sessions: sessionmaker) -> list[float]:
@@ -155,6 +360,8 @@ def refills(config, sessions: sessionmaker) -> list[float]:
 
 
 def storage(engine, jobs: int) -> dict:
+    """Bytes per waiting job: jobs with its indexes and TOAST, and the ledger's charge
+    rows with theirs."""
     with engine.connect() as conn:
         rows = conn.execute(
             text(
@@ -165,14 +372,20 @@ def storage(engine, jobs: int) -> dict:
             )
         ).all()
         total = conn.scalar(text("SELECT pg_total_relation_size('jobs')"))
-    return {"total_bytes_per_job": total / jobs, "relations": {n: b for n, b in rows}}
+        ledger_bytes = conn.scalar(text("SELECT pg_total_relation_size('token_ledger')"))
+    return {
+        "total_bytes_per_job": total / jobs,
+        "ledger_bytes_per_job": ledger_bytes / jobs,
+        "relations": {n: b for n, b in rows},
+    }
 
 
-def service(quick: bool) -> dict:
+def service(quick: bool, users: int | None = None) -> dict:
     """The null-model service (worker, API, photo server) before and with the backlog:
     bulk images/s on an empty queue, then over a window with every user's batch
-    waiting, and how long a new user's 30 URLs take behind them."""
-    users, per = QUICK if quick else FULL
+    waiting, and how long a new user's 30 URLs take behind them: until the first
+    result, and until the last."""
+    users, per = _shape(quick, users)
     n, window_s = (200, 10.0) if quick else (2000, 30.0)
     with NullStack() as stack, stack.running(1, Config().loader_processes):
         end_to_end.singles(stack, 16, 16, wait=True)  # warm-up
@@ -189,6 +402,7 @@ def service(quick: bool) -> dict:
         posted = time.time()
         resp = stack.post_batch(newcomer, "\n".join(stack.urls(30)))
         resp.raise_for_status()
+        first = wait_done(stack.dsn, "batch_id = %s", (resp.json()["id"],), 1, 300)[1]
         counts, end = wait_done(stack.dsn, "batch_id = %s", (resp.json()["id"],), 30, 300)
         engine.dispose()
     return {
@@ -196,6 +410,7 @@ def service(quick: bool) -> dict:
         "backlog_images_per_s": backlog_rate,
         "window_s": window_s,
         "newcomer_s": end - posted,
+        "newcomer_first_s": first - posted,
         "newcomer_counts": counts,
     }
 
@@ -205,15 +420,16 @@ def _succeeded(engine) -> int:
         return conn.scalar(text("SELECT count(*) FROM jobs WHERE status = 'succeeded'"))
 
 
-def run(quick: bool = False) -> dict:
-    users, per = QUICK if quick else FULL
+def run(quick: bool = False, users: int | None = None) -> dict:
+    """``users``: that many users share the same total backlog (1,000 x 1,000 = 1M)."""
+    users, per = _shape(quick, users)
     url = databases.create_postgres_database()
     prefix = databases.new_prefix("bench-backlog")
     try:
         config = databases.migrated(stack_config.test_config(url, queue_prefix=prefix))
         engine = make_engine(config)
         built_s = build(engine, users, per)
-        batch = f"b{users // 2:08d}"
+        batch = f"b{users // 2:035d}"  # 36 characters, as a real batch id
         queries = {}
         for what, now in now_queries(batch).items():
             before = BEFORE.get(what)
@@ -223,11 +439,12 @@ def run(quick: bool = False) -> dict:
                 else None,
                 "now_ms": [t * 1000 for t in time_sql(engine, now, {})],
             }
-        queries["/metrics: jobs by status + ledger by reason"] = {
-            "before_ms": None,
-            "now_ms": [t * 1000 for t in time_sql(engine, METRICS_SQL.split("; "), {})],
+        queries["/metrics: jobs by status + tokens by reason"] = {
+            "before_ms": [t * 1000 for t in time_sql(engine, METRICS_SQL.split("; "), {})],
+            "now_ms": time_counters(engine),
         }
         refill_ms = [t * 1000 for t in refills(config, make_session_factory(engine))]
+        triggers = trigger_cost(engine)
         result = {
             "machine": machine(),
             "users": users,
@@ -237,13 +454,22 @@ def run(quick: bool = False) -> dict:
             "queries": queries,
             "refill_ms": refill_ms,
             "storage": storage(engine, users * per),
+            "triggers_ms": triggers,
         }
         engine.dispose()
     finally:
         databases.delete_redis_prefix(prefix)
         databases.drop_postgres_database(url)
-    result["service"] = service(quick)
+    result["layouts"] = layouts()
+    result["service"] = service(quick, users)
     return result
+
+
+def _shape(quick: bool, users: int | None) -> tuple[int, int]:
+    default_users, per = QUICK if quick else FULL
+    if users is None:
+        return default_users, per
+    return users, default_users * per // users
 
 
 def report(r: dict) -> str:
@@ -256,6 +482,8 @@ def report(r: dict) -> str:
     ]
     for what, q in r["queries"].items():
         before = fmt(median(q["before_ms"]), 1) if q["before_ms"] else "-"
+        if q["before_ms"] and math.isinf(q["before_ms"][0]):
+            before = f"> {OLD_TIMEOUT_MS:,}"
         lines.append(f"| {what} | {before} | {fmt(median(q['now_ms']), 1)} |")
     refill = r["refill_ms"]
     lines += [
@@ -267,6 +495,10 @@ def report(r: dict) -> str:
     ]
     for name, size in sorted(r["storage"]["relations"].items(), key=lambda kv: -kv[1]):
         lines.append(f"  {name}: {fmt(size / r['jobs'], 0)}")
+    lines.append(
+        f"  token_ledger (a charge row each): {fmt(r['storage']['ledger_bytes_per_job'], 0)}"
+    )
+    lines += ["", _layout_report(r["layouts"]), "", _trigger_report(r["triggers_ms"])]
     svc = r["service"]
     lines += [
         "",
@@ -275,11 +507,59 @@ def report(r: dict) -> str:
         f"  with the backlog waiting ({svc['window_s']:.0f} s window): "
         f"{fmt(svc['backlog_images_per_s'])} images/s "
         f"({fmt(svc['backlog_images_per_s'] / svc['empty_images_per_s'], 2)}x the empty queue)",
-        f"  a new user's 30 URLs behind it: {fmt(svc['newcomer_s'], 2)} s "
-        f"({svc['newcomer_counts']})",
+        f"  a new user's 30 URLs behind it: first result {fmt(svc['newcomer_first_s'], 2)} s, "
+        f"all {fmt(svc['newcomer_s'], 2)} s ({svc['newcomer_counts']})",
     ]
     return "\n".join(lines)
 
 
+def _layout_report(layouts: dict) -> str:
+    kinds = ("accepted", "finished", "compact")
+    lines = [
+        f"Bytes per job, {LAYOUT_BATCHES} x {BULK_LINES:,} lines (jobs + indexes + TOAST"
+        " + ledger): before = random ids and 0008's indexes, now = UUIDv7 and 0009's",
+        "| | " + " | ".join(f"{k} before | {k} now" for k in kinds) + " |",
+        "|---|" + "---|" * (2 * len(kinds)),
+    ]
+    names = sorted({n for lay in layouts.values() for k in kinds for n in lay[k]})
+    for name in [*names, "total"]:
+        cells = []
+        for k in kinds:
+            for which in ("before", "now"):
+                sizes = layouts[which][k]
+                value = sum(sizes.values()) if name == "total" else sizes.get(name)
+                cells.append(fmt(value, 0) if value is not None else "-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append(
+        "A canceled line's refund row: "
+        + ", ".join(f"{w} {fmt(layouts[w]['refund_row_bytes'], 0)}" for w in ("before", "now"))
+        + " bytes"
+    )
+    return "\n".join(lines)
+
+
+def _trigger_report(t: dict) -> str:
+    def cell(what: str) -> str:
+        on, off = median(t[what]["on"]), median(t[what]["off"])
+        return f"{fmt(off, 2)} -> {fmt(on, 2)} ms ({fmt(on - off, 2)} ms)"
+
+    return (
+        "The counters' triggers (median, off -> on, with the backlog in place): a single "
+        f"submission's rows {cell('single')}; a 10,000-line batch's {cell('bulk')}"
+    )
+
+
 if __name__ == "__main__":
-    main_json(run)
+    import argparse
+    import json
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--users", type=int, help="users sharing the same total backlog")
+    parser.add_argument("--json", help="write the raw result here too")
+    args = parser.parse_args()
+    result = run(quick=args.quick, users=args.users)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1, default=str))
+    print(report(result))

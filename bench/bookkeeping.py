@@ -31,7 +31,7 @@ def _user_and_jobs(session, n: int) -> tuple[int, list[str]]:
     from shared.db import bulk_insert
     from shared.models import Job, User, new_id, utcnow
 
-    user = User(username=f"b{new_id()[:12]}", password_hash="x", tokens=0)
+    user = User(username=f"b{new_id()[-12:]}", password_hash="x", tokens=0)
     session.add(user)
     session.flush()
     ledger.grant(session, user.id, n, ledger.SIGNUP)

@@ -62,7 +62,7 @@ def new_account(sessions: Callable[[], Any], tokens: int = 0, prefix: str = "u")
 
 def add_account(session: Any, tokens: int = 0, prefix: str = "u") -> User:
     """``new_account`` inside a session of the caller's (flushed, not committed)."""
-    user = User(username=f"{prefix}{new_id()[:12]}", password_hash="x", tokens=0)
+    user = User(username=f"{prefix}{new_id()[-12:]}", password_hash="x", tokens=0)
     session.add(user)
     session.flush()
     if tokens:

@@ -6,6 +6,11 @@ its observations to Redis hashes, one pipelined round trip per batch, and the
 API's collector (api/metrics.py) turns those hashes into Prometheus counters
 and histograms. Counters live as long as Redis keeps them; Prometheus treats a
 drop to zero as a counter reset.
+
+``jobs_finished`` is not the same number as the database's ``imgclf_jobs`` gauge
+(api/metrics.py, counters kept by triggers): that one says how many jobs exist in each
+status now, and falls when retention purges them; this one counts what the workers
+finished, so its rate is the throughput, whatever was purged or canceled since.
 """
 
 from __future__ import annotations
