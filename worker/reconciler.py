@@ -3,7 +3,7 @@
 A job's message can vanish with its worker (SIGKILL, OOM, preemption), or for
 good: Redis restarted without its data, an enqueue failed after the commit. SQL
 still says ``queued`` or ``processing``. Every ``RECONCILE_INTERVAL_S`` one worker
-of the cluster (a Redis lock elects it):
+of the cluster (elected by a lease: ``worker.periodic``) runs a pass:
 
 - on a Redis broker, restores to their queue the unacknowledged messages whose
   lease no live worker renewed for ``WORKER_DEAD_AFTER_S`` (``worker.liveness``):

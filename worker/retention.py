@@ -1,7 +1,7 @@
 """Retention: finished work older than ``RETENTION_DAYS`` is purged; the ledger is kept.
 
-Every ``RETENTION_INTERVAL_S`` one worker of the cluster (a Redis lock of its own
-elects it) deletes:
+Every ``RETENTION_INTERVAL_S`` one worker of the cluster (a lease of its own elects
+it: ``worker.periodic``) deletes:
 
 - single jobs that ended (succeeded, failed, canceled) before the cutoff;
 - batches that ended (``completed_at``: all their jobs are final) before the
@@ -19,8 +19,8 @@ is gone keeps its job id (it is no foreign key). Each transaction selects at mos
 databases), children before parents: a batch's jobs in chunks before the batch; an
 event's attempts (a handful) in the same statement as the event, by ON DELETE
 CASCADE. So no lock is held long, and the API and the workers keep writing between
-chunks. A pass stops after ``RETENTION_INTERVAL_S`` and
-the next one goes on where it stopped.
+chunks. A pass stops after ``RETENTION_INTERVAL_S`` (or before its next chunk when
+its worker stops), and the next one goes on where it stopped.
 
 ``RETENTION_DAYS=0`` keeps everything. One-shot run: ``python -m worker.retention``.
 """

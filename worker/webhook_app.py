@@ -10,7 +10,7 @@ Two ways in, one delivery function (worker/webhook_delivery.py):
 
 - the ``imgclf.deliver_webhook`` task, sent right after the commit that recorded
   an event: the immediate first attempt;
-- the sweep, a daemon thread started when the worker is ready, which every
+- the sweep, a loop (``worker.periodic``) started when the worker is ready, which every
   ``SWEEP_INTERVAL_S`` asks SQL for due events and delivers them on its own
   small thread pool. It performs every retry (no Celery countdown/ETA
   messages: on Redis a countdown longer than the visibility timeout is
