@@ -11,7 +11,10 @@ import threading
 import pytest
 import redis
 
+from shared.queue import heartbeats, worker_problems
+from shared.redis_client import make_redis
 from tests import support
+from worker import liveness
 from worker.periodic import BACKOFF_INTERVALS, Lease, Periodic
 
 
@@ -131,3 +134,18 @@ def test_redis_down_at_the_election_is_a_failed_try_and_no_pass():
     loop.stop.set()
     assert loop.join(10)
     assert ran == []
+
+
+def test_the_heartbeat_beats_at_once_and_stops_with_its_worker(tmp_path):
+    config = support.test_config(f"sqlite:///{tmp_path / 'unused.db'}")
+    stop = threading.Event()
+    try:
+        loop = liveness.heartbeat(config, "host/1", lambda: [], lambda: "loader down", stop).start()
+        client = make_redis(config)
+        support.wait_for(lambda: "host/1" in heartbeats(client, config), 30, "the first beat")
+        assert worker_problems(client, config) == {"host/1": "loader down"}
+        stop.set()
+        assert loop.join(10)
+    finally:
+        stop.set()
+        support.delete_redis_prefix(config.queue_prefix)
