@@ -26,14 +26,16 @@ A retried or re-queued bulk job goes back through here too: set it ``queued`` wi
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import secrets
 import time
 from collections import deque
 from datetime import datetime
 
 import redis
 from celery import Celery
+from redis.exceptions import LockNotOwnedError
+from redis.lock import Lock
 from sqlalchemy import Select, func, literal, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -59,11 +61,6 @@ PASS_STATEMENT_TIMEOUT_MS = LOCK_TTL_S * 1000 // 2
 # round then costs FIRST_CHUNK jobs a user rather than BATCH_MAX (100 users: 400 jobs,
 # not 3,200; bench.backlog). A batch that fits one chunk stays one: it needs one turn.
 FIRST_CHUNK = 4
-_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end"
-_RENEW = (
-    "if redis.call('get', KEYS[1]) == ARGV[1] then "
-    "return redis.call('expire', KEYS[1], ARGV[2]) end return 0"
-)
 
 
 def _waiting(batch_id: object) -> tuple:
@@ -90,23 +87,38 @@ def refill(
 def _refill(
     sessions: sessionmaker[Session], client: redis.Redis, celery: Celery, config: Config
 ) -> int:
-    """One refill at a time cluster-wide (a Redis lock). A caller that finds it taken
-    leaves a note; the holder refills once more for it before letting go, so work
+    """One refill at a time cluster-wide (redis-py's ``Lock``). A caller that finds it
+    taken leaves a note; the holder refills once more for it before letting go, so work
     committed meanwhile never waits for the next trigger."""
-    lock, again = f"{config.queue_prefix}:dispatch:lock", f"{config.queue_prefix}:dispatch:again"
+    name, again = f"{config.queue_prefix}:dispatch:lock", f"{config.queue_prefix}:dispatch:again"
     client.set(again, 1, ex=LOCK_TTL_S)
     sent = 0
     while True:
-        token = secrets.token_hex(8)
-        if not client.set(lock, token, nx=True, ex=LOCK_TTL_S):
-            return sent
+        lock = client.lock(name, timeout=LOCK_TTL_S, blocking=False)
+        if not lock.acquire():
+            return sent  # the holder has our note
         try:
-            while client.eval(_RENEW, 1, lock, token, LOCK_TTL_S) and client.delete(again):
+            while _renewed(lock) and client.delete(again):
                 sent += _refill_once(sessions, client, celery, config)
         finally:
-            client.eval(_RELEASE, 1, lock, token)
+            _let_go(lock)
         if not client.exists(again):  # noted after our last look, while we held the lock
             return sent
+
+
+def _renewed(lock: Lock) -> bool:
+    """Give the lock its full TTL again for one more pass; False if it was lost (it
+    expired, and another refill may hold it now)."""
+    try:
+        return lock.reacquire()
+    except LockNotOwnedError:
+        return False
+
+
+def _let_go(lock: Lock) -> None:
+    # Expired already (LockNotOwnedError): whoever holds it now reads the note.
+    with contextlib.suppress(LockNotOwnedError):
+        lock.release()
 
 
 def window(client: redis.Redis, config: Config) -> int:

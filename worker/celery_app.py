@@ -34,11 +34,9 @@ from shared.queue import (
     classify_queues,
     interactive_queue,
     make_celery,
-    publish_health,
     service_queue,
     worker_ready_key,
 )
-from shared.redis_client import make_redis
 from worker import liveness, pipeline, reconciler, retention
 from worker.batching import ContinuousBatches
 from worker.runtime import Runtime
@@ -204,35 +202,22 @@ def _load_models_in_threads_pool(worker: ClassifyWorker) -> None:
     worker.task.loader = pipeline.Loading(rt)
 
 
-def _heartbeat(worker: ClassifyWorker) -> None:
-    config = worker.config
-    client = make_redis(config)
-    broker = liveness.make_broker_redis(config) if config.broker_is_redis else None
-    while True:
-        try:
-            # Leases first: a message received after this beat is younger than it anyway.
-            if broker is not None:
-                liveness.renew_leases(broker, worker.task.held_deliveries())
-            liveness.beat(client, config, worker.worker_id)
-            publish_health(client, config, worker.worker_id, worker.health())
-        except Exception as exc:  # Redis down: /readyz shows the heartbeat ageing
-            log.warning("heartbeat not written: %r", exc)
-        if worker.stopping.wait(config.heartbeat_interval_s):
-            return
-
-
 @signals.worker_ready.connect
 def _start_threads(sender=None, **_kwargs) -> None:
     worker = worker_of(getattr(sender, "app", None))
     if worker is None:
         return
+    config, stop = worker.config, worker.stopping
     # In the main process: pool processes come and go, these threads stay.
-    for target, args in (
-        (reconciler.run_forever, (worker.config, worker.stopping)),
-        (retention.run_forever, (worker.config, worker.stopping)),
-        (_heartbeat, (worker,)),
+    for loop in (
+        reconciler.loop(config, stop),
+        retention.loop(config, stop),
+        liveness.heartbeat(
+            config, worker.worker_id, worker.task.held_deliveries, worker.health, stop
+        ),
     ):
-        threading.Thread(target=target, args=args, daemon=True, name=target.__name__).start()
+        if loop is not None:
+            loop.start()
 
 
 @signals.worker_shutting_down.connect

@@ -22,16 +22,18 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import redis
 from kombu.transport.redis import Channel as RedisChannel
 
 from shared.config import Config
-from shared.queue import heartbeat_key, heartbeats
+from shared.queue import heartbeat_key, heartbeats, publish_health
 from shared.redis_client import make_redis
+from worker.periodic import Periodic
 
 # kombu's key names (this service sets no global_keyprefix).
 UNACKED = RedisChannel.unacked_key
@@ -47,6 +49,34 @@ def new_worker_id(hostname: str) -> str:
 
 def beat(client: redis.Redis, config: Config, worker_id: str) -> None:
     client.hset(heartbeat_key(config), worker_id, time.time())
+
+
+def heartbeat(
+    config: Config,
+    worker_id: str,
+    held: Callable[[], Iterable[str]],
+    health: Callable[[], str | None],
+    stop: threading.Event,
+) -> Periodic:
+    """The worker's heartbeat loop (``.start()``): at once, then every
+    ``WORKER_DEAD_AFTER_S / 4``, renew the leases of the messages ``held`` (Redis
+    broker), beat, and publish ``health``. Every process beats: no election, and no
+    back-off, since a late beat would make a live worker look dead."""
+    client = make_redis(config)
+    broker = make_broker_redis(config) if config.broker_is_redis else None
+
+    def run_pass() -> None:
+        # Leases first: a message received after this beat is younger than it anyway.
+        if broker is not None:
+            renew_leases(broker, held())
+        beat(client, config, worker_id)
+        publish_health(client, config, worker_id, health())
+
+    interval = config.heartbeat_interval_s
+    # Redis down: /readyz shows the heartbeat ageing.
+    return Periodic(
+        "heartbeat", interval, run_pass, stop, max_backoff_s=interval, run_at_start=True
+    )
 
 
 def live_workers(client: redis.Redis, config: Config) -> set[str]:

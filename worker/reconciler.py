@@ -3,7 +3,7 @@
 A job's message can vanish with its worker (SIGKILL, OOM, preemption), or for
 good: Redis restarted without its data, an enqueue failed after the commit. SQL
 still says ``queued`` or ``processing``. Every ``RECONCILE_INTERVAL_S`` one worker
-of the cluster (a Redis lock elects it):
+of the cluster (elected by a lease: ``worker.periodic``) runs a pass:
 
 - on a Redis broker, restores to their queue the unacknowledged messages whose
   lease no live worker renewed for ``WORKER_DEAD_AFTER_S`` (``worker.liveness``):
@@ -51,6 +51,7 @@ from shared.queue import classify_queues, enqueue_bulk, enqueue_jobs, make_celer
 from shared.redis_client import make_redis, once_per
 from shared.status import JobStatus
 from worker import liveness
+from worker.periodic import Lease, Periodic
 
 log = logging.getLogger(__name__)
 
@@ -212,23 +213,46 @@ def lost_query(condition: ColumnElement[bool]) -> Select:
     return select(Job).where(text(PROCESSING), condition)
 
 
-def run_forever(config: Config, stop: threading.Event) -> None:
-    """The loop a worker runs in a daemon thread; one pass per interval cluster-wide."""
-    reconciler = None
-    lock = f"{config.queue_prefix}:reconciler:lock"
+#: The reconciler's lease, in intervals: longer than any pass (a few SCAN_LIMIT scans).
+#: A pass that ran longer still would let a second start beside it, which is harmless
+#: (re-sending is safe) and logged.
+LEASE_INTERVALS = 4
+
+
+def loop(config: Config, stop: threading.Event) -> Periodic:
+    """The loop a worker runs (``.start()``): one pass per interval cluster-wide."""
+    passes = _Passes(config)
+    return Periodic(
+        "reconciler",
+        config.reconcile_interval_s,
+        passes.run,
+        stop,
+        on_failure=passes.failed,
+        lease=Lease(
+            make_redis(config),
+            f"{config.queue_prefix}:reconciler:lock",
+            LEASE_INTERVALS * config.reconcile_interval_s,
+        ),
+    )
+
+
+@dataclass
+class _Passes:
+    """The loop's passes, and what one tells the next."""
+
+    config: Config
+    reconciler: Reconciler | None = None
     # After a failed pass (Redis unreachable, most often), heartbeats and leases are
     # stale through no worker's fault: judge none dead until every live worker has
     # had time to beat again, or a Redis outage would re-send the whole cluster's work.
-    trust_after = 0.0
-    while not stop.wait(config.reconcile_interval_s):
-        try:
-            reconciler = reconciler or Reconciler.build(config)
-            # Whoever sets the key first runs this interval's pass; it expires by itself.
-            if once_per(reconciler.redis, lock, config.reconcile_interval_s):
-                reconciler.run_once(judge_liveness=time.monotonic() >= trust_after)
-        except Exception as exc:  # never let the thread die: try again next interval
-            trust_after = time.monotonic() + 2 * config.heartbeat_interval_s
-            log.warning("reconciler pass failed: %r", exc)
+    trust_after: float = 0.0
+
+    def run(self) -> None:
+        self.reconciler = self.reconciler or Reconciler.build(self.config)
+        self.reconciler.run_once(judge_liveness=time.monotonic() >= self.trust_after)
+
+    def failed(self, _exc: Exception) -> None:
+        self.trust_after = time.monotonic() + 2 * self.config.heartbeat_interval_s
 
 
 if __name__ == "__main__":

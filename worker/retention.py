@@ -1,7 +1,7 @@
 """Retention: finished work older than ``RETENTION_DAYS`` is purged; the ledger is kept.
 
-Every ``RETENTION_INTERVAL_S`` one worker of the cluster (a Redis lock of its own
-elects it) deletes:
+Every ``RETENTION_INTERVAL_S`` one worker of the cluster (a lease of its own elects
+it: ``worker.periodic``) deletes:
 
 - single jobs that ended (succeeded, failed, canceled) before the cutoff;
 - batches that ended (``completed_at``: all their jobs are final) before the
@@ -19,8 +19,8 @@ is gone keeps its job id (it is no foreign key). Each transaction selects at mos
 databases), children before parents: a batch's jobs in chunks before the batch; an
 event's attempts (a handful) in the same statement as the event, by ON DELETE
 CASCADE. So no lock is held long, and the API and the workers keep writing between
-chunks. A pass stops after ``RETENTION_INTERVAL_S`` and
-the next one goes on where it stopped.
+chunks. A pass stops after ``RETENTION_INTERVAL_S`` (or before its next chunk when
+its worker stops), and the next one goes on where it stopped.
 
 ``RETENTION_DAYS=0`` keeps everything. One-shot run: ``python -m worker.retention``.
 """
@@ -35,7 +35,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-import redis
 from sqlalchemy import Select, delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -43,8 +42,9 @@ from shared import batches, jobs, webhook_events
 from shared.config import Config
 from shared.db import make_engine, make_session_factory
 from shared.models import Batch, IdempotencyRecord, Job, WebhookEvent, utcnow
-from shared.redis_client import make_redis, once_per
+from shared.redis_client import make_redis
 from shared.status import TERMINAL
+from worker.periodic import Lease, Periodic
 
 log = logging.getLogger(__name__)
 
@@ -60,20 +60,27 @@ class Retention:
     def build(cls, config: Config) -> Retention:
         return cls(config, make_session_factory(make_engine(config)))
 
-    def run_once(self, budget_s: float = math.inf) -> dict[str, int]:
-        """One pass, for at most ``budget_s`` seconds; returns the rows purged per kind."""
+    def run_once(
+        self, budget_s: float = math.inf, stop: threading.Event | None = None
+    ) -> dict[str, int]:
+        """One pass, for at most ``budget_s`` seconds and no further chunk once ``stop``
+        is set (a worker shutting down); returns the rows purged per kind."""
         if not self.config.retention_days:
             return {}
         now = utcnow()
         cutoff = now - timedelta(seconds=self.config.retention_s)
-        deadline = time.monotonic() + budget_s
+        end = time.monotonic() + budget_s
+
+        def more() -> bool:
+            return time.monotonic() < end and not (stop is not None and stop.is_set())
+
         purged = {
-            "jobs": self._drain(self._old_jobs(cutoff), self._delete_jobs, deadline),
-            "batches": self._purge_batches(cutoff, deadline),
+            "jobs": self._drain(self._old_jobs(cutoff), self._delete_jobs, more),
+            "batches": self._purge_batches(cutoff, more),
             "webhook_events": self._drain(
                 select(WebhookEvent.id).where(WebhookEvent.completed_at < cutoff),
                 webhook_events.delete_events,
-                deadline,
+                more,
             ),
             "idempotency_keys": self._drain(
                 select(IdempotencyRecord.id).where(
@@ -81,7 +88,7 @@ class Retention:
                     < now - timedelta(seconds=self.config.idempotency_ttl_s)
                 ),
                 _delete_idempotency,
-                deadline,
+                more,
             ),
         }
         if any(purged.values()):
@@ -103,11 +110,11 @@ class Retention:
         self,
         ids: Select,
         remove: Callable[[Session, Sequence], int],
-        deadline: float,
+        more: Callable[[], bool],
     ) -> int:
         """Delete what ``ids`` selects, a chunk per transaction, until none is left."""
         total, chunk = 0, self.config.retention_chunk
-        while time.monotonic() < deadline:
+        while more():
             with self.sessions() as session:
                 found = list(session.scalars(ids.limit(chunk)))
                 removed = remove(session, found) if found else 0
@@ -117,27 +124,27 @@ class Retention:
                 break
         return total
 
-    def _purge_batches(self, cutoff: datetime, deadline: float) -> int:
+    def _purge_batches(self, cutoff: datetime, more: Callable[[], bool]) -> int:
         ended = select(Batch.id).where(Batch.completed_at < cutoff)
         purged = 0
-        while time.monotonic() < deadline:
+        while more():
             with self.sessions() as session:
                 batch_ids = list(session.scalars(ended.limit(self.config.retention_chunk)))
                 session.commit()
             for batch_id in batch_ids:
-                if self._purge_batch(batch_id, cutoff, deadline):
+                if self._purge_batch(batch_id, cutoff, more):
                     purged += 1
             if len(batch_ids) < self.config.retention_chunk:
                 break
         return purged
 
-    def _purge_batch(self, batch_id: str, cutoff: datetime, deadline: float) -> bool:
+    def _purge_batch(self, batch_id: str, cutoff: datetime, more: Callable[[], bool]) -> bool:
         """Its jobs a chunk per transaction, then the batch; False if time ran out first.
 
         Each chunk locks the batch and re-checks that it ended before ``cutoff``: a retry
         (or any change) that reopened it first makes the purge leave it whole, and one
         that comes after a chunk went is refused (``batches.check_whole``)."""
-        while time.monotonic() < deadline:
+        while more():
             with self.sessions() as session:
                 done = batches.delete_ended(
                     session,
@@ -160,23 +167,29 @@ def _delete_idempotency(session: Session, ids: Sequence[int]) -> int:
     ).rowcount
 
 
-def run_forever(config: Config, stop: threading.Event) -> None:
-    """The loop a worker runs in a daemon thread; one pass per interval cluster-wide."""
+def loop(config: Config, stop: threading.Event) -> Periodic | None:
+    """The loop a worker runs (``.start()``): one pass per interval cluster-wide; None
+    when ``RETENTION_DAYS=0`` keeps everything."""
     if not config.retention_days:
-        return
+        return None
     retention: Retention | None = None
-    client: redis.Redis | None = None
+
+    def run_pass() -> None:
+        nonlocal retention
+        retention = retention or Retention.build(config)
+        # A pass stops after one interval (the next goes on where it stopped), so a
+        # lease of two covers it, the chunk it was in when its time ran out included.
+        retention.run_once(budget_s=config.retention_interval_s, stop=stop)
+
+    lease_s = 2 * config.retention_interval_s
     lock = f"{config.queue_prefix}:retention:lock"
-    while not stop.wait(config.retention_interval_s):
-        try:
-            retention = retention or Retention.build(config)
-            client = client or make_redis(config)
-            # Whoever sets the key first runs this interval's pass; it expires by itself,
-            # and the pass ends within the interval, so two never overlap for long.
-            if once_per(client, lock, config.retention_interval_s):
-                retention.run_once(budget_s=config.retention_interval_s)
-        except Exception as exc:  # never let the thread die: try again next interval
-            log.warning("retention pass failed: %r", exc)
+    return Periodic(
+        "retention",
+        config.retention_interval_s,
+        run_pass,
+        stop,
+        lease=Lease(make_redis(config), lock, lease_s),
+    )
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ Two ways in, one delivery function (worker/webhook_delivery.py):
 
 - the ``imgclf.deliver_webhook`` task, sent right after the commit that recorded
   an event: the immediate first attempt;
-- the sweep, a daemon thread started when the worker is ready, which every
+- the sweep, a loop (``worker.periodic``) started when the worker is ready, which every
   ``SWEEP_INTERVAL_S`` asks SQL for due events and delivers them on its own
   small thread pool. It performs every retry (no Celery countdown/ETA
   messages: on Redis a countdown longer than the visibility timeout is
@@ -50,6 +50,7 @@ from shared.queue import (
 )
 from shared.redis_client import make_redis
 from worker import webhook_delivery
+from worker.periodic import Periodic
 from worker.webhook_delivery import DeliveryRuntime
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 SWEEP_INTERVAL_S = 1.0
 SWEEP_THREADS = 8  # deliveries the sweep runs at once, besides the task pool
 SWEEP_PENDING_GRACE_S = 2.0  # a fresh event belongs to its task first
+SWEEP_MAX_BACKOFF_S = 8.0  # after failed sweeps in a row (the database away)
 DEFAULT_CONCURRENCY = 8  # task threads, unless --concurrency says otherwise
 PREFETCH_PER_THREAD = 4
 
@@ -140,10 +142,19 @@ class Sweeper:
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="webhook-sweep")
         self._in_flight: set[str] = set()
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name="webhook-sweeper", daemon=True)
+        # Every webhook worker sweeps (a conditional UPDATE gives each due slot to one),
+        # so no election; a database away for a while backs the sweep off to 8 s.
+        self._loop = Periodic(
+            "webhook-sweeper",
+            interval_s,
+            self.sweep_once,
+            self.stopping,
+            max_backoff_s=SWEEP_MAX_BACKOFF_S,
+        )
 
     def start(self) -> Sweeper:
-        self._thread.start()
+        log.info("webhook sweep every %g s", self.interval_s)
+        self._loop.start()
         return self
 
     def stop(self) -> None:
@@ -174,14 +185,6 @@ class Sweeper:
             self._in_flight.discard(event_id)
         if not future.cancelled() and future.exception() is not None:
             log.error("webhook %s: delivery raised", event_id, exc_info=future.exception())
-
-    def _run(self) -> None:
-        log.info("webhook sweep every %g s", self.interval_s)
-        while not self.stopping.wait(self.interval_s):
-            try:
-                self.sweep_once()
-            except Exception:  # the database may be away for a while; keep sweeping
-                log.exception("webhook sweep failed")
 
 
 def _worker_name() -> str:

@@ -242,6 +242,70 @@ def test_refills_racing_send_every_chunk_once(sender):
     assert sorted(sent) == sorted(ids)  # all of them, none twice
 
 
+def _around_each_pass(monkeypatch, action) -> list[int]:
+    """Run ``action(pass number)`` after each of a refill's passes (redis-py's Lock held);
+    returns what each pass sent."""
+    real, sent = dispatch._refill_once, []
+
+    def one_pass(*args) -> int:
+        sent.append(real(*args))
+        action(len(sent))
+        return sent[-1]
+
+    monkeypatch.setattr(dispatch, "_refill_once", one_pass)
+    return sent
+
+
+def test_a_refill_asked_for_while_one_runs_is_done_by_the_holder(sender, monkeypatch):
+    """The caller that finds the lock taken leaves a note and returns at once; the holder
+    refills once more for it, so what was committed meanwhile goes out now."""
+    user, asked = sender.user(), []
+    first = sender.batch(user, [BATCH_MAX])
+
+    def committed_meanwhile(n: int) -> None:
+        if n == 1:
+            later.extend(sender.batch(user, [BATCH_MAX]))
+            asked.append(sender.refill())
+
+    later: list[str] = []
+    passes = _around_each_pass(monkeypatch, committed_meanwhile)
+    assert sender.refill() == 2 * BATCH_MAX
+    assert asked == [0] and passes == [BATCH_MAX, BATCH_MAX]
+    assert sender.sent() == [first, later]
+
+
+def test_each_pass_renews_the_lock(sender, monkeypatch):
+    lock = f"{sender.config.queue_prefix}:dispatch:lock"
+    sender.batch(sender.user(), [BATCH_MAX])
+    ttls = []
+
+    def nearly_expired_then_noted(n: int) -> None:
+        ttls.append(sender.redis.pttl(lock))
+        if n == 1:  # the pass was slow: its lock has 3 s left, and a caller left a note
+            sender.redis.pexpire(lock, 3000)
+            sender.redis.set(f"{sender.config.queue_prefix}:dispatch:again", 1)
+
+    _around_each_pass(monkeypatch, nearly_expired_then_noted)
+    sender.refill()
+    assert len(ttls) == 2 and ttls[1] > 5000  # the second pass began with a full TTL
+    assert not sender.redis.exists(lock)  # released after the last pass
+
+
+def test_a_refill_that_lost_its_lock_stops_and_leaves_the_new_holder_alone(sender, monkeypatch):
+    lock = f"{sender.config.queue_prefix}:dispatch:lock"
+    sender.batch(sender.user(), [BATCH_MAX] * 3)
+
+    def expired_and_taken(n: int) -> None:
+        # Its lock expired mid-pass; another refill took it, and a caller left a note.
+        sender.redis.set(lock, "another refill", ex=dispatch.LOCK_TTL_S)
+        sender.redis.set(f"{sender.config.queue_prefix}:dispatch:again", 1)
+
+    passes = _around_each_pass(monkeypatch, expired_and_taken)
+    sender.refill()
+    assert len(passes) == 1  # no pass more under a lock it no longer holds
+    assert sender.redis.get(lock) == b"another refill"  # nor released someone else's
+
+
 def test_a_refill_with_redis_down_raises_nothing_and_sends_nothing(sender):
     ids = sender.batch(sender.user(), [BATCH_MAX])
     down = make_redis(sender.config, "redis://127.0.0.1:1/0")

@@ -2,6 +2,7 @@
 
 import base64
 import json
+import threading
 import time
 from datetime import timedelta
 
@@ -14,6 +15,7 @@ from shared.models import Batch, Job, LedgerEntry, User, new_id, utcnow
 from shared.queue import bulk_queue, interactive_queue
 from tests import support
 from worker import liveness
+from worker import reconciler as reconciler_module
 from worker.reconciler import Reconciler
 
 
@@ -286,3 +288,21 @@ def test_a_pass_dispatches_bulk_jobs_waiting_for_their_turn(rec):
     assert waiting in _queued_ids(rec, bulk_queue(rec.config))
     with rec.sessions() as s:
         assert s.get(Job, waiting).dispatched_at is not None
+
+
+def test_after_a_failed_try_the_loop_judges_no_worker_dead_for_two_heartbeats(rec, monkeypatch):
+    """Redis away: every heartbeat is stale through no worker's fault, the election's
+    failure included (no pass ran): the next passes find lost jobs by age only."""
+    down = rec.config.replace(redis_url="redis://127.0.0.1:1/0")
+    loop = reconciler_module.loop(down, threading.Event())
+    with pytest.raises(redis.ConnectionError):
+        loop.run_once()  # the election itself fails
+    passes = loop.run_pass.__self__
+    assert loop.on_failure == passes.failed
+    judged: list[bool] = []
+    monkeypatch.setattr(rec, "run_once", lambda judge_liveness: judged.append(judge_liveness))
+    passes.reconciler = rec
+    passes.run()
+    passes.failed(redis.ConnectionError("down"))
+    passes.run()
+    assert judged == [True, False]

@@ -193,13 +193,24 @@ def test_the_worker_loop_purges_every_interval(ret):
     old = _job(ret, user, OLD)
     config = ret.config.replace(retention_interval_s=0.2, queue_prefix=support.new_prefix("ret"))
     stop = threading.Event()
-    thread = threading.Thread(target=retention_module.run_forever, args=(config, stop))
-    thread.start()
+    loop = retention_module.loop(config, stop)
+    assert loop is not None
+    loop.start()
     try:
         support.wait_for(lambda: not _exists(ret, Job, old), 30, "the loop's purge")
     finally:
         stop.set()
-        thread.join(10)
+        assert loop.join(30)
+    assert retention_module.loop(config.replace(retention_days=0), stop) is None
+
+
+def test_a_pass_stops_between_chunks_when_its_worker_stops(ret):
+    user = _user(ret)
+    old = _job(ret, user, OLD)
+    stopped = threading.Event()
+    stopped.set()
+    assert not any(ret.run_once(stop=stopped).values())
+    assert _exists(ret, Job, old)
 
 
 def _api_user(ret, client, tokens: int) -> tuple[dict, int]:
