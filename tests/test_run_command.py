@@ -158,13 +158,15 @@ def test_make_run_stops_everything_when_a_process_dies(tmp_path):
         run.wait_ready()
         assert "started redis-server" in run.output()
         headers = support.bearer(run.sign_up())
+        # Stopped before the submission, so the job stays queued: stopped after it, a
+        # quick worker had sometimes claimed (and failed) it already.
+        os.kill(run.classification_worker_pid(), signal.SIGSTOP)
         job = requests.post(
             f"{run.base}/v1/jobs",
             json={"url": "http://127.0.0.1:9/never.jpg"},
             headers=headers,
             timeout=10,
         ).json()
-        os.kill(run.classification_worker_pid(), signal.SIGSTOP)  # the job stays queued
         polled: list[requests.Response] = []
         poll = threading.Thread(
             target=lambda: polled.append(

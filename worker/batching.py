@@ -262,8 +262,9 @@ class ContinuousBatches(Batches):
     def close(self, wait_s: float = 0) -> None:
         """Worker shutdown: start no more loads; wait up to ``wait_s`` for those running.
 
-        A running load has claimed its jobs: it finishes and its message still joins a
-        batch while the pool drains, so a clean stop leaves no job half-done. What was
+        A running load has claimed its jobs: it finishes, and this waits until its
+        message (and every loaded one) is in a batch, so the pool drains it before it
+        stops and a clean stop leaves no job half-done. What was
         not loading stays unacknowledged, and the broker gives it back (RabbitMQ when
         the connection closes, kombu's Redis channel restores its unacked messages).
         """
@@ -274,11 +275,14 @@ class ContinuousBatches(Batches):
             return
         self.loader.close()
         deadline = time.monotonic() + wait_s
-        while self._loading() and time.monotonic() < deadline:
+        while self._claimed_not_running() and time.monotonic() < deadline:
             time.sleep(0.05)
 
-    def _loading(self) -> bool:
-        return any(m.state == LOADING for m in list(self._messages))
+    def _claimed_not_running(self) -> bool:
+        # Loading or loaded, their jobs are claimed: the pool must get them before it
+        # stops, or they would go back to the broker with their jobs left processing.
+        # Waiting here holds the pool's stop back; batches returning dispatch the rest.
+        return any(m.state in (LOADING, LOADED) for m in list(self._messages))
 
     def _finish(self, batch: list[Message], requeue: bool) -> None:
         """Ack or requeue: the messages leave this worker."""

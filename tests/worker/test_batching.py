@@ -252,7 +252,7 @@ def test_close_lets_running_loads_finish_and_starts_no_more(loading):
     loading.loader.finish("a")  # its jobs are claimed: it still runs while the pool drains
     loading.loader.finish("b", None, LoadCanceled())  # never started
     assert [_ids(c) for c in loading.slot_pool.calls] == [["a"]]
-    assert "c" not in loading.loader.loads and not loading._loading()
+    assert "c" not in loading.loader.loads and not loading._claimed_not_running()
     loading.slot_pool.calls[0].done(None)
     assert running.events == ["ack"] and canceled.events == []
     assert loading.held_deliveries() == ["t2"]  # unacknowledged: the broker's again
@@ -266,3 +266,18 @@ def test_single_jobs_load_past_a_full_allowance_of_bulk(loading):
     _buffer(loading, _from("q.interactive", "s"))
     loading.dispatch()
     assert sorted(loading.loader.loads) == ["b0", "b1", "s"]
+
+
+def test_close_waits_for_loaded_messages_to_reach_the_pool(loading):
+    # Their jobs are claimed: if the pool stopped first, they would go back to the
+    # broker with their jobs left processing (seen under load with a warm shutdown).
+    loading.slot_pool.limit = 1
+    first, second = Delivery("t1", "a"), Delivery("t2", "b")
+    _buffer(loading, first, second)
+    loading.loader.finish("a")  # runs in the only slot
+    loading.loader.finish("b")  # loaded, waiting for the slot
+    loading.close()
+    assert loading._claimed_not_running()  # close(wait_s) keeps the pool from stopping
+    loading.slot_pool.calls[0].done(None)  # a returns: b takes the slot
+    assert [_ids(c) for c in loading.slot_pool.calls] == [["a"], ["b"]]
+    assert not loading._claimed_not_running()
