@@ -19,7 +19,7 @@ from sqlalchemy.orm import make_transient_to_detached
 
 from api.ratelimit import limits
 from api.schemas import USERNAME_RE
-from api.services import db, services
+from api.services import db, services, unit_of_work
 from shared.errors import Forbidden, NotFound, Unauthorized, ValidationFailed
 from shared.models import ApiKey, User, as_utc, utcnow
 
@@ -81,9 +81,9 @@ def user_by_password(username: str | None, password: str | None) -> User:
     if not username or password is None:
         raise Unauthorized("Username and password are required.")
     limits().check_login(username)
-    session = db()
-    user = session.scalars(select(User).where(User.username == username)).first()
-    session.commit()  # bcrypt is slow on purpose: hold no transaction (SQLite lock) meanwhile
+    # bcrypt is slow on purpose: the transaction (SQLite's write lock) ends before it.
+    with unit_of_work() as db_session:
+        user = db_session.scalars(select(User).where(User.username == username)).first()
     if not check_password(password, user.password_hash if user else None):
         limits().record_login_failure(username)
         raise Unauthorized("Wrong username or password.", code="invalid_credentials")
@@ -172,22 +172,22 @@ def _user_by_key(key: str, use_cache: bool = True) -> User:
         user, g.api_key_id = hit
         return user
     since = cache.generation()  # before the SQL read: a revoke after it must win
-    session = db()
-    # Only the key's two columns: loading it as an entity too costs more than the query.
-    row = session.execute(
-        select(User, ApiKey.id, ApiKey.last_used_at)
-        .join(ApiKey, ApiKey.user_id == User.id)
-        .where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))
-    ).first()
-    if row is None:
-        raise Unauthorized("Invalid or revoked API key.", code="invalid_api_key")
-    user, key_id, last = row
-    now = utcnow()
-    # Record use at a coarse resolution, so authenticating is not a write per request
-    # (a cached key is recorded when it is looked up again, API_KEY_CACHE_S later at most).
-    if last is None or as_utc(last) < now - LAST_USED_RESOLUTION:
-        session.execute(update(ApiKey).where(ApiKey.id == key_id).values(last_used_at=now))
-        session.commit()
+    with unit_of_work() as db_session:
+        # Only the key's two columns: loading it as an entity too costs more than the query.
+        row = db_session.execute(
+            select(User, ApiKey.id, ApiKey.last_used_at)
+            .join(ApiKey, ApiKey.user_id == User.id)
+            .where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))
+        ).first()
+        if row is None:
+            raise Unauthorized("Invalid or revoked API key.", code="invalid_api_key")
+        user, key_id, last = row
+        now = utcnow()
+        # Record use at a coarse resolution, so authenticating is not a write per request
+        # (a cached key is recorded when it is looked up again, API_KEY_CACHE_S later at
+        # most).
+        if last is None or as_utc(last) < now - LAST_USED_RESOLUTION:
+            db_session.execute(update(ApiKey).where(ApiKey.id == key_id).values(last_used_at=now))
     cache.put(digest, user, key_id, since)
     g.api_key_id = key_id
     return user
@@ -269,10 +269,19 @@ def _user_by_session() -> User:
         # Compared as bytes: compare_digest refuses non-ASCII str.
         if not hmac.compare_digest(sent.encode(), session.get("csrf", "").encode()):
             raise Forbidden("Missing or wrong CSRF token.", code="csrf_failed")
-    user = db().get(User, uid)
+    user = session_user(uid)
+    if user is None:
+        raise Unauthorized("Your session has ended; log in again.")
+    return user
+
+
+def session_user(uid: int) -> User | None:
+    """The browser session's user (``session_user_id``), or None (and the cookie cleared)
+    when the account is gone."""
+    with unit_of_work() as db_session:
+        user = db_session.get(User, uid)
     if user is None:
         session.clear()
-        raise Unauthorized("Your session has ended; log in again.")
     return user
 
 
@@ -287,10 +296,9 @@ def authenticate(use_cache: bool = True) -> User:
     A Bearer key may be answered from the process's ``KeyCache`` (``use_cache``): then
     the caller carries only ``CACHED_USER_COLUMNS``; read anything else from SQL.
     """
-    user = _authenticate(use_cache)
-    if "db" in g:  # a cached key opened no session
-        db().commit()  # expire_on_commit=False: the user's loaded columns stay readable
-    return user
+    # Each way in ends its own transaction (expire_on_commit=False: the user's loaded
+    # columns stay readable); a cached key runs none.
+    return _authenticate(use_cache)
 
 
 def _authenticate(use_cache: bool) -> User:

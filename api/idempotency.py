@@ -13,7 +13,7 @@ from datetime import timedelta
 from flask import request
 from sqlalchemy import delete, select
 
-from api.services import db, services
+from api.services import db, services, unit_of_work
 from shared.errors import Conflict, ValidationFailed
 from shared.models import IdempotencyRecord, as_utc, utcnow
 
@@ -67,11 +67,18 @@ def replay_if_raced(user_id: int, key: str | None, fingerprint: str) -> tuple[in
     or its retry taking the lines (409). Either way the client asked once, and gets the
     answer of the request that won.
     """
-    return replay(user_id, key, fingerprint) if key else None
+    if not key:
+        return None
+    with unit_of_work():
+        return replay(user_id, key, fingerprint)
 
 
 def replay(user_id: int, key: str, fingerprint: str) -> tuple[int, dict] | None:
-    """The first answer for this key, or None; 409 if the key came with another request."""
+    """The first answer for this key, or None; 409 if the key came with another request.
+
+    In the caller's transaction (the submission's own, so the lookup costs no round trip
+    of its own); a key past its TTL is deleted there, before the answer is stored again.
+    """
     record = (
         db()
         .scalars(
@@ -87,8 +94,9 @@ def replay(user_id: int, key: str, fingerprint: str) -> tuple[int, dict] | None:
         seconds=services().config.idempotency_ttl_s
     ):
         # Keys are remembered for IDEMPOTENCY_TTL_S; after that the key is free again.
-        db().delete(record)
-        db().commit()
+        # Deleted at once (not at the flush, which inserts before it deletes): this
+        # transaction may store a new answer for the same key.
+        db().execute(delete(IdempotencyRecord).where(IdempotencyRecord.id == record.id))
         return None
     if record.fingerprint != fingerprint:
         raise Conflict(

@@ -20,14 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import bindparam, select
+from sqlalchemy.orm import Session
 
 from api import idempotency
 from api.ratelimit import limits
-from api.services import db, services
+from api.services import services, unit_of_work
 from api.waits import skipped_headers, wait_slots
-from shared import jobs, ledger, logs
+from shared import jobs, logs
 from shared.config import BUILTIN_MODELS, TRAINED_MODEL_FILE, TRAINED_MODEL_NAME
-from shared.db import one_statement, read_only
+from shared.db import one_statement
 from shared.errors import (
     NotAnImage,
     NotFound,
@@ -40,14 +41,13 @@ from shared.errors import (
 from shared.image_header import probe
 from shared.images import ALLOWED_FORMATS, pixel_limit_message
 from shared.jobs import JOBS, JobRow, job_to_dict
-from shared.models import Job, User, new_id, utcnow
+from shared.models import Job, User
 from shared.queue import enqueue_jobs
 from shared.status import TERMINAL, JobStatus
 from shared.webhook_events import COMPLETED
 
 log = logging.getLogger(__name__)
 
-JOB_COLUMNS = tuple(Job.__table__.columns)
 # Built once: a long-poll reads its job with it on each wake-up.
 READ_JOB = select(*JOBS.c).where(JOBS.c.id == bindparam("job_id"))
 TERMINAL_VALUES = frozenset(s.value for s in TERMINAL)
@@ -168,54 +168,56 @@ def build_request(
 def submit(user: User, req: JobRequest, idempotency_key: str | None = None) -> tuple[int, dict]:
     """Charge, insert, commit, enqueue. Returns (HTTP status, job body)."""
     fingerprint = req.fingerprint()
-    if idempotency_key and (found := idempotency.replay(user.id, idempotency_key, fingerprint)):
-        return found
-    limits().check_submission(user.id)
-    if req.upload is not None:
-        check_image_header(req.upload)
-    svc = services()
-    job = Job(
-        id=new_id(),
-        user_id=user.id,
-        model=req.model,
-        top_k=req.top_k,
-        input_url=req.url,
-        input_filename=req.filename if req.upload is not None else None,
-        status=JobStatus.QUEUED.value,
-        webhook_url=req.webhook_url,
-        webhook_events=list(req.webhook_events) if req.webhook_events else None,
-        request_id=logs.request_id.get(),
-        # Set here, not by ORM defaults: the row is inserted with Core (shared/ledger.py).
-        created_at=utcnow(),
-        attempts=0,
-        retries=0,
-    )
-    if req.upload is not None:
-        svc.uploads.put(job.id, req.upload)
+    row = _new_row(user.id, req)
     try:
-        body = _commit_new_job(user.id, job, idempotency_key, fingerprint)
+        with unit_of_work() as session:
+            if idempotency_key and (
+                found := idempotency.replay(user.id, idempotency_key, fingerprint)
+            ):
+                return found
+            _admit(user.id, row["id"], req)
+            body = _charge_and_insert(session, row, idempotency_key, fingerprint)
     except Exception:
-        db().rollback()
-        _forget_upload(job.id, req)
+        _forget_upload(row["id"], req)
         # A concurrent request with the same idempotency key may have committed first.
         if found := idempotency.replay_if_raced(user.id, idempotency_key, fingerprint):
             return found
         raise
-    return 202, _enqueue_or_undo(user.id, job.id, req, body)
+    return 202, _enqueue_or_undo(user.id, row["id"], req, body)
 
 
-def _commit_new_job(user_id: int, job: Job, key: str | None, fingerprint: str) -> dict:
-    session = db()
+def _new_row(user_id: int, req: JobRequest) -> dict:
+    return jobs.new_row(
+        user_id=user_id,
+        model=req.model,
+        top_k=req.top_k,
+        input_url=req.url,
+        input_filename=req.filename if req.upload is not None else None,
+        webhook_url=req.webhook_url,
+        webhook_events=list(req.webhook_events) if req.webhook_events else None,
+        request_id=logs.request_id.get(),
+    )
+
+
+def _admit(user_id: int, job_id: str, req: JobRequest) -> None:
+    """The rate limit, then an upload's header and its bytes to Redis: before the charge,
+    so a refusal or Redis down charges nothing."""
+    limits().check_submission(user_id)
+    if req.upload is not None:
+        check_image_header(req.upload)
+        services().uploads.put(job_id, req.upload)
+
+
+def _charge_and_insert(session: Session, row: dict, key: str | None, fingerprint: str) -> dict:
     if not key:
         # Then the charge is the transaction's only statement on PostgreSQL.
         one_statement(session)
-    # The row goes to Core, not the ORM's unit of work (flush), on the hottest write
-    # path: charge, ledger row and job in one statement on PostgreSQL (shared/ledger.py).
-    ledger.charge_new_job(session, {c.name: getattr(job, c.key) for c in JOB_COLUMNS})
-    body = job_to_dict(job)
+    # Core, no ORM unit of work (flush), on the hottest write path: charge, ledger row and
+    # job in one statement on PostgreSQL (shared/jobs.py insert_charged).
+    jobs.insert_charged(session, row)
+    body = job_to_dict(row)
     if key:
-        idempotency.save(user_id, key, fingerprint, body)
-    session.commit()
+        idempotency.save(row["user_id"], key, fingerprint, body)
     return body
 
 
@@ -252,13 +254,10 @@ def _undo(user_id: int, job_id: str) -> bool:
 
     Returns False (and changes nothing) when a worker claimed the job first.
     """
-    session = db()
-    session.rollback()
-    if not jobs.withdraw_unstarted(session, user_id, Job.id == job_id):
-        session.rollback()
-        return False
-    idempotency.forget(user_id, job_id)
-    session.commit()
+    with unit_of_work() as session:
+        if not jobs.withdraw_unstarted(session, user_id, Job.id == job_id):
+            return False
+        idempotency.forget(user_id, job_id)
     return True
 
 
@@ -302,13 +301,9 @@ def read_job(job_id: str) -> JobRow | None:
     """The job's row, in one statement (autocommit on PostgreSQL, a plain read on
     SQLite), then the request's session ends its transaction: it holds none while the
     request waits."""
-    session = db()
-    session.commit()  # what the request read before (its own lookup of the job)
-    one_statement(session)
-    read_only(session)
-    row = session.connection().execute(READ_JOB, {"job_id": job_id}).one_or_none()
-    session.commit()
-    return row
+    with unit_of_work(read_only=True) as session:
+        one_statement(session)
+        return session.connection().execute(READ_JOB, {"job_id": job_id}).one_or_none()
 
 
 class TooManyWaits(ServiceError):

@@ -7,8 +7,10 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from sqlalchemy import func, select
+
 from shared import ledger
-from shared.models import User, new_id
+from shared.models import LedgerEntry, User, new_id
 
 
 def basic_auth(username: str, password: str) -> dict[str, str]:
@@ -68,3 +70,12 @@ def add_account(session: Any, tokens: int = 0, prefix: str = "u") -> User:
     if tokens:
         ledger.grant(session, user.id, tokens, ledger.SIGNUP)
     return user
+
+
+def ledger_sum(session: Any, user_id: int) -> int:
+    """The balance as the user's ledger rows add up: ``users.tokens`` must always equal it
+    (shared/ledger.py keeps both in one transaction), which is what tests check."""
+    total = session.execute(
+        select(func.coalesce(func.sum(LedgerEntry.delta), 0)).where(LedgerEntry.user_id == user_id)
+    ).scalar_one()
+    return int(total)

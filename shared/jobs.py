@@ -3,8 +3,10 @@
 This module is the one writer of ``jobs.status`` (and the bookkeeping that moves with
 it: claim, attempts, retries, outcome); batch-level transitions (cancel, completion,
 reopen) live in shared/batches.py, which owns batches, and the dispatch window's
-``dispatched_at`` marks in shared/dispatch.py. A token moves only through
-shared/ledger.py, called here in the same transaction as the transition that earns it.
+``dispatched_at`` marks in shared/dispatch.py. It is also the one place that builds and
+inserts new job rows (``new_row``, ``insert_charged``, ``insert_new``), for single jobs
+and bulk batches alike. A token moves only through shared/ledger.py, called here in the
+same transaction as the transition (or insert) that earns it.
 
 Every transition is an ``UPDATE ... WHERE status IN (...)``: whoever changes the
 row first wins, and a second attempt (a redelivered message, a cancel racing
@@ -20,13 +22,15 @@ set-up and the Job objects it loaded cost more CPU than the worker's SQL round t
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 from sqlalchemy import (
     ARRAY,
     ColumnElement,
+    Insert,
     Row,
     String,
     Update,
@@ -34,6 +38,7 @@ from sqlalchemy import (
     bindparam,
     case,
     delete,
+    insert,
     literal,
     select,
     update,
@@ -41,13 +46,87 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from shared import ledger, webhook_events
-from shared.models import NULLABLE_JSON, Job, as_utc, utcnow
+from shared.db import bulk_insert
+from shared.models import NULLABLE_JSON, Job, as_utc, new_id, utcnow
 from shared.status import ACTIVE, TERMINAL, JobStatus
 
 JOBS = Job.__table__
 #: A job as a claim or a transition's RETURNING read it: every column, by attribute.
 JobRow = Row[Any]
 ACTIVE_VALUES = tuple(s.value for s in ACTIVE)
+
+
+#: A new job's value of every column that has one before anything happens to it: the
+#: model's own scalar defaults (shared/models.py spells them, once), and NULL for the
+#: other nullable columns. Core inserts and COPY skip the model's defaults, so every row
+#: is built from this (``new_row``); computed once, at import.
+NEW_JOB: dict[str, Any] = {
+    c.name: c.default.arg if c.default is not None else None
+    for c in JOBS.c
+    if (c.default is not None and c.default.is_scalar) or (c.default is None and c.nullable)
+}
+
+
+def new_row(*, user_id: int, model: str, top_k: int, **columns: Any) -> dict[str, Any]:
+    """A new job's row, every ``jobs`` column, for ``insert_charged`` or ``insert_new``:
+    ``NEW_JOB``'s values unless ``columns`` gives them, and a fresh ``id`` and
+    ``created_at`` unless given (a batch gives its lines one ``created_at``).
+
+    A plain dict, no ORM object: a bulk batch builds 10,000 of them, and a single
+    submission is the service's hottest path.
+    """
+    row = {**NEW_JOB, "user_id": user_id, "model": model, "top_k": top_k, **columns}
+    if "id" not in columns:
+        row["id"] = new_id()
+    if "created_at" not in columns:
+        row["created_at"] = utcnow()
+    return row
+
+
+def insert_charged(session: Session, row: Mapping[str, Any]) -> None:
+    """Insert a new job (``new_row``) and charge its user one token, in the caller's
+    transaction, or raise InsufficientTokens and write nothing.
+
+    The hottest write of the service (POST /v1/jobs). On PostgreSQL it is one statement,
+    one round trip: the ledger's charge (``ledger.charge_one``) in data-modifying CTEs and
+    this INSERT selecting from its RETURNING, so when the balance is short nothing is
+    inserted (``_charged_insert``). SQLite has no data-modifying CTEs: there it is
+    ``ledger.charge_jobs`` and an INSERT, three statements in-process.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        # Prefixed names: a parameter named after a users column (id, created_at) would
+        # become a SET of the charge's UPDATE.
+        params = {f"job_{name}": value for name, value in row.items()}
+        if session.execute(_charged_insert(), params).first() is None:
+            raise ledger.insufficient(session, row["user_id"], 1)
+        return
+    ledger.charge_jobs(session, row["user_id"], [row["id"]])
+    # Core, the row as parameters: the statement is the same each time, compiled once.
+    session.execute(insert(JOBS), dict(row))
+
+
+@functools.cache
+def _charged_insert() -> Insert:
+    """WITH charged AS (UPDATE users ... RETURNING id), entry AS (INSERT INTO token_ledger
+    ... SELECT ... FROM charged) INSERT INTO jobs ... SELECT ... FROM charged RETURNING id.
+
+    Built once: its parameters are the job's columns, so its compiled form (and
+    psycopg's prepared statement) is reused by every submission.
+    """
+
+    def param(name: str) -> Any:
+        return bindparam(f"job_{name}", type_=JOBS.c[name].type)
+
+    charged, entry = ledger.charge_one(param("user_id"), param("id"), param("created_at"))
+    columns = [c.name for c in JOBS.columns]
+    job = select(*[charged.c.id if name == "user_id" else param(name) for name in columns])
+    return insert(JOBS).from_select(columns, job).add_cte(entry).returning(JOBS.c.id)
+
+
+def insert_new(session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Insert new jobs (``new_row``; a bulk batch's lines, already charged by the caller)
+    in the caller's transaction: COPY on PostgreSQL from a few dozen rows up."""
+    bulk_insert(session, JOBS, rows)
 
 
 def iso(dt: datetime | None) -> str | None:
@@ -60,11 +139,14 @@ def _error(job: Job | JobRow) -> dict[str, str] | None:
     return {"code": job.error_code, "message": job.error_message} if job.error_code else None
 
 
-def job_to_dict(job: Job | JobRow) -> dict[str, Any]:
+def job_to_dict(job: Job | JobRow | Mapping[str, Any]) -> dict[str, Any]:
     """A job as every answer shows it: the API, the web pages and webhook events.
 
-    ``job`` is an ORM ``Job`` or a Core row of every ``jobs`` column (``JobRow``).
+    ``job`` is an ORM ``Job``, a Core row of every ``jobs`` column (``JobRow``) or a new
+    job's row as ``new_row`` built it.
     """
+    if isinstance(job, Mapping):  # read by attribute, as the others are
+        return job_to_dict(cast(JobRow, SimpleNamespace(**job)))
     error = _error(job)
     source = {"url": job.input_url} if job.input_url else {"filename": job.input_filename}
     webhook = {"url": job.webhook_url, "events": job.webhook_events} if job.webhook_url else None

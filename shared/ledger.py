@@ -8,16 +8,15 @@ from ever taking a balance below zero.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Insert, bindparam, delete, func, insert, literal, null, select, update
+from sqlalchemy import CTE, delete, insert, literal, null, select, update
 from sqlalchemy.orm import Session
 
 from shared.db import bulk_insert
 from shared.errors import InsufficientTokens
-from shared.models import Job, LedgerEntry, User, utcnow
+from shared.models import LedgerEntry, User, utcnow
 
 SIGNUP, CHARGE, REFUND, REFILL = "signup", "charge", "refund", "refill"
 
@@ -55,7 +54,7 @@ def charge_jobs(
         .returning(users.c.tokens)
     ).scalar_one_or_none()
     if new_balance is None:
-        raise _short(session, user_id, n)
+        raise insufficient(session, user_id, n)
     bulk_insert(
         session,
         LedgerEntry.__table__,
@@ -64,67 +63,32 @@ def charge_jobs(
     return new_balance
 
 
-def charge_new_job(session: Session, job_row: Mapping[str, Any]) -> None:
-    """Take one token from the job's user, write its ledger row and insert the job, or
-    raise InsufficientTokens and write nothing. ``job_row`` gives every ``jobs`` column.
+def charge_one(user_id: Any, job_id: Any, at: Any) -> tuple[CTE, CTE]:
+    """The charge of one token for one job, as data-modifying CTEs for a statement that
+    also inserts the job (``shared.jobs.insert_charged``): one round trip. PostgreSQL only.
 
-    The hottest write of the service (POST /v1/jobs). On PostgreSQL it is one statement,
-    one round trip: the conditional UPDATE and both INSERTs in data-modifying CTEs, the
-    INSERTs selecting from the UPDATE's RETURNING, so when the balance is short nothing
-    is inserted (see ``_charge_and_insert``). SQLite has no data-modifying CTEs: there it
-    is ``charge_jobs`` and an INSERT, three statements in-process.
+    ``charged`` is ``UPDATE users SET tokens = tokens - 1 WHERE id = user_id AND tokens >= 1
+    RETURNING id``: one row when the balance covers the job, none otherwise; ``entry``
+    inserts the job's ledger row selecting from it, so a short balance writes nothing.
+    The arguments are SQL expressions (the statement's bound parameters).
     """
-    if session.get_bind().dialect.name == "postgresql":
-        # Prefixed names: a parameter named after a users column (id, created_at) would
-        # become a SET of the UPDATE.
-        params = {f"job_{name}": value for name, value in job_row.items()}
-        if session.execute(_charge_and_insert(), params).first() is None:
-            raise _short(session, job_row["user_id"], 1)
-        return
-    charge_jobs(session, job_row["user_id"], [job_row["id"]])
-    # Core, the row as parameters: the statement is the same each time, compiled once.
-    session.execute(insert(Job.__table__), dict(job_row))
-
-
-@functools.cache
-def _charge_and_insert() -> Insert:
-    """WITH charged AS (UPDATE users SET tokens = tokens - 1 WHERE id = :job_user_id AND
-    tokens >= 1 RETURNING id), entry AS (INSERT INTO token_ledger ... SELECT ... FROM
-    charged) INSERT INTO jobs ... SELECT ... FROM charged RETURNING id.
-
-    Built once: its parameters are the job's columns, so its compiled form (and
-    psycopg's prepared statement) is reused by every submission.
-    """
-    users, entries, jobs = User.__table__, LedgerEntry.__table__, Job.__table__
-
-    def param(name: str) -> Any:
-        return bindparam(f"job_{name}", type_=jobs.c[name].type)
-
+    users, entries = User.__table__, LedgerEntry.__table__
     charged = (
         update(users)
-        .where(users.c.id == param("user_id"), users.c.tokens >= 1)
+        .where(users.c.id == user_id, users.c.tokens >= 1)
         .values(tokens=users.c.tokens - 1)
         .returning(users.c.id)
         .cte("charged")
     )
     entry = insert(entries).from_select(
         ["user_id", "delta", "reason", "job_id", "retry", "actor_id", "created_at"],
-        select(
-            charged.c.id,
-            literal(-1),
-            literal(CHARGE),
-            param("id"),
-            literal(0),
-            null(),
-            param("created_at"),
-        ),
+        select(charged.c.id, literal(-1), literal(CHARGE), job_id, literal(0), null(), at),
     )
-    columns = [c.name for c in jobs.columns]
-    job = select(*[charged.c.id if name == "user_id" else param(name) for name in columns])
-    return insert(jobs).from_select(columns, job).add_cte(entry.cte("entry")).returning(jobs.c.id)
+    return charged, entry.cte("entry")
 
 
-def _short(session: Session, user_id: int, cost: int) -> InsufficientTokens:
+def insufficient(session: Session, user_id: int, cost: int) -> InsufficientTokens:
+    """The 402 for a charge of ``cost`` tokens that the balance did not cover."""
     balance = session.execute(select(User.tokens).where(User.id == user_id)).scalar_one()
     # Users cannot buy tokens themselves: say who can add them.
     return InsufficientTokens(
@@ -187,10 +151,3 @@ def void_charges(session: Session, user_id: int, job_ids: Sequence[str]) -> None
     # Exactly the tokens whose rows went, so the balance stays the sum of the ledger.
     if voided:
         session.execute(update(User).where(User.id == user_id).values(tokens=User.tokens + voided))
-
-
-def ledger_sum(session: Session, user_id: int) -> int:
-    total = session.execute(
-        select(func.coalesce(func.sum(LedgerEntry.delta), 0)).where(LedgerEntry.user_id == user_id)
-    ).scalar_one()
-    return int(total)

@@ -7,7 +7,15 @@ helper in its ``harness`` module, not here.
 
 from __future__ import annotations
 
-from harness.accounts import add_account, basic_auth, bearer, make_admin, new_account, new_user
+from harness.accounts import (
+    add_account,
+    basic_auth,
+    bearer,
+    ledger_sum,
+    make_admin,
+    new_account,
+    new_user,
+)
 from harness.databases import (
     admin_dsn,
     clean_up_session,
@@ -57,6 +65,7 @@ __all__ = [
     "delete_redis_prefix",
     "drop_postgres_database",
     "jpeg_segment_flood",
+    "ledger_sum",
     "make_admin",
     "migrated",
     "missing_redis_sentinels",

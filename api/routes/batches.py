@@ -9,10 +9,9 @@ import json
 from collections.abc import Callable, Iterator
 
 from flask import Response, g, request, stream_with_context, url_for
-from sqlalchemy import select
 
-from api import cancel, deletion, idempotency, schemas, validation
-from api.auth import login_required, owned
+from api import cancel, deletion, idempotency, reads, schemas, validation
+from api.auth import login_required
 from api.bulk import (
     BatchDeleted,
     BatchRequest,
@@ -21,20 +20,15 @@ from api.bulk import (
     build_item_batch_request,
     parse_jsonl,
     parse_lines,
-    result_lines,
     retry_batch,
     submit_batch,
 )
 from api.errors import invalid_body
-from api.pagination import page
 from api.ratelimit import limits
-from api.services import db, services
+from api.services import services
 from api.submission import checked_model
 from api.validation import Blueprint
-from shared import batches
-from shared.db import read_only
 from shared.errors import RateLimited
-from shared.models import Batch
 
 blp = Blueprint("batches", __name__, url_prefix="/v1/batches", description="Bulk URL batches")
 
@@ -164,8 +158,7 @@ def create_batch(body: dict):
 @blp.response(200, schemas.BatchSchema)
 def get_batch(batch_id: str):
     """Progress: status and counts per job status (always consistent with the jobs)."""
-    read_only(db())
-    return batches.batch_to_dict(db(), owned(Batch, batch_id, "batch"))
+    return reads.batch(g.user, batch_id)
 
 
 @blp.route("", methods=["GET"])
@@ -174,10 +167,7 @@ def get_batch(batch_id: str):
 @blp.response(200, schemas.BatchList)
 def list_batches(query):
     """The caller's batches, newest first."""
-    session = db()
-    read_only(session)
-    rows, next_cursor = page(session, select(Batch).where(Batch.user_id == g.user.id), Batch, query)
-    return {"items": [batches.batch_to_dict(session, b) for b in rows], "next_cursor": next_cursor}
+    return reads.batches_page(g.user, query)
 
 
 @blp.route("/<batch_id>/results", methods=["GET"])
@@ -201,12 +191,11 @@ def batch_results(query, batch_id: str):
     error line, ``{"error": {"code": "batch_deleted", ...}}``; a CSV stream is cut (the
     chunked transfer ends without its last chunk, which HTTP clients report).
     """
-    total = owned(Batch, batch_id, "batch").total
-    db().commit()  # the stream reads in its own short transactions
+    results = reads.batch_results(g.user, batch_id)  # 404 before the stream starts
     if query["format"] == "csv":
-        lines, mimetype = _csv_lines(result_lines(batch_id, total)), "text/csv"
+        lines, mimetype = _csv_lines(results), "text/csv"
     else:
-        lines, mimetype = _jsonl_lines(result_lines(batch_id, total)), "application/x-ndjson"
+        lines, mimetype = _jsonl_lines(results), "application/x-ndjson"
     return Response(stream_with_context(lines), mimetype=mimetype)
 
 
@@ -256,7 +245,7 @@ def _csv_lines(rows: Iterator[dict]) -> Iterator[str]:
 @blp.alt_response(409, schema=schemas.ErrorSchema, description="batch_not_cancelable")
 def cancel_batch(batch_id: str):
     """Cancel the jobs that have not started (refunded); running ones finish."""
-    return batches.batch_to_dict(db(), cancel.cancel_batch(g.user, batch_id))
+    return cancel.cancel_batch(g.user, batch_id)
 
 
 @blp.route("/<batch_id>/retry", methods=["POST"])

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import time
 
-from sqlalchemy import text
-
 from api import NULL_RUNTIME_NOTE, schemas
 from api.metrics import metrics_response
 from api.services import services
@@ -31,7 +29,7 @@ def readyz():
     """The database and Redis answer, and a classification worker that can serve sent a
     recent heartbeat (one whose loader processes cannot start cannot serve)."""
     svc = services()
-    checks = {"database": _check(lambda: _ping_db(svc)), "redis": _check(svc.redis.ping)}
+    checks = {"database": _check(svc.ping_db), "redis": _check(svc.redis.ping)}
     age = _heartbeat_age(svc) if checks["redis"] == "ok" else None
     max_age = svc.config.ready_heartbeat_max_age_s
     if max_age:
@@ -67,11 +65,6 @@ def _serving_check(svc, max_age: float) -> str:
     if any(name not in problems for name in fresh):
         return "ok"
     return f"error: no worker can serve: {problems[fresh[0]]}" if fresh else "ok"
-
-
-def _ping_db(svc) -> None:
-    with svc.engine.connect() as conn:
-        conn.execute(text("SELECT 1"))
 
 
 def _check(probe) -> str:

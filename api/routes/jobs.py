@@ -5,12 +5,10 @@ from __future__ import annotations
 import time
 
 from flask import g, request, url_for
-from sqlalchemy import select
 
-from api import cancel, deletion, idempotency, schemas, validation
-from api.auth import login_required, owned
-from api.pagination import page
-from api.services import db, services
+from api import cancel, deletion, idempotency, reads, schemas, validation
+from api.auth import login_required
+from api.services import services
 from api.submission import JobRequest, build_request, submit, wait_within_caps
 from api.validation import Blueprint
 from api.waits import (
@@ -22,9 +20,7 @@ from api.waits import (
     skipped_headers,
 )
 from shared import jobs
-from shared.db import read_only
 from shared.errors import ValidationFailed
-from shared.models import Job
 from shared.status import JobStatus
 
 blp = Blueprint("jobs", __name__, url_prefix="/v1/jobs", description="Classification jobs")
@@ -145,8 +141,7 @@ def get_job(query, job_id: str):
     Past the caps on waits held at once the answer comes without waiting, with
     X-Wait-Skipped.
     """
-    read_only(db())
-    job = owned(Job, job_id, "job")
+    job = reads.job(g.user, job_id)
     wait_s = min(query["wait"], services().config.max_wait_s)
     headers = {}
     if wait_s and not JobStatus(job.status).is_terminal():
@@ -162,12 +157,7 @@ def get_job(query, job_id: str):
 @blp.response(200, schemas.JobList)
 def list_jobs(query):
     """The caller's jobs, newest first; follow next_cursor for the next page."""
-    read_only(db())
-    stmt = select(Job).where(Job.user_id == g.user.id)
-    if "status" in query:
-        stmt = stmt.where(Job.status == query["status"])
-    rows, next_cursor = page(db(), stmt, Job, query)
-    return {"items": [jobs.job_to_dict(j) for j in rows], "next_cursor": next_cursor}
+    return reads.jobs_page(g.user, query)
 
 
 @blp.route("/<job_id>/cancel", methods=["POST"])

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from flask import g
 
-from api import accounts, schemas
+from api import accounts, reads, schemas
 from api.auth import login_required
-from api.services import db
 from api.validation import Blueprint
-from shared.db import read_only
 from shared.jobs import iso
-from shared.models import ApiKey, User
+from shared.models import ApiKey
 
 blp = Blueprint("users", __name__, url_prefix="/v1", description="Accounts and API keys")
 
@@ -47,10 +45,7 @@ def register(body):
 @blp.response(200, schemas.Me)
 def me():
     """The authenticated user and their token balance."""
-    # From SQL: a caller authenticated from the key cache carries no balance (api/auth.py).
-    session = db()
-    read_only(session)
-    user = session.get(User, g.user.id)
+    user = reads.profile(g.user)
     return {
         "username": user.username,
         "tokens": user.tokens,

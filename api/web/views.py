@@ -29,31 +29,27 @@ from flask import (
     url_for,
 )
 from markupsafe import Markup
-from sqlalchemy import func, select
 
-from api import accounts, schemas
+from api import accounts, reads, schemas
 from api.auth import (
     WEB_NEW_KEY,
     csrf_token,
     log_in,
     log_out,
     server_session_key,
+    session_user,
     session_user_id,
     user_by_password,
 )
 from api.errors import UNAVAILABLE
-from api.services import db, services
-from shared import batches
-from shared.errors import ServiceError
+from api.services import services
+from shared.errors import NotFound, ServiceError, ServiceUnavailable
 from shared.jobs import job_to_dict
-from shared.models import Batch, Job, User, as_utc
+from shared.models import User, as_utc
 
 STATIC = Path(__file__).resolve().parent / "static"
 # The first API key waits for the account page this long, in Redis, never in the cookie.
 NEW_KEY_TTL_S = 600
-HISTORY_JOBS = 25
-HISTORY_BATCHES = 10
-ADMIN_RESULTS = 25
 
 web_blp = Blueprint(
     "web",
@@ -87,13 +83,7 @@ def asset(filename: str) -> str:
 
 def _current_user() -> User | None:
     uid = session_user_id()
-    if uid is None:
-        return None
-    user = db().get(User, uid)
-    db().commit()
-    if user is None:
-        session.clear()
-    return user
+    return None if uid is None else session_user(uid)
 
 
 def _csrf_ok() -> bool:
@@ -185,7 +175,8 @@ def _unavailable(_exc: Exception):
     )
 
 
-for _exc_class in UNAVAILABLE:
+# ServiceUnavailable too: a unit of work raises it when the database is down (api/services.py).
+for _exc_class in (*UNAVAILABLE, ServiceUnavailable):
     web_blp.register_error_handler(_exc_class, _unavailable)
 
 
@@ -337,8 +328,9 @@ def classify():
 @web_blp.route("/app/jobs/<job_id>")
 @page
 def job(job_id: str):
-    found = db().get(Job, job_id)
-    if found is None or found.user_id != g.web_user.id:
+    try:
+        found = reads.job(g.web_user, job_id)
+    except NotFound:
         return error_page(404, "Job not found", "There is no such job in your account.")
     return render_template("web/job.html", job=job_to_dict(found))
 
@@ -352,35 +344,18 @@ def bulk():
 @web_blp.route("/app/batches/<batch_id>")
 @page
 def batch(batch_id: str):
-    session_ = db()
-    found = session_.get(Batch, batch_id)
-    if found is None or found.user_id != g.web_user.id:
+    try:
+        found = reads.batch(g.web_user, batch_id)
+    except NotFound:
         return error_page(404, "Batch not found", "There is no such batch in your account.")
-    return render_template("web/batch.html", batch=batches.batch_to_dict(session_, found))
+    return render_template("web/batch.html", batch=found)
 
 
 @web_blp.route("/app/history")
 @page
 def history():
-    session_ = db()
-    uid = g.web_user.id
-    recent_batches = session_.scalars(
-        select(Batch)
-        .where(Batch.user_id == uid)
-        .order_by(Batch.created_at.desc(), Batch.id.desc())
-        .limit(HISTORY_BATCHES)
-    ).all()
-    recent_jobs = session_.scalars(
-        select(Job)
-        .where(Job.user_id == uid, Job.batch_id.is_(None))
-        .order_by(Job.created_at.desc(), Job.id.desc())
-        .limit(HISTORY_JOBS)
-    ).all()
-    return render_template(
-        "web/history.html",
-        batches=[batches.batch_to_dict(session_, b) for b in recent_batches],
-        jobs=[job_to_dict(j) for j in recent_jobs],
-    )
+    recent_batches, recent_jobs = reads.history(g.web_user)
+    return render_template("web/history.html", batches=recent_batches, jobs=recent_jobs)
 
 
 @web_blp.route("/app/admin")
@@ -391,8 +366,4 @@ def admin():
             403, "Administrators only", "This page is for administrators of the service."
         )
     query = request.args.get("q", "").strip()
-    stmt = select(User).order_by(User.created_at.desc(), User.id.desc()).limit(ADMIN_RESULTS)
-    if query:
-        stmt = stmt.where(func.lower(User.username).contains(query.lower(), autoescape=True))
-    users = db().scalars(stmt).all()
-    return render_template("web/admin.html", users=users, q=query)
+    return render_template("web/admin.html", users=reads.find_users(query), q=query)

@@ -7,9 +7,9 @@ from sqlalchemy import select
 
 from api import accounts
 from api.services import db, services
-from shared import ledger
 from shared.errors import Conflict, NotFound, ValidationFailed
 from shared.models import ApiKey, User
+from tests import support
 
 
 def _name(prefix: str = "acct") -> str:
@@ -28,7 +28,7 @@ def test_an_administrator_gets_the_same_account_as_a_user(ctx):
     assert (user.is_admin, admin.is_admin) == (False, True)
     assert user.tokens == admin.tokens == services().config.signup_tokens
     # Through the request's own session: SQLite takes one writer at a time.
-    assert ledger.ledger_sum(db(), admin.id) == admin.tokens
+    assert support.ledger_sum(db(), admin.id) == admin.tokens
     keys = db().scalars(select(ApiKey).where(ApiKey.user_id == admin.id)).all()
     assert [(k.id, k.name) for k in keys] == [(row.id, "admin")] and key.startswith("ick_")
 
@@ -67,7 +67,7 @@ def test_refill_goes_through_the_ledger(ctx):
     assert accounts.refill(user.username, 7, admin) == signup + 7
     with services().sessions() as session:
         assert (
-            session.get(User, user.id).tokens == ledger.ledger_sum(session, user.id) == signup + 7
+            session.get(User, user.id).tokens == support.ledger_sum(session, user.id) == signup + 7
         )
     with pytest.raises(NotFound) as missing:
         accounts.refill(_name("nobody"), 1, admin)

@@ -57,7 +57,7 @@ def _balance(stack, username):
 
     with stack.app.app_context(), services().sessions() as session:
         user = session.scalars(select(User).where(User.username == username)).one()
-        return user.tokens, ledger.ledger_sum(session, user.id)
+        return user.tokens, support.ledger_sum(session, user.id)
 
 
 def test_a_mixed_batch_of_50(stack, rich_user, photo_server):

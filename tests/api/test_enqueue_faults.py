@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 
 from api import create_app, submission
 from api.services import services
-from shared import dispatch, ledger, queue
+from shared import dispatch, queue
 from shared.models import Job, User
 from shared.status import JobStatus
 from tests import support
@@ -28,7 +28,7 @@ def _account(app, username: str) -> tuple[int, int, int]:
     with app.app_context(), services().sessions() as session:
         user = session.scalars(select(User).where(User.username == username)).one()
         jobs = session.scalar(select(func.count()).where(Job.user_id == user.id))
-        return user.tokens, ledger.ledger_sum(session, user.id), jobs
+        return user.tokens, support.ledger_sum(session, user.id), jobs
 
 
 def _claimed(app, job_ids) -> bool:

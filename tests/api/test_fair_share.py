@@ -12,7 +12,6 @@ import uuid
 from sqlalchemy import func, select
 
 from api.services import services
-from shared import ledger
 from shared.models import Batch, Job, User
 from tests import support
 
@@ -68,7 +67,7 @@ def test_a_small_batch_is_not_stuck_behind_another_users_large_one(stack, photo_
         )
         for username in (big_user["username"], small_user["username"]):
             user = session.scalars(select(User).where(User.username == username)).one()
-            assert user.tokens == ledger.ledger_sum(session, user.id)
+            assert user.tokens == support.ledger_sum(session, user.id)
     # First come, first served, all BIG jobs would end first. Here at most the window
     # that was out when the small batch came, and one more chunk that the same refill
     # sent after it, which the worker may have started first.

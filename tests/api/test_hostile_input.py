@@ -10,7 +10,6 @@ from sqlalchemy import select
 
 from api import create_app
 from api.services import services
-from shared import ledger
 from shared.models import User
 from tests import support
 
@@ -20,7 +19,7 @@ URL = "http://images.example.com/cat.jpg"
 def _balance(app, username: str) -> tuple[int, int]:
     with app.app_context(), services().sessions() as session:
         user = session.scalars(select(User).where(User.username == username)).one()
-        return user.tokens, ledger.ledger_sum(session, user.id)
+        return user.tokens, support.ledger_sum(session, user.id)
 
 
 @pytest.mark.parametrize(

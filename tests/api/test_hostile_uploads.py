@@ -10,7 +10,6 @@ from sqlalchemy import func, select
 
 from api import create_app
 from api.services import services
-from shared import ledger
 from shared.models import Job, User
 from tests import support
 
@@ -30,7 +29,7 @@ def _account(app, username: str) -> tuple[int, int, int]:
     with app.app_context(), services().sessions() as session:
         user = session.scalars(select(User).where(User.username == username)).one()
         jobs = session.scalar(select(func.count()).select_from(Job).where(Job.user_id == user.id))
-        return user.tokens, ledger.ledger_sum(session, user.id), jobs
+        return user.tokens, support.ledger_sum(session, user.id), jobs
 
 
 @pytest.fixture

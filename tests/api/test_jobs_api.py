@@ -11,7 +11,6 @@ from werkzeug.serving import make_server
 
 from api import create_app
 from api.services import services
-from shared import ledger
 from shared.models import Job, LedgerEntry, User, WebhookEvent
 from tests import support
 
@@ -28,7 +27,7 @@ def _count_jobs(app, username: str) -> int:
 def _balance_and_ledger(app, username: str) -> tuple[int, int]:
     with app.app_context(), services().sessions() as session:
         user = session.scalars(select(User).where(User.username == username)).one()
-        return user.tokens, ledger.ledger_sum(session, user.id)
+        return user.tokens, support.ledger_sum(session, user.id)
 
 
 def test_submission_charges_one_token_and_queues(client, user, api_stack):

@@ -114,7 +114,7 @@ class FaultStack:
                 expected = ["charge", "refund"] if status in ("failed", "canceled") else ["charge"]
                 assert sorted(by_job.get(job_id, [])) == expected, (job_id, status)
             balance = s.get(User, user["id"]).tokens
-            assert balance == ledger.ledger_sum(s, user["id"])
+            assert balance == support.ledger_sum(s, user["id"])
 
     def close(self) -> None:
         for w in self.workers:

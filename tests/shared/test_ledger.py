@@ -7,7 +7,7 @@ from sqlalchemy.exc import IntegrityError
 from shared import jobs, ledger
 from shared.db import make_engine, make_session_factory
 from shared.errors import InsufficientTokens
-from shared.models import Job, LedgerEntry, User, new_id, utcnow
+from shared.models import Job, LedgerEntry, User, new_id
 from shared.status import JobStatus
 from tests import support
 
@@ -46,7 +46,7 @@ def test_charge_takes_tokens_and_refuses_when_short(session, account):
         ledger.charge_jobs(session, account.id, [new_id()])
     session.rollback()
     assert _balance(session, account) == 0
-    assert ledger.ledger_sum(session, account.id) == 0
+    assert support.ledger_sum(session, account.id) == 0
 
 
 def test_failure_refunds_exactly_once(session, account):
@@ -57,7 +57,7 @@ def test_failure_refunds_exactly_once(session, account):
     assert not jobs.mark_failed(session, job, "fetch_failed", "HTTP 404", refund=True)
     session.commit()
     assert _balance(session, account) == 2
-    assert ledger.ledger_sum(session, account.id) == 2
+    assert support.ledger_sum(session, account.id) == 2
 
 
 def test_success_cannot_be_overwritten_by_a_late_failure(session, account):
@@ -78,7 +78,7 @@ def test_cancel_only_before_processing(session, account):
     assert not jobs.cancel(session, started)
     session.commit()
     assert _balance(session, account) == 1
-    assert ledger.ledger_sum(session, account.id) == 1
+    assert support.ledger_sum(session, account.id) == 1
 
 
 def test_the_database_refuses_a_negative_balance(session, account):
@@ -152,7 +152,7 @@ def test_a_retried_line_is_charged_and_refunded_once_per_run(session, account):
         .order_by(LedgerEntry.id)
     ).all()
     assert [tuple(r) for r in rows] == [("charge", 0), ("refund", 0), ("charge", 1), ("refund", 1)]
-    assert _balance(session, account) == ledger.ledger_sum(session, account.id) == 2
+    assert _balance(session, account) == support.ledger_sum(session, account.id) == 2
     # A second charge of the same run is refused by the database itself.
     with pytest.raises(IntegrityError):
         ledger.charge_jobs(session, account.id, [job.id], {job.id: 1})
@@ -199,7 +199,7 @@ def test_a_batch_cancel_refunds_its_queued_lines_and_ends_the_batch(session, acc
     session.commit()
     assert canceled == [lines[1].id]
     assert batch.canceled_at is not None and batch.completed_at is None
-    assert _balance(session, account) == ledger.ledger_sum(session, account.id) == 1
+    assert _balance(session, account) == support.ledger_sum(session, account.id) == 1
     assert jobs.mark_all_succeeded(session, {lines[0].id: {"predictions": []}})
     assert batches.complete_finished(session, [batch.id]) == []  # no webhook asked for
     session.commit()
@@ -208,25 +208,27 @@ def test_a_batch_cancel_refunds_its_queued_lines_and_ends_the_batch(session, acc
 
 
 def _new_job_row(user) -> dict:
-    """Every ``jobs`` column, as api/submission.py gives them to ``charge_new_job``."""
-    job = Job(
-        id=new_id(),
+    """Every ``jobs`` column, as api/submission.py builds them for ``insert_charged``."""
+    return jobs.new_row(
         user_id=user.id,
         model="mobilenet",
         top_k=5,
         input_url="http://x/y.jpg",
-        status=JobStatus.QUEUED.value,
         webhook_url="http://hook/x",
         webhook_events=["completed"],
-        created_at=utcnow(),
-        attempts=0,
-        retries=0,
     )
-    return {c.name: getattr(job, c.key) for c in Job.__table__.columns}
+
+
+def test_a_new_row_gives_every_column_with_the_models_defaults():
+    """shared.jobs builds every new job's row (single and bulk) from the model's defaults."""
+    row = jobs.new_row(user_id=1, model="mobilenet", top_k=3, input_url="http://x/y.jpg")
+    assert set(row) == {c.name for c in Job.__table__.columns}
+    assert (row["status"], row["attempts"], row["retries"], row["top_k"]) == ("queued", 0, 0, 3)
+    assert row["dispatched_at"] is None and row["batch_id"] is None and row["id"]
 
 
 def test_a_new_job_is_charged_and_inserted_together_or_not_at_all(session, account):
-    """ledger.charge_new_job: one statement on PostgreSQL, three on SQLite; the same rows."""
+    """jobs.insert_charged: one statement on PostgreSQL, three on SQLite; the same rows."""
     statements = []
     engine = session.get_bind()
     listen = lambda *args: statements.append(args[2])  # noqa: E731
@@ -234,19 +236,19 @@ def test_a_new_job_is_charged_and_inserted_together_or_not_at_all(session, accou
     try:
         rows = [_new_job_row(account) for _ in range(3)]
         for row in rows[:2]:
-            ledger.charge_new_job(session, row)
+            jobs.insert_charged(session, row)
         session.commit()
         # Not SQLite's BEGIN IMMEDIATE (shared/db.py), sent as a statement.
         charged_statements = len([s for s in statements if not s.startswith("BEGIN")])
         with pytest.raises(InsufficientTokens) as short:
-            ledger.charge_new_job(session, rows[2])
+            jobs.insert_charged(session, rows[2])
         session.rollback()
     finally:
         event.remove(engine, "before_cursor_execute", listen)
     per_job = 1 if engine.dialect.name == "postgresql" else 3
     assert charged_statements == 2 * per_job
     assert short.value.details == {"balance": 0, "cost": 1}
-    assert _balance(session, account) == 0 == ledger.ledger_sum(session, account.id)
+    assert _balance(session, account) == 0 == support.ledger_sum(session, account.id)
     stored = session.scalars(select(Job).where(Job.user_id == account.id)).all()
     assert sorted(j.id for j in stored) == sorted(r["id"] for r in rows[:2])
     job = session.get(Job, rows[0]["id"])

@@ -222,7 +222,7 @@ def test_an_image_whose_loader_dies_twice_fails_the_job_with_a_refund(null_runti
         assert done.status == "succeeded"
         reasons = sorted(s.scalars(select(LedgerEntry.reason).where(LedgerEntry.job_id == doomed)))
         assert reasons == ["charge", "refund"]
-        assert s.get(User, user_id).tokens == ledger.ledger_sum(s, user_id) == 5
+        assert s.get(User, user_id).tokens == support.ledger_sum(s, user_id) == 5
 
 
 # --- a real worker with loader processes ----------------------------------------------

@@ -47,7 +47,7 @@ def _ledger(runtime, user_id, job_id):
     with runtime.sessions() as s:
         rows = s.scalars(select(LedgerEntry.reason).where(LedgerEntry.job_id == job_id))
         balance = s.get(User, user_id).tokens
-        return sorted(rows), balance, ledger.ledger_sum(s, user_id)
+        return sorted(rows), balance, support.ledger_sum(s, user_id)
 
 
 def test_a_redelivered_batch_changes_nothing(runtime, account, photo_server):

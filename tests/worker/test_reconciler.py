@@ -121,7 +121,7 @@ def test_a_processing_job_whose_worker_vanished_is_resent_then_failed(rec):
         )
         assert reasons == ["charge", "refund"]
         assert s.get(Job, retry).status == "processing"
-        assert s.get(User, user).tokens == ledger.ledger_sum(s, user)
+        assert s.get(User, user).tokens == support.ledger_sum(s, user)
 
 
 # --- dead workers: heartbeats, claims and (on Redis) the messages they held ---------

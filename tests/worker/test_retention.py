@@ -169,7 +169,7 @@ def test_old_finished_work_goes_in_chunks_and_the_ledger_stays(ret, monkeypatch)
             select(LedgerEntry.job_id).where(LedgerEntry.user_id == user)
         ).all()
         assert sorted(map(str, ledger_after)) == sorted(map(str, ledger_before))
-        assert s.get(User, user).tokens == ledger.ledger_sum(s, user)
+        assert s.get(User, user).tokens == support.ledger_sum(s, user)
 
 
 def test_a_pass_stops_when_its_time_is_up_and_the_next_goes_on(ret):
@@ -244,7 +244,7 @@ def _lines(ret, batch_id: str) -> int:
 def _balanced(ret, user_id: int) -> int:
     with ret.sessions() as s:
         tokens = s.get(User, user_id).tokens
-        assert tokens == ledger.ledger_sum(s, user_id)
+        assert tokens == support.ledger_sum(s, user_id)
         return tokens
 
 
