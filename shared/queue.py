@@ -224,25 +224,52 @@ def queue_depth(app: Celery, names: Sequence[str]) -> int:
     return waiting
 
 
+def _send_options(config: Config) -> dict:
+    """``send_task`` options that spare each message work it does not need (issue #22).
+
+    - ``ignore_result``: no task of the service returns a result anyone reads (SQL holds
+      them), but ``send_task`` cannot see ``task_ignore_result`` (it has no task object)
+      and asks the result backend to prepare for each message unless told.
+    - ``declare=[]`` on Redis only: the message goes to the queue's list by name (the
+      default exchange), so kombu's per-message declaration (a copy and bind of the
+      queue entity, then a cache look-up) changes nothing. RabbitMQ keeps it: there the
+      declaration is what makes a queue exist before any worker has started, and a
+      message for a missing queue would be dropped.
+    """
+    options: dict = {"ignore_result": True}
+    if config.broker_is_redis:
+        options["declare"] = []
+    return options
+
+
 def enqueue_jobs(app: Celery, config: Config, job_ids: Sequence[str]) -> None:
     """Send single jobs, one message each. Raises kombu/redis errors if the broker is down."""
     queue = interactive_queue(config)
+    options = _send_options(config)
     with app.producer_or_acquire() as producer:
         for job_id in job_ids:
-            app.send_task(CLASSIFY_TASK, args=([job_id],), queue=queue, producer=producer)
+            app.send_task(
+                CLASSIFY_TASK, args=([job_id],), queue=queue, producer=producer, **options
+            )
 
 
 def enqueue_bulk(app: Celery, config: Config, chunks: Sequence[Sequence[str]]) -> None:
     """Send a batch's jobs on the bulk queue, one message per chunk of job ids."""
     queue = bulk_queue(config)
+    options = _send_options(config)
     with app.producer_or_acquire() as producer:
         for ids in chunks:
-            app.send_task(CLASSIFY_TASK, args=(list(ids),), queue=queue, producer=producer)
+            app.send_task(
+                CLASSIFY_TASK, args=(list(ids),), queue=queue, producer=producer, **options
+            )
 
 
 def enqueue_webhooks(app: Celery, config: Config, event_ids: Sequence[str]) -> None:
     """Ask the webhook worker to deliver these events now."""
     queue = webhook_queue(config)
+    options = _send_options(config)
     with app.producer_or_acquire() as producer:
         for event_id in event_ids:
-            app.send_task(DELIVER_WEBHOOK_TASK, args=(event_id,), queue=queue, producer=producer)
+            app.send_task(
+                DELIVER_WEBHOOK_TASK, args=(event_id,), queue=queue, producer=producer, **options
+            )

@@ -102,3 +102,18 @@ def test_validation_failed_picks_a_fields_code_only_when_every_failure_has_one(m
     err = validation_failed(messages, _Probe())
     assert isinstance(err, ValidationFailed) and err.code == code
     assert (err.details is None) == (code != "validation_error")
+
+
+def test_the_parser_builds_each_schema_class_once(client, user):
+    # webargs would build (and deep-copy the fields of) a new schema per request.
+    from api.validation import Blueprint
+
+    parser = Blueprint.ARGUMENTS_PARSER
+    first = parser._get_schema(schemas.JobCreate, None)
+    assert parser._get_schema(schemas.JobCreate, None) is first
+    # Reused across requests, it still answers each one on its own.
+    bad = client.post("/v1/jobs", json={"url": "nope", "top_k": 0}, headers=user["headers"])
+    assert set(_error(bad)["details"]["fields"]) == {"url", "top_k"}
+    ok = client.post("/v1/jobs", json={"url": URL, "top_k": 3}, headers=user["headers"])
+    assert ok.status_code == 202, ok.get_json()
+    assert ok.get_json()["top_k"] == 3

@@ -10,6 +10,7 @@ import pytest
 
 from shared.config import Config
 from shared.queue import (
+    CLASSIFY_TASK,
     bulk_queue,
     classify_queues,
     enqueue_jobs,
@@ -85,3 +86,32 @@ def test_each_queue_is_bound_under_its_own_name() -> None:
             bulk_queue(config),
         ]
     )
+
+
+def test_a_rabbitmq_sender_declares_its_queues_itself(rabbit_config):
+    # Before any worker declared them: a message for a missing queue would be dropped.
+    app = make_celery(rabbit_config)
+    enqueue_jobs(app, rabbit_config, ["a"])
+    enqueue_webhooks(app, rabbit_config, ["e"])
+    assert queue_depth(app, [interactive_queue(rabbit_config)]) == 1
+    assert queue_depth(app, [webhook_queue(rabbit_config)]) == 1
+
+
+def test_redis_messages_reach_their_lists_undeclared_and_ask_for_no_result(tmp_path):
+    # On Redis the sender skips kombu's per-message declaration (issue #22): the
+    # message still lands in its queue's list, with nothing declared before it.
+    import redis
+
+    config = support.test_config(f"sqlite:///{tmp_path / 'q.db'}")
+    client = redis.Redis.from_url(config.redis_url)
+    try:
+        app = make_celery(config)
+        enqueue_jobs(app, config, ["a", "b"])
+        enqueue_webhooks(app, config, ["e"])
+        assert client.llen(interactive_queue(config)) == 2
+        assert client.llen(webhook_queue(config)) == 1
+        message = json.loads(client.lindex(interactive_queue(config), 0))
+        assert message["headers"]["ignore_result"] is True
+        assert message["headers"]["task"] == CLASSIFY_TASK
+    finally:
+        support.delete_redis_prefix(config.queue_prefix)
