@@ -47,7 +47,7 @@ def create_app(config: Config | None = None, **overrides: Any) -> Flask:
     )
     if config.trusted_proxies:
         # The client's address (rate limits on failed logins) comes from X-Forwarded-For.
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=config.trusted_proxies)
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=config.trusted_proxies)  # type: ignore[method-assign]
     app.extensions["imgclf"] = svc = Services.build(config)
     init_metrics(app, svc)
     app.extensions["imgclf_limits"] = Limits(config)
@@ -89,7 +89,7 @@ class ServiceApi(Api):
     ERROR_SCHEMA = ErrorSchema
 
 
-_SECURITY = [{"bearerAuth": []}, {"basicAuth": []}]
+_SECURITY: list[dict[str, list[str]]] = [{"bearerAuth": []}, {"basicAuth": []}]
 
 
 def _security_components() -> dict:

@@ -9,8 +9,9 @@ for every way an account is made. Balances change only through shared/ledger.py.
 from __future__ import annotations
 
 from datetime import datetime
+from typing import cast
 
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, select, update
 from sqlalchemy.exc import IntegrityError
 
 from api.auth import (
@@ -56,9 +57,10 @@ def create_user(username: str, password: str, *, admin: bool = False) -> tuple[U
 def promote(username: str) -> bool:
     """Make an existing user an administrator (password unchanged); False if none exists."""
     with unit_of_work() as session:
-        done = session.execute(
+        result = session.execute(
             update(User).where(User.username == username).values(is_admin=True)
-        ).rowcount
+        )
+        done = cast(CursorResult, result).rowcount
     return bool(done)
 
 
@@ -94,11 +96,12 @@ def active_keys(user: User) -> list[ApiKey]:
 def revoke_key(user: User, key_id: str) -> None:
     """Revoke one of the user's keys at once; 404 if it is not theirs or already revoked."""
     with unit_of_work() as session:
-        done = session.execute(
+        result = session.execute(
             update(ApiKey)
             .where(ApiKey.id == key_id, ApiKey.user_id == user.id, ApiKey.revoked_at.is_(None))
             .values(revoked_at=utcnow())
-        ).rowcount
+        )
+        done = cast(CursorResult, result).rowcount
     if not done:
         raise NotFound("No such API key.", code="key_not_found")
     # At once in this process; other API processes within API_KEY_CACHE_S (api/auth.py).

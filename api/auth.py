@@ -87,6 +87,7 @@ def user_by_password(username: str | None, password: str | None) -> User:
     if not check_password(password, user.password_hash if user else None):
         limits().record_login_failure(username)
         raise Unauthorized("Wrong username or password.", code="invalid_credentials")
+    assert user is not None  # check_password refuses a missing user
     return user
 
 
@@ -206,8 +207,10 @@ def server_session_key(kind: str, sid: str | None = None) -> str | None:
     Only a hash of the session id is stored, so a Redis dump holds no usable session.
     """
     sid = sid or session.get("sid")
-    if not isinstance(sid, str):
-        return None
+    return _session_key(kind, sid) if isinstance(sid, str) else None
+
+
+def _session_key(kind: str, sid: str) -> str:
     digest = hashlib.sha256(sid.encode()).hexdigest()
     return f"{services().config.queue_prefix}:{kind}:{digest}"
 
@@ -223,7 +226,7 @@ def log_in(user: User) -> None:
     log_out()
     sid = secrets.token_urlsafe(32)
     services().redis.set(
-        server_session_key(WEB_SESSION, sid),
+        _session_key(WEB_SESSION, sid),
         str(user.id),
         ex=current_app.permanent_session_lifetime,
     )

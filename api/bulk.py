@@ -368,7 +368,7 @@ def _insert_batch(session: Session, user_id: int, req: BatchRequest, batch_max: 
             for i, (job_id, url, custom_id, line_top_k) in enumerate(lines)
         ],
     )
-    return batches.batch_to_dict(session, session.get(Batch, batch_id))
+    return batches.batch_to_dict(session, session.get_one(Batch, batch_id))
 
 
 def chunk(job_ids: list[str], urls: tuple[str, ...], size: int) -> list[list[str]]:
@@ -500,7 +500,7 @@ def _gone(batch_id: str) -> bool:
 
 
 def _result_pages(batch_id: str) -> Iterator[dict]:
-    after = -1
+    after: int | None = -1
     while True:
         # Each page in its own short transaction, ended before its lines are sent.
         with unit_of_work(read_only=True) as session:

@@ -53,7 +53,10 @@ class HttpUrl(ma.fields.String):
         super().__init__(**kwargs)
         self.noun, self.error_code = noun, f"invalid_{noun}"
 
-    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> str | None:
+    # None for a blank URL (the field is then absent), which String's signature cannot say.
+    def _deserialize(  # type: ignore[override]
+        self, value: Any, attr: Any, data: Any, **kwargs: Any
+    ) -> str | None:
         if not isinstance(value, str):
             raise ma.ValidationError(invalid_message(self.noun))
         url = value.strip()

@@ -11,6 +11,7 @@ Order matters for "nothing half-written":
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -149,20 +150,18 @@ def build_request(
     the model must be enabled, and there must be one input, a url or an upload."""
     model = checked_model(model)
     top_k = services().config.default_top_k if top_k is None else top_k
-    hook = {
-        "webhook_url": webhook or None,
-        "webhook_events": tuple(dict.fromkeys(webhook_events or [COMPLETED])) if webhook else None,
-    }
+    events = tuple(dict.fromkeys(webhook_events or [COMPLETED])) if webhook else None
+    request = functools.partial(
+        JobRequest, model=model, top_k=top_k, webhook_url=webhook or None, webhook_events=events
+    )
     if upload is not None:
         if url:
             raise ValidationFailed("Send either a url or a file, not both.", code="ambiguous_input")
         validate_upload(upload, filename)
-        return JobRequest(
-            model=model, top_k=top_k, upload=upload, filename=filename or "upload", **hook
-        )
+        return request(upload=upload, filename=filename or "upload")
     if not url:
         raise ValidationFailed("A 'url' or a 'file' upload is required.", code="missing_input")
-    return JobRequest(model=model, top_k=top_k, url=url, **hook)
+    return request(url=url)
 
 
 def submit(user: User, req: JobRequest, idempotency_key: str | None = None) -> tuple[int, dict]:

@@ -42,17 +42,16 @@ def validation_failed(messages: Any, schema: ma.Schema) -> ValidationFailed:
     if unknown and len(unknown) == len(messages):
         return ValidationFailed(" ".join(unknown.values()), details={"fields": messages})
     coded = [
-        (name, field)
+        (field.data_key or name, code)
         for name, field in schema.load_fields.items()
-        if (field.data_key or name) in messages and getattr(field, "error_code", None)
+        if (field.data_key or name) in messages and (code := getattr(field, "error_code", None))
     ]
     if not coded or len(coded) < len(messages):
         return ValidationFailed(details={"fields": messages})
-    name, field = coded[0]
-    if field.error_code == "invalid_body":
+    key, code = coded[0]
+    if code == "invalid_body":
         return invalid_body(getattr(schema, "EXPECTED", None) or "a JSON object")
-    message = messages[field.data_key or name]
-    return ValidationFailed(_first(message), code=field.error_code)
+    return ValidationFailed(_first(messages[key]), code=code)
 
 
 def _unknown_fields(messages: dict, schema: ma.Schema) -> dict[str, str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import io
 import struct
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import numpy as np
@@ -35,6 +36,7 @@ _WHITE = (255, 255, 255, 255)
 _STRIP_PIXELS = 1 << 20
 # Decodes this large give their memory back to the OS at once (see _return_freed_memory).
 _TRIM_PIXELS = 4_000_000
+_malloc_trim: Callable[[int], int] | None
 try:
     _malloc_trim = ctypes.CDLL(None).malloc_trim  # glibc only
 except (OSError, AttributeError):

@@ -29,10 +29,12 @@ from typing import Any, cast
 
 from sqlalchemy import (
     ARRAY,
+    BindParameter,
     ColumnElement,
     Insert,
     Row,
     String,
+    Table,
     Update,
     any_,
     bindparam,
@@ -50,7 +52,8 @@ from shared.db import bulk_insert
 from shared.models import NULLABLE_JSON, Job, as_utc, new_id, utcnow
 from shared.status import ACTIVE, TERMINAL, JobStatus
 
-JOBS = Job.__table__
+# Typed as the Table it is (declarative classes declare __table__ as a FromClause).
+JOBS = cast(Table, Job.__table__)
 #: A job as a claim or a transition's RETURNING read it: every column, by attribute.
 JobRow = Row[Any]
 ACTIVE_VALUES = tuple(s.value for s in ACTIVE)
@@ -61,7 +64,7 @@ ACTIVE_VALUES = tuple(s.value for s in ACTIVE)
 #: other nullable columns. Core inserts and COPY skip the model's defaults, so every row
 #: is built from this (``new_row``); computed once, at import.
 NEW_JOB: dict[str, Any] = {
-    c.name: c.default.arg if c.default is not None else None
+    c.name: getattr(c.default, "arg", None)
     for c in JOBS.c
     if (c.default is not None and c.default.is_scalar) or (c.default is None and c.nullable)
 }
@@ -136,7 +139,9 @@ def iso(dt: datetime | None) -> str | None:
 
 
 def _error(job: Job | JobRow) -> dict[str, str] | None:
-    return {"code": job.error_code, "message": job.error_message} if job.error_code else None
+    if not job.error_code:
+        return None
+    return {"code": job.error_code, "message": job.error_message or ""}
 
 
 def job_to_dict(job: Job | JobRow | Mapping[str, Any]) -> dict[str, Any]:
@@ -245,7 +250,7 @@ def _ids_match(dialect: str, name: str) -> ColumnElement[bool]:
 @functools.cache
 def _claim_statement(dialect: str, plain: bool) -> Update:
     """Built once per dialect: a statement built per call cost more CPU than its round trip."""
-    now = bindparam("claim_now")
+    now: BindParameter[datetime] = bindparam("claim_now")
     where = [_ids_match(dialect, "claim_ids"), JOBS.c.status.in_(ACTIVE_VALUES)]
     # A RETURNING column costs the driver a description entry on every execution.
     returning = [JOBS.c[name] for name in WORK_COLUMNS] if plain else list(JOBS.c)

@@ -9,14 +9,18 @@ from ever taking a balance below zero.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import CTE, delete, insert, literal, null, select, update
+from sqlalchemy import CTE, CursorResult, Table, delete, insert, literal, null, select, update
 from sqlalchemy.orm import Session
 
 from shared.db import bulk_insert
 from shared.errors import InsufficientTokens
 from shared.models import LedgerEntry, User, utcnow
+
+# Typed as the Tables they are (declarative classes declare __table__ as a FromClause).
+USERS = cast(Table, User.__table__)
+ENTRIES = cast(Table, LedgerEntry.__table__)
 
 SIGNUP, CHARGE, REFUND, REFILL = "signup", "charge", "refund", "refill"
 
@@ -44,7 +48,7 @@ def charge_jobs(
     a job not in it is on its first run (0).
     """
     n = len(job_ids)
-    users = User.__table__
+    users = USERS
     # On the table, not the entity: the ORM's UPDATE would also search the session's
     # identity map for User objects to synchronise, a cost on every submission.
     new_balance = session.execute(
@@ -57,7 +61,7 @@ def charge_jobs(
         raise insufficient(session, user_id, n)
     bulk_insert(
         session,
-        LedgerEntry.__table__,
+        ENTRIES,
         [_entry(user_id, -1, CHARGE, j, runs) for j in job_ids],
     )
     return new_balance
@@ -72,7 +76,7 @@ def charge_one(user_id: Any, job_id: Any, at: Any) -> tuple[CTE, CTE]:
     inserts the job's ledger row selecting from it, so a short balance writes nothing.
     The arguments are SQL expressions (the statement's bound parameters).
     """
-    users, entries = User.__table__, LedgerEntry.__table__
+    users, entries = USERS, ENTRIES
     charged = (
         update(users)
         .where(users.c.id == user_id, users.c.tokens >= 1)
@@ -129,9 +133,7 @@ def refund_jobs(
     session.execute(
         update(User).where(User.id == user_id).values(tokens=User.tokens + len(job_ids))
     )
-    bulk_insert(
-        session, LedgerEntry.__table__, [_entry(user_id, 1, REFUND, j, runs) for j in job_ids]
-    )
+    bulk_insert(session, ENTRIES, [_entry(user_id, 1, REFUND, j, runs) for j in job_ids])
 
 
 def void_charges(session: Session, user_id: int, job_ids: Sequence[str]) -> None:
@@ -141,13 +143,14 @@ def void_charges(session: Session, user_id: int, job_ids: Sequence[str]) -> None
     (a job deleted unstarted was never retried: its one charge is run 0)."""
     if not job_ids:
         return
-    voided = session.execute(
+    result = session.execute(
         delete(LedgerEntry).where(
             LedgerEntry.user_id == user_id,
             LedgerEntry.job_id.in_(list(job_ids)),
             LedgerEntry.reason == CHARGE,
         )
-    ).rowcount
+    )
+    voided = cast(CursorResult, result).rowcount
     # Exactly the tokens whose rows went, so the balance stays the sum of the ledger.
     if voided:
         session.execute(update(User).where(User.id == user_id).values(tokens=User.tokens + voided))

@@ -117,15 +117,15 @@ def histogram_series(
     fields: dict[str, float], buckets: Iterable[float]
 ) -> dict[tuple[tuple[str, str], ...], tuple[list[tuple[str, float]], float]]:
     """Per label set: cumulative buckets [(le, count)] including +Inf, and the sum."""
-    per: dict[tuple, dict[str, float]] = defaultdict(dict)
+    per: dict[tuple[tuple[str, str], ...], dict[str, float]] = defaultdict(dict)
     for field, value in fields.items():
         labels, suffix = parse_field(field)
         per[tuple(sorted(labels.items()))][suffix] = value
     result = {}
-    for labels, values in per.items():
+    for label_set, values in per.items():
         running, cumulative = 0.0, []
         for bound in (*buckets, math.inf):
             running += values.get(f"le={bound}", 0.0)
             cumulative.append(("+Inf" if bound == math.inf else str(bound), running))
-        result[labels] = (cumulative, values.get("sum", 0.0))
+        result[label_set] = (cumulative, values.get("sum", 0.0))
     return result

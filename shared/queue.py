@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from typing import cast
 
 import redis
 from celery import Celery
@@ -130,7 +131,8 @@ def publish_health(client: redis.Redis, config: Config, name: str, problem: str 
 
 def worker_problems(client: redis.Redis, config: Config) -> dict[str, str]:
     """Every classification worker's problem (name -> why); a worker absent has none."""
-    return {k.decode(): v.decode() for k, v in client.hgetall(worker_health_key(config)).items()}
+    found = cast(dict[bytes, bytes], client.hgetall(worker_health_key(config)))
+    return {k.decode(): v.decode() for k, v in found.items()}
 
 
 def worker_ready_key(config: Config) -> str:
@@ -148,7 +150,8 @@ def webhook_worker_ready_key(config: Config) -> str:
 
 def heartbeats(client: redis.Redis, config: Config) -> dict[str, float]:
     """Every classification worker's last heartbeat (name -> unix time)."""
-    return {k.decode(): float(v) for k, v in client.hgetall(heartbeat_key(config)).items()}
+    found = cast(dict[bytes, bytes], client.hgetall(heartbeat_key(config)))
+    return {k.decode(): float(v) for k, v in found.items()}
 
 
 def make_celery(config: Config, main: str = "imgclf") -> Celery:

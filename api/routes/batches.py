@@ -92,6 +92,7 @@ def _text_batch_request(options: dict) -> BatchRequest:
     # Read line by line from the stream, never the whole body as one string.
     limit = services().config.max_batch_urls
     lines = Utf8Lines(request.stream)
+    numbered: list[tuple[int, str]] | list[tuple[int, object]]
     if request.mimetype == "text/plain":
         build, numbered = build_batch_request, parse_lines(lines, limit)
     else:

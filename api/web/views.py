@@ -257,7 +257,9 @@ def signup():
 def _keep_new_key(key: str) -> None:
     # Shown once on the account page. Not in the cookie: Flask's cookie is signed, not
     # encrypted, so anyone who sees it could read the key.
-    services().redis.set(server_session_key(WEB_NEW_KEY), key, ex=NEW_KEY_TTL_S)
+    name = server_session_key(WEB_NEW_KEY)
+    if name is not None:  # logged in: the account page is behind login_required
+        services().redis.set(name, key, ex=NEW_KEY_TTL_S)
 
 
 def _pop_new_key() -> str | None:
@@ -265,7 +267,9 @@ def _pop_new_key() -> str | None:
     if name is None:
         return None
     with services().redis.pipeline() as pipe:  # MULTI: get and delete as one step
-        key, _ = pipe.get(name).delete(name).execute()
+        pipe.get(name)
+        pipe.delete(name)
+        key, _ = pipe.execute()
     return key.decode() if key else None
 
 
