@@ -12,11 +12,11 @@ import pytest
 from sqlalchemy import event, select, update
 
 from shared import ledger
+from shared.metrics import MetricsBuffer
 from shared.models import Job, LedgerEntry, User, WebhookEvent, new_id
 from shared.pixel_budget import PixelBudget
 from tests import support
 from worker import pipeline
-from shared.metrics import MetricsBuffer
 from worker.loader import ImageResult, LoadCanceled, ThreadLoader
 from worker.runtime import Runtime
 
@@ -303,8 +303,8 @@ def stage(monkeypatch):
     )
     loading.release = release
     yield loading
-    for event in release.values():
-        event.set()
+    for gate in release.values():
+        gate.set()
     loading.stop()
 
 
