@@ -48,8 +48,11 @@ class PixelBudget:
       and a ``multiprocessing.Condition`` deadlocks its next ``notify`` when a waiter
       dies (it waits for every counted sleeper to wake);
     - so there is no cross-process condition variable: a decode that does not fit
-      checks again after a short, growing pause (this waits only while the budget is
-      full, a few times per second, against decodes that take as long);
+      waits on a ``threading.Condition`` that its own process's releases wake, and
+      with other owners also checks again after a short, growing pause, for their
+      releases (this waits only while the budget is full). With one owner (the
+      worker's threads, LOADER_PROCESSES=0) no other process can be involved: no
+      ``flock`` and no pause, only the thread lock and the condition;
     - each owner's pixels and place in line are its own words in shared memory,
       each changed by a single store, so a death between two stores leaves nothing
       half-done beyond that owner's words; ``reclaim(owner)``, called by the worker
@@ -90,7 +93,8 @@ class PixelBudget:
     def __getstate__(self) -> dict:
         # The RawArray pickles only while spawning a process: a member goes as an argument.
         state = dict(self.__dict__)
-        for local in ("_fd", "_lock", "_seats", "_seat_free", "_used", "_held", "_line"):
+        locals_ = ("_fd", "_lock", "_seats", "_seat_free", "_used", "_held", "_line", "_released")
+        for local in locals_:
             state.pop(local, None)
         return state
 
@@ -108,6 +112,10 @@ class PixelBudget:
         self._line = words[_HEAD + self._owners :].reshape(self._owners, self._waiters)
         self._seats = list(range(self._waiters))  # this process's places in its line row
         self._seat_free = threading.Semaphore(self._waiters)
+        # Wakes this process's waiting decodes when pixels or the head of the line may
+        # have changed here; a count, so a wake between a check and the wait is not lost.
+        self._released = threading.Condition(threading.Lock())
+        self._changes = 0
 
     def close(self) -> None:
         """Remove the lock file (the creator, once every process is gone)."""
@@ -118,6 +126,9 @@ class PixelBudget:
     @contextmanager
     def _locked(self) -> Iterator[None]:
         with self._lock:
+            if self._owners == 1:  # one process: nobody else takes the file's lock
+                yield
+                return
             fcntl.flock(self._fd, fcntl.LOCK_EX)
             try:
                 yield
@@ -166,6 +177,12 @@ class PixelBudget:
         finally:
             with self._locked():
                 self._held[self.owner] -= pixels
+            self._wake()
+
+    def _wake(self) -> None:
+        with self._released:
+            self._changes += 1
+            self._released.notify_all()
 
     def _take(self, pixels: int) -> None:
         if pixels > self.capacity:
@@ -180,6 +197,8 @@ class PixelBudget:
         try:
             pause = _FIRST_PAUSE_S
             while True:
+                with self._released:
+                    seen = self._changes
                 with self._locked():
                     if not ticket:
                         ticket = int(self._used[_NEXT]) + 1
@@ -200,7 +219,11 @@ class PixelBudget:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise DecodeBusy(_busy(self._wait_s))
-                time.sleep(min(pause, left))
+                # Alone, only this process's releases can make room: no pause needed.
+                wait = left if self._owners == 1 else min(pause, left)
+                with self._released:
+                    if self._changes == seen:
+                        self._released.wait(wait)
                 pause = min(2 * pause, _MAX_PAUSE_S)
         finally:
             if ticket:  # gave up: leave the line
@@ -210,10 +233,12 @@ class PixelBudget:
             with self._lock:
                 self._seats.append(seat)
             self._seat_free.release()
+            self._wake()  # the head of the line moved: the next one may go
 
 
 _NEXT, _PEAK, _HEAD = 0, 1, 2
-# Checks of a full budget: soon (a small decode ends within milliseconds), then less often.
+# Checks of a full budget for other processes' releases: soon (a small decode ends
+# within milliseconds), then less often.
 _FIRST_PAUSE_S = 0.001
 _MAX_PAUSE_S = 0.02
 

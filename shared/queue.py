@@ -198,8 +198,11 @@ def make_celery(config: Config, main: str = "imgclf") -> Celery:
         worker_concurrency=config.worker_concurrency,
         worker_pool=config.worker_pool,
         worker_hijack_root_logger=False,
-        # On a cold shutdown (a second SIGTERM, or SIGQUIT), batches in flight still get
-        # this long to finish; whatever does not finish is redelivered (acks_late).
+        # Celery waits this long on a cold shutdown (a second SIGTERM, or SIGQUIT) only
+        # while its active_requests is not empty, and worker.batching's strategy runs
+        # batches without a celery Request, so it never waits: batches in flight are
+        # cut off and redelivered (acks_late). worker_enable_soft_shutdown_on_idle
+        # would make it wait whatever runs.
         worker_soft_shutdown_timeout=config.worker_shutdown_timeout_s,
         worker_send_task_events=False,
         # A prefork pool process loads the models before it reports for work; under

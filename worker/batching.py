@@ -101,7 +101,7 @@ class ContinuousBatches(Batches):
     #: the worker has already prefetched.
     first_queues: frozenset[str] = frozenset()
 
-    #: Loads each message before it may join a batch (``submit(job_ids, done)``,
+    #: Loads each message before it may join a batch (``submit(job_ids, done, first)``,
     #: ``close()``; set at worker start with the threads pool). None: the batch loads
     #: its own inputs, inside its slot.
     loader: Any = None
@@ -157,11 +157,29 @@ class ContinuousBatches(Batches):
                 connection_errors=consumer.connection_errors,
             )
             signals.task_received.send(sender=consumer, request=request)
-            if self._timer is None:
-                self._timer = consumer.timer.call_repeatedly(self.flush_interval, self.dispatch)
             self.receive(request)
 
+        self._reconnected(consumer)
         return on_message
+
+    def _reconnected(self, consumer: Any) -> None:
+        """A new connection (celery calls ``Strategy`` on each): timer and messages anew.
+
+        Celery clears the event loop's timer after a connection error, which leaves an
+        old entry dead: the dispatch timer is registered again here, every time. The
+        messages still ARRIVED came on the dead channel and were never claimed: the
+        broker delivers them again, so loading them too would claim their jobs twice.
+        """
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = consumer.timer.call_repeatedly(self.flush_interval, self.dispatch)
+        with self._lock:
+            dropped = [m for m in self._messages if m.state == ARRIVED]
+            self._messages = [m for m in self._messages if m.state != ARRIVED]
+        if dropped:
+            log.warning(
+                "connection lost: %d message(s) not yet loading left to the broker", len(dropped)
+            )
 
     def receive(self, request: Any) -> None:
         """A delivered message arrives: start its load, dispatch (unless batch_wait)."""
@@ -200,8 +218,15 @@ class ContinuousBatches(Batches):
             if not m.first and ahead and ahead + m.size > self.load_ahead:
                 break  # the rest waits for loaded messages to leave in batches
             m.state = LOADING
+            try:
+                self.loader.submit(
+                    m.job_ids, lambda result, error, m=m: self._loaded(m, result, error), m.first
+                )
+            except RuntimeError as exc:  # the stage stopped: the broker gets it back
+                m.state = ARRIVED
+                log.warning("loading stopped: %r", exc)
+                return
             ahead += m.size
-            self.loader.submit(m.job_ids, lambda result, error, m=m: self._loaded(m, result, error))
 
     def _loaded(self, m: Message, result: Any, error: BaseException | None) -> None:
         """A load finished (never on the thread that submitted it)."""
@@ -299,22 +324,28 @@ class ContinuousBatches(Batches):
         requests = [SimpleRequest.from_request(m.request) for m in batch]
         loaded = [m.loaded for m in batch] if self.loader is not None else None
 
+        # Both reach _finish whatever else fails: a written batch left unacked would
+        # run again, and its slot's messages would be held for ever.
         def on_return(result: Any) -> None:
-            with self._lock:
-                self._in_flight -= 1
-            # Dispatch the next batch before the acks: acks are Redis round trips.
-            self.dispatch()
-            self._finish(batch, requeue=result == RETRY_BATCH)
+            try:
+                with self._lock:
+                    self._in_flight -= 1
+                # Dispatch the next batch before the acks: acks are Redis round trips.
+                self.dispatch()
+            finally:
+                self._finish(batch, requeue=result == RETRY_BATCH)
 
         def on_error(exc_info: Any) -> None:
-            with self._lock:
-                self._in_flight -= 1
-            log.error(
-                "batch of %d message(s) lost its pool process: %r; requeueing",
-                len(batch),
-                getattr(exc_info, "exception", exc_info),
-            )
-            self._finish(batch, requeue=True)
+            try:
+                with self._lock:
+                    self._in_flight -= 1
+                log.error(
+                    "batch of %d message(s) lost its pool process: %r; requeueing",
+                    len(batch),
+                    getattr(exc_info, "exception", exc_info),
+                )
+            finally:
+                self._finish(batch, requeue=True)
             self.dispatch()
 
         return self.slot_pool.apply_async(

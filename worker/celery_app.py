@@ -233,9 +233,15 @@ def _stop(how: str = "", **_kwargs) -> None:
 
 @signals.worker_shutdown.connect
 def _stop_loader_processes(**_kwargs) -> None:
-    # After the pool has drained: no batch waits for an image any more.
-    if _serving is not None:
-        _serving.stop_loader_processes()
+    # After the pool has drained: no batch waits for an image any more. The claim
+    # threads end here, not in _stop: that runs in a signal handler on the consumer's
+    # thread, which may hold the executor's lock inside a submit.
+    if _serving is None:
+        return
+    loading = getattr(_serving.task, "loader", None)
+    if loading is not None:
+        loading.stop()
+    _serving.stop_loader_processes()
 
 
 @signals.worker_process_init.connect

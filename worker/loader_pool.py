@@ -16,8 +16,9 @@ an image and is gone, docs/benchmarks.md, "Loader processes").
 A loader process that dies (SIGKILL, OOM) loses nothing: its tasks in flight are sent
 once more to another process, then fail (``internal_error``, so the job is refunded),
 the pixels it held and its places in the budget's line are given back, and a new
-process takes its place. A task without an answer past its deadline (fetch,
-decode wait and slack) fails the same way.
+process takes its place. A process with a task past its deadline (fetch, decode wait
+and slack) is killed, and its tasks go the same way; ``health()`` reports it until
+its successor is ready.
 
 A loader process says READY once it is set up. One that exits before that (it cannot
 import the project...) would only die again: it is started again after a back-off
@@ -81,6 +82,8 @@ class _Process:
     conn: Any = None
     ready: bool = False
     start_failures: int = 0  # exits before READY in a row
+    hung: bool = False  # killed for a task past its deadline; until its successor is READY
+    killed: Any = None  # the process killed as hung (its death not yet read)
     restart: threading.Timer | None = None
     send_lock: threading.Lock = field(default_factory=threading.Lock)
     in_flight: dict[int, _Pending] = field(default_factory=dict)
@@ -120,12 +123,18 @@ class LoaderProcesses:
         """None while every loader process runs or starts as usual; else what is wrong."""
         with self._lock:
             failing = [p.start_failures for p in self._places if p.start_failures]
-        if not failing:
-            return None
-        return (
-            f"{len(failing)} of {len(self._places)} loader process(es) cannot start "
-            f"(exited before ready {max(failing)} time(s) in a row; see the worker's log)"
-        )
+            hung = sum(p.hung for p in self._places)
+        if failing:
+            return (
+                f"{len(failing)} of {len(self._places)} loader process(es) cannot start "
+                f"(exited before ready {max(failing)} time(s) in a row; see the worker's log)"
+            )
+        if hung:
+            return (
+                f"{hung} of {len(self._places)} loader process(es) gave no answer within "
+                f"{self._limit_s:.0f} s and were killed; restarting"
+            )
+        return None
 
     def submit(self, task: ImageTask) -> Future[ImageResult]:
         """Send ``task`` to the least busy process; its line there puts interactive first."""
@@ -134,7 +143,8 @@ class LoaderProcesses:
         with self._lock:
             if self._closed:
                 raise RuntimeError("the loader processes are stopped")
-            alive = [i for i, p in enumerate(self._places) if p.proc is not None]
+            # Not one killed as hung: until its sentinel is read it looks alive.
+            alive = [i for i, p in enumerate(self._places) if p.proc is not None and not p.hung]
             places = alive or list(range(len(self._places)))  # all restarting: wait there
             index = min(places, key=lambda i: len(self._places[i].in_flight))
             self._next_id += 1
@@ -180,6 +190,7 @@ class LoaderProcesses:
         with self._lock:
             place = self._places[index]
             pending.sends += 1
+            pending.deadline = time.monotonic() + self._limit_s  # each send has its own
             place.in_flight[task_id] = pending  # counted before the lock goes
             conn = place.conn
         try:
@@ -222,15 +233,36 @@ class LoaderProcesses:
 
     def _expire(self) -> None:
         # A loader bounds each task (fetch deadline, decode wait); past that, something is
-        # wrong there: fail the image rather than hold its message for ever.
+        # wrong there. A process with a task past its deadline is killed: left alive it
+        # would look idle (the task no longer counted) and draw more tasks, and one that
+        # reads no more of its pipe would block their sends. Its death (``_died``) sends
+        # its tasks once more, or fails them, and starts a new process.
         now = time.monotonic()
         with self._lock:
+            hung = [
+                place
+                for place in self._places
+                if place.proc is not None
+                and place.proc is not place.killed
+                and any(p.deadline < now for p in place.in_flight.values())
+            ]
+            for place in hung:
+                place.hung, place.killed = True, place.proc
+            # Waiting for a restart (no process): nothing to kill, fail them here.
             late = [
                 place.in_flight.pop(task_id)
                 for place in self._places
+                if place.proc is None
                 for task_id, pending in list(place.in_flight.items())
                 if pending.deadline < now
             ]
+        for place in hung:
+            log.error(
+                "loader process %s gave no answer within %.0f s; killing it",
+                place.proc.pid,
+                self._limit_s,
+            )
+            place.proc.kill()
         for pending in late:
             log.error("a loader process gave no answer within %.0f s", self._limit_s)
             _lose(pending)
@@ -253,8 +285,12 @@ class LoaderProcesses:
     def _started(self, index: int) -> None:
         with self._lock:
             place = self._places[index]
-            place.ready = True
+            place.ready, place.hung = True, False
             failures, place.start_failures = place.start_failures, 0
+            # Its tasks were sent before it could read them: their time starts now.
+            deadline = time.monotonic() + self._limit_s
+            for pending in place.in_flight.values():
+                pending.deadline = max(pending.deadline, deadline)
         if failures:
             log.info("loader process %d started after %d failed start(s)", index, failures)
 
@@ -327,7 +363,11 @@ class LoaderProcesses:
 
     def _least_busy_other(self, dead: int) -> int:
         with self._lock:
-            others = [i for i, p in enumerate(self._places) if p.proc is not None and i != dead]
+            others = [
+                i
+                for i, p in enumerate(self._places)
+                if p.proc is not None and not p.hung and i != dead
+            ]
             if not others:
                 return dead
             return min(others, key=lambda i: len(self._places[i].in_flight))

@@ -61,31 +61,53 @@ class Loaded:
 
 
 #: Threads that claim arriving messages' jobs (one SQL round trip each); images load
-#: on the runtime's loader meanwhile, so a slow host holds none of these.
+#: on the runtime's loader meanwhile, so a slow host holds none of these. Messages of
+#: ``first_queues`` (single jobs) have threads of their own: a bulk claim may retry
+#: for a minute while the database is down, and four of them would hold every thread.
 CLAIM_THREADS = 4
+FIRST_CLAIM_THREADS = 2
 Done = Callable[[Loaded | None, BaseException | None], None]
 
 
 class Loading:
-    """The loader stage of ``worker.batching.ContinuousBatches``: ``submit(job_ids, done)``.
+    """The loader stage of ``worker.batching.ContinuousBatches``.
 
-    A message's jobs are claimed on a claim thread, then its images go to the runtime's
-    loader; ``done(loaded, error)`` is called once every image is in, from a loader's
-    thread (never from the caller's). A message whose claim had not started when
-    ``close`` came gets ``LoadCanceled``; the others finish.
+    ``submit(job_ids, done, first)``: a message's jobs are claimed on a claim thread
+    (``first``: on one of the threads kept for ``first_queues`` messages), then its
+    images go to the runtime's loader; ``done(loaded, error)`` is called once every
+    image is in, from a loader's thread (never from the caller's), and called whatever
+    fails on the way. A message whose claim had not started when ``close`` came gets
+    ``LoadCanceled``; the others finish. ``stop`` ends the threads, once the pool has
+    drained (worker_shutdown); a ``submit`` after it raises RuntimeError.
     """
 
-    def __init__(self, rt: Runtime, claim_threads: int = CLAIM_THREADS) -> None:
+    def __init__(
+        self,
+        rt: Runtime,
+        claim_threads: int = CLAIM_THREADS,
+        first_claim_threads: int = FIRST_CLAIM_THREADS,
+    ) -> None:
         self._rt = rt
         self._claims = ThreadPoolExecutor(claim_threads, thread_name_prefix="claim")
+        self._first_claims = ThreadPoolExecutor(
+            first_claim_threads, thread_name_prefix="claim-first"
+        )
         self._closed = False
 
-    def submit(self, job_ids: list[str], done: Done) -> None:
-        self._claims.submit(self._start, job_ids, done)
+    def submit(self, job_ids: list[str], done: Done, first: bool = False) -> None:
+        executor = self._first_claims if first else self._claims
+        executor.submit(self._start, job_ids, done)
 
     def close(self) -> None:
+        """Start no more claims. Only a flag: this runs in celery's signal handler on the
+        consumer's thread, which may be inside ``submit`` holding the executor's lock."""
         self._closed = True
-        self._claims.shutdown(wait=False)
+
+    def stop(self) -> None:
+        """End the claim threads (worker_shutdown: no batch waits for a load any more)."""
+        self._closed = True
+        for executor in (self._claims, self._first_claims):
+            executor.shutdown(wait=False, cancel_futures=True)
 
     def _start(self, job_ids: list[str], done: Done) -> None:
         try:
@@ -97,15 +119,21 @@ class Loading:
             _hand_over(done, None, exc)
             return
 
-        def finish(results: list[ImageResult]) -> None:
-            take_images(self._rt, loaded, groups, results)
+        def finish(futures: list[Future]) -> None:
+            # On a future's callback thread, whose errors concurrent.futures only logs:
+            # one here must still reach ``done``, or the message stays LOADING for ever.
+            try:
+                take_images(self._rt, loaded, groups, [f.result() for f in futures])
+            except Exception as exc:
+                _hand_over(done, None, exc)
+                return
             _hand_over(done, loaded, None)
 
         _when_all(futures, finish)
 
 
-def _when_all(futures: list[Future], then: Callable[[list], None]) -> None:
-    """``then(results)`` once every future is done, on the thread that ends the last."""
+def _when_all(futures: list[Future], then: Callable[[list[Future]], None]) -> None:
+    """``then(futures)`` once every future is done, on the thread that ends the last."""
     left = [len(futures)]
     lock = threading.Lock()
 
@@ -114,7 +142,7 @@ def _when_all(futures: list[Future], then: Callable[[list], None]) -> None:
             left[0] -= 1
             last = left[0] == 0
         if last:
-            then([f.result() for f in futures])
+            then(futures)
 
     if not futures:
         then([])

@@ -67,6 +67,26 @@ def test_holds_add_up_and_a_decode_that_does_not_fit_waits_for_a_release(make) -
     assert budget.free == 100
 
 
+def test_a_release_in_this_process_wakes_the_waiting_decode(make, monkeypatch) -> None:
+    # The pauses between checks (for other processes' releases) made long: only a
+    # wake on this process's release lets the waiting decode in within PATIENT_S.
+    monkeypatch.setattr("shared.pixel_budget._FIRST_PAUSE_S", 10 * PATIENT_S)
+    monkeypatch.setattr("shared.pixel_budget._MAX_PAUSE_S", 10 * PATIENT_S)
+    budget = make(100, wait_s=10 * PATIENT_S)
+    first_in, first_out = threading.Event(), threading.Event()
+    second_in, second_out = threading.Event(), threading.Event()
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(_holder, budget, 100, first_in, first_out)
+        assert first_in.wait(PATIENT_S)
+        second = pool.submit(_holder, budget, 100, second_in, second_out)
+        wait_for(lambda: budget.waiting == 1, PATIENT_S, "the second decode in line")
+        first_out.set()
+        assert second_in.wait(PATIENT_S)
+        second_out.set()
+        first.result(PATIENT_S)
+        second.result(PATIENT_S)
+
+
 def test_small_decodes_fit_beside_each_other(make) -> None:
     budget = make(100, wait_s=PATIENT_S)
     with budget.hold(30), budget.hold(30), budget.hold(40):

@@ -171,9 +171,11 @@ class RecordingLoader:
     def __init__(self) -> None:
         self.loads: dict[str, object] = {}
         self.closed = False
+        self.first: dict[str, bool] = {}
 
-    def submit(self, job_ids, done) -> None:
+    def submit(self, job_ids, done, first=False) -> None:
         self.loads[job_ids[0]] = done
+        self.first[job_ids[0]] = first
 
     def finish(self, first_id: str, result: object = "arrays", error=None) -> None:
         self.loads.pop(first_id)(result, error)
@@ -281,3 +283,82 @@ def test_close_waits_for_loaded_messages_to_reach_the_pool(loading):
     loading.slot_pool.calls[0].done(None)  # a returns: b takes the slot
     assert [_ids(c) for c in loading.slot_pool.calls] == [["a"], ["b"]]
     assert not loading._claimed_not_running()
+
+
+def test_singles_are_submitted_as_first(loading):
+    loading.first_queues = frozenset({"q.interactive"})
+    _buffer(loading, _from("q.interactive", "s"), _from("q.bulk", "b"))
+    assert loading.loader.first == {"s": True, "b": False}
+
+
+class StoppedLoader(RecordingLoader):
+    def submit(self, job_ids, done, first=False) -> None:
+        raise RuntimeError("cannot schedule new futures after shutdown")
+
+
+def test_a_load_the_stopped_stage_refuses_leaves_its_message_arrived(loading):
+    # Not LOADING for ever: close would wait its whole timeout for it.
+    loading.loader = StoppedLoader()
+    held = Delivery("t1", "a")
+    _buffer(loading, held)
+    assert not loading._claimed_not_running()
+    assert loading.held_deliveries() == ["t1"] and held.events == []
+
+
+class BrokenPool(RecordingPool):
+    def apply_async(self, target, args, callback, error_callback):
+        if self.calls:
+            raise ValueError("a bug")
+        super().apply_async(target, args, callback, error_callback)
+
+
+def test_a_written_batch_is_acked_even_if_the_next_dispatch_fails(loading):
+    loading.slot_pool = BrokenPool()
+    written = Delivery("t1", "a")
+    _buffer(loading, written, Message("b"))
+    loading.loader.finish("a")  # runs in the only slot
+    loading.loader.finish("b")  # loaded, waiting for the slot
+    with pytest.raises(ValueError):
+        loading.slot_pool.calls[0].done(None)  # its dispatch sends b: that fails
+    assert written.events == ["ack"]
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.entries: list[SimpleNamespace] = []
+
+    def call_repeatedly(self, seconds, fun):
+        entry = SimpleNamespace(seconds=seconds, fun=fun, canceled=False)
+        entry.cancel = lambda: setattr(entry, "canceled", True)
+        self.entries.append(entry)
+        return entry
+
+
+def _connect(task) -> Timer:
+    timer = Timer()
+    consumer = SimpleNamespace(
+        pool=task.slot_pool, hostname="h", event_dispatcher=None, timer=timer, connection_errors=()
+    )
+    task.Strategy(task, SimpleNamespace(use_fast_trace_task=False), consumer)  # on each connect
+    return timer
+
+
+def test_each_connection_registers_the_dispatch_timer_again(loading):
+    # After a connection error celery clears the event loop's timer: the old entry is dead.
+    first = _connect(loading)
+    second = _connect(loading)
+    assert first.entries[0].canceled and len(first.entries) == 1
+    assert [e.fun for e in second.entries] == [loading.dispatch]
+    assert not second.entries[0].canceled
+
+
+def test_a_reconnect_leaves_unclaimed_messages_to_the_broker(loading):
+    _connect(loading)
+    loading.load_ahead = 1
+    loading_one, waiting = Delivery("t1", "a"), Delivery("t2", "b")
+    _buffer(loading, loading_one, waiting)  # b waits ARRIVED: a fills the allowance
+    _connect(loading)  # the broker delivers b again: loading it too would claim it twice
+    assert loading.held_deliveries() == ["t1"]
+    loading.loader.finish("a")
+    assert "b" not in loading.loader.loads
+    assert [_ids(c) for c in loading.slot_pool.calls] == [["a"]]

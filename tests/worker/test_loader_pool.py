@@ -126,6 +126,28 @@ def test_a_killed_loader_process_hands_its_image_to_another(config, photo_server
         loaders.close()
 
 
+def test_a_process_past_a_deadline_is_killed_and_its_image_sent_again(config, photo_server, caplog):
+    # Left alive, a process whose task is past its deadline looks idle (the task no
+    # longer counts) and draws more work, and one that stopped reading its pipe blocks
+    # the sends: it is killed, and its task goes to another process once.
+    loaders = LoaderProcesses(config, processes=2)
+    loaders._limit_s = 8.0  # the fetch, held at the gate, outlives it
+    try:
+        key = uuid.uuid4().hex[:8]
+        gate = photo_server.gate(key)
+        victim = pids(loaders)[0]  # the least busy first: process 0 gets the task
+        future = loaders.submit(_task(photo_server.url(f"gate/{key}/dog.jpg")))
+        support.wait_for(lambda: _fetches(photo_server, key) == 2, 90, "the fetch sent again")
+        gate.set()
+        assert future.result(60).error is None
+        assert victim not in pids(loaders) and len(pids(loaders)) == 2  # replaced
+        assert "gave no answer within 8 s; killing it" in caplog.text
+        support.wait_for(lambda: loaders.health() is None, 60, "the new process ready")
+    finally:
+        gate.set()
+        loaders.close()
+
+
 LARGE = (2000, 1500)  # 3 million pixels: two at once do not fit in BUDGET
 BUDGET = 4_000_000
 

@@ -4,16 +4,20 @@ A redelivered batch must change nothing: one result, one charge, at most one ref
 """
 
 import dataclasses
+import threading
+from concurrent.futures import Future
+from types import SimpleNamespace
 
 import pytest
 from sqlalchemy import event, select, update
 
 from shared import ledger
+from shared.metrics import MetricsBuffer
 from shared.models import Job, LedgerEntry, User, WebhookEvent, new_id
 from shared.pixel_budget import PixelBudget
 from tests import support
 from worker import pipeline
-from worker.loader import ThreadLoader
+from worker.loader import ImageResult, LoadCanceled, ThreadLoader
 from worker.runtime import Runtime
 
 
@@ -257,3 +261,83 @@ def test_a_claim_records_job_started_once_beside_plain_jobs(runtime, account, ph
     with runtime.sessions() as s:
         s.execute(update(Job).where(Job.id.in_([plain, hooked])).values(status="canceled"))
         s.commit()
+
+
+# --- pipeline.Loading, the loader stage, with stand-ins for the claim and the loader ---
+
+
+class _Handed:
+    """A ``done`` callback that records what it was handed."""
+
+    def __init__(self) -> None:
+        self.called = threading.Event()
+        self.loaded = self.error = None
+
+    def __call__(self, loaded, error) -> None:
+        self.loaded, self.error = loaded, error
+        self.called.set()
+
+
+class _DoneLoader:
+    def submit(self, task) -> Future:
+        future: Future = Future()
+        future.set_result(ImageResult(arrays={}))
+        return future
+
+
+@pytest.fixture
+def stage(monkeypatch):
+    """A Loading whose claims wait for ``release[ids[0]]`` when one is set."""
+    release: dict[str, threading.Event] = {}
+
+    def claim_message(rt, job_ids):
+        if job_ids[0] in release:
+            release[job_ids[0]].wait(30)
+        return pipeline.Loaded([], MetricsBuffer()), [["group"]]
+
+    monkeypatch.setattr(pipeline, "claim_message", claim_message)
+    monkeypatch.setattr(pipeline, "image_task", lambda rt, group: group)
+    monkeypatch.setattr(pipeline, "take_images", lambda rt, loaded, groups, results: None)
+    loading = pipeline.Loading(
+        SimpleNamespace(loader=_DoneLoader()), claim_threads=1, first_claim_threads=1
+    )
+    loading.release = release
+    yield loading
+    for gate in release.values():
+        gate.set()
+    loading.stop()
+
+
+def test_close_keeps_the_claim_threads_and_cancels_what_was_waiting(stage):
+    # close runs in celery's signal handler on the consumer's thread, which may be
+    # inside submit holding the executor's lock: it must not shut the executor down.
+    stage.close()
+    handed = _Handed()
+    stage.submit(["a"], handed)
+    assert handed.called.wait(30)
+    assert isinstance(handed.error, LoadCanceled)
+    stage.stop()
+    with pytest.raises(RuntimeError):
+        stage.submit(["b"], _Handed())
+
+
+def test_an_error_after_the_claim_still_hands_the_message_back(stage, monkeypatch):
+    def broken(rt, loaded, groups, results):
+        raise KeyError("a model")
+
+    monkeypatch.setattr(pipeline, "take_images", broken)
+    handed = _Handed()
+    stage.submit(["a"], handed)
+    assert handed.called.wait(30)  # on a future's callback: its error would be swallowed
+    assert handed.loaded is None and isinstance(handed.error, KeyError)
+
+
+def test_a_single_job_is_claimed_while_bulk_claims_hold_their_threads(stage):
+    stage.release["bulk"] = threading.Event()
+    bulk, single = _Handed(), _Handed()
+    stage.submit(["bulk"], bulk)  # holds the only bulk claim thread (a database outage)
+    stage.submit(["single"], single, first=True)
+    assert single.called.wait(30) and single.error is None
+    assert not bulk.called.is_set()
+    stage.release["bulk"].set()
+    assert bulk.called.wait(30)
