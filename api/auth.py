@@ -81,8 +81,8 @@ def user_by_password(username: str | None, password: str | None) -> User:
     if not username or password is None:
         raise Unauthorized("Username and password are required.")
     limits().check_login(username)
-    # bcrypt is slow on purpose: the transaction (SQLite's write lock) ends before it.
-    with unit_of_work() as db_session:
+    # bcrypt is slow on purpose: the read ends before it.
+    with unit_of_work(read_only=True) as db_session:
         user = db_session.scalars(select(User).where(User.username == username)).first()
     if not check_password(password, user.password_hash if user else None):
         limits().record_login_failure(username)
@@ -281,7 +281,8 @@ def _user_by_session() -> User:
 def session_user(uid: int) -> User | None:
     """The browser session's user (``session_user_id``), or None (and the cookie cleared)
     when the account is gone."""
-    with unit_of_work() as db_session:
+    # Read-only: on SQLite every page would otherwise queue behind a batch's insert.
+    with unit_of_work(read_only=True) as db_session:
         user = db_session.get(User, uid)
     if user is None:
         session.clear()

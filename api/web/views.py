@@ -285,6 +285,8 @@ def login():
         return _expired("web/login.html", username=username, next=target)
     try:
         user = user_by_password(username, request.form.get("password", ""))
+    except ServiceUnavailable:
+        raise  # the database is down: the 503 page, not "wrong password"
     except ServiceError:
         return render_template(
             "web/login.html",

@@ -188,3 +188,13 @@ def test_no_page_loads_anything_from_another_host(web, member):
         assert not re.search(r'(src|href)="(https?:)?//', html), path
     css = web.get("/app/static/app.css").get_data(as_text=True)
     assert "url(" not in css and "@import" not in css
+
+
+def test_login_with_the_database_down_is_the_503_page_not_wrong_password(api_stack):
+    down = web_app_for(
+        api_stack.config.replace(database_url="postgresql+psycopg://postgres@127.0.0.1:1/imgclf")
+    ).test_client()
+    resp = log_in(down, "someone")
+    assert resp.status_code == 503
+    page = resp.get_data(as_text=True)
+    assert "Temporarily unavailable" in page and "Wrong username or password" not in page
