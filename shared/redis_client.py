@@ -20,5 +20,7 @@ def make_redis(config: Config, url: str | None = None) -> redis.Redis:
 
 def once_per(client: redis.Redis, key: str, period_s: float) -> bool:
     """True for the first caller per ``period_s`` cluster-wide (the key expires by itself):
-    one process of the cluster runs a periodic pass, and a dead one blocks nobody."""
+    something runs at most once per period however many processes ask, and a caller that
+    died blocks nobody. Not a lock: nothing is held while the work runs
+    (``worker.periodic.Lease`` is the lock)."""
     return bool(client.set(key, "1", nx=True, ex=max(1, int(period_s))))
