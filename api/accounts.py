@@ -9,9 +9,8 @@ for every way an account is made. Balances change only through shared/ledger.py.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import cast
 
-from sqlalchemy import CursorResult, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from api.auth import (
@@ -24,6 +23,7 @@ from api.auth import (
 from api.ratelimit import limits
 from api.services import services, unit_of_work
 from shared import ledger, webhook_secrets
+from shared.db import rowcount
 from shared.errors import Conflict, NotFound
 from shared.models import ApiKey, User, utcnow
 
@@ -60,7 +60,7 @@ def promote(username: str) -> bool:
         result = session.execute(
             update(User).where(User.username == username).values(is_admin=True)
         )
-        done = cast(CursorResult, result).rowcount
+        done = rowcount(result)
     return bool(done)
 
 
@@ -101,7 +101,7 @@ def revoke_key(user: User, key_id: str) -> None:
             .where(ApiKey.id == key_id, ApiKey.user_id == user.id, ApiKey.revoked_at.is_(None))
             .values(revoked_at=utcnow())
         )
-        done = cast(CursorResult, result).rowcount
+        done = rowcount(result)
     if not done:
         raise NotFound("No such API key.", code="key_not_found")
     # At once in this process; other API processes within API_KEY_CACHE_S (api/auth.py).

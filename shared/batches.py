@@ -16,12 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import CursorResult, delete, func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from shared import jobs, webhook_events
+from shared.db import rowcount
 from shared.errors import Conflict
 from shared.jobs import iso
 from shared.models import Batch, Job, as_utc, utcnow
@@ -102,7 +103,7 @@ def complete_finished(session: Session, batch_ids: Iterable[str]) -> list[str]:
             .values(completed_at=now)
             .execution_options(synchronize_session=False)
         )
-        won = cast(CursorResult, result).rowcount
+        won = rowcount(result)
         if won and batch.webhook_url:
             batch.completed_at = now
             events.append(

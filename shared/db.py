@@ -6,9 +6,9 @@ import json
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import Engine, Table, create_engine, event, insert
+from sqlalchemy import CursorResult, Engine, Result, Table, create_engine, event, insert
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -71,6 +71,12 @@ def _sqlite_begin(conn) -> None:
 
 #: The execution option ``read_only`` sets (SQLite only).
 READ_ONLY = "imgclf_read_only"
+
+
+def rowcount(result: Result[Any]) -> int:
+    """Rows an UPDATE or DELETE matched. ``Session.execute`` is typed as returning any
+    ``Result``; for those statements it is a ``CursorResult``, which has the count."""
+    return cast(CursorResult[Any], result).rowcount
 
 
 def read_only(session: Session) -> None:

@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
-from sqlalchemy import CTE, CursorResult, Table, delete, insert, literal, null, select, update
+from sqlalchemy import CTE, Table, delete, insert, literal, null, select, update
 from sqlalchemy.orm import Session
 
-from shared.db import bulk_insert
+from shared.db import bulk_insert, rowcount
 from shared.errors import InsufficientTokens
 from shared.models import LedgerEntry, User, utcnow
 
@@ -150,7 +150,7 @@ def void_charges(session: Session, user_id: int, job_ids: Sequence[str]) -> None
             LedgerEntry.reason == CHARGE,
         )
     )
-    voided = cast(CursorResult, result).rowcount
+    voided = rowcount(result)
     # Exactly the tokens whose rows went, so the balance stays the sum of the ledger.
     if voided:
         session.execute(update(User).where(User.id == user_id).values(tokens=User.tokens + voided))

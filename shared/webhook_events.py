@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 
 from celery import Celery
-from sqlalchemy import ColumnElement, CursorResult, delete, or_
+from sqlalchemy import ColumnElement, delete, or_
 from sqlalchemy.orm import Session
 
 from shared.config import Config
+from shared.db import rowcount
 from shared.models import WebhookEvent
 from shared.queue import enqueue_webhooks
 from shared.status import WebhookEventStatus
@@ -100,4 +101,4 @@ def _delete_settled(session: Session, which: ColumnElement[bool]) -> int:
         .where(which, WebhookEvent.status != WebhookEventStatus.DELIVERING.value)
         .execution_options(synchronize_session=False)
     )
-    return cast(CursorResult, result).rowcount
+    return rowcount(result)

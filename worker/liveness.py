@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import cast
 
 import redis
 from kombu.transport.redis import Channel as RedisChannel
@@ -116,7 +117,10 @@ def orphaned_deliveries(
     Other apps' and deployments' messages share kombu's keys: only ours are taken.
     """
     cutoff = time.time() - config.worker_dead_after_s
-    tags = broker.zrangebyscore(UNACKED_INDEX, "-inf", cutoff, start=0, num=limit)
+    # Bytes: the broker's client is built without decode_responses.
+    tags = cast(
+        list[bytes], broker.zrangebyscore(UNACKED_INDEX, "-inf", cutoff, start=0, num=limit)
+    )
     if not tags:
         return []
     wanted, orphans = set(queues), []

@@ -38,8 +38,8 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-import redis
 from celery import Celery
+from redis import Redis
 from sqlalchemy import ColumnElement, Select, and_, or_, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -62,9 +62,9 @@ SCAN_LIMIT = 5000
 class Reconciler:
     config: Config
     sessions: sessionmaker[Session]
-    redis: redis.Redis
+    redis: Redis
     celery: Celery
-    broker: redis.Redis | None = None  # the Redis broker's own client; None on RabbitMQ
+    broker: Redis | None = None  # the Redis broker's own client; None on RabbitMQ
 
     @classmethod
     def build(cls, config: Config) -> Reconciler:
@@ -172,7 +172,8 @@ class Reconciler:
         if not lost:
             return 0
         with self.sessions() as session:
-            ended, recorded = [], []
+            ended: list[str] = []
+            recorded: list[str | None] = []
             for job in lost:
                 if jobs.mark_failed(
                     session,
@@ -183,9 +184,9 @@ class Reconciler:
                 ):
                     ended.append(job.id)
                     recorded.append(jobs.record_webhook(session, job, webhook_events.COMPLETED))
-            recorded += batches.complete_finished(session, [j.batch_id for j in lost])
+            recorded += batches.complete_finished(session, [j.batch_id for j in lost if j.batch_id])
             session.commit()
-        webhook_events.dispatch(self.celery, self.config, [e for e in recorded if e])
+        webhook_events.dispatch(self.celery, self.config, [e for e in recorded if e is not None])
         events.publish_done(self.redis, self.config, ended)
         return len(ended)
 

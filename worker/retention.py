@@ -40,7 +40,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared import batches, jobs, webhook_events
 from shared.config import Config
-from shared.db import make_engine, make_session_factory
+from shared.db import make_engine, make_session_factory, rowcount
 from shared.models import Batch, IdempotencyRecord, Job, WebhookEvent, utcnow
 from shared.redis_client import make_redis
 from shared.status import TERMINAL
@@ -160,11 +160,13 @@ class Retention:
 
 
 def _delete_idempotency(session: Session, ids: Sequence[int]) -> int:
-    return session.execute(
-        delete(IdempotencyRecord)
-        .where(IdempotencyRecord.id.in_(list(ids)))
-        .execution_options(synchronize_session=False)
-    ).rowcount
+    return rowcount(
+        session.execute(
+            delete(IdempotencyRecord)
+            .where(IdempotencyRecord.id.in_(list(ids)))
+            .execution_options(synchronize_session=False)
+        )
+    )
 
 
 def loop(config: Config, stop: threading.Event) -> Periodic | None:

@@ -28,6 +28,7 @@ on first access, never at import.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -176,7 +177,7 @@ class Sweeper:
             with self._lock:
                 self._in_flight.add(event_id)
             future = self._pool.submit(webhook_delivery.deliver, self.rt, event_id)
-            future.add_done_callback(lambda f, e=event_id: self._done(e, f))
+            future.add_done_callback(functools.partial(self._done, event_id))
             started += 1
         return started
 

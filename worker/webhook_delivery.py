@@ -51,7 +51,7 @@ from standardwebhooks.webhooks import Webhook
 
 from shared import logs, webhook_secrets
 from shared.config import Config
-from shared.db import make_engine, make_session_factory
+from shared.db import make_engine, make_session_factory, rowcount
 from shared.metrics import MetricsBuffer
 from shared.models import User, WebhookAttempt, WebhookEvent, utcnow
 from shared.redis_client import make_redis
@@ -161,21 +161,24 @@ def claim_event(rt: DeliveryRuntime, event_id: str, now: datetime | None = None)
     now = now or utcnow()
     lock = timedelta(seconds=rt.config.webhook_timeout_s + LOCK_MARGIN_S)
     with rt.sessions() as session:
-        claimed = session.execute(
-            update(WebhookEvent)
-            .where(WebhookEvent.id == event_id, is_due(now))
-            .values(
-                status=DELIVERING,
-                locked_until=now + lock,
-                attempts=WebhookEvent.attempts + 1,
+        claimed = rowcount(
+            session.execute(
+                update(WebhookEvent)
+                .where(WebhookEvent.id == event_id, is_due(now))
+                .values(
+                    status=DELIVERING,
+                    locked_until=now + lock,
+                    attempts=WebhookEvent.attempts + 1,
+                )
+                .execution_options(synchronize_session=False)
             )
-            .execution_options(synchronize_session=False)
-        ).rowcount
+        )
         if claimed != 1:
             session.rollback()
             return None
-        event = session.get(WebhookEvent, event_id)
-        user = session.get(User, event.user_id)
+        # Both exist: the claim just matched the event, and an event goes with its user.
+        event = session.get_one(WebhookEvent, event_id)
+        user = session.get_one(User, event.user_id)
         webhook_secrets.current_secret(session, user)  # a user who never asked still signs
         claim = Claim(
             event_id=event.id,
@@ -234,16 +237,18 @@ def finish(rt: DeliveryRuntime, claim: Claim, outcome: DeliveryOutcome) -> str:
         values.update(status=verdict, completed_at=now)
     with rt.sessions() as session:
         session.add(attempt_row(claim, outcome))
-        won = session.execute(
-            update(WebhookEvent)
-            .where(
-                WebhookEvent.id == claim.event_id,
-                WebhookEvent.status == DELIVERING,
-                WebhookEvent.attempts == claim.number,
+        won = rowcount(
+            session.execute(
+                update(WebhookEvent)
+                .where(
+                    WebhookEvent.id == claim.event_id,
+                    WebhookEvent.status == DELIVERING,
+                    WebhookEvent.attempts == claim.number,
+                )
+                .values(**values)
+                .execution_options(synchronize_session=False)
             )
-            .values(**values)
-            .execution_options(synchronize_session=False)
-        ).rowcount
+        )
         session.commit()
     _log_attempt(claim, outcome, values["status"] if won else None)
     if not won:
