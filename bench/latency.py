@@ -10,6 +10,13 @@ fractions of the saturated single-job throughput measured by (3) in the same run
 A last level repeats the 10% load while a bulk batch keeps the worker saturated:
 single submissions must not queue behind the bulk batch's prefetched chunks (the
 worker puts jobs from the interactive queue first into every batch).
+
+Before the levels, lone requests: one client, one job at a time (closed loop), the
+latency that issue #22 bounds by the batch-1 forward pass + 15 ms.
+
+``python -m bench.latency [--quick] [--json PATH]``; ``--lone`` runs the lone requests
+only, on the null model (``RUNTIME=null``: no forward pass, loading and everything
+else real), the bookkeeping alone.
 """
 
 from __future__ import annotations
@@ -36,6 +43,35 @@ WAIT_LOAD = 0.8
 SECONDS = 25
 BULK_BEHIND = 2000  # URLs of the bulk batch running during the last level
 CLIENT_THREADS = 256
+
+
+LONE_REQUESTS = 100
+
+
+def lone(stack: ServiceStack, n: int) -> dict:
+    """One client, ``n`` jobs one after another, each ``POST /v1/jobs`` with
+    ``Prefer: wait=60``: submit-to-result time with nothing else in the service."""
+    user = stack.user(n + 2)
+    headers = {**user["headers"], "Prefer": "wait=60"}
+    latencies = []
+    with requests.Session() as session:
+        for url in stack.urls(n):
+            start = time.perf_counter()
+            resp = session.post(f"{stack.api.url}/v1/jobs", json={"url": url}, headers=headers)
+            latencies.append(time.perf_counter() - start)
+            if resp.status_code != 200 or resp.json()["status"] != "succeeded":
+                raise RuntimeError(f"lone request: {resp.status_code} {resp.text[:200]}")
+    return {"jobs": n, "max_ms": max(latencies) * 1000, **latency_summary(latencies)}
+
+
+def run_lone(quick: bool = False) -> dict:
+    """Lone requests on the null model, one worker with one loader process."""
+    from bench.null_model import NullStack
+
+    n = 20 if quick else LONE_REQUESTS
+    with NullStack() as stack, stack.running(1, "1"):
+        lone(stack, 10)  # warm-up: connections, the loader, the first decode
+        return {"lone": lone(stack, n), "runtime": "null"}
 
 
 def open_loop(stack: ServiceStack, rate: float, seconds: float) -> dict:
@@ -110,6 +146,8 @@ def run_with(
     """``saturated``: the best single-job rate of (3); ``wait_saturated``: the rate of its
     wait-for-answer scenario, for one more level at WAIT_LOAD of it (basis "wait")."""
     seconds = 2 if quick else SECONDS
+    lone(stack, 5)  # warm-up
+    alone = lone(stack, 20 if quick else LONE_REQUESTS)
     levels = []
     for load in LOADS:
         row = open_loop(stack, max(0.5, load * saturated), seconds)
@@ -123,6 +161,7 @@ def run_with(
     row["load"] = 0.1
     levels.append(row)
     return {
+        "lone": alone,
         "saturated_per_s": saturated,
         "wait_saturated_per_s": wait_saturated,
         "seconds": seconds,
@@ -160,7 +199,19 @@ def wait_level(result: dict) -> dict | None:
     return next((x for x in result["levels"] if x.get("basis") == "wait"), None)
 
 
+def _lone_line(result: dict) -> str:
+    r = result["lone"]
+    model = " on the null model (no forward pass)" if result.get("runtime") == "null" else ""
+    return (
+        f"Lone requests{model}: one client, {r['jobs']} jobs one after another, each "
+        f"`POST /v1/jobs` with `Prefer: wait=60`: p50 {fmt(r['p50_ms'])} ms, p95 "
+        f"{fmt(r['p95_ms'])} ms, max {fmt(r['max_ms'], 0)} ms."
+    )
+
+
 def report(result: dict) -> str:
+    if "levels" not in result:  # --lone
+        return _lone_line(result)
     lines = [
         "| load | offered jobs/s | jobs | succeeded | failed | p50 ms | p95 ms | p99 ms | max ms "
         "| mean batch |",
@@ -187,8 +238,15 @@ def report(result: dict) -> str:
         "arrivals per level, each `POST /v1/jobs` with `Prefer: wait=60` on its own "
         "client thread; latency from the job's scheduled send time to its answer.",
     ]
+    if "lone" in result:
+        lines += ["", _lone_line(result)]
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    main_json(run)
+    import sys
+
+    if "--lone" in sys.argv:
+        main_json(run_lone, [a for a in sys.argv[1:] if a != "--lone"])
+    else:
+        main_json(run)

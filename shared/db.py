@@ -8,7 +8,18 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import CursorResult, Engine, Result, Table, create_engine, event, insert
+from sqlalchemy import (
+    ColumnElement,
+    CursorResult,
+    Engine,
+    Result,
+    Table,
+    create_engine,
+    event,
+    insert,
+    literal_column,
+    select,
+)
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -103,6 +114,30 @@ def one_statement(session: Session) -> None:
     """
     if session.get_bind().dialect.name == "postgresql" and not session.in_transaction():
         session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+
+
+#: ``set_config(name, value, is_local => true)`` is ``SET LOCAL`` as an expression: it
+#: holds until the current transaction ends, the implicit one of an autocommit statement
+#: included, and PostgreSQL reads ``synchronous_commit`` when that transaction commits.
+#: A volatile function in a FROM subquery is not pulled up into the outer query, so it
+#: runs once, before any row is written.
+_ASYNC_COMMIT = select(
+    literal_column("set_config('synchronous_commit', 'off', true)").label("setting")
+).subquery("async_commit")
+
+
+def commits_async() -> ColumnElement[bool]:
+    """A WHERE condition (PostgreSQL only) that makes the transaction of the UPDATE it is
+    added to commit without waiting for its WAL flush: ``SET LOCAL synchronous_commit =
+    off`` carried by the statement itself (it adds ``FROM (SELECT set_config(...))``), so
+    a one-statement transaction in autocommit stays one round trip.
+
+    Only for a transaction whose loss in a PostgreSQL crash is recoverable: such a commit
+    is visible at once but reaches the disk up to 3 x ``wal_writer_delay`` later (or with
+    the next synchronous commit, which flushes the WAL before it). docs/reliability.md
+    ("Commits that do not wait for the disk") says which transactions may, and why.
+    """
+    return _ASYNC_COMMIT.c.setting == literal_column("'off'")
 
 
 T = TypeVar("T")

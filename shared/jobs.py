@@ -48,7 +48,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from shared import ledger, webhook_events
-from shared.db import bulk_insert
+from shared.db import bulk_insert, commits_async
 from shared.models import NULLABLE_JSON, Job, as_utc, new_id, utcnow
 from shared.status import ACTIVE, TERMINAL, JobStatus
 
@@ -247,8 +247,13 @@ def _ids_match(dialect: str, name: str) -> ColumnElement[bool]:
     return JOBS.c.id.in_(bindparam(name, expanding=True))
 
 
+def _async_where(dialect: str, commit_async: bool) -> list[ColumnElement[bool]]:
+    """``shared.db.commits_async`` where asked for and the database has it (PostgreSQL)."""
+    return [commits_async()] if commit_async and dialect == "postgresql" else []
+
+
 @functools.cache
-def _claim_statement(dialect: str, plain: bool) -> Update:
+def _claim_statement(dialect: str, plain: bool, commit_async: bool = False) -> Update:
     """Built once per dialect: a statement built per call cost more CPU than its round trip."""
     now: BindParameter[datetime] = bindparam("claim_now")
     where = [_ids_match(dialect, "claim_ids"), JOBS.c.status.in_(ACTIVE_VALUES)]
@@ -256,6 +261,7 @@ def _claim_statement(dialect: str, plain: bool) -> Update:
     returning = [JOBS.c[name] for name in WORK_COLUMNS] if plain else list(JOBS.c)
     if plain:
         where.append(JOBS.c.webhook_url.is_(None))
+    where += _async_where(dialect, commit_async)
     return (
         update(JOBS)
         .where(*where)
@@ -270,10 +276,17 @@ def _claim_statement(dialect: str, plain: bool) -> Update:
     )
 
 
-def _claim(session: Session, job_ids: list[str], worker_id: str | None, plain: bool):
+def _claim(
+    session: Session,
+    job_ids: list[str],
+    worker_id: str | None,
+    plain: bool,
+    commit_async: bool = False,
+):
     connection = session.connection()
     params = {"claim_ids": list(job_ids), "claim_now": utcnow(), "claim_by": worker_id}
-    return list(connection.execute(_claim_statement(connection.dialect.name, plain), params))
+    stmt = _claim_statement(connection.dialect.name, plain, commit_async)
+    return list(connection.execute(stmt, params))
 
 
 def claim(session: Session, job_ids: list[str], worker_id: str | None) -> list[JobRow]:
@@ -289,20 +302,27 @@ def claim(session: Session, job_ids: list[str], worker_id: str | None) -> list[J
     return _claim(session, job_ids, worker_id, plain=False)
 
 
-def claim_plain(session: Session, job_ids: list[str], worker_id: str | None) -> list[JobRow]:
+def claim_plain(
+    session: Session, job_ids: list[str], worker_id: str | None, commit_async: bool = False
+) -> list[JobRow]:
     """``claim`` of the jobs among ``job_ids`` that have no webhook (the worker's hot path).
 
     Nothing else is written with such a claim, so it can be a statement of its own; rows
-    carry only ``WORK_COLUMNS``.
+    carry only ``WORK_COLUMNS``. ``commit_async``: its transaction commits without
+    waiting for the disk (``shared.db.commits_async``; PostgreSQL).
     """
-    return _claim(session, job_ids, worker_id, plain=True)
+    return _claim(session, job_ids, worker_id, plain=True, commit_async=commit_async)
 
 
 @functools.cache
-def _succeeded_one_statement(dialect: str) -> Update:
+def _succeeded_one_statement(dialect: str, commit_async: bool = False) -> Update:
     return (
         update(JOBS)
-        .where(JOBS.c.id == bindparam("done_id"), JOBS.c.status.in_(ACTIVE_VALUES))
+        .where(
+            JOBS.c.id == bindparam("done_id"),
+            JOBS.c.status.in_(ACTIVE_VALUES),
+            *_async_where(dialect, commit_async),
+        )
         .values(
             status=JobStatus.SUCCEEDED.value,
             result=bindparam("done_result", type_=NULLABLE_JSON),
@@ -312,20 +332,25 @@ def _succeeded_one_statement(dialect: str) -> Update:
     )
 
 
-def mark_all_succeeded(session: Session, results: dict[str, dict[str, Any]]) -> set[str]:
+def mark_all_succeeded(
+    session: Session, results: dict[str, dict[str, Any]], commit_async: bool = False
+) -> set[str]:
     """Store each job's result in one statement; returns the ids whose transition won.
 
     A worker's batch ends with one UPDATE, not one per job: the result is picked per
     row with ``CASE id WHEN ... THEN ...``, and RETURNING tells which jobs were still
-    active (a job canceled or finished meanwhile keeps its outcome).
+    active (a job canceled or finished meanwhile keeps its outcome). ``commit_async``:
+    the transaction commits without waiting for the disk (``shared.db.commits_async``;
+    PostgreSQL).
     """
     if not results:
         return set()
+    connection = session.connection()
+    dialect = connection.dialect.name
     if len(results) == 1:  # a lone job: a statement built once, no CASE
-        connection = session.connection()
         [(job_id, value)] = results.items()
         params = {"done_id": job_id, "done_result": value, "done_now": utcnow()}
-        stmt = _succeeded_one_statement(connection.dialect.name)
+        stmt = _succeeded_one_statement(dialect, commit_async)
         return set(connection.execute(stmt, params).scalars())
     result = case(
         {job_id: literal(value, NULLABLE_JSON) for job_id, value in results.items()},
@@ -335,6 +360,7 @@ def mark_all_succeeded(session: Session, results: dict[str, dict[str, Any]]) -> 
         session,
         results,
         ACTIVE,
+        *_async_where(dialect, commit_async),
         status=JobStatus.SUCCEEDED.value,
         result=result,
         completed_at=utcnow(),

@@ -270,7 +270,9 @@ def claim(
     jobs) is claimed in a transaction of its own with its events.
     """
     one_statement(session)
-    rows = jobs.claim_plain(session, job_ids, worker_id)
+    # Commits without waiting for the disk (PostgreSQL): a claim lost in a crash leaves
+    # the job as it was, its message unacknowledged (docs/reliability.md).
+    rows = jobs.claim_plain(session, job_ids, worker_id, commit_async=True)
     session.commit()
     taken = {r.id for r in rows}
     rest = [j for j in dict.fromkeys(job_ids) if j not in taken]
@@ -329,14 +331,20 @@ def write(session: Session, outcomes: list[JobOutcome]) -> list[str]:
     """All outcomes in one transaction; returns the webhook events it recorded.
 
     A batch of successes only, none with a webhook or a bulk batch (the common small
-    batch), is one UPDATE: on PostgreSQL in autocommit, one round trip.
+    batch), is one UPDATE: on PostgreSQL in autocommit, one round trip. If none of its
+    jobs is an upload either, it commits without waiting for the disk: such a result
+    lost in a PostgreSQL crash is computed again, with nothing else to undo (no refund,
+    event or batch count; an upload's bytes are gone once announced) (docs/reliability.md).
     """
     batch_ids = [o.job.batch_id for o in outcomes if o.job.batch_id]
-    if not batch_ids and all(o.error is None and not o.job.webhook_url for o in outcomes):
+    alone = not batch_ids and all(o.error is None and not o.job.webhook_url for o in outcomes)
+    if alone:
         one_statement(session)
     events = []
     succeeded = jobs.mark_all_succeeded(
-        session, {o.job.id: {"predictions": o.predictions} for o in outcomes if o.error is None}
+        session,
+        {o.job.id: {"predictions": o.predictions} for o in outcomes if o.error is None},
+        commit_async=alone and all(o.job.input_url for o in outcomes),
     )
     for o in outcomes:
         if o.error is None:

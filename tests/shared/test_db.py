@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import Column, Integer, MetaData, Table, select, text, update
 from sqlalchemy.exc import OperationalError
 
 from shared import db
@@ -69,6 +69,29 @@ def test_one_statement_runs_in_autocommit_and_the_pool_resets_it(engine, sqlite_
         db.one_statement(session)
         assert not session.in_transaction()
     lite.dispose()
+
+
+def test_commits_async_holds_for_its_transaction_only(engine):
+    """db.commits_async on a real server: the UPDATE carrying it writes its rows as any
+    other, and ``synchronous_commit`` is off until that transaction ends, then on again."""
+    table = Table("commits_async_probe", MetaData(), Column("id", Integer, primary_key=True))
+    with engine.begin() as conn:
+        table.create(conn)
+        conn.execute(table.insert(), [{"id": 1}, {"id": 2}])
+    show = text("SHOW synchronous_commit")
+    with engine.connect() as conn:
+        assert conn.execute(show).scalar_one() == "on"
+        plain = conn.execute(update(table).where(table.c.id == 1).values(id=11))
+        assert (plain.rowcount, conn.execute(show).scalar_one()) == (1, "on")
+        stmt = update(table).where(table.c.id == 2, db.commits_async()).values(id=12)
+        assert conn.execute(stmt.returning(table.c.id)).scalars().all() == [12]
+        assert conn.execute(show).scalar_one() == "off"
+        conn.commit()
+        assert conn.execute(show).scalar_one() == "on"
+        assert sorted(conn.execute(select(table.c.id)).scalars()) == [11, 12]
+        conn.rollback()
+    with engine.begin() as conn:
+        table.drop(conn)
 
 
 class _Deadlock(Exception):

@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import event, select, update
 
 from shared import ledger
+from shared.errors import ServiceError
 from shared.metrics import MetricsBuffer
 from shared.models import Job, LedgerEntry, User, WebhookEvent, new_id
 from shared.pixel_budget import PixelBudget
@@ -191,12 +192,18 @@ class _Statements:
     """The statements an engine sends, and whether each ran outside a transaction."""
 
     def __init__(self, engine) -> None:
-        self.engine, self.seen = engine, []
+        self.engine, self.seen, self.sql = engine, [], []
 
     def _record(self, conn, _cursor, statement, *_args) -> None:
         dbapi = conn.connection.driver_connection
         autocommit = getattr(dbapi, "autocommit", False) is True  # psycopg only
         self.seen.append((statement.split()[0], autocommit))
+        self.sql.append(statement)
+
+    @property
+    def async_commit(self) -> bool:
+        """Whether a statement carried ``SET LOCAL synchronous_commit = off``."""
+        return any("set_config('synchronous_commit', 'off', true)" in s for s in self.sql)
 
     def __enter__(self):
         event.listen(self.engine, "before_cursor_execute", self._record)
@@ -228,6 +235,10 @@ def test_a_lone_job_is_claimed_and_written_in_one_statement_each(runtime, accoun
     with _Statements(engine) as write_sql, runtime.sessions() as s:
         assert pipeline.write(s, [outcome]) == []
     assert write_sql.seen == one
+    # Both commit without waiting for the WAL flush, on PostgreSQL only: each is
+    # recoverable if a crash loses it (docs/reliability.md).
+    postgres = engine.dialect.name == "postgresql"
+    assert (claim_sql.async_commit, write_sql.async_commit) == (postgres, postgres)
     done = _job(runtime, job_id)
     assert (done.status, done.result) == (
         "succeeded",
@@ -235,6 +246,33 @@ def test_a_lone_job_is_claimed_and_written_in_one_statement_each(runtime, accoun
     )
     with runtime.sessions() as s:  # a redelivery after the write changes nothing
         assert pipeline.claim(s, [job_id], "w") == ([], [])
+
+
+def test_results_with_anything_else_to_undo_commit_synchronously(runtime, account, photo_server):
+    # An upload (its bytes are deleted once announced), a failure (a refund) and a job
+    # with a webhook (an event) would not come back as they were if a crash lost their
+    # write: those writes wait for the disk.
+    upload = _submit(runtime, account, None)
+    failed = _submit(runtime, account, photo_server.url("dog.jpg"))
+    hooked = _submit(runtime, account, photo_server.url("dog.jpg"), webhook_url="http://h.invalid/")
+    engine = runtime.sessions.kw["bind"]
+    with runtime.sessions() as s:
+        rows, _ = pipeline.claim(s, [upload, failed, hooked], "w")
+    by_id = {r.id: r for r in rows}
+    ok = [{"label": "x", "score": 1.0}]
+    for outcome in (
+        pipeline.JobOutcome(by_id[upload], predictions=ok),
+        pipeline.JobOutcome(by_id[failed], error=ServiceError("no", code="fetch_failed")),
+        pipeline.JobOutcome(by_id[hooked], predictions=ok),
+    ):
+        with _Statements(engine) as write_sql, runtime.sessions() as s:
+            pipeline.write(s, [outcome])
+        assert not write_sql.async_commit, outcome.job.id
+    assert [_job(runtime, j).status for j in (upload, failed, hooked)] == [
+        "succeeded",
+        "failed",
+        "succeeded",
+    ]
 
 
 def test_a_claim_records_job_started_once_beside_plain_jobs(runtime, account, photo_server):
