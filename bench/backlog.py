@@ -27,7 +27,6 @@ from sqlalchemy import Select, text, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import sessionmaker
 
-from api.bulk import JOB_DEFAULTS
 from api.metrics import read_counters
 from bench import end_to_end
 from bench.common import fmt, machine, median, photo_names, wait_done
@@ -38,6 +37,7 @@ from shared import dispatch, ledger
 from shared.config import Config
 from shared.db import bulk_insert, make_engine, make_session_factory
 from shared.dispatch import FIRST_CHUNK
+from shared.jobs import NEW_JOB
 from shared.models import Job, new_id, utcnow
 from shared.queue import make_celery
 from shared.redis_client import make_redis
@@ -210,7 +210,7 @@ def trigger_cost(engine, users: int = 1) -> dict:
             ledger.charge_jobs(session, user_id, ids)
             rows = [
                 {
-                    **JOB_DEFAULTS,
+                    **NEW_JOB,
                     "id": j,
                     "user_id": user_id,
                     "batch_id": None,

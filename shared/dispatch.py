@@ -27,16 +27,19 @@ A retried or re-queued bulk job goes back through here too: set it ``queued`` wi
 from __future__ import annotations
 
 import contextlib
+import heapq
 import logging
 import time
 from collections import deque
+from collections.abc import Sequence
 from datetime import datetime
+from typing import NamedTuple
 
 import redis
 from celery import Celery
 from redis.exceptions import LockNotOwnedError
 from redis.lock import Lock
-from sqlalchemy import Select, func, literal, select, text, update
+from sqlalchemy import Select, Update, func, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.config import Config
@@ -137,26 +140,19 @@ def out_by_user(session: Session) -> dict[int, int]:
     return {user_id: n for user_id, n in rows}
 
 
-def waiting_batches_query() -> Select:
-    """(batch id, user id, last dispatch) of open batches with jobs waiting in SQL,
-    oldest first.
+def open_batches_query() -> Select:
+    """(batch id, user id, last dispatch) of every open batch, oldest first.
 
-    One probe per open batch, LIMIT 1, into ``ix_jobs_bulk_waiting``: a subquery with
-    a LIMIT cannot be flattened into a join, so the batch id is the index condition
-    whatever the planner guesses. As ``EXISTS`` it was planned, on a database never
-    analyzed, as a semi-join that walked the whole index once per open batch (1M
-    waiting jobs x 100 batches: 27 s per refill; now 3 ms, bench/backlog.py).
+    The batches table alone (``ix_batches_open``), no probe of the jobs: the fairness
+    order needs only these, and the jobs are probed lazily, batch by batch, in that
+    order (``_take``), so a refill reads as many batches' jobs as the room takes, not
+    one per open batch (1,000 probes were 44 ms of a refill, bench/backlog.py).
     """
-    probe = select(literal(1)).where(*_waiting(Batch.id)).limit(1).scalar_subquery()
     return (
         select(Batch.id, Batch.user_id, Batch.dispatched_at)
-        .where(Batch.completed_at.is_(None), probe.is_not(None))
+        .where(Batch.completed_at.is_(None))
         .order_by(Batch.created_at, Batch.id)
     )
-
-
-def _waiting_batches(session: Session) -> list[tuple[str, int, datetime | None]]:
-    return [tuple(row) for row in session.execute(waiting_batches_query())]
 
 
 def _refill_once(
@@ -169,88 +165,133 @@ def _refill_once(
         room = window(client, config) - sum(out.values())
         if room <= 0:
             return 0
-        chunks = _take(session, config, out, room, _waiting_batches(session))
+        batches = session.execute(open_batches_query()).all()
+        chunks = _mark(session, _take(session, config.batch_max, out, room, batches))
         session.commit()
     return _send(sessions, celery, config, chunks)
 
 
+class _Turn(NamedTuple):
+    """Where a user stands in the queue for the next chunk: the fewest jobs out first,
+    then the one served least recently (never: first), then the one waiting longest."""
+
+    out: int
+    served: float
+    seniority: int
+    user_id: int
+
+
 def _take(
-    session: Session, config: Config, out: dict[int, int], room: int, waiting: list
-) -> list[list[str]]:
-    """Mark chunks dispatched until the room is used (the last one may overshoot it):
-    each for the user with the fewest jobs out, their oldest batch's next chunk.
+    session: Session, batch_max: int, out: dict[int, int], room: int, batches: Sequence
+) -> list[tuple[str, list[str]]]:
+    """The chunks to send, in order, as (batch id, job ids), until the room is used (the
+    last one may overshoot it): each for the user with the fewest jobs out, their oldest
+    batch's next chunk. Nothing is marked yet (``_mark``).
 
     Fewest out alone would let the oldest user win every tie, and with fewer chunks
     in the window than users waiting a newcomer could wait forever: a tie goes to the
-    user served least recently (never first), then to the one waiting longest.
+    user served least recently (never first), then to the one waiting longest. The
+    order comes from the batches alone; only the batch whose turn it is is probed, so
+    a batch with nothing waiting (its jobs all out) costs a probe when its turn comes.
     """
     queues: dict[int, deque[str]] = {}
     served: dict[int, float] = {}
-    for batch_id, user_id, dispatched_at in waiting:
+    for batch_id, user_id, dispatched_at in batches:
         queues.setdefault(user_id, deque()).append(batch_id)
         at = as_utc(dispatched_at).timestamp() if dispatched_at else float("-inf")
         served[user_id] = max(served.get(user_id, at), at)
-    seniority = {user_id: i for i, user_id in enumerate(queues)}
-    chunks, now = [], time.time()
-    while room > 0 and queues:
-        user_id = min(queues, key=lambda u: (out.get(u, 0), served[u], seniority[u]))
-        ids = _mark_next_chunk(session, queues[user_id][0], config.batch_max)
-        if not ids:  # that batch has nothing left waiting
-            queues[user_id].popleft()
-            if not queues[user_id]:
-                del queues[user_id]
+    turns = [_Turn(out.get(u, 0), served[u], i, u) for i, u in enumerate(queues)]
+    heapq.heapify(turns)
+    chunks: list[tuple[str, list[str]]] = []
+    after: dict[str, tuple[int | None, int]] = {}  # per batch: the last chunk and index taken
+    now = time.time()
+    while room > 0 and turns:
+        turn = heapq.heappop(turns)
+        batch_id = queues[turn.user_id][0]
+        ids, after[batch_id] = _next_chunk(session, batch_id, batch_max, after.get(batch_id))
+        if not ids:  # that batch has nothing left waiting: the user's next one, same turn
+            queues[turn.user_id].popleft()
+            if queues[turn.user_id]:
+                heapq.heappush(turns, turn)
             continue
-        chunks.append(ids)
-        out[user_id] = out.get(user_id, 0) + len(ids)
-        served[user_id] = now + len(chunks)  # later in this refill than anyone before
+        chunks.append((batch_id, ids))
         room -= len(ids)
+        # Later in this refill than anyone before: behind every user as far out as this one.
+        heapq.heappush(turns, turn._replace(out=turn.out + len(ids), served=now + len(chunks)))
     return chunks
 
 
-def next_chunk_query(batch_id: str) -> Select:
-    """The batch's lowest chunk number with jobs waiting (none: NULL)."""
-    return (
-        select(Job.chunk)
-        .where(*_waiting(batch_id), Job.chunk.is_not(None))
-        .order_by(Job.chunk)
-        .limit(1)
-    )
+def next_chunk_query(batch_id: str, after: int | None = None) -> Select:
+    """(id, chunk, batch index) of the batch's lowest waiting chunk above ``after``.
 
-
-def _mark_next_chunk(session: Session, batch_id: str, batch_max: int) -> list[str]:
-    """Mark the batch's lowest waiting chunk dispatched; returns the ids this call won.
-
-    Jobs with no chunk number (put back by hand) go out BATCH_MAX at a time.
+    ``chunk = (SELECT ... ORDER BY chunk LIMIT 1)``: the subquery is one step into
+    ``ix_jobs_bulk_waiting``, and the chunk's jobs are then an index range; not min(),
+    which PostgreSQL without statistics computed over every waiting entry of the batch
+    (10,000 for a full batch).
     """
-    # ORDER BY ... LIMIT 1, not min(): PostgreSQL without statistics aggregated every
-    # waiting entry of the batch for min(), 10,000 for a full batch.
-    first = session.scalar(next_chunk_query(batch_id))
-    if first is not None:
-        chosen = Job.chunk == first
-    else:
-        ids = session.scalars(
-            select(Job.id)
-            .where(*_waiting(batch_id), Job.chunk.is_(None))
-            .order_by(Job.batch_index)
-            .limit(batch_max)
-        )
-        chosen = Job.id.in_(list(ids))
-    now = utcnow()
-    # The batch row first: a cancel locks it, then its queued jobs; the same order here
-    # cannot deadlock with it.
-    session.execute(update(Batch).where(Batch.id == batch_id).values(dispatched_at=now))
-    # Plain conditions, no IN (subquery): PostgreSQL planned that as a scan of the
-    # batch's rows for each row, seconds per chunk, right after the batch's COPY.
-    won = session.execute(
-        update(Job)
-        .where(*_waiting(batch_id), chosen)
-        .values(dispatched_at=now)
-        .returning(Job.id, Job.batch_index)
-        .execution_options(synchronize_session=False)
+    first = select(Job.chunk).where(*_waiting(batch_id), Job.chunk.is_not(None))
+    if after is not None:
+        first = first.where(Job.chunk > after)
+    first = first.order_by(Job.chunk).limit(1).scalar_subquery()
+    return select(Job.id, Job.chunk, Job.batch_index).where(*_waiting(batch_id), Job.chunk == first)
+
+
+def _next_chunk(
+    session: Session, batch_id: str, batch_max: int, after: tuple[int | None, int] | None
+) -> tuple[list[str], tuple[int | None, int]]:
+    """The ids of the batch's next chunk, in the batch's order, and the new ``after``:
+    the last chunk number, and the last unnumbered job's index, this refill took from it.
+
+    Jobs with no chunk number (put back by hand) come last, BATCH_MAX at a time.
+    """
+    last_chunk, last_loose = after or (None, -1)
+    rows = session.execute(next_chunk_query(batch_id, last_chunk)).all()
+    if rows:
+        rows.sort(key=lambda row: row.batch_index)  # a message's ids in the batch's order
+        return [row.id for row in rows], (rows[0].chunk, last_loose)
+    loose = session.execute(
+        select(Job.id, Job.batch_index)
+        .where(*_waiting(batch_id), Job.chunk.is_(None), Job.batch_index > last_loose)
+        .order_by(Job.batch_index)
+        .limit(batch_max)
     ).all()
-    # RETURNING follows the rows' physical order, which updates shuffle: send the chunk
-    # in the batch's order, so a message's ids are the same whichever rows moved.
-    return [job_id for job_id, _ in sorted(won, key=lambda row: row.batch_index)]
+    if loose:
+        return [row.id for row in loose], (last_chunk, loose[-1].batch_index)
+    return [], (last_chunk, last_loose)
+
+
+def _mark(session: Session, chunks: list[tuple[str, list[str]]]) -> list[list[str]]:
+    """Mark the chunks dispatched, two statements whatever their number; returns the ids
+    this call won, chunk by chunk (a refill racing this one may have won some).
+
+    The batch rows first: a cancel locks its batch row, then its queued jobs; the same
+    order here cannot deadlock with it. Then the jobs by id (``pk_jobs``), on the
+    condition that they still wait: of racing refills, one wins each job. One UPDATE of
+    the jobs per refill, not one per chunk: each runs the counters' statement trigger.
+    """
+    if not chunks:
+        return []
+    now = utcnow()
+    batch_ids = sorted({batch_id for batch_id, _ in chunks})
+    session.execute(update(Batch).where(Batch.id.in_(batch_ids)).values(dispatched_at=now))
+    won = set(session.scalars(mark_query([j for _, ids in chunks for j in ids], now)))
+    return [kept for _, ids in chunks if (kept := [j for j in ids if j in won])]
+
+
+def mark_query(job_ids: list[str], now: datetime) -> Update:
+    """Mark these jobs dispatched where they still wait; RETURNING the ids won.
+
+    Without ``batch_id IS NOT NULL`` the condition does not imply the waiting index's
+    predicate, so the planner cannot pick that index (never analyzed, PostgreSQL took it
+    for nearly empty and walked all of it); the primary key is the only plan.
+    """
+    return (
+        update(Job)
+        .where(Job.id.in_(job_ids), text("status = 'queued' AND dispatched_at IS NULL"))
+        .values(dispatched_at=now)
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def _send(
