@@ -96,7 +96,7 @@ def now_queries(batch_id: str) -> dict[str, list[Select]]:
     return {
         "open batches, the refill's order": [dispatch.open_batches_query()],
         "a batch's next chunk": [dispatch.next_chunk_query(batch_id)],
-        "mark it (rolled back)": [dispatch.mark_query(batch_id, 0, 0, utcnow())],
+        "mark it (rolled back)": [dispatch.mark_query([dispatch.Chunk(batch_id, 0, [])], utcnow())],
         "reconciler: stale queued": [
             q.limit(SCAN_LIMIT) for q in reconciler.stale_queued_queries(cutoff)
         ],

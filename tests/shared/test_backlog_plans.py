@@ -18,7 +18,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.sql import Executable
 
 from shared.db import make_engine
-from shared.dispatch import mark_query, next_chunk_query, open_batches_query
+from shared.dispatch import Chunk, mark_query, next_chunk_query, open_batches_query
 from shared.models import Job, utcnow
 from tests import support
 from worker.reconciler import lost_query, stale_queued_queries
@@ -107,7 +107,7 @@ def test_the_refill_orders_users_from_the_batches_alone(engine):
     assert not job_scans(root), root  # no probe per open batch
 
 
-@pytest.mark.parametrize("after", [None, 3])
+@pytest.mark.parametrize("after", [-1, 3])
 def test_a_batch_next_chunk_is_two_steps_into_the_waiting_index(engine, after):
     root = plan(engine, next_chunk_query("b7", after))
     scans = job_scans(root)
@@ -119,11 +119,16 @@ def test_a_batch_next_chunk_is_two_steps_into_the_waiting_index(engine, after):
     assert not [n for n in nodes(root) if n["Node Type"] == "Aggregate"], root
 
 
-def test_marking_a_batch_chunks_is_a_range_of_the_waiting_index(engine):
-    root = plan(engine, mark_query("b7", 3, 5, utcnow()))
-    (scan,) = job_scans(root)
-    assert scan["Index Name"] == "ix_jobs_bulk_waiting", scan
-    assert "batch_id" in scan["Index Cond"] and "chunk" in scan["Index Cond"], scan
+def test_marking_a_refill_chunks_reads_a_range_per_batch_then_the_primary_key(engine):
+    chunks = [Chunk(f"b{u}", n, []) for u in range(1, 25) for n in (0, 1)]
+    root = plan(engine, mark_query(chunks, utcnow()))
+    scans = job_scans(root)
+    waiting = [n for n in scans if n.get("Index Name") == "ix_jobs_bulk_waiting"]
+    assert len(waiting) == 24, root  # one range per batch
+    for scan in waiting:
+        assert "batch_id" in scan["Index Cond"] and "chunk" in scan["Index Cond"], scan
+    (rest,) = [n for n in scans if n not in waiting]
+    assert rest.get("Index Name") == "pk_jobs" and "id" in rest["Index Cond"], root
 
 
 def test_the_stale_queued_check_reads_small_indexes(engine):
