@@ -14,7 +14,7 @@ side by side on that one database:
 - storage: bytes per waiting job, the table and each index.
 
 ``python -m bench.backlog`` (about 3 minutes on 2 cores, most of it building the
-rows), ``--quick`` for 20 x 2,000.
+rows), ``--quick`` for 20 x 2,000, ``--refills-only`` for the queries and the refills.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from sqlalchemy import Select, text, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import sessionmaker
 
-from api.bulk import JOB_DEFAULTS
 from api.metrics import read_counters
 from bench import end_to_end
 from bench.common import fmt, machine, median, photo_names, wait_done
@@ -38,6 +37,7 @@ from shared import dispatch, ledger
 from shared.config import Config
 from shared.db import bulk_insert, make_engine, make_session_factory
 from shared.dispatch import FIRST_CHUNK
+from shared.jobs import NEW_JOB
 from shared.models import Job, new_id, utcnow
 from shared.queue import make_celery
 from shared.redis_client import make_redis
@@ -73,9 +73,11 @@ RESULT = (
 # The queries as they stood before issue #26's change, as literal SQL; what runs now is
 # built by the code itself (``now_queries``), so the "now" column cannot drift from it.
 BEFORE = {
-    "open batches with work waiting": "SELECT b.id FROM batches b WHERE b.completed_at IS "
-    f"NULL AND EXISTS (SELECT jobs.id FROM jobs WHERE jobs.batch_id = b.id AND {WAITING}) "
-    "ORDER BY b.created_at, b.id",
+    # Before: a LIMIT 1 probe per open batch (and before that an EXISTS, 8-30+ s; its
+    # numbers are in docs/benchmarks.md). Now the batches alone, probed in turn.
+    "open batches, the refill's order": "SELECT b.id FROM batches b WHERE b.completed_at IS"
+    f" NULL AND (SELECT 1 FROM jobs WHERE jobs.batch_id = b.id AND {WAITING} LIMIT 1) IS NOT"
+    " NULL ORDER BY b.created_at, b.id",
     "a batch's next chunk": f"SELECT min(chunk) FROM jobs WHERE batch_id = :batch AND {WAITING}",
     "reconciler: stale queued": "SELECT id FROM jobs WHERE status = 'queued' AND ((batch_id "
     "IS NULL AND created_at < now() - interval '1 minute') OR dispatched_at < now() - "
@@ -92,8 +94,9 @@ def now_queries(batch_id: str) -> dict[str, list[Select]]:
     """The dispatcher's and the reconciler's questions, as their modules build them."""
     cutoff = utcnow() - timedelta(minutes=1)
     return {
-        "open batches with work waiting": [dispatch.waiting_batches_query()],
+        "open batches, the refill's order": [dispatch.open_batches_query()],
         "a batch's next chunk": [dispatch.next_chunk_query(batch_id)],
+        "mark it (rolled back)": [dispatch.mark_query([dispatch.Chunk(batch_id, 0, [])], utcnow())],
         "reconciler: stale queued": [
             q.limit(SCAN_LIMIT) for q in reconciler.stale_queued_queries(cutoff)
         ],
@@ -210,7 +213,7 @@ def trigger_cost(engine, users: int = 1) -> dict:
             ledger.charge_jobs(session, user_id, ids)
             rows = [
                 {
-                    **JOB_DEFAULTS,
+                    **NEW_JOB,
                     "id": j,
                     "user_id": user_id,
                     "batch_id": None,
@@ -420,8 +423,9 @@ def _succeeded(engine) -> int:
         return conn.scalar(text("SELECT count(*) FROM jobs WHERE status = 'succeeded'"))
 
 
-def run(quick: bool = False, users: int | None = None) -> dict:
-    """``users``: that many users share the same total backlog (1,000 x 1,000 = 1M)."""
+def run(quick: bool = False, users: int | None = None, refills_only: bool = False) -> dict:
+    """``users``: that many users share the same total backlog (1,000 x 1,000 = 1M);
+    ``refills_only``: the queries and the refills, not storage, triggers or the service."""
     users, per = _shape(quick, users)
     url = databases.create_postgres_database()
     prefix = databases.new_prefix("bench-backlog")
@@ -444,7 +448,7 @@ def run(quick: bool = False, users: int | None = None) -> dict:
             "now_ms": time_counters(engine),
         }
         refill_ms = [t * 1000 for t in refills(config, make_session_factory(engine))]
-        triggers = trigger_cost(engine)
+        triggers = None if refills_only else trigger_cost(engine)
         result = {
             "machine": machine(),
             "users": users,
@@ -460,8 +464,9 @@ def run(quick: bool = False, users: int | None = None) -> dict:
     finally:
         databases.delete_redis_prefix(prefix)
         databases.drop_postgres_database(url)
-    result["layouts"] = layouts()
-    result["service"] = service(quick, users)
+    if not refills_only:
+        result["layouts"] = layouts()
+        result["service"] = service(quick, users)
     return result
 
 
@@ -498,6 +503,8 @@ def report(r: dict) -> str:
     lines.append(
         f"  token_ledger (a charge row each): {fmt(r['storage']['ledger_bytes_per_job'], 0)}"
     )
+    if "service" not in r:  # --refills-only
+        return "\n".join(lines)
     lines += ["", _layout_report(r["layouts"]), "", _trigger_report(r["triggers_ms"])]
     svc = r["service"]
     lines += [
@@ -557,9 +564,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--users", type=int, help="users sharing the same total backlog")
+    parser.add_argument("--refills-only", action="store_true", help="skip storage, service")
     parser.add_argument("--json", help="write the raw result here too")
     args = parser.parse_args()
-    result = run(quick=args.quick, users=args.users)
+    result = run(quick=args.quick, users=args.users, refills_only=args.refills_only)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1, default=str))
     print(report(result))

@@ -8,7 +8,9 @@ room left one chunk at a time, each time for the user with the fewest jobs out
 URLs behind another's 10,000 waits for a few batches, not for the 10,000; users
 with work waiting share the window evenly; the broker holds a few messages per
 worker whatever waits in SQL; and canceling a batch costs nothing for the jobs
-never sent (cancel flips them to ``canceled`` in SQL).
+never sent (cancel flips them to ``canceled`` in SQL). A refill's cost follows the
+chunks it sends, not the open batches: the order comes from the batches' rows, and
+only the batch whose turn it is has its jobs probed (``_take``).
 
 A chunk is the message ``api.bulk.chunk`` numbered at submission (a URL's duplicates
 together, so the worker fetches and classifies each URL once). Marking is a
@@ -27,16 +29,19 @@ A retried or re-queued bulk job goes back through here too: set it ``queued`` wi
 from __future__ import annotations
 
 import contextlib
+import heapq
 import logging
 import time
 from collections import deque
+from collections.abc import Sequence
 from datetime import datetime
+from typing import NamedTuple
 
 import redis
 from celery import Celery
 from redis.exceptions import LockNotOwnedError
 from redis.lock import Lock
-from sqlalchemy import Select, func, literal, select, text, update
+from sqlalchemy import Select, Update, func, select, text, union_all, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.config import Config
@@ -61,6 +66,8 @@ PASS_STATEMENT_TIMEOUT_MS = LOCK_TTL_S * 1000 // 2
 # round then costs FIRST_CHUNK jobs a user rather than BATCH_MAX (100 users: 400 jobs,
 # not 3,200; bench.backlog). A batch that fits one chunk stays one: it needs one turn.
 FIRST_CHUNK = 4
+# Batches probed, or marked, in one statement at most.
+MAX_ARMS = 100
 
 
 def _waiting(batch_id: object) -> tuple:
@@ -137,26 +144,19 @@ def out_by_user(session: Session) -> dict[int, int]:
     return {user_id: n for user_id, n in rows}
 
 
-def waiting_batches_query() -> Select:
-    """(batch id, user id, last dispatch) of open batches with jobs waiting in SQL,
-    oldest first.
+def open_batches_query() -> Select:
+    """(batch id, user id, last dispatch) of every open batch, oldest first.
 
-    One probe per open batch, LIMIT 1, into ``ix_jobs_bulk_waiting``: a subquery with
-    a LIMIT cannot be flattened into a join, so the batch id is the index condition
-    whatever the planner guesses. As ``EXISTS`` it was planned, on a database never
-    analyzed, as a semi-join that walked the whole index once per open batch (1M
-    waiting jobs x 100 batches: 27 s per refill; now 3 ms, bench/backlog.py).
+    The batches table alone (``ix_batches_open``), no probe of the jobs: the fairness
+    order needs only these, and the jobs are probed lazily, batch by batch, in that
+    order (``_take``), so a refill reads as many batches' jobs as the room takes, not
+    one per open batch (1,000 probes were 44 ms of a refill, bench/backlog.py).
     """
-    probe = select(literal(1)).where(*_waiting(Batch.id)).limit(1).scalar_subquery()
     return (
         select(Batch.id, Batch.user_id, Batch.dispatched_at)
-        .where(Batch.completed_at.is_(None), probe.is_not(None))
+        .where(Batch.completed_at.is_(None))
         .order_by(Batch.created_at, Batch.id)
     )
-
-
-def _waiting_batches(session: Session) -> list[tuple[str, int, datetime | None]]:
-    return [tuple(row) for row in session.execute(waiting_batches_query())]
 
 
 def _refill_once(
@@ -169,88 +169,192 @@ def _refill_once(
         room = window(client, config) - sum(out.values())
         if room <= 0:
             return 0
-        chunks = _take(session, config, out, room, _waiting_batches(session))
+        batches = session.execute(open_batches_query()).all()
+        chunks = _mark(session, _take(session, config.batch_max, out, room, batches))
         session.commit()
     return _send(sessions, celery, config, chunks)
 
 
+class _Turn(NamedTuple):
+    """Where a user stands in the queue for the next chunk: the fewest jobs out first,
+    then the one served least recently (never: first), then the one waiting longest."""
+
+    out: int
+    served: float
+    seniority: int
+    user_id: int
+
+
+class Chunk(NamedTuple):
+    """A message's worth of one batch's jobs."""
+
+    batch_id: str
+    number: int | None  # None: jobs with no chunk number, by id
+    ids: list[str]  # in the batch's order
+    last_index: int = -1  # the last job's batch_index
+
+
 def _take(
-    session: Session, config: Config, out: dict[int, int], room: int, waiting: list
-) -> list[list[str]]:
-    """Mark chunks dispatched until the room is used (the last one may overshoot it):
-    each for the user with the fewest jobs out, their oldest batch's next chunk.
+    session: Session, batch_max: int, out: dict[int, int], room: int, batches: Sequence
+) -> list[Chunk]:
+    """The chunks to send, in order, until the room is used (the last one may overshoot
+    it): each for the user with the fewest jobs out, their oldest batch's next chunk.
+    Nothing is marked yet (``_mark``).
 
     Fewest out alone would let the oldest user win every tie, and with fewer chunks
     in the window than users waiting a newcomer could wait forever: a tie goes to the
-    user served least recently (never first), then to the one waiting longest.
+    user served least recently (never first), then to the one waiting longest. The
+    order comes from the batches alone; only the batches whose turn comes next are
+    probed, several in one statement, so a batch with nothing waiting (its jobs all
+    out) costs a probe when its turn comes.
     """
     queues: dict[int, deque[str]] = {}
     served: dict[int, float] = {}
-    for batch_id, user_id, dispatched_at in waiting:
+    for batch_id, user_id, dispatched_at in batches:
         queues.setdefault(user_id, deque()).append(batch_id)
         at = as_utc(dispatched_at).timestamp() if dispatched_at else float("-inf")
         served[user_id] = max(served.get(user_id, at), at)
-    seniority = {user_id: i for i, user_id in enumerate(queues)}
-    chunks, now = [], time.time()
-    while room > 0 and queues:
-        user_id = min(queues, key=lambda u: (out.get(u, 0), served[u], seniority[u]))
-        ids = _mark_next_chunk(session, queues[user_id][0], config.batch_max)
-        if not ids:  # that batch has nothing left waiting
-            queues[user_id].popleft()
-            if not queues[user_id]:
-                del queues[user_id]
+    turns = [_Turn(out.get(u, 0), served[u], i, u) for i, u in enumerate(queues)]
+    heapq.heapify(turns)
+    chunks: list[Chunk] = []
+    ready: dict[str, Chunk] = {}  # probed, not taken: each batch's next chunk
+    after: dict[str, tuple[int, int]] = {}  # per batch: the last chunk, loose index taken
+    now = time.time()
+    while room > 0 and turns:
+        turn = heapq.heappop(turns)
+        batch_id = queues[turn.user_id][0]
+        if batch_id not in ready:  # probe it, and the batches whose turns come next
+            ahead = heapq.nsmallest(max(1, room // FIRST_CHUNK) - 1, turns)
+            heads = {batch_id, *(queues[t.user_id][0] for t in ahead)} - ready.keys()
+            ready.update(_next_chunks(session, batch_max, sorted(heads), after))
+        chunk = ready.pop(batch_id)
+        if not chunk.ids:  # nothing left waiting there: the user's next batch, same turn
+            queues[turn.user_id].popleft()
+            if queues[turn.user_id]:
+                heapq.heappush(turns, turn)
             continue
-        chunks.append(ids)
-        out[user_id] = out.get(user_id, 0) + len(ids)
-        served[user_id] = now + len(chunks)  # later in this refill than anyone before
-        room -= len(ids)
+        chunks.append(chunk)
+        last_chunk, last_loose = after.get(batch_id, (-1, -1))
+        if chunk.number is None:
+            after[batch_id] = (last_chunk, chunk.last_index)
+        else:
+            after[batch_id] = (chunk.number, last_loose)
+        room -= len(chunk.ids)
+        # Later in this refill than anyone before: behind every user as far out as this one.
+        taken = turn._replace(out=turn.out + len(chunk.ids), served=now + len(chunks))
+        heapq.heappush(turns, taken)
     return chunks
 
 
-def next_chunk_query(batch_id: str) -> Select:
-    """The batch's lowest chunk number with jobs waiting (none: NULL)."""
-    return (
+def next_chunk_query(batch_id: str, after: int = -1) -> Select:
+    """(batch id, id, chunk) of the batch's lowest waiting chunk above ``after``.
+
+    ``chunk = (SELECT ... ORDER BY chunk LIMIT 1)``: the subquery is one step into
+    ``ix_jobs_bulk_waiting``, and the chunk's jobs are then an index range; not min(),
+    which PostgreSQL without statistics computed over every waiting entry of the batch
+    (10,000 for a full batch).
+    """
+    first = (
         select(Job.chunk)
-        .where(*_waiting(batch_id), Job.chunk.is_not(None))
+        .where(*_waiting(batch_id), Job.chunk > after)
         .order_by(Job.chunk)
         .limit(1)
+        .scalar_subquery()
+    )
+    return select(Job.batch_id, Job.id, Job.chunk, Job.batch_index).where(
+        *_waiting(batch_id), Job.chunk == first
     )
 
 
-def _mark_next_chunk(session: Session, batch_id: str, batch_max: int) -> list[str]:
-    """Mark the batch's lowest waiting chunk dispatched; returns the ids this call won.
+def _next_chunks(
+    session: Session, batch_max: int, batch_ids: list[str], after: dict[str, tuple[int, int]]
+) -> dict[str, Chunk]:
+    """Each batch's next chunk (no ids: nothing waits), one statement for at most
+    ``MAX_ARMS`` batches: a UNION ALL of ``next_chunk_query``, each arm keyed by its
+    batch id as when it ran alone.
 
-    Jobs with no chunk number (put back by hand) go out BATCH_MAX at a time.
+    Jobs with no chunk number (put back by hand) come last, BATCH_MAX at a time: the
+    batches with no numbered chunk left ask for them one by one.
     """
-    # ORDER BY ... LIMIT 1, not min(): PostgreSQL without statistics aggregated every
-    # waiting entry of the batch for min(), 10,000 for a full batch.
-    first = session.scalar(next_chunk_query(batch_id))
-    if first is not None:
-        chosen = Job.chunk == first
-    else:
-        ids = session.scalars(
-            select(Job.id)
-            .where(*_waiting(batch_id), Job.chunk.is_(None))
-            .order_by(Job.batch_index)
-            .limit(batch_max)
+    found: dict[str, list] = {b: [] for b in batch_ids}
+    last = {b: after.get(b, (-1, -1)) for b in batch_ids}  # chunk number, loose index
+    for arms in _groups([next_chunk_query(b, last[b][0]) for b in batch_ids]):
+        for row in session.execute(union_all(*arms)):
+            found[row.batch_id].append(row)
+    for batch_id in [b for b, rows in found.items() if not rows]:
+        found[batch_id] = list(
+            session.execute(
+                select(Job.batch_id, Job.id, Job.chunk, Job.batch_index)
+                .where(
+                    *_waiting(batch_id), Job.chunk.is_(None), Job.batch_index > last[batch_id][1]
+                )
+                .order_by(Job.batch_index)
+                .limit(batch_max)
+            )
         )
-        chosen = Job.id.in_(list(ids))
+    chunks = {}
+    for batch_id, rows in found.items():
+        rows.sort(key=lambda row: row.batch_index)  # a message's ids in the batch's order
+        number, last_index = (rows[0].chunk, rows[-1].batch_index) if rows else (None, -1)
+        chunks[batch_id] = Chunk(batch_id, number, [row.id for row in rows], last_index)
+    return chunks
+
+
+def _groups(items: list) -> list[list]:
+    # SQLite allows 500 arms in a compound SELECT (SQLITE_MAX_COMPOUND_SELECT).
+    return [items[i : i + MAX_ARMS] for i in range(0, len(items), MAX_ARMS)]
+
+
+def _mark(session: Session, chunks: list[Chunk]) -> list[list[str]]:
+    """Mark the chunks dispatched; returns the ids this call won, chunk by chunk (a
+    refill racing this one may have won some).
+
+    The batch rows first, in one statement: a cancel locks its batch row, then its
+    queued jobs; the same order here cannot deadlock with it. Then the jobs, in one
+    statement (``mark_query``).
+    """
+    if not chunks:
+        return []
     now = utcnow()
-    # The batch row first: a cancel locks it, then its queued jobs; the same order here
-    # cannot deadlock with it.
-    session.execute(update(Batch).where(Batch.id == batch_id).values(dispatched_at=now))
-    # Plain conditions, no IN (subquery): PostgreSQL planned that as a scan of the
-    # batch's rows for each row, seconds per chunk, right after the batch's COPY.
-    won = session.execute(
+    batch_ids = sorted({chunk.batch_id for chunk in chunks})
+    session.execute(update(Batch).where(Batch.id.in_(batch_ids)).values(dispatched_at=now))
+    won: set[str] = set()
+    for group in _groups(chunks):
+        won.update(session.scalars(mark_query(group, now)))
+    return [kept for chunk in chunks if (kept := [j for j in chunk.ids if j in won])]
+
+
+def mark_query(chunks: Sequence[Chunk], now: datetime) -> Update:
+    """Mark these chunks' jobs dispatched where they still wait (of racing refills, one
+    wins each job); RETURNING the ids won.
+
+    ``id IN (a UNION ALL of one range of the waiting index per batch)``: each arm has
+    its batch and chunks as the index condition, and the ids are then looked up in the
+    primary key. Not the ids as a list: without statistics a long list looks
+    unselective, and PostgreSQL read all of ``ix_jobs_batch_status`` for ``status``
+    instead; nor an OR of the ranges, which it planned as a filter over the whole
+    waiting index (250 ms for 24 chunks). The outer condition is what a racing refill's
+    commit is checked against.
+    """
+    by_batch: dict[str, list[Chunk]] = {}
+    for chunk in chunks:
+        by_batch.setdefault(chunk.batch_id, []).append(chunk)
+    arms = []
+    for batch_id, taken in by_batch.items():
+        numbers = [c.number for c in taken if c.number is not None]
+        loose = [j for c in taken if c.number is None for j in c.ids]
+        if numbers:
+            chosen = Job.chunk.between(min(numbers), max(numbers))  # consecutive: a range
+            arms.append(select(Job.id).where(*_waiting(batch_id), chosen))
+        if loose:
+            arms.append(select(Job.id).where(*_waiting(batch_id), Job.id.in_(loose)))
+    return (
         update(Job)
-        .where(*_waiting(batch_id), chosen)
+        .where(Job.id.in_(union_all(*arms)), text("status = 'queued' AND dispatched_at IS NULL"))
         .values(dispatched_at=now)
-        .returning(Job.id, Job.batch_index)
+        .returning(Job.id)
         .execution_options(synchronize_session=False)
-    ).all()
-    # RETURNING follows the rows' physical order, which updates shuffle: send the chunk
-    # in the batch's order, so a message's ids are the same whichever rows moved.
-    return [job_id for job_id, _ in sorted(won, key=lambda row: row.batch_index)]
+    )
 
 
 def _send(

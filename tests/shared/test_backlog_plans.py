@@ -13,11 +13,12 @@ import json
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import Select, text
+from sqlalchemy import text
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.sql import Executable
 
 from shared.db import make_engine
-from shared.dispatch import waiting_batches_query
+from shared.dispatch import Chunk, mark_query, next_chunk_query, open_batches_query
 from shared.models import Job, utcnow
 from tests import support
 from worker.reconciler import lost_query, stale_queued_queries
@@ -65,7 +66,8 @@ def engine():
     support.drop_postgres_database(url)
 
 
-def plan(engine, query: Select) -> dict:
+def plan(engine, query: Executable) -> dict:
+    """The plan PostgreSQL would use (EXPLAIN without ANALYZE: an UPDATE is not run)."""
     sql = query.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True})
     with engine.connect() as conn:
         (rows,) = conn.execute(text(f"EXPLAIN (FORMAT JSON) {sql}")).one()
@@ -79,7 +81,7 @@ def nodes(node: dict):
 
 
 def job_scans(root: dict) -> list[dict]:
-    return [n for n in nodes(root) if n.get("Relation Name") == "jobs"]
+    return [n for n in nodes(root) if n.get("Relation Name") == "jobs" and "Scan" in n["Node Type"]]
 
 
 def indexes_read(root: dict) -> set[str]:
@@ -100,15 +102,33 @@ def test_the_database_has_no_statistics(engine):
     assert not analyzed
 
 
-def test_the_refill_probes_each_batch_by_its_id(engine):
-    root = plan(engine, waiting_batches_query())
+def test_the_refill_orders_users_from_the_batches_alone(engine):
+    root = plan(engine, open_batches_query())
+    assert not job_scans(root), root  # no probe per open batch
+
+
+@pytest.mark.parametrize("after", [-1, 3])
+def test_a_batch_next_chunk_is_two_steps_into_the_waiting_index(engine, after):
+    root = plan(engine, next_chunk_query("b7", after))
     scans = job_scans(root)
-    assert scans, root
+    assert len(scans) == 2, root  # the lowest chunk number, then that chunk's jobs
     for scan in scans:
         assert scan["Index Name"] == "ix_jobs_bulk_waiting", scan
         assert "batch_id" in scan.get("Index Cond", ""), scan
-    # The old plan: a semi-join filtering every waiting job against every batch.
-    assert not [n for n in nodes(root) if "Join Filter" in n], root
+    # Not min(): an aggregate over every waiting entry of the batch.
+    assert not [n for n in nodes(root) if n["Node Type"] == "Aggregate"], root
+
+
+def test_marking_a_refill_chunks_reads_a_range_per_batch_then_the_primary_key(engine):
+    chunks = [Chunk(f"b{u}", n, []) for u in range(1, 25) for n in (0, 1)]
+    root = plan(engine, mark_query(chunks, utcnow()))
+    scans = job_scans(root)
+    waiting = [n for n in scans if n.get("Index Name") == "ix_jobs_bulk_waiting"]
+    assert len(waiting) == 24, root  # one range per batch
+    for scan in waiting:
+        assert "batch_id" in scan["Index Cond"] and "chunk" in scan["Index Cond"], scan
+    (rest,) = [n for n in scans if n not in waiting]
+    assert rest.get("Index Name") == "pk_jobs" and "id" in rest["Index Cond"], root
 
 
 def test_the_stale_queued_check_reads_small_indexes(engine):
