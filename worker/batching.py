@@ -284,24 +284,35 @@ class ContinuousBatches(Batches):
                 self._in_flight -= 1
             log.warning("%d message(s) not run: %r; the broker gets them back", len(batch), exc)
 
-    def close(self, wait_s: float = 0) -> None:
-        """Worker shutdown: start no more loads; wait up to ``wait_s`` for those running.
+    def close(self) -> None:
+        """Worker shutdown: start no more loads.
 
-        A running load has claimed its jobs: it finishes, and this waits until its
-        message (and every loaded one) is in a batch, so the pool drains it before it
-        stops and a clean stop leaves no job half-done. What was
-        not loading stays unacknowledged, and the broker gives it back (RabbitMQ when
-        the connection closes, kombu's Redis channel restores its unacked messages).
+        Loads already running have claimed their jobs: they finish, and ``drain``
+        waits until their messages are in batches. What was not loading stays
+        unacknowledged, and the broker gives it back (RabbitMQ when the connection
+        closes, kombu's Redis channel restores its unacked messages).
         """
         # No lock: this runs in a signal handler, maybe on a thread that holds it
-        # halfway through a dispatch; a flag and a poll need none.
+        # halfway through a dispatch; a flag needs none.
         self._closed = True
-        if self.loader is None:
+        if self.loader is not None:
+            self.loader.close()
+
+    def drain(self, wait_s: float) -> None:
+        """Wait up to ``wait_s`` until no claimed message is still outside a batch, so
+        the pool (still running) takes them all before it stops: a clean stop leaves no
+        job half-done. Call after ``close``, never from a signal handler."""
+        started = time.monotonic()
+        if not self._claimed_not_running():
             return
-        self.loader.close()
-        deadline = time.monotonic() + wait_s
-        while self._claimed_not_running() and time.monotonic() < deadline:
+        while self._claimed_not_running() and time.monotonic() < started + wait_s:
             time.sleep(0.05)
+        left = sum(m.state in (LOADING, LOADED) for m in list(self._messages))
+        log.info(
+            "shutdown: waited %.1f s for claimed messages to join a batch; %d left",
+            time.monotonic() - started,
+            left,
+        )
 
     def _claimed_not_running(self) -> bool:
         # Loading or loaded, their jobs are claimed: the pool must get them before it

@@ -25,7 +25,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 
-from celery import Celery, signals
+from celery import Celery, bootsteps, signals
 
 from shared import logs
 from shared.config import Config
@@ -58,6 +58,7 @@ class ClassifyWorker:
     # main process at worker_init, before prefork's pool processes fork and inherit it.
     worker_id: str = field(default_factory=lambda: liveness.new_worker_id(socket.gethostname()))
     stopping: threading.Event = field(default_factory=threading.Event)
+    warm_stop: bool = False  # set by the shutdown signal: claimed work drains first
     _runtime: Runtime | None = None
     _runtime_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -97,6 +98,7 @@ def create_app(config: Config) -> Celery:
     app.conf.task_queues = [service_queue(config, name) for name in classify_queues(config)]
     worker = ClassifyWorker(config, app)
     _workers[app] = worker
+    app.steps["worker"].add(DrainClaimed)
 
     # shared=False: else Celery adds the task, with this app's closure, to every app
     # finalized later in the process.
@@ -106,6 +108,24 @@ def create_app(config: Config) -> Celery:
         return _classify(worker, requests, loaded)
 
     return app
+
+
+class DrainClaimed(bootsteps.StartStopStep):
+    """At a warm stop, before the pool stops: wait (up to WORKER_SHUTDOWN_TIMEOUT_S)
+    until every message whose jobs are claimed is in a batch, so the pool drains it.
+
+    Celery closes every step before it stops any, and the pool keeps taking work while
+    closed. Not in the shutdown signal's handler: that runs on the consumer's thread
+    between two bytecodes, maybe inside ``ContinuousBatches``' lock, and the loads it
+    would wait for need that lock to say they are done (a stop once took > 60 s so).
+    """
+
+    requires = ("celery.worker.components:Pool",)
+
+    def close(self, parent: object) -> None:
+        worker = worker_of(getattr(parent, "app", None))
+        if worker is not None and worker.warm_stop:
+            worker.task.drain(worker.config.worker_shutdown_timeout_s)
 
 
 def worker_of(app: Celery | None) -> ClassifyWorker | None:
@@ -226,9 +246,11 @@ def _stop(how: str = "", **_kwargs) -> None:
     if worker is None:
         return
     worker.stopping.set()
-    # No new loads; on a warm shutdown those running (their jobs claimed) finish and
-    # join a batch while the pool drains. The rest goes back to the broker.
-    worker.task.close(worker.config.worker_shutdown_timeout_s if how == "Warm" else 0)
+    # No new loads. On a warm shutdown those running (their jobs claimed) finish and
+    # join a batch: DrainClaimed waits for them, after this handler has returned.
+    # What was not loading goes back to the broker.
+    worker.warm_stop = how == "Warm"
+    worker.task.close()
 
 
 @signals.worker_shutdown.connect

@@ -144,7 +144,9 @@ def test_sigterm_finishes_or_returns_the_batch_in_flight(photo_server, fault_sta
     batch_id = _submit_batch(stack, user, urls)
     _wait_processing(stack, batch_id)
     worker.proc.send_signal(signal.SIGTERM)  # warm shutdown
-    assert worker.proc.wait(60) == 0
+    # WORKER_SHUTDOWN_TIMEOUT_S (60) for the loads to drain, then the batches: on a busy
+    # machine a clean stop can take longer than 60 s, which is not a failure.
+    assert worker.proc.wait(180) == 0
     after_stop = stack.batch_statuses(batch_id)
     assert after_stop.get("processing", 0) == 0  # nothing left half-done by a clean stop
     stack.worker("next")
