@@ -1,9 +1,11 @@
 """What the job-done listener costs per finished job, per API process (issue #22).
 
-Every API process keeps one pattern subscription (``shared.events.DoneListener``), so
-each one hears every finished job, bulk ones too. Here ``SUBSCRIBERS`` processes each
-run a ``DoneListener`` kept alive by one waiter on a job that never finishes, and this
-process publishes finishes as the worker's announce does (``publish_done``):
+With one pattern subscription per API process (``shared.events.DoneListener`` before
+issue #22), each one heard every finished job, bulk ones too; now only the processes
+registered under a job do. Here ``SUBSCRIBERS`` processes each run a ``DoneListener``
+kept alive by one waiter on a job that never finishes (so they wait on none of the
+published jobs), and this process publishes finishes as the worker's announce does
+(``publish_done``):
 
 * ``bulk``: batches of 32, back to back: the listener reads many messages per wake-up;
 * ``singles``: one finish every 5 ms (``GAP_S``), as singles finish: one wake-up each.
