@@ -27,33 +27,28 @@ STEP_BATCHES = 200  # per size (quick: 20)
 
 
 def _user_and_jobs(session, n: int) -> tuple[int, list[str]]:
-    from shared import ledger
-    from shared.db import bulk_insert
-    from shared.models import Job, User, new_id, utcnow
+    """A user and ``n`` queued jobs, charged, built and inserted as the service does."""
+    from shared import jobs, ledger
+    from shared.models import User, new_id, utcnow
 
     user = User(username=f"b{new_id()[-12:]}", password_hash="x", tokens=0)
     session.add(user)
     session.flush()
     ledger.grant(session, user.id, n, ledger.SIGNUP)
-    ids = [new_id() for _ in range(n)]
-    now = utcnow()
+    ids, now = [new_id() for _ in range(n)], utcnow()
     rows = [
-        {c.name: None for c in Job.__table__.columns}
-        | {
-            "id": j,
-            "user_id": user.id,
-            "model": "mobilenet",
-            "top_k": 5,
-            "input_url": f"http://photos.invalid/{j}.jpg",
-            "status": "queued",
-            "attempts": 0,
-            "retries": 0,
-            "created_at": now,
-        }
+        jobs.new_row(
+            user_id=user.id,
+            model="mobilenet",
+            top_k=5,
+            id=j,
+            input_url=f"http://photos.invalid/{j}.jpg",
+            created_at=now,
+        )
         for j in ids
     ]
     ledger.charge_jobs(session, user.id, ids)
-    bulk_insert(session, Job.__table__, rows)
+    jobs.insert_new(session, rows)
     session.commit()
     return user.id, ids
 

@@ -1,13 +1,23 @@
 """Job-finished notifications over Redis pub/sub, for long-polling clients.
 
-The worker publishes after its SQL commit; a waiter registers first, then reads
-SQL, so a finish between the two is never missed. SQL stays the source of truth:
-a lost message only costs a waiter its periodic re-check.
+Only the API processes that wait on a job hear it finish. A waiter registers its
+process's channel under the job (``SADD <prefix>:job-waiters:<id>``), then reads SQL;
+the worker, after its SQL commit, publishes each finished job to the channels
+registered under it (one script per batch, ``publish_done``). The registration and the
+script are each atomic in Redis, so one comes first: either the script sees the
+registration and publishes to it, or it ran before it, after the commit, and the
+waiter's SQL read sees the job done. A finish between the two is never missed. SQL stays
+the source of truth: a lost message only costs a waiter its periodic re-check.
 
-A job submitted by the waiting request itself needs no first read: if the process's
-listener has been subscribed since before the job existed, its finish cannot have
-been published unheard, and the listener remembers the jobs it heard finish for a
-while (``RECENT_S``). Such a wait reads SQL once, when its job is done.
+The script also marks each job done for a while (``<prefix>:job-done:<id>``,
+``DONE_TTL_S``), and the registration reads the mark in the same step. A job submitted
+by the waiting request itself (``created_after``) then needs no first read: if the
+process was subscribed when it registered and the job was not marked done, its finish
+cannot be published unheard. Such a wait reads SQL once, when its job is done.
+
+A pattern subscription per process (the design before) made every API process hear
+every finished job, bulk ones too: ~0.2 CPU ms per job per process when singles finish
+one at a time (bench/listener.py, docs/benchmarks.md), x ``WEB_CONCURRENCY``.
 """
 
 from __future__ import annotations
@@ -16,10 +26,11 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
+import uuid
 from collections.abc import Callable, Iterable
 
 import redis
+from redis.commands.core import AsyncScript, Script
 
 from shared.config import Config
 
@@ -27,49 +38,74 @@ log = logging.getLogger(__name__)
 
 RECHECK_S = 1.0
 IDLE_EXIT_S = 60.0  # a listener with no waiter for this long ends (see DoneListener)
-# How long, and for how many jobs at most, the listener remembers a job it heard finish
-# (every API process hears every job, bulk ones too). A waiter only needs it between
-# its submission and its registration, milliseconds; one whose job was forgotten
-# meanwhile is answered by its re-check, RECHECK_S later.
-RECENT_S = 10.0
-RECENT_MAX = 20_000
+# How long a finished job stays marked done. A waiter that skips its first read does
+# so only within FRESH_S of its job's creation, well inside the mark's life: a waiter
+# needs the mark between its submission and its registration, milliseconds.
+DONE_TTL_S = 30
+FRESH_S = 10.0
+# A registration outlives its wait by this much (the last re-check comes after it).
+REGISTRATION_GRACE_S = 5
+
+# KEYS: per job, its done mark then its waiters' set; ARGV: the job ids, then the mark's TTL.
+_PUBLISH = """
+local ttl = ARGV[#ARGV]
+local sent = 0
+for i = 1, #ARGV - 1 do
+  redis.call('SET', KEYS[2 * i - 1], '1', 'EX', ttl)
+  for _, to in ipairs(redis.call('SMEMBERS', KEYS[2 * i])) do
+    redis.call('PUBLISH', to, ARGV[i])
+    sent = sent + 1
+  end
+end
+return sent
+"""
 
 
-def channel(config: Config, job_id: str) -> str:
+_publish_script: AsyncScript | Script | None = None
+
+
+def _done_key(config: Config, job_id: str) -> str:
     return f"{config.queue_prefix}:job-done:{job_id}"
 
 
+def _waiters_key(config: Config, job_id: str) -> str:
+    return f"{config.queue_prefix}:job-waiters:{job_id}"
+
+
 def publish_done(client: redis.Redis, config: Config, job_ids: Iterable[str]) -> None:
-    pipe = client.pipeline(transaction=False)
-    for job_id in job_ids:
-        pipe.publish(channel(config, job_id), b"1")
-    pipe.execute()
+    """After the SQL commit: mark the jobs done and wake the processes waiting on them."""
+    ids = list(job_ids)
+    if not ids:
+        return
+    global _publish_script
+    if _publish_script is None:  # hashed once; sent by EVALSHA (EVAL the first time)
+        _publish_script = client.register_script(_PUBLISH)
+    keys = [k for j in ids for k in (_done_key(config, j), _waiters_key(config, j))]
+    _publish_script(keys=keys, args=[*ids, DONE_TTL_S], client=client)
 
 
 class DoneListener:
-    """One pattern subscription per process, shared by every request that waits.
+    """One channel per process, shared by every request of the process that waits.
 
     A subscription per waiting request costs a Redis connection of its own (pub/sub
     connections are not reused), a SUBSCRIBE and a disconnect: at tens of long polls
     a second that is a good part of the API's CPU. Here one daemon thread, started on
-    first use (after gunicorn's fork), listens on ``<prefix>:job-done:*`` and wakes
-    the waiters of each finished job. If Redis is unreachable the thread retries,
-    and waiters still see the job finish through their SQL re-check every
+    first use (after gunicorn's fork), subscribes to this process's channel and wakes
+    the waiters of each job published to it. If Redis is unreachable the thread
+    retries, and waiters still see the job finish through their SQL re-check every
     ``RECHECK_S``: notifications are a shortcut, never the truth.
     """
 
     def __init__(self, client: redis.Redis, config: Config) -> None:
         self._client = client
-        self._pattern = channel(config, "*")
-        self._prefix_len = len(self._pattern) - 1
+        self._config = config
+        self._channel = ""  # this process's, named on first use (after a fork)
         self._waiters: dict[str, set[threading.Event]] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._pid = 0
-        # When the current subscription was confirmed (monotonic), None while not
-        # subscribed; and the jobs heard finishing since, oldest first.
-        self._subscribed_at: float | None = None
-        self._recent: OrderedDict[str, float] = OrderedDict()
+        # Whether the current subscription was confirmed by Redis.
+        self._subscribed = False
         #: Set while subscribed (tests and health checks can wait on it).
         self.listening = threading.Event()
         #: Set by ``close()``: the server is shutting down, so nobody waits any more.
@@ -98,25 +134,26 @@ class DoneListener:
         """Block until ``is_done()`` or the timeout; returns the last ``is_done()``.
 
         ``created_after`` (``time.monotonic()``): the job did not exist before then (the
-        caller just submitted it). If this process's listener was subscribed since
-        before it, a finish would have been heard: the first SQL read is skipped
-        (``is_done`` then runs only once woken, on each ``RECHECK_S`` re-check and at
-        the end).
+        caller just submitted it). If this process was subscribed when the wait
+        registered, and the job was not marked done then, a finish will be heard: the
+        first SQL read is skipped (``is_done`` then runs only once woken, on each
+        ``RECHECK_S`` re-check and at the end).
         """
         deadline = time.monotonic() + timeout_s
         event = threading.Event()
         with self._lock:
             self._waiters.setdefault(job_id, set()).add(event)
             self._ensure_listening()
-            # Unread: nothing to learn from SQL yet (created after the subscription,
-            # and not heard finishing).
+            subscribed, channel = self._subscribed, self._channel
+        try:
+            marked_done = self._register(job_id, channel, timeout_s)
+            # Unread: nothing to learn from SQL yet (its finish, if any, is still to come).
             unread = (
                 created_after is not None
-                and self._subscribed_at is not None
-                and self._subscribed_at <= created_after
-                and job_id not in self._recent
+                and subscribed
+                and marked_done is False
+                and time.monotonic() - created_after < FRESH_S
             )
-        try:
             # Registered before the first check: a finish between the two still wakes us.
             if not unread and is_done():
                 return True
@@ -138,12 +175,28 @@ class DoneListener:
                     if not waiting:
                         del self._waiters[job_id]
 
+    def _register(self, job_id: str, channel: str, timeout_s: float) -> bool | None:
+        """Add this process's channel to the job's waiters, in Redis; whether the job
+        was already marked done then (None: Redis failed, nothing known)."""
+        key = _waiters_key(self._config, job_id)
+        try:
+            pipe = self._client.pipeline()  # MULTI: one step, ordered against the worker's
+            pipe.sadd(key, channel)
+            pipe.expire(key, int(timeout_s) + REGISTRATION_GRACE_S)
+            pipe.exists(_done_key(self._config, job_id))
+            return bool(pipe.execute()[2])
+        except redis.RedisError as exc:
+            log.debug("job-done registration failed: %r", exc)
+            return None
+
     def _ensure_listening(self) -> None:
         # Called with the lock held. A forked child inherits the object, not the thread.
         if self._thread is not None and self._pid == os.getpid():
             return
-        self._pid = os.getpid()
-        self._subscribed_at = None  # a forked child: the parent's subscription is not ours
+        if self._pid != os.getpid():  # a forked child: the parent's channel is not ours
+            self._pid = os.getpid()
+            self._channel = f"{self._config.queue_prefix}:job-done-to:{uuid.uuid4().hex}"
+        self._subscribed = False
         self._thread = threading.Thread(target=self._listen, daemon=True, name="job-done")
         self._thread.start()
 
@@ -152,16 +205,16 @@ class DoneListener:
         while True:
             pubsub = self._client.pubsub()
             try:
-                pubsub.psubscribe(self._pattern)
+                pubsub.subscribe(self._channel)
                 self.listening.set()
                 while True:
                     message = pubsub.get_message(timeout=RECHECK_S)
-                    if message and message["type"] == "pmessage":
-                        self._wake(message["channel"])
-                    elif message and message["type"] == "psubscribe":
+                    if message and message["type"] == "message":
+                        self._wake(message["data"])
+                    elif message and message["type"] == "subscribe":
                         # Confirmed by Redis: every finish published from now on is heard.
                         with self._lock:
-                            self._subscribed_at = time.monotonic()
+                            self._subscribed = True
                     idle_since = self._idle_since(idle_since)
                     if idle_since is None:
                         return
@@ -178,7 +231,7 @@ class DoneListener:
     def _unsubscribed(self) -> None:
         self.listening.clear()
         with self._lock:
-            self._subscribed_at = None
+            self._subscribed = False
 
     def _idle_since(self, since: float) -> float | None:
         """When waiters were last seen; None once the thread should end (long idle).
@@ -192,20 +245,13 @@ class DoneListener:
             if time.monotonic() - since < IDLE_EXIT_S:
                 return since
             self._thread = None  # decided under the lock: a new waiter starts a new one
-            self._subscribed_at = None
+            self._subscribed = False
             self.listening.clear()
             return None
 
-    def _wake(self, raw_channel: bytes | str) -> None:
-        name = raw_channel.decode() if isinstance(raw_channel, bytes) else raw_channel
-        job_id, now = name[self._prefix_len :], time.monotonic()
+    def _wake(self, raw_job_id: bytes | str) -> None:
+        job_id = raw_job_id.decode() if isinstance(raw_job_id, bytes) else raw_job_id
         with self._lock:
-            self._recent[job_id] = now
-            self._recent.move_to_end(job_id)
-            while self._recent and (
-                len(self._recent) > RECENT_MAX or next(iter(self._recent.values())) < now - RECENT_S
-            ):
-                self._recent.popitem(last=False)
             events = list(self._waiters.get(job_id, ()))
         for event in events:
             event.set()

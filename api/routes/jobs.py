@@ -75,7 +75,11 @@ def _job_request(body: dict) -> JobRequest:
 
 
 def _prefer_wait() -> int | None:
-    return prefer_wait(request.headers.getlist("Prefer"), services().config.max_wait_s)
+    # The WSGI server already joined repeated Prefer headers with commas, in order (as
+    # RFC 9110 allows for list headers): one environ look-up, where getlist walks the
+    # whole environ (~20 us a request, issue #22).
+    value = request.headers.get("Prefer")
+    return prefer_wait([value] if value else [], services().config.max_wait_s)
 
 
 @blp.route("", methods=["POST"])

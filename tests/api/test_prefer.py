@@ -48,3 +48,14 @@ def test_an_invalid_wait_is_ignored_and_a_valid_one_is_applied(client):
     )
     assert waited.status_code == 202 and waited.headers["Preference-Applied"] == "wait=1"
     assert waited.get_json()["status"] == "queued" and waited.headers["Location"]
+
+
+def test_two_prefer_headers_are_read_as_one_list(client):
+    # The WSGI server joins them with a comma, in order; the first wait still counts.
+    user = support.new_user(client)
+    headers = [*user["headers"].items(), ("Prefer", "respond-async"), ("Prefer", "wait=1")]
+    waited = client.post("/v1/jobs", json={"url": URL}, headers=headers)
+    assert waited.status_code == 202 and waited.headers["Preference-Applied"] == "wait=1"
+    headers = [*user["headers"].items(), ("Prefer", "wait=abc"), ("Prefer", "wait=1")]
+    ignored = client.post("/v1/jobs", json={"url": URL}, headers=headers)
+    assert ignored.status_code == 202 and "Preference-Applied" not in ignored.headers

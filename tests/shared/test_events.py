@@ -1,4 +1,4 @@
-"""DoneListener: long polls woken by the shared job-done subscription, against real Redis."""
+"""DoneListener: long polls woken by their process's job-done channel, against real Redis."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def config() -> Config:
 
 def _publish_when_registered(listener, client, config, job_id, done: threading.Event) -> None:
     support.wait_for(lambda: job_id in listener._waiters, 10, "the waiter to register", 0.01)
-    support.wait_for(lambda: client.pubsub_numpat() >= 1, 10, "the listener to subscribe", 0.01)
+    support.wait_for(lambda: listener._subscribed, 10, "the listener to subscribe", 0.01)
     done.set()
     events.publish_done(client, config, [job_id])
 
@@ -110,7 +110,7 @@ def test_close_answers_every_waiter_at_once_and_refuses_new_waits(config, monkey
 
 def _subscribed(listener) -> None:
     listener.wait("warm-up", 0, lambda: False)  # starts the listener thread
-    support.wait_for(lambda: listener._subscribed_at is not None, 10, "the subscription", 0.01)
+    support.wait_for(lambda: listener._subscribed, 10, "the subscription", 0.01)
 
 
 def test_a_job_created_after_the_subscription_is_read_once_when_done(config, monkeypatch):
@@ -137,8 +137,50 @@ def test_a_job_heard_finishing_before_its_wait_is_read_at_once(config, monkeypat
     listener = events.DoneListener(client, config)
     _subscribed(listener)
     created = time.monotonic()
-    events.publish_done(client, config, ["job-6"])
-    support.wait_for(lambda: "job-6" in listener._recent, 10, "the finish to be heard", 0.01)
+    events.publish_done(client, config, ["job-6"])  # before the wait registered
     start = time.monotonic()
     assert listener.wait("job-6", 30, lambda: True, created)
+    assert time.monotonic() - start < 20
+
+
+def test_only_the_process_waiting_on_a_job_hears_it(config, monkeypatch):
+    # Issue #22: a finish is published to the channels registered under the job, not to
+    # every API process (each hearing cost a process ~0.2 CPU ms).
+    monkeypatch.setattr(events, "RECHECK_S", 60.0)
+    client = redis.Redis.from_url(config.redis_url)
+    waiting, other = events.DoneListener(client, config), events.DoneListener(client, config)
+    _subscribed(waiting)
+    _subscribed(other)
+    heard: list[bytes | str] = []
+    monkeypatch.setattr(other, "_wake", heard.append)
+    done = threading.Event()
+    publisher = threading.Thread(
+        target=_publish_when_registered, args=(waiting, client, config, "job-7", done)
+    )
+    publisher.start()
+    assert waiting.wait("job-7", 30, done.is_set, time.monotonic())
+    publisher.join()
+    # "warm-up" (registered by both) comes after anything else published to `other`.
+    events.publish_done(client, config, ["job-9", "warm-up"])
+    support.wait_for(lambda: heard, 10, "the registered finish to be heard", 0.01)
+    assert heard == [b"warm-up"]
+
+
+def test_a_finish_between_registration_and_the_sql_read_is_never_missed(config, monkeypatch):
+    monkeypatch.setattr(events, "RECHECK_S", 60.0)  # only a notification can answer in time
+    client = redis.Redis.from_url(config.redis_url)
+    listener = events.DoneListener(client, config)
+    _subscribed(listener)
+    finished = threading.Event()
+
+    def first_read_then_finish() -> bool:
+        # The worker commits and announces right after this read saw the job unfinished.
+        if not finished.is_set():
+            finished.set()
+            events.publish_done(client, config, ["job-8"])
+            return False
+        return True
+
+    start = time.monotonic()
+    assert listener.wait("job-8", 30, first_read_then_finish)
     assert time.monotonic() - start < 20
