@@ -230,20 +230,9 @@ def one_user_waiting(stack, n: int, honour_retry_after: bool) -> dict:
 
 def lone_requests(stack, n: int) -> dict:
     """One client, one job at a time with ``Prefer: wait=60``: latency of a lone request."""
-    import requests
+    from bench.latency import lone
 
-    from bench.common import latency_summary
-
-    user = stack.user(n + 2)
-    headers = {**user["headers"], "Prefer": "wait=60"}
-    latencies = []
-    with requests.Session() as session:
-        for url in stack.urls(n):
-            start = time.perf_counter()
-            resp = session.post(f"{stack.api.url}/v1/jobs", json={"url": url}, headers=headers)
-            latencies.append(time.perf_counter() - start)
-            assert resp.status_code == 200, resp.text
-    return {"scenario": "lone requests", "jobs": n, **latency_summary(latencies)}
+    return {"scenario": "lone requests", **lone(stack, n)}
 
 
 def _scenario(stack, n: int, run) -> dict:

@@ -49,6 +49,24 @@ def make_admin(app) -> dict:
     return {"username": username, "password": "admin-secret", "headers": bearer(key)}
 
 
+def refill(client, app, username: str, amount: int) -> None:
+    """Top a user up the documented way: an administrator's ``POST /v1/admin/refill``."""
+    admin = make_admin(app)
+    resp = client.post(
+        "/v1/admin/refill",
+        json={"username": username, "amount": amount},
+        headers=admin["headers"],
+    )
+    assert resp.status_code == 200, resp.get_json()
+
+
+def funded_user(client, app, tokens: int) -> dict:
+    """``new_user`` (its signup tokens) plus ``tokens`` refilled by an administrator."""
+    user = new_user(client)
+    refill(client, app, user["username"], tokens)
+    return user
+
+
 def new_account(sessions: Callable[[], Any], tokens: int = 0, prefix: str = "u") -> int:
     """A user row made straight in the database, for tests below the API; returns its id.
 

@@ -49,6 +49,13 @@ def as_utc(dt: datetime) -> datetime:
 NULLABLE_JSON = JSON(none_as_null=True)
 
 
+def partial_index(name: str, *columns: str, where: str, unique: bool = False) -> Index:
+    """An index on the rows matching ``where`` (literal SQL, the same on both databases:
+    a planner matches it term by term against a query's own literal conditions)."""
+    condition = text(where)
+    return Index(name, *columns, unique=unique, postgresql_where=condition, sqlite_where=condition)
+
+
 def new_id() -> str:
     """A UUIDv7 (RFC 9562): 48 bits of Unix milliseconds, then 74 random bits.
 
@@ -192,44 +199,18 @@ class Job(Base):
         Index("ix_jobs_batch_status", "batch_id", "status"),
         # Lines without a custom_id never collide, so only those with one are entered:
         # an entry per line of every batch was ~50 bytes a job for nothing (0009).
-        Index(
-            "uq_jobs_batch_custom_id",
-            "batch_id",
-            "custom_id",
-            unique=True,
-            postgresql_where=text(HAS_CUSTOM_ID),
-            sqlite_where=text(HAS_CUSTOM_ID),
+        partial_index(
+            "uq_jobs_batch_custom_id", "batch_id", "custom_id", where=HAS_CUSTOM_ID, unique=True
         ),
         # Retention finds old finished single jobs without a scan; batch lines go with
         # their batch, so they have no entry here (0009).
-        Index(
-            "ix_jobs_single_completed",
-            "completed_at",
-            postgresql_where=text(SINGLE),
-            sqlite_where=text(SINGLE),
-        ),
+        partial_index("ix_jobs_single_completed", "completed_at", where=SINGLE),
         # The dispatcher's two questions stay cheap with millions of jobs waiting: a
         # batch's next chunk, and how many bulk jobs are out (a few batches' worth).
-        Index(
-            "ix_jobs_bulk_waiting",
-            "batch_id",
-            "chunk",
-            postgresql_where=text(BULK_WAITING),
-            sqlite_where=text(BULK_WAITING),
-        ),
-        Index(
-            "ix_jobs_bulk_out",
-            "user_id",
-            postgresql_where=text(BULK_OUT),
-            sqlite_where=text(BULK_OUT),
-        ),
+        partial_index("ix_jobs_bulk_waiting", "batch_id", "chunk", where=BULK_WAITING),
+        partial_index("ix_jobs_bulk_out", "user_id", where=BULK_OUT),
         # The reconciler's lost-job check: the jobs being processed, a few batches' worth.
-        Index(
-            "ix_jobs_processing",
-            "claimed_at",
-            postgresql_where=text(PROCESSING),
-            sqlite_where=text(PROCESSING),
-        ),
+        partial_index("ix_jobs_processing", "claimed_at", where=PROCESSING),
     )
 
 
@@ -241,12 +222,7 @@ class Batch(Base):
         Index("ix_batches_user_created", "user_id", "created_at"),
         Index("ix_batches_completed_at", "completed_at"),  # retention
         # The dispatcher looks for work among the batches not yet completed.
-        Index(
-            "ix_batches_open",
-            "created_at",
-            postgresql_where=text(OPEN_BATCH),
-            sqlite_where=text(OPEN_BATCH),
-        ),
+        partial_index("ix_batches_open", "created_at", where=OPEN_BATCH),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)

@@ -11,10 +11,12 @@ from harness.accounts import (
     add_account,
     basic_auth,
     bearer,
+    funded_user,
     ledger_sum,
     make_admin,
     new_account,
     new_user,
+    refill,
 )
 from harness.databases import (
     admin_dsn,
@@ -64,6 +66,7 @@ __all__ = [
     "delete_rabbitmq_queues",
     "delete_redis_prefix",
     "drop_postgres_database",
+    "funded_user",
     "jpeg_segment_flood",
     "ledger_sum",
     "make_admin",
@@ -77,6 +80,7 @@ __all__ = [
     "png_chunk",
     "png_chunk_flood",
     "png_header",
+    "refill",
     "serving",
     "test_config",
     "wait_for",

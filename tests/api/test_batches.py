@@ -18,16 +18,7 @@ DOG_BREEDS = range(151, 269)
 @pytest.fixture
 def rich_user(stack):
     """A user with 100 tokens (refilled by an admin through the API)."""
-    client = stack.client()
-    admin = support.make_admin(stack.app)
-    user = support.new_user(client)
-    resp = client.post(
-        "/v1/admin/refill",
-        json={"username": user["username"], "amount": 95},
-        headers=admin["headers"],
-    )
-    assert resp.status_code == 200
-    return user
+    return support.funded_user(stack.client(), stack.app, 95)
 
 
 def _finished(client, user, batch_id, timeout=180):

@@ -20,15 +20,7 @@ PHOTOS = ["parrot.jpg", "dog.jpg", "hot_dog.jpg", "bird.bmp", "cat.bmp"]
 
 
 def _funded(stack, client, tokens: int) -> dict:
-    user = support.new_user(client)
-    admin = support.make_admin(stack.app)
-    resp = client.post(
-        "/v1/admin/refill",
-        json={"username": user["username"], "amount": tokens},
-        headers=admin["headers"],
-    )
-    assert resp.status_code == 200, resp.get_json()
-    return user
+    return support.funded_user(client, stack.app, tokens)
 
 
 def _submit(client, user, photo_server, n: int) -> str:

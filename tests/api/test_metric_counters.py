@@ -50,16 +50,7 @@ def sessions(api_stack):
 
 @pytest.fixture
 def rich(api_stack):
-    client = api_stack.client()
-    admin = support.make_admin(api_stack.app)
-    user = support.new_user(client)
-    resp = client.post(
-        "/v1/admin/refill",
-        json={"username": user["username"], "amount": 200},
-        headers=admin["headers"],
-    )
-    assert resp.status_code == 200
-    return user
+    return support.funded_user(api_stack.client(), api_stack.app, 200)
 
 
 def test_counts_stay_exact_through_submission_cancel_and_deletion(api_stack, sessions, rich):

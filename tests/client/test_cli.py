@@ -173,18 +173,7 @@ def live_user(stack):
 
 def _refill(stack, username: str, amount: int) -> None:
     """Top up through the documented admin path: create-admin, then /v1/admin/refill."""
-    admin = f"admin{uuid.uuid4().hex[:8]}"
-    result = stack.app.test_cli_runner().invoke(
-        args=["create-admin", admin, "--password", "admin-secret"]
-    )
-    assert result.exit_code == 0, result.output
-    key = result.output.strip().rsplit(" ", 1)[-1]
-    resp = stack.client().post(
-        "/v1/admin/refill",
-        json={"username": username, "amount": amount},
-        headers=support.bearer(key),
-    )
-    assert resp.status_code == 200, resp.get_json()
+    support.refill(stack.client(), stack.app, username, amount)
 
 
 def test_classify_a_url_prints_a_table(live, live_user, photo_server):
