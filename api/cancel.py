@@ -22,6 +22,11 @@ def cancel_job(user: User, job_id: str) -> Job:
     """Cancel the user's queued job and refund its token; 409 once it has started."""
     with unit_of_work() as session:
         job = owned(Job, job_id, "job", user)
+        if job.batch_id is not None:
+            # A batch line: its batch row first, as every writer of a batch's rows
+            # locks them (the refill, batch cancel, completion); job first could
+            # deadlock with a refill marking this line's chunk.
+            batches.lock(session, job.batch_id)
         if not jobs.cancel(session, job):
             status = session.scalar(select(Job.status).where(Job.id == job_id))
             raise Conflict(

@@ -309,18 +309,33 @@ def _mark(session: Session, chunks: list[Chunk]) -> list[list[str]]:
     """Mark the chunks dispatched; returns the ids this call won, chunk by chunk (a
     refill racing this one may have won some).
 
-    The batch rows first, in one statement: a cancel locks its batch row, then its
-    queued jobs; the same order here cannot deadlock with it. Then the jobs, in one
-    statement (``mark_query``).
+    The batch rows first, locked in id order (``SELECT ... ORDER BY id FOR UPDATE``: an
+    UPDATE locks rows in its scan's order, whatever order its list is in): a cancel
+    locks its batch row, then its queued jobs, and a worker's batch completion locks
+    its batch rows in id order; the same order here cannot deadlock with either. Then
+    the jobs, in one statement (``mark_query``). A range of chunk numbers can take in
+    lines committed after the probe (a retry's, between two probed chunks): those are
+    put back at once, since no message carries them.
     """
     if not chunks:
         return []
     now = utcnow()
     batch_ids = sorted({chunk.batch_id for chunk in chunks})
+    session.execute(
+        select(Batch.id).where(Batch.id.in_(batch_ids)).order_by(Batch.id).with_for_update()
+    )
     session.execute(update(Batch).where(Batch.id.in_(batch_ids)).values(dispatched_at=now))
     won: set[str] = set()
     for group in _groups(chunks):
         won.update(session.scalars(mark_query(group, now)))
+    strays = won.difference(j for chunk in chunks for j in chunk.ids)
+    if strays:
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(sorted(strays)))
+            .values(dispatched_at=None)
+            .execution_options(synchronize_session=False)
+        )
     return [kept for chunk in chunks if (kept := [j for j in chunk.ids if j in won])]
 
 
@@ -344,7 +359,8 @@ def mark_query(chunks: Sequence[Chunk], now: datetime) -> Update:
         numbers = [c.number for c in taken if c.number is not None]
         loose = [j for c in taken if c.number is None for j in c.ids]
         if numbers:
-            chosen = Job.chunk.between(min(numbers), max(numbers))  # consecutive: a range
+            # Usually consecutive; lines between them that no probe saw go back (_mark).
+            chosen = Job.chunk.between(min(numbers), max(numbers))
             arms.append(select(Job.id).where(*_waiting(batch_id), chosen))
         if loose:
             arms.append(select(Job.id).where(*_waiting(batch_id), Job.id.in_(loose)))

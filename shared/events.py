@@ -182,9 +182,13 @@ class DoneListener:
         try:
             pipe = self._client.pipeline()  # MULTI: one step, ordered against the worker's
             pipe.sadd(key, channel)
-            pipe.expire(key, int(timeout_s) + REGISTRATION_GRACE_S)
+            # Never shortened: a 1 s wait must not cut off another process's 60 s one
+            # (NX gives a new set its TTL, GT only lengthens it; Redis 7).
+            ttl = int(timeout_s) + REGISTRATION_GRACE_S
+            pipe.expire(key, ttl, nx=True)
+            pipe.expire(key, ttl, gt=True)
             pipe.exists(_done_key(self._config, job_id))
-            return bool(pipe.execute()[2])
+            return bool(pipe.execute()[3])
         except redis.RedisError as exc:
             log.debug("job-done registration failed: %r", exc)
             return None

@@ -322,3 +322,21 @@ def test_a_job_dispatched_long_ago_counts_as_out(sender):
         session.execute(update(Job).where(Job.id.in_(ids[:8])).values(dispatched_at=old))
         session.commit()
     assert sender.refill() == 0
+
+
+def test_lines_between_two_probed_chunks_that_no_message_carries_go_back(sender):
+    # As after a retry committed lines in chunk 1 between a refill's probe (it saw
+    # chunks 0 and 2) and its mark: the mark's range takes them in, and they go back.
+    ids = sender.batch(sender.user(), [2, 2, 2])
+    with sender.sessions() as session:
+        batch_id = session.scalar(select(Job.batch_id).where(Job.id == ids[0]))
+        probed = [
+            dispatch.Chunk(batch_id, 0, ids[0:2], 1),
+            dispatch.Chunk(batch_id, 2, ids[4:6], 5),
+        ]
+        assert dispatch._mark(session, probed) == [ids[0:2], ids[4:6]]
+        session.commit()
+    with sender.sessions() as session:
+        rows = session.execute(select(Job.id, Job.dispatched_at).where(Job.id.in_(ids)))
+        marked = dict(rows.tuples().all())
+    assert [marked[j] is not None for j in ids] == [True, True, False, False, True, True]

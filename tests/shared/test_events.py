@@ -184,3 +184,15 @@ def test_a_finish_between_registration_and_the_sql_read_is_never_missed(config, 
     start = time.monotonic()
     assert listener.wait("job-8", 30, first_read_then_finish)
     assert time.monotonic() - start < 20
+
+
+def test_a_short_wait_does_not_shorten_a_long_waits_registration(config):
+    client = redis.Redis.from_url(config.redis_url)
+    long_wait, short_wait = events.DoneListener(client, config), events.DoneListener(client, config)
+    key = events._waiters_key(config, "job-9")
+    try:
+        long_wait._register("job-9", "channel-a", 60)
+        short_wait._register("job-9", "channel-b", 1)
+        assert client.ttl(key) > 30  # the 60 s wait's, not cut to the 1 s one's
+    finally:
+        support.delete_redis_prefix(config.queue_prefix)
