@@ -113,7 +113,9 @@ def test_batch_whose_sends_fail_after_the_commit_is_accepted_and_finished_later(
     h = {**user["headers"], "Idempotency-Key": "partly-sent"}
     resp = client.post("/v1/batches", json={"urls": urls}, headers=h)
     assert resp.status_code == 202, resp.get_json()
-    assert len(calls) == 2  # the second send raised
+    # The second send raised; so does any further try within the same refill (the
+    # stack's worker may leave a note meanwhile, and the holder refills once more).
+    assert len(calls) >= 2
     body = resp.get_json()
     assert body["total"] == 4 and body["canceled_at"] is None
     assert _account(app, user["username"]) == (1, 1, 4)
