@@ -119,17 +119,18 @@ def one_statement(session: Session) -> None:
 #: ``set_config(name, value, is_local => true)`` is ``SET LOCAL`` as an expression: it
 #: holds until the current transaction ends, the implicit one of an autocommit statement
 #: included, and PostgreSQL reads ``synchronous_commit`` when that transaction commits.
-#: A volatile function in a FROM subquery is not pulled up into the outer query, so it
-#: runs once, before any row is written.
+#: As an uncorrelated scalar subquery in the WHERE clause it is an InitPlan, run once as
+#: the statement's one-time filter, before any row is read or written (a subquery in
+#: FROM did the same, but SQLAlchemy warned of a cartesian product on every statement).
 _ASYNC_COMMIT = select(
-    literal_column("set_config('synchronous_commit', 'off', true)").label("setting")
-).subquery("async_commit")
+    literal_column("set_config('synchronous_commit', 'off', true)")
+).scalar_subquery()
 
 
 def commits_async() -> ColumnElement[bool]:
     """A WHERE condition (PostgreSQL only) that makes the transaction of the UPDATE it is
     added to commit without waiting for its WAL flush: ``SET LOCAL synchronous_commit =
-    off`` carried by the statement itself (it adds ``FROM (SELECT set_config(...))``), so
+    off`` carried by the statement itself (``(SELECT set_config(...)) = 'off'``), so
     a one-statement transaction in autocommit stays one round trip.
 
     Only for a transaction whose loss in a PostgreSQL crash is recoverable: such a commit
@@ -137,7 +138,7 @@ def commits_async() -> ColumnElement[bool]:
     the next synchronous commit, which flushes the WAL before it). docs/reliability.md
     ("Commits that do not wait for the disk") says which transactions may, and why.
     """
-    return _ASYNC_COMMIT.c.setting == literal_column("'off'")
+    return literal_column("'off'") == _ASYNC_COMMIT
 
 
 T = TypeVar("T")
