@@ -338,5 +338,5 @@ def test_lines_between_two_probed_chunks_that_no_message_carries_go_back(sender)
         session.commit()
     with sender.sessions() as session:
         rows = session.execute(select(Job.id, Job.dispatched_at).where(Job.id.in_(ids)))
-        marked = dict(rows.tuples().all())
+        marked = {job_id: at for job_id, at in rows}
     assert [marked[j] is not None for j in ids] == [True, True, False, False, True, True]

@@ -143,7 +143,12 @@ def test_the_heartbeat_beats_at_once_and_stops_with_its_worker(tmp_path):
         loop = liveness.heartbeat(config, "host/1", lambda: [], lambda: "loader down", stop).start()
         client = make_redis(config)
         support.wait_for(lambda: "host/1" in heartbeats(client, config), 30, "the first beat")
-        assert worker_problems(client, config) == {"host/1": "loader down"}
+        # The health follows the beat in the same pass, a write later.
+        support.wait_for(
+            lambda: worker_problems(client, config) == {"host/1": "loader down"},
+            30,
+            "the first pass to publish its health",
+        )
         stop.set()
         assert loop.join(10)
     finally:
