@@ -57,8 +57,13 @@ def test_a_loader_that_cannot_start_is_started_again_with_back_off(
             assert after.created - before.created >= delay
 
         no_spawned_child_starts.delenv("PYTHONPATH")  # whatever broke it is fixed
-        support.wait_for(lambda: loaders.health() is None, 60, "the loader to start")
-        assert any("started after" in r.getMessage() for r in caplog.records)
+        # The line is logged just after health turns ok: wait for the line.
+        support.wait_for(
+            lambda: any("started after" in r.getMessage() for r in caplog.records),
+            60,
+            "the loader to start",
+        )
+        assert loaders.health() is None
         url = photo_server.url("dog.jpg?startup")
         [result] = load_all(loaders, [ImageTask(url=url, upload_id=None, sizes=(MOBILENET,))])
         assert result.error is None
