@@ -49,7 +49,7 @@ from sqlalchemy.orm import Session
 
 from shared import ledger, webhook_events
 from shared.db import bulk_insert, commits_async
-from shared.models import NULLABLE_JSON, Job, as_utc, new_id, utcnow
+from shared.models import Job, as_utc, new_id, utcnow
 from shared.status import ACTIVE, TERMINAL, JobStatus
 
 # Typed as the Table it is (declarative classes declare __table__ as a FromClause).
@@ -325,7 +325,7 @@ def _succeeded_one_statement(dialect: str, commit_async: bool = False) -> Update
         )
         .values(
             status=JobStatus.SUCCEEDED.value,
-            result=bindparam("done_result", type_=NULLABLE_JSON),
+            result=bindparam("done_result", type_=JOBS.c.result.type),
             completed_at=bindparam("done_now"),
         )
         .returning(JOBS.c.id)
@@ -341,7 +341,8 @@ def mark_all_succeeded(
     row with ``CASE id WHEN ... THEN ...``, and RETURNING tells which jobs were still
     active (a job canceled or finished meanwhile keeps its outcome). ``commit_async``:
     the transaction commits without waiting for the disk (``shared.db.commits_async``;
-    PostgreSQL).
+    PostgreSQL). ``results`` are full results (``{"predictions": [...]}``); the column's
+    type stores them compactly (``shared.results.StoredResult``).
     """
     if not results:
         return set()
@@ -353,7 +354,7 @@ def mark_all_succeeded(
         stmt = _succeeded_one_statement(dialect, commit_async)
         return set(connection.execute(stmt, params).scalars())
     result = case(
-        {job_id: literal(value, NULLABLE_JSON) for job_id, value in results.items()},
+        {job_id: literal(value, JOBS.c.result.type) for job_id, value in results.items()},
         value=JOBS.c.id,
     )
     return _transition(

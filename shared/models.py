@@ -25,6 +25,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from shared.results import StoredResult
 from shared.status import JobStatus, WebhookEventStatus
 
 # Stable constraint names, so migrations can refer to them on every backend.
@@ -169,7 +170,8 @@ class Job(Base):
     top_k: Mapped[int] = mapped_column(Integer, default=5)
     input_url: Mapped[str | None] = mapped_column(Text, default=None)
     input_filename: Mapped[str | None] = mapped_column(String(255), default=None)
-    result: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    # Stored compactly, read back in full (shared/results.py).
+    result: Mapped[dict[str, Any] | None] = mapped_column(StoredResult(), default=None)
     error_code: Mapped[str | None] = mapped_column(String(64), default=None)
     error_message: Mapped[str | None] = mapped_column(Text, default=None)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

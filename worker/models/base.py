@@ -325,7 +325,8 @@ def top_k(probs: np.ndarray, k: int, labels: list[str]) -> list[dict]:
     Returns:
         ``[{"label": str, "class_id": int, "score": float}, ...]`` sorted by
         descending score (ties: lower class id first); scores are Python floats
-        rounded to 6 decimals.
+        rounded to 6 decimals (which lets ``jobs.result`` store them as integer
+        millionths: shared/results.py).
     """
     probs = np.asarray(probs)
     if probs.ndim != 1:
