@@ -328,7 +328,7 @@ def _insert_batch(session: Session, user_id: int, req: BatchRequest, batch_max: 
     chunk_of = {
         job_id: n for n, ids in enumerate(chunk(job_ids, req.urls, batch_max)) for job_id in ids
     }
-    ledger.charge_jobs(session, user_id, job_ids)
+    ledger.charge_batch(session, user_id, batch_id, len(job_ids))  # one ledger row
     session.add(
         Batch(
             id=batch_id,
@@ -448,7 +448,9 @@ def _requeue(
             code="nothing_to_retry",
             details={"failed": batches.counts(session, batch_id)["failed"]},
         )
-    ledger.charge_jobs(session, user.id, list(runs), runs)  # 402 rolls all of it back
+    # One ledger row for the lines retried, keyed by the batch's new run (reopen makes it
+    # so); each line's refund keeps its own run. A 402 rolls all of it back.
+    ledger.charge_batch(session, user.id, batch_id, len(runs), batch.retries + 1)
     batches.reopen(session, batch)
     return batch, len(runs)
 

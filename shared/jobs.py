@@ -446,16 +446,16 @@ def withdraw_unstarted(session: Session, user_id: int, *where: ColumnElement[boo
     wins per job: a job a worker already claimed stays, charged. Returns the ids
     deleted; the caller commits.
     """
-    removed = list(
-        session.scalars(
+    removed = dict(
+        session.execute(
             delete(Job)
             .where(*where, Job.status == JobStatus.QUEUED.value)
-            .returning(Job.id)
+            .returning(Job.id, Job.batch_id)  # a batch line's charge is its batch's row
             .execution_options(synchronize_session=False)
-        )
+        ).all()
     )
     ledger.void_charges(session, user_id, removed)
-    return removed
+    return list(removed)
 
 
 def cancel_queued(session: Session, user_id: int, *where: ColumnElement[bool]) -> list[str]:

@@ -116,6 +116,10 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
+# The rows the batch-charge index holds (as written in migration 0010).
+BATCH_CHARGE = "batch_id IS NOT NULL"
+
+
 class LedgerEntry(Base):
     """Every change of a balance; users.tokens always equals the sum of its entries."""
 
@@ -124,6 +128,16 @@ class LedgerEntry(Base):
         # A job is charged once and refunded at most once per run (a retried batch line
         # runs again: retry 1, 2, ...), whatever runs twice.
         UniqueConstraint("job_id", "reason", "retry", name="uq_token_ledger_job_reason_retry"),
+        # A bulk batch's charge is one row for all its lines (delta -n, no job_id): one per
+        # run of the batch (retry: batches.retries of that run), whatever runs twice.
+        Index(
+            "uq_token_ledger_batch_charge",
+            "batch_id",
+            "retry",
+            unique=True,
+            postgresql_where=text(BATCH_CHARGE),
+            sqlite_where=text(BATCH_CHARGE),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -131,7 +145,11 @@ class LedgerEntry(Base):
     delta: Mapped[int] = mapped_column(Integer)
     reason: Mapped[str] = mapped_column(String(16))  # signup | charge | refund | refill
     job_id: Mapped[str | None] = mapped_column(String(36), default=None)
-    # The job's run this entry belongs to (jobs.retries when it was written).
+    # A bulk charge's batch (no foreign key, like job_id: retention purges batches, the
+    # ledger stays). Its lines have no charge row of their own: shared/ledger.py.
+    batch_id: Mapped[str | None] = mapped_column(String(36), default=None)
+    # The job's run this entry belongs to (jobs.retries when it was written); for a batch's
+    # charge, the batch's run (batches.retries once the retry is made).
     retry: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     actor_id: Mapped[int | None] = mapped_column(BigId, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

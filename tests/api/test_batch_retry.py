@@ -8,21 +8,18 @@ from sqlalchemy import select
 
 from api.services import services
 from shared import batches, dispatch, jobs
-from shared.models import Job, LedgerEntry
-from tests import support
+from shared.models import Job
+from tests import ledger_lines, support
 from tests.api.test_batches import _balance, _finished, _results, rich_user  # noqa: F401
 
 
 def _ledger_rows(app, job_id):
+    """The line's charges and refunds by run: the charges are its batch's rows."""
     from api.services import services
 
     with app.app_context(), services().sessions() as session:
-        rows = session.execute(
-            select(LedgerEntry.reason, LedgerEntry.retry)
-            .where(LedgerEntry.job_id == job_id)
-            .order_by(LedgerEntry.id)
-        )
-        return [tuple(r) for r in rows]
+        user_id = session.get_one(Job, job_id).user_id
+        return ledger_lines.per_job(session, user_id)[job_id]
 
 
 def _batch_deliveries(client, user, batch_id, count):

@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from shared import ledger
 from shared.models import Job, LedgerEntry, User
-from tests import support
+from tests import ledger_lines, support
 
 DOG_BREEDS = range(151, 269)
 
@@ -175,10 +175,9 @@ def test_cancel_mid_batch_never_charges_a_canceled_job(stack, rich_user, photo_s
 
     with stack.app.app_context(), services().sessions() as session:
         jobs = session.scalars(select(Job).where(Job.batch_id == batch["id"])).all()
+        seen = ledger_lines.per_job(session, jobs[0].user_id)  # the batch's row, per line
         for job in jobs:
-            reasons = sorted(
-                session.scalars(select(LedgerEntry.reason).where(LedgerEntry.job_id == job.id))
-            )
+            reasons = sorted(reason for reason, _run in seen[job.id])
             expected = ["charge", "refund"] if job.status in {"canceled", "failed"} else ["charge"]
             assert reasons == expected, (job.status, reasons)
     tokens, total = _balance(stack, rich_user["username"])
@@ -274,12 +273,13 @@ def test_a_finished_batch_is_deleted_with_its_jobs_and_the_ledger_stays(
 
     with stack.app.app_context(), services().sessions() as session:
         assert not session.scalars(select(Job).where(Job.batch_id == batch["id"])).all()
-        charged = session.scalars(
-            select(LedgerEntry.job_id).where(
-                LedgerEntry.job_id.in_(job_ids), LedgerEntry.reason == "charge"
+        charged = session.execute(
+            select(LedgerEntry.batch_id, LedgerEntry.job_id, LedgerEntry.delta).where(
+                LedgerEntry.batch_id == batch["id"], LedgerEntry.reason == "charge"
             )
         ).all()
-    assert sorted(charged) == sorted(job_ids)  # the charges keep the ids of jobs now gone
+    # The charge keeps the id of the batch now gone, and what it cost.
+    assert [tuple(r) for r in charged] == [(batch["id"], None, -3)]
     assert _balance(stack, rich_user["username"]) == before
 
 
@@ -326,14 +326,15 @@ def test_a_cancel_withdraws_the_unsent_lines_and_leaves_no_row_for_them(api_stac
     assert got["counts"] == done["counts"]
     with sessions() as session:
         left = set(session.scalars(select(Job.id).where(Job.batch_id == batch["id"])))
-        rows = session.execute(
-            select(LedgerEntry.job_id, LedgerEntry.reason).where(
-                LedgerEntry.user_id == user_id, LedgerEntry.job_id.is_not(None)
-            )
-        ).all()
-    # The lines sent stay, canceled, charged and refunded; the others left nothing behind.
+        seen = ledger_lines.per_job(session, user_id)
+        charge = session.execute(
+            select(LedgerEntry.delta).where(LedgerEntry.batch_id == batch["id"])
+        ).scalar_one()
+    # The lines sent stay, canceled, charged and refunded; the others left nothing behind:
+    # the batch's charge row now covers only the lines sent.
     assert left == sent
-    assert sorted(rows) == sorted((j, r) for j in sent for r in ("charge", "refund"))
+    assert seen == {j: [("charge", 0), ("refund", 0)] for j in sent}
+    assert charge == -len(sent)
     assert _balance(api_stack, user["username"]) == (size, size)
     results = _results(client, user, batch["id"])  # the lines left, and no error line
     assert len(results) == len(sent) and all(r["status"] == "canceled" for r in results)

@@ -10,8 +10,8 @@ from sqlalchemy import func, select
 from api import create_app
 from shared import ledger
 from shared.db import make_engine, make_session_factory
-from shared.models import Job, LedgerEntry, User
-from tests import support
+from shared.models import Job, User
+from tests import ledger_lines, support
 
 BROKERS = {"redis": "", "rabbitmq": support.RABBITMQ_URL}
 
@@ -99,20 +99,17 @@ class FaultStack:
             return dict(rows.all())
 
     def assert_ledger_exact(self, user: dict) -> None:
-        """One charge per job, one refund per failed or canceled job, balance = ledger sum."""
+        """One charge per job, one refund per failed or canceled job, balance = ledger sum.
+
+        A batch line's charge is its batch's row (``ledger_lines.per_job`` checks the
+        batch's rows add up to its lines)."""
         with self.sessions() as s:
             jobs = s.execute(select(Job.id, Job.status).where(Job.user_id == user["id"])).all()
-            rows = s.execute(
-                select(LedgerEntry.job_id, LedgerEntry.reason).where(
-                    LedgerEntry.user_id == user["id"], LedgerEntry.job_id.is_not(None)
-                )
-            ).all()
-            by_job: dict[str, list[str]] = {}
-            for job_id, reason in rows:
-                by_job.setdefault(job_id, []).append(reason)
+            by_job = ledger_lines.per_job(s, user["id"])
             for job_id, status in jobs:
                 expected = ["charge", "refund"] if status in ("failed", "canceled") else ["charge"]
-                assert sorted(by_job.get(job_id, [])) == expected, (job_id, status)
+                reasons = sorted(reason for reason, _run in by_job.get(job_id, []))
+                assert reasons == expected, (job_id, status)
             balance = s.get(User, user["id"]).tokens
             assert balance == support.ledger_sum(s, user["id"])
 

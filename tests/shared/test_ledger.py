@@ -4,12 +4,12 @@ import pytest
 from sqlalchemy import event, select, update
 from sqlalchemy.exc import IntegrityError
 
-from shared import jobs, ledger
+from shared import batches, jobs, ledger
 from shared.db import make_engine, make_session_factory
 from shared.errors import InsufficientTokens
-from shared.models import Job, LedgerEntry, User, new_id
+from shared.models import Batch, Job, LedgerEntry, User, new_id
 from shared.status import JobStatus
-from tests import support
+from tests import ledger_lines, support
 
 
 @pytest.fixture
@@ -123,14 +123,12 @@ def test_batch_results_in_one_statement_go_to_their_own_jobs(session, account):
 
 
 def test_a_retried_line_is_charged_and_refunded_once_per_run(session, account):
-    from shared.models import Batch, LedgerEntry
-
     batch = Batch(id=new_id(), user_id=account.id, total=1, model="mobilenet")
     session.add(batch)
     session.flush()
     job = Job(id=new_id(), user_id=account.id, model="mobilenet", input_url="http://x/y.jpg")
     job.batch_id, job.batch_index = batch.id, 0
-    ledger.charge_jobs(session, account.id, [job.id])
+    ledger.charge_batch(session, account.id, batch.id, 1)
     session.add(job)
     session.commit()
     assert jobs.mark_failed(session, job, "fetch_failed", "HTTP 503", refund=True)
@@ -138,7 +136,8 @@ def test_a_retried_line_is_charged_and_refunded_once_per_run(session, account):
 
     runs = jobs.requeue_failed(session, batch.id, ["fetch_failed"])
     assert runs == {job.id: 1}
-    ledger.charge_jobs(session, account.id, list(runs), runs)
+    ledger.charge_batch(session, account.id, batch.id, len(runs), batch.retries + 1)
+    batches.reopen(session, batch)
     session.commit()
     # A late worker of the first run still holds the job as it loaded it (retries 0):
     # its failure refunds the run it ended, the second one, once.
@@ -146,16 +145,23 @@ def test_a_retried_line_is_charged_and_refunded_once_per_run(session, account):
     assert jobs.mark_failed(session, job, "fetch_failed", "HTTP 503", refund=True)
     assert not jobs.mark_failed(session, job, "fetch_failed", "HTTP 503", refund=True)
     session.commit()
-    rows = session.execute(
-        select(LedgerEntry.reason, LedgerEntry.retry)
-        .where(LedgerEntry.job_id == job.id)
+    assert ledger_lines.per_job(session, account.id)[job.id] == [
+        ("charge", 0),
+        ("refund", 0),
+        ("charge", 1),
+        ("refund", 1),
+    ]
+    # One charge row per run of the batch, none per line.
+    charges = session.execute(
+        select(LedgerEntry.batch_id, LedgerEntry.job_id, LedgerEntry.delta, LedgerEntry.retry)
+        .where(LedgerEntry.user_id == account.id, LedgerEntry.reason == ledger.CHARGE)
         .order_by(LedgerEntry.id)
     ).all()
-    assert [tuple(r) for r in rows] == [("charge", 0), ("refund", 0), ("charge", 1), ("refund", 1)]
+    assert [tuple(r) for r in charges] == [(batch.id, None, -1, 0), (batch.id, None, -1, 1)]
     assert _balance(session, account) == support.ledger_sum(session, account.id) == 2
     # A second charge of the same run is refused by the database itself.
     with pytest.raises(IntegrityError):
-        ledger.charge_jobs(session, account.id, [job.id], {job.id: 1})
+        ledger.charge_batch(session, account.id, batch.id, 1, 1)
         session.flush()
     session.rollback()
     # Only the lines failed with the codes asked for are taken.
@@ -179,9 +185,6 @@ def test_a_claim_takes_active_jobs_once_and_skips_final_ones(session, account):
 
 
 def test_a_batch_cancel_refunds_its_queued_lines_and_ends_the_batch(session, account):
-    from shared import batches
-    from shared.models import Batch
-
     batch = Batch(id=new_id(), user_id=account.id, total=2, model="mobilenet")
     session.add(batch)
     session.flush()
@@ -190,7 +193,7 @@ def test_a_batch_cancel_refunds_its_queued_lines_and_ends_the_batch(session, acc
         job = Job(id=new_id(), user_id=account.id, model="mobilenet", input_url="http://x/y.jpg")
         job.batch_id, job.batch_index = batch.id, i
         lines.append(job)
-    ledger.charge_jobs(session, account.id, [j.id for j in lines])
+    ledger.charge_batch(session, account.id, batch.id, len(lines))
     session.add_all(lines)
     session.commit()
     jobs.claim(session, [lines[0].id], "worker-a")  # running: it finishes, charged
@@ -264,3 +267,126 @@ def test_a_new_job_is_charged_and_inserted_together_or_not_at_all(session, accou
     assert sorted((e.job_id, e.delta, e.reason, e.retry) for e in charges) == sorted(
         (r["id"], -1, ledger.CHARGE, 0) for r in rows[:2]
     )
+
+
+def _batch(session, user, lines: int, charge=ledger.charge_batch) -> tuple[Batch, list[Job]]:
+    """A batch of ``lines`` queued lines, never sent, charged by ``charge``: one row for
+    the batch (``charge_batch``), or a row per line (``charge_jobs``, as before 0010)."""
+    batch = Batch(id=new_id(), user_id=user.id, total=lines, model="mobilenet")
+    session.add(batch)
+    session.flush()
+    made = []
+    for i in range(lines):
+        job = Job(id=new_id(), user_id=user.id, model="mobilenet", input_url="http://x/y.jpg")
+        job.batch_id, job.batch_index = batch.id, i
+        made.append(job)
+    if charge is ledger.charge_batch:
+        ledger.charge_batch(session, user.id, batch.id, lines)
+    else:
+        ledger.charge_jobs(session, user.id, [j.id for j in made])
+    session.add_all(made)
+    session.commit()
+    return batch, made
+
+
+def _charge_rows(session, user) -> list[tuple]:
+    return [
+        tuple(r)
+        for r in session.execute(
+            select(LedgerEntry.batch_id, LedgerEntry.job_id, LedgerEntry.delta)
+            .where(LedgerEntry.user_id == user.id, LedgerEntry.reason == ledger.CHARGE)
+            .order_by(LedgerEntry.id)
+        )
+    ]
+
+
+def test_a_batch_is_charged_in_one_row_and_refunded_per_line(session, account):
+    ledger.grant(session, account.id, 1, ledger.REFILL)
+    batch, lines = _batch(session, account, 3)
+    assert _charge_rows(session, account) == [(batch.id, None, -3)]
+    assert jobs.mark_failed(session, lines[0], "fetch_failed", "HTTP 404", refund=True)
+    session.commit()
+    assert not jobs.mark_failed(session, lines[0], "fetch_failed", "HTTP 404", refund=True)
+    session.commit()
+    assert _balance(session, account) == support.ledger_sum(session, account.id) == 1
+    seen = ledger_lines.per_job(session, account.id)
+    assert seen[lines[0].id] == [("charge", 0), ("refund", 0)]
+    assert seen[lines[1].id] == seen[lines[2].id] == [("charge", 0)]
+    with pytest.raises(InsufficientTokens):  # all or nothing
+        ledger.charge_batch(session, account.id, new_id(), 2)
+    session.rollback()
+    assert _balance(session, account) == support.ledger_sum(session, account.id) == 1
+
+
+def test_a_cancel_withdraws_unsent_lines_out_of_the_batchs_row(session, account):
+    ledger.grant(session, account.id, 1, ledger.REFILL)
+    batch, lines = _batch(session, account, 3)
+    # One line was sent (the dispatcher marked it): it stays and is refunded on its own.
+    session.execute(update(Job).where(Job.id == lines[0].id).values(dispatched_at=batch.created_at))
+    session.commit()
+    canceled, _events = batches.cancel(session, batches.lock(session, batch.id))
+    session.commit()
+    assert sorted(canceled) == sorted(j.id for j in lines)
+    # The two withdrawn lines left the row; the sent one is charged by it, and refunded.
+    assert _charge_rows(session, account) == [(batch.id, None, -1)]
+    assert ledger_lines.per_job(session, account.id) == {
+        lines[0].id: [("charge", 0), ("refund", 0)]
+    }
+    assert _balance(session, account) == support.ledger_sum(session, account.id) == 3
+
+
+def test_a_cancel_of_a_batch_never_sent_leaves_no_charge(session, account):
+    batch, _lines = _batch(session, account, 2)
+    canceled, _events = batches.cancel(session, batches.lock(session, batch.id))
+    session.commit()
+    assert len(canceled) == 2
+    assert _charge_rows(session, account) == []  # nothing was charged
+    assert _balance(session, account) == support.ledger_sum(session, account.id) == 2
+
+
+def test_a_cancel_voids_the_line_rows_of_a_batch_charged_before_0010(session, account):
+    """The upgrade path: a batch accepted by the previous release has a charge row per
+    line; its cancel still voids exactly those."""
+    batch, _lines = _batch(session, account, 2, charge=ledger.charge_jobs)
+    canceled, _events = batches.cancel(session, batches.lock(session, batch.id))
+    session.commit()
+    assert len(canceled) == 2
+    assert _charge_rows(session, account) == []
+    assert _balance(session, account) == support.ledger_sum(session, account.id) == 2
+
+
+def test_a_cancel_after_a_retry_refunds_the_retried_lines_run(session, account):
+    ledger.grant(session, account.id, 1, ledger.REFILL)
+    batch, lines = _batch(session, account, 2)
+    jobs.claim(session, [j.id for j in lines], "worker-a")
+    assert jobs.mark_failed(session, lines[0], "fetch_failed", "HTTP 503", refund=True)
+    assert jobs.mark_all_succeeded(session, {lines[1].id: {"predictions": []}})
+    session.commit()
+    runs = jobs.requeue_failed(session, batch.id, [])
+    ledger.charge_batch(session, account.id, batch.id, len(runs), batch.retries + 1)
+    batches.reopen(session, batch)
+    session.commit()
+    canceled, _events = batches.cancel(session, batches.lock(session, batch.id))
+    session.commit()
+    assert canceled == [lines[0].id]  # a retried line is canceled, not withdrawn
+    assert _charge_rows(session, account) == [(batch.id, None, -2), (batch.id, None, -1)]
+    assert ledger_lines.per_job(session, account.id)[lines[0].id] == [
+        ("charge", 0),
+        ("refund", 0),
+        ("charge", 1),
+        ("refund", 1),
+    ]
+    assert _balance(session, account) == support.ledger_sum(session, account.id) == 2
+
+
+def test_a_void_that_would_lose_tokens_raises(session, account):
+    """A line withdrawn with no charge to void (not its own row, not its batch's) is a
+    broken ledger: the withdrawal fails, and its rollback keeps the job and the balance."""
+    _batch_made, lines = _batch(session, account, 1)
+    with pytest.raises(RuntimeError):
+        ledger.void_charges(session, account.id, {lines[0].id: new_id()})
+    session.rollback()
+    with pytest.raises(RuntimeError):
+        ledger.void_charges(session, account.id, {new_id(): None})
+    session.rollback()
+    assert _balance(session, account) == support.ledger_sum(session, account.id) == 1

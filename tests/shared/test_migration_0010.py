@@ -1,0 +1,110 @@
+"""Migration 0010 (a bulk charge is one ledger row) on a database of its own, PostgreSQL
+and SQLite: the ledger written before it stays as it was, the counters' triggers keep
+counting (SQLite would lose them to a copy of the table), and the downgrade either works
+or says why it will not."""
+
+import pytest
+from alembic import command
+from sqlalchemy import inspect, text
+
+from api.metrics import read_counters
+from shared import migrate
+from shared.db import make_engine
+from tests import support
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def config(request, tmp_path):
+    if request.param == "sqlite":
+        yield support.test_config(f"sqlite:///{tmp_path / 'm.db'}")
+        return
+    url = support.create_postgres_database()
+    try:
+        yield support.test_config(url)
+    finally:
+        support.drop_postgres_database(url)
+
+
+def _sql(engine, statement: str, **params) -> list:
+    with engine.begin() as conn:
+        result = conn.execute(text(statement), params)
+        return result.all() if result.returns_rows else []
+
+
+def _tokens(engine) -> dict[str, int]:
+    from sqlalchemy.orm import Session
+
+    with Session(engine) as session:
+        return read_counters(session).get("tokens", {})
+
+
+def test_upgrade_keeps_the_ledger_and_downgrade_refuses_while_lines_wait(config):
+    migrate.upgrade(config, "0009")
+    engine = make_engine(config)
+    _sql(
+        engine,
+        "INSERT INTO users (id, username, password_hash, tokens, is_admin, created_at)"
+        " VALUES (1, 'm', 'x', 1, false, CURRENT_TIMESTAMP)",
+    )
+    _sql(
+        engine,
+        "INSERT INTO batches (id, user_id, total, model, top_k, retries, created_at)"
+        " VALUES ('b-old', 1, 2, 'mobilenet', 5, 0, CURRENT_TIMESTAMP)",
+    )
+    # History from the previous release: signup, and a charge row per batch line.
+    for job_id, delta, reason in (
+        (None, 3, "signup"),
+        ("j1", -1, "charge"),
+        ("j2", -1, "charge"),
+    ):
+        _sql(
+            engine,
+            "INSERT INTO token_ledger (user_id, delta, reason, job_id, retry, created_at)"
+            " VALUES (1, :d, :r, :j, 0, CURRENT_TIMESTAMP)",
+            d=delta,
+            r=reason,
+            j=job_id,
+        )
+    before = _sql(engine, "SELECT id, delta, reason, job_id, retry FROM token_ledger ORDER BY id")
+
+    migrate.upgrade(config)
+    assert "batch_id" in {c["name"] for c in inspect(engine).get_columns("token_ledger")}
+    after = _sql(engine, "SELECT id, delta, reason, job_id, retry FROM token_ledger ORDER BY id")
+    assert after == before
+    # A batch charged with one row, one line still waiting unsent.
+    _sql(
+        engine,
+        "INSERT INTO batches (id, user_id, total, model, top_k, retries, created_at)"
+        " VALUES ('b-new', 1, 1, 'mobilenet', 5, 0, CURRENT_TIMESTAMP)",
+    )
+    _sql(
+        engine,
+        "INSERT INTO jobs (id, user_id, batch_id, batch_index, status, model, top_k,"
+        " input_url, attempts, retries, chunk, created_at) VALUES ('j3', 1, 'b-new', 0,"
+        " 'queued', 'mobilenet', 5, 'http://x/y.jpg', 0, 0, 0, CURRENT_TIMESTAMP)",
+    )
+    _sql(
+        engine,
+        "INSERT INTO token_ledger (user_id, delta, reason, batch_id, retry, created_at)"
+        " VALUES (1, -1, 'charge', 'b-new', 0, CURRENT_TIMESTAMP)",
+    )
+    assert _tokens(engine) == {"signup": 3, "charge": -3}  # one row of -1 per line charged
+
+    alembic = migrate.alembic_config(config)
+    with pytest.raises(RuntimeError, match="b-new"):
+        command.downgrade(alembic, "0009")
+    assert "batch_id" in {c["name"] for c in inspect(engine).get_columns("token_ledger")}
+
+    _sql(engine, "UPDATE jobs SET dispatched_at = CURRENT_TIMESTAMP")  # sent: no longer at risk
+    command.downgrade(alembic, "0009")
+    engine.dispose()
+    assert "batch_id" not in {c["name"] for c in inspect(engine).get_columns("token_ledger")}
+    # The counters' triggers survived the column's round trip.
+    _sql(
+        engine,
+        "INSERT INTO token_ledger (user_id, delta, reason, job_id, retry, created_at)"
+        " VALUES (1, 1, 'refund', 'j3', 0, CURRENT_TIMESTAMP)",
+    )
+    assert _tokens(engine) == {"signup": 3, "charge": -3, "refund": 1}
+    migrate.upgrade(config)  # and up again
+    engine.dispose()
