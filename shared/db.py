@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import time
@@ -25,11 +26,21 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.config import Config
 
+#: JSON columns are stored without the spaces ``json.dumps`` puts after separators: a
+#: stored result is 114 bytes instead of 131 (issue #26). Every reader parses the value;
+#: nothing sends the stored text out as it is.
+_dump_json = functools.partial(json.dumps, separators=(",", ":"))
+_COMPACT_JSON = {"json_serializer": _dump_json}
+
 
 def make_engine(config: Config) -> Engine:
     url = config.database_url
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = create_engine(
+            url,
+            connect_args={"timeout": 30, "check_same_thread": False},
+            **_COMPACT_JSON,
+        )
         event.listen(engine, "connect", _sqlite_pragmas)
         # pysqlite's own transaction handling defers BEGIN until the first write, so a
         # read-then-write transaction can fail with "database is locked" instead of
@@ -37,7 +48,7 @@ def make_engine(config: Config) -> Engine:
         # transaction only reads (``read_only``).
         event.listen(engine, "begin", _sqlite_begin)
         return engine
-    engine = create_engine(url, pool_size=10, max_overflow=20)
+    engine = create_engine(url, pool_size=10, max_overflow=20, **_COMPACT_JSON)
     _ping_when_idle(engine)
     return engine
 
@@ -222,4 +233,4 @@ def bulk_insert(session: Session, table: Table, rows: Sequence[Mapping[str, Any]
 
 def _copy_value(value: Any) -> Any:
     # JSON columns: COPY takes their text form.
-    return json.dumps(value) if isinstance(value, dict | list) else value
+    return _dump_json(value) if isinstance(value, dict | list) else value
