@@ -327,6 +327,7 @@ def _succeeded_one_statement(dialect: str, commit_async: bool = False) -> Update
             status=JobStatus.SUCCEEDED.value,
             result=bindparam("done_result", type_=JOBS.c.result.type),
             completed_at=bindparam("done_now"),
+            claimed_by=None,
         )
         .returning(JOBS.c.id)
     )
@@ -342,7 +343,9 @@ def mark_all_succeeded(
     active (a job canceled or finished meanwhile keeps its outcome). ``commit_async``:
     the transaction commits without waiting for the disk (``shared.db.commits_async``;
     PostgreSQL). ``results`` are full results (``{"predictions": [...]}``); the column's
-    type stores them compactly (``shared.results.StoredResult``).
+    type stores them compactly (``shared.results.StoredResult``). ``claimed_by`` is
+    cleared: only the reconciler reads it, and only for processing jobs, so a finished
+    row need not carry the worker's name (about 30 bytes a job, issue #26).
     """
     if not results:
         return set()
@@ -365,6 +368,7 @@ def mark_all_succeeded(
         status=JobStatus.SUCCEEDED.value,
         result=result,
         completed_at=utcnow(),
+        claimed_by=None,
     )
 
 

@@ -140,6 +140,19 @@ def test_a_claim_records_the_worker_instance(runtime, account, photo_server):
         s.commit()
 
 
+def test_a_finished_job_forgets_its_worker(runtime, account, photo_server):
+    # Only a processing job's claim is read (by the reconciler): a finished row drops it,
+    # on the lone job's statement and on the batch's CASE statement alike.
+    named = dataclasses.replace(runtime, worker_id="host/abcd1234")
+    lone = _submit(runtime, account, photo_server.url("dog.jpg?forget=1"))
+    pipeline.process(named, [lone])
+    pair = [_submit(runtime, account, photo_server.url(f"dog.jpg?forget={n}")) for n in (2, 3)]
+    pipeline.process(named, pair)
+    for job_id in (lone, *pair):
+        job = _job(runtime, job_id)
+        assert (job.status, job.claimed_by) == ("succeeded", None)
+
+
 def test_final_and_unknown_jobs_are_skipped(runtime, account, photo_server):
     job_id = _submit(runtime, account, photo_server.url("dog.jpg"))
     with runtime.sessions() as s:
