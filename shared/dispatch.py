@@ -15,9 +15,11 @@ only the batch whose turn it is has its jobs probed (``_take``).
 A chunk is the message ``api.bulk.chunk`` numbered at submission (a URL's duplicates
 together, so the worker fetches and classifies each URL once). Marking is a
 conditional UPDATE (``dispatched_at IS NULL``) committed before the send, so a chunk
-is sent once however many refills race; a failed send un-marks what it did not send,
-for the next refill. A message lost after the send is the reconciler's: a queued job
-dispatched longer than ``STALE_QUEUED_S`` ago is re-sent (worker/reconciler.py).
+is sent once however many refills race. A refill's chunks go out in one send (one
+Redis round trip, ``enqueue_bulk``); a failed send un-marks what it is not known to
+have sent, for the next refill. A message lost after the send is the reconciler's: a
+queued job dispatched longer than ``STALE_QUEUED_S`` ago is re-sent
+(worker/reconciler.py).
 
 Called after a batch is committed (the API: an idle service starts at once), after a
 worker wrote a batch with bulk jobs (the room it freed is filled at once), and on
@@ -29,6 +31,7 @@ A retried or re-queued bulk job goes back through here too: set it ``queued`` wi
 from __future__ import annotations
 
 import contextlib
+import functools
 import heapq
 import logging
 import time
@@ -41,12 +44,23 @@ import redis
 from celery import Celery
 from redis.exceptions import LockNotOwnedError
 from redis.lock import Lock
-from sqlalchemy import Select, Update, func, select, text, union_all, update
+from sqlalchemy import (
+    CompoundSelect,
+    Select,
+    Update,
+    bindparam,
+    func,
+    select,
+    text,
+    union_all,
+    update,
+)
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.elements import BindParameter
 
 from shared.config import Config
 from shared.models import BULK_OUT, BULK_WAITING, Batch, Job, as_utc, utcnow
-from shared.queue import enqueue_bulk, heartbeats
+from shared.queue import BulkSendError, enqueue_bulk, heartbeats
 from shared.status import JobStatus
 
 log = logging.getLogger(__name__)
@@ -210,8 +224,11 @@ def _take(
     """
     queues: dict[int, deque[str]] = {}
     served: dict[int, float] = {}
+    fresh: set[str] = set()  # never dispatched: their next chunk is a short first one
     for batch_id, user_id, dispatched_at in batches:
         queues.setdefault(user_id, deque()).append(batch_id)
+        if dispatched_at is None:
+            fresh.add(batch_id)
         at = as_utc(dispatched_at).timestamp() if dispatched_at else float("-inf")
         served[user_id] = max(served.get(user_id, at), at)
     turns = [_Turn(out.get(u, 0), served[u], i, u) for i, u in enumerate(queues)]
@@ -224,9 +241,8 @@ def _take(
         turn = heapq.heappop(turns)
         batch_id = queues[turn.user_id][0]
         if batch_id not in ready:  # probe it, and the batches whose turns come next
-            ahead = heapq.nsmallest(max(1, room // FIRST_CHUNK) - 1, turns)
-            heads = {batch_id, *(queues[t.user_id][0] for t in ahead)} - ready.keys()
-            ready.update(_next_chunks(session, batch_max, sorted(heads), after))
+            heads = set(_heads_ahead(batch_id, turns, queues, room, fresh, batch_max))
+            ready.update(_next_chunks(session, batch_max, sorted(heads - ready.keys()), after))
         chunk = ready.pop(batch_id)
         if not chunk.ids:  # nothing left waiting there: the user's next batch, same turn
             queues[turn.user_id].popleft()
@@ -234,6 +250,7 @@ def _take(
                 heapq.heappush(turns, turn)
             continue
         chunks.append(chunk)
+        fresh.discard(batch_id)
         last_chunk, last_loose = after.get(batch_id, (-1, -1))
         if chunk.number is None:
             after[batch_id] = (last_chunk, chunk.last_index)
@@ -246,7 +263,34 @@ def _take(
     return chunks
 
 
-def next_chunk_query(batch_id: str, after: int = -1) -> Select:
+def _heads_ahead(
+    first: str,
+    turns: list[_Turn],
+    queues: dict[int, deque[str]],
+    room: int,
+    fresh: set[str],
+    batch_max: int,
+) -> list[str]:
+    """``first``, and the batches at the head of the turns next in line, as many as the
+    room likely takes (and one more): a batch never dispatched sends a FIRST_CHUNK next,
+    any other a BATCH_MAX.
+
+    A guess, so that one probe serves most refills: short of it, a later turn probes
+    again; over it, a chunk is read for nothing. Probing as if every chunk were a first
+    one read 24 batches' next chunks to send 3 of BATCH_MAX (100 users, bench.backlog).
+    """
+    heads = [first]
+    room -= FIRST_CHUNK if first in fresh else batch_max
+    for turn in heapq.nsmallest(max(0, room // FIRST_CHUNK) + 1, turns):
+        head = queues[turn.user_id][0]
+        heads.append(head)
+        if room <= 0:
+            break
+        room -= FIRST_CHUNK if head in fresh else batch_max
+    return heads
+
+
+def next_chunk_query(batch_id: str | BindParameter, after: int | BindParameter = -1) -> Select:
     """(batch id, id, chunk) of the batch's lowest waiting chunk above ``after``.
 
     ``chunk = (SELECT ... ORDER BY chunk LIMIT 1)``: the subquery is one step into
@@ -278,8 +322,11 @@ def _next_chunks(
     """
     found: dict[str, list] = {b: [] for b in batch_ids}
     last = {b: after.get(b, (-1, -1)) for b in batch_ids}  # chunk number, loose index
-    for arms in _groups([next_chunk_query(b, last[b][0]) for b in batch_ids]):
-        for row in session.execute(union_all(*arms)):
+    for group in _groups(batch_ids):
+        params = {}
+        for i, batch_id in enumerate(group):
+            params[f"b{i}"], params[f"a{i}"] = batch_id, last[batch_id][0]
+        for row in session.execute(_probe_statement(len(group)), params):
             found[row.batch_id].append(row)
     for batch_id in [b for b, rows in found.items() if not rows]:
         found[batch_id] = list(
@@ -298,6 +345,15 @@ def _next_chunks(
         number, last_index = (rows[0].chunk, rows[-1].batch_index) if rows else (None, -1)
         chunks[batch_id] = Chunk(batch_id, number, [row.id for row in rows], last_index)
     return chunks
+
+
+@functools.lru_cache(maxsize=MAX_ARMS)
+def _probe_statement(arms: int) -> CompoundSelect:
+    """``next_chunk_query`` of batch ``b<i>`` after chunk ``a<i>``, for ``arms`` batches
+    in one UNION ALL. Built (and compiled) once per process, not per refill: a 24-arm
+    statement cost more Python to build than PostgreSQL took to run it."""
+    arm = [next_chunk_query(bindparam(f"b{i}"), bindparam(f"a{i}")) for i in range(arms)]
+    return union_all(*arm)
 
 
 def _groups(items: list) -> list[list]:
@@ -327,7 +383,8 @@ def _mark(session: Session, chunks: list[Chunk]) -> list[list[str]]:
     session.execute(update(Batch).where(Batch.id.in_(batch_ids)).values(dispatched_at=now))
     won: set[str] = set()
     for group in _groups(chunks):
-        won.update(session.scalars(mark_query(group, now)))
+        kinds, params = _mark_arms(group)
+        won.update(session.scalars(_mark_statement(kinds), {"mark_now": now, **params}))
     strays = won.difference(j for chunk in chunks for j in chunk.ids)
     if strays:
         session.execute(
@@ -351,23 +408,57 @@ def mark_query(chunks: Sequence[Chunk], now: datetime) -> Update:
     waiting index (250 ms for 24 chunks). The outer condition is what a racing refill's
     commit is checked against.
     """
+    kinds, params = _mark_arms(chunks)
+    return _mark_update(kinds, {"mark_now": now, **params})
+
+
+def _mark_arms(chunks: Sequence[Chunk]) -> tuple[tuple[bool, ...], dict[str, object]]:
+    """``mark_query``'s arms, one or two per batch: their kinds (True: the batch's
+    chunks ``lo<i>`` to ``hi<i>``; False: jobs ``ids<i>``, with no chunk number) and
+    their parameters."""
     by_batch: dict[str, list[Chunk]] = {}
     for chunk in chunks:
         by_batch.setdefault(chunk.batch_id, []).append(chunk)
-    arms = []
+    kinds: list[bool] = []
+    params: dict[str, object] = {}
     for batch_id, taken in by_batch.items():
         numbers = [c.number for c in taken if c.number is not None]
         loose = [j for c in taken if c.number is None for j in c.ids]
         if numbers:
             # Usually consecutive; lines between them that no probe saw go back (_mark).
-            chosen = Job.chunk.between(min(numbers), max(numbers))
-            arms.append(select(Job.id).where(*_waiting(batch_id), chosen))
+            i = len(kinds)
+            kinds.append(True)
+            params.update({f"b{i}": batch_id, f"lo{i}": min(numbers), f"hi{i}": max(numbers)})
         if loose:
-            arms.append(select(Job.id).where(*_waiting(batch_id), Job.id.in_(loose)))
+            i = len(kinds)
+            kinds.append(False)
+            params.update({f"b{i}": batch_id, f"ids{i}": loose})
+    return tuple(kinds), params
+
+
+@functools.lru_cache(maxsize=4 * MAX_ARMS)
+def _mark_statement(kinds: tuple[bool, ...]) -> Update:
+    """``mark_query`` for arms of these kinds, its parameters given when it runs: built
+    (and compiled) once per process, as ``_probe_statement``."""
+    return _mark_update(kinds)
+
+
+def _mark_update(kinds: tuple[bool, ...], values: dict[str, object] | None = None) -> Update:
+    def bind(key: str, **kw) -> BindParameter:
+        return bindparam(key, values[key], **kw) if values is not None else bindparam(key, **kw)
+
+    arms = []
+    for i, ranged in enumerate(kinds):
+        batch = bind(f"b{i}")
+        if ranged:
+            chosen = Job.chunk.between(bind(f"lo{i}"), bind(f"hi{i}"))
+        else:
+            chosen = Job.id.in_(bind(f"ids{i}", expanding=True))
+        arms.append(select(Job.id).where(*_waiting(batch), chosen))
     return (
         update(Job)
         .where(Job.id.in_(union_all(*arms)), text("status = 'queued' AND dispatched_at IS NULL"))
-        .values(dispatched_at=now)
+        .values(dispatched_at=bind("mark_now", type_=Job.dispatched_at.type))
         .returning(Job.id)
         .execution_options(synchronize_session=False)
     )
@@ -376,18 +467,22 @@ def mark_query(chunks: Sequence[Chunk], now: datetime) -> Update:
 def _send(
     sessions: sessionmaker[Session], celery: Celery, config: Config, chunks: list[list[str]]
 ) -> int:
-    """Send each chunk; on a failure, un-mark the chunks not sent for the next refill."""
-    sent = 0
-    for i, ids in enumerate(chunks):
-        try:
-            enqueue_bulk(celery, config, [ids])
-        except Exception as exc:
-            unsent = [job_id for chunk in chunks[i:] for job_id in chunk]
-            log.warning("could not send %d bulk job(s): %r; they wait in SQL", len(unsent), exc)
+    """Send the chunks in one go (``enqueue_bulk``: one Redis round trip); on a failure,
+    un-mark those not known to be sent, for the next refill (a chunk whose delivery is
+    uncertain goes out again: its second message finds its jobs claimed, or claims them
+    once)."""
+    if not chunks:
+        return 0
+    try:
+        enqueue_bulk(celery, config, chunks)
+    except Exception as exc:
+        done = exc.sent if isinstance(exc, BulkSendError) else 0
+        unsent = [job_id for chunk in chunks[done:] for job_id in chunk]
+        log.warning("could not send %d bulk job(s): %r; they wait in SQL", len(unsent), exc)
+        if unsent:
             _unmark(sessions, unsent)
-            return sent
-        sent += len(ids)
-    return sent
+        return sum(len(chunk) for chunk in chunks[:done])
+    return sum(len(chunk) for chunk in chunks)
 
 
 def _unmark(sessions: sessionmaker[Session], job_ids: list[str]) -> None:

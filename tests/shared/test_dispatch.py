@@ -14,13 +14,14 @@ import time
 from datetime import timedelta
 
 import pytest
+import redis
 from kombu.exceptions import OperationalError
 from sqlalchemy import select, update
 
 from shared import dispatch
 from shared.db import make_engine, make_session_factory
 from shared.models import Batch, Job, new_id, utcnow
-from shared.queue import bulk_queue, heartbeat_key, make_celery
+from shared.queue import BulkSendError, bulk_queue, heartbeat_key, make_celery
 from shared.redis_client import make_redis
 from tests import support
 
@@ -202,26 +203,90 @@ def test_a_batch_canceled_before_its_turn_is_never_sent(sender):
     assert sender.refill() == 0 and sender.sent() == []
 
 
-def test_a_failed_send_leaves_the_unsent_chunks_waiting(sender, monkeypatch):
-    ids = sender.batch(sender.user(), [BATCH_MAX] * 2)
-    real, calls = dispatch.enqueue_bulk, []
-
-    def second_fails(celery, config, chunks):
-        calls.append(chunks)
-        if len(calls) == 2:
-            raise OperationalError("connection lost")
-        real(celery, config, chunks)
-
-    monkeypatch.setattr(dispatch, "enqueue_bulk", second_fails)
-    assert sender.refill() == BATCH_MAX
+def _waiting(sender, ids: list[str]) -> set[str]:
     with sender.sessions() as session:
-        waiting = session.scalars(
-            select(Job.id).where(Job.id.in_(ids), Job.dispatched_at.is_(None))
-        ).all()
-    assert set(waiting) == set(ids[4:])
+        return set(
+            session.scalars(select(Job.id).where(Job.id.in_(ids), Job.dispatched_at.is_(None)))
+        )
+
+
+def _pipelines(monkeypatch, fail: bool = False) -> list[int]:
+    """Each Redis pipeline run: how many commands it carried (``fail``: it raises instead,
+    as when the connection drops)."""
+    real, runs = redis.client.Pipeline.execute, []
+
+    def execute(self, *args, **kwargs):
+        runs.append(len(self.command_stack))
+        if fail:
+            raise redis.exceptions.ConnectionError("connection lost")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", execute)
+    return runs
+
+
+def test_a_refill_sends_its_chunks_in_one_round_trip(sender, monkeypatch):
+    config = sender.config.replace(bulk_window_batches=6)
+    users = [sender.batch(sender.user(), [BATCH_MAX] * 2) for _ in range(3)]
+    runs = _pipelines(monkeypatch)
+    assert dispatch.refill(sender.sessions, sender.redis, sender.celery, config) == 24
+    assert runs == [6]  # one pipeline, one LPUSH per chunk
+    assert sender.sent() == [u[i : i + 4] for i in (0, 4) for u in users]
+
+
+def test_a_failed_send_leaves_every_chunk_waiting(sender, monkeypatch):
+    """A failed pipeline's delivery is uncertain (kombu's BatchPublishError): every chunk
+    goes back, for the next refill (a duplicate costs work, never a second outcome)."""
+    ids = sender.batch(sender.user(), [BATCH_MAX] * 2)
+    runs = _pipelines(monkeypatch, fail=True)
+    assert sender.refill() == 0
+    assert runs == [2] and sender.sent() == []
+    assert _waiting(sender, ids) == set(ids)
+    monkeypatch.undo()
+    assert sender.refill() == 2 * BATCH_MAX  # the next refill sends them
+    assert sender.sent() == [ids[:4], ids[4:]]
+
+
+def test_a_send_that_fails_halfway_leaves_the_unsent_chunks_waiting(sender, monkeypatch):
+    """As on RabbitMQ, where each message is published as it is built."""
+    ids = sender.batch(sender.user(), [BATCH_MAX] * 2)
+    real = dispatch.enqueue_bulk
+
+    def first_only(celery, config, chunks):
+        real(celery, config, chunks[:1])
+        raise BulkSendError(1) from OperationalError("connection lost")
+
+    monkeypatch.setattr(dispatch, "enqueue_bulk", first_only)
+    assert sender.refill() == BATCH_MAX
+    assert _waiting(sender, ids) == set(ids[4:])
     monkeypatch.undo()
     assert sender.refill() == BATCH_MAX  # the next refill sends it
     assert sender.sent() == [ids[:4], ids[4:]]
+
+
+def test_a_refill_probes_the_batches_its_room_likely_takes(sender, monkeypatch):
+    """Chunks of BATCH_MAX for users served before: a window of 2 chunks probes 3 batches
+    (one spare), not one per FIRST_CHUNK of room (16)."""
+    config = sender.config.replace(batch_max=32)
+    with sender.sessions() as session:  # earlier tests' batches (nothing waits there) shut
+        session.execute(update(Batch).values(completed_at=utcnow()))
+        session.commit()
+    users = [sender.user() for _ in range(10)]
+    batches = [sender.batch(u, [32] * 3) for u in users]
+    with sender.sessions() as session:  # each served once, long ago: no first chunks left
+        old = utcnow() - timedelta(hours=1)
+        session.execute(update(Batch).where(Batch.user_id.in_(users)).values(dispatched_at=old))
+        session.commit()
+    real, probed = dispatch._next_chunks, []
+
+    def spy(session, batch_max, batch_ids, after):
+        probed.extend(batch_ids)
+        return real(session, batch_max, batch_ids, after)
+
+    monkeypatch.setattr(dispatch, "_next_chunks", spy)
+    assert dispatch.refill(sender.sessions, sender.redis, sender.celery, config) == 64
+    assert len(probed) == 3
+    assert sender.sent() == [batches[0][:32], batches[1][:32]]
 
 
 def test_refills_racing_send_every_chunk_once(sender):
