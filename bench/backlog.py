@@ -33,9 +33,9 @@ from bench.common import fmt, machine, median, photo_names, wait_done
 from bench.null_model import NullStack
 from harness import databases, stack_config
 from harness.accounts import add_account
-from shared import dispatch, ledger
+from shared import dispatch, ledger, results
 from shared.config import Config
-from shared.db import bulk_insert, make_engine, make_session_factory
+from shared.db import bulk_insert, dump_json, make_engine, make_session_factory
 from shared.dispatch import FIRST_CHUNK
 from shared.jobs import NEW_JOB
 from shared.models import Job, new_id, utcnow
@@ -62,14 +62,27 @@ IDS = {
     f" || '-' || substr('89ab', 1 + floor(random() * 4)::int, 1) || substr({_HEX}, 1, 3)"
     f" || '-' || substr({_HEX}, 1, 12)",
 }
-# What the worker writes for a top-5 answer (worker/models/base.py), as json.dumps does.
-RESULT = (
-    '{"predictions": [{"label": "goldfish", "class_id": 1, "score": 0.931204},'
-    ' {"label": "great_white_shark", "class_id": 2, "score": 0.031102},'
-    ' {"label": "tiger_shark", "class_id": 3, "score": 0.010215},'
-    ' {"label": "hammerhead", "class_id": 4, "score": 0.004417},'
-    ' {"label": "electric_ray", "class_id": 5, "score": 0.002108}]}'
-)
+# A top-5 answer as the worker gives it (worker/models/base.py top_k) ...
+PREDICTIONS = {
+    "predictions": [
+        {"label": label, "class_id": n, "score": score}
+        for n, (label, score) in enumerate(
+            [
+                ("goldfish", 0.931204),
+                ("great_white_shark", 0.031102),
+                ("tiger_shark", 0.010215),
+                ("hammerhead", 0.004417),
+                ("electric_ray", 0.002108),
+            ],
+            start=1,
+        )
+    ]
+}
+# ... and as the column stores it: the code's own packing and JSON text, so the layout
+# cannot drift from what the worker writes.
+RESULT = dump_json(results.pack(PREDICTIONS))
+# A worker instance's name (worker/liveness.py new_worker_id): the claim writes it.
+WORKER_ID = "celery@bench-host/0a1b2c3d"
 # The queries as they stood before issue #26's change, as literal SQL; what runs now is
 # built by the code itself (``now_queries``), so the "now" column cannot drift from it.
 BEFORE = {
@@ -140,22 +153,25 @@ def build(
         conn.execute(
             text(
                 "INSERT INTO jobs (id, user_id, batch_id, batch_index, status, model, top_k,"
-                " input_url, attempts, retries, chunk, created_at) "
+                " input_url, attempts, retries, chunk, request_id, created_at) "
                 f"SELECT {IDS[ids]}, u.id, 'b' || lpad(u.id::text, 35, '0'), i,"
                 " 'queued', 'mobilenet', 5,"
                 " :base || '/' || (CAST(:names AS text[]))[1 + i % :k] || '?n=backlog-'"
                 " || u.id || '-' || i, 0, 0,"
                 # numbered as api.bulk.chunk does: a short first chunk, then BATCH_MAX
-                " CASE WHEN i < :first THEN 0 ELSE 1 + (i - :first) / 32 END, now()"
+                " CASE WHEN i < :first THEN 0 ELSE 1 + (i - :first) / 32 END,"
+                # the batch's request id on every line, as api/bulk.py writes it (uuid4 hex)
+                " md5(u.id::text), now()"
                 " FROM users u, generate_series(0, :per - 1) i WHERE u.username LIKE 'backlog%'"
             ),
             {"per": per, "base": base_url, "names": names, "k": len(names), "first": FIRST_CHUNK},
         )
         conn.execute(
             text(
-                "INSERT INTO token_ledger (user_id, delta, reason, job_id, retry, created_at)"
-                " SELECT user_id, -1, 'charge', id, 0, now() FROM jobs"
-                " WHERE batch_id LIKE 'b%'"
+                # One charge row per batch (shared.ledger.charge_batch).
+                "INSERT INTO token_ledger (user_id, delta, reason, batch_id, retry, created_at)"
+                " SELECT user_id, -total, 'charge', id, 0, now() FROM batches"
+                " WHERE id LIKE 'b%'"
             )
         )
     return time.perf_counter() - start
@@ -210,7 +226,7 @@ def trigger_cost(engine, users: int = 1) -> dict:
     def bulk() -> None:
         with sessions() as session:
             ids = [new_id() for _ in range(BULK_LINES)]
-            ledger.charge_jobs(session, user_id, ids)
+            ledger.charge_batch(session, user_id, new_id(), BULK_LINES)
             rows = [
                 {
                     **NEW_JOB,
@@ -288,11 +304,18 @@ def _layout(engine, ids: str) -> dict:
     build(engine, LAYOUT_BATCHES, BULK_LINES, ids=ids)
     accepted = _sizes(engine)
     with engine.begin() as conn:
-        conn.execute(text("UPDATE jobs SET status = 'processing', claimed_at = now()"))
+        # The worker's two updates (shared/jobs.py claim, then mark_all_succeeded).
         conn.execute(
             text(
-                "UPDATE jobs SET status = 'succeeded', completed_at = now(), started_at = now(),"
-                " attempts = 1, dispatched_at = now(), result = CAST(:r AS json)"
+                "UPDATE jobs SET status = 'processing', claimed_at = now(), claimed_by = :w,"
+                " started_at = now(), attempts = 1, dispatched_at = now()"
+            ),
+            {"w": WORKER_ID},
+        )
+        conn.execute(
+            text(
+                "UPDATE jobs SET status = 'succeeded', completed_at = now(), claimed_by = NULL,"
+                " result = CAST(:r AS json)"
             ),
             {"r": RESULT},
         )
@@ -503,7 +526,7 @@ def report(r: dict) -> str:
     for name, size in sorted(r["storage"]["relations"].items(), key=lambda kv: -kv[1]):
         lines.append(f"  {name}: {fmt(size / r['jobs'], 0)}")
     lines.append(
-        f"  token_ledger (a charge row each): {fmt(r['storage']['ledger_bytes_per_job'], 0)}"
+        f"  token_ledger (one charge row per batch): {fmt(r['storage']['ledger_bytes_per_job'], 0)}"
     )
     if "service" not in r:  # --refills-only
         return "\n".join(lines)

@@ -29,8 +29,8 @@ from shared.config import Config
 #: JSON columns are stored without the spaces ``json.dumps`` puts after separators: a
 #: stored result is 114 bytes instead of 131 (issue #26). Every reader parses the value;
 #: nothing sends the stored text out as it is.
-_dump_json = functools.partial(json.dumps, separators=(",", ":"))
-_COMPACT_JSON = {"json_serializer": _dump_json}
+dump_json = functools.partial(json.dumps, separators=(",", ":"))
+_COMPACT_JSON = {"json_serializer": dump_json}
 
 
 def make_engine(config: Config) -> Engine:
@@ -233,4 +233,4 @@ def bulk_insert(session: Session, table: Table, rows: Sequence[Mapping[str, Any]
 
 def _copy_value(value: Any) -> Any:
     # JSON columns: COPY takes their text form.
-    return _dump_json(value) if isinstance(value, dict | list) else value
+    return dump_json(value) if isinstance(value, dict | list) else value
