@@ -9,17 +9,18 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import bcrypt
 from flask import current_app, g, request, session
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import make_transient_to_detached
 
 from api.ratelimit import limits
 from api.schemas import USERNAME_RE
 from api.services import db, services, unit_of_work
+from shared.db import one_statement
 from shared.errors import Forbidden, NotFound, Unauthorized, ValidationFailed
 from shared.models import ApiKey, User, as_utc, utcnow
 
@@ -135,11 +136,7 @@ class KeyCache:
         if time.monotonic() >= until:
             self._entries.pop(digest, None)
             return None
-        # A copy per request: gunicorn threads never share one ORM object. Detached,
-        # not transient, so a session that sees it never INSERTs it.
-        user = User(**columns)
-        make_transient_to_detached(user)
-        return user, key_id
+        return cached_user(columns), key_id
 
     def put(self, digest: str, user: User, key_id: str, since: int | None = None) -> None:
         """Keep a key that SQL accepted; ``since``: ``generation()`` before that lookup."""
@@ -162,6 +159,17 @@ class KeyCache:
                     self._entries.pop(digest, None)
 
 
+def cached_user(columns: dict[str, Any]) -> User:
+    """A caller made of its ``CACHED_USER_COLUMNS`` alone; reading any other column raises.
+
+    A copy per request: gunicorn threads never share one ORM object. Detached, not
+    transient, so a session that sees it never INSERTs it.
+    """
+    user = User(**columns)
+    make_transient_to_detached(user)
+    return user
+
+
 def key_cache() -> KeyCache:
     return current_app.extensions["imgclf_keys"]
 
@@ -169,27 +177,61 @@ def key_cache() -> KeyCache:
 def _user_by_key(key: str, use_cache: bool = True) -> User:
     digest = hash_key(key)
     cache = key_cache()
-    if use_cache and (hit := cache.get(digest)):
+    if not use_cache:
+        return _user_by_key_from_sql(digest)
+    if hit := cache.get(digest):
         user, g.api_key_id = hit
         return user
     since = cache.generation()  # before the SQL read: a revoke after it must win
+    # The cached columns alone, as a cache hit carries them: one autocommit statement,
+    # no ORM entity (a miss is every API_KEY_CACHE_S per key and process).
+    with unit_of_work(read_only=True) as db_session:
+        one_statement(db_session)
+        row = db_session.connection().execute(_KEY_LOOKUP, {"digest": digest}).first()
+    if row is None:
+        raise Unauthorized("Invalid or revoked API key.", code="invalid_api_key")
+    *values, key_id, last = row
+    user = cached_user(dict(zip(CACHED_USER_COLUMNS, values, strict=True)))
+    _record_use(key_id, last)
+    cache.put(digest, user, key_id, since)
+    g.api_key_id = key_id
+    return user
+
+
+#: A key's caller (``CACHED_USER_COLUMNS``), its id and when it was last used, if it is
+#: not revoked. Built once: compiled once.
+_KEY_LOOKUP = (
+    select(*(User.__table__.c[name] for name in CACHED_USER_COLUMNS), ApiKey.id)
+    .add_columns(ApiKey.last_used_at)
+    .join(ApiKey, ApiKey.user_id == User.id)
+    .where(ApiKey.key_hash == bindparam("digest"), ApiKey.revoked_at.is_(None))
+)
+
+
+def _record_use(key_id: str, last: datetime | None) -> None:
+    """Record a key's use at a coarse resolution, so authenticating is not a write per
+    request (a cached key is recorded when it is looked up again, API_KEY_CACHE_S later
+    at most)."""
+    now = utcnow()
+    if last is not None and as_utc(last) >= now - LAST_USED_RESOLUTION:
+        return
     with unit_of_work() as db_session:
-        # Only the key's two columns: loading it as an entity too costs more than the query.
+        one_statement(db_session)
+        db_session.execute(update(ApiKey).where(ApiKey.id == key_id).values(last_used_at=now))
+
+
+def _user_by_key_from_sql(digest: str) -> User:
+    """The caller as a whole row, never from the cache (``admin_required``)."""
+    with unit_of_work(read_only=True) as db_session:
         row = db_session.execute(
             select(User, ApiKey.id, ApiKey.last_used_at)
             .join(ApiKey, ApiKey.user_id == User.id)
             .where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))
         ).first()
-        if row is None:
-            raise Unauthorized("Invalid or revoked API key.", code="invalid_api_key")
-        user, key_id, last = row
-        now = utcnow()
-        # Record use at a coarse resolution, so authenticating is not a write per request
-        # (a cached key is recorded when it is looked up again, API_KEY_CACHE_S later at
-        # most).
-        if last is None or as_utc(last) < now - LAST_USED_RESOLUTION:
-            db_session.execute(update(ApiKey).where(ApiKey.id == key_id).values(last_used_at=now))
-    cache.put(digest, user, key_id, since)
+    if row is None:
+        raise Unauthorized("Invalid or revoked API key.", code="invalid_api_key")
+    user, key_id, last = row
+    _record_use(key_id, last)
     g.api_key_id = key_id
     return user
 

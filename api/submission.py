@@ -39,6 +39,7 @@ from shared.errors import (
     UnsupportedMediaType,
     ValidationFailed,
 )
+from shared.events import Waiter
 from shared.image_header import probe
 from shared.images import ALLOWED_FORMATS, pixel_limit_message
 from shared.jobs import JOBS, JobRow, job_to_dict
@@ -166,7 +167,8 @@ def build_request(
 
 def submit(user: User, req: JobRequest, idempotency_key: str | None = None) -> tuple[int, dict]:
     """Charge, insert, commit, enqueue. Returns (HTTP status, job body)."""
-    fingerprint = req.fingerprint()
+    # Only a request with a key is compared with another (a hash of its JSON).
+    fingerprint = req.fingerprint() if idempotency_key else ""
     row = _new_row(user.id, req)
     try:
         with unit_of_work() as session:
@@ -266,19 +268,31 @@ def wait_within_caps(
     """``wait_for`` if the caller's wait caps allow it, else the job as it is now.
 
     The second item is None when the wait was honoured, else the cap that refused it
-    (api/waits.py), for the ``X-Wait-Skipped`` header.
+    (api/waits.py), for the ``X-Wait-Skipped`` header. The wait registers for its job's
+    notification in the same Redis round trip as it takes the caller's slot.
     """
-    with wait_slots().hold(user_id, timeout_s) as skipped:
-        return wait_for(job_id, 0 if skipped else timeout_s, created_after), skipped
+    with (
+        services().done.waiter(job_id) as waiter,
+        wait_slots().hold(user_id, timeout_s, waiter) as skipped,
+    ):
+        if skipped:
+            return wait_for(job_id, 0), skipped
+        return wait_for(job_id, timeout_s, created_after, waiter), None
 
 
-def wait_for(job_id: str, timeout_s: float, created_after: float | None = None) -> JobRow:
+def wait_for(
+    job_id: str,
+    timeout_s: float,
+    created_after: float | None = None,
+    waiter: Waiter | None = None,
+) -> JobRow:
     """Long-poll: return the job once final, or as it is when the timeout passes.
 
-    ``created_after``: see ``DoneListener.wait`` (a job this request just submitted
-    is read from SQL only once it is done). Each read is one Core SELECT outside any
-    transaction: a waiter never holds one (SQLite would keep the worker from writing),
-    and no ORM object is loaded per wake-up.
+    ``created_after``: see ``Waiter.wait`` (a job this request just submitted is read
+    from SQL only once it is done); ``waiter``: the wait's, if the caller made it
+    (``DoneListener.waiter``). Each read is one Core SELECT outside any transaction: a
+    waiter never holds one (SQLite would keep the worker from writing), and no ORM
+    object is loaded per wake-up.
     """
     latest: list[JobRow] = []
 
@@ -289,10 +303,12 @@ def wait_for(job_id: str, timeout_s: float, created_after: float | None = None) 
         latest[:] = [job]
         return job.status in TERMINAL_VALUES
 
-    if timeout_s > 0:
-        services().done.wait(job_id, timeout_s, finished, created_after)
-    else:
+    if timeout_s <= 0:
         finished()
+    elif waiter is not None:
+        waiter.wait(timeout_s, finished, created_after)
+    else:
+        services().done.wait(job_id, timeout_s, finished, created_after)
     return latest[0]
 
 

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import re
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -34,6 +34,7 @@ import redis
 from flask import current_app
 
 from shared.config import Config
+from shared.events import REGISTER_LUA, Waiter, registration_keys, registration_ttl
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,27 @@ PROCESS_LIMIT = "process_limit"
 GRACE_S = 5
 
 
+# KEYS: the user's waits, then (registering a wait on a job) the job's waiters set and
+# done mark; ARGV: now, the slot's member and deadline, the cap, the waits' TTL, then
+# (registering) the channel and the registration's TTL (shared/events.py). Returns -1
+# when the cap refuses (nothing changed), else whether the job was marked done.
+_TAKE = f"""
+local key, now = KEYS[1], ARGV[1]
+redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+if redis.call('ZCARD', key) >= tonumber(ARGV[4]) then
+  return -1
+end
+redis.call('ZADD', key, ARGV[3], ARGV[2])
+redis.call('EXPIRE', key, ARGV[5])
+if #KEYS == 1 then
+  return 0
+end
+local waiters, done, channel, ttl = KEYS[2], KEYS[3], ARGV[6], ARGV[7]
+{REGISTER_LUA}
+return marked
+"""
+
+
 class WaitSlots:
     """One per app: counts the waits this process holds, and each user's in Redis."""
 
@@ -57,16 +79,25 @@ class WaitSlots:
         self._config = config
         self._lock = threading.Lock()
         self._held = 0
+        self._take = client.register_script(_TAKE)  # hashed once; sent by EVALSHA
 
     @contextmanager
-    def hold(self, user_id: int, timeout_s: float) -> Iterator[str | None]:
-        """Yields None when the caller may wait, else the cap that refused it."""
+    def hold(
+        self, user_id: int, timeout_s: float, waiter: Waiter | None = None
+    ) -> Iterator[str | None]:
+        """Yields None when the caller may wait, else the cap that refused it.
+
+        ``waiter``: registered for its job in the same round trip as the user's slot is
+        taken (``Waiter.registered``), when the user's cap lets it wait.
+        """
         # The user's cap first: a burst of one user's waits, refused by it, must not
         # take this process's slots even for a moment, or others' waits are refused.
-        member = self._take_user(user_id, timeout_s)
+        member = self._take_user(user_id, timeout_s, waiter)
         if member is None:
             yield USER_LIMIT
             return
+        # (A waiter registered above and refused here only costs its process one
+        # notification that wakes nobody.)
         if not self._take_local():
             self._give_user(user_id, member)
             yield PROCESS_LIMIT
@@ -88,24 +119,33 @@ class WaitSlots:
     def _key(self, user_id: int) -> str:
         return f"{self._config.queue_prefix}:waits:{user_id}"
 
-    def _take_user(self, user_id: int, timeout_s: float) -> str | None:
+    def _take_user(self, user_id: int, timeout_s: float, waiter: Waiter | None) -> str | None:
         """The slot's member name, '' if Redis failed (not enforced), None if refused."""
-        key, member, now = self._key(user_id), uuid.uuid4().hex, time.time()
+        # Unique among the user's waits, not secret: no system call for it.
+        member, now = f"{random.getrandbits(128):032x}", time.time()
+        config = self._config
+        keys = [self._key(user_id)]
+        args: list[str | int | float] = [
+            now,
+            member,
+            now + timeout_s + GRACE_S,
+            config.max_waits_per_user,
+            config.max_wait_s + GRACE_S + 1,
+        ]
+        if waiter is not None:
+            keys += registration_keys(config, waiter.job_id)
+            args += [waiter.channel, registration_ttl(timeout_s)]
         try:
-            pipe = self._redis.pipeline()  # MULTI: prune, add and count as one step
-            pipe.zremrangebyscore(key, "-inf", now)
-            pipe.zadd(key, {member: now + timeout_s + GRACE_S})
-            pipe.zcard(key)
-            pipe.expire(key, self._config.max_wait_s + GRACE_S + 1)
-            count = pipe.execute()[2]
-            if count <= self._config.max_waits_per_user:
-                return member
-            # Two callers racing for the last slot may both give up: never more than the cap.
-            self._redis.zrem(key, member)
+            # One script: prune, count, add and (a waiter) register, as one step.
+            taken = self._take(keys=keys, args=args)
         except redis.RedisError as exc:
             log.warning("wait slots: Redis unavailable (%r); per-user cap not enforced", exc)
             return ""
-        return None
+        if taken == -1:
+            return None
+        if waiter is not None:
+            waiter.registered(bool(taken))
+        return member
 
     def _give_user(self, user_id: int, member: str) -> None:
         if not member:

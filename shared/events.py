@@ -9,6 +9,12 @@ registration and publishes to it, or it ran before it, after the commit, and the
 waiter's SQL read sees the job done. A finish between the two is never missed. SQL stays
 the source of truth: a lost message only costs a waiter its periodic re-check.
 
+The registration is Lua (``REGISTER_LUA``), so that a caller can run it inside a script
+of its own: api/waits.py takes the caller's wait slot and registers in one script, one
+round trip (``Waiter.registered`` then records its outcome). Whoever runs it, it runs
+after the waiter's wake-up event is in place (``DoneListener.waiter``) and before its
+first SQL read (``Waiter.wait``), which is all the argument above needs.
+
 The script also marks each job done for a while (``<prefix>:job-done:<id>``,
 ``DONE_TTL_S``), and the registration reads the mark in the same step. A job submitted
 by the waiting request itself (``created_after``) then needs no first read: if the
@@ -27,7 +33,8 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 import redis
 from redis.commands.core import AsyncScript, Script
@@ -63,6 +70,24 @@ return sent
 
 _publish_script: AsyncScript | Script | None = None
 
+#: The registration, for the body of a Lua script that has set the locals ``waiters``
+#: (the job's waiters key), ``done`` (its done mark's key), ``channel`` and ``ttl``
+#: (seconds); it leaves in ``marked`` whether the job was marked done (1) or not (0).
+#: The TTL is never shortened: a 1 s wait must not cut off another process's 60 s one
+#: (NX gives a new set its TTL, GT only lengthens it; Redis 7).
+REGISTER_LUA = """
+redis.call('SADD', waiters, channel)
+redis.call('EXPIRE', waiters, ttl, 'NX')
+redis.call('EXPIRE', waiters, ttl, 'GT')
+local marked = redis.call('EXISTS', done)
+"""
+# KEYS: the job's waiters set, its done mark; ARGV: the channel, the TTL.
+_REGISTER = f"""
+local waiters, done, channel, ttl = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
+{REGISTER_LUA}
+return marked
+"""
+
 
 def _done_key(config: Config, job_id: str) -> str:
     return f"{config.queue_prefix}:job-done:{job_id}"
@@ -82,6 +107,16 @@ def publish_done(client: redis.Redis, config: Config, job_ids: Iterable[str]) ->
         _publish_script = client.register_script(_PUBLISH)
     keys = [k for j in ids for k in (_done_key(config, j), _waiters_key(config, j))]
     _publish_script(keys=keys, args=[*ids, DONE_TTL_S], client=client)
+
+
+def registration_keys(config: Config, job_id: str) -> list[str]:
+    """``REGISTER_LUA``'s keys for ``job_id``: its waiters set, its done mark."""
+    return [_waiters_key(config, job_id), _done_key(config, job_id)]
+
+
+def registration_ttl(timeout_s: float) -> int:
+    """``REGISTER_LUA``'s TTL for a wait of ``timeout_s``."""
+    return int(timeout_s) + REGISTRATION_GRACE_S
 
 
 class DoneListener:
@@ -110,6 +145,7 @@ class DoneListener:
         self.listening = threading.Event()
         #: Set by ``close()``: the server is shutting down, so nobody waits any more.
         self.closed = threading.Event()
+        self._register_script: Script | None = None
 
     def close(self) -> None:
         """Answer every waiter now (with the job as it is) and refuse new waits.
@@ -124,49 +160,20 @@ class DoneListener:
         for event in events:
             event.set()
 
-    def wait(
-        self,
-        job_id: str,
-        timeout_s: float,
-        is_done: Callable[[], bool],
-        created_after: float | None = None,
-    ) -> bool:
-        """Block until ``is_done()`` or the timeout; returns the last ``is_done()``.
+    @contextmanager
+    def waiter(self, job_id: str) -> Iterator[Waiter]:
+        """A wait on ``job_id``, its wake-up event in place from now until the block ends.
 
-        ``created_after`` (``time.monotonic()``): the job did not exist before then (the
-        caller just submitted it). If this process was subscribed when the wait
-        registered, and the job was not marked done then, a finish will be heard: the
-        first SQL read is skipped (``is_done`` then runs only once woken, on each
-        ``RECHECK_S`` re-check and at the end).
+        Register it next (``Waiter.wait`` does, unless a caller's script already ran
+        ``REGISTER_LUA`` for it and said so with ``Waiter.registered``), then wait.
         """
-        deadline = time.monotonic() + timeout_s
         event = threading.Event()
         with self._lock:
             self._waiters.setdefault(job_id, set()).add(event)
             self._ensure_listening()
             subscribed, channel = self._subscribed, self._channel
         try:
-            marked_done = self._register(job_id, channel, timeout_s)
-            # Unread: nothing to learn from SQL yet (its finish, if any, is still to come).
-            unread = (
-                created_after is not None
-                and subscribed
-                and marked_done is False
-                and time.monotonic() - created_after < FRESH_S
-            )
-            # Registered before the first check: a finish between the two still wakes us.
-            if not unread and is_done():
-                return True
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self.closed.is_set():
-                    return is_done() if unread else False
-                event.wait(min(remaining, RECHECK_S))
-                event.clear()
-                # Woken, or the periodic re-check (a notification can be lost).
-                if is_done():
-                    return True
-                unread = False
+            yield Waiter(self, job_id, event, subscribed, channel)
         finally:
             with self._lock:
                 waiting = self._waiters.get(job_id)
@@ -175,20 +182,27 @@ class DoneListener:
                     if not waiting:
                         del self._waiters[job_id]
 
+    def wait(
+        self,
+        job_id: str,
+        timeout_s: float,
+        is_done: Callable[[], bool],
+        created_after: float | None = None,
+    ) -> bool:
+        """Block until ``is_done()`` or the timeout; returns the last ``is_done()``
+        (``Waiter.wait``, registered in a round trip of its own)."""
+        with self.waiter(job_id) as waiter:
+            return waiter.wait(timeout_s, is_done, created_after)
+
     def _register(self, job_id: str, channel: str, timeout_s: float) -> bool | None:
         """Add this process's channel to the job's waiters, in Redis; whether the job
         was already marked done then (None: Redis failed, nothing known)."""
-        key = _waiters_key(self._config, job_id)
+        if self._register_script is None:  # hashed once; sent by EVALSHA
+            self._register_script = self._client.register_script(_REGISTER)
         try:
-            pipe = self._client.pipeline()  # MULTI: one step, ordered against the worker's
-            pipe.sadd(key, channel)
-            # Never shortened: a 1 s wait must not cut off another process's 60 s one
-            # (NX gives a new set its TTL, GT only lengthens it; Redis 7).
-            ttl = int(timeout_s) + REGISTRATION_GRACE_S
-            pipe.expire(key, ttl, nx=True)
-            pipe.expire(key, ttl, gt=True)
-            pipe.exists(_done_key(self._config, job_id))
-            return bool(pipe.execute()[3])
+            keys = registration_keys(self._config, job_id)
+            marked = self._register_script(keys=keys, args=[channel, registration_ttl(timeout_s)])
+            return bool(marked)
         except redis.RedisError as exc:
             log.debug("job-done registration failed: %r", exc)
             return None
@@ -259,3 +273,67 @@ class DoneListener:
             events = list(self._waiters.get(job_id, ()))
         for event in events:
             event.set()
+
+
+class Waiter:
+    """One wait on one job (``DoneListener.waiter``): the wake-up event is in place, and
+    ``subscribed`` says whether this process's subscription was confirmed before it was."""
+
+    def __init__(
+        self,
+        listener: DoneListener,
+        job_id: str,
+        event: threading.Event,
+        subscribed: bool,
+        channel: str,
+    ) -> None:
+        self.job_id = job_id
+        self.channel = channel
+        self.subscribed = subscribed
+        self._listener = listener
+        self._event = event
+        self._registered = False
+        self._marked_done: bool | None = None
+
+    def registered(self, marked_done: bool | None) -> None:
+        """A caller's script ran ``REGISTER_LUA`` for this wait (``registration_keys``,
+        ``channel``, ``registration_ttl``): whether the job was marked done then (None:
+        Redis failed, nothing known)."""
+        self._registered, self._marked_done = True, marked_done
+
+    def wait(
+        self, timeout_s: float, is_done: Callable[[], bool], created_after: float | None = None
+    ) -> bool:
+        """Block until ``is_done()`` or the timeout; returns the last ``is_done()``.
+
+        Registers first, unless already registered (``registered``).
+        ``created_after`` (``time.monotonic()``): the job did not exist before then (the
+        caller just submitted it). If this process was subscribed when the wait
+        registered, and the job was not marked done then, a finish will be heard: the
+        first SQL read is skipped (``is_done`` then runs only once woken, on each
+        ``RECHECK_S`` re-check and at the end).
+        """
+        deadline = time.monotonic() + timeout_s
+        if not self._registered:
+            self.registered(self._listener._register(self.job_id, self.channel, timeout_s))
+        # Unread: nothing to learn from SQL yet (its finish, if any, is still to come).
+        unread = (
+            created_after is not None
+            and self.subscribed
+            and self._marked_done is False
+            and time.monotonic() - created_after < FRESH_S
+        )
+        # Registered before the first check: a finish between the two still wakes us.
+        if not unread and is_done():
+            return True
+        closed, event = self._listener.closed, self._event
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or closed.is_set():
+                return is_done() if unread else False
+            event.wait(min(remaining, RECHECK_S))
+            event.clear()
+            # Woken, or the periodic re-check (a notification can be lost).
+            if is_done():
+                return True
+            unread = False

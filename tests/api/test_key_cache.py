@@ -80,3 +80,27 @@ def _user():
     from shared.models import User
 
     return User(id=1, username="u", is_admin=False, created_at=datetime.now(UTC))
+
+
+def test_a_key_read_from_sql_gives_the_caller_a_cache_hit_would(api_stack):
+    # Issue #22: a miss reads only the cached columns, in one statement, so that a caller
+    # is the same whether its key was cached or not: other columns are read from SQL.
+    from sqlalchemy.orm.exc import DetachedInstanceError
+
+    from api.auth import CACHED_USER_COLUMNS, authenticate
+
+    app = create_app(api_stack.config.replace(api_key_cache_s=60))
+    user = support.new_user(app.test_client())
+    callers = []
+    for _ in range(2):  # a miss, then a hit
+        with app.test_request_context("/v1/me", headers=user["headers"]):
+            callers.append(authenticate())
+    assert len(app.extensions["imgclf_keys"]._entries) == 1
+    missed, hit = callers
+    for caller in callers:
+        assert caller.username == user["username"]
+        with pytest.raises(DetachedInstanceError):
+            _ = caller.tokens
+    assert [getattr(missed, c) for c in CACHED_USER_COLUMNS] == [
+        getattr(hit, c) for c in CACHED_USER_COLUMNS
+    ]
