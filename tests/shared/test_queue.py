@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import uuid
 
 import pytest
@@ -115,3 +116,22 @@ def test_redis_messages_reach_their_lists_undeclared_and_ask_for_no_result(tmp_p
         assert message["headers"]["task"] == CLASSIFY_TASK
     finally:
         support.delete_redis_prefix(config.queue_prefix)
+
+
+def test_threads_share_one_result_backend(tmp_path):
+    # Celery builds a backend per thread unless it is thread-safe and exists already:
+    # each gunicorn thread's first send paid an entry-point scan.
+    app = make_celery(support.test_config(f"sqlite:///{tmp_path / 'q.db'}"))
+    start = threading.Barrier(4)
+    seen: list[object] = []
+
+    def first_send_of_a_thread() -> None:
+        start.wait()
+        seen.append(app.backend)
+
+    threads = [threading.Thread(target=first_send_of_a_thread) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len({id(backend) for backend in seen}) == 1
