@@ -41,7 +41,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from celery import signals
@@ -67,14 +67,13 @@ class Message:
     first: bool  # from one of ``first_queues``: joins batches before the rest
     state: str = ARRIVED
     loaded: Any = None  # the loader's result, handed to the batch
+    # Read once: every arrival and dispatch walks the held messages' sizes.
+    job_ids: list[str] = field(init=False)
+    size: int = field(init=False)
 
-    @property
-    def job_ids(self) -> list[str]:
-        return ContinuousBatches.job_ids(self.request)
-
-    @property
-    def size(self) -> int:
-        return max(1, len(self.job_ids))
+    def __post_init__(self) -> None:
+        self.job_ids = ContinuousBatches.job_ids(self.request)
+        self.size = max(1, len(self.job_ids))
 
     @property
     def tag(self) -> str | None:
@@ -210,11 +209,12 @@ class ContinuousBatches(Batches):
             return
         if self._closed:
             return
+        arrived = [m for m in self._messages if m.state == ARRIVED]
+        if not arrived:  # the common case: each arrival starts loading at once
+            return
         ahead = sum(m.size for m in self._messages if m.state in (LOADING, LOADED))
         # first_queues first, then arrival order (a stable sort).
-        for m in sorted(self._messages, key=lambda m: not m.first):
-            if m.state != ARRIVED:
-                continue
+        for m in sorted(arrived, key=lambda m: not m.first):
             if not m.first and ahead and ahead + m.size > self.load_ahead:
                 break  # the rest waits for loaded messages to leave in batches
             m.state = LOADING
@@ -327,8 +327,9 @@ class ContinuousBatches(Batches):
                 m.request.reject(requeue=True)
             else:
                 m.request.acknowledge()
+        gone = {id(m) for m in batch}
         with self._lock:
-            self._messages = [m for m in self._messages if m not in batch]
+            self._messages = [m for m in self._messages if id(m) not in gone]
 
     def flush(self, batch: list[Message]) -> Any:
         """Run ``batch`` in a slot: the task gets its requests and, explicitly, their loads."""

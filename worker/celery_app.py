@@ -26,11 +26,14 @@ import weakref
 from dataclasses import dataclass, field
 
 from celery import Celery, bootsteps, signals
+from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
 
 from shared import logs
 from shared.config import Config
 from shared.queue import (
     CLASSIFY_TASK,
+    RedisTransport,
     classify_queues,
     interactive_queue,
     make_celery,
@@ -94,6 +97,8 @@ _serving: ClassifyWorker | None = None
 def create_app(config: Config) -> Celery:
     """The classification worker's Celery app, configured by ``config``."""
     app = make_celery(config, main="imgclf-worker")
+    if app.conf.broker_transport is RedisTransport:
+        app.conf.broker_transport = BulkAckTransport
     # Consume the classification queues only; webhooks have a worker of their own.
     app.conf.task_queues = [service_queue(config, name) for name in classify_queues(config)]
     worker = ClassifyWorker(config, app)
@@ -108,6 +113,67 @@ def create_app(config: Config) -> Celery:
         return _classify(worker, requests, loaded)
 
     return app
+
+
+class _BulkAckQoS(kombu_redis.QoS):
+    """kombu's Redis QoS, removing the acks of one event-loop pass in one round trip.
+
+    kombu acks a message with a MULTI of ZREM and HDEL on the unacked index and hash,
+    one round trip per message on the consumer's thread (celery runs every ack there);
+    a batch's acks all arrive in one pass of the loop. Here ``ack`` forgets the message
+    at once, as kombu's does, and the loop's tick, before it polls again, removes every
+    tag of the pass in one MULTI. Nothing else changes: an ack lost with the process
+    leaves its entry, which the visibility timeout restores, and a redelivered job
+    already written is skipped by its claim. Without an event loop, each ack is sent
+    at once.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._acks: list[str] = []
+
+    def ack(self, delivery_tag: str) -> None:
+        self._acks.append(delivery_tag)
+        virtual.QoS.ack(self, delivery_tag)
+        if not getattr(self.channel.connection, "acks_on_tick", False):
+            self.flush_acks()
+
+    def flush_acks(self) -> None:
+        tags, self._acks = self._acks, []
+        if not tags:
+            return
+        try:
+            with self.pipe_or_acquire() as pipe:
+                pipe.zrem(self.unacked_index_key, *tags).hdel(self.unacked_key, *tags).execute()
+        except Exception as exc:  # as kombu's ack_log_error: log, the entries come back
+            log.warning("could not acknowledge %d message(s): %r", len(tags), exc)
+
+    def restore_unacked_once(self, stderr=None):
+        self.flush_acks()  # what was acked is not restored at close
+        return super().restore_unacked_once(stderr)
+
+
+class _BulkAckChannel(RedisTransport.Channel):  # type: ignore[misc, valid-type]
+    QoS = _BulkAckQoS
+
+
+class BulkAckTransport(RedisTransport):
+    """The classification worker's Redis transport: ``_BulkAckQoS`` (issue #22)."""
+
+    Channel = _BulkAckChannel
+    acks_on_tick = False
+
+    def register_with_event_loop(self, connection, loop) -> None:
+        super().register_with_event_loop(connection, loop)
+        self.acks_on_tick = True
+        loop.on_tick.add(self._flush_acks)  # a set: added once over reconnects
+
+    def _flush_acks(self) -> None:
+        channels: list = list(self.channels or ())
+        for channel in channels:
+            qos = getattr(channel, "_qos", None)
+            if isinstance(qos, _BulkAckQoS):
+                qos.flush_acks()
 
 
 class DrainClaimed(bootsteps.StartStopStep):

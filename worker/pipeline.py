@@ -12,9 +12,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,25 +60,72 @@ class Loaded:
     requeue: bool = False
 
 
-#: Threads that claim arriving messages' jobs (one SQL round trip each); images load
-#: on the runtime's loader meanwhile, so a slow host holds none of these. Messages of
-#: ``first_queues`` (single jobs) have threads of their own: a bulk claim may retry
-#: for a minute while the database is down, and four of them would hold every thread.
+#: Threads that claim arriving messages' jobs; images load on the runtime's loader
+#: meanwhile, so a slow host holds none of these. Messages of ``first_queues`` (single
+#: jobs) have threads of their own: a bulk claim may retry for a minute while the
+#: database is down, and four of them would hold every thread.
 CLAIM_THREADS = 4
 FIRST_CLAIM_THREADS = 2
+#: Most job ids one claim statement takes from the messages waiting for it.
+CLAIM_MAX_IDS = 64
 Done = Callable[[Loaded | None, BaseException | None], None]
+_Waiting = tuple[list[str], Done]
+
+
+class _ClaimLine:
+    """Messages waiting for a claim thread, which takes all of them at once.
+
+    One UPDATE claims every message that arrived while the previous claim ran (up to
+    ``CLAIM_MAX_IDS`` job ids): under a stream of single jobs a claim per message cost
+    the worker ~0.6 CPU ms each, one for 32 ids ~1.4 ms in all (bench.bookkeeping).
+    """
+
+    def __init__(self) -> None:
+        self._waiting: deque[_Waiting] = deque()
+        self._stopped = False
+        self._changed = threading.Condition()
+
+    def put(self, item: _Waiting) -> None:
+        with self._changed:
+            if self._stopped:
+                raise RuntimeError("the claim threads have stopped")
+            self._waiting.append(item)
+            self._changed.notify()  # one idle thread takes it, and whatever follows
+
+    def take(self) -> list[_Waiting] | None:
+        """What waits, up to CLAIM_MAX_IDS ids (at least one message); None once stopped."""
+        with self._changed:
+            while not self._waiting and not self._stopped:
+                self._changed.wait()
+            if self._stopped:
+                return None
+            taken = [self._waiting.popleft()]
+            ids = len(taken[0][0])
+            while self._waiting and ids + len(self._waiting[0][0]) <= CLAIM_MAX_IDS:
+                item = self._waiting.popleft()
+                taken.append(item)
+                ids += len(item[0])
+            return taken
+
+    def stop(self) -> None:
+        """Take no more; what waits is dropped (its messages go back to the broker)."""
+        with self._changed:
+            self._stopped = True
+            self._waiting.clear()
+            self._changed.notify_all()
 
 
 class Loading:
     """The loader stage of ``worker.batching.ContinuousBatches``.
 
     ``submit(job_ids, done, first)``: a message's jobs are claimed on a claim thread
-    (``first``: on one of the threads kept for ``first_queues`` messages), then its
-    images go to the runtime's loader; ``done(loaded, error)`` is called once every
-    image is in, from a loader's thread (never from the caller's), and called whatever
-    fails on the way. A message whose claim had not started when ``close`` came gets
-    ``LoadCanceled``; the others finish. ``stop`` ends the threads, once the pool has
-    drained (worker_shutdown); a ``submit`` after it raises RuntimeError.
+    (``first``: on one of the threads kept for ``first_queues`` messages), together
+    with those of the messages that wait beside it, then its images go to the runtime's
+    loader; ``done(loaded, error)`` is called once every image is in, from a loader's
+    thread (never from the caller's), and called whatever fails on the way. A message
+    whose claim had not started when ``close`` came gets ``LoadCanceled``; the others
+    finish. ``stop`` ends the threads, once the pool has drained (worker_shutdown); a
+    ``submit`` after it raises RuntimeError.
     """
 
     def __init__(
@@ -88,32 +135,49 @@ class Loading:
         first_claim_threads: int = FIRST_CLAIM_THREADS,
     ) -> None:
         self._rt = rt
-        self._claims = ThreadPoolExecutor(claim_threads, thread_name_prefix="claim")
-        self._first_claims = ThreadPoolExecutor(
-            first_claim_threads, thread_name_prefix="claim-first"
-        )
+        self._lines = {False: _ClaimLine(), True: _ClaimLine()}
         self._closed = False
+        for first, count, name in (
+            (False, claim_threads, "claim"),
+            (True, first_claim_threads, "claim-first"),
+        ):
+            for i in range(count):
+                threading.Thread(
+                    target=self._serve, args=(self._lines[first],), name=f"{name}-{i}", daemon=True
+                ).start()
 
     def submit(self, job_ids: list[str], done: Done, first: bool = False) -> None:
-        executor = self._first_claims if first else self._claims
-        executor.submit(self._start, job_ids, done)
+        self._lines[first].put((job_ids, done))
 
     def close(self) -> None:
         """Start no more claims. Only a flag: this runs in celery's signal handler on the
-        consumer's thread, which may be inside ``submit`` holding the executor's lock."""
+        consumer's thread, which may be inside ``submit`` holding a line's lock."""
         self._closed = True
 
     def stop(self) -> None:
         """End the claim threads (worker_shutdown: no batch waits for a load any more)."""
         self._closed = True
-        for executor in (self._claims, self._first_claims):
-            executor.shutdown(wait=False, cancel_futures=True)
+        for line in self._lines.values():
+            line.stop()
 
-    def _start(self, job_ids: list[str], done: Done) -> None:
+    def _serve(self, line: _ClaimLine) -> None:
+        while (taken := line.take()) is not None:
+            self._start(taken)
+
+    def _start(self, taken: list[_Waiting]) -> None:
         try:
             if self._closed:
                 raise LoadCanceled()
-            loaded, groups = claim_message(self._rt, job_ids)
+            claimed = claim_messages(self._rt, [job_ids for job_ids, _ in taken])
+        except Exception as exc:
+            for _, done in taken:
+                _hand_over(done, None, exc)
+            return
+        for (_, done), (loaded, groups) in zip(taken, claimed, strict=True):
+            self._load_images(loaded, groups, done)
+
+    def _load_images(self, loaded: Loaded, groups: list[list[JobOutcome]], done: Done) -> None:
+        try:
             futures = [self._rt.loader.submit(image_task(self._rt, g)) for g in groups]
         except Exception as exc:
             _hand_over(done, None, exc)
@@ -171,15 +235,36 @@ def load_inputs(rt: Runtime, groups: list[list[JobOutcome]]) -> list[ImageResult
 
 def claim_message(rt: Runtime, job_ids: list[str]) -> tuple[Loaded, list[list[JobOutcome]]]:
     """Claim the jobs; the outcomes that need an image, one group per source."""
-    stats = MetricsBuffer()
+    return claim_messages(rt, [job_ids])[0]
+
+
+def claim_messages(
+    rt: Runtime, messages: list[list[str]]
+) -> list[tuple[Loaded, list[list[JobOutcome]]]]:
+    """Claim every message's jobs in one statement; for each message, as
+    ``claim_message``. A job in two of them is claimed once and given to both (their
+    writes are conditional: the first outcome stays)."""
+    stats = [MetricsBuffer() for _ in messages]
     cpu = time.thread_time()
-    claimed = _with_db_retry(rt, lambda s: claim(s, job_ids, rt.worker_id))
-    stats.inc(BOOKKEEPING, time.thread_time() - cpu, step="claim")
+    every = list(dict.fromkeys(j for job_ids in messages for j in job_ids))
+    claimed = _with_db_retry(rt, lambda s: claim(s, every, rt.worker_id))
+    # The claim's CPU once, on the first message: the batch's counter sums them.
+    stats[0].inc(BOOKKEEPING, time.thread_time() - cpu, step="claim")
     if claimed is None:
-        return Loaded([], stats, requeue=True), []
-    jobs_, started_events = claimed
+        return [(Loaded([], st, requeue=True), []) for st in stats]
+    rows, started_events = claimed
     webhook_events.dispatch(rt.celery, rt.config, started_events)
-    outcomes = [JobOutcome(job) for job in jobs_]
+    by_id = {row.id: row for row in rows}
+    return [
+        _grouped(rt, [by_id[j] for j in dict.fromkeys(job_ids) if j in by_id], st)
+        for job_ids, st in zip(messages, stats, strict=True)
+    ]
+
+
+def _grouped(
+    rt: Runtime, rows: list[JobRow], stats: MetricsBuffer
+) -> tuple[Loaded, list[list[JobOutcome]]]:
+    outcomes = [JobOutcome(row) for row in rows]
     _give_up_on_retried(rt, outcomes)
     by_source: dict[str, list[JobOutcome]] = defaultdict(list)
     for o in outcomes:
