@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from shared import ledger
-from shared.models import LedgerEntry, User, new_id
+from shared.models import Job, LedgerEntry, User, new_id
 
 
 def basic_auth(username: str, password: str) -> dict[str, str]:
@@ -97,3 +97,12 @@ def ledger_sum(session: Any, user_id: int) -> int:
         select(func.coalesce(func.sum(LedgerEntry.delta), 0)).where(LedgerEntry.user_id == user_id)
     ).scalar_one()
     return int(total)
+
+
+def charged_job(session: Any, user: User) -> Job:
+    """A queued single job of ``user``, charged one token, committed."""
+    job = Job(id=new_id(), user_id=user.id, model="mobilenet", input_url="http://x/y.jpg")
+    ledger.charge_jobs(session, user.id, [job.id])
+    session.add(job)
+    session.commit()
+    return job

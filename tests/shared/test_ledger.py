@@ -4,19 +4,12 @@ import pytest
 from sqlalchemy import event, select, update
 from sqlalchemy.exc import IntegrityError
 
+from harness.accounts import charged_job
 from shared import batches, jobs, ledger
-from shared.db import make_engine, make_session_factory
 from shared.errors import InsufficientTokens
 from shared.models import Batch, Job, LedgerEntry, User, new_id
 from shared.status import JobStatus
 from tests import ledger_lines, support
-
-
-@pytest.fixture
-def session(api_stack):
-    factory = make_session_factory(make_engine(api_stack.config))
-    with factory() as s:
-        yield s
 
 
 @pytest.fixture
@@ -26,22 +19,14 @@ def account(session):
     return user
 
 
-def _job(session, user) -> Job:
-    job = Job(id=new_id(), user_id=user.id, model="mobilenet", input_url="http://x/y.jpg")
-    ledger.charge_jobs(session, user.id, [job.id])
-    session.add(job)
-    session.commit()
-    return job
-
-
 def _balance(session, user) -> int:
     session.expire_all()
     return session.get(User, user.id).tokens
 
 
 def test_charge_takes_tokens_and_refuses_when_short(session, account):
-    _job(session, account)
-    _job(session, account)
+    charged_job(session, account)
+    charged_job(session, account)
     with pytest.raises(InsufficientTokens):
         ledger.charge_jobs(session, account.id, [new_id()])
     session.rollback()
@@ -50,7 +35,7 @@ def test_charge_takes_tokens_and_refuses_when_short(session, account):
 
 
 def test_failure_refunds_exactly_once(session, account):
-    job = _job(session, account)
+    job = charged_job(session, account)
     assert jobs.mark_failed(session, job, "fetch_failed", "HTTP 404", refund=True)
     session.commit()
     # A redelivered batch tries again: the transition no longer applies, no second refund.
@@ -61,7 +46,7 @@ def test_failure_refunds_exactly_once(session, account):
 
 
 def test_success_cannot_be_overwritten_by_a_late_failure(session, account):
-    job = _job(session, account)
+    job = charged_job(session, account)
     assert jobs.mark_all_succeeded(session, {job.id: {"predictions": []}}) == {job.id}
     assert not jobs.mark_failed(session, job, "internal_error", "late", refund=True)
     session.commit()
@@ -71,7 +56,7 @@ def test_success_cannot_be_overwritten_by_a_late_failure(session, account):
 
 
 def test_cancel_only_before_processing(session, account):
-    queued, started = _job(session, account), _job(session, account)
+    queued, started = charged_job(session, account), charged_job(session, account)
     session.execute(update(Job).where(Job.id == started.id).values(status="processing"))
     session.commit()
     assert jobs.cancel(session, queued)
@@ -89,7 +74,7 @@ def test_the_database_refuses_a_negative_balance(session, account):
 
 
 def test_the_database_refuses_a_second_refund_row(session, account):
-    job = _job(session, account)
+    job = charged_job(session, account)
     ledger.refund_job(session, account.id, job.id)
     session.commit()
     with pytest.raises(IntegrityError):
@@ -101,7 +86,7 @@ def test_the_database_refuses_a_second_refund_row(session, account):
 def test_batch_results_in_one_statement_go_to_their_own_jobs(session, account):
     ledger.grant(session, account.id, 2, ledger.REFILL)
     session.commit()
-    first, second, third, canceled = (_job(session, account) for _ in range(4))
+    first, second, third, canceled = (charged_job(session, account) for _ in range(4))
     session.execute(update(Job).where(Job.id == second.id).values(status="processing"))
     assert jobs.cancel(session, canceled)
     session.commit()
@@ -169,7 +154,7 @@ def test_a_retried_line_is_charged_and_refunded_once_per_run(session, account):
 
 
 def test_a_claim_takes_active_jobs_once_and_skips_final_ones(session, account):
-    first, second = _job(session, account), _job(session, account)
+    first, second = charged_job(session, account), charged_job(session, account)
     assert jobs.cancel(session, second)
     session.commit()
     claimed = jobs.claim(session, [first.id, second.id], "worker-a")

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from sqlalchemy import select, text, update
 
-from shared import jobs, ledger, results
-from shared.db import make_engine, make_session_factory
-from shared.models import Job, new_id
+from harness.accounts import charged_job
+from shared import jobs, results
+from shared.models import Job
 from tests import support
 from worker.models.base import top_k
 
@@ -87,25 +87,10 @@ def test_a_truncated_packed_form_is_an_error_not_a_shorter_result():
 
 
 @pytest.fixture
-def session(api_stack):
-    factory = make_session_factory(make_engine(api_stack.config))
-    with factory() as s:
-        yield s
-
-
-@pytest.fixture
 def account(session):
     user = support.add_account(session, tokens=3, prefix="r")
     session.commit()
     return user
-
-
-def _job(session, user) -> Job:
-    job = Job(id=new_id(), user_id=user.id, model="mobilenet", input_url="http://x/y.jpg")
-    ledger.charge_jobs(session, user.id, [job.id])
-    session.add(job)
-    session.commit()
-    return job
 
 
 def _stored_text(session, job_id: str) -> str:
@@ -114,7 +99,7 @@ def _stored_text(session, job_id: str) -> str:
 
 
 def test_the_worker_s_write_stores_the_compact_form(session, account):
-    one, two, three = (_job(session, account) for _ in range(3))
+    one, two, three = (charged_job(session, account) for _ in range(3))
     written = {one.id: _top5(1)}  # a lone job: its own statement
     assert jobs.mark_all_succeeded(session, written) == {one.id}
     batch = {two.id: _top5(2), three.id: _top5(3)}  # a batch: one UPDATE with CASE
@@ -130,7 +115,7 @@ def test_the_worker_s_write_stores_the_compact_form(session, account):
 
 
 def test_a_row_in_the_old_form_reads_the_same_as_a_new_one(session, account):
-    old, new = _job(session, account), _job(session, account)
+    old, new = charged_job(session, account), charged_job(session, account)
     result = _top5(7)
     jobs.mark_all_succeeded(session, {new.id: result})
     # As the worker wrote rows before the compact form: the full result's JSON text.
