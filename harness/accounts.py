@@ -99,10 +99,13 @@ def ledger_sum(session: Any, user_id: int) -> int:
     return int(total)
 
 
-def charged_job(session: Any, user: User) -> Job:
-    """A queued single job of ``user``, charged one token, committed."""
-    job = Job(id=new_id(), user_id=user.id, model="mobilenet", input_url="http://x/y.jpg")
-    ledger.charge_jobs(session, user.id, [job.id])
+def charged_job(
+    session: Any, user_id: int, input_url: str = "http://x/y.jpg", **fields: Any
+) -> Job:
+    """A single job of ``user_id`` (queued unless ``fields`` say otherwise), charged one
+    token as a submission is, committed."""
+    job = Job(id=new_id(), user_id=user_id, model="mobilenet", input_url=input_url, **fields)
+    ledger.charge_jobs(session, user_id, [job.id])
     session.add(job)
     session.commit()
     return job

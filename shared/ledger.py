@@ -40,20 +40,12 @@ def grant(
     return new_balance
 
 
-def charge_jobs(
-    session: Session, user_id: int, job_ids: Sequence[str], runs: Mapping[str, int] | None = None
-) -> int:
-    """Take one token per job, a charge row each, or raise InsufficientTokens and take
-    nothing. For single jobs (a bulk batch's lines are charged by ``charge_batch``).
-
-    ``runs``: a job's run being charged, if not its first (0).
-    """
+def charge_jobs(session: Session, user_id: int, job_ids: Sequence[str]) -> int:
+    """Take one token per job, a charge row each (its first run: 0), or raise
+    InsufficientTokens and take nothing. For single jobs (a bulk batch's lines, and the
+    lines a retry re-queues, are charged by ``charge_batch``)."""
     new_balance = _take(session, user_id, len(job_ids))
-    bulk_insert(
-        session,
-        ENTRIES,
-        [_entry(user_id, -1, CHARGE, j, (runs or {}).get(j, 0)) for j in job_ids],
-    )
+    bulk_insert(session, ENTRIES, [_entry(user_id, -1, CHARGE, j, 0) for j in job_ids])
     return new_balance
 
 

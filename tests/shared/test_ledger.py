@@ -25,8 +25,8 @@ def _balance(session, user) -> int:
 
 
 def test_charge_takes_tokens_and_refuses_when_short(session, account):
-    charged_job(session, account)
-    charged_job(session, account)
+    charged_job(session, account.id)
+    charged_job(session, account.id)
     with pytest.raises(InsufficientTokens):
         ledger.charge_jobs(session, account.id, [new_id()])
     session.rollback()
@@ -35,7 +35,7 @@ def test_charge_takes_tokens_and_refuses_when_short(session, account):
 
 
 def test_failure_refunds_exactly_once(session, account):
-    job = charged_job(session, account)
+    job = charged_job(session, account.id)
     assert jobs.mark_failed(session, job, "fetch_failed", "HTTP 404", refund=True)
     session.commit()
     # A redelivered batch tries again: the transition no longer applies, no second refund.
@@ -46,7 +46,7 @@ def test_failure_refunds_exactly_once(session, account):
 
 
 def test_success_cannot_be_overwritten_by_a_late_failure(session, account):
-    job = charged_job(session, account)
+    job = charged_job(session, account.id)
     assert jobs.mark_all_succeeded(session, {job.id: {"predictions": []}}) == {job.id}
     assert not jobs.mark_failed(session, job, "internal_error", "late", refund=True)
     session.commit()
@@ -56,7 +56,7 @@ def test_success_cannot_be_overwritten_by_a_late_failure(session, account):
 
 
 def test_cancel_only_before_processing(session, account):
-    queued, started = charged_job(session, account), charged_job(session, account)
+    queued, started = charged_job(session, account.id), charged_job(session, account.id)
     session.execute(update(Job).where(Job.id == started.id).values(status="processing"))
     session.commit()
     assert jobs.cancel(session, queued)
@@ -74,7 +74,7 @@ def test_the_database_refuses_a_negative_balance(session, account):
 
 
 def test_the_database_refuses_a_second_refund_row(session, account):
-    job = charged_job(session, account)
+    job = charged_job(session, account.id)
     ledger.refund_job(session, account.id, job.id)
     session.commit()
     with pytest.raises(IntegrityError):
@@ -86,7 +86,7 @@ def test_the_database_refuses_a_second_refund_row(session, account):
 def test_batch_results_in_one_statement_go_to_their_own_jobs(session, account):
     ledger.grant(session, account.id, 2, ledger.REFILL)
     session.commit()
-    first, second, third, canceled = (charged_job(session, account) for _ in range(4))
+    first, second, third, canceled = (charged_job(session, account.id) for _ in range(4))
     session.execute(update(Job).where(Job.id == second.id).values(status="processing"))
     assert jobs.cancel(session, canceled)
     session.commit()
@@ -154,7 +154,7 @@ def test_a_retried_line_is_charged_and_refunded_once_per_run(session, account):
 
 
 def test_a_claim_takes_active_jobs_once_and_skips_final_ones(session, account):
-    first, second = charged_job(session, account), charged_job(session, account)
+    first, second = charged_job(session, account.id), charged_job(session, account.id)
     assert jobs.cancel(session, second)
     session.commit()
     claimed = jobs.claim(session, [first.id, second.id], "worker-a")

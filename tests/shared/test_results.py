@@ -99,7 +99,7 @@ def _stored_text(session, job_id: str) -> str:
 
 
 def test_the_worker_s_write_stores_the_compact_form(session, account):
-    one, two, three = (charged_job(session, account) for _ in range(3))
+    one, two, three = (charged_job(session, account.id) for _ in range(3))
     written = {one.id: _top5(1)}  # a lone job: its own statement
     assert jobs.mark_all_succeeded(session, written) == {one.id}
     batch = {two.id: _top5(2), three.id: _top5(3)}  # a batch: one UPDATE with CASE
@@ -115,7 +115,7 @@ def test_the_worker_s_write_stores_the_compact_form(session, account):
 
 
 def test_a_row_in_the_old_form_reads_the_same_as_a_new_one(session, account):
-    old, new = charged_job(session, account), charged_job(session, account)
+    old, new = charged_job(session, account.id), charged_job(session, account.id)
     result = _top5(7)
     jobs.mark_all_succeeded(session, {new.id: result})
     # As the worker wrote rows before the compact form: the full result's JSON text.

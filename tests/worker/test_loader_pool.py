@@ -19,7 +19,7 @@ from PIL import Image
 from sqlalchemy import select
 
 from api import create_app
-from shared import ledger
+from harness.accounts import charged_job
 from shared.images import decode_image, to_pixels
 from shared.models import Job, LedgerEntry, User, new_id
 from shared.redis_client import make_redis
@@ -215,11 +215,7 @@ def null_runtime(config):
 def _submit(rt, url: str) -> tuple[str, str]:
     with rt.sessions() as s:
         user = support.add_account(s, tokens=5, prefix="lp")
-        job = Job(id=new_id(), user_id=user.id, model="mobilenet", input_url=url)
-        ledger.charge_jobs(s, user.id, [job.id])
-        s.add(job)
-        s.commit()
-        return user.id, job.id
+        return user.id, charged_job(s, user.id, url).id
 
 
 def test_an_image_whose_loader_dies_twice_fails_the_job_with_a_refund(null_runtime, photo_server):

@@ -11,10 +11,10 @@ from types import SimpleNamespace
 import pytest
 from sqlalchemy import event, select, update
 
-from shared import ledger
+from harness.accounts import charged_job
 from shared.errors import ServiceError
 from shared.metrics import MetricsBuffer
-from shared.models import Job, LedgerEntry, User, WebhookEvent, new_id
+from shared.models import Job, LedgerEntry, User, WebhookEvent
 from shared.pixel_budget import PixelBudget
 from tests import support
 from worker import pipeline
@@ -36,11 +36,7 @@ def account(runtime):
 
 def _submit(runtime, user_id, url, **fields) -> str:
     with runtime.sessions() as s:
-        job = Job(id=new_id(), user_id=user_id, model="mobilenet", input_url=url, **fields)
-        ledger.charge_jobs(s, user_id, [job.id])
-        s.add(job)
-        s.commit()
-        return job.id
+        return charged_job(s, user_id, url, **fields).id
 
 
 def _job(runtime, job_id) -> Job:

@@ -10,6 +10,7 @@ import pytest
 import redis
 from sqlalchemy import select, update
 
+from harness.accounts import charged_job
 from shared import ledger
 from shared.models import Batch, Job, LedgerEntry, User, new_id, utcnow
 from shared.queue import bulk_queue, interactive_queue
@@ -57,18 +58,8 @@ def _user(rec) -> int:
 
 def _job(rec, user_id, age_s: float, **fields) -> str:
     with rec.sessions() as s:
-        job = Job(
-            id=new_id(),
-            user_id=user_id,
-            model="mobilenet",
-            input_url="http://x/a.jpg",
-            created_at=utcnow() - timedelta(seconds=age_s),
-            **fields,
-        )
-        ledger.charge_jobs(s, user_id, [job.id])
-        s.add(job)
-        s.commit()
-        return job.id
+        created_at = utcnow() - timedelta(seconds=age_s)
+        return charged_job(s, user_id, "http://x/a.jpg", created_at=created_at, **fields).id
 
 
 def _queued_ids(rec, queue: str) -> set[str]:

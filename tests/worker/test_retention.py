@@ -7,6 +7,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import func, select
 
+from harness.accounts import charged_job
 from shared import jobs, ledger
 from shared.models import (
     Batch,
@@ -43,20 +44,15 @@ def _job(ret, user_id: int, age: timedelta, status: str = "succeeded", **fields)
     """A charged job that ended ``age`` ago (or, active, was created then)."""
     with ret.sessions() as s:
         ended = utcnow() - age if status in ("succeeded", "failed", "canceled") else None
-        job = Job(
-            id=new_id(),
-            user_id=user_id,
-            model="mobilenet",
-            input_url="http://x/a.jpg",
+        return charged_job(
+            s,
+            user_id,
+            "http://x/a.jpg",
             status=status,
             created_at=utcnow() - age,
             completed_at=ended,
             **fields,
-        )
-        ledger.charge_jobs(s, user_id, [job.id])
-        s.add(job)
-        s.commit()
-        return job.id
+        ).id
 
 
 def _batch(ret, user_id: int, age: timedelta, statuses: list[str]) -> tuple[str, list[str]]:
