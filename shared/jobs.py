@@ -33,7 +33,6 @@ from sqlalchemy import (
     ColumnElement,
     Insert,
     Row,
-    String,
     Table,
     Update,
     any_,
@@ -243,7 +242,8 @@ def _ids_match(dialect: str, name: str) -> ColumnElement[bool]:
     text for every list length (psycopg prepares it once; an expanding IN is re-rendered
     per call), an expanding ``IN`` elsewhere."""
     if dialect == "postgresql":
-        return JOBS.c.id == any_(bindparam(name, type_=ARRAY(String)))
+        # An array of the column's own type (uuid): ``uuid = ANY(varchar[])`` has no operator.
+        return JOBS.c.id == any_(bindparam(name, type_=ARRAY(JOBS.c.id.type)))
     return JOBS.c.id.in_(bindparam(name, expanding=True))
 
 
@@ -356,8 +356,13 @@ def mark_all_succeeded(
         params = {"done_id": job_id, "done_result": value, "done_now": utcnow()}
         stmt = _succeeded_one_statement(dialect, commit_async)
         return set(connection.execute(stmt, params).scalars())
+    # Each id bound as the column's type: a plain str would be varchar, which PostgreSQL
+    # will not compare with a uuid column.
     result = case(
-        {job_id: literal(value, JOBS.c.result.type) for job_id, value in results.items()},
+        {
+            literal(job_id, JOBS.c.id.type): literal(value, JOBS.c.result.type)
+            for job_id, value in results.items()
+        },
         value=JOBS.c.id,
     )
     return _transition(
