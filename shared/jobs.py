@@ -48,7 +48,7 @@ from sqlalchemy.orm import Session
 
 from shared import ledger, webhook_events
 from shared.db import bulk_insert, commits_async
-from shared.models import Job, as_utc, new_id, utcnow
+from shared.models import Job, as_utc, is_row_id, new_id, utcnow
 from shared.status import ACTIVE, TERMINAL, JobStatus
 
 # Typed as the Table it is (declarative classes declare __table__ as a FromClause).
@@ -284,7 +284,10 @@ def _claim(
     commit_async: bool = False,
 ):
     connection = session.connection()
-    params = {"claim_ids": list(job_ids), "claim_now": utcnow(), "claim_by": worker_id}
+    # An id no row can have (a malformed message) is left out, as a job that does not
+    # exist is: PostgreSQL would refuse the whole uuid array, and the message come back.
+    ids = [job_id for job_id in job_ids if is_row_id(job_id)]
+    params = {"claim_ids": ids, "claim_now": utcnow(), "claim_by": worker_id}
     stmt = _claim_statement(connection.dialect.name, plain, commit_async)
     return list(connection.execute(stmt, params))
 
