@@ -29,6 +29,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api import idempotency, json_provider
+from api.errors import check_row_id
 from api.ratelimit import limits
 from api.services import services, unit_of_work
 from api.urls import is_valid_url
@@ -458,6 +459,7 @@ def _requeue(
 def locked_batch(session: Session, user: User, batch_id: str) -> Batch:
     """The user's batch, locked until the commit: cancel, retry, delete and completion
     serialise on it. Someone else's batch is as missing as one that does not exist."""
+    check_row_id(batch_id, "batch")
     batch = batches.lock(session, batch_id)
     if batch is None or batch.user_id != user.id:
         raise NotFound("No such batch.", code="batch_not_found")

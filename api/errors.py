@@ -11,7 +11,8 @@ from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from shared.errors import ServiceError, ServiceUnavailable, ValidationFailed
+from shared.errors import NotFound, ServiceError, ServiceUnavailable, ValidationFailed
+from shared.models import is_row_id
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,14 @@ def _auth_challenge() -> str:
         and current_app.config["SESSION_COOKIE_NAME"] in request.cookies
     )
     return 'Bearer realm="imgclf"' if from_web_page else 'Basic realm="imgclf", Bearer'
+
+
+def check_row_id(row_id: str, noun: str) -> None:
+    """404 ``{noun}_not_found`` for a job or batch id no row can have, before it reaches
+    SQL: PostgreSQL stores them as uuid and refuses to compare one with text that is
+    not a uuid (a DataError, not a miss); SQLite found nothing. Same answer on both."""
+    if not is_row_id(row_id):
+        raise NotFound(f"No such {noun}.", code=f"{noun}_not_found")
 
 
 def invalid_body(expected: str) -> ValidationFailed:

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
+from psycopg.types.string import TextLoader
 from sqlalchemy import (
     ColumnElement,
     CursorResult,
@@ -49,8 +50,18 @@ def make_engine(config: Config) -> Engine:
         event.listen(engine, "begin", _sqlite_begin)
         return engine
     engine = create_engine(url, pool_size=10, max_overflow=20, **_COMPACT_JSON)
+    event.listen(engine, "connect", _uuid_as_text)
     _ping_when_idle(engine)
     return engine
+
+
+def _uuid_as_text(dbapi_conn, _record) -> None:
+    """Read PostgreSQL ``uuid`` values (job and batch ids, shared.models.RowId) as the
+    dashed text they are sent as, whatever the statement: typed columns would convert
+    psycopg's ``uuid.UUID`` back to str anyway, and a raw ``text()`` query or a
+    ``RETURNING`` without a type would hand one to code (JSON, Redis keys, Celery
+    messages) that expects a str."""
+    dbapi_conn.adapters.register_loader("uuid", TextLoader)
 
 
 #: A pooled connection idle longer than this is pinged before use (see _ping_when_idle).

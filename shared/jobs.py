@@ -33,7 +33,6 @@ from sqlalchemy import (
     ColumnElement,
     Insert,
     Row,
-    String,
     Table,
     Update,
     any_,
@@ -49,7 +48,7 @@ from sqlalchemy.orm import Session
 
 from shared import ledger, webhook_events
 from shared.db import bulk_insert, commits_async
-from shared.models import Job, as_utc, new_id, utcnow
+from shared.models import Job, as_utc, is_row_id, new_id, utcnow
 from shared.status import ACTIVE, TERMINAL, JobStatus
 
 # Typed as the Table it is (declarative classes declare __table__ as a FromClause).
@@ -243,7 +242,8 @@ def _ids_match(dialect: str, name: str) -> ColumnElement[bool]:
     text for every list length (psycopg prepares it once; an expanding IN is re-rendered
     per call), an expanding ``IN`` elsewhere."""
     if dialect == "postgresql":
-        return JOBS.c.id == any_(bindparam(name, type_=ARRAY(String)))
+        # An array of the column's own type (uuid): ``uuid = ANY(varchar[])`` has no operator.
+        return JOBS.c.id == any_(bindparam(name, type_=ARRAY(JOBS.c.id.type)))
     return JOBS.c.id.in_(bindparam(name, expanding=True))
 
 
@@ -284,7 +284,10 @@ def _claim(
     commit_async: bool = False,
 ):
     connection = session.connection()
-    params = {"claim_ids": list(job_ids), "claim_now": utcnow(), "claim_by": worker_id}
+    # An id no row can have (a malformed message) is left out, as a job that does not
+    # exist is: PostgreSQL would refuse the whole uuid array, and the message come back.
+    ids = [job_id for job_id in job_ids if is_row_id(job_id)]
+    params = {"claim_ids": ids, "claim_now": utcnow(), "claim_by": worker_id}
     stmt = _claim_statement(connection.dialect.name, plain, commit_async)
     return list(connection.execute(stmt, params))
 
@@ -356,8 +359,13 @@ def mark_all_succeeded(
         params = {"done_id": job_id, "done_result": value, "done_now": utcnow()}
         stmt = _succeeded_one_statement(dialect, commit_async)
         return set(connection.execute(stmt, params).scalars())
+    # Each id bound as the column's type: a plain str would be varchar, which PostgreSQL
+    # will not compare with a uuid column.
     result = case(
-        {job_id: literal(value, JOBS.c.result.type) for job_id, value in results.items()},
+        {
+            literal(job_id, JOBS.c.id.type): literal(value, JOBS.c.result.type)
+            for job_id, value in results.items()
+        },
         value=JOBS.c.id,
     )
     return _transition(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 import uuid
 from datetime import UTC, datetime
@@ -23,6 +24,7 @@ from sqlalchemy import (
     UniqueConstraint,
     text,
 )
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from shared.results import StoredResult
@@ -71,6 +73,23 @@ def new_id() -> str:
     value = (ms & (2**48 - 1)) << 80 | 0x7 << 76 | (rand >> 68) << 64  # version, rand_a
     value |= 0b10 << 62 | rand & (2**62 - 1)  # variant, rand_b
     return str(uuid.UUID(int=value))
+
+
+#: A job's or batch's id, and every column holding one (so joins never mix types): on
+#: PostgreSQL its native ``uuid``, 16 bytes where the text was 37 in the row and in each
+#: index entry (issue #26); on SQLite the dashed text. Python always sees the dashed
+#: lowercase string (``as_uuid=False``; shared.db makes raw SQL read it as text too).
+RowId = String(36).with_variant(postgresql.UUID(as_uuid=False), "postgresql")
+
+_CANONICAL_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def is_row_id(value: str) -> bool:
+    """Whether ``value`` is an id as ``new_id`` writes it (dashed, lowercase). Anything
+    else names no row on either database: checked before a lookup, because PostgreSQL
+    refuses to compare a uuid column with text that is not a uuid (an error, not a
+    miss), and accepts forms SQLite would not match (upper case, no dashes)."""
+    return _CANONICAL_ID.fullmatch(value) is not None
 
 
 class Base(DeclarativeBase):
@@ -144,10 +163,10 @@ class LedgerEntry(Base):
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
     delta: Mapped[int] = mapped_column(Integer)
     reason: Mapped[str] = mapped_column(String(16))  # signup | charge | refund | refill
-    job_id: Mapped[str | None] = mapped_column(String(36), default=None)
+    job_id: Mapped[str | None] = mapped_column(RowId, default=None)
     # A bulk charge's batch (no foreign key, like job_id: retention purges batches, the
     # ledger stays). Its lines have no charge row of their own: shared/ledger.py.
-    batch_id: Mapped[str | None] = mapped_column(String(36), default=None)
+    batch_id: Mapped[str | None] = mapped_column(RowId, default=None)
     # The job's run this entry belongs to (jobs.retries when it was written); for a batch's
     # charge, the batch's run (batches.retries once the retry is made).
     retry: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
@@ -170,7 +189,7 @@ HAS_CUSTOM_ID = "custom_id IS NOT NULL"
 class Job(Base):
     __tablename__ = "jobs"
 
-    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    id: Mapped[str] = mapped_column(RowId, primary_key=True, default=new_id)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     batch_id: Mapped[str | None] = mapped_column(
         ForeignKey("batches.id", ondelete="CASCADE"), default=None
@@ -245,7 +264,7 @@ class Batch(Base):
         partial_index("ix_batches_open", "created_at", where=OPEN_BATCH),
     )
 
-    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    id: Mapped[str] = mapped_column(RowId, primary_key=True, default=new_id)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     total: Mapped[int] = mapped_column(Integer)
     model: Mapped[str] = mapped_column(String(100))
@@ -278,8 +297,8 @@ class WebhookEvent(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
-    job_id: Mapped[str | None] = mapped_column(String(36), default=None)
-    batch_id: Mapped[str | None] = mapped_column(String(36), default=None)
+    job_id: Mapped[str | None] = mapped_column(RowId, default=None)
+    batch_id: Mapped[str | None] = mapped_column(RowId, default=None)
     # batches.retries when recorded: a retried batch completes (and notifies) once more.
     batch_retry: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     event_type: Mapped[str] = mapped_column(String(32))

@@ -24,6 +24,12 @@ from tests import support
 from worker.reconciler import lost_query, stale_queued_queries
 
 USERS, JOBS_PER_BATCH = 40, 1500
+# User n's batch id (a uuid, as the column is): batch_id(n) in Python, BATCH_ID in SQL.
+BATCH_ID = "CAST('00000000-0000-4000-8000-' || lpad(u.id::text, 12, '0') AS uuid)"
+
+
+def batch_id(user: int) -> str:
+    return f"00000000-0000-4000-8000-{user:012d}"
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +51,7 @@ def engine():
         conn.execute(
             text(
                 "INSERT INTO batches (id, user_id, total, model, top_k, retries, created_at) "
-                "SELECT 'b' || u.id, u.id, :per, 'mobilenet', 5, 0, now() FROM users u"
+                f"SELECT {BATCH_ID}, u.id, :per, 'mobilenet', 5, 0, now() FROM users u"
             ),
             {"per": JOBS_PER_BATCH},
         )
@@ -54,7 +60,7 @@ def engine():
             text(
                 "INSERT INTO jobs (id, user_id, batch_id, batch_index, status, model, top_k,"
                 " input_url, attempts, retries, chunk, dispatched_at, created_at) "
-                "SELECT gen_random_uuid()::text, u.id, 'b' || u.id, i, 'queued', 'mobilenet',"
+                f"SELECT gen_random_uuid(), u.id, {BATCH_ID}, i, 'queued', 'mobilenet',"
                 " 5, 'http://x/' || i, 0, 0, i / 32,"
                 " CASE WHEN i < 32 THEN now() END, now() "
                 "FROM users u, generate_series(0, :per - 1) i"
@@ -109,7 +115,7 @@ def test_the_refill_orders_users_from_the_batches_alone(engine):
 
 @pytest.mark.parametrize("after", [-1, 3])
 def test_a_batch_next_chunk_is_two_steps_into_the_waiting_index(engine, after):
-    root = plan(engine, next_chunk_query("b7", after))
+    root = plan(engine, next_chunk_query(batch_id(7), after))
     scans = job_scans(root)
     assert len(scans) == 2, root  # the lowest chunk number, then that chunk's jobs
     for scan in scans:
@@ -120,7 +126,7 @@ def test_a_batch_next_chunk_is_two_steps_into_the_waiting_index(engine, after):
 
 
 def test_marking_a_refill_chunks_reads_a_range_per_batch_then_the_primary_key(engine):
-    chunks = [Chunk(f"b{u}", n, []) for u in range(1, 25) for n in (0, 1)]
+    chunks = [Chunk(batch_id(u), n, []) for u in range(1, 25) for n in (0, 1)]
     root = plan(engine, mark_query(chunks, utcnow()))
     scans = job_scans(root)
     waiting = [n for n in scans if n.get("Index Name") == "ix_jobs_bulk_waiting"]

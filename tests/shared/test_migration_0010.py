@@ -12,6 +12,10 @@ from shared import migrate
 from shared.db import make_engine
 from tests import support
 
+# Ids as shared.models.new_id makes them: 0011 makes the columns uuid on PostgreSQL.
+B_OLD, B_NEW = "0190f5f4-0000-7000-8000-0000000000b0", "0190f5f4-0000-7000-8000-0000000000b1"
+J1, J2, J3 = (f"0190f5f4-0000-7000-8000-00000000000{n}" for n in (1, 2, 3))
+
 
 @pytest.fixture(params=["postgres", "sqlite"])
 def config(request, tmp_path):
@@ -49,13 +53,14 @@ def test_upgrade_keeps_the_ledger_and_downgrade_refuses_while_lines_wait(config)
     _sql(
         engine,
         "INSERT INTO batches (id, user_id, total, model, top_k, retries, created_at)"
-        " VALUES ('b-old', 1, 2, 'mobilenet', 5, 0, CURRENT_TIMESTAMP)",
+        " VALUES (:b, 1, 2, 'mobilenet', 5, 0, CURRENT_TIMESTAMP)",
+        b=B_OLD,
     )
     # History from the previous release: signup, and a charge row per batch line.
     for job_id, delta, reason in (
         (None, 3, "signup"),
-        ("j1", -1, "charge"),
-        ("j2", -1, "charge"),
+        (J1, -1, "charge"),
+        (J2, -1, "charge"),
     ):
         _sql(
             engine,
@@ -75,23 +80,27 @@ def test_upgrade_keeps_the_ledger_and_downgrade_refuses_while_lines_wait(config)
     _sql(
         engine,
         "INSERT INTO batches (id, user_id, total, model, top_k, retries, created_at)"
-        " VALUES ('b-new', 1, 1, 'mobilenet', 5, 0, CURRENT_TIMESTAMP)",
+        " VALUES (:b, 1, 1, 'mobilenet', 5, 0, CURRENT_TIMESTAMP)",
+        b=B_NEW,
     )
     _sql(
         engine,
         "INSERT INTO jobs (id, user_id, batch_id, batch_index, status, model, top_k,"
-        " input_url, attempts, retries, chunk, created_at) VALUES ('j3', 1, 'b-new', 0,"
+        " input_url, attempts, retries, chunk, created_at) VALUES (:j, 1, :b, 0,"
         " 'queued', 'mobilenet', 5, 'http://x/y.jpg', 0, 0, 0, CURRENT_TIMESTAMP)",
+        j=J3,
+        b=B_NEW,
     )
     _sql(
         engine,
         "INSERT INTO token_ledger (user_id, delta, reason, batch_id, retry, created_at)"
-        " VALUES (1, -1, 'charge', 'b-new', 0, CURRENT_TIMESTAMP)",
+        " VALUES (1, -1, 'charge', :b, 0, CURRENT_TIMESTAMP)",
+        b=B_NEW,
     )
     assert _tokens(engine) == {"signup": 3, "charge": -3}  # one row of -1 per line charged
 
     alembic = migrate.alembic_config(config)
-    with pytest.raises(RuntimeError, match="b-new"):
+    with pytest.raises(RuntimeError, match=B_NEW):
         command.downgrade(alembic, "0009")
     assert "batch_id" in {c["name"] for c in inspect(engine).get_columns("token_ledger")}
 
@@ -103,7 +112,8 @@ def test_upgrade_keeps_the_ledger_and_downgrade_refuses_while_lines_wait(config)
     _sql(
         engine,
         "INSERT INTO token_ledger (user_id, delta, reason, job_id, retry, created_at)"
-        " VALUES (1, 1, 'refund', 'j3', 0, CURRENT_TIMESTAMP)",
+        " VALUES (1, 1, 'refund', :j, 0, CURRENT_TIMESTAMP)",
+        j=J3,
     )
     assert _tokens(engine) == {"signup": 3, "charge": -3, "refund": 1}
     migrate.upgrade(config)  # and up again
