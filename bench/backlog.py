@@ -19,13 +19,14 @@ rows), ``--quick`` for 20 x 2,000, ``--refills-only`` for the queries and the re
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from datetime import timedelta
+from pathlib import Path
 
 from sqlalchemy import Select, text, update
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import sessionmaker
 
 from api.metrics import read_counters
 from bench import end_to_end
@@ -366,23 +367,48 @@ def _sizes(engine) -> dict[str, int]:
     return sizes
 
 
-def refills(config, sessions: sessionmaker) -> list[float]:
-    """Whole refills, each followed by a worker's write of what it sent."""
+def refills(config, engine) -> dict[str, list[float]]:
+    """Whole refills, each followed by a worker's write of what it sent: milliseconds
+    of wall clock, of this process's CPU and of its PostgreSQL backends' CPU (the
+    machine may be busy: the CPU times are what the refill itself cost)."""
     client, celery = make_redis(config), make_celery(config)
-    times = []
-    for _ in range(REFILLS):
-        start = time.perf_counter()
-        dispatch.refill(sessions, client, celery, config)
-        times.append(time.perf_counter() - start)
-        with sessions() as session:
-            session.execute(
-                update(Job)
-                .where(text("status = 'queued' AND dispatched_at IS NOT NULL"))
-                .values(status="succeeded", completed_at=utcnow())
-                .execution_options(synchronize_session=False)
-            )
-            session.commit()
-    return times
+    sessions = make_session_factory(engine)
+    out: dict[str, list[float]] = {"wall": [], "cpu": [], "pg_cpu": []}
+    # Outside any transaction: pg_stat_activity is read once per transaction.
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as meter:
+        for _ in range(REFILLS):
+            backends = _backends_on_cpu_ns(meter)
+            start, cpu = time.perf_counter(), time.process_time()
+            dispatch.refill(sessions, client, celery, config)
+            out["wall"].append((time.perf_counter() - start) * 1000)
+            out["cpu"].append((time.process_time() - cpu) * 1000)
+            after = _backends_on_cpu_ns(meter)
+            out["pg_cpu"].append(sum(ns - backends.get(pid, 0) for pid, ns in after.items()) / 1e6)
+            with sessions() as session:
+                session.execute(
+                    update(Job)
+                    .where(text("status = 'queued' AND dispatched_at IS NOT NULL"))
+                    .values(status="succeeded", completed_at=utcnow())
+                    .execution_options(synchronize_session=False)
+                )
+                session.commit()
+    return out
+
+
+def _backends_on_cpu_ns(meter) -> dict[int, int]:
+    """Nanoseconds on CPU of each PostgreSQL backend of this database but ``meter``'s
+    own (/proc/<pid>/schedstat: finer than /proc/<pid>/stat's 10 ms ticks)."""
+    pids = meter.scalars(
+        text(
+            "SELECT pid FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+    ).all()
+    out = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            out[pid] = int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
+    return out
 
 
 def storage(engine, jobs: int) -> dict:
@@ -470,7 +496,7 @@ def run(quick: bool = False, users: int | None = None, refills_only: bool = Fals
             "before_ms": [t * 1000 for t in time_sql(engine, METRICS_SQL.split("; "), {})],
             "now_ms": time_counters(engine),
         }
-        refill_ms = [t * 1000 for t in refills(config, make_session_factory(engine))]
+        refill = refills(config, engine)
         triggers = None if refills_only else trigger_cost(engine)
         result = {
             "machine": machine(),
@@ -479,7 +505,9 @@ def run(quick: bool = False, users: int | None = None, refills_only: bool = Fals
             "jobs": users * per,
             "build_s": built_s,
             "queries": queries,
-            "refill_ms": refill_ms,
+            "refill_ms": refill["wall"],
+            "refill_cpu_ms": refill["cpu"],
+            "refill_pg_cpu_ms": refill["pg_cpu"],
             "storage": storage(engine, users * per),
             "triggers_ms": triggers,
         }
@@ -520,6 +548,7 @@ def report(r: dict) -> str:
         f"p50 {fmt(median(refill), 1)} ms, max {fmt(max(refill), 1)} ms; the first, a "
         f"process's first (Celery's first send, each statement's first compile): "
         f"{fmt(refill[0], 1)} ms, the others' max {fmt(max(refill[1:]), 1)} ms",
+        *_cpu_report(r),
         f"Storage: {fmt(r['storage']['total_bytes_per_job'], 0)} bytes per waiting job "
         "(jobs with its indexes and TOAST); by relation (bytes per job):",
     ]
@@ -543,6 +572,19 @@ def report(r: dict) -> str:
         f"all {fmt(svc['newcomer_s'], 2)} s ({svc['newcomer_counts']})",
     ]
     return "\n".join(lines)
+
+
+def _cpu_report(r: dict) -> list[str]:
+    """CPU per refill, the first apart (absent from results older than the meter)."""
+    lines = []
+    for key, whose in (("refill_cpu_ms", "this process"), ("refill_pg_cpu_ms", "PostgreSQL")):
+        if key in r:
+            ms = r[key]
+            lines.append(
+                f"  CPU per refill, {whose}: p50 {fmt(median(ms), 1)} ms, the first "
+                f"{fmt(ms[0], 1)} ms, the others' max {fmt(max(ms[1:]), 1)} ms"
+            )
+    return lines
 
 
 def _layout_report(layouts: dict) -> str:
