@@ -20,6 +20,7 @@ rows), ``--quick`` for 20 x 2,000, ``--refills-only`` for the queries and the re
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import time
 from datetime import timedelta
@@ -109,8 +110,21 @@ def now_queries(batch_id: str) -> dict[str, list[Select]]:
     cutoff = utcnow() - timedelta(minutes=1)
     return {
         "open batches, the refill's order": [dispatch.open_batches_query()],
-        "a batch's next chunk": [dispatch.next_chunk_query(batch_id)],
-        "mark it (rolled back)": [dispatch.mark_query([dispatch.Chunk(batch_id, 0, [])], utcnow())],
+        "a batch's next chunk": [
+            dispatch.next_chunks_query().params(probe_batches=[batch_id], probe_after=[-1])
+        ],
+        "mark it (rolled back)": [
+            (
+                dispatch.mark_query(),
+                {
+                    "mark_batches": [batch_id],
+                    "mark_lo": [0],
+                    "mark_hi": [0],
+                    "mark_loose": [],
+                    "mark_now": utcnow(),
+                },
+            )
+        ],
         "reconciler: stale queued": [
             q.limit(SCAN_LIMIT) for q in reconciler.stale_queued_queries(cutoff)
         ],
@@ -179,8 +193,8 @@ def build(
 
 
 def time_sql(engine, statements: list, params: dict) -> list[float]:
-    """Wall seconds per run of ``statements`` (SQL text with ``params``, or the code's own
-    Select objects), REPEAT runs; the old EXISTS probe once (it takes seconds)."""
+    """Wall seconds per run of ``statements`` (as ``_bound`` takes them), REPEAT runs;
+    the old EXISTS probe once (it takes seconds)."""
     slow = any(isinstance(s, str) and "EXISTS" in s for s in statements)
     times = []
     for _ in range(1 if slow else REPEAT):
@@ -189,12 +203,19 @@ def time_sql(engine, statements: list, params: dict) -> list[float]:
             start = time.perf_counter()
             try:
                 for statement in statements:
-                    query = text(statement) if isinstance(statement, str) else statement
-                    conn.execute(query, params if isinstance(statement, str) else {}).all()
+                    conn.execute(*_bound(statement, params)).all()
             except OperationalError:  # statement_timeout: reported as "> OLD_TIMEOUT_MS"
                 return [math.inf]
             times.append(time.perf_counter() - start)
     return times
+
+
+def _bound(statement, params: dict) -> tuple:
+    """SQL text with ``params``, or the code's own statement with its own parameters
+    (a ``(statement, parameters)`` pair) or none."""
+    if isinstance(statement, str):
+        return text(statement), params
+    return statement if isinstance(statement, tuple) else (statement, {})
 
 
 def time_counters(engine) -> list[float]:
@@ -367,20 +388,30 @@ def _sizes(engine) -> dict[str, int]:
     return sizes
 
 
-def refills(config, engine) -> dict[str, list[float]]:
+def refills(config, engine, warm: bool = True) -> dict[str, list[float]]:
     """Whole refills, each followed by a worker's write of what it sent: milliseconds
     of wall clock, of this process's CPU and of its PostgreSQL backends' CPU (the
-    machine may be busy: the CPU times are what the refill itself cost)."""
+    machine may be busy: the CPU times are what the refill itself cost). ``warm``:
+    ``dispatch.warm`` first, as a process does when its dispatcher starts (its cost:
+    ``warm``, one entry)."""
     client, celery = make_redis(config), make_celery(config)
     sessions = make_session_factory(engine)
-    out: dict[str, list[float]] = {"wall": [], "cpu": [], "pg_cpu": []}
+    out: dict[str, list[float]] = {"wall": [], "cpu": [], "pg_cpu": [], "warm": [], "gc": []}
     # Outside any transaction: pg_stat_activity is read once per transaction.
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as meter:
+    with (
+        engine.connect().execution_options(isolation_level="AUTOCOMMIT") as meter,
+        _full_collections() as collecting,
+    ):
+        if warm:  # on the connection the refills get: the meter has its own
+            start = time.perf_counter()
+            dispatch.warm(sessions, client, celery, config)
+            out["warm"].append((time.perf_counter() - start) * 1000)
         for _ in range(REFILLS):
             backends = _backends_on_cpu_ns(meter)
-            start, cpu = time.perf_counter(), time.process_time()
+            start, cpu, gc_ms = time.perf_counter(), time.process_time(), sum(collecting)
             dispatch.refill(sessions, client, celery, config)
             out["wall"].append((time.perf_counter() - start) * 1000)
+            out["gc"].append(sum(collecting) - gc_ms)
             out["cpu"].append((time.process_time() - cpu) * 1000)
             after = _backends_on_cpu_ns(meter)
             out["pg_cpu"].append(sum(ns - backends.get(pid, 0) for pid, ns in after.items()) / 1e6)
@@ -393,6 +424,27 @@ def refills(config, engine) -> dict[str, list[float]]:
                 )
                 session.commit()
     return out
+
+
+@contextlib.contextmanager
+def _full_collections():
+    """Milliseconds (CPU) of each of Python's full garbage collections meanwhile: one
+    walks every object of the process, and a refill that meets one pays for it."""
+    spent: list[float] = []
+    began = [0.0]
+
+    def note(phase: str, info: dict) -> None:
+        if info["generation"] == 2:
+            if phase == "start":
+                began[0] = time.process_time()
+            else:
+                spent.append((time.process_time() - began[0]) * 1000)
+
+    gc.callbacks.append(note)
+    try:
+        yield spent
+    finally:
+        gc.callbacks.remove(note)
 
 
 def _backends_on_cpu_ns(meter) -> dict[int, int]:
@@ -472,9 +524,12 @@ def _succeeded(engine) -> int:
         return conn.scalar(text("SELECT count(*) FROM jobs WHERE status = 'succeeded'"))
 
 
-def run(quick: bool = False, users: int | None = None, refills_only: bool = False) -> dict:
+def run(
+    quick: bool = False, users: int | None = None, refills_only: bool = False, warm: bool = True
+) -> dict:
     """``users``: that many users share the same total backlog (1,000 x 1,000 = 1M);
-    ``refills_only``: the queries and the refills, not storage, triggers or the service."""
+    ``refills_only``: the queries and the refills, not storage, triggers or the service;
+    ``warm``: the dispatcher warmed up before its first refill (``dispatch.warm``)."""
     users, per = _shape(quick, users)
     url = databases.create_postgres_database()
     prefix = databases.new_prefix("bench-backlog")
@@ -496,7 +551,7 @@ def run(quick: bool = False, users: int | None = None, refills_only: bool = Fals
             "before_ms": [t * 1000 for t in time_sql(engine, METRICS_SQL.split("; "), {})],
             "now_ms": time_counters(engine),
         }
-        refill = refills(config, engine)
+        refill = refills(config, engine, warm)
         triggers = None if refills_only else trigger_cost(engine)
         result = {
             "machine": machine(),
@@ -508,6 +563,8 @@ def run(quick: bool = False, users: int | None = None, refills_only: bool = Fals
             "refill_ms": refill["wall"],
             "refill_cpu_ms": refill["cpu"],
             "refill_pg_cpu_ms": refill["pg_cpu"],
+            "warm_ms": refill["warm"],
+            "refill_gc_ms": refill["gc"],
             "storage": storage(engine, users * per),
             "triggers_ms": triggers,
         }
@@ -547,7 +604,8 @@ def report(r: dict) -> str:
         f"Whole refills ({len(refill)}, each after a worker's write): "
         f"p50 {fmt(median(refill), 1)} ms, max {fmt(max(refill), 1)} ms; the first, a "
         f"process's first (Celery's first send, each statement's first compile): "
-        f"{fmt(refill[0], 1)} ms, the others' max {fmt(max(refill[1:]), 1)} ms",
+        f"{fmt(refill[0], 1)} ms, the others' max {fmt(max(refill[1:]), 1)} ms"
+        + (f"; after dispatch.warm ({fmt(r['warm_ms'][0], 1)} ms)" if r.get("warm_ms") else ""),
         *_cpu_report(r),
         f"Storage: {fmt(r['storage']['total_bytes_per_job'], 0)} bytes per waiting job "
         "(jobs with its indexes and TOAST); by relation (bytes per job):",
@@ -584,6 +642,9 @@ def _cpu_report(r: dict) -> list[str]:
                 f"  CPU per refill, {whose}: p50 {fmt(median(ms), 1)} ms, the first "
                 f"{fmt(ms[0], 1)} ms, the others' max {fmt(max(ms[1:]), 1)} ms"
             )
+    if any(r.get("refill_gc_ms", [])):
+        met = [f"#{i + 1}: {fmt(ms, 1)} ms" for i, ms in enumerate(r["refill_gc_ms"]) if ms]
+        lines.append(f"  refills that met a full garbage collection (its CPU): {', '.join(met)}")
     return lines
 
 
@@ -633,8 +694,9 @@ if __name__ == "__main__":
     parser.add_argument("--users", type=int, help="users sharing the same total backlog")
     parser.add_argument("--refills-only", action="store_true", help="skip storage, service")
     parser.add_argument("--json", help="write the raw result here too")
+    parser.add_argument("--cold", action="store_true", help="no dispatch.warm before the refills")
     args = parser.parse_args()
-    result = run(quick=args.quick, users=args.users, refills_only=args.refills_only)
+    result = run(args.quick, args.users, args.refills_only, warm=not args.cold)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1, default=str))
     print(report(result))

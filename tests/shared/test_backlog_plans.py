@@ -10,15 +10,17 @@ on a busy machine. PostgreSQL only: SQLite has no planner statistics to lack.
 from __future__ import annotations
 
 import json
+import re
 from datetime import timedelta
 
 import pytest
+from psycopg import sql as pgsql
 from sqlalchemy import text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.sql import Executable
 
 from shared.db import make_engine
-from shared.dispatch import Chunk, mark_query, next_chunk_query, open_batches_query
+from shared.dispatch import mark_query, next_chunk_query, next_chunks_query, open_batches_query
 from shared.models import Job, utcnow
 from tests import support
 from worker.reconciler import lost_query, stale_queued_queries
@@ -74,6 +76,36 @@ def plan(engine, query: Executable) -> dict:
     return (rows if isinstance(rows, list) else json.loads(rows))[0]["Plan"]
 
 
+def run_plan(engine, query: Executable, params: dict, generic: bool) -> dict:
+    """The plan of ``query`` as the refill runs it (bound parameters), measured (EXPLAIN
+    ANALYZE, rolled back): PostgreSQL's custom plan for these values, or its generic
+    plan, the one it may keep for a statement prepared (psycopg prepares a statement
+    run five times on a connection; its text no longer changes with the batches)."""
+    compiled = query.compile(dialect=engine.dialect)
+    names: list[str] = []
+
+    def dollar(match: re.Match) -> str:
+        if match.group(1) not in names:
+            names.append(match.group(1))
+        return f"${names.index(match.group(1)) + 1}"
+
+    sql = re.sub(r"%\((\w+)\)s", dollar, compiled.string)
+    values = compiled.construct_params(params)
+    mode = "force_generic_plan" if generic else "force_custom_plan"
+    with engine.connect() as conn:
+        cursor = conn.connection.dbapi_connection.cursor()
+        cursor.execute(f"SET LOCAL plan_cache_mode = {mode}")  # until the rollback
+        cursor.execute(f"PREPARE measured AS {sql}")
+        try:
+            args = pgsql.SQL(", ").join(pgsql.Literal(values[n]) for n in names)
+            explain = pgsql.SQL("EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE measured({})")
+            (rows,) = cursor.execute(explain.format(args)).fetchone()
+        finally:
+            conn.rollback()
+            cursor.execute("DEALLOCATE measured")  # not transactional
+    return (rows if isinstance(rows, list) else json.loads(rows))[0]["Plan"]
+
+
 def nodes(node: dict):
     yield node
     for child in node.get("Plans", []):
@@ -119,16 +151,53 @@ def test_a_batch_next_chunk_is_two_steps_into_the_waiting_index(engine, after):
     assert not [n for n in nodes(root) if n["Node Type"] == "Aggregate"], root
 
 
-def test_marking_a_refill_chunks_reads_a_range_per_batch_then_the_primary_key(engine):
-    chunks = [Chunk(f"b{u}", n, []) for u in range(1, 25) for n in (0, 1)]
-    root = plan(engine, mark_query(chunks, utcnow()))
+BATCHES = [f"b{u}" for u in range(1, 25)]
+
+
+@pytest.mark.parametrize("generic", [False, True], ids=["custom", "generic"])
+@pytest.mark.parametrize("batches", [1, 24])
+def test_a_refill_probes_each_batch_two_steps_into_the_waiting_index(engine, batches, generic):
+    # Batch ids as an array: one statement text for any number of batches.
+    ids = BATCHES[:batches]
+    params = {"probe_batches": ids, "probe_after": [-1] * batches}
+    root = run_plan(engine, next_chunks_query(), params, generic)
+    assert root["Actual Rows"] == 32 * batches, root  # each batch's next chunk
     scans = job_scans(root)
-    waiting = [n for n in scans if n.get("Index Name") == "ix_jobs_bulk_waiting"]
-    assert len(waiting) == 24, root  # one range per batch
-    for scan in waiting:
-        assert "batch_id" in scan["Index Cond"] and "chunk" in scan["Index Cond"], scan
-    (rest,) = [n for n in scans if n not in waiting]
+    assert len(scans) == 2, root  # the lowest chunk number, then that chunk's jobs ...
+    for scan in scans:
+        assert scan["Index Name"] == "ix_jobs_bulk_waiting", scan
+        assert "batch_id" in scan.get("Index Cond", ""), scan
+        assert scan["Actual Loops"] == batches, scan  # ... once per batch, parameterized
+    assert not joins_other_than_nested_loops(root), root
+
+
+@pytest.mark.parametrize("generic", [False, True], ids=["custom", "generic"])
+@pytest.mark.parametrize("batches", [1, 24])
+def test_marking_a_refill_chunks_reads_a_range_per_batch_then_the_primary_key(
+    engine, batches, generic
+):
+    ids = BATCHES[:batches]
+    params = {
+        "mark_batches": ids,
+        "mark_lo": [1] * batches,
+        "mark_hi": [2] * batches,
+        "mark_loose": [],
+        "mark_now": utcnow(),
+    }
+    root = run_plan(engine, mark_query(), params, generic)
+    scans = job_scans(root)
+    (waiting,) = [n for n in scans if n.get("Index Name") == "ix_jobs_bulk_waiting"]
+    assert "batch_id" in waiting["Index Cond"] and "chunk" in waiting["Index Cond"], waiting
+    assert waiting["Actual Loops"] == batches, root  # one range per batch
+    assert waiting["Actual Rows"] * waiting["Actual Loops"] == 64 * batches, root
+    (rest,) = [n for n in scans if n is not waiting]
     assert rest.get("Index Name") == "pk_jobs" and "id" in rest["Index Cond"], root
+    assert not joins_other_than_nested_loops(root), root
+
+
+def joins_other_than_nested_loops(root: dict) -> list[dict]:
+    """Hash or merge joins: without statistics, those read a whole index to join."""
+    return [n for n in nodes(root) if n["Node Type"] in ("Hash Join", "Merge Join", "Hash")]
 
 
 def test_the_stale_queued_check_reads_small_indexes(engine):
