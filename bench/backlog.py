@@ -7,14 +7,18 @@ side by side on that one database:
 - the dispatcher's questions, today's queries beside the ones they replaced (kept
   here as literal SQL): which open batches have work waiting, a batch's next chunk;
 - whole refills through ``shared.dispatch.refill`` (real Redis, real Celery
-  messages), each followed by what a worker does to the chunks it sent;
+  messages), each followed by what a worker does to the chunks it sent, after
+  ``dispatch.warm`` as a starting process does (``--cold``: without): wall clock,
+  and the CPU of this process and of its PostgreSQL backends (what a busy machine's
+  wall clock hides), and Python's full garbage collections met on the way;
 - the reconciler's checks (stale queued, lost processing), today's and before;
 - what ``GET /metrics`` still runs per scrape (jobs by status, ledger by reason:
   whole-table aggregates, left for a later change), for the record;
 - storage: bytes per waiting job, the table and each index.
 
 ``python -m bench.backlog`` (about 3 minutes on 2 cores, most of it building the
-rows), ``--quick`` for 20 x 2,000, ``--refills-only`` for the queries and the refills.
+rows), ``--quick`` for 20 x 2,000, ``--refills-only`` for the queries and the refills,
+``--users 1000`` for 1,000 users sharing the same million jobs.
 """
 
 from __future__ import annotations
@@ -388,12 +392,13 @@ def _sizes(engine) -> dict[str, int]:
     return sizes
 
 
-def refills(config, engine, warm: bool = True) -> dict[str, list[float]]:
+def refills(config, engine, warm: bool = True, freeze: bool = False) -> dict[str, list[float]]:
     """Whole refills, each followed by a worker's write of what it sent: milliseconds
     of wall clock, of this process's CPU and of its PostgreSQL backends' CPU (the
     machine may be busy: the CPU times are what the refill itself cost). ``warm``:
     ``dispatch.warm`` first, as a process does when its dispatcher starts (its cost:
-    ``warm``, one entry)."""
+    ``warm``, one entry); ``freeze``: then ``gc.freeze()``, as a process may at the end
+    of its start, so that a full collection no longer walks what it holds since."""
     client, celery = make_redis(config), make_celery(config)
     sessions = make_session_factory(engine)
     out: dict[str, list[float]] = {"wall": [], "cpu": [], "pg_cpu": [], "warm": [], "gc": []}
@@ -406,6 +411,8 @@ def refills(config, engine, warm: bool = True) -> dict[str, list[float]]:
             start = time.perf_counter()
             dispatch.warm(sessions, client, celery, config)
             out["warm"].append((time.perf_counter() - start) * 1000)
+        if freeze:
+            gc.freeze()
         for _ in range(REFILLS):
             backends = _backends_on_cpu_ns(meter)
             start, cpu, gc_ms = time.perf_counter(), time.process_time(), sum(collecting)
@@ -525,11 +532,16 @@ def _succeeded(engine) -> int:
 
 
 def run(
-    quick: bool = False, users: int | None = None, refills_only: bool = False, warm: bool = True
+    quick: bool = False,
+    users: int | None = None,
+    refills_only: bool = False,
+    warm: bool = True,
+    freeze: bool = False,
 ) -> dict:
     """``users``: that many users share the same total backlog (1,000 x 1,000 = 1M);
     ``refills_only``: the queries and the refills, not storage, triggers or the service;
-    ``warm``: the dispatcher warmed up before its first refill (``dispatch.warm``)."""
+    ``warm``: the dispatcher warmed up before its first refill (``dispatch.warm``);
+    ``freeze``: ``gc.freeze()`` before the refills (after the warm-up)."""
     users, per = _shape(quick, users)
     url = databases.create_postgres_database()
     prefix = databases.new_prefix("bench-backlog")
@@ -551,7 +563,7 @@ def run(
             "before_ms": [t * 1000 for t in time_sql(engine, METRICS_SQL.split("; "), {})],
             "now_ms": time_counters(engine),
         }
-        refill = refills(config, engine, warm)
+        refill = refills(config, engine, warm, freeze)
         triggers = None if refills_only else trigger_cost(engine)
         result = {
             "machine": machine(),
@@ -565,6 +577,7 @@ def run(
             "refill_pg_cpu_ms": refill["pg_cpu"],
             "warm_ms": refill["warm"],
             "refill_gc_ms": refill["gc"],
+            "gc_frozen": freeze,
             "storage": storage(engine, users * per),
             "triggers_ms": triggers,
         }
@@ -603,9 +616,8 @@ def report(r: dict) -> str:
         "",
         f"Whole refills ({len(refill)}, each after a worker's write): "
         f"p50 {fmt(median(refill), 1)} ms, max {fmt(max(refill), 1)} ms; the first, a "
-        f"process's first (Celery's first send, each statement's first compile): "
-        f"{fmt(refill[0], 1)} ms, the others' max {fmt(max(refill[1:]), 1)} ms"
-        + (f"; after dispatch.warm ({fmt(r['warm_ms'][0], 1)} ms)" if r.get("warm_ms") else ""),
+        f"process's first ({_first_refill(r)}): "
+        f"{fmt(refill[0], 1)} ms, the others' max {fmt(max(refill[1:]), 1)} ms",
         *_cpu_report(r),
         f"Storage: {fmt(r['storage']['total_bytes_per_job'], 0)} bytes per waiting job "
         "(jobs with its indexes and TOAST); by relation (bytes per job):",
@@ -632,6 +644,12 @@ def report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _first_refill(r: dict) -> str:
+    if r.get("warm_ms"):
+        return f"after dispatch.warm, which took {fmt(r['warm_ms'][0], 1)} ms"
+    return "cold: Celery's first send, each statement's first compile"
+
+
 def _cpu_report(r: dict) -> list[str]:
     """CPU per refill, the first apart (absent from results older than the meter)."""
     lines = []
@@ -642,6 +660,8 @@ def _cpu_report(r: dict) -> list[str]:
                 f"  CPU per refill, {whose}: p50 {fmt(median(ms), 1)} ms, the first "
                 f"{fmt(ms[0], 1)} ms, the others' max {fmt(max(ms[1:]), 1)} ms"
             )
+    if r.get("gc_frozen"):
+        lines.append("  (gc.freeze() before the refills)")
     if any(r.get("refill_gc_ms", [])):
         met = [f"#{i + 1}: {fmt(ms, 1)} ms" for i, ms in enumerate(r["refill_gc_ms"]) if ms]
         lines.append(f"  refills that met a full garbage collection (its CPU): {', '.join(met)}")
@@ -695,8 +715,9 @@ if __name__ == "__main__":
     parser.add_argument("--refills-only", action="store_true", help="skip storage, service")
     parser.add_argument("--json", help="write the raw result here too")
     parser.add_argument("--cold", action="store_true", help="no dispatch.warm before the refills")
+    parser.add_argument("--freeze", action="store_true", help="gc.freeze() before the refills")
     args = parser.parse_args()
-    result = run(args.quick, args.users, args.refills_only, warm=not args.cold)
+    result = run(args.quick, args.users, args.refills_only, not args.cold, args.freeze)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1, default=str))
     print(report(result))
