@@ -21,11 +21,18 @@ from sqlalchemy.sql import Executable
 
 from shared.db import make_engine
 from shared.dispatch import mark_query, next_chunk_query, next_chunks_query, open_batches_query
-from shared.models import Job, utcnow
+from shared.models import BULK_WAITING, Job, utcnow
 from tests import support
 from worker.reconciler import lost_query, stale_queued_queries
 
 USERS, JOBS_PER_BATCH = 40, 1500
+# User n's batch, uuid-shaped: the rows fit the id columns as varchar or as uuid (a
+# uuid goes into a varchar column as text; a quoted literal compares with either).
+BATCH_ID_SQL = "CAST('00000000-0000-4000-8000-' || lpad(u.id::text, 12, '0') AS uuid)"
+
+
+def batch_id(user_id: int) -> str:
+    return f"00000000-0000-4000-8000-{user_id:012d}"
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +54,7 @@ def engine():
         conn.execute(
             text(
                 "INSERT INTO batches (id, user_id, total, model, top_k, retries, created_at) "
-                "SELECT 'b' || u.id, u.id, :per, 'mobilenet', 5, 0, now() FROM users u"
+                f"SELECT {BATCH_ID_SQL}, u.id, :per, 'mobilenet', 5, 0, now() FROM users u"
             ),
             {"per": JOBS_PER_BATCH},
         )
@@ -56,7 +63,7 @@ def engine():
             text(
                 "INSERT INTO jobs (id, user_id, batch_id, batch_index, status, model, top_k,"
                 " input_url, attempts, retries, chunk, dispatched_at, created_at) "
-                "SELECT gen_random_uuid()::text, u.id, 'b' || u.id, i, 'queued', 'mobilenet',"
+                f"SELECT gen_random_uuid(), u.id, {BATCH_ID_SQL}, i, 'queued', 'mobilenet',"
                 " 5, 'http://x/' || i, 0, 0, i / 32,"
                 " CASE WHEN i < 32 THEN now() END, now() "
                 "FROM users u, generate_series(0, :per - 1) i"
@@ -141,7 +148,7 @@ def test_the_refill_orders_users_from_the_batches_alone(engine):
 
 @pytest.mark.parametrize("after", [-1, 3])
 def test_a_batch_next_chunk_is_two_steps_into_the_waiting_index(engine, after):
-    root = plan(engine, next_chunk_query("b7", after))
+    root = plan(engine, next_chunk_query(batch_id(7), after))
     scans = job_scans(root)
     assert len(scans) == 2, root  # the lowest chunk number, then that chunk's jobs
     for scan in scans:
@@ -151,7 +158,7 @@ def test_a_batch_next_chunk_is_two_steps_into_the_waiting_index(engine, after):
     assert not [n for n in nodes(root) if n["Node Type"] == "Aggregate"], root
 
 
-BATCHES = [f"b{u}" for u in range(1, 25)]
+BATCHES = [batch_id(u) for u in range(1, 25)]
 
 
 @pytest.mark.parametrize("generic", [False, True], ids=["custom", "generic"])
@@ -177,14 +184,22 @@ def test_marking_a_refill_chunks_reads_a_range_per_batch_then_the_primary_key(
     engine, batches, generic
 ):
     ids = BATCHES[:batches]
+    with engine.connect() as conn:  # and three jobs by id, as jobs with no chunk number go
+        loose = conn.scalars(
+            # A literal: a bound string would be cast to VARCHAR, not to the column's type.
+            text(
+                f"SELECT id FROM jobs WHERE batch_id = '{batch_id(30)}' AND {BULK_WAITING} LIMIT 3"
+            )
+        ).all()
     params = {
         "mark_batches": ids,
         "mark_lo": [1] * batches,
         "mark_hi": [2] * batches,
-        "mark_loose": [],
+        "mark_loose": loose,
         "mark_now": utcnow(),
     }
     root = run_plan(engine, mark_query(), params, generic)
+    assert root["Actual Rows"] == 64 * batches + 3, root  # every job marked, once
     scans = job_scans(root)
     (waiting,) = [n for n in scans if n.get("Index Name") == "ix_jobs_bulk_waiting"]
     assert "batch_id" in waiting["Index Cond"] and "chunk" in waiting["Index Cond"], waiting
