@@ -7,25 +7,31 @@ side by side on that one database:
 - the dispatcher's questions, today's queries beside the ones they replaced (kept
   here as literal SQL): which open batches have work waiting, a batch's next chunk;
 - whole refills through ``shared.dispatch.refill`` (real Redis, real Celery
-  messages), each followed by what a worker does to the chunks it sent;
+  messages), each followed by what a worker does to the chunks it sent, after
+  ``dispatch.warm`` as a starting process does (``--cold``: without): wall clock,
+  and the CPU of this process and of its PostgreSQL backends (what a busy machine's
+  wall clock hides), and Python's full garbage collections met on the way;
 - the reconciler's checks (stale queued, lost processing), today's and before;
 - what ``GET /metrics`` still runs per scrape (jobs by status, ledger by reason:
   whole-table aggregates, left for a later change), for the record;
 - storage: bytes per waiting job, the table and each index.
 
 ``python -m bench.backlog`` (about 3 minutes on 2 cores, most of it building the
-rows), ``--quick`` for 20 x 2,000, ``--refills-only`` for the queries and the refills.
+rows), ``--quick`` for 20 x 2,000, ``--refills-only`` for the queries and the refills,
+``--users 1000`` for 1,000 users sharing the same million jobs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 import time
 from datetime import timedelta
+from pathlib import Path
 
 from sqlalchemy import Select, text, update
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import sessionmaker
 
 from api.metrics import read_counters
 from bench import end_to_end
@@ -108,8 +114,21 @@ def now_queries(batch_id: str) -> dict[str, list[Select]]:
     cutoff = utcnow() - timedelta(minutes=1)
     return {
         "open batches, the refill's order": [dispatch.open_batches_query()],
-        "a batch's next chunk": [dispatch.next_chunk_query(batch_id)],
-        "mark it (rolled back)": [dispatch.mark_query([dispatch.Chunk(batch_id, 0, [])], utcnow())],
+        "a batch's next chunk": [
+            dispatch.next_chunks_query().params(probe_batches=[batch_id], probe_after=[-1])
+        ],
+        "mark it (rolled back)": [
+            (
+                dispatch.mark_query(),
+                {
+                    "mark_batches": [batch_id],
+                    "mark_lo": [0],
+                    "mark_hi": [0],
+                    "mark_loose": [],
+                    "mark_now": utcnow(),
+                },
+            )
+        ],
         "reconciler: stale queued": [
             q.limit(SCAN_LIMIT) for q in reconciler.stale_queued_queries(cutoff)
         ],
@@ -178,8 +197,8 @@ def build(
 
 
 def time_sql(engine, statements: list, params: dict) -> list[float]:
-    """Wall seconds per run of ``statements`` (SQL text with ``params``, or the code's own
-    Select objects), REPEAT runs; the old EXISTS probe once (it takes seconds)."""
+    """Wall seconds per run of ``statements`` (as ``_bound`` takes them), REPEAT runs;
+    the old EXISTS probe once (it takes seconds)."""
     slow = any(isinstance(s, str) and "EXISTS" in s for s in statements)
     times = []
     for _ in range(1 if slow else REPEAT):
@@ -188,12 +207,19 @@ def time_sql(engine, statements: list, params: dict) -> list[float]:
             start = time.perf_counter()
             try:
                 for statement in statements:
-                    query = text(statement) if isinstance(statement, str) else statement
-                    conn.execute(query, params if isinstance(statement, str) else {}).all()
+                    conn.execute(*_bound(statement, params)).all()
             except OperationalError:  # statement_timeout: reported as "> OLD_TIMEOUT_MS"
                 return [math.inf]
             times.append(time.perf_counter() - start)
     return times
+
+
+def _bound(statement, params: dict) -> tuple:
+    """SQL text with ``params``, or the code's own statement with its own parameters
+    (a ``(statement, parameters)`` pair) or none."""
+    if isinstance(statement, str):
+        return text(statement), params
+    return statement if isinstance(statement, tuple) else (statement, {})
 
 
 def time_counters(engine) -> list[float]:
@@ -366,23 +392,82 @@ def _sizes(engine) -> dict[str, int]:
     return sizes
 
 
-def refills(config, sessions: sessionmaker) -> list[float]:
-    """Whole refills, each followed by a worker's write of what it sent."""
+def refills(config, engine, warm: bool = True, freeze: bool = False) -> dict[str, list[float]]:
+    """Whole refills, each followed by a worker's write of what it sent: milliseconds
+    of wall clock, of this process's CPU and of its PostgreSQL backends' CPU (the
+    machine may be busy: the CPU times are what the refill itself cost). ``warm``:
+    ``dispatch.warm`` first, as a process does when its dispatcher starts (its cost:
+    ``warm``, one entry); ``freeze``: then ``gc.freeze()``, as a process may at the end
+    of its start, so that a full collection no longer walks what it holds since."""
     client, celery = make_redis(config), make_celery(config)
-    times = []
-    for _ in range(REFILLS):
-        start = time.perf_counter()
-        dispatch.refill(sessions, client, celery, config)
-        times.append(time.perf_counter() - start)
-        with sessions() as session:
-            session.execute(
-                update(Job)
-                .where(text("status = 'queued' AND dispatched_at IS NOT NULL"))
-                .values(status="succeeded", completed_at=utcnow())
-                .execution_options(synchronize_session=False)
-            )
-            session.commit()
-    return times
+    sessions = make_session_factory(engine)
+    out: dict[str, list[float]] = {"wall": [], "cpu": [], "pg_cpu": [], "warm": [], "gc": []}
+    # Outside any transaction: pg_stat_activity is read once per transaction.
+    with (
+        engine.connect().execution_options(isolation_level="AUTOCOMMIT") as meter,
+        _full_collections() as collecting,
+    ):
+        if warm:  # on the connection the refills get: the meter has its own
+            start = time.perf_counter()
+            dispatch.warm(sessions, client, celery, config)
+            out["warm"].append((time.perf_counter() - start) * 1000)
+        if freeze:
+            gc.freeze()
+        for _ in range(REFILLS):
+            backends = _backends_on_cpu_ns(meter)
+            start, cpu, gc_ms = time.perf_counter(), time.process_time(), sum(collecting)
+            dispatch.refill(sessions, client, celery, config)
+            out["wall"].append((time.perf_counter() - start) * 1000)
+            out["gc"].append(sum(collecting) - gc_ms)
+            out["cpu"].append((time.process_time() - cpu) * 1000)
+            after = _backends_on_cpu_ns(meter)
+            out["pg_cpu"].append(sum(ns - backends.get(pid, 0) for pid, ns in after.items()) / 1e6)
+            with sessions() as session:
+                session.execute(
+                    update(Job)
+                    .where(text("status = 'queued' AND dispatched_at IS NOT NULL"))
+                    .values(status="succeeded", completed_at=utcnow())
+                    .execution_options(synchronize_session=False)
+                )
+                session.commit()
+    return out
+
+
+@contextlib.contextmanager
+def _full_collections():
+    """Milliseconds (CPU) of each of Python's full garbage collections meanwhile: one
+    walks every object of the process, and a refill that meets one pays for it."""
+    spent: list[float] = []
+    began = [0.0]
+
+    def note(phase: str, info: dict) -> None:
+        if info["generation"] == 2:
+            if phase == "start":
+                began[0] = time.process_time()
+            else:
+                spent.append((time.process_time() - began[0]) * 1000)
+
+    gc.callbacks.append(note)
+    try:
+        yield spent
+    finally:
+        gc.callbacks.remove(note)
+
+
+def _backends_on_cpu_ns(meter) -> dict[int, int]:
+    """Nanoseconds on CPU of each PostgreSQL backend of this database but ``meter``'s
+    own (/proc/<pid>/schedstat: finer than /proc/<pid>/stat's 10 ms ticks)."""
+    pids = meter.scalars(
+        text(
+            "SELECT pid FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+    ).all()
+    out = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            out[pid] = int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
+    return out
 
 
 def storage(engine, jobs: int) -> dict:
@@ -446,9 +531,17 @@ def _succeeded(engine) -> int:
         return conn.scalar(text("SELECT count(*) FROM jobs WHERE status = 'succeeded'"))
 
 
-def run(quick: bool = False, users: int | None = None, refills_only: bool = False) -> dict:
+def run(
+    quick: bool = False,
+    users: int | None = None,
+    refills_only: bool = False,
+    warm: bool = True,
+    freeze: bool = False,
+) -> dict:
     """``users``: that many users share the same total backlog (1,000 x 1,000 = 1M);
-    ``refills_only``: the queries and the refills, not storage, triggers or the service."""
+    ``refills_only``: the queries and the refills, not storage, triggers or the service;
+    ``warm``: the dispatcher warmed up before its first refill (``dispatch.warm``);
+    ``freeze``: ``gc.freeze()`` before the refills (after the warm-up)."""
     users, per = _shape(quick, users)
     url = databases.create_postgres_database()
     prefix = databases.new_prefix("bench-backlog")
@@ -470,7 +563,7 @@ def run(quick: bool = False, users: int | None = None, refills_only: bool = Fals
             "before_ms": [t * 1000 for t in time_sql(engine, METRICS_SQL.split("; "), {})],
             "now_ms": time_counters(engine),
         }
-        refill_ms = [t * 1000 for t in refills(config, make_session_factory(engine))]
+        refill = refills(config, engine, warm, freeze)
         triggers = None if refills_only else trigger_cost(engine)
         result = {
             "machine": machine(),
@@ -479,7 +572,12 @@ def run(quick: bool = False, users: int | None = None, refills_only: bool = Fals
             "jobs": users * per,
             "build_s": built_s,
             "queries": queries,
-            "refill_ms": refill_ms,
+            "refill_ms": refill["wall"],
+            "refill_cpu_ms": refill["cpu"],
+            "refill_pg_cpu_ms": refill["pg_cpu"],
+            "warm_ms": refill["warm"],
+            "refill_gc_ms": refill["gc"],
+            "gc_frozen": freeze,
             "storage": storage(engine, users * per),
             "triggers_ms": triggers,
         }
@@ -518,8 +616,9 @@ def report(r: dict) -> str:
         "",
         f"Whole refills ({len(refill)}, each after a worker's write): "
         f"p50 {fmt(median(refill), 1)} ms, max {fmt(max(refill), 1)} ms; the first, a "
-        f"process's first (Celery's first send, each statement's first compile): "
+        f"process's first ({_first_refill(r)}): "
         f"{fmt(refill[0], 1)} ms, the others' max {fmt(max(refill[1:]), 1)} ms",
+        *_cpu_report(r),
         f"Storage: {fmt(r['storage']['total_bytes_per_job'], 0)} bytes per waiting job "
         "(jobs with its indexes and TOAST); by relation (bytes per job):",
     ]
@@ -543,6 +642,30 @@ def report(r: dict) -> str:
         f"all {fmt(svc['newcomer_s'], 2)} s ({svc['newcomer_counts']})",
     ]
     return "\n".join(lines)
+
+
+def _first_refill(r: dict) -> str:
+    if r.get("warm_ms"):
+        return f"after dispatch.warm, which took {fmt(r['warm_ms'][0], 1)} ms"
+    return "cold: Celery's first send, each statement's first compile"
+
+
+def _cpu_report(r: dict) -> list[str]:
+    """CPU per refill, the first apart (absent from results older than the meter)."""
+    lines = []
+    for key, whose in (("refill_cpu_ms", "this process"), ("refill_pg_cpu_ms", "PostgreSQL")):
+        if key in r:
+            ms = r[key]
+            lines.append(
+                f"  CPU per refill, {whose}: p50 {fmt(median(ms), 1)} ms, the first "
+                f"{fmt(ms[0], 1)} ms, the others' max {fmt(max(ms[1:]), 1)} ms"
+            )
+    if r.get("gc_frozen"):
+        lines.append("  (gc.freeze() before the refills)")
+    if any(r.get("refill_gc_ms", [])):
+        met = [f"#{i + 1}: {fmt(ms, 1)} ms" for i, ms in enumerate(r["refill_gc_ms"]) if ms]
+        lines.append(f"  refills that met a full garbage collection (its CPU): {', '.join(met)}")
+    return lines
 
 
 def _layout_report(layouts: dict) -> str:
@@ -591,8 +714,10 @@ if __name__ == "__main__":
     parser.add_argument("--users", type=int, help="users sharing the same total backlog")
     parser.add_argument("--refills-only", action="store_true", help="skip storage, service")
     parser.add_argument("--json", help="write the raw result here too")
+    parser.add_argument("--cold", action="store_true", help="no dispatch.warm before the refills")
+    parser.add_argument("--freeze", action="store_true", help="gc.freeze() before the refills")
     args = parser.parse_args()
-    result = run(quick=args.quick, users=args.users, refills_only=args.refills_only)
+    result = run(args.quick, args.users, args.refills_only, not args.cold, args.freeze)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1, default=str))
     print(report(result))

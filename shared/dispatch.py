@@ -45,21 +45,29 @@ from celery import Celery
 from redis.exceptions import LockNotOwnedError
 from redis.lock import Lock
 from sqlalchemy import (
-    CompoundSelect,
+    ColumnElement,
+    Integer,
     Select,
     Update,
+    and_,
+    any_,
     bindparam,
+    column,
     func,
     select,
     text,
+    true,
     union_all,
     update,
 )
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.elements import BindParameter
+from sqlalchemy.sql.selectable import TableValuedAlias
+from sqlalchemy.types import TypeEngine
 
 from shared.config import Config
-from shared.models import BULK_OUT, BULK_WAITING, Batch, Job, as_utc, utcnow
+from shared.models import BULK_OUT, BULK_WAITING, Batch, Job, as_utc, new_id, utcnow
 from shared.queue import BulkSendError, enqueue_bulk, heartbeats
 from shared.status import JobStatus
 
@@ -80,8 +88,7 @@ PASS_STATEMENT_TIMEOUT_MS = LOCK_TTL_S * 1000 // 2
 # round then costs FIRST_CHUNK jobs a user rather than BATCH_MAX (100 users: 400 jobs,
 # not 3,200; bench.backlog). A batch that fits one chunk stays one: it needs one turn.
 FIRST_CHUNK = 4
-# Batches probed, or marked, in one statement at most.
-MAX_ARMS = 100
+_JOBS = Job.__table__
 
 
 def _waiting(batch_id: object) -> tuple:
@@ -177,8 +184,7 @@ def _refill_once(
     sessions: sessionmaker[Session], client: redis.Redis, celery: Celery, config: Config
 ) -> int:
     with sessions() as session:
-        if session.get_bind().dialect.name == "postgresql":
-            session.execute(text(f"SET LOCAL statement_timeout = {PASS_STATEMENT_TIMEOUT_MS}"))
+        _limit_statements(session)
         out = out_by_user(session)
         room = window(client, config) - sum(out.values())
         if room <= 0:
@@ -187,6 +193,39 @@ def _refill_once(
         chunks = _mark(session, _take(session, config.batch_max, out, room, batches))
         session.commit()
     return _send(sessions, celery, config, chunks)
+
+
+def _limit_statements(session: Session) -> None:
+    if _is_postgres(session):
+        session.execute(text(f"SET LOCAL statement_timeout = {PASS_STATEMENT_TIMEOUT_MS}"))
+
+
+def warm(
+    sessions: sessionmaker[Session], client: redis.Redis, celery: Celery, config: Config
+) -> None:
+    """Pay now, where a process starts, what its first refill would pay once: each
+    statement's first compile (SQLAlchemy) and first run on a connection (PostgreSQL's
+    catalog caches), run here on rows that do not exist and rolled back; the Redis
+    connection; Celery's first send (its sender, the broker connection and channel),
+    short of sending. Cold, a process's first refill took 33-53 ms of CPU where the
+    next ones took 10-30 (bench.backlog --cold, 100 and 1,000 users); warmed, 19-23.
+    Never raises: the refill pays what is left.
+    """
+    nowhere = new_id()  # no batch, no job: every statement runs, none finds a row
+    try:
+        with sessions() as session:
+            _limit_statements(session)
+            out_by_user(session)
+            session.execute(open_batches_query()).all()
+            _next_chunks(session, config.batch_max, [nowhere], {})  # and the loose jobs' probe
+            _mark(session, [Chunk(nowhere, 0, []), Chunk(nowhere, None, [nowhere])])
+            session.rollback()
+        client.ping()
+        celery.amqp.send_task_message  # noqa: B018 built on first use, with its imports
+        with celery.producer_or_acquire() as producer:
+            producer.channel  # noqa: B018 connects to the broker, opens the channel
+    except Exception as exc:
+        log.warning("could not warm the bulk dispatcher up: %r", exc)
 
 
 class _Turn(NamedTuple):
@@ -291,12 +330,13 @@ def _heads_ahead(
 
 
 def next_chunk_query(batch_id: str | BindParameter, after: int | BindParameter = -1) -> Select:
-    """(batch id, id, chunk) of the batch's lowest waiting chunk above ``after``.
+    """(batch id, id, chunk, index) of the batch's lowest waiting chunk above ``after``.
 
     ``chunk = (SELECT ... ORDER BY chunk LIMIT 1)``: the subquery is one step into
     ``ix_jobs_bulk_waiting``, and the chunk's jobs are then an index range; not min(),
     which PostgreSQL without statistics computed over every waiting entry of the batch
-    (10,000 for a full batch).
+    (10,000 for a full batch). One batch's probe: SQLite's, and ``next_chunks_query``'s
+    per batch on PostgreSQL.
     """
     first = (
         select(Job.chunk)
@@ -310,24 +350,75 @@ def next_chunk_query(batch_id: str | BindParameter, after: int | BindParameter =
     )
 
 
+@functools.cache
+def next_chunks_query() -> Select:
+    """PostgreSQL: ``next_chunk_query`` for each batch of the array ``probe_batches``,
+    after the chunk at the same place in ``probe_after``, in one statement whose text
+    is the same however many batches it probes.
+
+    ``unnest(...) AS b(id, after) JOIN LATERAL (the probe of b.id)``: the lateral
+    subquery runs once per batch with its batch id as the index condition, as the
+    probe alone does. Its ``ORDER BY`` (a message's ids in the batch's order) also
+    keeps PostgreSQL from pulling it up into a plain join, which it planned, without
+    statistics, as one read of the whole waiting index hashed against the batches.
+    It replaced a statement per number of batches (a UNION ALL of one probe each),
+    and each new number cost 15-37 ms the first time it came up (bench.backlog):
+    SQLAlchemy compiled it, and PostgreSQL planned it (24 probes: 10-15 ms, at every
+    run). This text is compiled once per process, planned in about 0.2 ms whatever
+    the number of batches, and not planned at all once psycopg has prepared it (a
+    text run five times on a connection).
+    """
+    batches = _unnest(
+        "b", ("id", "probe_batches", _JOBS.c.batch_id.type), ("after", "probe_after", Integer())
+    )
+    probed = _JOBS.alias("probed")
+    first = (
+        select(probed.c.chunk)
+        .where(probed.c.batch_id == batches.c.id, text(BULK_WAITING))
+        .where(probed.c.chunk > batches.c.after)
+        .order_by(probed.c.chunk)
+        .limit(1)
+        .correlate(batches)  # not a FROM of its own: the lateral row's batch
+        .scalar_subquery()
+    )
+    chunk = (
+        select(_JOBS.c.batch_id, _JOBS.c.id, _JOBS.c.chunk, _JOBS.c.batch_index)
+        .where(_JOBS.c.batch_id == batches.c.id, text(BULK_WAITING), _JOBS.c.chunk == first)
+        .order_by(_JOBS.c.batch_index)
+        .lateral("next_chunk")
+    )
+    return select(chunk).select_from(batches).join(chunk, true())
+
+
+def _unnest(name: str, *columns: tuple[str, str, TypeEngine]) -> TableValuedAlias:
+    """``unnest(:param, ...) AS name(column, ...)``: arrays bound as one parameter each,
+    typed as the columns they are compared with (so ids keep the id column's type)."""
+    arrays = [bindparam(key, type_=postgresql.ARRAY(kind)) for _, key, kind in columns]
+    return (
+        func.unnest(*arrays)
+        .table_valued(*(column(label, kind) for label, _, kind in columns))
+        .render_derived(name=name)
+    )
+
+
 def _next_chunks(
     session: Session, batch_max: int, batch_ids: list[str], after: dict[str, tuple[int, int]]
 ) -> dict[str, Chunk]:
-    """Each batch's next chunk (no ids: nothing waits), one statement for at most
-    ``MAX_ARMS`` batches: a UNION ALL of ``next_chunk_query``, each arm keyed by its
-    batch id as when it ran alone.
+    """Each batch's next chunk (no ids: nothing waits): on PostgreSQL one statement
+    (``next_chunks_query``), on SQLite one per batch.
 
     Jobs with no chunk number (put back by hand) come last, BATCH_MAX at a time: the
     batches with no numbered chunk left ask for them one by one.
     """
     found: dict[str, list] = {b: [] for b in batch_ids}
     last = {b: after.get(b, (-1, -1)) for b in batch_ids}  # chunk number, loose index
-    for group in _groups(batch_ids):
-        params = {}
-        for i, batch_id in enumerate(group):
-            params[f"b{i}"], params[f"a{i}"] = batch_id, last[batch_id][0]
-        for row in session.execute(_probe_statement(len(group)), params):
-            found[row.batch_id].append(row)
+    if _is_postgres(session):
+        params = {"probe_batches": batch_ids, "probe_after": [last[b][0] for b in batch_ids]}
+        rows = list(session.execute(next_chunks_query(), params))
+    else:
+        rows = [r for b in batch_ids for r in session.execute(next_chunk_query(b, last[b][0]))]
+    for row in rows:
+        found[row.batch_id].append(row)
     for batch_id in [b for b, rows in found.items() if not rows]:
         found[batch_id] = list(
             session.execute(
@@ -347,18 +438,8 @@ def _next_chunks(
     return chunks
 
 
-@functools.lru_cache(maxsize=MAX_ARMS)
-def _probe_statement(arms: int) -> CompoundSelect:
-    """``next_chunk_query`` of batch ``b<i>`` after chunk ``a<i>``, for ``arms`` batches
-    in one UNION ALL. Built (and compiled) once per process, not per refill: a 24-arm
-    statement cost more Python to build than PostgreSQL took to run it."""
-    arm = [next_chunk_query(bindparam(f"b{i}"), bindparam(f"a{i}")) for i in range(arms)]
-    return union_all(*arm)
-
-
-def _groups(items: list) -> list[list]:
-    # SQLite allows 500 arms in a compound SELECT (SQLITE_MAX_COMPOUND_SELECT).
-    return [items[i : i + MAX_ARMS] for i in range(0, len(items), MAX_ARMS)]
+def _is_postgres(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
 
 
 def _mark(session: Session, chunks: list[Chunk]) -> list[list[str]]:
@@ -369,22 +450,22 @@ def _mark(session: Session, chunks: list[Chunk]) -> list[list[str]]:
     UPDATE locks rows in its scan's order, whatever order its list is in): a cancel
     locks its batch row, then its queued jobs, and a worker's batch completion locks
     its batch rows in id order; the same order here cannot deadlock with either. Then
-    the jobs, in one statement (``mark_query``). A range of chunk numbers can take in
-    lines committed after the probe (a retry's, between two probed chunks): those are
-    put back at once, since no message carries them.
+    the jobs (``mark_query``). A range of chunk numbers can take in lines committed
+    after the probe (a retry's, between two probed chunks): those are put back at
+    once, since no message carries them.
     """
     if not chunks:
         return []
     now = utcnow()
     batch_ids = sorted({chunk.batch_id for chunk in chunks})
-    session.execute(
-        select(Batch.id).where(Batch.id.in_(batch_ids)).order_by(Batch.id).with_for_update()
-    )
-    session.execute(update(Batch).where(Batch.id.in_(batch_ids)).values(dispatched_at=now))
-    won: set[str] = set()
-    for group in _groups(chunks):
-        kinds, params = _mark_arms(group)
-        won.update(session.scalars(_mark_statement(kinds), {"mark_now": now, **params}))
+    postgres = _is_postgres(session)
+    for statement in _batch_statements(postgres):
+        session.execute(statement, {"mark_batch_ids": batch_ids, "mark_now": now})
+    ranges, loose = _mark_arms(chunks)
+    if postgres:
+        won = set(session.scalars(mark_query(), _mark_params(ranges, loose, now)))
+    else:
+        won = _mark_each(session, ranges, loose, now)
     strays = won.difference(j for chunk in chunks for j in chunk.ids)
     if strays:
         session.execute(
@@ -396,69 +477,111 @@ def _mark(session: Session, chunks: list[Chunk]) -> list[list[str]]:
     return [kept for chunk in chunks if (kept := [j for j in chunk.ids if j in won])]
 
 
-def mark_query(chunks: Sequence[Chunk], now: datetime) -> Update:
-    """Mark these chunks' jobs dispatched where they still wait (of racing refills, one
-    wins each job); RETURNING the ids won.
+@functools.cache
+def _batch_statements(postgres: bool) -> tuple[Select, Update]:
+    """Lock the batches ``mark_batch_ids`` in id order, then set their last dispatch.
+    On PostgreSQL ``id = ANY(:array)``: one text for any number of batches (an IN list
+    has a placeholder per batch)."""
+    if postgres:
+        chosen = Batch.id == any_(
+            bindparam("mark_batch_ids", type_=postgresql.ARRAY(Batch.__table__.c.id.type))
+        )
+    else:
+        chosen = Batch.id.in_(bindparam("mark_batch_ids", expanding=True))
+    return (
+        select(Batch.id).where(chosen).order_by(Batch.id).with_for_update(),
+        update(Batch)
+        .where(chosen)
+        .values(dispatched_at=bindparam("mark_now", type_=Batch.dispatched_at.type))
+        .execution_options(synchronize_session=False),
+    )
 
-    ``id IN (a UNION ALL of one range of the waiting index per batch)``: each arm has
-    its batch and chunks as the index condition, and the ids are then looked up in the
-    primary key. Not the ids as a list: without statistics a long list looks
-    unselective, and PostgreSQL read all of ``ix_jobs_batch_status`` for ``status``
-    instead; nor an OR of the ranges, which it planned as a filter over the whole
-    waiting index (250 ms for 24 chunks). The outer condition is what a racing refill's
-    commit is checked against.
-    """
-    kinds, params = _mark_arms(chunks)
-    return _mark_update(kinds, {"mark_now": now, **params})
+
+class _Range(NamedTuple):
+    """A batch's chunks ``lo`` to ``hi``, marked together."""
+
+    batch_id: str
+    lo: int
+    hi: int
 
 
-def _mark_arms(chunks: Sequence[Chunk]) -> tuple[tuple[bool, ...], dict[str, object]]:
-    """``mark_query``'s arms, one or two per batch: their kinds (True: the batch's
-    chunks ``lo<i>`` to ``hi<i>``; False: jobs ``ids<i>``, with no chunk number) and
-    their parameters."""
-    by_batch: dict[str, list[Chunk]] = {}
+def _mark_arms(chunks: Sequence[Chunk]) -> tuple[list[_Range], list[str]]:
+    """What to mark: a range of chunk numbers per batch (its chunks in a refill are
+    usually consecutive; lines between them that no probe saw go back, ``_mark``), and
+    the jobs with no chunk number, by id."""
+    numbers: dict[str, list[int]] = {}
+    loose: list[str] = []
     for chunk in chunks:
-        by_batch.setdefault(chunk.batch_id, []).append(chunk)
-    kinds: list[bool] = []
-    params: dict[str, object] = {}
-    for batch_id, taken in by_batch.items():
-        numbers = [c.number for c in taken if c.number is not None]
-        loose = [j for c in taken if c.number is None for j in c.ids]
-        if numbers:
-            # Usually consecutive; lines between them that no probe saw go back (_mark).
-            i = len(kinds)
-            kinds.append(True)
-            params.update({f"b{i}": batch_id, f"lo{i}": min(numbers), f"hi{i}": max(numbers)})
-        if loose:
-            i = len(kinds)
-            kinds.append(False)
-            params.update({f"b{i}": batch_id, f"ids{i}": loose})
-    return tuple(kinds), params
-
-
-@functools.lru_cache(maxsize=4 * MAX_ARMS)
-def _mark_statement(kinds: tuple[bool, ...]) -> Update:
-    """``mark_query`` for arms of these kinds, its parameters given when it runs: built
-    (and compiled) once per process, as ``_probe_statement``."""
-    return _mark_update(kinds)
-
-
-def _mark_update(kinds: tuple[bool, ...], values: dict[str, object] | None = None) -> Update:
-    def bind(key: str, **kw) -> BindParameter:
-        return bindparam(key, values[key], **kw) if values is not None else bindparam(key, **kw)
-
-    arms = []
-    for i, ranged in enumerate(kinds):
-        batch = bind(f"b{i}")
-        if ranged:
-            chosen = Job.chunk.between(bind(f"lo{i}"), bind(f"hi{i}"))
+        if chunk.number is None:
+            loose.extend(chunk.ids)
         else:
-            chosen = Job.id.in_(bind(f"ids{i}", expanding=True))
-        arms.append(select(Job.id).where(*_waiting(batch), chosen))
+            numbers.setdefault(chunk.batch_id, []).append(chunk.number)
+    return [_Range(b, min(n), max(n)) for b, n in numbers.items()], loose
+
+
+def _mark_params(ranges: list[_Range], loose: list[str], now: datetime) -> dict[str, object]:
+    return {
+        "mark_batches": [r.batch_id for r in ranges],
+        "mark_lo": [r.lo for r in ranges],
+        "mark_hi": [r.hi for r in ranges],
+        "mark_loose": loose,
+        "mark_now": now,
+    }
+
+
+@functools.cache
+def mark_query() -> Update:
+    """PostgreSQL: mark jobs dispatched where they still wait (of racing refills, one
+    wins each job); RETURNING the ids won. The chunk ranges come as arrays
+    (``mark_batches``, ``mark_lo``, ``mark_hi``: one range a batch), the jobs with no
+    chunk number as ``mark_loose``: one text for any number of batches.
+
+    ``id IN (a range of the waiting index per batch, LATERAL over the arrays, UNION ALL
+    the loose ids)``: each range has its batch and chunks as the index condition, and
+    the ids are then looked up in the primary key. The lateral's ``ORDER BY`` keeps it a
+    subquery run per range: pulled up, PostgreSQL without statistics hashed the ranges
+    against a read of the whole waiting index. Not the ids as a list: without statistics
+    a long list looks unselective, and PostgreSQL read all of ``ix_jobs_batch_status``
+    for ``status`` instead; nor an OR of the ranges, which it planned as a filter over
+    the whole waiting index (250 ms for 24 chunks). The outer condition is what a racing
+    refill's commit is checked against.
+    """
+    ranges = _unnest(
+        "r",
+        ("id", "mark_batches", _JOBS.c.batch_id.type),
+        ("lo", "mark_lo", Integer()),
+        ("hi", "mark_hi", Integer()),
+    )
+    marked = _JOBS.alias("marked")
+    in_range = (
+        select(marked.c.id)
+        .where(marked.c.batch_id == ranges.c.id, text(BULK_WAITING))
+        .where(marked.c.chunk.between(ranges.c.lo, ranges.c.hi))
+        .order_by(marked.c.chunk)
+        .lateral("in_range")
+    )
+    loose = select(func.unnest(bindparam("mark_loose", type_=postgresql.ARRAY(_JOBS.c.id.type))))
+    chosen = union_all(select(in_range.c.id).select_from(ranges).join(in_range, true()), loose)
+    return _mark_update(Job.id.in_(chosen))
+
+
+def _mark_each(session: Session, ranges: list[_Range], loose: list[str], now: datetime) -> set[str]:
+    """SQLite: one UPDATE per range (and one for the loose jobs); no planner to outwit,
+    no round trips to save."""
+    won: set[str] = set()
+    for r in ranges:
+        chosen = and_(*_waiting(r.batch_id), Job.chunk.between(r.lo, r.hi))
+        won.update(session.scalars(_mark_update(chosen), {"mark_now": now}))
+    if loose:
+        won.update(session.scalars(_mark_update(Job.id.in_(loose)), {"mark_now": now}))
+    return won
+
+
+def _mark_update(chosen: ColumnElement[bool]) -> Update:
     return (
         update(Job)
-        .where(Job.id.in_(union_all(*arms)), text("status = 'queued' AND dispatched_at IS NULL"))
-        .values(dispatched_at=bind("mark_now", type_=Job.dispatched_at.type))
+        .where(chosen, text("status = 'queued' AND dispatched_at IS NULL"))
+        .values(dispatched_at=bindparam("mark_now", type_=Job.dispatched_at.type))
         .returning(Job.id)
         .execution_options(synchronize_session=False)
     )

@@ -10,26 +10,29 @@ on a busy machine. PostgreSQL only: SQLite has no planner statistics to lack.
 from __future__ import annotations
 
 import json
+import re
 from datetime import timedelta
 
 import pytest
+from psycopg import sql as pgsql
 from sqlalchemy import text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.sql import Executable
 
 from shared.db import make_engine
-from shared.dispatch import Chunk, mark_query, next_chunk_query, open_batches_query
-from shared.models import Job, utcnow
+from shared.dispatch import mark_query, next_chunk_query, next_chunks_query, open_batches_query
+from shared.models import BULK_WAITING, Job, utcnow
 from tests import support
 from worker.reconciler import lost_query, stale_queued_queries
 
 USERS, JOBS_PER_BATCH = 40, 1500
-# User n's batch id (a uuid, as the column is): batch_id(n) in Python, BATCH_ID in SQL.
-BATCH_ID = "CAST('00000000-0000-4000-8000-' || lpad(u.id::text, 12, '0') AS uuid)"
+# User n's batch, uuid-shaped: the rows fit the id columns as varchar or as uuid (a
+# uuid goes into a varchar column as text; a quoted literal compares with either).
+BATCH_ID_SQL = "CAST('00000000-0000-4000-8000-' || lpad(u.id::text, 12, '0') AS uuid)"
 
 
-def batch_id(user: int) -> str:
-    return f"00000000-0000-4000-8000-{user:012d}"
+def batch_id(user_id: int) -> str:
+    return f"00000000-0000-4000-8000-{user_id:012d}"
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +54,7 @@ def engine():
         conn.execute(
             text(
                 "INSERT INTO batches (id, user_id, total, model, top_k, retries, created_at) "
-                f"SELECT {BATCH_ID}, u.id, :per, 'mobilenet', 5, 0, now() FROM users u"
+                f"SELECT {BATCH_ID_SQL}, u.id, :per, 'mobilenet', 5, 0, now() FROM users u"
             ),
             {"per": JOBS_PER_BATCH},
         )
@@ -60,7 +63,7 @@ def engine():
             text(
                 "INSERT INTO jobs (id, user_id, batch_id, batch_index, status, model, top_k,"
                 " input_url, attempts, retries, chunk, dispatched_at, created_at) "
-                f"SELECT gen_random_uuid(), u.id, {BATCH_ID}, i, 'queued', 'mobilenet',"
+                f"SELECT gen_random_uuid(), u.id, {BATCH_ID_SQL}, i, 'queued', 'mobilenet',"
                 " 5, 'http://x/' || i, 0, 0, i / 32,"
                 " CASE WHEN i < 32 THEN now() END, now() "
                 "FROM users u, generate_series(0, :per - 1) i"
@@ -77,6 +80,36 @@ def plan(engine, query: Executable) -> dict:
     sql = query.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True})
     with engine.connect() as conn:
         (rows,) = conn.execute(text(f"EXPLAIN (FORMAT JSON) {sql}")).one()
+    return (rows if isinstance(rows, list) else json.loads(rows))[0]["Plan"]
+
+
+def run_plan(engine, query: Executable, params: dict, generic: bool) -> dict:
+    """The plan of ``query`` as the refill runs it (bound parameters), measured (EXPLAIN
+    ANALYZE, rolled back): PostgreSQL's custom plan for these values, or its generic
+    plan, the one it may keep for a statement prepared (psycopg prepares a statement
+    run five times on a connection; its text no longer changes with the batches)."""
+    compiled = query.compile(dialect=engine.dialect)
+    names: list[str] = []
+
+    def dollar(match: re.Match) -> str:
+        if match.group(1) not in names:
+            names.append(match.group(1))
+        return f"${names.index(match.group(1)) + 1}"
+
+    sql = re.sub(r"%\((\w+)\)s", dollar, compiled.string)
+    values = compiled.construct_params(params)
+    mode = "force_generic_plan" if generic else "force_custom_plan"
+    with engine.connect() as conn:
+        cursor = conn.connection.dbapi_connection.cursor()
+        cursor.execute(f"SET LOCAL plan_cache_mode = {mode}")  # until the rollback
+        cursor.execute(f"PREPARE measured AS {sql}")
+        try:
+            args = pgsql.SQL(", ").join(pgsql.Literal(values[n]) for n in names)
+            explain = pgsql.SQL("EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE measured({})")
+            (rows,) = cursor.execute(explain.format(args)).fetchone()
+        finally:
+            conn.rollback()
+            cursor.execute("DEALLOCATE measured")  # not transactional
     return (rows if isinstance(rows, list) else json.loads(rows))[0]["Plan"]
 
 
@@ -125,16 +158,61 @@ def test_a_batch_next_chunk_is_two_steps_into_the_waiting_index(engine, after):
     assert not [n for n in nodes(root) if n["Node Type"] == "Aggregate"], root
 
 
-def test_marking_a_refill_chunks_reads_a_range_per_batch_then_the_primary_key(engine):
-    chunks = [Chunk(batch_id(u), n, []) for u in range(1, 25) for n in (0, 1)]
-    root = plan(engine, mark_query(chunks, utcnow()))
+BATCHES = [batch_id(u) for u in range(1, 25)]
+
+
+@pytest.mark.parametrize("generic", [False, True], ids=["custom", "generic"])
+@pytest.mark.parametrize("batches", [1, 24])
+def test_a_refill_probes_each_batch_two_steps_into_the_waiting_index(engine, batches, generic):
+    # Batch ids as an array: one statement text for any number of batches.
+    ids = BATCHES[:batches]
+    params = {"probe_batches": ids, "probe_after": [-1] * batches}
+    root = run_plan(engine, next_chunks_query(), params, generic)
+    assert root["Actual Rows"] == 32 * batches, root  # each batch's next chunk
     scans = job_scans(root)
-    waiting = [n for n in scans if n.get("Index Name") == "ix_jobs_bulk_waiting"]
-    assert len(waiting) == 24, root  # one range per batch
-    for scan in waiting:
-        assert "batch_id" in scan["Index Cond"] and "chunk" in scan["Index Cond"], scan
-    (rest,) = [n for n in scans if n not in waiting]
+    assert len(scans) == 2, root  # the lowest chunk number, then that chunk's jobs ...
+    for scan in scans:
+        assert scan["Index Name"] == "ix_jobs_bulk_waiting", scan
+        assert "batch_id" in scan.get("Index Cond", ""), scan
+        assert scan["Actual Loops"] == batches, scan  # ... once per batch, parameterized
+    assert not joins_other_than_nested_loops(root), root
+
+
+@pytest.mark.parametrize("generic", [False, True], ids=["custom", "generic"])
+@pytest.mark.parametrize("batches", [1, 24])
+def test_marking_a_refill_chunks_reads_a_range_per_batch_then_the_primary_key(
+    engine, batches, generic
+):
+    ids = BATCHES[:batches]
+    with engine.connect() as conn:  # and three jobs by id, as jobs with no chunk number go
+        loose = conn.scalars(
+            # A literal: a bound string would be cast to VARCHAR, not to the column's type.
+            text(
+                f"SELECT id FROM jobs WHERE batch_id = '{batch_id(30)}' AND {BULK_WAITING} LIMIT 3"
+            )
+        ).all()
+    params = {
+        "mark_batches": ids,
+        "mark_lo": [1] * batches,
+        "mark_hi": [2] * batches,
+        "mark_loose": loose,
+        "mark_now": utcnow(),
+    }
+    root = run_plan(engine, mark_query(), params, generic)
+    assert root["Actual Rows"] == 64 * batches + 3, root  # every job marked, once
+    scans = job_scans(root)
+    (waiting,) = [n for n in scans if n.get("Index Name") == "ix_jobs_bulk_waiting"]
+    assert "batch_id" in waiting["Index Cond"] and "chunk" in waiting["Index Cond"], waiting
+    assert waiting["Actual Loops"] == batches, root  # one range per batch
+    assert waiting["Actual Rows"] * waiting["Actual Loops"] == 64 * batches, root
+    (rest,) = [n for n in scans if n is not waiting]
     assert rest.get("Index Name") == "pk_jobs" and "id" in rest["Index Cond"], root
+    assert not joins_other_than_nested_loops(root), root
+
+
+def joins_other_than_nested_loops(root: dict) -> list[dict]:
+    """Hash or merge joins: without statistics, those read a whole index to join."""
+    return [n for n in nodes(root) if n["Node Type"] in ("Hash Join", "Merge Join", "Hash")]
 
 
 def test_the_stale_queued_check_reads_small_indexes(engine):

@@ -16,7 +16,8 @@ from datetime import timedelta
 import pytest
 import redis
 from kombu.exceptions import OperationalError
-from sqlalchemy import select, update
+from sqlalchemy import event, select, update
+from sqlalchemy.engine.interfaces import CacheStats
 
 from shared import dispatch
 from shared.db import make_engine, make_session_factory
@@ -405,3 +406,58 @@ def test_lines_between_two_probed_chunks_that_no_message_carries_go_back(sender)
         rows = session.execute(select(Job.id, Job.dispatched_at).where(Job.id.in_(ids)))
         marked = {job_id: at for job_id, at in rows}
     assert [marked[j] is not None for j in ids] == [True, True, False, False, True, True]
+
+
+def test_a_refill_runs_the_same_sql_whatever_the_number_of_batches(sender, database):
+    """PostgreSQL plans, and SQLAlchemy compiles, a statement text the first time it
+    comes: a probe or a mark whose text grew with the batches cost 15-37 ms per new
+    number of batches (bench.backlog). A refill of one batch and one of five run the
+    same texts."""
+    if not database.startswith("postgresql"):
+        pytest.skip("PostgreSQL's statements; SQLite's mark is one statement per batch")
+    config = sender.config.replace(bulk_window_batches=100)  # room for every batch
+    engine = sender.sessions.kw["bind"]
+
+    def refill_of(batches: int) -> tuple[int, set[str]]:
+        for _ in range(batches):
+            sender.batch(sender.user(), [BATCH_MAX, BATCH_MAX])
+        seen: list[str] = []
+
+        def record(conn, cursor, statement, parameters, context, executemany) -> None:
+            seen.append(statement)
+
+        event.listen(engine, "before_cursor_execute", record)
+        try:
+            sent = dispatch.refill(sender.sessions, sender.redis, sender.celery, config)
+        finally:
+            event.remove(engine, "before_cursor_execute", record)
+        return sent, set(seen)
+
+    one, five = refill_of(1), refill_of(5)
+    assert (one[0], five[0]) == (2 * BATCH_MAX, 10 * BATCH_MAX)  # every batch marked
+    assert five[1] == one[1]
+
+
+def test_a_warmed_up_dispatcher_compiles_nothing_in_its_first_refill(sender):
+    """A process's first refill cost 3-4 times the next ones (bench.backlog): each
+    statement's first compile, Celery's first send. ``warm`` pays those when the
+    dispatcher starts: its first refill runs every statement from the cache."""
+    engine = make_engine(sender.config)  # a fresh engine: nothing compiled yet
+    sessions, celery = make_session_factory(engine), make_celery(sender.config)
+    dispatch.warm(sessions, sender.redis, celery, sender.config)
+    ids = sender.batch(sender.user(), [BATCH_MAX, BATCH_MAX])
+    compiled: list[str] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany) -> None:
+        # Only statements built in SQLAlchemy (SQLite's BEGIN IMMEDIATE is raw SQL).
+        if context.compiled is not None and context.cache_hit is not CacheStats.CACHE_HIT:
+            compiled.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        assert dispatch.refill(sessions, sender.redis, celery, sender.config) == len(ids)
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+        engine.dispose()
+    assert compiled == []
+    assert sender.sent() == [ids[:BATCH_MAX], ids[BATCH_MAX:]]
