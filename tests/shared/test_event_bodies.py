@@ -36,9 +36,11 @@ def _wait_woken(config: Config, job_id: str, bodies: dict | None) -> dict | None
     published = threading.Event()
 
     def publish() -> None:
-        support.wait_for(lambda: job_id in listener._waiters, 10, "the waiter", 0.01)
+        # Registered in Redis: only then does the notification reach this process.
+        waiters = events.registration_keys(config, job_id)[0]
+        support.wait_for(lambda: client.exists(waiters), 10, "the registration", 0.01)
+        published.set()  # before: the wake-up may come before publish_done returns
         events.publish_done(client, config, [job_id, "nobody-waits"], bodies)
-        published.set()
 
     publisher = threading.Thread(target=publish)
     publisher.start()
@@ -58,6 +60,6 @@ def test_a_notification_with_the_body_hands_it_to_the_waiter(config, monkeypatch
 
 def test_a_bare_notification_leaves_the_waiter_to_read_sql(config, monkeypatch):
     monkeypatch.setattr(events, "RECHECK_S", 60.0)
-    assert _wait_woken(config, "job-1", None) is None
+    assert _wait_woken(config, "job-2", None) is None
     # A body for another job is not this one's.
-    assert _wait_woken(config, "job-1", {"nobody-waits": BODY}) is None
+    assert _wait_woken(config, "job-3", {"nobody-waits": BODY}) is None
