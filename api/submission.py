@@ -264,20 +264,35 @@ def _undo(user_id: int, job_id: str) -> bool:
 
 def wait_within_caps(
     user_id: int, job_id: str, timeout_s: float, created_after: float | None = None
-) -> tuple[JobRow, str | None]:
-    """``wait_for`` if the caller's wait caps allow it, else the job as it is now.
+) -> tuple[dict[str, Any], str | None]:
+    """The job as answers show it (``job_to_dict``) once it is final or ``timeout_s``
+    passed, if the caller's wait caps allow the wait; else as it is now.
 
     The second item is None when the wait was honoured, else the cap that refused it
     (api/waits.py), for the ``X-Wait-Skipped`` header. The wait registers for its job's
-    notification in the same Redis round trip as it takes the caller's slot.
+    notification in the same Redis round trip as it takes the caller's slot. Woken by
+    a notification that carries the finished job (shared/events.py), it answers with
+    that and reads no SQL; otherwise as ``wait_for``.
     """
     with (
         services().done.waiter(job_id) as waiter,
         wait_slots().hold(user_id, timeout_s, waiter) as skipped,
     ):
         if skipped:
-            return wait_for(job_id, 0), skipped
-        return wait_for(job_id, timeout_s, created_after, waiter), None
+            return job_to_dict(wait_for(job_id, 0)), skipped
+        latest: list[dict[str, Any]] = []
+
+        def finished() -> bool:
+            sent = waiter.finished_job()
+            if sent is not None and sent.get("status") in TERMINAL_VALUES:
+                latest[:] = [sent]
+                return True
+            job = _existing_job(job_id)
+            latest[:] = [job_to_dict(job)]
+            return job.status in TERMINAL_VALUES
+
+        waiter.wait(timeout_s, finished, created_after)
+        return latest[0], None
 
 
 def wait_for(
@@ -297,9 +312,7 @@ def wait_for(
     latest: list[JobRow] = []
 
     def finished() -> bool:
-        job = read_job(job_id)
-        if job is None:  # deleted (DELETE /v1/jobs/{id}) the moment it finished
-            raise NotFound("No such job.", code="job_not_found")
+        job = _existing_job(job_id)
         latest[:] = [job]
         return job.status in TERMINAL_VALUES
 
@@ -310,6 +323,13 @@ def wait_for(
     else:
         services().done.wait(job_id, timeout_s, finished, created_after)
     return latest[0]
+
+
+def _existing_job(job_id: str) -> JobRow:
+    job = read_job(job_id)
+    if job is None:  # deleted (DELETE /v1/jobs/{id}) the moment it finished
+        raise NotFound("No such job.", code="job_not_found")
+    return job
 
 
 def read_job(job_id: str) -> JobRow | None:

@@ -21,6 +21,11 @@ by the waiting request itself (``created_after``) then needs no first read: if t
 process was subscribed when it registered and the job was not marked done, its finish
 cannot be published unheard. Such a wait reads SQL once, when its job is done.
 
+A notification may carry the finished job's body (``publish_done``'s ``bodies``: the job
+as answers show it, ``shared.jobs.job_to_dict`` of its row as committed). A waiter woken
+by one answers with it and reads no SQL (``Waiter.finished_job``); one woken by a bare
+job id reads SQL, as does every periodic re-check.
+
 A pattern subscription per process (the design before) made every API process hear
 every finished job, bulk ones too: ~0.2 CPU ms per job per process when singles finish
 one at a time (bench/listener.py, docs/benchmarks.md), x ``WEB_CONCURRENCY``.
@@ -28,13 +33,15 @@ one at a time (bench/listener.py, docs/benchmarks.md), x ``WEB_CONCURRENCY``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import redis
 from redis.commands.core import AsyncScript, Script
@@ -53,7 +60,8 @@ FRESH_S = 10.0
 # A registration outlives its wait by this much (the last re-check comes after it).
 REGISTRATION_GRACE_S = 5
 
-# KEYS: per job, its done mark then its waiters' set; ARGV: the job ids, then the mark's TTL.
+# KEYS: per job, its done mark then its waiters' set; ARGV: per job, its message (its id,
+# or its id and body: ``_message``), then the mark's TTL.
 _PUBLISH = """
 local ttl = ARGV[#ARGV]
 local sent = 0
@@ -97,8 +105,18 @@ def _waiters_key(config: Config, job_id: str) -> str:
     return f"{config.queue_prefix}:job-waiters:{job_id}"
 
 
-def publish_done(client: redis.Redis, config: Config, job_ids: Iterable[str]) -> None:
-    """After the SQL commit: mark the jobs done and wake the processes waiting on them."""
+def publish_done(
+    client: redis.Redis,
+    config: Config,
+    job_ids: Iterable[str],
+    bodies: Mapping[str, Mapping[str, Any]] | None = None,
+) -> None:
+    """After the SQL commit: mark the jobs done and wake the processes waiting on them.
+
+    ``bodies``: by job id, the finished job as answers show it (``job_to_dict`` of its
+    row as committed, nothing older), sent with its notification so that its waiters
+    answer without reading SQL. A job without one is read from SQL when woken.
+    """
     ids = list(job_ids)
     if not ids:
         return
@@ -106,7 +124,18 @@ def publish_done(client: redis.Redis, config: Config, job_ids: Iterable[str]) ->
     if _publish_script is None:  # hashed once; sent by EVALSHA (EVAL the first time)
         _publish_script = client.register_script(_PUBLISH)
     keys = [k for j in ids for k in (_done_key(config, j), _waiters_key(config, j))]
-    _publish_script(keys=keys, args=[*ids, DONE_TTL_S], client=client)
+    messages = [_message(j, bodies.get(j)) for j in ids] if bodies else ids
+    _publish_script(keys=keys, args=[*messages, DONE_TTL_S], client=client)
+
+
+# A job id never holds a newline (shared.models.new_id); a body follows the first one.
+_BODY_SEPARATOR = "\n"
+
+
+def _message(job_id: str, body: Mapping[str, Any] | None) -> str:
+    if body is None:
+        return job_id
+    return job_id + _BODY_SEPARATOR + json.dumps(body, separators=(",", ":"))
 
 
 def registration_keys(config: Config, job_id: str) -> list[str]:
@@ -135,7 +164,7 @@ class DoneListener:
         self._client = client
         self._config = config
         self._channel = ""  # this process's, named on first use (after a fork)
-        self._waiters: dict[str, set[threading.Event]] = {}
+        self._waiters: dict[str, set[_Wake]] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._pid = 0
@@ -167,7 +196,7 @@ class DoneListener:
         Register it next (``Waiter.wait`` does, unless a caller's script already ran
         ``REGISTER_LUA`` for it and said so with ``Waiter.registered``), then wait.
         """
-        event = threading.Event()
+        event = _Wake()
         with self._lock:
             self._waiters.setdefault(job_id, set()).add(event)
             self._ensure_listening()
@@ -267,12 +296,22 @@ class DoneListener:
             self.listening.clear()
             return None
 
-    def _wake(self, raw_job_id: bytes | str) -> None:
-        job_id = raw_job_id.decode() if isinstance(raw_job_id, bytes) else raw_job_id
+    def _wake(self, message: bytes | str) -> None:
+        raw = message.encode() if isinstance(message, str) else message
+        raw_id, _, body = raw.partition(_BODY_SEPARATOR.encode())
+        job_id = raw_id.decode()
         with self._lock:
             events = list(self._waiters.get(job_id, ()))
         for event in events:
+            if body:  # parsed by the waiter that uses it, not on this shared thread
+                event.body = body
             event.set()
+
+
+class _Wake(threading.Event):
+    """A waiter's wake-up, with the finished job's body when its notification carried one."""
+
+    body: bytes | None = None
 
 
 class Waiter:
@@ -283,7 +322,7 @@ class Waiter:
         self,
         listener: DoneListener,
         job_id: str,
-        event: threading.Event,
+        event: _Wake,
         subscribed: bool,
         channel: str,
     ) -> None:
@@ -294,6 +333,12 @@ class Waiter:
         self._event = event
         self._registered = False
         self._marked_done: bool | None = None
+
+    def finished_job(self) -> dict[str, Any] | None:
+        """The finished job as answers show it, if a notification that woke this wait
+        carried it (``publish_done``'s ``bodies``), else None: then read SQL."""
+        body = self._event.body
+        return None if body is None else json.loads(body)
 
     def registered(self, marked_done: bool | None) -> None:
         """A caller's script ran ``REGISTER_LUA`` for this wait (``registration_keys``,

@@ -124,9 +124,9 @@ def create_job(body: dict):
         if skipped:
             return body, status, {**skipped_headers(skipped), **_location(body)}
         applied = {"Preference-Applied": f"wait={wait_s}"}
-        if JobStatus(job.status).is_terminal():
-            return jobs.job_to_dict(job), 200, applied
-        return jobs.job_to_dict(job), status, {**applied, **_location(body)}
+        if JobStatus(job["status"]).is_terminal():
+            return job, 200, applied
+        return job, status, {**applied, **_location(body)}
     return body, status, _location(body)
 
 
@@ -147,12 +147,10 @@ def get_job(query, job_id: str):
     """
     job = reads.job(g.user, job_id)
     wait_s = min(query["wait"], services().config.max_wait_s)
-    headers = {}
-    if wait_s and not JobStatus(job.status).is_terminal():
-        job, skipped = wait_within_caps(g.user.id, job_id, wait_s)
-        if skipped:
-            headers.update(skipped_headers(skipped))
-    return jobs.job_to_dict(job), 200, headers
+    if not wait_s or JobStatus(job.status).is_terminal():
+        return jobs.job_to_dict(job), 200, {}
+    body, skipped = wait_within_caps(g.user.id, job_id, wait_s)
+    return body, 200, skipped_headers(skipped) if skipped else {}
 
 
 @blp.route("", methods=["GET"])
