@@ -125,8 +125,8 @@ def _one_batch(pipeline, sessions, client, config, ids, publish_done) -> dict:
         with sessions() as s:
             return pipeline.write(s, outcomes)
 
-    _, t_write = _timed(write)
-    _, t_announce = _timed(lambda: publish_done(client, config, ids))
+    written, t_write = _timed(write)
+    _, t_announce = _timed(lambda: publish_done(client, config, ids, written.bodies))
     return {"claim": t_claim, "write": t_write, "announce": t_announce}
 
 

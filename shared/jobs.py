@@ -318,7 +318,8 @@ def claim_plain(
 
 
 @functools.cache
-def _succeeded_one_statement(dialect: str, commit_async: bool = False) -> Update:
+def _succeeded_one_statement(dialect: str, commit_async: bool, rows: bool) -> Update:
+    returning = JOBS.c if rows else (JOBS.c.id,)
     return (
         update(JOBS)
         .where(
@@ -332,7 +333,7 @@ def _succeeded_one_statement(dialect: str, commit_async: bool = False) -> Update
             completed_at=bindparam("done_now"),
             claimed_by=None,
         )
-        .returning(JOBS.c.id)
+        .returning(*returning)
     )
 
 
@@ -350,15 +351,29 @@ def mark_all_succeeded(
     cleared: only the reconciler reads it, and only for processing jobs, so a finished
     row need not carry the worker's name (about 30 bytes a job, issue #26).
     """
+    return {row.id for row in _mark_succeeded(session, results, commit_async, rows=False)}
+
+
+def mark_all_succeeded_rows(
+    session: Session, results: dict[str, dict[str, Any]], commit_async: bool = False
+) -> dict[str, JobRow]:
+    """``mark_all_succeeded``, returning each won job's whole row as the UPDATE wrote it
+    (by id): what ``job_to_dict`` needs to answer a waiting request without a read."""
+    return {row.id: row for row in _mark_succeeded(session, results, commit_async, rows=True)}
+
+
+def _mark_succeeded(
+    session: Session, results: dict[str, dict[str, Any]], commit_async: bool, rows: bool
+) -> list[JobRow]:
     if not results:
-        return set()
+        return []
     connection = session.connection()
     dialect = connection.dialect.name
     if len(results) == 1:  # a lone job: a statement built once, no CASE
         [(job_id, value)] = results.items()
         params = {"done_id": job_id, "done_result": value, "done_now": utcnow()}
-        stmt = _succeeded_one_statement(dialect, commit_async)
-        return set(connection.execute(stmt, params).scalars())
+        stmt = _succeeded_one_statement(dialect, commit_async, rows)
+        return list(connection.execute(stmt, params).all())
     # Each id bound as the column's type: a plain str would be varchar, which PostgreSQL
     # will not compare with a uuid column.
     result = case(
@@ -368,16 +383,22 @@ def mark_all_succeeded(
         },
         value=JOBS.c.id,
     )
-    return _transition(
-        session,
-        results,
-        ACTIVE,
-        *_async_where(dialect, commit_async),
-        status=JobStatus.SUCCEEDED.value,
-        result=result,
-        completed_at=utcnow(),
-        claimed_by=None,
+    stmt = (
+        update(JOBS)
+        .where(
+            JOBS.c.id.in_(list(results)),
+            JOBS.c.status.in_(ACTIVE_VALUES),
+            *_async_where(dialect, commit_async),
+        )
+        .values(
+            status=JobStatus.SUCCEEDED.value,
+            result=result,
+            completed_at=utcnow(),
+            claimed_by=None,
+        )
+        .returning(*(JOBS.c if rows else (JOBS.c.id,)))
     )
+    return list(session.execute(stmt).all())
 
 
 def release_lost(session: Session, job_ids: Iterable[str], *still: ColumnElement[bool]) -> set[str]:

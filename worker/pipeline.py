@@ -412,8 +412,17 @@ def predict(rt: Runtime, outcomes: list[JobOutcome], stats: MetricsBuffer) -> No
                 o.array = None
 
 
-def write(session: Session, outcomes: list[JobOutcome]) -> list[str]:
-    """All outcomes in one transaction; returns the webhook events it recorded.
+@dataclass
+class Written:
+    """What a batch's write committed: the webhook events it recorded (ids), and the
+    finished single jobs as answers show them (by id), for their waiters."""
+
+    events: list[str]
+    bodies: dict[str, dict[str, Any]]
+
+
+def write(session: Session, outcomes: list[JobOutcome]) -> Written:
+    """All outcomes in one transaction.
 
     A batch of successes only, none with a webhook or a bulk batch (the common small
     batch), is one UPDATE: on PostgreSQL in autocommit, one round trip. If none of its
@@ -426,11 +435,7 @@ def write(session: Session, outcomes: list[JobOutcome]) -> list[str]:
     if alone:
         one_statement(session)
     events = []
-    succeeded = jobs.mark_all_succeeded(
-        session,
-        {o.job.id: {"predictions": o.predictions} for o in outcomes if o.error is None},
-        commit_async=alone and all(o.job.input_url for o in outcomes),
-    )
+    succeeded, bodies = _mark_succeeded(session, outcomes, alone)
     for o in outcomes:
         if o.error is None:
             won = o.job.id in succeeded
@@ -442,7 +447,23 @@ def write(session: Session, outcomes: list[JobOutcome]) -> list[str]:
             _log_outcome(o)
     events += batches.complete_finished(session, batch_ids)
     session.commit()
-    return [e for e in events if e]
+    return Written([e for e in events if e], bodies)
+
+
+def _mark_succeeded(
+    session: Session, outcomes: list[JobOutcome], alone: bool
+) -> tuple[set[str], dict[str, dict[str, Any]]]:
+    """The successes' write: the ids that won, and the single jobs' answers. A batch with
+    a single job in it has its rows returned whole, so that a request waiting on one
+    answers from its notification without reading SQL (about 0.9 CPU ms there, against
+    about 0.1 here); bulk lines are not waited on that way, and return only their ids."""
+    results = {o.job.id: {"predictions": o.predictions} for o in outcomes if o.error is None}
+    commit_async = alone and all(o.job.input_url for o in outcomes)
+    if all(o.job.batch_id for o in outcomes if o.error is None):
+        return jobs.mark_all_succeeded(session, results, commit_async), {}
+    rows = jobs.mark_all_succeeded_rows(session, results, commit_async)
+    bodies = {i: jobs.job_to_dict(row) for i, row in rows.items() if row.batch_id is None}
+    return set(rows), bodies
 
 
 def _log_outcome(o: JobOutcome) -> None:
@@ -457,13 +478,13 @@ def _log_outcome(o: JobOutcome) -> None:
 
 
 def announce(
-    rt: Runtime, outcomes: list[JobOutcome], events: list[str], stats: MetricsBuffer
+    rt: Runtime, outcomes: list[JobOutcome], written: Written, stats: MetricsBuffer
 ) -> None:
     cpu = time.thread_time()
     ids = [o.job.id for o in outcomes]
-    webhook_events.dispatch(rt.celery, rt.config, events)
+    webhook_events.dispatch(rt.celery, rt.config, written.events)
     try:
-        publish_done(rt.redis, rt.config, ids)
+        publish_done(rt.redis, rt.config, ids, written.bodies)
         rt.uploads.delete(*[o.job.id for o in outcomes if o.job.input_url is None])
         # The flush's own round trip is the only announce work this leaves out.
         stats.inc(BOOKKEEPING, time.thread_time() - cpu, step="announce")

@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import event, select, update
 
 from harness.accounts import charged_job
+from shared import jobs
 from shared.errors import ServiceError
 from shared.metrics import MetricsBuffer
 from shared.models import Job, LedgerEntry, User, WebhookEvent
@@ -242,7 +243,7 @@ def test_a_lone_job_is_claimed_and_written_in_one_statement_each(runtime, accoun
     assert claim_sql.seen == one
     outcome = pipeline.JobOutcome(job, predictions=[{"label": "x", "score": 1.0}])
     with _Statements(engine) as write_sql, runtime.sessions() as s:
-        assert pipeline.write(s, [outcome]) == []
+        assert pipeline.write(s, [outcome]).events == []
     assert write_sql.seen == one
     # Both commit without waiting for the WAL flush, on PostgreSQL only: each is
     # recoverable if a crash loses it (docs/reliability.md).
@@ -255,6 +256,28 @@ def test_a_lone_job_is_claimed_and_written_in_one_statement_each(runtime, accoun
     )
     with runtime.sessions() as s:  # a redelivery after the write changes nothing
         assert pipeline.claim(s, [job_id], "w") == ([], [])
+
+
+def test_the_write_hands_each_single_job_as_answers_show_it(runtime, account, photo_server):
+    # Issue #22: a request waiting on a single job answers from the notification's body,
+    # so the body must be the job exactly as a read of the committed row would show it,
+    # for a lone job (one statement) and a batch (CASE), and nothing for a failure.
+    ids = [_submit(runtime, account, photo_server.url("dog.jpg")) for _ in range(3)]
+    with runtime.sessions() as s:
+        rows, _ = pipeline.claim(s, ids, "w")
+    by_id = {r.id: r for r in rows}
+    ok = [{"label": "x", "score": 0.5}]
+    lone = [pipeline.JobOutcome(by_id[ids[0]], predictions=ok)]
+    pair = [
+        pipeline.JobOutcome(by_id[ids[1]], predictions=ok),
+        pipeline.JobOutcome(by_id[ids[2]], error=ServiceError("no", code="fetch_failed")),
+    ]
+    with runtime.sessions() as s:
+        written = [pipeline.write(s, lone), pipeline.write(s, pair)]
+    assert [sorted(w.bodies) for w in written] == [[ids[0]], [ids[1]]]
+    for job_id, w in ((ids[0], written[0]), (ids[1], written[1])):
+        assert w.bodies[job_id] == jobs.job_to_dict(_job(runtime, job_id))
+        assert w.bodies[job_id]["status"] == "succeeded"
 
 
 def test_results_with_anything_else_to_undo_commit_synchronously(runtime, account, photo_server):
