@@ -39,7 +39,7 @@ from bench.common import fmt, machine, median, photo_names, wait_done
 from bench.null_model import NullStack
 from harness import databases, stack_config
 from harness.accounts import add_account
-from shared import dispatch, ledger, results
+from shared import dispatch, ledger, migrate, results
 from shared.config import Config
 from shared.db import bulk_insert, dump_json, make_engine, make_session_factory
 from shared.dispatch import FIRST_CHUNK
@@ -138,6 +138,28 @@ def now_queries(batch_id: str) -> dict[str, list[Select]]:
     }
 
 
+def batch_id(user_id: int) -> str:
+    """User ``user_id``'s batch in ``build``: a uuid, so it fits the id columns as
+    PostgreSQL ``uuid`` or as text."""
+    return f"00000000-0000-4000-8000-{user_id:012d}"
+
+
+def _batch_id(kind: str) -> str:
+    """``batch_id(u.id)`` in SQL, as the column's type ``kind``."""
+    return f"CAST('00000000-0000-4000-8000-' || lpad(u.id::text, 12, '0') AS {kind})"
+
+
+def _id_type(engine) -> str:
+    """``jobs.id``'s SQL type: ``uuid`` from migration 0011, ``varchar`` before it."""
+    with engine.connect() as conn:
+        return conn.scalar(
+            text(
+                "SELECT CASE WHEN data_type = 'uuid' THEN 'uuid' ELSE 'varchar' END FROM"
+                " information_schema.columns WHERE table_name = 'jobs' AND column_name = 'id'"
+            )
+        )
+
+
 def build(
     engine,
     users: int,
@@ -147,8 +169,10 @@ def build(
 ) -> float:
     """USERS users with a batch of PER_BATCH jobs each, all waiting, charged (a ledger
     row each), in one transaction; their URLs go round the real photos at ``base_url``
-    (each unique); job ids as ``IDS[ids]`` makes them."""
+    (each unique); job ids as ``IDS[ids]`` makes them. Ids are cast to the column's
+    type (PostgreSQL ``uuid`` from migration 0011, text before it)."""
     names = photo_names()
+    kind = _id_type(engine)
     start = time.perf_counter()
     with engine.begin() as conn:
         for table in ("jobs", "batches", "users", "token_ledger"):
@@ -163,7 +187,7 @@ def build(
         conn.execute(
             text(
                 "INSERT INTO batches (id, user_id, total, model, top_k, retries, created_at) "
-                "SELECT 'b' || lpad(u.id::text, 35, '0'), u.id, :per, 'mobilenet', 5, 0,"
+                f"SELECT {_batch_id(kind)}, u.id, :per, 'mobilenet', 5, 0,"
                 " now() - (1000 - u.id) * interval '1 second' FROM users u"
                 " WHERE u.username LIKE 'backlog%'"
             ),
@@ -173,7 +197,7 @@ def build(
             text(
                 "INSERT INTO jobs (id, user_id, batch_id, batch_index, status, model, top_k,"
                 " input_url, attempts, retries, chunk, request_id, created_at) "
-                f"SELECT {IDS[ids]}, u.id, 'b' || lpad(u.id::text, 35, '0'), i,"
+                f"SELECT CAST({IDS[ids]} AS {kind}), u.id, {_batch_id(kind)}, i,"
                 " 'queued', 'mobilenet', 5,"
                 " :base || '/' || (CAST(:names AS text[]))[1 + i % :k] || '?n=backlog-'"
                 " || u.id || '-' || i, 0, 0,"
@@ -190,7 +214,7 @@ def build(
                 # One charge row per batch (shared.ledger.charge_batch).
                 "INSERT INTO token_ledger (user_id, delta, reason, batch_id, retry, created_at)"
                 " SELECT user_id, -total, 'charge', id, 0, now() FROM batches"
-                " WHERE id LIKE 'b%'"
+                " WHERE id::text LIKE '00000000-%'"
             )
         )
     return time.perf_counter() - start
@@ -295,30 +319,25 @@ def _triggers(engine, on: bool) -> None:
 
 # Index layouts compared on a small database each (bench.backlog's storage section).
 LAYOUT_BATCHES, BULK_LINES = 5, 10_000
-BEFORE_INDEXES = (
-    "DROP INDEX ix_jobs_single_completed; DROP INDEX uq_jobs_batch_custom_id; "
-    "CREATE INDEX ix_jobs_batch_completed ON jobs (batch_id, completed_at); "
-    "CREATE UNIQUE INDEX uq_jobs_batch_custom_id ON jobs (batch_id, custom_id)"
-)
+#: The schema "before" is built at: text ids (varchar(36)), the last revision before
+#: migration 0011 made them PostgreSQL ``uuid``.
+BEFORE_REVISION = "0010"
 
 
 def layouts() -> dict:
-    """Bytes per finished job, ledger included, and per canceled line, before (random
-    ids, 0008's indexes) and now (UUIDv7, 0009's partial indexes): LAYOUT_BATCHES
-    batches of 10,000 lines accepted one after the other, then taken and finished by
-    two UPDATEs (a worker's claim and its result), then VACUUM as autovacuum would;
-    and the same rows compacted (VACUUM FULL), the floor."""
+    """Bytes per finished job, ledger included, and per canceled line, before (ids as
+    text, migration 0010) and now (ids as ``uuid``, the latest schema): LAYOUT_BATCHES
+    batches of 10,000 lines with UUIDv7 ids, accepted one after the other, then taken
+    and finished by two UPDATEs (a worker's claim and its result), then VACUUM as
+    autovacuum would; and the same rows compacted (VACUUM FULL), the floor."""
     out = {}
-    for name, ids in (("before", "v4"), ("now", "v7")):
+    for name, revision in (("before", BEFORE_REVISION), ("now", "head")):
         url = databases.create_postgres_database()
         try:
-            config = databases.migrated(stack_config.test_config(url, queue_prefix="x"))
+            config = stack_config.test_config(url, queue_prefix="x")
+            migrate.upgrade(config, revision)
             engine = make_engine(config)
-            if name == "before":
-                with engine.begin() as conn:
-                    for statement in BEFORE_INDEXES.split("; "):
-                        conn.execute(text(statement))
-            out[name] = _layout(engine, ids)
+            out[name] = _layout(engine, "v7")
             engine.dispose()
         finally:
             databases.drop_postgres_database(url)
@@ -549,7 +568,7 @@ def run(
         config = databases.migrated(stack_config.test_config(url, queue_prefix=prefix))
         engine = make_engine(config)
         built_s = build(engine, users, per)
-        batch = f"b{users // 2:035d}"  # 36 characters, as a real batch id
+        batch = batch_id(users // 2)
         queries = {}
         for what, now in now_queries(batch).items():
             before = BEFORE.get(what)
@@ -672,7 +691,7 @@ def _layout_report(layouts: dict) -> str:
     kinds = ("accepted", "finished", "compact")
     lines = [
         f"Bytes per job, {LAYOUT_BATCHES} x {BULK_LINES:,} lines (jobs + indexes + TOAST"
-        " + ledger): before = random ids and 0008's indexes, now = UUIDv7 and 0009's",
+        " + ledger): before = ids as text (migration 0010), now = ids as uuid (0011)",
         "| | " + " | ".join(f"{k} before | {k} now" for k in kinds) + " |",
         "|---|" + "---|" * (2 * len(kinds)),
     ]
