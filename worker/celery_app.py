@@ -24,10 +24,13 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
+from typing import Any
 
 from celery import Celery, bootsteps, signals
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps, loads
 
 from shared import logs
 from shared.config import Config
@@ -115,22 +118,67 @@ def create_app(config: Config) -> Celery:
     return app
 
 
-class _BulkAckQoS(kombu_redis.QoS):
-    """kombu's Redis QoS, removing the acks of one event-loop pass in one round trip.
+#: Takes, after the message that BRPOP returned, up to ARGV[4] more from the lists
+#: KEYS[3..] (in that order), and writes each into kombu's unacked hash (KEYS[1]) and
+#: index (KEYS[2]) as kombu's QoS.append does: [payload, exchange, routing_key], scored
+#: ARGV[1]. The BRPOP'd message (tag ARGV[2], entry ARGV[3]) is written first. Atomic:
+#: a message taken here is never out of both the queue and the unacked set. One that
+#: is not kombu's JSON goes back where it was, and the taking stops.
+_TAKE_MORE = """
+redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
+local taken, want = {}, tonumber(ARGV[4])
+for k = 3, #KEYS do
+  while #taken < 2 * want do
+    local item = redis.call('RPOP', KEYS[k])
+    if not item then break end
+    local ok, props = pcall(function() return cjson.decode(item)['properties'] end)
+    local tag = ok and type(props) == 'table' and props['delivery_tag']
+    local info = tag and props['delivery_info']
+    if type(tag) ~= 'string' or type(info) ~= 'table' then
+      redis.call('RPUSH', KEYS[k], item)
+      return taken
+    end
+    redis.call('ZADD', KEYS[2], ARGV[1], tag)
+    redis.call('HSET', KEYS[1], tag, '[' .. item .. ',' .. cjson.encode(info['exchange'] or '')
+      .. ',' .. cjson.encode(info['routing_key'] or '') .. ']')
+    taken[#taken + 1] = KEYS[k]
+    taken[#taken + 1] = item
+  end
+end
+return taken
+"""
 
-    kombu acks a message with a MULTI of ZREM and HDEL on the unacked index and hash,
-    one round trip per message on the consumer's thread (celery runs every ack there);
-    a batch's acks all arrive in one pass of the loop. Here ``ack`` forgets the message
-    at once, as kombu's does, and the loop's tick, before it polls again, removes every
-    tag of the pass in one MULTI. Nothing else changes: an ack lost with the process
-    leaves its entry, which the visibility timeout restores, and a redelivered job
-    already written is skipped by its claim. Without an event loop, each ack is sent
-    at once.
+
+class _BulkQoS(kombu_redis.QoS):
+    """kombu's Redis QoS, with the round trips of one event-loop pass shared.
+
+    Acks: kombu acks a message with a MULTI of ZREM and HDEL on the unacked index and
+    hash, one round trip per message on the consumer's thread (celery runs every ack
+    there); a batch's acks all arrive in one pass of the loop. Here ``ack`` forgets the
+    message at once, as kombu's does, and the loop's tick, before it polls again,
+    removes every tag of the pass in one MULTI. An ack lost with the process leaves its
+    entry, which the visibility timeout restores, and a redelivered job already written
+    is skipped by its claim. Without an event loop, each ack is sent at once.
+
+    Deliveries: kombu takes one message per BRPOP, then writes it into the unacked set
+    in a second round trip: two round trips, and a pass of the loop, per message. Here
+    the write of the message that BRPOP returned also takes the messages waiting behind
+    it, as many as the prefetch window still allows, into the unacked set in the same
+    script (``_TAKE_MORE``); the channel delivers them in the same pass
+    (``_BulkChannel._brpop_read``). What is held is what kombu would hold after as many
+    BRPOPs: every message taken is in the unacked set before it is delivered, comes
+    back after the visibility timeout if the process dies, and at close if unacked.
     """
+
+    #: Most messages taken in one round trip besides the BRPOP'd one.
+    take_at_most = 32
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._acks: list[str] = []
+        self._written: set[str] = set()  # taken by _TAKE_MORE, not yet delivered
+        self._take_more: Any = None
 
     def ack(self, delivery_tag: str) -> None:
         self._acks.append(delivery_tag)
@@ -152,15 +200,86 @@ class _BulkAckQoS(kombu_redis.QoS):
         self.flush_acks()  # what was acked is not restored at close
         return super().restore_unacked_once(stderr)
 
+    def append(self, message, delivery_tag) -> None:
+        if delivery_tag in self._written:  # taken with the one before: already written
+            self._written.discard(delivery_tag)
+            virtual.QoS.append(self, message, delivery_tag)
+            return
+        channel = self.channel
+        keys = channel.take_more_keys() if channel.reading_brpop else None
+        want = self._room() - 1
+        if not keys or want <= 0:
+            super().append(message, delivery_tag)
+            return
+        taken = self._append_taking(message, delivery_tag, keys, want)
+        virtual.QoS.append(self, message, delivery_tag)
+        channel.taken.extend(taken)
 
-class _BulkAckChannel(RedisTransport.Channel):  # type: ignore[misc, valid-type]
-    QoS = _BulkAckQoS
+    def _room(self) -> int:
+        room = self.can_consume_max_estimate()
+        return self.take_at_most + 1 if room is None else min(room, self.take_at_most + 1)
+
+    def _append_taking(self, message, delivery_tag, keys, want) -> list[tuple[str, dict]]:
+        """Write ``message`` into the unacked set, taking up to ``want`` more; returns
+        them as (queue, payload)."""
+        info = message.delivery_info
+        entry = dumps([message._raw, info["exchange"], info["routing_key"]])
+        if self._take_more is None:
+            self._take_more = self.channel.client.register_script(_TAKE_MORE)
+        reply = self._take_more(
+            keys=[self.unacked_key, self.unacked_index_key, *keys],
+            args=[time.time(), delivery_tag, entry, want],
+        )
+        taken = []
+        for key, raw in zip(reply[::2], reply[1::2], strict=True):
+            payload = loads(bytes_to_str(raw))
+            self._written.add(payload["properties"]["delivery_tag"])
+            taken.append((bytes_to_str(key).rsplit(self.channel.sep, 1)[0], payload))
+        return taken
+
+
+class _BulkChannel(RedisTransport.Channel):  # type: ignore[misc, valid-type]
+    QoS = _BulkQoS
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.reading_brpop = False
+        self.taken: list[tuple[str, dict]] = []  # by _BulkQoS.append, to deliver
+
+    def take_more_keys(self) -> list[str] | None:
+        """The lists to take more from: the consumed queues in their declared order
+        (the interactive queue first), each by priority as BRPOP reads them; None with
+        a global key prefix (kombu prefixes only the first key of a script)."""
+        if self.global_keyprefix:
+            return None
+        return [self._q_for_pri(q, pri) for pri in self.priority_steps for q in self.active_queues]
+
+    def _brpop_read(self, **options):
+        self.reading_brpop = True
+        try:
+            return super()._brpop_read(**options)
+        finally:
+            self.reading_brpop = False
+            self._deliver_taken()
+
+    def _deliver_taken(self) -> None:
+        taken, self.taken = self.taken, []
+        for i, (queue, payload) in enumerate(taken):
+            try:
+                self.connection._deliver(payload, queue)
+            except BaseException:
+                # Not delivered: back to the queue now, not after the visibility timeout.
+                for _, rest in taken[i + 1 :]:
+                    tag = rest["properties"]["delivery_tag"]
+                    self.qos._written.discard(tag)
+                    self.qos.restore_by_tag(tag, leftmost=True)
+                raise
 
 
 class BulkAckTransport(RedisTransport):
-    """The classification worker's Redis transport: ``_BulkAckQoS`` (issue #22)."""
+    """The classification worker's Redis transport: ``_BulkQoS`` (issue #22)."""
 
-    Channel = _BulkAckChannel
+    Channel = _BulkChannel
     acks_on_tick = False
 
     def register_with_event_loop(self, connection, loop) -> None:
@@ -172,7 +291,7 @@ class BulkAckTransport(RedisTransport):
         channels: list = list(self.channels or ())
         for channel in channels:
             qos = getattr(channel, "_qos", None)
-            if isinstance(qos, _BulkAckQoS):
+            if isinstance(qos, _BulkQoS):
                 qos.flush_acks()
 
 

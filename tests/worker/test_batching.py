@@ -362,3 +362,10 @@ def test_a_reconnect_leaves_unclaimed_messages_to_the_broker(loading):
     loading.loader.finish("a")
     assert "b" not in loading.loader.loads
     assert [_ids(c) for c in loading.slot_pool.calls] == [["a"]]
+
+
+def test_without_batch_wait_the_timer_is_a_slow_safety_net(loading):
+    # Arrivals, ended loads and returned batches dispatch at once (the tests above); a
+    # fast timer would only wake the consumer's loop for nothing (issue #22).
+    assert loading.batch_wait == 0
+    assert _connect(loading).entries[0].seconds >= 1
