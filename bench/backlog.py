@@ -8,7 +8,8 @@ side by side on that one database:
   here as literal SQL): which open batches have work waiting, a batch's next chunk;
 - whole refills through ``shared.dispatch.refill`` (real Redis, real Celery
   messages), each followed by what a worker does to the chunks it sent, after
-  ``dispatch.warm`` as a starting process does (``--cold``: without): wall clock,
+  ``dispatch.warm`` and ``gc.freeze()`` as a starting worker does (``--cold``,
+  ``--no-freeze``: without): wall clock,
   and the CPU of this process and of its PostgreSQL backends (what a busy machine's
   wall clock hides), and Python's full garbage collections met on the way;
 - the reconciler's checks (stale queued, lost processing), today's and before;
@@ -411,13 +412,14 @@ def _sizes(engine) -> dict[str, int]:
     return sizes
 
 
-def refills(config, engine, warm: bool = True, freeze: bool = False) -> dict[str, list[float]]:
+def refills(config, engine, warm: bool = True, freeze: bool = True) -> dict[str, list[float]]:
     """Whole refills, each followed by a worker's write of what it sent: milliseconds
     of wall clock, of this process's CPU and of its PostgreSQL backends' CPU (the
     machine may be busy: the CPU times are what the refill itself cost). ``warm``:
     ``dispatch.warm`` first, as a process does when its dispatcher starts (its cost:
-    ``warm``, one entry); ``freeze``: then ``gc.freeze()``, as a process may at the end
-    of its start, so that a full collection no longer walks what it holds since."""
+    ``warm``, one entry); ``freeze``: then ``gc.freeze()``, as a worker does at the end
+    of its start (worker/runtime.py), so that a full collection no longer walks what it
+    holds since."""
     client, celery = make_redis(config), make_celery(config)
     sessions = make_session_factory(engine)
     out: dict[str, list[float]] = {"wall": [], "cpu": [], "pg_cpu": [], "warm": [], "gc": []}
@@ -555,7 +557,7 @@ def run(
     users: int | None = None,
     refills_only: bool = False,
     warm: bool = True,
-    freeze: bool = False,
+    freeze: bool = True,
 ) -> dict:
     """``users``: that many users share the same total backlog (1,000 x 1,000 = 1M);
     ``refills_only``: the queries and the refills, not storage, triggers or the service;
@@ -734,9 +736,11 @@ if __name__ == "__main__":
     parser.add_argument("--refills-only", action="store_true", help="skip storage, service")
     parser.add_argument("--json", help="write the raw result here too")
     parser.add_argument("--cold", action="store_true", help="no dispatch.warm before the refills")
-    parser.add_argument("--freeze", action="store_true", help="gc.freeze() before the refills")
+    parser.add_argument(
+        "--no-freeze", action="store_true", help="no gc.freeze() before the refills"
+    )
     args = parser.parse_args()
-    result = run(args.quick, args.users, args.refills_only, not args.cold, args.freeze)
+    result = run(args.quick, args.users, args.refills_only, not args.cold, not args.no_freeze)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1, default=str))
     print(report(result))

@@ -249,7 +249,9 @@ class _Passes:
     trust_after: float = 0.0
 
     def run(self) -> None:
-        self.reconciler = self.reconciler or Reconciler.build(self.config)
+        if self.reconciler is None:
+            rec = self.reconciler = Reconciler.build(self.config)
+            dispatch.warm(rec.sessions, rec.redis, rec.celery, rec.config)
         self.reconciler.run_once(judge_liveness=time.monotonic() >= self.trust_after)
 
     def failed(self, _exc: Exception) -> None:

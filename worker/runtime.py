@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -11,6 +12,7 @@ import redis
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
+from shared import dispatch
 from shared.config import Config
 from shared.db import make_engine, make_session_factory
 from shared.pixel_budget import PixelBudget
@@ -61,7 +63,7 @@ class Runtime:
         budget = PixelBudget(
             config.decode_budget_pixels, config.decode_wait_s, waiters=config.fetch_threads
         )
-        return cls(
+        rt = cls(
             config=config,
             sessions=make_session_factory(make_engine(config)),
             redis=client,
@@ -72,6 +74,14 @@ class Runtime:
             loader=ThreadLoader(config, uploads, budget),
             worker_id=worker_id,
         )
+        # On the refill thread, ahead of any refill: the first one costs what the others do.
+        rt.io_pool.submit(dispatch.warm, rt.sessions, rt.redis, rt.celery, rt.config)
+        # What start-up built (the model, the imports: most of the process's objects)
+        # lives as long as the process. Left to the collector, each full collection walks
+        # it again: 60-80 CPU ms with the GIL held, on whichever batch or refill it
+        # lands (bench.backlog, issue #26). Frozen, the collector skips it.
+        gc.freeze()
+        return rt
 
 
 def configure_accelerators() -> None:
