@@ -7,7 +7,7 @@ help:  ## List the targets
 install:  ## Create .venv from requirements-dev.txt (runtime, training pipeline, test tools)
 	scripts/bootstrap.sh requirements-dev.txt
 
-run:  ## Install and run everything on embedded defaults (SQLite, local Redis, worker, API :5000)
+run:  ## Install and run everything on embedded defaults (SQLite, local Redis, both workers, API on 127.0.0.1:5000)
 	scripts/run_local.sh
 
 test:  ## Run the whole test suite against real Redis, PostgreSQL, SQLite and a worker

@@ -14,6 +14,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -136,6 +137,58 @@ def test_every_documented_command_runs_from_a_fresh_shell(doc: Path):
                 if problem:
                     problems.append(f"block {number}: {command!r}: {problem}")
     assert not problems, "\n".join(problems)
+
+
+def _readme_prose() -> str:
+    """The README with its line breaks and indents as single spaces (sentences wrap)."""
+    return " ".join((ROOT / "README.md").read_text().split())
+
+
+def _make_help() -> dict[str, str]:
+    """{target: its line} as ``make help`` prints them (the ``## `` comments)."""
+    text = (ROOT / "Makefile").read_text()
+    return dict(re.findall(r"^([a-z][a-z-]*):.*?## (.*)$", text, re.M))
+
+
+def test_the_readme_names_every_make_target_as_make_help_does():
+    # Issue #24: the README's list of targets left four out, and it and `make help`
+    # disagreed on the address `make api` listens on.
+    readme = _readme_prose()
+    listed = re.search(r"`make help` lists the other targets \(([^)]*)\)", readme)
+    assert listed, "the README no longer lists the targets `make help` shows"
+    targets = _make_help()
+    assert set(re.findall(r"`([a-z-]+)`", listed.group(1))) | {"help", "run", "test"} == set(
+        targets
+    )
+    address = re.search(r"`make api` and `make run` on `(\d+\.\d+\.\d+\.\d+:\d+)`", readme)
+    assert address, "the README no longer says where `make api` listens"
+    assert address.group(1) in targets["api"] and address.group(1) in targets["run"]
+
+
+WORDS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+NUMBERS = {word: n for n, word in enumerate(WORDS, 1)}
+
+
+def test_the_readme_says_how_many_tests_the_suite_deselects():
+    # Issue #24: the README said six while seven were. Only the browser tests' conftest
+    # deselects (their SQLite runs), so collecting tests/web counts every one.
+    deselecting = {
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "tests").rglob("*.py")
+        if p != Path(__file__) and "pytest_deselected" in p.read_text()
+    }
+    assert deselecting == {"tests/web/conftest.py"}
+    said = re.search(r"reports (\w+) tests as \*deselected\*", _readme_prose())
+    assert said, "the README no longer says how many tests are deselected"
+    env = {k: v for k, v in os.environ.items() if k != "WEB_TESTS_ALL_DATABASES"}
+    collected = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:randomly",
+         "-p", "no:cacheprovider", "tests/web"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    counted = re.search(r"\((\d+) deselected\)", collected.stdout)
+    assert counted, collected.stdout[-3000:] + collected.stderr[-3000:]
+    assert NUMBERS.get(said.group(1), said.group(1)) == int(counted.group(1))
 
 
 def _try_it_block() -> str:
