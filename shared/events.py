@@ -44,7 +44,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import redis
-from redis.commands.core import AsyncScript, Script
+from redis.commands.core import Script
 
 from shared.config import Config
 
@@ -76,7 +76,7 @@ return sent
 """
 
 
-_publish_script: AsyncScript | Script | None = None
+_publish_script: Script | None = None
 
 #: The registration, for the body of a Lua script that has set the locals ``waiters``
 #: (the job's waiters key), ``done`` (its done mark's key), ``channel`` and ``ttl``
@@ -262,16 +262,18 @@ class DoneListener:
                         # Confirmed by Redis: every finish published from now on is heard.
                         with self._lock:
                             self._subscribed = True
-                    idle_since = self._idle_since(idle_since)
-                    if idle_since is None:
+                    until = self._idle_since(idle_since)
+                    if until is None:
                         return
+                    idle_since = until
             except redis.RedisError as exc:
                 self._unsubscribed()
                 log.warning("job-done listener: %r; retrying", exc)
                 time.sleep(RECHECK_S)
-                idle_since = self._idle_since(idle_since)
-                if idle_since is None:
+                until = self._idle_since(idle_since)
+                if until is None:
                     return
+                idle_since = until
             finally:
                 pubsub.close()
 

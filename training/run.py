@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from training.augment import Augmentation
 from training.data import class_weights, load_dataset, oversample
@@ -114,7 +114,8 @@ class RunConfig:
             c.model_dir = Path(_configured_model_dir())
         if c.run_id is None:
             c.run_id = f"{c.name}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
-        if c.image_size < 8 or c.epochs < 1 or c.batch_size < 1:
+        f = Filled.of(c)
+        if f.image_size < 8 or f.epochs < 1 or f.batch_size < 1:
             raise ValueError("--image-size must be >= 8, --epochs and --batch-size >= 1")
         return c
 
@@ -124,6 +125,27 @@ class RunConfig:
             out[key] = None if out[key] is None else str(out[key])
         out.pop("progress")
         return out
+
+
+class Filled(NamedTuple):
+    """The settings ``RunConfig.resolved`` fills in, as the set values they then are."""
+
+    name: str
+    image_size: int
+    epochs: int
+    batch_size: int
+    optimizer: str
+    lr: float
+    fine_tune_lr: float
+    model_dir: Path
+    run_id: str
+
+    @classmethod
+    def of(cls, c: RunConfig) -> Filled:
+        values = [getattr(c, name) for name in cls._fields]
+        if any(v is None for v in values):
+            raise ValueError("a RunConfig's settings are filled by resolved(), not yet here")
+        return cls(*values)
 
 
 def _configured_model_dir() -> str:
@@ -149,7 +171,8 @@ class RunResult:
 def _build_fn(c: RunConfig, num_classes: int):
     from training.models import build_cnn, build_mobilenet
 
-    size = (c.image_size, c.image_size)
+    f = Filled.of(c)
+    size = (f.image_size, f.image_size)
 
     def build(overrides: dict[str, Any]):
         if c.arch == "cnn":
@@ -177,14 +200,15 @@ def run(config: RunConfig) -> RunResult:
 
     started = time.monotonic()
     c = config.resolved()
-    run_dir = c.out / c.run_id
+    f = Filled.of(c)
+    run_dir = c.out / f.run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(c.seed)
 
-    log.info("loading %s at %dx%d", c.data, c.image_size, c.image_size)
+    log.info("loading %s at %dx%d", c.data, f.image_size, f.image_size)
     ds = load_dataset(
         c.data,
-        (c.image_size, c.image_size),
+        (f.image_size, f.image_size),
         seed=c.seed,
         val_fraction=c.val_fraction,
         test_fraction=c.test_fraction,
@@ -211,10 +235,10 @@ def run(config: RunConfig) -> RunResult:
 
     build = _build_fn(c, ds.num_classes)
     base_options = FitOptions(
-        epochs=c.epochs,
-        batch_size=c.batch_size,
-        optimizer=c.optimizer,
-        lr=c.lr,
+        epochs=f.epochs,
+        batch_size=f.batch_size,
+        optimizer=f.optimizer,
+        lr=f.lr,
         schedule=c.schedule,
         warmup_epochs=c.warmup_epochs,
         patience=c.patience,
@@ -258,14 +282,14 @@ def run(config: RunConfig) -> RunResult:
         fine = c.fine_tune_epochs if c.fine_tune_blocks > 0 else 0
         head_deadline = None
         if deadline is not None:
-            share = c.epochs / (c.epochs + 2.0 * fine)  # a fine-tuning epoch costs about 2x
+            share = f.epochs / (f.epochs + 2.0 * fine)  # a fine-tuning epoch costs about 2x
             head_deadline = train_start + share * (deadline - train_start)
         fit("head", dataclasses.replace(base_options, deadline=head_deadline))
         if fine:
             trainable = unfreeze_top(model, c.fine_tune_blocks)
             log.info("fine-tuning the last %d blocks (%d layers)", c.fine_tune_blocks, trainable)
             opts = dataclasses.replace(
-                base_options, epochs=fine, lr=c.fine_tune_lr, warmup_epochs=0.0, deadline=deadline
+                base_options, epochs=fine, lr=f.fine_tune_lr, warmup_epochs=0.0, deadline=deadline
             )
             fit("fine-tune", opts)
     trained = time.monotonic()
@@ -292,20 +316,20 @@ def run(config: RunConfig) -> RunResult:
     metadata = {
         "arch": c.arch,
         "class_names": ds.class_names,
-        "input_size": [c.image_size, c.image_size],
+        "input_size": [f.image_size, f.image_size],
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "run_id": c.run_id,
+        "run_id": f.run_id,
         "metrics": _headline(metrics),
         "data": {k: data_summary[k] for k in ("source", "layout", "fingerprint", "sizes")},
         "code": code,
         "training": settings,
         "report": str((run_dir / "report.md").resolve()),
     }
-    model_path = export_model(model, c.model_dir, c.name, metadata)
+    model_path = export_model(model, f.model_dir, f.name, metadata)
     finished = time.monotonic()
     summary = {
-        "run_id": c.run_id,
-        "name": c.name,
+        "run_id": f.run_id,
+        "name": f.name,
         "arch": c.arch,
         "created_at": metadata["created_at"],
         "settings": settings,

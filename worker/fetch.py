@@ -35,6 +35,7 @@ import os
 import socket
 import threading
 import time
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin
 
 import certifi
@@ -158,7 +159,13 @@ class _AddressCheck:
         self.allow_loopback = False  # tests only: reach their own server, nothing else
 
 
-class _Checked:
+if TYPE_CHECKING:  # what _Checked is mixed into (_pool_classes), for the type checker
+    _Connection = HTTPConnection
+else:
+    _Connection = object
+
+
+class _Checked(_Connection):
     """A connection that checks the host's address as it opens, and joins the fetch's guard."""
 
     check: _AddressCheck  # set per Fetcher (_pool_classes)
@@ -177,7 +184,7 @@ class _Checked:
             guard.add(sock)
         return sock
 
-    def request(self, *args, **kwargs) -> None:
+    def request(self, *args: Any, **kwargs: Any) -> None:
         # A kept-alive socket joins this fetch's guard (a new one joins in _new_conn).
         guard = getattr(_current, "guard", None)
         if guard is not None and self.sock is not None:
@@ -364,12 +371,12 @@ def _as_text(location: str) -> str:
         return location
 
 
-def _socket_of(raw: urllib3.HTTPResponse) -> socket.socket | None:
-    connection = raw.connection
-    if connection is not None and connection.sock is not None:
-        return connection.sock
+def _socket_of(raw: urllib3.BaseHTTPResponse) -> socket.socket | None:
+    sock = getattr(raw.connection, "sock", None)  # None once the connection is released
+    if sock is not None:
+        return sock
     try:
         # With "Connection: close", http.client hands the socket to the response's file.
-        return raw._fp.fp.raw._sock
+        return raw._fp.fp.raw._sock  # type: ignore[attr-defined]
     except AttributeError:
         return None  # then the watchdog alone ends a stalled read at the deadline

@@ -16,7 +16,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from sqlalchemy.exc import DBAPIError
@@ -393,7 +393,7 @@ def predict(rt: Runtime, outcomes: list[JobOutcome], stats: MetricsBuffer) -> No
             model = rt.models.get(name)
             # Jobs with the same source share one array (see take_images): classify it once.
             unique = list({id(o.array): o.array for o in group}.values())
-            inputs = np.stack(unique)
+            inputs = np.stack(cast(list[np.ndarray], unique))  # predict() gets loaded ones
             with rt.forward_lock:
                 start = time.perf_counter()
                 probs = model.predict_batch(inputs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from flask import g, request, url_for
 
@@ -65,7 +66,7 @@ def _job_request(body: dict) -> JobRequest:
     upload = request.files.get("file")
     if upload is None:
         raise ValidationFailed("The multipart form needs a 'file' field.", code="missing_input")
-    form = request.form.to_dict()
+    form: dict[str, Any] = request.form.to_dict()
     if "webhook_events" in form:  # a form sends a list as repeated or comma-separated values
         form["webhook_events"] = [
             e.strip() for v in request.form.getlist("webhook_events") for e in v.split(",")

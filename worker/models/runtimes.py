@@ -16,7 +16,7 @@ self-check (compiled and Keras outputs agree on a test input). ``bf16`` (AMX/AVX
 BF16 CPUs only) changes results slightly, so it is used only where the accuracy gate
 has passed for this exact (model weights, runtime version, CPU features): top-1 agrees
 with the fp32 Keras model on at least 99.5% of at least 1,000 real photos and the top-5
-sets overlap at least 98%. The gate is run by ``python -m worker.models.runtimes gate``
+sets overlap at least 98%. The gate is run by ``python -m worker.models.gate``
 (or ``python -m bench.runtimes``) and its verdict is recorded in the cache; a worker
 never runs it at start (it has no photos), and without a passing record it uses fp32.
 
@@ -31,7 +31,6 @@ the worker logs a warning at start.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -418,28 +417,3 @@ def gate(model: ImageModel, precision: str, images: np.ndarray) -> GateResult:
     key = model.runtime_key(choice)
     write_gate(model.runtime_cache_dir, key, result, model=model.name, precision=precision)
     return result
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m worker.models.runtimes gate --photos DIR``: record the gate for a model."""
-    from shared.config import Config
-    from worker.models.registry import ModelRegistry
-
-    parser = argparse.ArgumentParser(prog="python -m worker.models.runtimes")
-    sub = parser.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("gate", help="measure and record the bf16 accuracy gate")
-    g.add_argument("--photos", type=Path, required=True, help="folder of real photos")
-    g.add_argument("--limit", type=int, default=GATE_MIN_PHOTOS)
-    g.add_argument("--model", default=None, help="model name (default: DEFAULT_MODEL)")
-    g.add_argument("--precision", default="bf16")
-    args = parser.parse_args(argv)
-    config = Config.from_env().replace(runtime="keras")
-    model = ModelRegistry(config).get(args.model or config.default_model)
-    model.setup()
-    images = load_photos(photo_paths(args.photos, args.limit), model.input_size)
-    result = gate(model, args.precision, images)
-    print(json.dumps({**asdict(result), "passed": result.passed, "cpu": cpu_model()}))
-
-
-if __name__ == "__main__":
-    main()
