@@ -176,7 +176,10 @@ INTEGRATION_PATHS = (
     "reliability/", "bench/", "training/", "worker/models/", "web/test_browser.py",
     "worker/test_loader.py", "worker/test_loader_pool.py", "worker/test_pipeline.py",
     "worker/test_celery_app.py", "test_run_command.py", "test_clean_up.py",
-    "api/test_fuzz.py",  # a generated run over the whole API: minutes
+    "api/test_fuzz.py", "api/test_schemathesis.py",  # generated runs over the whole API
+    # worker processes started as the docs start them, or nginx in front of gunicorn
+    "worker/test_loader_slow_hosts.py", "worker/test_loader_startup.py",
+    "worker/test_loader_documented.py", "deploy/test_front_proxy.py",
 )  # fmt: skip
 
 
