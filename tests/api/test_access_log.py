@@ -4,7 +4,6 @@ it only builds fewer atoms for the default format)."""
 from __future__ import annotations
 
 import datetime
-import importlib.util
 import logging
 from types import SimpleNamespace
 
@@ -25,15 +24,6 @@ ENVIRON = {
     "HTTP_AUTHORIZATION": "Basic dXNlcjpwYXNz",  # user:pass: the %(u)s atom
 }
 REQUEST = SimpleNamespace(headers=[("USER-AGENT", 'curl/8 "quoted"'), ("PREFER", "wait=5")])
-
-
-def _conf():
-    spec = importlib.util.spec_from_file_location(
-        "gunicorn_conf", support.ROOT / "gunicorn.conf.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _line(logger_class, access_log_format: str | None, sent) -> str:
@@ -57,6 +47,6 @@ def _line(logger_class, access_log_format: str | None, sent) -> str:
 @pytest.mark.parametrize("sent", [512, 0, None])
 @pytest.mark.parametrize("access_log_format", [None, "%(m)s %(U)s %({x-request-id}o)s %(D)s"])
 def test_the_access_line_is_gunicorns(access_log_format, sent):
-    ours = _line(_conf().AccessLogger, access_log_format, sent)
+    ours = _line(support.load_gunicorn_conf().AccessLogger, access_log_format, sent)
     assert ours == _line(Logger, access_log_format, sent)
     assert ours.startswith("10.0.0.7" if access_log_format is None else "POST /v1/jobs abc")

@@ -5,12 +5,12 @@ or says why it will not."""
 
 import pytest
 from alembic import command
-from sqlalchemy import inspect, text
+from sqlalchemy import inspect
 
 from api.metrics import read_counters
 from shared import migrate
 from shared.db import make_engine
-from tests import support
+from tests.migrations import database_config, sql
 
 # Ids as shared.models.new_id makes them: 0011 makes the columns uuid on PostgreSQL.
 B_OLD, B_NEW = "0190f5f4-0000-7000-8000-0000000000b0", "0190f5f4-0000-7000-8000-0000000000b1"
@@ -19,20 +19,8 @@ J1, J2, J3 = (f"0190f5f4-0000-7000-8000-00000000000{n}" for n in (1, 2, 3))
 
 @pytest.fixture(params=["postgres", "sqlite"])
 def config(request, tmp_path):
-    if request.param == "sqlite":
-        yield support.test_config(f"sqlite:///{tmp_path / 'm.db'}")
-        return
-    url = support.create_postgres_database()
-    try:
-        yield support.test_config(url)
-    finally:
-        support.drop_postgres_database(url)
-
-
-def _sql(engine, statement: str, **params) -> list:
-    with engine.begin() as conn:
-        result = conn.execute(text(statement), params)
-        return result.all() if result.returns_rows else []
+    with database_config(request.param, tmp_path) as config:
+        yield config
 
 
 def _tokens(engine) -> dict[str, int]:
@@ -45,12 +33,12 @@ def _tokens(engine) -> dict[str, int]:
 def test_upgrade_keeps_the_ledger_and_downgrade_refuses_while_lines_wait(config):
     migrate.upgrade(config, "0009")
     engine = make_engine(config)
-    _sql(
+    sql(
         engine,
         "INSERT INTO users (id, username, password_hash, tokens, is_admin, created_at)"
         " VALUES (1, 'm', 'x', 1, false, CURRENT_TIMESTAMP)",
     )
-    _sql(
+    sql(
         engine,
         "INSERT INTO batches (id, user_id, total, model, top_k, retries, created_at)"
         " VALUES (:b, 1, 2, 'mobilenet', 5, 0, CURRENT_TIMESTAMP)",
@@ -62,7 +50,7 @@ def test_upgrade_keeps_the_ledger_and_downgrade_refuses_while_lines_wait(config)
         (J1, -1, "charge"),
         (J2, -1, "charge"),
     ):
-        _sql(
+        sql(
             engine,
             "INSERT INTO token_ledger (user_id, delta, reason, job_id, retry, created_at)"
             " VALUES (1, :d, :r, :j, 0, CURRENT_TIMESTAMP)",
@@ -70,20 +58,20 @@ def test_upgrade_keeps_the_ledger_and_downgrade_refuses_while_lines_wait(config)
             r=reason,
             j=job_id,
         )
-    before = _sql(engine, "SELECT id, delta, reason, job_id, retry FROM token_ledger ORDER BY id")
+    before = sql(engine, "SELECT id, delta, reason, job_id, retry FROM token_ledger ORDER BY id")
 
     migrate.upgrade(config)
     assert "batch_id" in {c["name"] for c in inspect(engine).get_columns("token_ledger")}
-    after = _sql(engine, "SELECT id, delta, reason, job_id, retry FROM token_ledger ORDER BY id")
+    after = sql(engine, "SELECT id, delta, reason, job_id, retry FROM token_ledger ORDER BY id")
     assert after == before
     # A batch charged with one row, one line still waiting unsent.
-    _sql(
+    sql(
         engine,
         "INSERT INTO batches (id, user_id, total, model, top_k, retries, created_at)"
         " VALUES (:b, 1, 1, 'mobilenet', 5, 0, CURRENT_TIMESTAMP)",
         b=B_NEW,
     )
-    _sql(
+    sql(
         engine,
         "INSERT INTO jobs (id, user_id, batch_id, batch_index, status, model, top_k,"
         " input_url, attempts, retries, chunk, created_at) VALUES (:j, 1, :b, 0,"
@@ -91,7 +79,7 @@ def test_upgrade_keeps_the_ledger_and_downgrade_refuses_while_lines_wait(config)
         j=J3,
         b=B_NEW,
     )
-    _sql(
+    sql(
         engine,
         "INSERT INTO token_ledger (user_id, delta, reason, batch_id, retry, created_at)"
         " VALUES (1, -1, 'charge', :b, 0, CURRENT_TIMESTAMP)",
@@ -104,12 +92,12 @@ def test_upgrade_keeps_the_ledger_and_downgrade_refuses_while_lines_wait(config)
         command.downgrade(alembic, "0009")
     assert "batch_id" in {c["name"] for c in inspect(engine).get_columns("token_ledger")}
 
-    _sql(engine, "UPDATE jobs SET dispatched_at = CURRENT_TIMESTAMP")  # sent: no longer at risk
+    sql(engine, "UPDATE jobs SET dispatched_at = CURRENT_TIMESTAMP")  # sent: no longer at risk
     command.downgrade(alembic, "0009")
     engine.dispose()
     assert "batch_id" not in {c["name"] for c in inspect(engine).get_columns("token_ledger")}
     # The counters' triggers survived the column's round trip.
-    _sql(
+    sql(
         engine,
         "INSERT INTO token_ledger (user_id, delta, reason, job_id, retry, created_at)"
         " VALUES (1, 1, 'refund', :j, 0, CURRENT_TIMESTAMP)",

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from api.metrics import read_counters
 from shared import migrate
 from shared.db import make_engine
-from tests import support
+from tests.migrations import database_config, sql
 
 USER = 1
 BATCH = "0190f5f4-1b2c-7d3e-8f40-5a6b7c8d9e0f"
@@ -32,32 +32,20 @@ ID_COLUMNS = [
 
 @pytest.fixture(params=["postgres", "sqlite"])
 def config(request, tmp_path):
-    if request.param == "sqlite":
-        yield support.test_config(f"sqlite:///{tmp_path / 'm.db'}")
-        return
-    url = support.create_postgres_database()
-    try:
-        yield support.test_config(url)
-    finally:
-        support.drop_postgres_database(url)
-
-
-def _sql(engine, statement: str, **params) -> list:
-    with engine.begin() as conn:
-        result = conn.execute(text(statement), params)
-        return result.all() if result.returns_rows else []
+    with database_config(request.param, tmp_path) as config:
+        yield config
 
 
 def _old_rows(engine) -> None:
     """A batch of two lines, a single job, their ledger rows and webhook events, written
     as the previous release wrote them (text ids)."""
-    _sql(
+    sql(
         engine,
         "INSERT INTO users (id, username, password_hash, tokens, is_admin, created_at)"
         " VALUES (:u, 'm', 'x', 0, false, CURRENT_TIMESTAMP)",
         u=USER,
     )
-    _sql(
+    sql(
         engine,
         "INSERT INTO batches (id, user_id, total, model, top_k, retries, created_at)"
         " VALUES (:b, :u, 2, 'mobilenet', 5, 0, CURRENT_TIMESTAMP)",
@@ -67,7 +55,7 @@ def _old_rows(engine) -> None:
     for index, (job_id, batch_id) in enumerate(
         [(JOBS[0], BATCH), (JOBS[1], BATCH), (SINGLE, None)]
     ):
-        _sql(
+        sql(
             engine,
             "INSERT INTO jobs (id, user_id, batch_id, batch_index, status, model, top_k,"
             " input_url, attempts, retries, created_at) VALUES (:j, :u, :b, :i, 'queued',"
@@ -78,7 +66,7 @@ def _old_rows(engine) -> None:
             i=index,
         )
     for job_id, batch_id, delta in ((None, BATCH, -2), (SINGLE, None, -1), (None, None, 3)):
-        _sql(
+        sql(
             engine,
             "INSERT INTO token_ledger (user_id, delta, reason, job_id, batch_id, retry,"
             " created_at) VALUES (:u, :d, :r, :j, :b, 0, CURRENT_TIMESTAMP)",
@@ -89,7 +77,7 @@ def _old_rows(engine) -> None:
             b=batch_id,
         )
     for n, (job_id, batch_id) in enumerate([(SINGLE, None), (None, BATCH)]):
-        _sql(
+        sql(
             engine,
             "INSERT INTO webhook_events (id, user_id, job_id, batch_id, batch_retry,"
             " event_type, url, payload, status, attempts, next_attempt_at, created_at)"
@@ -105,7 +93,7 @@ def _old_rows(engine) -> None:
 def _ids(engine) -> dict[str, list]:
     return {
         f"{table}.{column}": [
-            row[0] for row in _sql(engine, f"SELECT {column} FROM {table} ORDER BY 1")
+            row[0] for row in sql(engine, f"SELECT {column} FROM {table} ORDER BY 1")
         ]
         for table, column in ID_COLUMNS
     }
@@ -135,8 +123,8 @@ def test_upgrade_keeps_every_id_and_the_cascade_and_downgrade_brings_text_back(c
     assert counters["jobs"] == {"queued": 3}
     assert counters["tokens"] == {"charge": -3, "signup": 3}
 
-    _sql(engine, "DELETE FROM batches WHERE id = :b", b=BATCH)  # the foreign key cascades
-    assert _sql(engine, "SELECT id FROM jobs") == [(SINGLE,)]
+    sql(engine, "DELETE FROM batches WHERE id = :b", b=BATCH)  # the foreign key cascades
+    assert sql(engine, "SELECT id FROM jobs") == [(SINGLE,)]
 
     command.downgrade(migrate.alembic_config(config), "0010")
     engine.dispose()
@@ -151,7 +139,7 @@ def test_an_id_that_is_no_uuid_stops_the_upgrade_before_any_change(config):
     migrate.upgrade(config, "0010")
     engine = make_engine(config)
     _old_rows(engine)
-    _sql(engine, "UPDATE token_ledger SET job_id = 'not-a-uuid' WHERE job_id = :j", j=SINGLE)
+    sql(engine, "UPDATE token_ledger SET job_id = 'not-a-uuid' WHERE job_id = :j", j=SINGLE)
     if engine.dialect.name != "postgresql":
         migrate.upgrade(config)  # SQLite keeps text: nothing to convert, nothing refused
         return
