@@ -17,6 +17,7 @@ from flask import current_app, g, request, session
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import make_transient_to_detached
 
+from api.errors import check_row_id
 from api.ratelimit import limits
 from api.schemas import USERNAME_RE
 from api.services import db, services, unit_of_work
@@ -385,8 +386,9 @@ def admin_required(view: F) -> F:
 
 
 def owned(model: Any, row_id: str, noun: str, user: User | None = None) -> Any:
-    """``user``'s (default: the caller's) row of ``model``; someone else's is
-    indistinguishable from a missing one."""
+    """``user``'s (default: the caller's) row of ``model`` (a job or a batch); someone
+    else's is indistinguishable from a missing one, and so is an id no row can have."""
+    check_row_id(row_id, noun)
     row = db().get(model, row_id)
     if row is None or row.user_id != (user or g.user).id:
         raise NotFound(f"No such {noun}.", code=f"{noun}_not_found")

@@ -11,7 +11,6 @@ from sqlalchemy import select
 
 from api.auth import owned
 from api.bulk import locked_batch
-from api.errors import check_row_id
 from api.services import db, services, unit_of_work
 from shared import batches, dispatch, events, jobs, webhook_events
 from shared.db import retry_deadlocks
@@ -21,7 +20,6 @@ from shared.models import Batch, Job, User
 
 def cancel_job(user: User, job_id: str) -> Job:
     """Cancel the user's queued job and refund its token; 409 once it has started."""
-    check_row_id(job_id, "job")
     with unit_of_work() as session:
         job = owned(Job, job_id, "job", user)
         if job.batch_id is not None:

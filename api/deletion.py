@@ -11,7 +11,6 @@ import contextlib
 
 from api.auth import owned
 from api.bulk import locked_batch
-from api.errors import check_row_id
 from api.ratelimit import limits
 from api.services import services, unit_of_work
 from shared import batches, jobs
@@ -22,7 +21,6 @@ from shared.models import Job, User
 def delete_job(user: User, job_id: str) -> None:
     """Delete the user's finished job; 409 while it runs or when it is a batch's line."""
     limits().check_deletion(user.id)
-    check_row_id(job_id, "job")
     with unit_of_work() as session:
         job = owned(Job, job_id, "job", user)
         if job.batch_id is not None:

@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import Select, and_, or_
 
 from shared.errors import ValidationFailed
+from shared.models import is_row_id
 
 
 def encode_cursor(row: Any) -> str:
@@ -18,9 +19,14 @@ def encode_cursor(row: Any) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """A cursor's place: the last row's creation time and id. A cursor whose id no job
+    or batch can have is forged: ``invalid_cursor``, as PostgreSQL would refuse to
+    compare it with the uuid column (``shared.models.is_row_id``)."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         created, row_id = raw.split("|", 1)
+        if not is_row_id(row_id):
+            raise ValueError(row_id)
         return datetime.fromisoformat(created), row_id
     except (binascii.Error, ValueError, UnicodeDecodeError):
         raise ValidationFailed("The cursor is not valid.", code="invalid_cursor") from None
