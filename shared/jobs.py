@@ -210,13 +210,29 @@ def _transition_runs(
     """``_transition``, returning each won job's ``retries`` as the move wrote it: the run
     a refund belongs to, read in the same statement (a retry may have run the job again
     since the caller loaded it)."""
-    won = session.execute(
-        update(JOBS)
-        .where(JOBS.c.id.in_(list(job_ids)), JOBS.c.status.in_([s.value for s in from_]), *still)
-        .values(**values)
-        .returning(JOBS.c.id, JOBS.c.retries)
+    moved = _moved(session, job_ids, from_, *still, returning=(JOBS.c.id, JOBS.c.retries), **values)
+    return {row.id: row.retries for row in moved}
+
+
+def _moved(
+    session: Session,
+    job_ids: Iterable[str],
+    from_: Iterable[JobStatus],
+    *still: ColumnElement[bool],
+    returning: Iterable[ColumnElement[Any]],
+    **values: Any,
+) -> list[JobRow]:
+    """The one UPDATE of the transitions above: ``returning`` of each job that moved."""
+    return list(
+        session.execute(
+            update(JOBS)
+            .where(
+                JOBS.c.id.in_(list(job_ids)), JOBS.c.status.in_([s.value for s in from_]), *still
+            )
+            .values(**values)
+            .returning(*returning)
+        ).all()
     )
-    return dict(won.all())
 
 
 #: The columns a worker reads to process a job (shared.jobs.claim_plain returns these).
@@ -319,7 +335,6 @@ def claim_plain(
 
 @functools.cache
 def _succeeded_one_statement(dialect: str, commit_async: bool, rows: bool) -> Update:
-    returning = JOBS.c if rows else (JOBS.c.id,)
     return (
         update(JOBS)
         .where(
@@ -333,8 +348,13 @@ def _succeeded_one_statement(dialect: str, commit_async: bool, rows: bool) -> Up
             completed_at=bindparam("done_now"),
             claimed_by=None,
         )
-        .returning(*returning)
+        .returning(*_returned(rows))
     )
+
+
+def _returned(rows: bool) -> Iterable[ColumnElement[Any]]:
+    """What a success's UPDATE returns: whole rows (``mark_all_succeeded_rows``), or ids."""
+    return JOBS.c if rows else (JOBS.c.id,)
 
 
 def mark_all_succeeded(
@@ -383,22 +403,17 @@ def _mark_succeeded(
         },
         value=JOBS.c.id,
     )
-    stmt = (
-        update(JOBS)
-        .where(
-            JOBS.c.id.in_(list(results)),
-            JOBS.c.status.in_(ACTIVE_VALUES),
-            *_async_where(dialect, commit_async),
-        )
-        .values(
-            status=JobStatus.SUCCEEDED.value,
-            result=result,
-            completed_at=utcnow(),
-            claimed_by=None,
-        )
-        .returning(*(JOBS.c if rows else (JOBS.c.id,)))
+    return _moved(
+        session,
+        results,
+        ACTIVE,
+        *_async_where(dialect, commit_async),
+        returning=_returned(rows),
+        status=JobStatus.SUCCEEDED.value,
+        result=result,
+        completed_at=utcnow(),
+        claimed_by=None,
     )
-    return list(session.execute(stmt).all())
 
 
 def release_lost(session: Session, job_ids: Iterable[str], *still: ColumnElement[bool]) -> set[str]:
