@@ -40,6 +40,7 @@ from bench.common import fmt, machine, median, photo_names, wait_done
 from bench.null_model import NullStack
 from harness import databases, stack_config
 from harness.accounts import add_account
+from harness.backlog_ids import batch_id, batch_id_sql
 from shared import dispatch, ledger, migrate, results
 from shared.config import Config
 from shared.db import bulk_insert, dump_json, make_engine, make_session_factory
@@ -139,17 +140,6 @@ def now_queries(batch_id: str) -> dict[str, list[Select]]:
     }
 
 
-def batch_id(user_id: int) -> str:
-    """User ``user_id``'s batch in ``build``: a uuid, so it fits the id columns as
-    PostgreSQL ``uuid`` or as text."""
-    return f"00000000-0000-4000-8000-{user_id:012d}"
-
-
-def _batch_id(kind: str) -> str:
-    """``batch_id(u.id)`` in SQL, as the column's type ``kind``."""
-    return f"CAST('00000000-0000-4000-8000-' || lpad(u.id::text, 12, '0') AS {kind})"
-
-
 def _id_type(engine) -> str:
     """``jobs.id``'s SQL type: ``uuid`` from migration 0011, ``varchar`` before it."""
     with engine.connect() as conn:
@@ -188,7 +178,7 @@ def build(
         conn.execute(
             text(
                 "INSERT INTO batches (id, user_id, total, model, top_k, retries, created_at) "
-                f"SELECT {_batch_id(kind)}, u.id, :per, 'mobilenet', 5, 0,"
+                f"SELECT {batch_id_sql(kind)}, u.id, :per, 'mobilenet', 5, 0,"
                 " now() - (1000 - u.id) * interval '1 second' FROM users u"
                 " WHERE u.username LIKE 'backlog%'"
             ),
@@ -198,7 +188,7 @@ def build(
             text(
                 "INSERT INTO jobs (id, user_id, batch_id, batch_index, status, model, top_k,"
                 " input_url, attempts, retries, chunk, request_id, created_at) "
-                f"SELECT CAST({IDS[ids]} AS {kind}), u.id, {_batch_id(kind)}, i,"
+                f"SELECT CAST({IDS[ids]} AS {kind}), u.id, {batch_id_sql(kind)}, i,"
                 " 'queued', 'mobilenet', 5,"
                 " :base || '/' || (CAST(:names AS text[]))[1 + i % :k] || '?n=backlog-'"
                 " || u.id || '-' || i, 0, 0,"

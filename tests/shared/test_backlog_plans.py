@@ -19,6 +19,7 @@ from sqlalchemy import text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.sql import Executable
 
+from harness.backlog_ids import batch_id, batch_id_sql
 from shared.db import make_engine
 from shared.dispatch import mark_query, next_chunk_query, next_chunks_query, open_batches_query
 from shared.models import BULK_WAITING, Job, utcnow
@@ -26,13 +27,6 @@ from tests import support
 from worker.reconciler import lost_query, stale_queued_queries
 
 USERS, JOBS_PER_BATCH = 40, 1500
-# User n's batch, uuid-shaped: the rows fit the id columns as varchar or as uuid (a
-# uuid goes into a varchar column as text; a quoted literal compares with either).
-BATCH_ID_SQL = "CAST('00000000-0000-4000-8000-' || lpad(u.id::text, 12, '0') AS uuid)"
-
-
-def batch_id(user_id: int) -> str:
-    return f"00000000-0000-4000-8000-{user_id:012d}"
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +48,7 @@ def engine():
         conn.execute(
             text(
                 "INSERT INTO batches (id, user_id, total, model, top_k, retries, created_at) "
-                f"SELECT {BATCH_ID_SQL}, u.id, :per, 'mobilenet', 5, 0, now() FROM users u"
+                f"SELECT {batch_id_sql()}, u.id, :per, 'mobilenet', 5, 0, now() FROM users u"
             ),
             {"per": JOBS_PER_BATCH},
         )
@@ -63,7 +57,7 @@ def engine():
             text(
                 "INSERT INTO jobs (id, user_id, batch_id, batch_index, status, model, top_k,"
                 " input_url, attempts, retries, chunk, dispatched_at, created_at) "
-                f"SELECT gen_random_uuid(), u.id, {BATCH_ID_SQL}, i, 'queued', 'mobilenet',"
+                f"SELECT gen_random_uuid(), u.id, {batch_id_sql()}, i, 'queued', 'mobilenet',"
                 " 5, 'http://x/' || i, 0, 0, i / 32,"
                 " CASE WHEN i < 32 THEN now() END, now() "
                 "FROM users u, generate_series(0, :per - 1) i"
