@@ -38,8 +38,6 @@ import sys
 import threading
 
 import gunicorn.util
-from gunicorn.config import AccessLogFormat
-from gunicorn.glogging import Logger
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -92,41 +90,6 @@ if os.path.isdir("/dev/shm"):
 accesslog = "-"
 errorlog = "-"
 loglevel = _config.log_level.lower()
-
-
-class AccessLogger(Logger):
-    """gunicorn's logger, whose access line in the default format costs half as much.
-
-    For every request gunicorn's ``atoms`` builds every atom any format could name, each
-    request and response header and every environ entry among them (~50), and then
-    escapes each: ~30 of the ~60 us an access line costs, on every request (issue #22).
-    With the default format (the one used here unless ``--access-logformat`` says
-    otherwise) only its nine atoms are built, with gunicorn's own values: the line is
-    the same. Any other format gets gunicorn's full set.
-    """
-
-    def atoms(self, resp, req, environ, request_time) -> dict:
-        if self.cfg.access_log_format != DEFAULT_ACCESS_LOG_FORMAT:
-            return super().atoms(resp, req, environ, request_time)
-        status = resp.status
-        if isinstance(status, str):
-            status = status.split(None, 1)[0]
-        sent = getattr(resp, "sent", None)
-        return {
-            "h": environ.get("REMOTE_ADDR", "-"),
-            "l": "-",
-            "u": self._get_user(environ) or "-",
-            "t": self.now(),
-            "r": f"{environ['REQUEST_METHOD']} {environ['RAW_URI']} {environ['SERVER_PROTOCOL']}",
-            "s": status,
-            "b": str(sent) if sent is not None else "-",
-            "f": environ.get("HTTP_REFERER", "-"),
-            "a": environ.get("HTTP_USER_AGENT", "-"),
-        }
-
-
-DEFAULT_ACCESS_LOG_FORMAT = AccessLogFormat.default
-logger_class = AccessLogger
 
 
 def on_starting(server) -> None:

@@ -7,9 +7,6 @@ helper in its ``harness`` module, not here.
 
 from __future__ import annotations
 
-import importlib.util
-from types import ModuleType
-
 from harness.accounts import (
     add_account,
     basic_auth,
@@ -72,7 +69,6 @@ __all__ = [
     "funded_user",
     "jpeg_segment_flood",
     "ledger_sum",
-    "load_gunicorn_conf",
     "make_admin",
     "migrated",
     "missing_redis_sentinels",
@@ -89,13 +85,3 @@ __all__ = [
     "test_config",
     "wait_for",
 ]
-
-
-def load_gunicorn_conf() -> ModuleType:
-    """``gunicorn.conf.py`` as gunicorn loads it: a module from its file (it is not a
-    package module), fresh on each call."""
-    spec = importlib.util.spec_from_file_location("gunicorn_conf", ROOT / "gunicorn.conf.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module

@@ -1,10 +1,20 @@
 """gunicorn.conf.py's stop-signal wrapper alone (tests/test_run_command.py runs a whole stop)."""
 
+import importlib.util
 import signal
 import threading
 from types import SimpleNamespace
 
 from tests import support
+
+
+def _conf():
+    spec = importlib.util.spec_from_file_location(
+        "gunicorn_conf", support.ROOT / "gunicorn.conf.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class _Done:
@@ -29,7 +39,7 @@ def test_a_second_quit_signal_inside_the_first_is_ignored():
         if len(calls) == 1:  # the master's SIGQUIT lands inside the first handler
             handler(signal.SIGQUIT, None)
 
-    handler = support.load_gunicorn_conf()._ending_waits(_worker(done), gunicorn_quit, quitting)
+    handler = _conf()._ending_waits(_worker(done), gunicorn_quit, quitting)
     handler(signal.SIGINT, None)
     assert calls == [signal.SIGINT]
     assert done.closed == 1
@@ -38,9 +48,7 @@ def test_a_second_quit_signal_inside_the_first_is_ignored():
 def test_a_quit_after_a_graceful_stop_still_runs():
     done, calls = _Done(), []
     quitting = threading.Event()
-    handler = support.load_gunicorn_conf()._ending_waits(
-        _worker(done), lambda s, f: calls.append(s), quitting
-    )
+    handler = _conf()._ending_waits(_worker(done), lambda s, f: calls.append(s), quitting)
     handler(signal.SIGTERM, None)
     handler(signal.SIGQUIT, None)
     handler(signal.SIGINT, None)
