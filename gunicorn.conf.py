@@ -12,7 +12,7 @@ application settings:
 
     HOST             address to listen on (default 0.0.0.0; `make run` uses 127.0.0.1)
     PORT             port to listen on (default 5000, as the README and make run use)
-    WEB_CONCURRENCY  worker processes (default: 2 x CPUs + 1, capped at 4)
+    WEB_CONCURRENCY  worker processes (default: one per CPU, at least 2, at most 4)
     API_THREADS      threads per worker process (default 32)
 
 ``PROMETHEUS_MULTIPROC_DIR`` (read by prometheus-client, README) is honoured too:
@@ -69,10 +69,12 @@ bind = f"{os.environ.get('HOST') or '0.0.0.0'}:{_int_env('PORT', 5000)}"
 worker_class = "gthread"
 threads = _int_env("API_THREADS", 32)
 
-# 2 x cores + 1 is the classic sizing for CPU-bound sync workers; with 32 threads
-# each, a few processes are plenty, and every process has its own SQLAlchemy pool
-# (up to 10 + 20 PostgreSQL connections), so the default is capped at 4.
-workers = _int_env("WEB_CONCURRENCY", min(2 * _cpus() + 1, 4))
+# One process per core, at least 2 (one restarting never leaves none), at most 4:
+# every process has its own SQLAlchemy pool (up to 10 + 20 PostgreSQL connections).
+# The classic 2 x cores + 1 is for sync workers, one request at a time each; these have
+# 32 threads, and on 2 cores 2 processes cost about 15 % less CPU per submission than
+# 4 did, API and worker alike (bench.bookkeeping, docs/benchmarks.md, session 12).
+workers = _int_env("WEB_CONCURRENCY", max(2, min(_cpus(), 4)))
 
 # A worker process whose main loop stalls this long is killed and replaced; keep it
 # well above the longest long-poll (MAX_WAIT_S, 60 s by default -> 90 s).

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 
-from bench.common import cpu_seconds, fmt, main_json, median, pids_matching
+from bench.common import after_next_flush, cpu_seconds, fmt, main_json, median, pids_matching
 from harness import databases, stack_config
 
 STEP_SIZES = (1, 32)
@@ -144,6 +144,7 @@ def _steps_cpu(stack) -> dict[str, float]:
     """The worker's bookkeeping counter (worker.pipeline.BOOKKEEPING), seconds by step."""
     import redis
 
+    after_next_flush()
     client = redis.Redis.from_url(stack.config.redis_url)
     raw = client.hgetall(f"{stack.config.queue_prefix}:metrics:bookkeeping_cpu_seconds")
     out = {}
@@ -235,6 +236,33 @@ def lone_requests(stack, n: int) -> dict:
     return {"scenario": "lone requests", **lone(stack, n)}
 
 
+def http_floor(stack, n: int) -> dict:
+    """bench/floor_app.py (views that do nothing) under the API's gunicorn settings, posted
+    the same body by the same 16 clients: what gunicorn and Flask cost per request."""
+    from bench.common import ApiProcess, CpuMeter, closed_loop
+
+    floor = ApiProcess(stack.config, app="bench.floor_app:app").start()
+    try:
+
+        def call(session, url: str) -> bool:
+            return session.post(f"{floor.url}/v1/jobs", json={"url": url}).status_code == 202
+
+        urls = stack.urls(n)
+        closed_loop(CLIENTS, urls[:64], call)  # warm-up
+        meter = CpuMeter({"api": floor.pid}).start()
+        driven = closed_loop(CLIENTS, urls, call)
+        cpu = meter.stop()
+    finally:
+        floor.stop()
+    ok = max(1, driven["ok"])
+    return {
+        "requests": driven["ok"],
+        "failed": driven["failed"],
+        "requests_per_s": driven["ok"] / driven["wall_s"],
+        "cpu_ms_per_request": 1000 * cpu["cores"]["api"] * cpu["wall_s"] / ok,
+    }
+
+
 def _scenario(stack, n: int, run) -> dict:
     # bench.end_to_end's scenarios, re-measured here for the worker's step counter.
     return _measured(stack, n, lambda: {k: v for k, v in run().items() if k != "cpu_cores"})
@@ -256,6 +284,7 @@ def service(quick: bool = False) -> dict:
             "one_user_spin": one_user_waiting(stack, n // 2, honour_retry_after=False),
             "one_user_retry_after": one_user_waiting(stack, n // 2, honour_retry_after=True),
             "lone": lone_requests(stack, 20 if quick else LONE_REQUESTS),
+            "http_floor": http_floor(stack, n),
         }
     return scenarios
 
@@ -325,6 +354,15 @@ def _breakdown(result: dict) -> list[str]:
         "",
         f"Lone requests (one client, `Prefer: wait=60`, {lone['jobs']} in a row): p50 "
         f"{fmt(lone['p50_ms'])} ms, p95 {fmt(lone['p95_ms'])} ms (no forward pass).",
+    ]
+    floor = sc["http_floor"]
+    lines += [
+        "",
+        f"The HTTP floor (bench/floor_app.py: views that do nothing, under the API's "
+        f"gunicorn.conf.py, the same body from {CLIENTS} clients): "
+        f"{fmt(floor['cpu_ms_per_request'])} CPU ms per request in gunicorn and Flask, "
+        f"against the API's {fmt(plain_api)} per submission fire and forget "
+        f"({fmt(floor['requests_per_s'])} requests/s, {floor['failed']} failed).",
     ]
     return lines
 

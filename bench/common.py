@@ -389,10 +389,18 @@ def photo_urls(base_url: str, n: int, tag: str) -> list[str]:
 
 
 class ApiProcess:
-    """The API as deployed: ``gunicorn -c gunicorn.conf.py api.wsgi:app``."""
+    """The API as deployed: ``gunicorn -c gunicorn.conf.py api.wsgi:app`` (``app``: another
+    WSGI app under the same settings, such as bench/floor_app.py)."""
 
-    def __init__(self, config, workers: int | None = None, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        config,
+        workers: int | None = None,
+        threads: int | None = None,
+        app: str = "api.wsgi:app",
+    ) -> None:
         self.config = config
+        self.app = app
         self.port = free_port()
         self.workers = workers
         self.threads = threads
@@ -414,7 +422,7 @@ class ApiProcess:
             env["WEB_CONCURRENCY"] = str(self.workers)
         if self.threads:
             env["API_THREADS"] = str(self.threads)
-        cmd = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "api.wsgi:app"]
+        cmd = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", self.app]
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
         self.proc = subprocess.Popen(
             cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -578,9 +586,11 @@ class ServiceStack:
         return groups
 
     def worker_metrics(self) -> dict[str, float]:
-        """Sums and counts of the worker's batch metrics (Redis hashes, see shared.metrics)."""
+        """Sums and counts of the worker's batch metrics (Redis hashes, see shared.metrics),
+        once the workers have sent what their last batches recorded."""
         import redis
 
+        after_next_flush()
         client = redis.Redis.from_url(self.config.redis_url)
         out = {}
         for name in ("batch_size", "model_forward_seconds", "image_fetch_seconds"):
@@ -588,6 +598,15 @@ class ServiceStack:
             out[f"{name}_sum"] = sum(float(v) for k, v in fields.items() if k.endswith(b"|sum"))
             out[f"{name}_count"] = sum(float(v) for k, v in fields.items() if k.endswith(b"|count"))
         return out
+
+
+def after_next_flush() -> None:
+    """Wait out one flush interval of the workers' metrics (shared.metrics): a bench reads
+    them after its measured part, and each worker sends them once a second."""
+    from shared.metrics import FLUSH_INTERVAL_S
+    from worker.periodic import JITTER
+
+    time.sleep(FLUSH_INTERVAL_S * (1 + JITTER) + 0.1)
 
 
 # --- hostile image hosts -------------------------------------------------------------

@@ -74,12 +74,14 @@ class ClassifyWorker:
                 self._runtime = Runtime.build(self.config, worker_id=self.worker_id)
         return self._runtime
 
-    def stop_loader_processes(self) -> None:
-        """Stop the runtime's loader processes; builds no runtime when none was built."""
+    def stop_runtime(self) -> None:
+        """At shutdown, after the batches: stop the runtime's loader processes and send
+        its last metrics; builds no runtime when none was built."""
         with self._runtime_lock:
             rt = self._runtime
         if rt is not None:
             rt.stop_loader_processes()
+            rt.close()
 
     def health(self) -> str | None:
         """What keeps this worker from serving (its loader processes), or None."""
@@ -439,7 +441,7 @@ def _stop(how: str = "", **_kwargs) -> None:
 
 
 @signals.worker_shutdown.connect
-def _stop_loader_processes(**_kwargs) -> None:
+def _stop_runtime(**_kwargs) -> None:
     # After the pool has drained: no batch waits for an image any more. The claim
     # threads end here, not in _stop: that runs in a signal handler on the consumer's
     # thread, which may hold the executor's lock inside a submit.
@@ -448,7 +450,14 @@ def _stop_loader_processes(**_kwargs) -> None:
     loading = getattr(_serving.task, "loader", None)
     if loading is not None:
         loading.stop()
-    _serving.stop_loader_processes()
+    _serving.stop_runtime()
+
+
+@signals.worker_process_shutdown.connect
+def _stop_runtime_in_pool_process(**_kwargs) -> None:
+    # Prefork: each pool process has its own runtime (threads: this never fires).
+    if _serving is not None:
+        _serving.stop_runtime()
 
 
 @signals.worker_process_init.connect

@@ -1,8 +1,8 @@
 """The one way the workers run periodic work: ``Periodic``, a thread with an interval.
 
-Four loops use it: the reconciler and retention (one pass per interval cluster-wide,
-elected by a ``Lease``), the webhook sweep and the heartbeat (every process, no
-election). Each pass waits its interval, give or take ``jitter`` (so workers started
+Five loops use it: the reconciler and retention (one pass per interval cluster-wide,
+elected by a ``Lease``), the webhook sweep, the heartbeat and the metrics flush (every
+process, no election). Each pass waits its interval, give or take ``jitter`` (so workers started
 together do not hit Redis and the database in step); after a pass that raised, the
 wait doubles per failure in a row up to ``max_backoff_s`` (a database or Redis outage
 costs one warning per try, not a tight loop), and the first pass that succeeds goes
@@ -13,9 +13,9 @@ waits for it.
 Why not Celery beat: beat is one more process to deploy and keep single (several beat
 instances each send every task; a locking scheduler such as RedBeat stops its process
 when it loses its lock), its work would arrive as messages competing with the
-classification queues, and two of the four loops are per process anyway (the
+classification queues, and three of the five loops are per process anyway (the
 heartbeat renews this process's leases; the sweep fills this process's delivery
-threads). See docs/architecture.md, "Periodic work".
+threads; the metrics are this process's). See docs/architecture.md, "Periodic work".
 """
 
 from __future__ import annotations

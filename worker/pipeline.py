@@ -486,11 +486,10 @@ def announce(
     try:
         publish_done(rt.redis, rt.config, ids, written.bodies)
         rt.uploads.delete(*[o.job.id for o in outcomes if o.job.input_url is None])
-        # The flush's own round trip is the only announce work this leaves out.
-        stats.inc(BOOKKEEPING, time.thread_time() - cpu, step="announce")
-        stats.flush(rt.redis, rt.config)
     except Exception as exc:  # waiters re-check SQL; uploads expire by TTL
         log.warning("could not announce %d finished job(s): %r", len(ids), exc)
+    stats.inc(BOOKKEEPING, time.thread_time() - cpu, step="announce")
+    rt.metrics.merge(stats)  # sent by the runtime's flush thread (shared/metrics.py)
 
 
 def _with_db_retry(rt: Runtime, work):

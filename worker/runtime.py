@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared import dispatch
 from shared.config import Config
 from shared.db import make_engine, make_session_factory
+from shared.metrics import FLUSH_INTERVAL_S, MetricsBuffer
 from shared.pixel_budget import PixelBudget
 from shared.queue import make_celery
 from shared.redis_client import make_redis
@@ -22,6 +24,9 @@ from shared.uploads import UploadStore
 from worker.loader import Loader, ThreadLoader
 from worker.loader_pool import LoaderProcesses
 from worker.models import ModelRegistry, top_k
+from worker.periodic import Periodic
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,6 +48,26 @@ class Runtime:
     # Batch threads share the model: one forward pass at a time, each with every core
     # (TensorFlow's own intra-op threads), while the other batch fetches or writes.
     forward_lock: threading.Lock = field(default_factory=threading.Lock)
+    # What this process's batches recorded since the last flush: one thread sends it
+    # every FLUSH_INTERVAL_S (shared/metrics.py), and ``flush_metrics`` at shutdown.
+    metrics: MetricsBuffer = field(default_factory=MetricsBuffer)
+    stopping: threading.Event = field(default_factory=threading.Event)
+
+    def flush_metrics(self) -> None:
+        self.metrics.flush(self.redis, self.config)
+
+    def start_metrics_loop(self) -> Periodic:
+        """Send the batches' metrics every FLUSH_INTERVAL_S until ``close``. Redis away:
+        Periodic warns and backs off, and what was recorded meanwhile is lost."""
+        return Periodic("metrics", FLUSH_INTERVAL_S, self.flush_metrics, self.stopping).start()
+
+    def close(self) -> None:
+        """At shutdown, after the batches: stop the flush thread and send what is left."""
+        self.stopping.set()
+        try:
+            self.flush_metrics()
+        except Exception as exc:  # Redis away: the last second's metrics are lost, no job
+            log.warning("could not send the last metrics: %r", exc)
 
     def start_loader_processes(self, processes: int) -> None:
         """Load images in ``processes`` loader processes, all decoding under one budget."""
@@ -76,6 +101,7 @@ class Runtime:
         )
         # On the refill thread, ahead of any refill: the first one costs what the others do.
         rt.io_pool.submit(dispatch.warm, rt.sessions, rt.redis, rt.celery, rt.config)
+        rt.start_metrics_loop()
         # What start-up built (the model, the imports: most of the process's objects)
         # lives as long as the process. Left to the collector, each full collection walks
         # it again: 60-80 CPU ms with the GIL held, on whichever batch or refill it

@@ -36,7 +36,20 @@ def test_metrics_move_by_the_right_amounts(stack, photo_server):
     ]
     for job_id in ids:
         client.get(f"/v1/jobs/{job_id}?wait=30", headers=user["headers"])
-    after = _samples(client)
+
+    # The worker sends what its batches recorded once a second (shared.metrics).
+    def recorded():
+        s = _samples(client)
+        finished = _delta(before, s, "imgclf_jobs_finished_total", status="succeeded")
+        failed = _delta(before, s, "imgclf_jobs_finished_total", status="failed")
+        return s if finished >= 2 and failed >= 1 else None
+
+    after = support.wait_for(
+        recorded,
+        30,
+        "the worker's metrics of these jobs",
+        interval=0.2,
+    )
     d = lambda name, **labels: _delta(before, after, name, **labels)  # noqa: E731
     assert d("imgclf_http_requests_total", method="POST", route="/v1/jobs", status="202") == 3
     assert d("imgclf_jobs_finished_total", status="succeeded") == 2
