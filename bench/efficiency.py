@@ -86,9 +86,10 @@ class PipelineProcess:
             self.info = self._answer()["ready"]
         return self.info
 
-    def run(self, urls: list[str]) -> dict:
+    def run(self, urls: list[str], clients: int | None = None) -> dict:
+        """One round over ``urls``; with ``clients``, that many waiting clients."""
         self.ready()
-        self.proc.stdin.write(json.dumps({"urls": urls}) + "\n")
+        self.proc.stdin.write(json.dumps({"urls": urls, "clients": clients}) + "\n")
         self.proc.stdin.flush()
         return self._answer()
 
@@ -113,6 +114,17 @@ def pipeline_round(stack: ServiceStack, pipeline: PipelineProcess, quick: bool) 
     return {**out, **pipeline.ready()}
 
 
+def waiting_round(stack: ServiceStack, pipeline: PipelineProcess, quick: bool) -> dict:
+    """The pipeline for end_to_end's waiting clients (as many, one image each at a time):
+    the bound for the service's singles with wait on this machine."""
+    clients = end_to_end.CLIENTS
+    urls = stack.urls(QUICK_IMAGES if quick else N_IMAGES)
+    meter = CpuMeter({"pipeline": pipeline.pid, "photo server": stack.photos.pid}).start()
+    out = pipeline.run(urls, clients)
+    out["cpu_cores"] = meter.stop()["cores"]
+    return {**out, **pipeline.ready()}
+
+
 def service_scenarios(stack: ServiceStack, quick: bool) -> list[dict]:
     """bench.end_to_end's three scenarios on this stack, with its warm-up first."""
     n = QUICK_IMAGES if quick else N_IMAGES
@@ -132,8 +144,11 @@ def service_cpu_ms(scenario: dict) -> float | None:
     return sum(per.get(k, 0.0) for k in SERVICE_CPU) if per else None
 
 
-def summarize(rounds: list[dict], scenarios: list[dict], seed: dict | None) -> dict:
-    """The efficiency rows: each rate over the faster pipeline round's."""
+def summarize(
+    rounds: list[dict], scenarios: list[dict], seed: dict | None, waiting: dict | None = None
+) -> dict:
+    """The efficiency rows: each rate over the faster pipeline round's; ``waiting`` (the
+    pipeline for waiting clients) is a row too, and the bound of the wait row."""
     best = max(rounds, key=lambda r: r["images_per_s"])
     base = best["images_per_s"]
     rows = [
@@ -163,7 +178,21 @@ def summarize(rounds: list[dict], scenarios: list[dict], seed: dict | None) -> d
                 "cpu_ms_per_image": None,
             }
         )
-    return {"pipeline": rounds, "pipeline_best": base, "rows": rows}
+    if waiting:
+        rows.append(
+            {
+                "name": f"no-bookkeeping pipeline, {waiting['clients']} waiting clients "
+                f"(mean batch {fmt(waiting['mean_batch'])})",
+                "jobs": waiting["images"],
+                "succeeded": waiting["ok"],
+                "failed": waiting["failed"],
+                "images_per_s": waiting["images_per_s"],
+                "efficiency": waiting["images_per_s"] / base if base else None,
+                "target": None,
+                "cpu_ms_per_image": waiting["cpu_ms_per_image"],
+            }
+        )
+    return {"pipeline": rounds, "pipeline_best": base, "rows": rows, "waiting": waiting}
 
 
 def run(quick: bool = False, with_seed: bool = True) -> dict:
@@ -174,13 +203,29 @@ def run(quick: bool = False, with_seed: bool = True) -> dict:
             rounds = [pipeline_round(stack, pipeline, quick)]
             scenarios = service_scenarios(stack, quick)
             rounds.append(pipeline_round(stack, pipeline, quick))
+            waiting = waiting_round(stack, pipeline, quick)
     finally:
         pipeline.stop()
     seed = None
     if with_seed and not quick:
         # Its two predict_on_batch shapes: the third (model.predict) is never the best.
         seed = seed_alternative.run(shapes=seed_alternative.SHAPES[:2], n=N_IMAGES)
-    return summarize(rounds, scenarios, seed)
+    return summarize(rounds, scenarios, seed, waiting)
+
+
+def _against_waiting_bound(result: dict) -> str:
+    """The service's singles with wait over the pipeline for waiting clients."""
+    waiting = result.get("waiting")
+    wait = next((r for r in result["rows"] if r["name"] == "singles, wait for answer"), None)
+    if not waiting or not wait or not waiting["images_per_s"]:
+        return ""
+    return (
+        f" The pipeline for {waiting['clients']} waiting clients (each sends its next image "
+        "when it has the previous answer; the model takes what is loaded when it is free) "
+        f"is what any service can do for them here: {fmt(waiting['images_per_s'])}/s, "
+        f"mean batch {fmt(waiting['mean_batch'])}; the service's singles with wait reach "
+        f"**{fmt(wait['images_per_s'] / waiting['images_per_s'], 2)}** of it."
+    )
 
 
 def verdict(row: dict) -> str:
@@ -224,7 +269,7 @@ def report(result: dict) -> str:
         "*CPU ms per image*: the pipeline's process, or the service's processes (worker, "
         "loaders, API, PostgreSQL, Redis; not the clients or the photo server). While the "
         f"pipeline ran, the machine's other processes used {others} cores (the service's "
-        "idle processes and everyone else on the host).",
+        "idle processes and everyone else on the host)." + _against_waiting_bound(result),
     ]
     return "\n".join(lines)
 

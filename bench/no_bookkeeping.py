@@ -10,11 +10,17 @@ accounts, tokens, SQL, queue, retries or pixel budget. The model is the service'
 ``ModelRegistry(Config.from_env())``, so ``RUNTIME`` (default ``auto``: OpenVINO fp32
 on a CPU) and ``RUNTIME_THREADS`` pick what runs it exactly as in the worker.
 
+``run_waiting`` is the same pipeline for clients that each wait for their answer before
+sending the next image, as the service's singles with wait do: a batch holds what is
+loaded when the model is free (up to ``BATCH``). It bounds what any service can do for
+``CLIENTS`` waiting clients on this machine: their closed loop keeps batches small.
+
     python -m bench.no_bookkeeping [--quick]   # its own photo server; prints one round
     python -m bench.no_bookkeeping --serve     # rounds on request (bench.efficiency)
 
 ``--serve`` prints ``{"ready": ...}`` on one line once the model is set up and warm,
-then answers each line ``{"urls": [...]}`` on stdin with one line of results.
+then answers each line ``{"urls": [...]}`` on stdin with one line of results
+(``{"urls": [...], "clients": N}``: ``run_waiting`` with N clients).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from PIL import Image
 LOADERS = 3
 BATCH = 16
 N_IMAGES = 1000
+CLIENTS = 16  # bench.end_to_end's waiting clients
 
 
 def load(session: requests.Session, url: str, size: tuple[int, int]) -> np.ndarray:
@@ -99,17 +106,81 @@ class Pipeline:
         cpu = time.process_time() - cpu0
         for t in threads:
             t.join()
-        return {
-            "images": len(urls),
-            "ok": ok,
-            "failed": failed,
-            "wall_s": wall,
-            "images_per_s": ok / wall if wall else 0.0,
-            "cpu_ms_per_image": 1000 * cpu / max(1, ok),
-            "cores": cpu / wall if wall else 0.0,
-            "batches": batches,
-            "model_busy": forward_s / wall if wall else 0.0,
-        }
+        return _result(len(urls), ok, failed, wall, cpu, batches, forward_s)
+
+    def run_waiting(self, urls: list[str], clients: int = CLIENTS) -> dict:
+        """``clients`` threads, each sending its next URL when its previous one has an
+        answer; the loaders load what is sent, and the model takes every loaded image
+        waiting when it is free (up to ``batch``)."""
+        todo: queue.SimpleQueue = queue.SimpleQueue()
+        for url in urls:
+            todo.put(url)
+        sent: queue.SimpleQueue = queue.SimpleQueue()  # (url, the client's answer event)
+        loaded: queue.Queue = queue.Queue()  # (array or exception, answer event)
+        answers = {"ok": 0, "failed": 0}
+
+        def client() -> None:
+            answered = threading.Event()
+            while True:
+                try:
+                    url = todo.get_nowait()
+                except queue.Empty:
+                    return
+                answered.clear()
+                sent.put((url, answered))
+                answered.wait()
+
+        def loader(session: requests.Session) -> None:
+            while (item := sent.get()) is not None:
+                url, answered = item
+                try:
+                    loaded.put((load(session, url, self.model.input_size), answered))
+                except Exception as exc:  # counted: one bad URL must not stop the round
+                    loaded.put((exc, answered))
+
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        loaders = [threading.Thread(target=loader, args=(s,), daemon=True) for s in self.sessions]
+        senders = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+        for t in loaders + senders:
+            t.start()
+        batches, forward_s, answered_n = 0, 0.0, 0
+        while answered_n < len(urls):
+            taken = [loaded.get()]
+            while len(taken) < self.batch and not loaded.empty():
+                taken.append(loaded.get_nowait())
+            good = [(a, e) for a, e in taken if not isinstance(a, Exception)]
+            answers["failed"] += len(taken) - len(good)
+            if good:
+                f0 = time.perf_counter()
+                probs = self.model.predict_batch(np.stack([a for a, _ in good]).astype(np.float32))
+                forward_s += time.perf_counter() - f0
+                answers["ok"] += int(np.sum(np.isfinite(probs).all(axis=1)))
+                batches += 1
+            answered_n += len(taken)
+            for _, answered in taken:
+                answered.set()
+        wall = time.perf_counter() - t0
+        cpu = time.process_time() - cpu0
+        for _ in loaders:
+            sent.put(None)
+        for t in loaders + senders:
+            t.join()
+        out = _result(len(urls), answers["ok"], answers["failed"], wall, cpu, batches, forward_s)
+        return {**out, "clients": clients, "mean_batch": len(urls) / max(1, batches)}
+
+
+def _result(images, ok, failed, wall, cpu, batches, forward_s) -> dict:
+    return {
+        "images": images,
+        "ok": ok,
+        "failed": failed,
+        "wall_s": wall,
+        "images_per_s": ok / wall if wall else 0.0,
+        "cpu_ms_per_image": 1000 * cpu / max(1, ok),
+        "cores": cpu / wall if wall else 0.0,
+        "batches": batches,
+        "model_busy": forward_s / wall if wall else 0.0,
+    }
 
 
 def build_model():
@@ -143,7 +214,11 @@ def serve() -> None:
     print(json.dumps({"ready": describe(pipeline.model)}), flush=True)
     for line in sys.stdin:
         if line.strip():
-            result = pipeline.run(json.loads(line)["urls"])
+            asked = json.loads(line)
+            if asked.get("clients"):
+                result = pipeline.run_waiting(asked["urls"], asked["clients"])
+            else:
+                result = pipeline.run(asked["urls"])
             print(json.dumps(result), flush=True)
 
 

@@ -141,6 +141,9 @@ def run(quick: bool) -> Runner:
             r.section(
                 "no_bookkeeping_after", lambda: efficiency.pipeline_round(stack, plain, quick)
             )
+            r.section(
+                "no_bookkeeping_waiting", lambda: efficiency.waiting_round(stack, plain, quick)
+            )
             plain.stop()  # its memory, before the sections below
             if e2e:
                 best, wait = latency.saturation(e2e)
@@ -295,7 +298,9 @@ def efficiency_result(res: dict) -> dict | None:
     e2e = res.get("end_to_end")
     if not rounds or not e2e:
         return None
-    return efficiency.summarize(rounds, e2e["scenarios"], res.get("seed_alternative"))
+    return efficiency.summarize(
+        rounds, e2e["scenarios"], res.get("seed_alternative"), res.get("no_bookkeeping_waiting")
+    )
 
 
 def issue22_rows(res: dict) -> list[str]:

@@ -76,6 +76,7 @@ def test_report_has_every_section_with_numbers(quick_run):
     # Issue #22's efficiency rows: service rate over the no-bookkeeping pipeline's.
     assert re.search(r"^\| 22 \| efficiency, bulk >= ", text, flags=re.M)
     assert re.search(r"^\| 22 \| efficiency, singles, wait for answer >= ", text, flags=re.M)
+    assert "the service's singles with wait reach **" in text  # over the waiting bound
     # Each section after the header carries at least one table row with a number in it.
     sections = re.split(r"^## ", text, flags=re.M)[1:]
     for body in sections:
@@ -101,6 +102,9 @@ def test_raw_results_are_measurements(quick_run):
         plain = r[key]
         assert plain["ok"] == plain["images"] and plain["failed"] == 0, plain
         assert positive(plain["images_per_s"]) and positive(plain["cpu_ms_per_image"]), plain
+    waiting = r["no_bookkeeping_waiting"]  # (9)'s pipeline for waiting clients
+    assert waiting["ok"] == waiting["images"] and waiting["clients"] == 16, waiting
+    assert positive(waiting["images_per_s"]) and waiting["mean_batch"] >= 1, waiting
     keras = r["keras_bulk"]  # the bulk scenario again on RUNTIME=keras, for the runtime ratio
     assert keras["succeeded"] == keras["jobs"] and positive(keras["images_per_s"]), keras
     assert any(level.get("basis") == "wait" for level in r["latency"]["levels"])
