@@ -25,8 +25,9 @@ import redis
 from shared.config import Config
 
 #: How often a worker process sends what its batches recorded. Per batch, the flush
-#: (about 20 HINCRBYFLOATs) cost the worker about 7 % of its CPU with waiting clients,
-#: where batches are small; a scrape comes every 15 s or so, so a second's lag is unseen.
+#: (about 16 HINCRBYFLOATs in a pipeline) cost the worker 0.49 CPU ms, a lot where
+#: batches are small (waiting clients); a scrape comes every 15 s or so, so a second's
+#: lag is unseen (docs/benchmarks.md, session 12).
 FLUSH_INTERVAL_S = 1.0
 
 # name -> (kind, help, buckets); buckets only for histograms.

@@ -58,7 +58,8 @@ class Runtime:
 
     def start_metrics_loop(self) -> Periodic:
         """Send the batches' metrics every FLUSH_INTERVAL_S until ``close``. Redis away:
-        Periodic warns and backs off, and what was recorded meanwhile is lost."""
+        Periodic warns and backs off; what a failed flush held is lost, what the batches
+        record meanwhile waits for the next pass."""
         return Periodic("metrics", FLUSH_INTERVAL_S, self.flush_metrics, self.stopping).start()
 
     def close(self) -> None:
