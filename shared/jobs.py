@@ -29,26 +29,31 @@ from typing import Any, cast
 
 from sqlalchemy import (
     ARRAY,
+    JSON,
     BindParameter,
     ColumnElement,
     Insert,
     Row,
     Table,
+    Text,
     Update,
     any_,
     bindparam,
     case,
     delete,
+    func,
     insert,
     literal,
     select,
     update,
 )
+from sqlalchemy import cast as sql_cast
 from sqlalchemy.orm import Session
 
 from shared import ledger, webhook_events
-from shared.db import bulk_insert, commits_async
+from shared.db import bulk_insert, commits_async, dump_json
 from shared.models import Job, as_utc, is_row_id, new_id, utcnow
+from shared.results import pack
 from shared.status import ACTIVE, TERMINAL, JobStatus
 
 # Typed as the Table it is (declarative classes declare __table__ as a FromClause).
@@ -352,6 +357,35 @@ def _succeeded_one_statement(dialect: str, commit_async: bool, rows: bool) -> Up
     )
 
 
+@functools.cache
+def _succeeded_many_statement(commit_async: bool, rows: bool) -> Update:
+    """PostgreSQL's success write for several jobs: one SQL text for every batch size
+    (psycopg prepares it once), each result paired with its id by ``unnest``."""
+    done = (
+        func.unnest(
+            bindparam("done_ids", type_=ARRAY(JOBS.c.id.type)),
+            bindparam("done_results", type_=ARRAY(Text())),
+        )
+        .table_valued("id", "result")
+        .render_derived(name="done")
+    )
+    return (
+        update(JOBS)
+        .where(
+            JOBS.c.id == done.c.id,
+            JOBS.c.status.in_(ACTIVE_VALUES),
+            *_async_where("postgresql", commit_async),
+        )
+        .values(
+            status=JobStatus.SUCCEEDED.value,
+            result=sql_cast(done.c.result, JSON),
+            completed_at=bindparam("done_now"),
+            claimed_by=None,
+        )
+        .returning(*_returned(rows))
+    )
+
+
 def _returned(rows: bool) -> Iterable[ColumnElement[Any]]:
     """What a success's UPDATE returns: whole rows (``mark_all_succeeded_rows``), or ids."""
     return JOBS.c if rows else (JOBS.c.id,)
@@ -362,14 +396,16 @@ def mark_all_succeeded(
 ) -> set[str]:
     """Store each job's result in one statement; returns the ids whose transition won.
 
-    A worker's batch ends with one UPDATE, not one per job: the result is picked per
-    row with ``CASE id WHEN ... THEN ...``, and RETURNING tells which jobs were still
-    active (a job canceled or finished meanwhile keeps its outcome). ``commit_async``:
-    the transaction commits without waiting for the disk (``shared.db.commits_async``;
-    PostgreSQL). ``results`` are full results (``{"predictions": [...]}``); the column's
-    type stores them compactly (``shared.results.StoredResult``). ``claimed_by`` is
-    cleared: only the reconciler reads it, and only for processing jobs, so a finished
-    row need not carry the worker's name (about 30 bytes a job, issue #26).
+    A worker's batch ends with one UPDATE, not one per job: each result is paired with
+    its id by ``unnest`` of two arrays on PostgreSQL (one SQL text for every batch size,
+    prepared once), by ``CASE id WHEN ... THEN ...`` on SQLite; RETURNING tells which
+    jobs were still active (a job canceled or finished meanwhile keeps its outcome).
+    ``commit_async``: the transaction commits without waiting for the disk
+    (``shared.db.commits_async``; PostgreSQL). ``results`` are full results
+    (``{"predictions": [...]}``); the column's type stores them compactly
+    (``shared.results.StoredResult``). ``claimed_by`` is cleared: only the reconciler
+    reads it, and only for processing jobs, so a finished row need not carry the
+    worker's name (about 30 bytes a job, issue #26).
     """
     return {row.id for row in _mark_succeeded(session, results, commit_async, rows=False)}
 
@@ -394,8 +430,16 @@ def _mark_succeeded(
         params = {"done_id": job_id, "done_result": value, "done_now": utcnow()}
         stmt = _succeeded_one_statement(dialect, commit_async, rows)
         return list(connection.execute(stmt, params).all())
-    # Each id bound as the column's type: a plain str would be varchar, which PostgreSQL
-    # will not compare with a uuid column.
+    if dialect == "postgresql":
+        params = {
+            "done_ids": list(results),
+            # The text StoredResult would bind: packed, then the engine's compact JSON.
+            "done_results": [dump_json(pack(v)) for v in results.values()],
+            "done_now": utcnow(),
+        }
+        stmt = _succeeded_many_statement(commit_async, rows)
+        return list(connection.execute(stmt, params).all())
+    # SQLite: the result picked per row by a CASE (no arrays there).
     result = case(
         {
             literal(job_id, JOBS.c.id.type): literal(value, JOBS.c.result.type)
