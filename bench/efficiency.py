@@ -220,9 +220,9 @@ def _against_waiting_bound(result: dict) -> str:
     if not waiting or not wait or not waiting["images_per_s"]:
         return ""
     return (
-        f" The pipeline for {waiting['clients']} waiting clients (each sends its next image "
-        "when it has the previous answer; the model takes what is loaded when it is free) "
-        f"is what any service can do for them here: {fmt(waiting['images_per_s'])}/s, "
+        f" The same pipeline for {waiting['clients']} waiting clients (each sends its next "
+        "image when it has the previous answer; the model takes what is loaded when it is "
+        f"free) ran at {fmt(waiting['images_per_s'])}/s, "
         f"mean batch {fmt(waiting['mean_batch'])}; the service's singles with wait reach "
         f"**{fmt(wait['images_per_s'] / waiting['images_per_s'], 2)}** of it."
     )

@@ -12,7 +12,7 @@ on a CPU) and ``RUNTIME_THREADS`` pick what runs it exactly as in the worker.
 
 ``run_waiting`` is the same pipeline for clients that each wait for their answer before
 sending the next image, as the service's singles with wait do: a batch holds what is
-loaded when the model is free (up to ``BATCH``). It bounds what any service can do for
+loaded when the model is free (up to ``BATCH``). It is the reference for a service's
 ``CLIENTS`` waiting clients on this machine: their closed loop keeps batches small.
 
     python -m bench.no_bookkeeping [--quick]   # its own photo server; prints one round
