@@ -340,21 +340,9 @@ def claim_plain(
 
 @functools.cache
 def _succeeded_one_statement(dialect: str, commit_async: bool, rows: bool) -> Update:
-    return (
-        update(JOBS)
-        .where(
-            JOBS.c.id == bindparam("done_id"),
-            JOBS.c.status.in_(ACTIVE_VALUES),
-            *_async_where(dialect, commit_async),
-        )
-        .values(
-            status=JobStatus.SUCCEEDED.value,
-            result=bindparam("done_result", type_=JOBS.c.result.type),
-            completed_at=bindparam("done_now"),
-            claimed_by=None,
-        )
-        .returning(*_returned(rows))
-    )
+    """The success write of a lone job: its id and result bound as they are."""
+    result = bindparam("done_result", type_=JOBS.c.result.type)
+    return _succeeded(dialect, commit_async, rows, JOBS.c.id == bindparam("done_id"), result)
 
 
 @functools.cache
@@ -369,16 +357,25 @@ def _succeeded_many_statement(commit_async: bool, rows: bool) -> Update:
         .table_valued("id", "result")
         .render_derived(name="done")
     )
+    result = sql_cast(done.c.result, JSON)
+    return _succeeded("postgresql", commit_async, rows, JOBS.c.id == done.c.id, result)
+
+
+def _succeeded(
+    dialect: str,
+    commit_async: bool,
+    rows: bool,
+    matched: ColumnElement[bool],
+    result: ColumnElement[Any],
+) -> Update:
+    """The success write the two above share: the ``matched`` jobs still active get
+    ``result``, at the time bound as ``done_now``."""
     return (
         update(JOBS)
-        .where(
-            JOBS.c.id == done.c.id,
-            JOBS.c.status.in_(ACTIVE_VALUES),
-            *_async_where("postgresql", commit_async),
-        )
+        .where(matched, JOBS.c.status.in_(ACTIVE_VALUES), *_async_where(dialect, commit_async))
         .values(
             status=JobStatus.SUCCEEDED.value,
-            result=sql_cast(done.c.result, JSON),
+            result=result,
             completed_at=bindparam("done_now"),
             claimed_by=None,
         )
