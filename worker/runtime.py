@@ -24,9 +24,13 @@ from shared.uploads import UploadStore
 from worker.loader import Loader, ThreadLoader
 from worker.loader_pool import LoaderProcesses
 from worker.models import ModelRegistry, top_k
-from worker.periodic import Periodic
+from worker.periodic import JITTER, Periodic
 
 log = logging.getLogger(__name__)
+
+#: The longest a batch's metrics wait in the runtime before they are sent: one
+#: interval of its ``metrics`` loop, jitter included.
+METRICS_SENT_WITHIN_S = FLUSH_INTERVAL_S * (1 + JITTER)
 
 
 @dataclass

@@ -8,7 +8,7 @@ from api import create_app
 from shared import metrics
 from shared.queue import interactive_queue
 from tests import support
-from worker.periodic import JITTER
+from worker.runtime import METRICS_SENT_WITHIN_S
 
 
 def _samples(client) -> dict:
@@ -25,7 +25,7 @@ def _settled_samples(client) -> dict:
     job an earlier test finished reaches Redis up to one interval after its answer
     (shared.metrics.FLUSH_INTERVAL_S), and must not count as this test's."""
     names = tuple(f"imgclf_{name}" for name in metrics.METRICS)
-    quiet_s = 2 * metrics.FLUSH_INTERVAL_S * (1 + JITTER)
+    quiet_s = 2 * METRICS_SENT_WITHIN_S
     last = {"workers": None, "since": 0.0}
 
     def settled():
