@@ -117,7 +117,6 @@ class Pipeline:
             todo.put(url)
         sent: queue.SimpleQueue = queue.SimpleQueue()  # (url, the client's answer event)
         loaded: queue.Queue = queue.Queue()  # (array or exception, answer event)
-        answers = {"ok": 0, "failed": 0}
 
         def client() -> None:
             answered = threading.Event()
@@ -143,29 +142,30 @@ class Pipeline:
         senders = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
         for t in loaders + senders:
             t.start()
-        batches, forward_s, answered_n = 0, 0.0, 0
-        while answered_n < len(urls):
+        ok = failed = batches = done = 0
+        forward_s = 0.0
+        while done < len(urls):
             taken = [loaded.get()]
             while len(taken) < self.batch and not loaded.empty():
                 taken.append(loaded.get_nowait())
             good = [(a, e) for a, e in taken if not isinstance(a, Exception)]
-            answers["failed"] += len(taken) - len(good)
+            failed += len(taken) - len(good)
             if good:
                 f0 = time.perf_counter()
                 probs = self.model.predict_batch(np.stack([a for a, _ in good]).astype(np.float32))
                 forward_s += time.perf_counter() - f0
-                answers["ok"] += int(np.sum(np.isfinite(probs).all(axis=1)))
+                ok += int(np.sum(np.isfinite(probs).all(axis=1)))
                 batches += 1
-            answered_n += len(taken)
-            for _, answered in taken:
-                answered.set()
+            done += len(taken)
+            for _, event in taken:
+                event.set()
         wall = time.perf_counter() - t0
         cpu = time.process_time() - cpu0
         for _ in loaders:
             sent.put(None)
         for t in loaders + senders:
             t.join()
-        out = _result(len(urls), answers["ok"], answers["failed"], wall, cpu, batches, forward_s)
+        out = _result(len(urls), ok, failed, wall, cpu, batches, forward_s)
         return {**out, "clients": clients, "mean_batch": len(urls) / max(1, batches)}
 
 
