@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 
 from bench.common import after_next_flush, cpu_seconds, fmt, main_json, median, pids_matching
+from bench.latency import lone_stages
 from harness import databases, stack_config
 
 STEP_SIZES = (1, 32)
@@ -353,7 +354,8 @@ def _breakdown(result: dict) -> list[str]:
     lines += [
         "",
         f"Lone requests (one client, `Prefer: wait=60`, {lone['jobs']} in a row): p50 "
-        f"{fmt(lone['p50_ms'])} ms, p95 {fmt(lone['p95_ms'])} ms (no forward pass).",
+        f"{fmt(lone['p50_ms'])} ms, p95 {fmt(lone['p95_ms'])} ms (no forward pass); "
+        + lone_stages(lone),
     ]
     floor = sc["http_floor"]
     lines += [

@@ -25,6 +25,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import psycopg
 import requests
 
 from bench.common import (
@@ -36,6 +37,7 @@ from bench.common import (
     percentile,
     wait_done,
 )
+from shared.models import as_utc
 
 LOADS = (0.1, 0.5, 0.9)
 # Issue #17 bounds p99 at this fraction of the wait-for-answer saturation.
@@ -48,20 +50,56 @@ CLIENT_THREADS = 256
 LONE_REQUESTS = 100
 
 
+#: A lone request's path, cut by the job's own timestamps (every process on one host:
+#: one clock). Each stage: (key, label, from, to).
+LONE_STAGES = (
+    ("api_in", "API, to the job row", "sent", "created_at"),
+    ("to_claim", "API commit and send, broker, consumer, claim", "created_at", "claimed_at"),
+    ("to_result", "fetch, decode, batch, forward", "claimed_at", "completed_at"),
+    ("to_answer", "write, announce, wake-up, answer", "completed_at", "answered"),
+)
+
+
 def lone(stack: ServiceStack, n: int) -> dict:
     """One client, ``n`` jobs one after another, each ``POST /v1/jobs`` with
-    ``Prefer: wait=60``: submit-to-result time with nothing else in the service."""
+    ``Prefer: wait=60``: submit-to-result time with nothing else in the service, and
+    its p50 by stage (``LONE_STAGES``)."""
     user = stack.user(n + 2)
     headers = {**user["headers"], "Prefer": "wait=60"}
-    latencies = []
+    latencies, times = [], {}
     with requests.Session() as session:
         for url in stack.urls(n):
-            start = time.perf_counter()
+            sent, start = time.time(), time.perf_counter()
             resp = session.post(f"{stack.api.url}/v1/jobs", json={"url": url}, headers=headers)
             latencies.append(time.perf_counter() - start)
+            answered = time.time()
             if resp.status_code != 200 or resp.json()["status"] != "succeeded":
                 raise RuntimeError(f"lone request: {resp.status_code} {resp.text[:200]}")
-    return {"jobs": n, "max_ms": max(latencies) * 1000, **latency_summary(latencies)}
+            times[resp.json()["id"]] = {"sent": sent, "answered": answered}
+    return {
+        "jobs": n,
+        "max_ms": max(latencies) * 1000,
+        **latency_summary(latencies),
+        "stages_p50_ms": _stages(stack, times),
+    }
+
+
+def _stages(stack: ServiceStack, times: dict[str, dict[str, float]]) -> dict[str, float]:
+    with psycopg.connect(stack.dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT id::text, created_at, claimed_at, completed_at FROM jobs WHERE id = ANY(%s)",
+            (list(times),),
+        ).fetchall()
+    for job_id, created, claimed, completed in rows:
+        times[job_id].update(
+            created_at=as_utc(created).timestamp(),
+            claimed_at=as_utc(claimed).timestamp(),
+            completed_at=as_utc(completed).timestamp(),
+        )
+    return {
+        key: percentile([t[end] - t[begin] for t in times.values()], 50) * 1000
+        for key, _, begin, end in LONE_STAGES
+    }
 
 
 def run_lone(quick: bool = False) -> dict:
@@ -205,8 +243,15 @@ def _lone_line(result: dict) -> str:
     return (
         f"Lone requests{model}: one client, {r['jobs']} jobs one after another, each "
         f"`POST /v1/jobs` with `Prefer: wait=60`: p50 {fmt(r['p50_ms'])} ms, p95 "
-        f"{fmt(r['p95_ms'])} ms, max {fmt(r['max_ms'], 0)} ms."
+        f"{fmt(r['p95_ms'])} ms, max {fmt(r['max_ms'], 0)} ms. {lone_stages(r)}"
     )
+
+
+def lone_stages(r: dict) -> str:
+    """The p50 of each stage of a lone request's path, as a sentence."""
+    stages = r.get("stages_p50_ms", {})
+    parts = [f"{label} {fmt(stages.get(key))}" for key, label, _, _ in LONE_STAGES]
+    return "p50 by stage, ms: " + "; ".join(parts) + "."
 
 
 def report(result: dict) -> str:

@@ -110,7 +110,10 @@ def test_raw_results_are_measurements(quick_run):
     assert any(level.get("basis") == "wait" for level in r["latency"]["levels"])
     for level in r["latency"]["levels"]:
         assert level["failed"] == 0 and positive(level["p50_ms"]), level
-    assert positive(r["latency"]["lone"]["p50_ms"])  # lone requests, one after another
+    lone = r["latency"]["lone"]  # lone requests, one after another
+    assert positive(lone["p50_ms"])
+    assert len(lone["stages_p50_ms"]) == 4, lone  # its path, cut by the job's timestamps
+    assert all(positive(ms) for ms in lone["stages_p50_ms"].values()), lone
     assert positive(r["api_only"]["saturation"]["ok_per_s"])
     assert r["api_only"]["saturation"]["non_2xx"] == 0
     assert positive(r["seed_alternative"]["best"]["images_per_s"])
