@@ -3,8 +3,9 @@
 Stock ``celery_batches.Batches`` flushes its buffer on a message count or a
 timer. Under load that lines up many small batches behind a busy pool process
 (docs/architecture.md, the batching policy). ``ContinuousBatches`` instead
-dispatches a batch only when a pool slot is free, and that batch is everything ready
-so far, up to ``batch_max`` job ids. While every slot is busy, arriving jobs
+dispatches a batch only when a pool slot is free (with a loader, also only once the
+batch in flight is past its forward pass: the model is free), and that batch is
+everything ready so far, up to ``batch_max`` job ids. While every slot is busy, arriving jobs
 accumulate into the next batch; when a slot is free, a lone job is dispatched
 at once (or, with ``batch_wait`` > 0, waits at most that long for company).
 The batch size thus follows the load, with no fixed wait: one job at a time
@@ -14,9 +15,9 @@ Each delivered message is a ``Message`` that this class owns from arrival until 
 acked or requeued; its ``state`` is the per-message state machine of
 docs/architecture.md ("The loading stage"):
 
-    ARRIVED ──(room to load)──> LOADING ──> LOADED ──(a slot is free)──> IN_BATCH
-       ^                          │                                         │
-       └──(close came first)──────┤                                  acked, or requeued
+    ARRIVED ──(room to load)──> LOADING ──> LOADED ──(slot, model free)──> IN_BATCH
+       ^                          │                                           │
+       └──(close came first)──────┤                                    acked, or requeued
                                   └──(claim not written, or a bug)──> requeued
 
 With a ``loader`` (the threads pool), a message starts ``LOADING`` as it arrives
@@ -118,6 +119,8 @@ class ContinuousBatches(Batches):
         self.slot_pool: Any = None  # the worker's pool, whose slots run batches
         self._messages: list[Message] = []  # held, in arrival order
         self._in_flight = 0
+        # Batches in flight not yet past their forward pass (with a loader only).
+        self._before_forward = 0
         self._closed = False
         self._timer: Any = None
         # The consumer's thread, the loader's callbacks, the pool's callbacks and the
@@ -275,16 +278,23 @@ class ContinuousBatches(Batches):
             limit = max(1, int(getattr(self.slot_pool, "limit", None) or 1))
             if self._in_flight >= limit:
                 return  # a batch in flight dispatches the next one when it returns
+            if self._before_forward:
+                # The model is taken: this batch would wait for it, and the images that
+                # load meanwhile would miss it. It goes when the forward pass ends, with
+                # everything loaded by then (batches of waiting clients were half the size).
+                return
             batch = self._take()
             if not batch:
                 return
             self._in_flight += 1
+            self._before_forward += self.loader is not None
             self._admit()  # the ids just taken leave room to load more
         try:
             self.flush(batch)
         except RuntimeError as exc:  # the pool stopped (worker shutdown)
             with self._lock:
                 self._in_flight -= 1
+                self._before_forward -= self.loader is not None
             log.warning("%d message(s) not run: %r; the broker gets them back", len(batch), exc)
 
     def close(self) -> None:
@@ -335,14 +345,37 @@ class ContinuousBatches(Batches):
             self._messages = [m for m in self._messages if id(m) not in gone]
 
     def flush(self, batch: list[Message]) -> Any:
-        """Run ``batch`` in a slot: the task gets its requests and, explicitly, their loads."""
+        """Run ``batch`` in a slot: the task gets its requests and, explicitly, their loads
+        and the call that says its forward pass is over (``forward_done``)."""
         requests = [SimpleRequest.from_request(m.request) for m in batch]
-        loaded = [m.loaded for m in batch] if self.loader is not None else None
+        args: tuple = (requests, None)
+        forwarding = [self.loader is not None]  # counted in _before_forward until it ends
+
+        def end_forward() -> None:
+            # Once per batch: when the task says so, or at the latest when it returns.
+            with self._lock:
+                if forwarding[0]:
+                    forwarding[0] = False
+                    self._before_forward -= 1
+
+        def forward_done() -> None:
+            """The batch's forward pass is over: the next batch may take the model. Never
+            raises into the batch: its results are still to be written (``on_return``
+            dispatches again in any case)."""
+            end_forward()
+            try:
+                self.dispatch()
+            except Exception:
+                log.exception("dispatching the next batch after a forward pass failed")
+
+        if self.loader is not None:
+            args = (requests, [m.loaded for m in batch], forward_done)
 
         # Both reach _finish whatever else fails: a written batch left unacked would
         # run again, and its slot's messages would be held for ever.
         def on_return(result: Any) -> None:
             try:
+                end_forward()
                 with self._lock:
                     self._in_flight -= 1
                 # Dispatch the next batch before the acks: acks are Redis round trips.
@@ -352,6 +385,7 @@ class ContinuousBatches(Batches):
 
         def on_error(exc_info: Any) -> None:
             try:
+                end_forward()
                 with self._lock:
                     self._in_flight -= 1
                 log.error(
@@ -365,7 +399,7 @@ class ContinuousBatches(Batches):
 
         return self.slot_pool.apply_async(
             apply_batches_task,
-            (self, (requests, loaded), 0, None),
+            (self, args, 0, None),
             callback=on_return,
             error_callback=on_error,
         )

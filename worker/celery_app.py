@@ -113,9 +113,10 @@ def create_app(config: Config) -> Celery:
     # shared=False: else Celery adds the task, with this app's closure, to every app
     # finalized later in the process.
     @app.task(name=CLASSIFY_TASK, base=_task_class(config), shared=False)
-    def classify(requests, loaded=None) -> str | None:
-        """Classify the messages' job ids (``loaded``: their loads) as one batch."""
-        return _classify(worker, requests, loaded)
+    def classify(requests, loaded=None, forward_done=None) -> str | None:
+        """Classify the messages' job ids (``loaded``: their loads) as one batch;
+        ``forward_done()`` once its forward pass is over (worker.batching)."""
+        return _classify(worker, requests, loaded, forward_done)
 
     return app
 
@@ -333,11 +334,11 @@ def _task_class(config: Config) -> type[ContinuousBatches]:
     return ClassifyTask
 
 
-def _classify(worker: ClassifyWorker, requests, loaded) -> str | None:
+def _classify(worker: ClassifyWorker, requests, loaded, forward_done) -> str | None:
     job_ids = list(dict.fromkeys(j for r in requests for j in ContinuousBatches.job_ids(r)))
     try:
         # Loaded by the loader stage (threads pool); None: the batch loads them itself.
-        return pipeline.process(worker.runtime(), job_ids, loaded)
+        return pipeline.process(worker.runtime(), job_ids, loaded, forward_done)
     except Exception:
         # celery-batches would log this and ack the whole batch; requeue instead, and
         # let the per-job attempt counter end a batch that always fails.

@@ -302,8 +302,14 @@ def take_images(
             o.array = arrays[rt.models.get(o.job.model).input_size]
 
 
-def process(rt: Runtime, job_ids: list[str], loaded: list[Loaded] | None = None) -> str | None:
+def process(
+    rt: Runtime,
+    job_ids: list[str],
+    loaded: list[Loaded] | None = None,
+    forward_done: Callable[[], None] | None = None,
+) -> str | None:
     """Run a batch: its loaded messages, or (no loader stage) load ``job_ids`` here first.
+    ``forward_done()`` is called once its forward pass is over, before the write.
 
     Returns RETRY_BATCH when results could not be written.
     """
@@ -318,6 +324,8 @@ def process(rt: Runtime, job_ids: list[str], loaded: list[Loaded] | None = None)
     if not outcomes:
         return None
     predict(rt, [o for o in outcomes if o.error is None], stats)
+    if forward_done is not None:
+        forward_done()  # the next batch takes the model while this one writes
     cpu = time.thread_time()
     written = _with_db_retry(rt, lambda s: write(s, outcomes))
     stats.inc(BOOKKEEPING, time.thread_time() - cpu, step="write")

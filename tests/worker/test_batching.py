@@ -15,9 +15,15 @@ class RecordingPool:
         self.calls = []
 
     def apply_async(self, target, args, callback, error_callback):
-        requests, loaded = args[1]
+        requests, loaded, *forward_done = args[1]  # forward_done: with a loader stage
         self.calls.append(
-            SimpleNamespace(requests=requests, loaded=loaded, done=callback, lost=error_callback)
+            SimpleNamespace(
+                requests=requests,
+                loaded=loaded,
+                forward_done=forward_done[0] if forward_done else None,
+                done=callback,
+                lost=error_callback,
+            )
         )
 
 
@@ -201,6 +207,7 @@ def test_a_message_still_loading_holds_no_slot(loading):
     assert [_ids(c) for c in loading.slot_pool.calls] == [["quick"]]
     assert loading.slot_pool.calls[0].loaded == ["arrays"]
     loading.loader.finish("slow", "slow arrays")
+    loading.slot_pool.calls[0].forward_done()
     assert _ids(loading.slot_pool.calls[1]) == ["slow"]
     assert loading.slot_pool.calls[1].loaded == ["slow arrays"]
 
@@ -210,6 +217,7 @@ def test_loading_starts_while_every_slot_is_busy(loading):
     loading.dispatch()
     loading.loader.finish("a")
     loading.loader.finish("b")
+    loading.slot_pool.calls[0].forward_done()
     assert len(loading.slot_pool.calls) == 2  # both slots busy
     _buffer(loading, *[Message(x) for x in "cde"])
     loading.dispatch()
@@ -217,7 +225,29 @@ def test_loading_starts_while_every_slot_is_busy(loading):
     for x in "cde":
         loading.loader.finish(x)
     loading.slot_pool.calls[0].done(None)
+    loading.slot_pool.calls[1].forward_done()
     assert _ids(loading.slot_pool.calls[2]) == ["c", "d", "e"]
+
+
+def test_the_next_batch_waits_for_the_forward_pass_and_takes_all_loaded_by_then(loading):
+    # A batch formed while the model is taken would hold only what had loaded when the
+    # previous one started, and wait for the model anyway.
+    calls = loading.slot_pool.calls
+    _buffer(loading, Message("a"))
+    loading.loader.finish("a")
+    _buffer(loading, Message("b"), Message("c"))
+    loading.loader.finish("b")
+    loading.loader.finish("c")
+    assert [_ids(c) for c in calls] == [["a"]]  # a slot is free, the model is not
+    calls[0].forward_done()
+    assert [_ids(c) for c in calls] == [["a"], ["b", "c"]]
+    calls[0].forward_done()  # said twice: counted once
+    calls[0].done(None)
+    _buffer(loading, Message("d"))
+    loading.loader.finish("d")
+    assert len(calls) == 2  # b, c have not passed their forward pass yet
+    calls[1].done(None)  # returned without one (every image failed, say): the model is free
+    assert _ids(calls[2]) == ["d"]
 
 
 def test_a_load_that_could_not_claim_requeues_its_message(loading):
