@@ -17,6 +17,7 @@ def scenario(name: str, rate: float, jobs: int = 10) -> dict:
         "failed": 0,
         "images_per_s": rate,
         "cpu_ms_per_image": cpu,
+        "worker": {"mean_batch_size": 4.5},
     }
 
 
@@ -36,6 +37,7 @@ def test_rates_are_divided_by_the_faster_pipeline_round() -> None:
     assert rows["bulk"]["cpu_ms_per_image"] == pytest.approx(26.0)
     (seed_row,) = [r for r in out["rows"] if r["name"].startswith("seed-style")]
     assert seed_row["efficiency"] == pytest.approx(0.6) and seed_row["target"] is None
+    assert rows["bulk"]["mean_batch"] == 4.5 and seed_row["mean_batch"] is None
 
 
 def test_the_section_replaces_its_old_self_or_goes_before_the_analysis(tmp_path) -> None:
