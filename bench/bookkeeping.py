@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 
 from bench.common import after_next_flush, cpu_seconds, fmt, main_json, median, pids_matching
-from bench.latency import lone_stages
+from bench.latency import lone, lone_stages
 from harness import databases, stack_config
 
 STEP_SIZES = (1, 32)
@@ -232,8 +232,6 @@ def one_user_waiting(stack, n: int, honour_retry_after: bool) -> dict:
 
 def lone_requests(stack, n: int) -> dict:
     """One client, one job at a time with ``Prefer: wait=60``: latency of a lone request."""
-    from bench.latency import lone
-
     return {"scenario": "lone requests", **lone(stack, n)}
 
 

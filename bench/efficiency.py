@@ -255,7 +255,7 @@ def report(result: dict) -> str:
         lines.append(
             f"| {r['name']} | {r['jobs']} | {r['succeeded']} | {r['failed']} | "
             f"**{fmt(r['images_per_s'])}** | **{fmt(r['efficiency'], 2)}** | {target} | "
-            f"{fmt(r['cpu_ms_per_image'])} | {fmt(r.get('mean_batch'))} |"
+            f"{fmt(r['cpu_ms_per_image'])} | {fmt(r['mean_batch'])} |"
         )
     others = " and ".join(fmt(p["cpu_cores"].get("other"), 2) for p in result["pipeline"])
     lines += [
