@@ -145,6 +145,15 @@ def test_a_jpeg_of_thousands_of_scans_is_refused() -> None:
     assert "scans" in _refusal(data)
 
 
+def test_scan_markers_count_every_ff_da_from_the_position_on() -> None:
+    rng = np.random.default_rng(22)
+    for _ in range(500):
+        data = rng.choice(np.array([0xFF, 0xDA, 0x00, 0xD0], np.uint8), rng.integers(0, 40))
+        raw = data.tobytes()
+        pos = int(rng.integers(0, len(raw) + 1))
+        assert image_header._scan_markers(raw, pos) == raw.count(b"\xff\xda", pos)
+
+
 def test_a_gif_of_a_huge_comment_is_refused() -> None:
     good = _encode(Image.new("L", (8, 8)), "GIF")
     comment = b"!\xfe" + (b"\xff" + b"c" * 255) * 80_000 + b"\x00"  # 20 MB of sub-blocks
