@@ -90,10 +90,32 @@ def test_openvino_gives_keras_answers_on_real_photos(
     np.testing.assert_array_equal(got.argmax(1), expected.argmax(1))
     if ov_model.choice.precision == "fp32":
         np.testing.assert_allclose(got, expected, atol=1e-4)
-    # Odd sizes go through the same padding path as with Keras.
+    # Odd sizes: Keras pads them to a bucket, OpenVINO runs them at their own size.
     np.testing.assert_array_equal(
         ov_model.predict_batch(photos[:3]).argmax(1), expected[:3].argmax(1)
     )
+
+
+def test_openvino_runs_each_batch_at_its_own_size(
+    ov_model: MobileNet, photos: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    compiled = ov_model._compiled
+    assert compiled is not None
+    forward = compiled.predict_on_batch
+    sizes: list[int] = []
+
+    def recorded(batch: np.ndarray) -> np.ndarray:
+        sizes.append(len(batch))
+        return forward(batch)
+
+    monkeypatch.setattr(compiled, "predict_on_batch", recorded)
+    nine = np.stack([photos[i % len(photos)] for i in range(9)])
+    got = ov_model.predict_batch(nine)  # Keras would run it as 16
+    seventy = np.stack([photos[i % len(photos)] for i in range(70)])
+    assert ov_model.predict_batch(seventy).shape == (70, 1000)
+    assert sizes == [9, 32, 32, 6]  # chunks of max_batch, none padded
+    padded = np.concatenate([nine, np.zeros((7, *nine.shape[1:]), nine.dtype)])
+    np.testing.assert_allclose(got, forward(padded.astype(np.float32))[:9], atol=1e-5)
 
 
 def test_a_restart_reads_the_compiled_model_from_the_cache(
