@@ -201,7 +201,7 @@ class ImageModel(abc.ABC):
             chunk = images[start : start + self.max_batch]
             size = len(chunk)
             # A fresh buffer: preprocess() works in place and the caller's array
-            # must not change; zero rows pad the chunk up to the bucket size.
+            # must not change; on Keras, zero rows pad the chunk up to its bucket.
             buf = np.zeros((self._run_size(size), height, width, 3), dtype=np.float32)
             buf[:size] = chunk
             out[start : start + size] = self._forward(buf)[:size]
