@@ -42,7 +42,7 @@ from harness.processes import WORKER_START_TIMEOUT_S, WebhookWorkerProcess, Work
 from harness.services import OUTPUT, POSTGRES_ADMIN_URL, RABBITMQ_URL, REDIS_URL, ROOT
 from harness.serving import serving
 from harness.stack_config import config_env, test_config
-from harness.waiting import wait_for
+from harness.waiting import queue_reaches, wait_for
 
 __all__ = [
     "GATE_MAX_S",
@@ -80,6 +80,7 @@ __all__ = [
     "png_chunk",
     "png_chunk_flood",
     "png_header",
+    "queue_reaches",
     "refill",
     "serving",
     "test_config",

@@ -7,7 +7,7 @@ import uuid
 import pytest
 from kombu.exceptions import OperationalError
 
-from shared.queue import BulkSendError, bulk_queue, enqueue_bulk, make_celery, queue_depth
+from shared.queue import BulkSendError, bulk_queue, enqueue_bulk, make_celery
 from tests import support
 
 CHUNKS = [["a", "b"], ["c"], ["d", "e", "f"]]
@@ -43,7 +43,7 @@ def test_every_chunk_is_a_message_in_order(config):
     with app.connection_for_write() as conn:  # as the workers declare it
         app.amqp.queues[bulk_queue(config)](conn.default_channel).declare()
     enqueue_bulk(app, config, CHUNKS)
-    assert queue_depth(app, [bulk_queue(config)]) == 3
+    support.queue_reaches(app, [bulk_queue(config)], 3)
     assert _received(app, config) == CHUNKS
 
 
@@ -67,4 +67,5 @@ def test_a_failure_says_how_many_chunks_went_out(config, monkeypatch):
     assert isinstance(failed.value.__cause__, OperationalError)
     sent = 0 if config.broker_is_redis else 2
     assert failed.value.sent == sent
+    support.queue_reaches(app, [bulk_queue(config)], sent)
     assert _received(app, config) == CHUNKS[:sent]

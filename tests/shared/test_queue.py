@@ -18,7 +18,6 @@ from shared.queue import (
     enqueue_webhooks,
     interactive_queue,
     make_celery,
-    queue_depth,
     webhook_queue,
 )
 from tests import support
@@ -67,8 +66,8 @@ def test_senders_and_workers_declare_the_same_queues(rabbit_config):
             queue.bind(conn.default_channel).declare()
     enqueue_jobs(app, rabbit_config, ["a", "b"])
     enqueue_webhooks(app, rabbit_config, ["e"])
-    assert queue_depth(app, classify_queues(rabbit_config)) == 2
-    assert queue_depth(app, [webhook_queue(rabbit_config)]) == 1
+    support.queue_reaches(app, classify_queues(rabbit_config), 2)
+    support.queue_reaches(app, [webhook_queue(rabbit_config)], 1)
 
 
 def test_each_queue_is_bound_under_its_own_name() -> None:
@@ -94,8 +93,8 @@ def test_a_rabbitmq_sender_declares_its_queues_itself(rabbit_config):
     app = make_celery(rabbit_config)
     enqueue_jobs(app, rabbit_config, ["a"])
     enqueue_webhooks(app, rabbit_config, ["e"])
-    assert queue_depth(app, [interactive_queue(rabbit_config)]) == 1
-    assert queue_depth(app, [webhook_queue(rabbit_config)]) == 1
+    support.queue_reaches(app, [interactive_queue(rabbit_config)], 1)
+    support.queue_reaches(app, [webhook_queue(rabbit_config)], 1)
 
 
 def test_redis_messages_reach_their_lists_undeclared_and_ask_for_no_result(tmp_path):
