@@ -349,13 +349,14 @@ class ContinuousBatches(Batches):
         and the call that says its forward pass is over (``forward_done``)."""
         requests = [SimpleRequest.from_request(m.request) for m in batch]
         args: tuple = (requests, None)
-        forwarding = [self.loader is not None]  # counted in _before_forward until it ends
+        forwarding = self.loader is not None  # counted in _before_forward until it ends
 
         def end_forward() -> None:
             # Once per batch: when the task says so, or at the latest when it returns.
+            nonlocal forwarding
             with self._lock:
-                if forwarding[0]:
-                    forwarding[0] = False
+                if forwarding:
+                    forwarding = False
                     self._before_forward -= 1
 
         def forward_done() -> None:
