@@ -145,7 +145,9 @@ def test_a_jpeg_of_thousands_of_scans_is_refused() -> None:
     assert "scans" in _refusal(data)
 
 
-def test_scan_markers_count_every_ff_da_from_the_position_on() -> None:
+@pytest.mark.parametrize("window", [image_header.SCAN_WINDOW, 1, 2, 7])
+def test_scan_markers_count_every_ff_da_from_the_position_on(window, monkeypatch) -> None:
+    monkeypatch.setattr(image_header, "SCAN_WINDOW", window)  # pairs across window edges
     rng = np.random.default_rng(22)
     for _ in range(500):
         data = rng.choice(np.array([0xFF, 0xDA, 0x00, 0xD0], np.uint8), rng.integers(0, 40))
