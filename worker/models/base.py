@@ -216,7 +216,9 @@ class ImageModel(abc.ABC):
         fp32, 2 cores: 7.4-9.0 ms at every size from 1 to 32; a size's first run costs
         a few ms more, once), so padding was waste: a batch of 9 ran as 16 for 1.9x
         the CPU per image, and waiting clients' batches are mostly of such sizes
-        (issue #22).
+        (issue #22). The price is memory, bounded by ``max_batch``: the runtime keeps
+        its state for each size it has run (MobileNet: about 110 MB more once all 32
+        sizes have run, docs/benchmarks.md).
         """
         if self._compiled is not None:
             return size
