@@ -24,6 +24,7 @@ worker's own metrics in Redis), and peak RSS of the worker and API processes.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import requests
 
@@ -137,19 +138,44 @@ def singles(stack: ServiceStack, n: int, clients: int, wait: bool) -> dict:
     return _measure(stack, body)
 
 
-def run_with(stack: ServiceStack, quick: bool = False) -> dict:
+def scenario_runs(stack: ServiceStack, n: int) -> list[Callable[[], dict]]:
+    """The three scenarios, in the order they run."""
+    return [
+        lambda: bulk(stack, n),
+        lambda: singles(stack, n, CLIENTS, wait=False),
+        lambda: singles(stack, n, CLIENTS, wait=True),
+    ]
+
+
+def interleaved(runs: list[Callable[[], dict]], between: Callable[[], dict] | None) -> dict:
+    """Each of ``runs``, with ``between()`` (a reference's round: bench.efficiency's
+    pipeline) before the first and after each. Returns the scenarios, the rounds and,
+    by scenario name, the indexes of the two rounds either side of it: the shared
+    hosts' speed drifts within a run, and a scenario is compared with the reference
+    measured at the same time."""
+    rounds = [between()] if between else []
+    scenarios, sides = [], {}
+    for run_one in runs:
+        scenarios.append(run_one())
+        if between:
+            rounds.append(between())
+            sides[scenarios[-1]["scenario"]] = (len(rounds) - 2, len(rounds) - 1)
+    return {"scenarios": scenarios, "rounds": rounds, "sides": sides}
+
+
+def run_with(
+    stack: ServiceStack, quick: bool = False, between: Callable[[], dict] | None = None
+) -> dict:
+    """The three scenarios; with ``between``, interleaved with its rounds (``interleaved``)."""
     n = 24 if quick else N_JOBS
     sampler = MemorySampler({"worker": stack.worker_pid(), "api": stack.api.pid}).start()
     try:
         # A few jobs first, so the first scenario does not pay for first-time set-up.
         singles(stack, 16, CLIENTS, wait=True)
-        scenarios = [
-            bulk(stack, n),
-            singles(stack, n, CLIENTS, wait=False),
-            singles(stack, n, CLIENTS, wait=True),
-        ]
+        ran = interleaved(scenario_runs(stack, n), between)
     finally:
         memory = sampler.stop()
+    scenarios = ran["scenarios"]
     api_procs = memory["api"]["peak_per_process_mb"]
     api_workers = {pid: mb for pid, mb in api_procs.items() if int(pid) != stack.api.pid}
     worker_procs = memory["worker"]["peak_per_process_mb"]
@@ -157,6 +183,8 @@ def run_with(stack: ServiceStack, quick: bool = False) -> dict:
         "model": stack.models[0],
         "clients": CLIENTS,
         "scenarios": scenarios,
+        "reference_rounds": ran["rounds"],
+        "reference_sides": ran["sides"],
         "memory": {
             "worker_total_mb": memory["worker"]["peak_total_mb"],
             "worker_main_mb": worker_procs.get(str(stack.worker_pid()), 0.0),

@@ -40,6 +40,21 @@ def test_rates_are_divided_by_the_faster_pipeline_round() -> None:
     assert rows["bulk"]["mean_batch"] == 4.5 and seed_row["mean_batch"] is None
 
 
+def test_a_scenario_is_divided_by_the_rounds_either_side_of_it() -> None:
+    # The host slowed down between the rounds: each scenario against its own time.
+    rounds = [{"images_per_s": 100.0}, {"images_per_s": 80.0}, {"images_per_s": 60.0}]
+    scenarios = [scenario("bulk", 81.0), scenario("singles, wait for answer", 42.0)]
+    sides = {"bulk": (0, 1), "singles, wait for answer": (1, 2)}
+    out = efficiency.summarize(rounds, scenarios, None, None, sides)
+    rows = {r["name"]: r for r in out["rows"]}
+    assert rows["bulk"]["efficiency"] == pytest.approx(0.9)  # 81 / mean(100, 80)
+    assert rows["bulk"]["strict"] == pytest.approx(0.81)  # 81 / the fastest round
+    assert rows["singles, wait for answer"]["efficiency"] == pytest.approx(0.6)
+    assert rows["singles, wait for answer"]["pipeline_per_s"] == pytest.approx(70.0)
+    assert efficiency.verdict(rows["bulk"]) == "met"
+    assert efficiency.verdict(rows["singles, wait for answer"]) == "**MISSED**"
+
+
 def test_the_section_replaces_its_old_self_or_goes_before_the_analysis(tmp_path) -> None:
     doc = tmp_path / "benchmarks.md"
     doc.write_text("# Benchmarks\n\n## 8. Null\n\nx\n\n## What limits it\n\n- y\n")

@@ -98,8 +98,11 @@ def test_raw_results_are_measurements(quick_run):
     for scenario in r["end_to_end"]["scenarios"]:
         assert scenario["succeeded"] == scenario["jobs"], scenario
         assert positive(scenario["images_per_s"])
-    for key in ("no_bookkeeping", "no_bookkeeping_after"):  # (9)'s pipeline, both rounds
-        plain = r[key]
+    # (9)'s pipeline: a round before the first scenario of (3) and after each.
+    rounds, sides = r["end_to_end"]["reference_rounds"], r["end_to_end"]["reference_sides"]
+    assert len(rounds) == 4 and sides["bulk"] == [0, 1], sides  # (JSON: lists)
+    assert sides["singles, wait for answer"] == [2, 3], sides
+    for plain in rounds:
         assert plain["ok"] == plain["images"] and plain["failed"] == 0, plain
         assert positive(plain["images_per_s"]) and positive(plain["cpu_ms_per_image"]), plain
     waiting = r["no_bookkeeping_waiting"]  # (9)'s pipeline for waiting clients
