@@ -9,7 +9,8 @@ Two parts:
   No Celery, no model, no images: the SQL and Redis work alone.
 * ``service``: the whole service on the null model (``RUNTIME=null``), bulk and
   singles with ``Prefer: wait`` (bench.null_model's scenarios) plus one user with 16
-  waiting clients (past MAX_WAITS_PER_USER), CPU ms per image per process from /proc.
+  waiting clients (past MAX_WAITS_PER_USER), CPU ms per image per process from /proc,
+  and the API's and the worker's by thread (``bench.common.ThreadCpuMeter``).
 
 ``python -m bench.bookkeeping [--quick] [--json PATH]``. The machine may be shared:
 numbers are as measured.
@@ -157,13 +158,21 @@ def _steps_cpu(stack) -> dict[str, float]:
 
 def _measured(stack, n: int, body) -> dict:
     """Run ``body() -> dict`` (with 'succeeded'), CPU per image by group and worker step."""
-    from bench.common import CpuMeter
+    from bench.common import CpuMeter, ThreadCpuMeter
 
     steps_before = _steps_cpu(stack)
+    threads = ThreadCpuMeter({"api": stack.api.worker_pids, "worker": stack._model_pids})
+    threads.start()
     meter = CpuMeter(stack.cpu_groups()).start()
     out = body()
     cpu = meter.stop()
+    by_thread = threads.stop()
     images = max(1, out["succeeded"])
+    # By thread role (py-spy names them): where the API's and the worker's CPU goes,
+    # every CPU second counted (a sampling profiler's leaves were noise at this grain).
+    out["threads_ms_per_image"] = {
+        k: 1000 * v / images for k, v in sorted(by_thread.items(), key=lambda kv: -kv[1])
+    }
     out["cpu_ms_per_image"] = {
         k: 1000 * v * cpu["wall_s"] / images for k, v in cpu["cores"].items()
     }
@@ -348,6 +357,7 @@ def _breakdown(result: dict) -> list[str]:
             f"| {label} | {fmt(s['images_per_s'])} | {fmt(s['requests_per_image'])} "
             f"| {fmt(s['cpu_ms_per_image'].get('api'))} | {fmt(s['bookkeeping_ms_per_image'])} |"
         )
+    lines += _by_thread(sc, keys)
     lone = sc["lone"]
     lines += [
         "",
@@ -364,6 +374,31 @@ def _breakdown(result: dict) -> list[str]:
         f"against the API's {fmt(plain_api)} per submission fire and forget "
         f"({fmt(floor['requests_per_s'])} requests/s, {floor['failed']} failed).",
     ]
+    return lines
+
+
+def _by_thread(sc: dict, keys: tuple[str, ...]) -> list[str]:
+    """The API's and the worker's CPU by thread role, the roles above 0.02 ms an image."""
+    roles = sorted(
+        {r for k in keys for r, ms in sc[k].get("threads_ms_per_image", {}).items() if ms >= 0.02}
+    )
+    if not roles:
+        return []
+    lines = [
+        "",
+        "The same runs by thread (CPU ms per image from /proc per thread, named by "
+        "`py-spy dump`; the worker's process without its loader process). API: "
+        "ThreadPoolExecutor is gunicorn's request threads, MainThread its poller, job-done "
+        "the waits' listener. Worker: MainThread is Celery's consumer (kombu, the batching "
+        "state machine, acks), ThreadPoolExecutor the batch slots (forward, write, announce), "
+        "claim-first and claim the claims, loader-results what the loader process sends back:",
+        "",
+        "| thread | bulk | singles, fire and forget | singles with wait |",
+        "|---|---|---|---|",
+    ]
+    for role in roles:
+        cells = [fmt(sc[k].get("threads_ms_per_image", {}).get(role), 2) for k in keys]
+        lines.append(f"| {role} | " + " | ".join(cells) + " |")
     return lines
 
 

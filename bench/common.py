@@ -256,6 +256,80 @@ def machine_busy_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / CLK_TCK
 
 
+def thread_cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU seconds of each live thread of ``pid``, by thread id (a thread that ended is
+    gone from /proc, and its CPU with it)."""
+    out = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        with contextlib.suppress(OSError, IndexError):
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            out[int(tid)] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return out
+
+
+def python_thread_names(pid: int) -> dict[int, str]:
+    """Thread id -> Python thread name of ``pid``'s live threads, from ``py-spy dump``
+    (Python does not name the OS threads); empty when py-spy is missing or not allowed
+    to attach."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    try:
+        out = subprocess.run(
+            [spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    names = {}
+    for line in out.splitlines():
+        # 'Thread 12345 (idle): "MainThread"' (older py-spy: a hex pthread id, not usable)
+        parts = line.split(maxsplit=3)
+        if len(parts) == 4 and parts[0] == "Thread" and parts[1].isdigit():
+            names[int(parts[1])] = parts[3].split('"')[1] if '"' in parts[3] else "?"
+    return names
+
+
+class ThreadCpuMeter:
+    """CPU seconds by thread role of some processes between ``start()`` and ``stop()``:
+    a role is a Python thread name without its trailing number (``fetch-3`` ->
+    ``fetch``), named at ``stop`` (threads started during the run are named too);
+    ``unnamed`` where py-spy could not name a thread. Finer than ``CpuMeter``, and
+    unlike a sampling profiler it counts every CPU second, the GIL's hand-offs included."""
+
+    def __init__(self, groups: dict[str, Callable[[], list[int]]]) -> None:
+        self.groups = groups
+        self._start: dict[tuple[int, int], float] = {}
+
+    def _snapshot(self) -> dict[tuple[int, int], float]:
+        return {
+            (pid, tid): s
+            for spec in self.groups.values()
+            for pid in spec()
+            for tid, s in thread_cpu_seconds(pid).items()
+        }
+
+    def start(self) -> ThreadCpuMeter:
+        self._start = self._snapshot()
+        return self
+
+    def stop(self) -> dict[str, float]:
+        """CPU seconds by 'group: role'."""
+        end = self._snapshot()
+        out: dict[str, float] = {}
+        for group, spec in self.groups.items():
+            for pid in spec():
+                names = python_thread_names(pid)
+                for (p, tid), s in end.items():
+                    if p != pid:
+                        continue
+                    role = names.get(tid, "unnamed").rstrip("0123456789").rstrip("-_") or "?"
+                    key = f"{group}: {role}"
+                    out[key] = out.get(key, 0.0) + max(0.0, s - self._start.get((p, tid), 0.0))
+        return out
+
+
 class CpuMeter:
     """CPU seconds used by named process groups between ``start()`` and ``stop()``.
 
