@@ -230,12 +230,18 @@ def status_kb(pid: int) -> dict[str, int]:
     return out
 
 
+def _stat_cpu_seconds(stat: Path) -> float:
+    """utime + stime of a /proc stat file (a process's or a thread's); raises OSError
+    when it is gone."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
 def cpu_seconds(pid: int) -> float:
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return _stat_cpu_seconds(Path(f"/proc/{pid}/stat"))
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
 
 
 def cmdline(pid: int) -> str:
@@ -265,9 +271,8 @@ def thread_cpu_seconds(pid: int) -> dict[int, float]:
     except OSError:
         return out
     for tid in tids:
-        with contextlib.suppress(OSError, IndexError):
-            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-            out[int(tid)] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+        with contextlib.suppress(OSError):
+            out[int(tid)] = _stat_cpu_seconds(Path(f"/proc/{pid}/task/{tid}/stat"))
     return out
 
 
@@ -300,12 +305,13 @@ class ThreadCpuMeter:
 
     def __init__(self, groups: dict[str, Callable[[], list[int]]]) -> None:
         self.groups = groups
-        self._start: dict[tuple[int, int], float] = {}
+        self._start: dict[tuple[str, int, int], float] = {}
 
-    def _snapshot(self) -> dict[tuple[int, int], float]:
+    def _snapshot(self) -> dict[tuple[str, int, int], float]:
+        """CPU seconds by (group, pid, thread id)."""
         return {
-            (pid, tid): s
-            for spec in self.groups.values()
+            (group, pid, tid): s
+            for group, spec in self.groups.items()
             for pid in spec()
             for tid, s in thread_cpu_seconds(pid).items()
         }
@@ -316,17 +322,14 @@ class ThreadCpuMeter:
 
     def stop(self) -> dict[str, float]:
         """CPU seconds by 'group: role'."""
-        end = self._snapshot()
+        names: dict[int, dict[int, str]] = {}  # by pid: one py-spy dump each
         out: dict[str, float] = {}
-        for group, spec in self.groups.items():
-            for pid in spec():
-                names = python_thread_names(pid)
-                for (p, tid), s in end.items():
-                    if p != pid:
-                        continue
-                    role = names.get(tid, "unnamed").rstrip("0123456789").rstrip("-_") or "?"
-                    key = f"{group}: {role}"
-                    out[key] = out.get(key, 0.0) + max(0.0, s - self._start.get((p, tid), 0.0))
+        for (group, pid, tid), s in self._snapshot().items():
+            if pid not in names:
+                names[pid] = python_thread_names(pid)
+            role = names[pid].get(tid, "unnamed").rstrip("0123456789").rstrip("-_") or "?"
+            key = f"{group}: {role}"
+            out[key] = out.get(key, 0.0) + max(0.0, s - self._start.get((group, pid, tid), 0.0))
         return out
 
 
