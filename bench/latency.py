@@ -184,6 +184,12 @@ def run_with(
     """``saturated``: the best single-job rate of (3); ``wait_saturated``: the rate of its
     wait-for-answer scenario, for one more level at WAIT_LOAD of it (basis "wait")."""
     seconds = 2 if quick else SECONDS
+    if quick and wait_saturated:
+        # A quick run's rates come from 24 jobs: a fire-and-forget burst can read twice
+        # what waiting clients sustain, and 90 % of it, offered open loop with waits,
+        # piles up past the wait caps (CI: 38 of 133 waits skipped at 66/s, the waiting
+        # clients' rate 32/s). The smoke offers fractions of the lower rate instead.
+        saturated = min(saturated, wait_saturated)
     lone(stack, 5)  # warm-up
     alone = lone(stack, 20 if quick else LONE_REQUESTS)
     levels = []
