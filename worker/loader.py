@@ -13,8 +13,11 @@ Both run the same ``ImageWork`` on the same kind of ``Line``: interactive images
 (jobs of no bulk batch) before bulk ones, and bulk images never on the last
 ``reserved_threads`` threads, so a batch of URLs on hosts that drip a byte a second
 cannot hold every thread while another user's single job waits (issue #23 item 5).
-That line is the only reserve for interactive work. A GPU decoder (DALI) in place of
-Pillow would go behind the same interface. ``worker.pipeline.Loading`` claims a
+That line is the only reserve for interactive work. It also keeps fast hosts from
+crowding the cores: at most ``active_loads(cores)`` bulk images load at once that
+started less than ``SLOW_AFTER_S`` ago, and one still loading after that no longer
+counts, so slow hosts still get every bulk thread (issue #22). A GPU decoder (DALI)
+in place of Pillow would go behind the same interface. ``worker.pipeline.Loading`` claims a
 message's jobs and hands its images to the runtime's loader.
 """
 
@@ -31,7 +34,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from shared.config import Config
+from shared.config import Config, usable_cores
 from shared.errors import ServiceError, UploadExpired
 from shared.images import decode_image, to_pixels
 from shared.pixel_budget import PixelBudget
@@ -44,11 +47,23 @@ Size = tuple[int, int]  # (width, height)
 INTERACTIVE, BULK = 0, 1
 #: One loading thread in this many (at least one) is kept for interactive images.
 INTERACTIVE_SHARE = 4
+#: A bulk image loading for longer than this waits on its host more than on a core, and
+#: stops counting against ``Line``'s active cap. A local or in-region image is fetched,
+#: decoded and resized in well under this (the benchmark's photos: 5-15 ms).
+SLOW_AFTER_S = 0.05
 
 
 def reserved_threads(threads: int) -> int:
     """Threads of ``threads`` that bulk images leave to interactive ones (none of one)."""
     return 0 if threads < 2 else max(1, threads // INTERACTIVE_SHARE)
+
+
+def active_loads(cores: int) -> int:
+    """Bulk images a loader of ``cores`` cores runs at once while its hosts are fast: one
+    decoding per core and one fetching. Twelve at once on 2 cores (the 16 threads' bulk
+    share) ran bulk 8-10 % slower than three: they queue for the GIL ahead of the batch
+    slots and the model's threads (docs/benchmarks.md, "Session 16")."""
+    return cores + 1
 
 
 class LoadCanceled(Exception):
@@ -156,13 +171,16 @@ class Line:
 
     Interactive items first, each kind in arrival order; at most ``threads -
     reserved_threads(threads)`` threads run bulk items at once, so an interactive
-    item finds a thread at once whatever bulk items do.
+    item finds a thread at once whatever bulk items do. Of those, at most ``active``
+    bulk items are young (started less than ``SLOW_AFTER_S`` ago): on fast hosts that
+    many load at once, and each item slow hosts hold lets one more start.
     """
 
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, active: int | None = None) -> None:
         self._bulk_cap = threads - reserved_threads(threads)
+        self._active = active or self._bulk_cap
         self._waiting: dict[int, deque[Any]] = {INTERACTIVE: deque(), BULK: deque()}
-        self._bulk_running = 0
+        self._bulk_started: dict[object, float] = {}  # running bulk items: start times
         self._closed = False
         self._changed = threading.Condition()
 
@@ -186,26 +204,41 @@ class Line:
     def serve(self, run: Callable[[Any], None]) -> None:
         """A loading thread's loop: run the next item, until closed and empty."""
         while (taken := self._take()) is not None:
-            priority, item = taken
+            token, item = taken
             try:
                 run(item)
             finally:
-                if priority == BULK:
+                if token is not None:
                     with self._changed:
-                        self._bulk_running -= 1
+                        del self._bulk_started[token]
                         self._changed.notify()  # room for one more bulk item
 
-    def _take(self) -> tuple[int, Any] | None:
+    def _take(self) -> tuple[object | None, Any] | None:
+        """(None, an interactive item) or (a token, a bulk item); None once closed."""
         with self._changed:
             while True:
                 if self._waiting[INTERACTIVE]:
-                    return INTERACTIVE, self._waiting[INTERACTIVE].popleft()
-                if self._waiting[BULK] and self._bulk_running < self._bulk_cap:
-                    self._bulk_running += 1
-                    return BULK, self._waiting[BULK].popleft()
+                    return None, self._waiting[INTERACTIVE].popleft()
+                wait_s = self._bulk_wait_s()
+                if self._waiting[BULK] and wait_s == 0:
+                    token = object()
+                    self._bulk_started[token] = time.monotonic()
+                    return token, self._waiting[BULK].popleft()
                 if self._closed and not any(self._waiting.values()):
                     return None
-                self._changed.wait()
+                # At the active cap, the oldest young item turns slow in wait_s.
+                self._changed.wait(wait_s if self._waiting[BULK] else None)
+
+    def _bulk_wait_s(self) -> float | None:
+        """0 if a bulk item may start now; else how long until one may (None: until a
+        running one ends)."""
+        if len(self._bulk_started) >= self._bulk_cap:
+            return None
+        now = time.monotonic()
+        young = [t for t in self._bulk_started.values() if now - t < SLOW_AFTER_S]
+        if len(young) < self._active:
+            return 0
+        return SLOW_AFTER_S - (now - min(young))
 
 
 def start_threads(line: Line, run: Callable[[Any], None], threads: int) -> list[threading.Thread]:
@@ -223,7 +256,7 @@ class ThreadLoader:
 
     def __init__(self, config: Config, uploads: UploadStore, budget: PixelBudget) -> None:
         self.work = ImageWork(config, uploads, budget)
-        self._line = Line(config.fetch_threads)
+        self._line = Line(config.fetch_threads, active_loads(usable_cores()))
         start_threads(self._line, self._run, config.fetch_threads)
 
     def submit(self, task: ImageTask) -> Future[ImageResult]:

@@ -47,7 +47,15 @@ from shared.errors import ServiceError
 from shared.pixel_budget import PixelBudget
 from shared.redis_client import make_redis
 from shared.uploads import UploadStore
-from worker.loader import ImageResult, ImageTask, ImageWork, Line, failed, start_threads
+from worker.loader import (
+    ImageResult,
+    ImageTask,
+    ImageWork,
+    Line,
+    active_loads,
+    failed,
+    start_threads,
+)
 
 log = logging.getLogger(__name__)
 
@@ -437,7 +445,7 @@ def _child_main(conn: Connection, config: Config, budget: PixelBudget) -> None:
         with send_lock:
             conn.send((task_id, result))
 
-    line = Line(config.fetch_threads)
+    line = Line(config.fetch_threads, active_loads(1))  # a process: one core's worth
     threads = start_threads(line, run, config.fetch_threads)
     conn.send(READY)  # before any task: a process that dies before this read none
     try:

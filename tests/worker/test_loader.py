@@ -8,6 +8,7 @@ and another user's job waited 58.6 s behind them.
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections import Counter
 
@@ -18,7 +19,15 @@ from api import create_app
 from shared.db import make_engine, make_session_factory
 from shared.models import Job
 from tests import support
-from worker.loader import BULK, INTERACTIVE, Line, reserved_threads, start_threads
+from worker.loader import (
+    BULK,
+    INTERACTIVE,
+    SLOW_AFTER_S,
+    Line,
+    active_loads,
+    reserved_threads,
+    start_threads,
+)
 
 BLOCKED = 10
 
@@ -53,6 +62,50 @@ def test_the_line_serves_interactive_items_first_and_keeps_threads_from_bulk() -
     for worker in workers:
         worker.join(60)
     assert sorted(started) == sorted([f"held bulk {i}" for i in range(6)] + ["bulk", "single"])
+
+
+def test_fast_bulk_items_start_at_most_active_at_once_and_slow_ones_make_room() -> None:
+    """``active`` bulk items start at once; each one still running SLOW_AFTER_S later
+    (a slow host) lets one more start, up to the bulk threads; an item that ends makes
+    room at once."""
+    threads, active = 8, 2
+    line = Line(threads, active)
+    bulk_cap = threads - reserved_threads(threads)
+    held = {f"bulk {i}": threading.Event() for i in range(bulk_cap + 2)}
+    started: dict[str, float] = {}
+    changed = threading.Condition()
+
+    def run(item: str) -> None:
+        with changed:
+            started[item] = time.monotonic()
+            changed.notify_all()
+        assert held[item].wait(60)
+
+    for item in held:
+        line.put(BULK, item)
+    workers = start_threads(line, run, threads)
+    with changed:
+        assert changed.wait_for(lambda: len(started) == bulk_cap, 60)
+    order = sorted(started, key=started.__getitem__)
+    first = started[order[0]]
+    # Only the first `active` started together; each later one waited until an earlier
+    # one had run for SLOW_AFTER_S (a lower bound: a busy machine only starts them later).
+    for item in order[active:]:
+        assert started[item] - first >= SLOW_AFTER_S, (item, started[item] - first)
+    ended = order[0]
+    held[ended].set()  # an item ends: the next starts without waiting for the others
+    with changed:
+        assert changed.wait_for(lambda: len(started) == bulk_cap + 1, 60)
+    for event in held.values():
+        event.set()
+    line.close()
+    for worker in workers:
+        worker.join(60)
+    assert set(started) == set(held)
+
+
+def test_a_loader_runs_one_bulk_image_per_core_and_one_more() -> None:
+    assert active_loads(1) == 2 and active_loads(2) == 3
 
 
 @pytest.fixture(scope="module", params=["0", "2"], ids=["threads", "loader-processes"])
