@@ -5,72 +5,49 @@ the API does past its wait caps."""
 
 from __future__ import annotations
 
-import http.server
-import json
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import requests
+from flask import Flask, jsonify, request
 
 from bench.latency import _answer
+from harness.serving import serving
 
 
-class _CappedApi(http.server.BaseHTTPRequestHandler):
+def _capped_api(seen: list[tuple[str, str, dict, float]]) -> Flask:
     """POST /v1/jobs: the wait is skipped (202, X-Wait-Skipped, Retry-After: 1). The
     first poll finds the job still processing, the second finds it succeeded."""
+    app = Flask(__name__)
 
-    seen: list[tuple[str, str, dict, float]] = []
+    def note() -> None:
+        seen.append((request.method, request.full_path, dict(request.headers), time.monotonic()))
 
-    def log_message(self, *args) -> None:  # quiet
-        pass
-
-    def _answer(self, status: int, job: dict, headers: dict[str, str]) -> None:
-        body = json.dumps(job).encode()
-        self.send_response(status)
-        for name, value in {"Content-Type": "application/json", **headers}.items():
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_POST(self) -> None:
-        length = int(self.headers["Content-Length"])
-        self.seen.append(("POST", self.path, dict(self.headers), time.monotonic()))
-        assert json.loads(self.rfile.read(length)) == {"url": "http://photos.example/a.jpg"}
+    @app.post("/v1/jobs")
+    def create():
+        note()
+        assert request.get_json() == {"url": "http://photos.example/a.jpg"}
         skipped = {"X-Wait-Skipped": "user_limit", "Retry-After": "1"}
-        self._answer(202, {"id": "j1", "status": "queued"}, skipped)
+        return jsonify(id="j1", status="queued"), 202, skipped
 
-    def do_GET(self) -> None:
-        self.seen.append(("GET", self.path, dict(self.headers), time.monotonic()))
-        polls = sum(1 for method, *_ in self.seen if method == "GET")
-        status = "processing" if polls == 1 else "succeeded"
-        self._answer(200, {"id": "j1", "status": status}, {})
+    @app.get("/v1/jobs/<job_id>")
+    def get(job_id: str):
+        note()
+        polls = sum(1 for method, *_ in seen if method == "GET")
+        return jsonify(id=job_id, status="processing" if polls == 1 else "succeeded")
 
-
-@contextmanager
-def _server() -> Iterator[str]:
-    _CappedApi.seen = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _CappedApi)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    return app
 
 
 def test_a_skipped_wait_is_polled_after_its_retry_after_until_the_job_ends():
+    seen: list[tuple[str, str, dict, float]] = []
     headers = {"Authorization": "Bearer k"}
-    with _server() as base, requests.Session() as session:
+    with serving(_capped_api(seen)) as base, requests.Session() as session:
         job, polls = _answer(session, base, headers, "http://photos.example/a.jpg")
     assert job == {"id": "j1", "status": "succeeded"} and polls == 2
-    (post, first, second) = _CappedApi.seen
-    assert post[:2] == ("POST", "/v1/jobs") and post[2]["Prefer"] == "wait=60"
+    (post, first, second) = seen
+    assert post[:2] == ("POST", "/v1/jobs?") and post[2]["Prefer"] == "wait=60"
     assert first[:2] == second[:2] == ("GET", "/v1/jobs/j1?wait=60")
-    assert all(request[2]["Authorization"] == "Bearer k" for request in _CappedApi.seen)
+    assert all(r[2]["Authorization"] == "Bearer k" for r in seen)
     # The first poll waited out the Retry-After; the second, after an answer whose wait
-    # was not skipped, did not.
+    # was not skipped, did not need to.
     assert first[3] - post[3] >= 1.0
