@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -21,11 +22,14 @@ from sqlalchemy import (
     insert,
     literal_column,
     select,
+    text,
 )
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.config import Config
+
+log = logging.getLogger(__name__)
 
 #: JSON columns are stored without the spaces ``json.dumps`` puts after separators: a
 #: stored result is 114 bytes instead of 131 (issue #26). Every reader parses the value;
@@ -211,6 +215,27 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def warn_without_autovacuum(sessions: sessionmaker[Session]) -> bool:
+    """Log a warning, once at a worker's start, when PostgreSQL runs without autovacuum.
+
+    psycopg prepares a statement after five runs, and each connection then keeps its
+    plan. The claim's plan, made while ``jobs`` held a few rows, reads the whole table,
+    and only an ANALYZE of the table replaces it: without autovacuum a worker gets
+    slower as the table grows, until it restarts (docs/deploy.md, "Keep autovacuum on").
+    Returns whether it warned.
+    """
+    with sessions() as session:
+        if session.get_bind().dialect.name != "postgresql":
+            return False
+        if session.execute(text("SHOW autovacuum")).scalar_one() != "off":
+            return False
+    log.warning(
+        "PostgreSQL runs with autovacuum off: the jobs table is never analyzed, and "
+        "claims get slower as it grows; turn it on (docs/deploy.md, 'Keep autovacuum on')"
+    )
+    return True
 
 
 # Below this many rows a plain INSERT is cheaper than setting up a COPY stream.

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared import dispatch
 from shared.config import Config
-from shared.db import make_engine, make_session_factory
+from shared.db import make_engine, make_session_factory, warn_without_autovacuum
 from shared.metrics import FLUSH_INTERVAL_S, MetricsBuffer
 from shared.pixel_budget import PixelBudget
 from shared.queue import make_celery
@@ -106,6 +106,7 @@ class Runtime:
         )
         # On the refill thread, ahead of any refill: the first one costs what the others do.
         rt.io_pool.submit(dispatch.warm, rt.sessions, rt.redis, rt.celery, rt.config)
+        rt.io_pool.submit(warn_without_autovacuum, rt.sessions)  # a database down: no word
         rt.start_metrics_loop()
         # What start-up built (the model, the imports: most of the process's objects)
         # lives as long as the process. Left to the collector, each full collection walks

@@ -140,3 +140,18 @@ def test_retry_deadlocks_gives_up_and_leaves_other_errors_alone():
     with pytest.raises(Wrapped):
         db.retry_deadlocks(session, transaction)
     assert len(calls) == 1
+
+
+def test_a_server_without_autovacuum_is_reported_at_start(engine, sqlite_url, caplog):
+    """db.warn_without_autovacuum warns exactly when the server's autovacuum is off (as
+    on this project's CI machine; a developer's server may have it on), and never on
+    SQLite."""
+    with engine.connect() as conn:
+        off = conn.execute(text("SHOW autovacuum")).scalar_one() == "off"
+    with caplog.at_level("WARNING", logger="shared.db"):
+        assert db.warn_without_autovacuum(db.make_session_factory(engine)) is off
+        sqlite = db.make_engine(support.test_config(sqlite_url))
+        assert db.warn_without_autovacuum(db.make_session_factory(sqlite)) is False
+        sqlite.dispose()
+    warned = [r for r in caplog.records if "autovacuum off" in r.getMessage()]
+    assert len(warned) == (1 if off else 0)
