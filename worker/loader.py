@@ -219,15 +219,15 @@ class Line:
             while True:
                 if self._waiting[INTERACTIVE]:
                     return None, self._waiting[INTERACTIVE].popleft()
-                wait_s = self._bulk_wait_s()
-                if self._waiting[BULK] and wait_s == 0:
+                wait_s = self._bulk_wait_s() if self._waiting[BULK] else None
+                if wait_s == 0:
                     token = object()
                     self._bulk_started[token] = time.monotonic()
                     return token, self._waiting[BULK].popleft()
                 if self._closed and not any(self._waiting.values()):
                     return None
                 # At the active cap, the oldest young item turns slow in wait_s.
-                self._changed.wait(wait_s if self._waiting[BULK] else None)
+                self._changed.wait(wait_s)
 
     def _bulk_wait_s(self) -> float | None:
         """0 if a bulk item may start now; else how long until one may (None: until a
