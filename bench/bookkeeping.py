@@ -168,7 +168,7 @@ def _measured(stack, n: int, body) -> dict:
     from bench.common import CpuMeter, ThreadCpuMeter
 
     steps_before = _steps_cpu(stack)
-    threads = ThreadCpuMeter({"api": stack.api.worker_pids, "worker": stack._model_pids})
+    threads = ThreadCpuMeter({"api": stack.api.worker_pids, "worker": stack.model_pids})
     threads.start()
     meter = CpuMeter(stack.cpu_groups()).start()
     out = body()

@@ -276,11 +276,18 @@ def thread_cpu_seconds(pid: int) -> dict[int, float]:
     return out
 
 
+def py_spy() -> str | None:
+    """The py-spy program: on PATH, or installed into this Python's virtual environment."""
+    return shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+
+
 def python_thread_names(pid: int) -> dict[int, str]:
     """Thread id -> Python thread name of ``pid``'s live threads, from ``py-spy dump``
     (Python does not name the OS threads); empty when py-spy is missing or not allowed
     to attach."""
-    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    spy = py_spy()
+    if spy is None:
+        return {}
     try:
         out = subprocess.run(
             [spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30

@@ -39,7 +39,7 @@ from bench.common import (
     percentile,
     wait_done,
 )
-from client.api import TERMINAL_JOB_STATUSES
+from client.api import TERMINAL_JOB_STATUSES, retry_after_s
 from shared.models import as_utc
 
 LOADS = (0.1, 0.5, 0.9)
@@ -181,7 +181,7 @@ def _answer(session: requests.Session, base: str, headers: dict, url: str) -> tu
         if job["status"] in TERMINAL_JOB_STATUSES:
             return job, polls
         if "X-Wait-Skipped" in resp.headers:
-            time.sleep(float(resp.headers.get("Retry-After") or 1))
+            time.sleep(retry_after_s(resp))
         resp = session.get(f"{base}/v1/jobs/{job['id']}", params={"wait": 60}, headers=headers)
         polls += 1
 

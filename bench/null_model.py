@@ -75,7 +75,7 @@ class NullStack(ServiceStack):
             if "spawn_main" in cmdline(pid)  # not the resource tracker
         ]
 
-    def _model_pids(self) -> list[int]:
+    def model_pids(self) -> list[int]:
         loaders = set(self._loader_pids())
         pids = []
         for w in self.workers:
@@ -86,7 +86,7 @@ class NullStack(ServiceStack):
         groups: dict = {
             "api": self.api.pid,
             "photo server": self.photos.pid,
-            "worker": self._model_pids,
+            "worker": self.model_pids,
             "loaders": self._loader_pids,
             "postgres": self.pg_backends,
             "redis": lambda: pids_matching("redis-server"),

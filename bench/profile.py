@@ -10,15 +10,13 @@ Optional: skipped when py-spy is not installed (``pip install py-spy``).
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
-from bench.common import ServiceStack, fmt
+from bench.common import ServiceStack, fmt, py_spy
 
 RATE_HZ = 100
 # Leaf first: a sample belongs to the first category one of its frames matches.
@@ -57,9 +55,7 @@ def summarize(path: Path) -> dict:
 def run_with(stack: ServiceStack, jobs: int, quick: bool = False) -> dict | None:
     from bench.end_to_end import bulk
 
-    # On PATH, or installed into the same virtual environment as this Python.
-    venv_bin = str(Path(sys.executable).parent)
-    spy_bin = shutil.which("py-spy") or shutil.which("py-spy", path=venv_bin)
+    spy_bin = py_spy()
     if not spy_bin:
         return None
     seconds = 3 if quick else 15

@@ -104,7 +104,7 @@ class Client:
         if resp.status_code >= 400:
             raise ApiError.from_response(resp)
         if wait_s and "X-Wait-Skipped" in resp.headers:
-            self._next_wait_at = time.monotonic() + _retry_after_s(resp)
+            self._next_wait_at = time.monotonic() + retry_after_s(resp)
         return resp
 
     def _json(self, resp: requests.Response) -> dict:
@@ -198,7 +198,7 @@ class Client:
         return self._json(resp)
 
 
-def _retry_after_s(resp: requests.Response) -> float:
+def retry_after_s(resp: requests.Response) -> float:
     """Retry-After in seconds (delta-seconds; an HTTP-date or nonsense counts as 1 s)."""
     value = resp.headers.get("Retry-After", "").strip()
     seconds = float(value) if value.isdigit() else 1.0
