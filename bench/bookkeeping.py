@@ -10,7 +10,12 @@ Two parts:
 * ``service``: the whole service on the null model (``RUNTIME=null``), bulk and
   singles with ``Prefer: wait`` (bench.null_model's scenarios) plus one user with 16
   waiting clients (past MAX_WAITS_PER_USER), CPU ms per image per process from /proc,
-  and the API's and the worker's by thread (``bench.common.ThreadCpuMeter``).
+  and the API's and the worker's by thread (``bench.common.ThreadCpuMeter``). Beside
+  them, two floors on the same stack: the HTTP floor (bench/floor_app.py: gunicorn and
+  Flask alone) and the glue floor (bench/glue.py: the leanest Flask + Celery glue that
+  charges, queues, claims, writes and answers a waiting client, with none of the
+  service's other work): what the same packages cost for the same steps on the same
+  machine.
 
 ``python -m bench.bookkeeping [--quick] [--json PATH]``. The machine may be shared:
 numbers are as measured.
@@ -278,6 +283,47 @@ def http_floor(stack, n: int) -> dict:
     }
 
 
+def glue_floor(stack, n: int) -> dict:
+    """bench/glue.py (the leanest Flask + Celery glue) on the same stack's database, Redis
+    and photo URLs, driven as the service's singles with wait: 16 users with one waiting
+    client each. CPU ms per image of its API, its worker, PostgreSQL and Redis."""
+    from bench import glue
+    from bench.common import ApiProcess, CpuMeter, closed_loop
+    from harness import waiting
+
+    headers = glue.create_users(stack.db_url, CLIENTS, n)
+    api = ApiProcess(stack.config, app="bench.glue:api").start()
+    worker = glue.GlueWorker(stack.config, name="glue").start()
+    try:
+        waiting.wait_for(lambda: " ready." in worker.log(), 90, "the glue worker")
+
+        def call(session, item) -> bool:
+            head, url = item
+            resp = session.post(f"{api.url}/v1/jobs", json={"url": url}, headers=head)
+            return resp.status_code == 200 and resp.json()["status"] == "succeeded"
+
+        urls = stack.urls(n + 2 * CLIENTS)
+        items = [(headers[i % CLIENTS], url) for i, url in enumerate(urls)]
+        closed_loop(CLIENTS, items[: 2 * CLIENTS], call, lanes=True)  # warm-up
+        groups = {"api": api.pid, "worker": worker.proc.pid}
+        groups |= {"postgres": stack.pg_backends, "redis": lambda: pids_matching("redis-server")}
+        meter = CpuMeter(groups).start()
+        driven = closed_loop(CLIENTS, items[2 * CLIENTS :], call, lanes=True)
+        cpu = meter.stop()
+    finally:
+        worker.stop()
+        api.stop()
+    ok = max(1, driven["ok"])
+    per_image = {k: 1000 * cpu["cores"][k] * cpu["wall_s"] / ok for k in groups}
+    return {
+        "images": driven["ok"],
+        "failed": driven["failed"],
+        "images_per_s": driven["ok"] / driven["wall_s"],
+        "cpu_ms_per_image": per_image,
+        "bookkeeping_ms_per_image": sum(per_image.values()),
+    }
+
+
 def _scenario(stack, n: int, run) -> dict:
     # bench.end_to_end's scenarios, re-measured here for the worker's step counter.
     return _measured(stack, n, lambda: {k: v for k, v in run().items() if k != "cpu_cores"})
@@ -300,6 +346,7 @@ def service(quick: bool = False) -> dict:
             "one_user_retry_after": one_user_waiting(stack, n // 2, honour_retry_after=True),
             "lone": lone_requests(stack, 20 if quick else LONE_REQUESTS),
             "http_floor": http_floor(stack, n),
+            "glue_floor": glue_floor(stack, n),
         }
     return scenarios
 
@@ -381,7 +428,25 @@ def _breakdown(result: dict) -> list[str]:
         f"against the API's {fmt(plain_api)} per submission fire and forget "
         f"({fmt(floor['requests_per_s'])} requests/s, {floor['failed']} failed).",
     ]
-    return lines
+    return lines + _glue_floor(sc)
+
+
+def _glue_floor(sc: dict) -> list[str]:
+    glue, service = sc["glue_floor"], sc["singles_wait"]
+    cpu = glue["cpu_ms_per_image"]
+    total = glue["bookkeeping_ms_per_image"]
+    return [
+        "",
+        f"The glue floor (bench/glue.py: the leanest Flask + Celery glue for a waiting "
+        f"client, one statement each to charge and insert, claim and write, a Celery "
+        f"message, a Redis publish; {CLIENTS} users with one waiting client each): "
+        f"{fmt(total)} CPU ms per image (API {fmt(cpu['api'])}, worker {fmt(cpu['worker'])}, "
+        f"PostgreSQL {fmt(cpu['postgres'])}, Redis {fmt(cpu['redis'])}; "
+        f"{fmt(glue['images_per_s'])} images/s, {glue['failed']} failed), against the "
+        f"service's {fmt(service['bookkeeping_ms_per_image'])} with wait: "
+        f"**{fmt(service['bookkeeping_ms_per_image'] / total if total else None, 2)}x** the "
+        "floor.",
+    ]
 
 
 def _by_thread(sc: dict, keys: tuple[str, ...]) -> list[str]:

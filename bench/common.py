@@ -33,6 +33,7 @@ from sqlalchemy.engine import make_url
 
 from harness import accounts, databases, processes, stack_config, waiting
 from harness.services import OUTPUT, ROOT
+from harness.serving import LoopbackHTTPServer
 from shared import ledger
 from shared.models import User
 
@@ -716,7 +717,7 @@ class DripServer:
                         time.sleep(1)
 
         self.hits = hits
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = LoopbackHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self.base_url = f"http://127.0.0.1:{self._server.server_address[1]}"
 

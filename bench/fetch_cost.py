@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 import urllib3
 
 from bench.common import PHOTOS, loadavg, machine
+from harness.serving import LoopbackHTTPServer
 from shared.config import Config
 from worker.fetch import Fetcher
 from worker.http_client import HttpClient
@@ -61,7 +62,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 def serve() -> None:
     _Handler.photos = {p.name: p.read_bytes() for p in PHOTOS.iterdir() if p.is_file()}
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    server = LoopbackHTTPServer(("127.0.0.1", 0), _Handler)
     print(f"http://127.0.0.1:{server.server_address[1]}", flush=True)
     server.serve_forever()
 

@@ -2,6 +2,8 @@
 
 Prints the base URL on its first line of output, then serves until terminated.
 A process of its own, so serving images does not share a GIL with the drivers.
+It keeps connections open between requests (HTTP/1.1), as image hosts and CDNs do:
+the service's fetchers and the no-bookkeeping pipeline's sessions reuse them.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ def main(directory: str) -> None:
         root = Path(tmp)
         for photo in Path(directory).iterdir():
             (root / photo.name).symlink_to(photo)
-        with photos.PhotoServer(root) as server:
+        with photos.PhotoServer(root, keep_alive=True) as server:
             print(server.base_url, flush=True)
             signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
             signal.pause()

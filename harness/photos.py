@@ -9,6 +9,8 @@ import threading
 import time
 from pathlib import Path
 
+from harness.serving import LoopbackHTTPServer
+
 SLOW_S = 1.5
 GATE_MAX_S = 600
 
@@ -38,7 +40,7 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
         super().do_GET()
 
 
-class _QuietServer(http.server.ThreadingHTTPServer):
+class _QuietServer(LoopbackHTTPServer):
     def handle_error(self, request, client_address) -> None:
         # A client killed mid-download (a test's SIGKILL) is expected, not noise.
         if not isinstance(sys.exc_info()[1], ConnectionError):
@@ -53,12 +55,20 @@ class PhotoServer:
     opens ``gate(key)``: a batch held in flight for as long as the test needs.
     ``/down/<key>/<name>`` answers 503 until the test opens ``gate(key)``, then serves
     ``<name>``: a host that fails for a while, for retries.
+
+    ``keep_alive``: answer in HTTP/1.1 and keep each connection open for the client's
+    next request, as image hosts and CDNs do (the benchmarks' photo server). Tests keep
+    HTTP/1.0, a connection per request: a test that stops the server stops its photos,
+    where a kept connection would still be served by its thread.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, keep_alive: bool = False) -> None:
         self.hits: list[str] = []
         self.gates: dict[str, threading.Event] = {}
-        handler_class = type("Handler", (QuietHandler,), {"hits": self.hits, "gates": self.gates})
+        attributes = {"hits": self.hits, "gates": self.gates}
+        if keep_alive:
+            attributes["protocol_version"] = "HTTP/1.1"
+        handler_class = type("Handler", (QuietHandler,), attributes)
         handler = functools.partial(handler_class, directory=str(directory))
         self.httpd = _QuietServer(("127.0.0.1", 0), handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from harness.serving import LoopbackHTTPServer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +52,7 @@ class Receiver:
 
             do_GET = do_POST
 
-        class Server(ThreadingHTTPServer):
+        class Server(LoopbackHTTPServer):
             def handle_error(self, request, client_address) -> None:
                 pass  # a client that timed out and left is expected here
 

@@ -16,11 +16,12 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 
+from harness.serving import LoopbackHTTPServer
 from shared.config import Config
 from shared.errors import BlockedAddress, FetchFailed, ImageTooLarge
 from worker.fetch import USER_AGENT, Fetcher
@@ -128,14 +129,10 @@ class Handler(BaseHTTPRequestHandler):
             pass  # the client hung up, which is the point
 
 
-class Server(ThreadingHTTPServer):
-    request_queue_size = 64  # the default 5 drops SYNs when many fetches connect at once
-
-
 @pytest.fixture(scope="module")
-def server(photos_dir: Path) -> Iterator[ThreadingHTTPServer]:
+def server(photos_dir: Path) -> Iterator[LoopbackHTTPServer]:
     Handler.photo = (photos_dir / "dog.jpg").read_bytes()
-    httpd = Server(("127.0.0.1", 0), Handler)
+    httpd = LoopbackHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield httpd
@@ -144,7 +141,7 @@ def server(photos_dir: Path) -> Iterator[ThreadingHTTPServer]:
 
 
 @pytest.fixture
-def base(server: ThreadingHTTPServer) -> str:
+def base(server: LoopbackHTTPServer) -> str:
     return f"http://127.0.0.1:{server.server_port}"
 
 
@@ -280,7 +277,7 @@ BLOCKED = [
 
 @pytest.mark.parametrize("template", BLOCKED)
 def test_private_addresses_are_blocked_before_connecting(
-    server: ThreadingHTTPServer, template: str
+    server: LoopbackHTTPServer, template: str
 ) -> None:
     fetcher = _fetcher(allow_private_urls=False, fetch_timeout_s=5.0)
     started = time.monotonic()
@@ -289,7 +286,7 @@ def test_private_addresses_are_blocked_before_connecting(
     assert time.monotonic() - started < 0.5  # refused, not timed out
 
 
-def test_octal_loopback_is_blocked_or_unresolvable(server: ThreadingHTTPServer) -> None:
+def test_octal_loopback_is_blocked_or_unresolvable(server: LoopbackHTTPServer) -> None:
     url = f"http://0177.0.0.1:{server.server_port}/photo"
     expected = BlockedAddress if _resolves("0177.0.0.1") else FetchFailed
     with pytest.raises(expected):
@@ -308,7 +305,7 @@ def test_every_redirect_hop_is_filtered(base: str) -> None:
 
 
 def test_a_blocked_address_names_the_host_the_address_and_the_setting(
-    server: ThreadingHTTPServer, base: str
+    server: LoopbackHTTPServer, base: str
 ) -> None:
     fetcher = _fetcher(allow_private_urls=False)
     with pytest.raises(BlockedAddress) as direct:
@@ -336,8 +333,8 @@ class KeepAliveHandler(Handler):
 
 
 @pytest.fixture(scope="module")
-def keep_alive_base(server: ThreadingHTTPServer) -> Iterator[str]:
-    httpd = Server(("127.0.0.1", 0), KeepAliveHandler)
+def keep_alive_base(server: LoopbackHTTPServer) -> Iterator[str]:
+    httpd = LoopbackHTTPServer(("127.0.0.1", 0), KeepAliveHandler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{httpd.server_port}"
