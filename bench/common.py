@@ -718,7 +718,6 @@ class DripServer:
 
         self.hits = hits
         self._server = LoopbackHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
         self.base_url = f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def __enter__(self) -> DripServer:

@@ -37,13 +37,20 @@ from sqlalchemy import Engine, create_engine, text
 from harness import processes
 from shared.config import Config
 
+
+def glue_queue(config: Config) -> str:
+    """The queue the glue's API sends to and its worker consumes."""
+    return f"{config.queue_prefix}.glue"
+
+
 _CONFIG = Config.from_env()
-QUEUE = f"{_CONFIG.queue_prefix}.glue"
+QUEUE = glue_queue(_CONFIG)
 TASK = "glue.classify"
 DONE_CHANNEL = f"{_CONFIG.queue_prefix}:glue:done"
 WAIT_S = 60
 #: What every job "predicts" (the null model's top 5 has the same shape).
 RESULT = {"predictions": [{"label": f"class {i}", "score": 0.2 - i / 100} for i in range(5)]}
+STORED_RESULT = json.dumps(RESULT)
 
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS glue_users (id serial PRIMARY KEY, api_key text UNIQUE "
@@ -115,11 +122,16 @@ class _Listener:
 
 _keys: dict[str, int] = {}
 _listener_lock = threading.Lock()
+_the_listener: _Listener | None = None
 
 
-@functools.cache
 def _listener() -> _Listener:
-    return _Listener()
+    """The process's listener, made by the first request (after gunicorn's fork)."""
+    global _the_listener
+    with _listener_lock:
+        if _the_listener is None:
+            _the_listener = _Listener()
+        return _the_listener
 
 
 def _user_id(key: str | None) -> int | None:
@@ -149,8 +161,7 @@ def create_job():
     if not isinstance(url, str):
         return {"error": {"code": "validation_error"}}, 400
     job_id = str(uuid.uuid4())
-    with _listener_lock:
-        listener = _listener()
+    listener = _listener()
     slot = listener.expect(job_id)  # before the send: the answer cannot come first
     try:
         with _engine().connect() as conn:
@@ -186,7 +197,7 @@ def classify(job_id: str) -> None:
     with _engine().connect() as conn:
         if conn.execute(CLAIM, {"id": job_id}).first() is None:
             return  # already claimed (a redelivery)
-        conn.execute(WRITE, {"id": job_id, "result": json.dumps(RESULT)})
+        conn.execute(WRITE, {"id": job_id, "result": STORED_RESULT})
     body = json.dumps({"id": job_id, "status": "succeeded", "result": RESULT})
     _redis().publish(DONE_CHANNEL, f"{job_id}\n{body}")
 
@@ -202,7 +213,7 @@ class GlueWorker(processes.WorkerProcess):
     def pool_args(self) -> list[str]:
         return [
             "-P", "threads", "-c", str(self.config.worker_concurrency),
-            "-Q", f"{self.config.queue_prefix}.glue",
+            "-Q", glue_queue(self.config),
         ]  # fmt: skip
 
 
