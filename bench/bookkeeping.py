@@ -14,8 +14,9 @@ Two parts:
   them, two floors on the same stack: the HTTP floor (bench/floor_app.py: gunicorn and
   Flask alone) and the glue floor (bench/glue.py: the leanest Flask + Celery glue that
   charges, queues, claims, writes and answers a waiting client, with none of the
-  service's other work): what the same packages cost for the same steps on the same
-  machine.
+  service's other work; bare, then with the service's rate limit and caps on waits,
+  then with those and batching): what the same packages cost for the same steps on
+  the same machine.
 
 ``python -m bench.bookkeeping [--quick] [--json PATH]``. The machine may be shared:
 numbers are as measured.
@@ -283,16 +284,21 @@ def http_floor(stack, n: int) -> dict:
     }
 
 
-def glue_floor(stack, n: int) -> dict:
-    """bench/glue.py (the leanest Flask + Celery glue) on the same stack's database, Redis
-    and photo URLs, driven as the service's singles with wait: 16 users with one waiting
-    client each. CPU ms per image of its API, its worker, PostgreSQL and Redis."""
+def glue_floor(stack, n: int, variant: str = "bare") -> dict:
+    """bench/glue.py (the leanest Flask + Celery glue, as ``variant``: bare, guarded by the
+    service's rate limit and caps on waits, or guarded and batching) on the same stack's
+    database, Redis and photo URLs, driven as the service's singles with wait: 16 users
+    with one waiting client each. CPU ms per image of its API, its worker, PostgreSQL and
+    Redis."""
+    import redis
+
     from bench import glue
     from bench.common import ApiProcess, CpuMeter, closed_loop
     from harness import waiting
 
     headers = glue.create_users(stack.db_url, CLIENTS, n)
-    api = ApiProcess(stack.config, app="bench.glue:api").start()
+    app = "api" if variant == "bare" else variant
+    api = ApiProcess(stack.config, app=f"bench.glue:{app}").start()
     worker = glue.GlueWorker(stack.config, name="glue").start()
     try:
         waiting.wait_for(lambda: " ready." in worker.log(), 90, "the glue worker")
@@ -307,15 +313,20 @@ def glue_floor(stack, n: int) -> dict:
         closed_loop(CLIENTS, items[: 2 * CLIENTS], call, lanes=True)  # warm-up
         groups = {"api": api.pid, "worker": worker.proc.pid}
         groups |= {"postgres": stack.pg_backends, "redis": lambda: pids_matching("redis-server")}
+        stats = redis.Redis.from_url(stack.config.redis_url)
+        stats.delete(glue.batch_stats_key(stack.config))  # the warm-up's batches
         meter = CpuMeter(groups).start()
         driven = closed_loop(CLIENTS, items[2 * CLIENTS :], call, lanes=True)
         cpu = meter.stop()
+        batches = stats.hgetall(glue.batch_stats_key(stack.config))
     finally:
         worker.stop()
         api.stop()
     ok = max(1, driven["ok"])
     per_image = {k: 1000 * cpu["cores"][k] * cpu["wall_s"] / ok for k in groups}
     return {
+        # Counted by the batching task only (the others run one job a task).
+        "batches": {k.decode(): int(v) for k, v in batches.items()},
         "images": driven["ok"],
         "failed": driven["failed"],
         "images_per_s": driven["ok"] / driven["wall_s"],
@@ -347,6 +358,8 @@ def service(quick: bool = False) -> dict:
             "lone": lone_requests(stack, 20 if quick else LONE_REQUESTS),
             "http_floor": http_floor(stack, n),
             "glue_floor": glue_floor(stack, n),
+            "guarded_glue": glue_floor(stack, n, "guarded"),
+            "batching_glue": glue_floor(stack, n, "batching"),
         }
     return scenarios
 
@@ -432,21 +445,40 @@ def _breakdown(result: dict) -> list[str]:
 
 
 def _glue_floor(sc: dict) -> list[str]:
-    glue, service = sc["glue_floor"], sc["singles_wait"]
-    cpu = glue["cpu_ms_per_image"]
-    total = glue["bookkeeping_ms_per_image"]
-    return [
+    lines = [
         "",
-        f"The glue floor (bench/glue.py: the leanest Flask + Celery glue for a waiting "
-        f"client, one statement each to charge and insert, claim and write, a Celery "
-        f"message, a Redis publish; {CLIENTS} users with one waiting client each): "
-        f"{fmt(total)} CPU ms per image (API {fmt(cpu['api'])}, worker {fmt(cpu['worker'])}, "
-        f"PostgreSQL {fmt(cpu['postgres'])}, Redis {fmt(cpu['redis'])}; "
-        f"{fmt(glue['images_per_s'])} images/s, {glue['failed']} failed), against the "
-        f"service's {fmt(service['bookkeeping_ms_per_image'])} with wait: "
-        f"**{fmt(service['bookkeeping_ms_per_image'] / total if total else None, 2)}x** the "
-        "floor.",
+        f"Beside the glue floor (bench/glue.py: the leanest Flask + Celery glue for a waiting "
+        f"client, one statement each to charge and insert, claim and write, a Celery message, "
+        f"a Redis publish; {CLIENTS} users with one waiting client each), CPU ms per image "
+        "with wait:",
+        "",
+        "| | API | worker | PostgreSQL | Redis | total | images/s | mean batch | over the floor |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    floor = sc["glue_floor"]["bookkeeping_ms_per_image"]
+    for key, label in (
+        ("singles_wait", "the service"),
+        ("batching_glue", "the glue with the guards, batching (celery-batches)"),
+        ("guarded_glue", "the glue with the service's rate limit and caps on waits"),
+        ("glue_floor", "the glue floor"),
+    ):
+        s, cpu = sc[key], sc[key]["cpu_ms_per_image"]
+        total = s["bookkeeping_ms_per_image"]
+        lines.append(
+            f"| {label} | {fmt(cpu.get('api'))} | {fmt(cpu.get('worker'))} "
+            f"| {fmt(cpu.get('postgres'))} | {fmt(cpu.get('redis'))} | **{fmt(total)}** "
+            f"| {fmt(s['images_per_s'])} | {fmt(_mean_batch(s))} "
+            f"| {fmt(total / floor if floor else None, 2)}x |"
+        )
+    return lines
+
+
+def _mean_batch(scenario: dict) -> float | None:
+    # The service's from its worker's batch_size metric; a glue's from its own count.
+    if "worker" in scenario:
+        return scenario["worker"].get("mean_batch_size")
+    counts = scenario.get("batches") or {"jobs": 1, "batches": 1}
+    return counts["jobs"] / counts["batches"]
 
 
 def _by_thread(sc: dict, keys: tuple[str, ...]) -> list[str]:

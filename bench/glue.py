@@ -10,6 +10,22 @@ the service's bookkeeping too). Each statement is SQLAlchemy Core in autocommit 
 tables with no triggers; each API process has one Redis listener for all its waiters
 (redis-py's ``run_in_thread``), and an API key is looked up once per process.
 
+Two more variants add, in steps, what the service must do besides (the rest of what it
+adds is left out):
+
+- ``guarded``: the two guards the service owes a waiting submission, taken from the
+  service itself: the submission rate limit (api/ratelimit.py, one Redis round trip)
+  and the caps on waits (api/waits.py: a script that takes the user's slot, a ZREM that
+  gives it back). Without them one user's clients could flood the queue or hold every
+  API thread.
+- ``batching``: the guards, and the worker takes its jobs in batches, as the service
+  must: a celery-batches task (``flush_every`` BATCH_MAX, ``flush_interval``
+  FLUSH_INTERVAL_S) that claims a batch in one statement, writes it in one and
+  publishes its results in one pipeline. Its timer holds a job up to 5 ms for company,
+  where the service dispatches a job that finds its worker idle at once
+  (``BATCH_WAIT_MS=0``); with no images to load, its batch is claimed as it runs, where
+  the service claims each message before loading its images.
+
 So what its processes spend per image (the API under the API's gunicorn.conf.py, the
 Celery worker with a threads pool of WORKER_CONCURRENCY, PostgreSQL, Redis) is what
 Flask, gunicorn, Celery, SQLAlchemy, PostgreSQL and Redis cost for these steps on this
@@ -17,12 +33,13 @@ machine, used as plainly as a competent engineer writing their own glue would: a
 for the service's bookkeeping with wait. ``bench.bookkeeping`` runs it beside the
 service's scenarios on the same stack::
 
-    gunicorn -c gunicorn.conf.py bench.glue:api
+    gunicorn -c gunicorn.conf.py bench.glue:api      # or bench.glue:guarded, :batching
     celery -A bench.glue:celery worker -P threads -Q <QUEUE_PREFIX>.glue
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import threading
@@ -31,11 +48,15 @@ from typing import Any
 
 import redis
 from celery import Celery
-from flask import Flask, request
+from celery_batches import Batches
+from flask import Flask, Response, request
 from sqlalchemy import Engine, create_engine, text
 
+from api.ratelimit import Limits
+from api.waits import WaitSlots, skipped_headers
 from harness import processes
 from shared.config import Config
+from shared.errors import RateLimited
 
 
 def glue_queue(config: Config) -> str:
@@ -43,10 +64,21 @@ def glue_queue(config: Config) -> str:
     return f"{config.queue_prefix}.glue"
 
 
+def batch_stats_key(config: Config) -> str:
+    """A hash of the batching task's counts (fields ``batches`` and ``jobs``), bumped in
+    the pipeline that publishes its results: no round trip of its own."""
+    return f"{config.queue_prefix}:glue:batches"
+
+
 _CONFIG = Config.from_env()
 QUEUE = glue_queue(_CONFIG)
 TASK = "glue.classify"
+BATCH_TASK = "glue.classify_batch"
+#: The batching glue's wait for more jobs: a few ms of a waiting client's latency.
+FLUSH_INTERVAL_S = 0.005
+VARIANTS = ("bare", "guarded", "batching")
 DONE_CHANNEL = f"{_CONFIG.queue_prefix}:glue:done"
+BATCH_STATS = batch_stats_key(_CONFIG)
 WAIT_S = 60
 #: What every job "predicts" (the null model's top 5 has the same shape).
 RESULT = {"predictions": [{"label": f"class {i}", "score": 0.2 - i / 100} for i in range(5)]}
@@ -73,6 +105,14 @@ WRITE = text(
     "UPDATE glue_jobs SET status = 'succeeded', result = :result, completed_at = now() "
     "WHERE id = :id AND status = 'running'"
 )
+CLAIM_MANY = text(
+    "UPDATE glue_jobs SET status = 'running' WHERE id = ANY(CAST(:ids AS uuid[])) "
+    "AND status = 'queued' RETURNING id::text"
+)
+WRITE_MANY = text(
+    "UPDATE glue_jobs SET status = 'succeeded', result = :result, completed_at = now() "
+    "WHERE id = ANY(CAST(:ids AS uuid[])) AND status = 'running'"
+)
 
 
 @functools.cache
@@ -86,6 +126,11 @@ def _engine() -> Engine:
 @functools.cache
 def _redis() -> redis.Redis:
     return redis.Redis.from_url(_CONFIG.redis_url)
+
+
+@functools.cache
+def _guards() -> tuple[Limits, WaitSlots]:
+    return Limits(_CONFIG), WaitSlots(_redis(), _CONFIG)
 
 
 # --- the API -------------------------------------------------------------------------
@@ -144,22 +189,19 @@ def _user_id(key: str | None) -> int | None:
     return _keys.get(key or "")
 
 
-api = Flask(__name__)
-
-
-@api.get("/healthz")
-def healthz():
-    return {"status": "ok"}
-
-
-@api.post("/v1/jobs")
-def create_job():
+def _create_job(variant: str):
+    guarded = variant != "bare"
     user_id = _user_id(request.headers.get("X-API-Key"))
     if user_id is None:
         return {"error": {"code": "unauthorized"}}, 401
     url = (request.get_json(silent=True) or {}).get("url")
     if not isinstance(url, str):
         return {"error": {"code": "validation_error"}}, 400
+    if guarded:
+        try:
+            _guards()[0].check_submission(user_id)
+        except RateLimited as exc:
+            return {"error": {"code": exc.code}}, 429, exc.headers
     job_id = str(uuid.uuid4())
     listener = _listener()
     slot = listener.expect(job_id)  # before the send: the answer cannot come first
@@ -170,12 +212,34 @@ def create_job():
             ).first()
         if charged is None:
             return {"error": {"code": "insufficient_tokens"}}, 402
-        celery.send_task(TASK, args=[job_id], queue=QUEUE, ignore_result=True)
-        if not slot[0].wait(WAIT_S):
-            return {"id": job_id, "status": "queued"}, 202
+        task = BATCH_TASK if variant == "batching" else TASK
+        celery.send_task(task, args=[job_id], queue=QUEUE, ignore_result=True)
+        with _wait_slot(guarded, user_id) as skipped:
+            if skipped:
+                return {"id": job_id, "status": "queued"}, 202, skipped_headers(skipped)
+            if not slot[0].wait(WAIT_S):
+                return {"id": job_id, "status": "queued"}, 202
     finally:
         listener.forget(job_id)
-    return api.response_class(slot[1], status=200, mimetype="application/json")
+    return Response(slot[1], status=200, mimetype="application/json")
+
+
+def _wait_slot(guarded: bool, user_id: int):
+    if not guarded:
+        return contextlib.nullcontext()
+    return _guards()[1].hold(user_id, WAIT_S)
+
+
+def _app(variant: str) -> Flask:
+    app = Flask(__name__)
+    app.add_url_rule("/healthz", "healthz", lambda: {"status": "ok"})
+    app.add_url_rule(
+        "/v1/jobs", "create_job", functools.partial(_create_job, variant), methods=["POST"]
+    )
+    return app
+
+
+api, guarded, batching = (_app(variant) for variant in VARIANTS)
 
 
 # --- the worker ----------------------------------------------------------------------
@@ -187,6 +251,8 @@ celery.conf.update(
     task_ignore_result=True,
     task_acks_late=True,
     task_default_queue=QUEUE,
+    # Enough messages at hand to fill a batch while another runs (as the service).
+    worker_prefetch_multiplier=2 * _CONFIG.batch_max,
     worker_hijack_root_logger=False,
     worker_send_task_events=False,
 )
@@ -198,8 +264,33 @@ def classify(job_id: str) -> None:
         if conn.execute(CLAIM, {"id": job_id}).first() is None:
             return  # already claimed (a redelivery)
         conn.execute(WRITE, {"id": job_id, "result": STORED_RESULT})
+    _redis().publish(DONE_CHANNEL, _done_message(job_id))
+
+
+@celery.task(
+    name=BATCH_TASK,
+    base=Batches,
+    flush_every=_CONFIG.batch_max,
+    flush_interval=FLUSH_INTERVAL_S,
+    acks_late=True,
+)
+def classify_batch(requests: list) -> None:
+    ids = [request.args[0] for request in requests]
+    with _engine().connect() as conn:
+        claimed = conn.execute(CLAIM_MANY, {"ids": ids}).scalars().all()
+        if claimed:  # the others were claimed already (redeliveries)
+            conn.execute(WRITE_MANY, {"ids": claimed, "result": STORED_RESULT})
+    pipe = _redis().pipeline(transaction=False)
+    # Counted before any result is out: a client that has its answer finds it counted.
+    pipe.hincrby(BATCH_STATS, "batches", 1).hincrby(BATCH_STATS, "jobs", len(claimed))
+    for job_id in claimed:
+        pipe.publish(DONE_CHANNEL, _done_message(job_id))
+    pipe.execute()
+
+
+def _done_message(job_id: str) -> str:
     body = json.dumps({"id": job_id, "status": "succeeded", "result": RESULT})
-    _redis().publish(DONE_CHANNEL, f"{job_id}\n{body}")
+    return f"{job_id}\n{body}"
 
 
 # --- the driver (bench.bookkeeping) ---------------------------------------------------
