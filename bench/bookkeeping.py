@@ -284,12 +284,12 @@ def http_floor(stack, n: int) -> dict:
     }
 
 
-def glue_floor(stack, n: int, variant: str = "bare") -> dict:
+def glue_floor(stack, n: int, variant: str = "bare", lone: int = 0) -> dict:
     """bench/glue.py (the leanest Flask + Celery glue, as ``variant``: bare, guarded by the
     service's rate limit and caps on waits, or guarded and batching) on the same stack's
     database, Redis and photo URLs, driven as the service's singles with wait: 16 users
     with one waiting client each. CPU ms per image of its API, its worker, PostgreSQL and
-    Redis."""
+    Redis; then ``lone`` requests one after another, as the service's lone requests."""
     import redis
 
     from bench import glue
@@ -319,6 +319,7 @@ def glue_floor(stack, n: int, variant: str = "bare") -> dict:
         driven = closed_loop(CLIENTS, items[2 * CLIENTS :], call, lanes=True)
         cpu = meter.stop()
         batches = stats.hgetall(glue.batch_stats_key(stack.config))
+        alone = _glue_lone(items[:lone], call)
     finally:
         worker.stop()
         api.stop()
@@ -332,7 +333,27 @@ def glue_floor(stack, n: int, variant: str = "bare") -> dict:
         "images_per_s": driven["ok"] / driven["wall_s"],
         "cpu_ms_per_image": per_image,
         "bookkeeping_ms_per_image": sum(per_image.values()),
+        "lone": alone,
     }
+
+
+def _glue_lone(items: list, call) -> dict:
+    """Requests one after another on one connection: submit to answer, with nothing
+    else running (the URLs were answered before: only the latency matters here)."""
+    import requests
+
+    from bench.common import latency_summary
+
+    if not items:
+        return {}
+    latencies = []
+    with requests.Session() as session:
+        for item in items:
+            start = time.perf_counter()
+            if not call(session, item):
+                raise RuntimeError("a lone request to the glue failed")
+            latencies.append(time.perf_counter() - start)
+    return {"requests": len(items), **latency_summary(latencies)}
 
 
 def _scenario(stack, n: int, run) -> dict:
@@ -345,6 +366,7 @@ def service(quick: bool = False) -> dict:
     from bench.null_model import NullStack
 
     n = 48 if quick else SERVICE_JOBS
+    lone = 20 if quick else LONE_REQUESTS
     with NullStack() as stack, stack.running(1, "1"):  # loading in a loader process
         end_to_end.singles(stack, 16, CLIENTS, wait=True)  # warm-up
         scenarios = {
@@ -355,11 +377,16 @@ def service(quick: bool = False) -> dict:
             ),
             "one_user_spin": one_user_waiting(stack, n // 2, honour_retry_after=False),
             "one_user_retry_after": one_user_waiting(stack, n // 2, honour_retry_after=True),
-            "lone": lone_requests(stack, 20 if quick else LONE_REQUESTS),
+            "lone": lone_requests(stack, lone),
             "http_floor": http_floor(stack, n),
-            "glue_floor": glue_floor(stack, n),
-            "guarded_glue": glue_floor(stack, n, "guarded"),
-            "batching_glue": glue_floor(stack, n, "batching"),
+            **{
+                key: glue_floor(stack, n, variant, lone)
+                for key, variant in (
+                    ("glue_floor", "bare"),
+                    ("guarded_glue", "guarded"),
+                    ("batching_glue", "batching"),
+                )
+            },
         }
     return scenarios
 
@@ -452,8 +479,9 @@ def _glue_floor(sc: dict) -> list[str]:
         f"a Redis publish; {CLIENTS} users with one waiting client each), CPU ms per image "
         "with wait:",
         "",
-        "| | API | worker | PostgreSQL | Redis | total | images/s | mean batch | over the floor |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| | API | worker | PostgreSQL | Redis | total | images/s | mean batch | over the floor "
+        "| lone request p50 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     floor = sc["glue_floor"]["bookkeeping_ms_per_image"]
     for key, label in (
@@ -464,12 +492,21 @@ def _glue_floor(sc: dict) -> list[str]:
     ):
         s, cpu = sc[key], sc[key]["cpu_ms_per_image"]
         total = s["bookkeeping_ms_per_image"]
+        lone = sc["lone"] if key == "singles_wait" else s.get("lone", {})
         lines.append(
             f"| {label} | {fmt(cpu.get('api'))} | {fmt(cpu.get('worker'))} "
             f"| {fmt(cpu.get('postgres'))} | {fmt(cpu.get('redis'))} | **{fmt(total)}** "
             f"| {fmt(s['images_per_s'])} | {fmt(_mean_batch(s))} "
-            f"| {fmt(total / floor if floor else None, 2)}x |"
+            f"| {fmt(total / floor if floor else None, 2)}x "
+            f"| {fmt(lone.get('p50_ms'))} ms |"
         )
+    lines += [
+        "",
+        "Lone requests: one client, one request at a time. The service's also fetch and "
+        "decode a photo (its claim-to-result stage, fetch, decode, batch and forward, took "
+        f"{fmt(sc['lone']['stages_p50_ms'].get('to_result'))} ms at p50); a glue has "
+        "nothing to load.",
+    ]
     return lines
 
 

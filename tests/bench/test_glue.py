@@ -16,20 +16,22 @@ from bench.common import ApiProcess, ServiceStack
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 JOBS = 32
+LONE = 4
 
 
 @pytest.mark.parametrize("variant", glue.VARIANTS)
 def test_every_waiting_client_gets_its_result_and_each_job_is_charged_once(variant):
     with ServiceStack(worker=False) as stack:
-        out = glue_floor(stack, JOBS, variant)
+        out = glue_floor(stack, JOBS, variant, lone=LONE)
         with psycopg.connect(stack.dsn) as conn:
             statuses = conn.execute("SELECT status, count(*) FROM glue_jobs GROUP BY 1").fetchall()
             left = conn.execute("SELECT sum(tokens) FROM glue_users").fetchone()[0]
     assert (out["images"], out["failed"]) == (JOBS, 0)
-    submitted = JOBS + 2 * CLIENTS  # the measured run and its warm-up
+    submitted = JOBS + 2 * CLIENTS + LONE  # the measured run, its warm-up, lone requests
     assert statuses == [("succeeded", submitted)]
     assert left == CLIENTS * JOBS - submitted  # each user was funded with JOBS tokens
     assert out["cpu_ms_per_image"]["api"] > 0 and out["cpu_ms_per_image"]["worker"] > 0
+    assert out["lone"]["requests"] == LONE and out["lone"]["p50_ms"] > 0
     if variant == "batching":  # every measured job went through a counted batch
         assert out["batches"]["jobs"] == JOBS and 1 <= out["batches"]["batches"] <= JOBS
     else:
