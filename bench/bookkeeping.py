@@ -284,12 +284,12 @@ def http_floor(stack, n: int) -> dict:
     }
 
 
-def glue_floor(stack, n: int, variant: str = "bare", lone: int = 0) -> dict:
+def glue_floor(stack, n: int, variant: str = "bare", lone_count: int = 0) -> dict:
     """bench/glue.py (the leanest Flask + Celery glue, as ``variant``: bare, guarded by the
     service's rate limit and caps on waits, or guarded and batching) on the same stack's
     database, Redis and photo URLs, driven as the service's singles with wait: 16 users
     with one waiting client each. CPU ms per image of its API, its worker, PostgreSQL and
-    Redis; then ``lone`` requests one after another, as the service's lone requests."""
+    Redis; then ``lone_count`` requests one after another, as the service's lone requests."""
     import redis
 
     from bench import glue
@@ -319,7 +319,7 @@ def glue_floor(stack, n: int, variant: str = "bare", lone: int = 0) -> dict:
         driven = closed_loop(CLIENTS, items[2 * CLIENTS :], call, lanes=True)
         cpu = meter.stop()
         batches = stats.hgetall(glue.batch_stats_key(stack.config))
-        alone = _glue_lone(items[:lone], call)
+        alone = _glue_lone(items[:lone_count], call)
     finally:
         worker.stop()
         api.stop()
@@ -366,7 +366,7 @@ def service(quick: bool = False) -> dict:
     from bench.null_model import NullStack
 
     n = 48 if quick else SERVICE_JOBS
-    lone = 20 if quick else LONE_REQUESTS
+    lone_count = 20 if quick else LONE_REQUESTS
     with NullStack() as stack, stack.running(1, "1"):  # loading in a loader process
         end_to_end.singles(stack, 16, CLIENTS, wait=True)  # warm-up
         scenarios = {
@@ -377,10 +377,10 @@ def service(quick: bool = False) -> dict:
             ),
             "one_user_spin": one_user_waiting(stack, n // 2, honour_retry_after=False),
             "one_user_retry_after": one_user_waiting(stack, n // 2, honour_retry_after=True),
-            "lone": lone_requests(stack, lone),
+            "lone": lone_requests(stack, lone_count),
             "http_floor": http_floor(stack, n),
             **{
-                key: glue_floor(stack, n, variant, lone)
+                key: glue_floor(stack, n, variant, lone_count)
                 for key, variant in (
                     ("glue_floor", "bare"),
                     ("guarded_glue", "guarded"),
@@ -452,12 +452,12 @@ def _breakdown(result: dict) -> list[str]:
             f"| {fmt(s['cpu_ms_per_image'].get('api'))} | {fmt(s['bookkeeping_ms_per_image'])} |"
         )
     lines += _by_thread(sc, keys)
-    lone = sc["lone"]
+    alone = sc["lone"]
     lines += [
         "",
-        f"Lone requests (one client, `Prefer: wait=60`, {lone['jobs']} in a row): p50 "
-        f"{fmt(lone['p50_ms'])} ms, p95 {fmt(lone['p95_ms'])} ms (no forward pass); "
-        + lone_stages(lone),
+        f"Lone requests (one client, `Prefer: wait=60`, {alone['jobs']} in a row): p50 "
+        f"{fmt(alone['p50_ms'])} ms, p95 {fmt(alone['p95_ms'])} ms (no forward pass); "
+        + lone_stages(alone),
     ]
     floor = sc["http_floor"]
     lines += [
@@ -492,13 +492,13 @@ def _glue_floor(sc: dict) -> list[str]:
     ):
         s, cpu = sc[key], sc[key]["cpu_ms_per_image"]
         total = s["bookkeeping_ms_per_image"]
-        lone = sc["lone"] if key == "singles_wait" else s.get("lone", {})
+        alone = sc["lone"] if key == "singles_wait" else s.get("lone", {})
         lines.append(
             f"| {label} | {fmt(cpu.get('api'))} | {fmt(cpu.get('worker'))} "
             f"| {fmt(cpu.get('postgres'))} | {fmt(cpu.get('redis'))} | **{fmt(total)}** "
             f"| {fmt(s['images_per_s'])} | {fmt(_mean_batch(s))} "
             f"| {fmt(total / floor if floor else None, 2)}x "
-            f"| {fmt(lone.get('p50_ms'))} ms |"
+            f"| {fmt(alone.get('p50_ms'))} ms |"
         )
     lines += [
         "",

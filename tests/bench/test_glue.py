@@ -22,7 +22,7 @@ LONE = 4
 @pytest.mark.parametrize("variant", glue.VARIANTS)
 def test_every_waiting_client_gets_its_result_and_each_job_is_charged_once(variant):
     with ServiceStack(worker=False) as stack:
-        out = glue_floor(stack, JOBS, variant, lone=LONE)
+        out = glue_floor(stack, JOBS, variant, lone_count=LONE)
         with psycopg.connect(stack.dsn) as conn:
             statuses = conn.execute("SELECT status, count(*) FROM glue_jobs GROUP BY 1").fetchall()
             left = conn.execute("SELECT sum(tokens) FROM glue_users").fetchone()[0]
