@@ -210,12 +210,10 @@ def _admit(user_id: int, job_id: str, req: JobRequest) -> None:
 
 
 def _charge_and_insert(session: Session, row: dict, key: str | None, fingerprint: str) -> dict:
-    if not key:
-        # Then the charge is the transaction's only statement on PostgreSQL.
-        one_statement(session)
     # Core, no ORM unit of work (flush), on the hottest write path: charge, ledger row and
-    # job in one statement on PostgreSQL (shared/jobs.py insert_charged).
-    jobs.insert_charged(session, row)
+    # job in one statement on PostgreSQL (shared/jobs.py insert_charged). Without a key it
+    # is the transaction's only statement: alone, it runs on the driver and commits itself.
+    jobs.insert_charged(session, row, alone=not key)
     body = job_to_dict(row)
     if key:
         idempotency.save(row["user_id"], key, fingerprint, body)

@@ -32,6 +32,7 @@ from sqlalchemy import (
     JSON,
     BindParameter,
     ColumnElement,
+    Engine,
     Insert,
     Row,
     Table,
@@ -48,10 +49,11 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import cast as sql_cast
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session
 
 from shared import ledger, webhook_events
-from shared.db import bulk_insert, commits_async, dump_json
+from shared.db import DriverStatement, bulk_insert, commits_async, dump_json, one_statement
 from shared.models import Job, as_utc, is_row_id, new_id, utcnow
 from shared.results import pack
 from shared.status import ACTIVE, TERMINAL, JobStatus
@@ -90,9 +92,11 @@ def new_row(*, user_id: int, model: str, top_k: int, **columns: Any) -> dict[str
     return row
 
 
-def insert_charged(session: Session, row: Mapping[str, Any]) -> None:
+def insert_charged(session: Session, row: Mapping[str, Any], alone: bool = False) -> None:
     """Insert a new job (``new_row``) and charge its user one token, in the caller's
-    transaction, or raise InsufficientTokens and write nothing.
+    transaction, or raise InsufficientTokens and write nothing. ``alone``: the
+    transaction holds nothing else, so on PostgreSQL the statement runs on the driver
+    and commits by itself (``_alone``).
 
     The hottest write of the service (POST /v1/jobs). On PostgreSQL it is one statement,
     one round trip: the ledger's charge (``ledger.charge_one``) in data-modifying CTEs and
@@ -104,7 +108,12 @@ def insert_charged(session: Session, row: Mapping[str, Any]) -> None:
         # Prefixed names: a parameter named after a users column (id, created_at) would
         # become a SET of the charge's UPDATE.
         params = {f"job_{name}": value for name, value in row.items()}
-        if session.execute(_charged_insert(), params).first() is None:
+        engine = _alone(session) if alone else None
+        if engine is not None:
+            inserted = _on_driver(_charged_insert(), engine, (JOBS.c.id,)).rows(engine, params)
+        else:
+            inserted = list(session.execute(_charged_insert(), params))
+        if not inserted:
             raise ledger.insufficient(session, row["user_id"], 1)
         return
     ledger.charge_jobs(session, row["user_id"], [row["id"]])
@@ -268,6 +277,15 @@ def _ids_match(dialect: str, name: str) -> ColumnElement[bool]:
     return JOBS.c.id.in_(bindparam(name, expanding=True))
 
 
+def _is_active(dialect: str) -> ColumnElement[bool]:
+    """``status`` among ``ACTIVE``: ``= ANY(array)`` on PostgreSQL, a parameter like any
+    other (an expanding ``IN`` is re-rendered per call, and a ``DriverStatement`` renders
+    none), an ``IN`` elsewhere."""
+    if dialect == "postgresql":
+        return JOBS.c.status == any_(literal(list(ACTIVE_VALUES), ARRAY(JOBS.c.status.type)))
+    return JOBS.c.status.in_(ACTIVE_VALUES)
+
+
 def _async_where(dialect: str, commit_async: bool) -> list[ColumnElement[bool]]:
     """``shared.db.commits_async`` where asked for and the database has it (PostgreSQL)."""
     return [commits_async()] if commit_async and dialect == "postgresql" else []
@@ -277,7 +295,7 @@ def _async_where(dialect: str, commit_async: bool) -> list[ColumnElement[bool]]:
 def _claim_statement(dialect: str, plain: bool, commit_async: bool = False) -> Update:
     """Built once per dialect: a statement built per call cost more CPU than its round trip."""
     now: BindParameter[datetime] = bindparam("claim_now")
-    where = [_ids_match(dialect, "claim_ids"), JOBS.c.status.in_(ACTIVE_VALUES)]
+    where = [_ids_match(dialect, "claim_ids"), _is_active(dialect)]
     # A RETURNING column costs the driver a description entry on every execution.
     returning = [JOBS.c[name] for name in WORK_COLUMNS] if plain else list(JOBS.c)
     if plain:
@@ -305,12 +323,15 @@ def _claim(
     commit_async: bool = False,
 ):
     connection = session.connection()
+    stmt = _claim_statement(connection.dialect.name, plain, commit_async)
+    return list(connection.execute(stmt, _claim_params(job_ids, worker_id)))
+
+
+def _claim_params(job_ids: list[str], worker_id: str | None) -> dict[str, Any]:
     # An id no row can have (a malformed message) is left out, as a job that does not
     # exist is: PostgreSQL would refuse the whole uuid array, and the message come back.
     ids = [job_id for job_id in job_ids if is_row_id(job_id)]
-    params = {"claim_ids": ids, "claim_now": utcnow(), "claim_by": worker_id}
-    stmt = _claim_statement(connection.dialect.name, plain, commit_async)
-    return list(connection.execute(stmt, params))
+    return {"claim_ids": ids, "claim_now": utcnow(), "claim_by": worker_id}
 
 
 def claim(session: Session, job_ids: list[str], worker_id: str | None) -> list[JobRow]:
@@ -326,16 +347,46 @@ def claim(session: Session, job_ids: list[str], worker_id: str | None) -> list[J
     return _claim(session, job_ids, worker_id, plain=False)
 
 
-def claim_plain(
-    session: Session, job_ids: list[str], worker_id: str | None, commit_async: bool = False
-) -> list[JobRow]:
-    """``claim`` of the jobs among ``job_ids`` that have no webhook (the worker's hot path).
-
-    Nothing else is written with such a claim, so it can be a statement of its own; rows
-    carry only ``WORK_COLUMNS``. ``commit_async``: its transaction commits without
-    waiting for the disk (``shared.db.commits_async``; PostgreSQL).
+def claim_alone(session: Session, job_ids: list[str], worker_id: str | None) -> list[JobRow]:
+    """``claim`` of the jobs among ``job_ids`` that have no webhook (the worker's hot
+    path), as a statement of its own (``_alone``) that commits without waiting for the
+    disk (``shared.db.commits_async``; PostgreSQL). Rows carry only ``WORK_COLUMNS``.
     """
-    return _claim(session, job_ids, worker_id, plain=True, commit_async=commit_async)
+    stmt = _claim_statement(session.get_bind().dialect.name, plain=True, commit_async=True)
+    params = _claim_params(job_ids, worker_id)
+    if engine := _alone(session):
+        work = tuple(JOBS.c[name] for name in WORK_COLUMNS)
+        return _on_driver(stmt, engine, work).rows(engine, params)
+    return list(session.connection().execute(stmt, params))
+
+
+def _alone(session: Session) -> Engine | None:
+    """Where a statement of its own runs. On PostgreSQL with no transaction open: on the
+    driver (the engine returned; ``shared.db.DriverStatement``), one round trip that
+    commits by itself. Otherwise (SQLite, or a session bound to a connection) in the
+    session: None, with its next transaction made autocommit on PostgreSQL
+    (``shared.db.one_statement``), for the caller to commit."""
+    bind = session.get_bind()
+    on_driver = isinstance(bind, Engine) and bind.dialect.name == "postgresql"
+    if on_driver and not session.in_transaction():
+        return cast(Engine, bind)
+    one_statement(session)
+    return None
+
+
+def _on_driver(
+    stmt: Update | Insert, engine: Engine, returning: tuple[Any, ...]
+) -> DriverStatement:
+    return _driver_statement(stmt, engine.dialect, returning)
+
+
+@functools.cache
+def _driver_statement(
+    stmt: Update | Insert, dialect: Dialect, returning: tuple[Any, ...]
+) -> DriverStatement:
+    # Compiled once per dialect (it holds the JSON serializer the binds use), not per
+    # engine: a cached engine would keep its pool's connections open.
+    return DriverStatement(stmt, dialect, returning)
 
 
 @functools.cache
@@ -372,7 +423,7 @@ def _succeeded(
     ``result``, at the time bound as ``done_now``."""
     return (
         update(JOBS)
-        .where(matched, JOBS.c.status.in_(ACTIVE_VALUES), *_async_where(dialect, commit_async))
+        .where(matched, _is_active(dialect), *_async_where(dialect, commit_async))
         .values(
             status=JobStatus.SUCCEEDED.value,
             result=result,
@@ -389,7 +440,10 @@ def _returned(rows: bool) -> Iterable[ColumnElement[Any]]:
 
 
 def mark_all_succeeded(
-    session: Session, results: dict[str, dict[str, Any]], commit_async: bool = False
+    session: Session,
+    results: dict[str, dict[str, Any]],
+    commit_async: bool = False,
+    alone: bool = False,
 ) -> set[str]:
     """Store each job's result in one statement; returns the ids whose transition won.
 
@@ -402,39 +456,64 @@ def mark_all_succeeded(
     (``{"predictions": [...]}``); the column's type stores them compactly
     (``shared.results.StoredResult``). ``claimed_by`` is cleared: only the reconciler
     reads it, and only for processing jobs, so a finished row need not carry the
-    worker's name (about 30 bytes a job, issue #26).
+    worker's name (about 30 bytes a job, issue #26). ``alone``: the write is a
+    statement of its own (``_alone``): on PostgreSQL one round trip on the driver.
     """
-    return {row.id for row in _mark_succeeded(session, results, commit_async, rows=False)}
+    return {row.id for row in _mark_succeeded(session, results, commit_async, False, alone)}
 
 
 def mark_all_succeeded_rows(
-    session: Session, results: dict[str, dict[str, Any]], commit_async: bool = False
+    session: Session,
+    results: dict[str, dict[str, Any]],
+    commit_async: bool = False,
+    alone: bool = False,
 ) -> dict[str, JobRow]:
     """``mark_all_succeeded``, returning each won job's whole row as the UPDATE wrote it
     (by id): what ``job_to_dict`` needs to answer a waiting request without a read."""
-    return {row.id: row for row in _mark_succeeded(session, results, commit_async, rows=True)}
+    return {row.id: row for row in _mark_succeeded(session, results, commit_async, True, alone)}
 
 
 def _mark_succeeded(
-    session: Session, results: dict[str, dict[str, Any]], commit_async: bool, rows: bool
+    session: Session,
+    results: dict[str, dict[str, Any]],
+    commit_async: bool,
+    rows: bool,
+    alone: bool,
 ) -> list[JobRow]:
     if not results:
         return []
-    connection = session.connection()
-    dialect = connection.dialect.name
-    if len(results) == 1:  # a lone job: a statement built once, no CASE
+    engine = _alone(session) if alone else None
+    if engine is not None:
+        stmt, params = _succeeded_statement("postgresql", results, commit_async, rows)
+        return _on_driver(stmt, engine, tuple(_returned(rows))).rows(engine, params)
+    return _succeeded_in_session(session, results, commit_async, rows)
+
+
+def _succeeded_statement(
+    dialect: str, results: dict[str, dict[str, Any]], commit_async: bool, rows: bool
+) -> tuple[Update, dict[str, Any]]:
+    """The success write's statement and parameters: a lone job's, or (PostgreSQL only)
+    several jobs' in one text."""
+    if len(results) == 1:  # a lone job: a statement built once, no unnest or CASE
         [(job_id, value)] = results.items()
         params = {"done_id": job_id, "done_result": value, "done_now": utcnow()}
-        stmt = _succeeded_one_statement(dialect, commit_async, rows)
-        return list(connection.execute(stmt, params).all())
-    if dialect == "postgresql":
-        params = {
-            "done_ids": list(results),
-            # The text StoredResult would bind: packed, then the engine's compact JSON.
-            "done_results": [dump_json(pack(v)) for v in results.values()],
-            "done_now": utcnow(),
-        }
-        stmt = _succeeded_many_statement(commit_async, rows)
+        return _succeeded_one_statement(dialect, commit_async, rows), params
+    params = {
+        "done_ids": list(results),
+        # The text StoredResult would bind: packed, then the engine's compact JSON.
+        "done_results": [dump_json(pack(v)) for v in results.values()],
+        "done_now": utcnow(),
+    }
+    return _succeeded_many_statement(commit_async, rows), params
+
+
+def _succeeded_in_session(
+    session: Session, results: dict[str, dict[str, Any]], commit_async: bool, rows: bool
+) -> list[JobRow]:
+    connection = session.connection()
+    dialect = connection.dialect.name
+    if dialect == "postgresql" or len(results) == 1:
+        stmt, params = _succeeded_statement(dialect, results, commit_async, rows)
         return list(connection.execute(stmt, params).all())
     # SQLite: the result picked per row by a CASE (no arrays there).
     result = case(

@@ -42,6 +42,7 @@ from harness.processes import WORKER_START_TIMEOUT_S, WebhookWorkerProcess, Work
 from harness.services import OUTPUT, POSTGRES_ADMIN_URL, RABBITMQ_URL, REDIS_URL, ROOT
 from harness.serving import serving
 from harness.stack_config import config_env, test_config
+from harness.statements import DriverLog
 from harness.waiting import queue_reaches, wait_for
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "ROOT",
     "SLOW_S",
     "WORKER_START_TIMEOUT_S",
+    "DriverLog",
     "PhotoServer",
     "WebhookWorkerProcess",
     "WorkerProcess",

@@ -23,7 +23,6 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from shared import batches, dispatch, jobs, logs, webhook_events
-from shared.db import one_statement
 from shared.errors import ServiceError
 from shared.events import publish_done
 from shared.jobs import JobRow
@@ -358,14 +357,14 @@ def claim(
     """Claim the message's active jobs (shared.jobs.claim) and record job.started events.
 
     Jobs without a webhook (nearly all) are claimed by one UPDATE, on PostgreSQL in
-    autocommit: one round trip, no BEGIN or COMMIT. Whatever that left (jobs with a
-    webhook, whose job.started event must commit with their claim, and final or unknown
-    jobs) is claimed in a transaction of its own with its events.
+    autocommit on the driver: one round trip, no BEGIN or COMMIT (``jobs.claim_alone``).
+    Whatever that left (jobs with a webhook, whose job.started event must commit with
+    their claim, and final or unknown jobs) is claimed in a transaction of its own with
+    its events.
     """
-    one_statement(session)
     # Commits without waiting for the disk (PostgreSQL): a claim lost in a crash leaves
     # the job as it was, its message unacknowledged (docs/reliability.md).
-    rows = jobs.claim_plain(session, job_ids, worker_id, commit_async=True)
+    rows = jobs.claim_alone(session, job_ids, worker_id)
     session.commit()
     taken = {r.id for r in rows}
     rest = [j for j in dict.fromkeys(job_ids) if j not in taken]
@@ -433,15 +432,14 @@ def write(session: Session, outcomes: list[JobOutcome]) -> Written:
     """All outcomes in one transaction.
 
     A batch of successes only, none with a webhook or a bulk batch (the common small
-    batch), is one UPDATE: on PostgreSQL in autocommit, one round trip. If none of its
-    jobs is an upload either, it commits without waiting for the disk: such a result
-    lost in a PostgreSQL crash is computed again, with nothing else to undo (no refund,
-    event or batch count; an upload's bytes are gone once announced) (docs/reliability.md).
+    batch), is one UPDATE: on PostgreSQL in autocommit on the driver, one round trip. If
+    none of its jobs is an upload either, it commits without waiting for the disk: such a
+    result lost in a PostgreSQL crash is computed again, with nothing else to undo (no
+    refund, event or batch count; an upload's bytes are gone once announced)
+    (docs/reliability.md).
     """
     batch_ids = [o.job.batch_id for o in outcomes if o.job.batch_id]
     alone = not batch_ids and all(o.error is None and not o.job.webhook_url for o in outcomes)
-    if alone:
-        one_statement(session)
     events = []
     succeeded, bodies = _mark_succeeded(session, outcomes, alone)
     for o in outcomes:
@@ -468,8 +466,8 @@ def _mark_succeeded(
     results = {o.job.id: {"predictions": o.predictions} for o in outcomes if o.error is None}
     commit_async = alone and all(o.job.input_url for o in outcomes)
     if all(o.job.batch_id for o in outcomes if o.error is None):
-        return jobs.mark_all_succeeded(session, results, commit_async), {}
-    rows = jobs.mark_all_succeeded_rows(session, results, commit_async)
+        return jobs.mark_all_succeeded(session, results, commit_async, alone), {}
+    rows = jobs.mark_all_succeeded_rows(session, results, commit_async, alone)
     bodies = {i: jobs.job_to_dict(row) for i, row in rows.items() if row.batch_id is None}
     return set(rows), bodies
 

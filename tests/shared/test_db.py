@@ -5,10 +5,23 @@ from __future__ import annotations
 import time
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, Table, select, text, update
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import (
+    Column,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    any_,
+    bindparam,
+    literal,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from shared import db
+from shared.results import StoredResult, pack
 from tests import support
 
 
@@ -92,6 +105,78 @@ def test_commits_async_holds_for_its_transaction_only(engine):
         conn.rollback()
     with engine.begin() as conn:
         table.drop(conn)
+
+
+def _probe(engine) -> Table:
+    table = Table(
+        f"driver_probe_{time.monotonic_ns()}",
+        MetaData(),
+        Column("id", Integer, primary_key=True),
+        Column("state", String(16)),
+        Column("result", StoredResult()),
+    )
+    with engine.begin() as conn:
+        table.create(conn)
+        conn.execute(table.insert(), [{"id": 1, "state": "queued"}, {"id": 2, "state": "done"}])
+    return table
+
+
+@pytest.fixture
+def probe(engine):
+    table = _probe(engine)
+    yield table
+    with engine.begin() as conn:
+        table.drop(conn)
+
+
+def _finish(probe, dialect) -> db.DriverStatement:
+    """UPDATE probe SET state = 'done', result = :result WHERE id = :id AND state = ANY
+    (['queued']) RETURNING *: a fixed literal, a typed bind and a typed result."""
+    stmt = (
+        update(probe)
+        .where(probe.c.id == bindparam("id"), probe.c.state == any_(literal(["queued"])))
+        .values(state="done", result=bindparam("result", type_=StoredResult()))
+        .returning(*probe.c)
+    )
+    return db.DriverStatement(stmt, dialect, list(probe.c))
+
+
+def test_a_driver_statement_runs_alone_and_reads_as_core_does(engine, probe):
+    """db.DriverStatement: the statement commits by itself (autocommit), its binds and
+    rows go through their types (StoredResult packs and expands), rows read by
+    attribute; the connection goes back to the pool with transactions on."""
+    finish = _finish(probe, engine.dialect)
+    result = {"predictions": [{"label": "macaw", "score": 0.5}]}
+    [row] = finish.rows(engine, {"id": 1, "result": result})
+    assert (row.id, row.state, row.result) == (1, "done", result)
+    assert finish.rows(engine, {"id": 1, "result": result}) == []  # the condition holds
+    with engine.connect() as conn:  # committed, and stored packed as the type stores it
+        stored = conn.execute(select(probe.c.result).where(probe.c.id == 1)).scalar_one()
+        raw = conn.execute(text(f"SELECT result FROM {probe.name} WHERE id = 1")).scalar_one()
+        assert stored == result and raw == pack(result)
+        assert not conn.connection.driver_connection.autocommit
+
+
+def test_a_driver_statement_error_is_sqlalchemys_and_the_pool_recovers(engine, probe):
+    finish = _finish(probe, engine.dialect)
+    with pytest.raises(DBAPIError) as refused:  # not an integer: the server refuses it
+        finish.rows(engine, {"id": "not a number", "result": None})
+    assert not refused.value.connection_invalidated
+    with engine.connect() as conn:  # the same connection, back out of autocommit
+        assert not conn.connection.driver_connection.autocommit
+    dead = _backend_pid(engine)
+    _kill(engine, dead)
+    with pytest.raises(OperationalError) as lost:  # what api/services.py maps to 503
+        finish.rows(engine, {"id": 2, "result": None})
+    assert lost.value.connection_invalidated
+    assert finish.rows(engine, {"id": 2, "result": None}) == []  # a new connection
+    assert _backend_pid(engine) != dead
+
+
+def test_a_driver_statement_refuses_an_expanding_in(engine, probe):
+    stmt = update(probe).where(probe.c.state.in_(["queued", "done"])).values(state="x")
+    with pytest.raises(ValueError, match="expanding IN"):
+        db.DriverStatement(stmt, engine.dialect, [])
 
 
 class _Deadlock(Exception):

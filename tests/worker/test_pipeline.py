@@ -199,16 +199,20 @@ def test_decodes_take_pixels_from_the_process_budget(runtime, account, photo_ser
 
 
 class _Statements:
-    """The statements an engine sends, and whether each ran outside a transaction."""
+    """The statements an engine sends, and whether each ran outside a transaction: on
+    PostgreSQL as psycopg sends them (``support.DriverLog``: those run on the driver
+    too), on SQLite as SQLAlchemy does (its BEGIN IMMEDIATE included)."""
 
     def __init__(self, engine) -> None:
         self.engine, self.seen, self.sql = engine, [], []
+        self._driver = support.DriverLog(engine, self._add)
 
-    def _record(self, conn, _cursor, statement, *_args) -> None:
-        dbapi = conn.connection.driver_connection
-        autocommit = getattr(dbapi, "autocommit", False) is True  # psycopg only
+    def _add(self, statement: str, autocommit: bool) -> None:
         self.seen.append((statement.split()[0], autocommit))
         self.sql.append(statement)
+
+    def _record(self, _conn, _cursor, statement, *_args) -> None:
+        self._add(statement, False)
 
     @property
     def async_commit(self) -> bool:
@@ -216,11 +220,17 @@ class _Statements:
         return any("set_config('synchronous_commit', 'off', true)" in s for s in self.sql)
 
     def __enter__(self):
-        event.listen(self.engine, "before_cursor_execute", self._record)
+        if self.engine.dialect.name == "postgresql":
+            self._driver.__enter__()
+        else:
+            event.listen(self.engine, "before_cursor_execute", self._record)
         return self
 
     def __exit__(self, *exc) -> None:
-        event.remove(self.engine, "before_cursor_execute", self._record)
+        if self.engine.dialect.name == "postgresql":
+            self._driver.__exit__(*exc)
+        else:
+            event.remove(self.engine, "before_cursor_execute", self._record)
 
 
 def test_a_lone_job_is_claimed_and_written_in_one_statement_each(runtime, account, photo_server):
