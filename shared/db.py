@@ -152,18 +152,19 @@ class DriverStatement:
     """A Core statement that runs alone (autocommit) on PostgreSQL, compiled once and
     executed on a pooled psycopg connection, past SQLAlchemy's per-execution work.
 
-    For the few statements that run once per job on the hot path (a worker's claim and
-    write, issue #22): through a Session, one such statement cost the worker 0.55-0.65
-    CPU ms, of which psycopg's own execution was 0.15; the checkout, the autocommit
-    switch, the compiled-cache lookup, the expanding ``IN``'s re-rendering and the
-    result's set-up were the rest. The statement is still written in Core, and compiled
-    by SQLAlchemy once; its binds are processed by their types (``bind_processor``), and
-    the ``returning`` columns by theirs (``result_processor``), as SQLAlchemy would.
+    For the few statements that run once per job on the hot path (the submission's
+    charge-and-insert, the worker's claim and write; issue #22): through a Session, one
+    such statement cost 0.5-0.65 CPU ms of Python, of which psycopg's own execution was
+    0.15; the checkout, the autocommit switch, the compiled-cache lookup, the expanding
+    ``IN``'s re-rendering and the result's set-up were the rest. The statement is still
+    written in Core, and compiled by SQLAlchemy once; its binds are processed by their
+    types (``bind_processor``), and the ``returning`` columns by theirs
+    (``result_processor``), as SQLAlchemy would.
 
     Rows come back as named tuples, read by attribute as Core rows are. A driver error
     is raised as SQLAlchemy's ``DBAPIError`` (``OperationalError`` for a database that
-    is down: what callers catch), and a connection it left broken is dropped from the
-    pool. PostgreSQL only: SQLite keeps the Session.
+    is down: what callers catch); a lost connection empties the pool, as SQLAlchemy's
+    own disconnect handling does. PostgreSQL only: SQLite keeps the Session.
     """
 
     def __init__(
@@ -192,7 +193,7 @@ class DriverStatement:
 
     def rows(self, engine: Engine, params: Mapping[str, Any]) -> list[Any]:
         """Run the statement with ``params`` (values as Core takes them); its rows."""
-        fetched = _alone(engine, self.sql, {**self._fixed, **self._processed(params)})
+        fetched = _run_alone(engine, self.sql, {**self._fixed, **self._processed(params)})
         make, results = self._make, self._results
         return [
             make(p(v) if p else v for p, v in zip(results, row, strict=True)) for row in fetched
@@ -210,7 +211,7 @@ def _compiled(statement: ClauseElement, dialect: Dialect, **kw: Any) -> SQLCompi
     return cast(SQLCompiler, statement.compile(dialect=dialect, compile_kwargs=kw))
 
 
-def _alone(engine: Engine, sql: str, values: dict[str, Any]) -> list[tuple[Any, ...]]:
+def _run_alone(engine: Engine, sql: str, values: dict[str, Any]) -> list[tuple[Any, ...]]:
     """``sql`` on a pooled connection in autocommit, its rows fetched. A driver error is
     raised as SQLAlchemy would raise it, and a connection it broke leaves the pool."""
 
@@ -230,7 +231,8 @@ def _alone(engine: Engine, sql: str, values: dict[str, Any]) -> list[tuple[Any, 
         lost = driver.broken or driver.closed
         if lost:
             # As SQLAlchemy does after a disconnect: this connection and every pooled
-            # one older than it go (a restart killed them all); the next reconnect.
+            # one older than it go (a restart killed them all); the next checkout
+            # reconnects.
             pooled.invalidate(exc)
             engine.dispose()
         raise wrapped(exc, lost) from exc
