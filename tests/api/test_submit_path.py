@@ -1,12 +1,14 @@
 """The submission's per-request path (issue #17): Bearer keys cached per API process,
 and a JSON-URL submission in one SQL statement on PostgreSQL."""
 
+import psycopg
 import pytest
 from sqlalchemy import event, select, update
 from sqlalchemy.orm.exc import DetachedInstanceError
 
 from api import accounts, auth
 from api.services import db
+from shared import db as shared_db
 from shared.models import ApiKey, User, utcnow
 from tests import support
 
@@ -69,6 +71,37 @@ def test_a_submission_with_a_known_key_is_one_transaction(api_stack, client, use
         assert sent == ["WITH (autocommit)"]
     else:
         assert sent == ["BEGIN", "UPDATE", "INSERT", "INSERT", "COMMIT"]
+
+
+def _kill_pooled_connections(engine) -> None:
+    """Terminate every connection idle in ``engine``'s pool, as a restart would."""
+    pooled = [engine.raw_connection() for _ in range(engine.pool.checkedin())]
+    pids = [conn.driver_connection.info.backend_pid for conn in pooled]
+    for conn in pooled:
+        conn.close()
+    with psycopg.connect(support.admin_dsn(), autocommit=True) as admin:
+        for pid in pids:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+
+def test_a_submission_that_meets_a_lost_connection_is_a_503_and_charges_nothing(
+    api_stack, client, user, monkeypatch
+):
+    """The submission's statement runs on the driver (shared.db.DriverStatement): a
+    pooled connection a restart killed is a 503, as through a session, nothing is
+    charged, and the pool is emptied, so the next submission reconnects."""
+    if not api_stack.config.database_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL's driver path; SQLite has no connections to lose")
+    monkeypatch.setattr(shared_db, "PING_AFTER_IDLE_S", 3600)  # no ping saves it
+    assert _submit(client, user).status_code == 202  # the key is now cached
+    before = client.get("/v1/me", headers=user["headers"]).get_json()["tokens"]
+    _kill_pooled_connections(api_stack.app.extensions["imgclf"].engine)
+    lost = _submit(client, user)
+    assert lost.status_code == 503
+    assert lost.get_json()["error"]["code"] == "service_unavailable"
+    assert client.get("/v1/me", headers=user["headers"]).get_json()["tokens"] == before
+    assert _submit(client, user).status_code == 202
+    assert client.get("/v1/me", headers=user["headers"]).get_json()["tokens"] == before - 1
 
 
 def test_with_an_idempotency_key_the_submission_stays_one_transaction(api_stack, client, user):
