@@ -108,12 +108,7 @@ def insert_charged(session: Session, row: Mapping[str, Any], alone: bool = False
         # Prefixed names: a parameter named after a users column (id, created_at) would
         # become a SET of the charge's UPDATE.
         params = {f"job_{name}": value for name, value in row.items()}
-        engine = _alone(session) if alone else None
-        if engine is not None:
-            inserted = _on_driver(_charged_insert(), engine, (JOBS.c.id,)).rows(engine, params)
-        else:
-            inserted = list(session.execute(_charged_insert(), params))
-        if not inserted:
+        if not _execute(session, _charged_insert(), params, (JOBS.c.id,), alone):
             raise ledger.insufficient(session, row["user_id"], 1)
         return
     ledger.charge_jobs(session, row["user_id"], [row["id"]])
@@ -353,11 +348,23 @@ def claim_alone(session: Session, job_ids: list[str], worker_id: str | None) -> 
     disk (``shared.db.commits_async``; PostgreSQL). Rows carry only ``WORK_COLUMNS``.
     """
     stmt = _claim_statement(session.get_bind().dialect.name, plain=True, commit_async=True)
-    params = _claim_params(job_ids, worker_id)
-    if engine := _alone(session):
-        work = tuple(JOBS.c[name] for name in WORK_COLUMNS)
-        return _on_driver(stmt, engine, work).rows(engine, params)
-    return list(session.connection().execute(stmt, params))
+    work = tuple(JOBS.c[name] for name in WORK_COLUMNS)
+    return _execute(session, stmt, _claim_params(job_ids, worker_id), work, alone=True)
+
+
+def _execute(
+    session: Session,
+    stmt: Update | Insert,
+    params: dict[str, Any],
+    returning: Iterable[ColumnElement[Any]],
+    alone: bool,
+) -> list[JobRow]:
+    """``stmt``'s rows, run in the session's transaction, or as a statement of its own
+    where ``alone`` (``_alone`` says where: on PostgreSQL, on the driver)."""
+    engine = _alone(session) if alone else None
+    if engine is None:
+        return list(session.execute(stmt, params))
+    return _driver_statement(stmt, engine.dialect, tuple(returning)).rows(engine, params)
 
 
 def _alone(session: Session) -> Engine | None:
@@ -372,12 +379,6 @@ def _alone(session: Session) -> Engine | None:
         return cast(Engine, bind)
     one_statement(session)
     return None
-
-
-def _on_driver(
-    stmt: Update | Insert, engine: Engine, returning: tuple[Any, ...]
-) -> DriverStatement:
-    return _driver_statement(stmt, engine.dialect, returning)
 
 
 @functools.cache
@@ -482,39 +483,10 @@ def _mark_succeeded(
 ) -> list[JobRow]:
     if not results:
         return []
-    engine = _alone(session) if alone else None
-    if engine is not None:
-        stmt, params = _succeeded_statement("postgresql", results, commit_async, rows)
-        return _on_driver(stmt, engine, tuple(_returned(rows))).rows(engine, params)
-    return _succeeded_in_session(session, results, commit_async, rows)
-
-
-def _succeeded_statement(
-    dialect: str, results: dict[str, dict[str, Any]], commit_async: bool, rows: bool
-) -> tuple[Update, dict[str, Any]]:
-    """The success write's statement and parameters: a lone job's, or (PostgreSQL only)
-    several jobs' in one text."""
-    if len(results) == 1:  # a lone job: a statement built once, no unnest or CASE
-        [(job_id, value)] = results.items()
-        params = {"done_id": job_id, "done_result": value, "done_now": utcnow()}
-        return _succeeded_one_statement(dialect, commit_async, rows), params
-    params = {
-        "done_ids": list(results),
-        # The text StoredResult would bind: packed, then the engine's compact JSON.
-        "done_results": [dump_json(pack(v)) for v in results.values()],
-        "done_now": utcnow(),
-    }
-    return _succeeded_many_statement(commit_async, rows), params
-
-
-def _succeeded_in_session(
-    session: Session, results: dict[str, dict[str, Any]], commit_async: bool, rows: bool
-) -> list[JobRow]:
-    connection = session.connection()
-    dialect = connection.dialect.name
+    dialect = session.get_bind().dialect.name
     if dialect == "postgresql" or len(results) == 1:
         stmt, params = _succeeded_statement(dialect, results, commit_async, rows)
-        return list(connection.execute(stmt, params).all())
+        return _execute(session, stmt, params, _returned(rows), alone)
     # SQLite: the result picked per row by a CASE (no arrays there).
     result = case(
         {
@@ -534,6 +506,24 @@ def _succeeded_in_session(
         completed_at=utcnow(),
         claimed_by=None,
     )
+
+
+def _succeeded_statement(
+    dialect: str, results: dict[str, dict[str, Any]], commit_async: bool, rows: bool
+) -> tuple[Update, dict[str, Any]]:
+    """The success write's statement and parameters: a lone job's, or (PostgreSQL only)
+    several jobs' in one text."""
+    if len(results) == 1:  # a lone job: a statement built once, no unnest or CASE
+        [(job_id, value)] = results.items()
+        params = {"done_id": job_id, "done_result": value, "done_now": utcnow()}
+        return _succeeded_one_statement(dialect, commit_async, rows), params
+    params = {
+        "done_ids": list(results),
+        # The text StoredResult would bind: packed, then the engine's compact JSON.
+        "done_results": [dump_json(pack(v)) for v in results.values()],
+        "done_now": utcnow(),
+    }
+    return _succeeded_many_statement(commit_async, rows), params
 
 
 def release_lost(session: Session, job_ids: Iterable[str], *still: ColumnElement[bool]) -> set[str]:
