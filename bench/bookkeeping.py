@@ -15,8 +15,9 @@ Two parts:
   Flask alone) and the glue floor (bench/glue.py: the leanest Flask + Celery glue that
   charges, queues, claims, writes and answers a waiting client, with none of the
   service's other work; bare, then with the service's rate limit and caps on waits,
-  then with those and batching): what the same packages cost for the same steps on
-  the same machine.
+  then with those and batching, then that on the service's own tables and statements):
+  what the same packages, and the service's data model, cost for the same steps on the
+  same machine.
 
 ``python -m bench.bookkeeping [--quick] [--json PATH]``. The machine may be shared:
 numbers are as measured.
@@ -149,6 +150,9 @@ def _one_batch(pipeline, sessions, client, config, ids, publish_done) -> dict:
 
 SERVICE_JOBS = 1000
 CLIENTS = 16
+#: Rounds of the service with wait, then the glue on its own data, one after the other:
+#: this host's speed drifts by up to 30 % within minutes, so each pair is compared.
+PAIRED_ROUNDS = 3
 LONE_REQUESTS = 100
 # The stages whose CPU is bookkeeping: loading (loader processes), the photo server and
 # the benchmark's own clients are not.
@@ -296,7 +300,7 @@ def glue_floor(stack, n: int, variant: str = "bare", lone_count: int = 0) -> dic
     from bench.common import ApiProcess, CpuMeter, closed_loop
     from harness import waiting
 
-    headers = glue.create_users(stack.db_url, CLIENTS, n)
+    headers = glue.create_users(stack.db_url, CLIENTS, n, service=variant == "schema")
     app = "api" if variant == "bare" else variant
     api = ApiProcess(stack.config, app=f"bench.glue:{app}").start()
     worker = glue.GlueWorker(stack.config, name="glue").start()
@@ -385,10 +389,34 @@ def service(quick: bool = False) -> dict:
                     ("glue_floor", "bare"),
                     ("guarded_glue", "guarded"),
                     ("batching_glue", "batching"),
+                    ("schema_glue", "schema"),
                 )
             },
+            "paired": paired(stack, n, 1 if quick else PAIRED_ROUNDS),
         }
     return scenarios
+
+
+def paired(stack, n: int, rounds: int) -> list[dict]:
+    """The service's singles with wait, then the ``schema`` glue (the same steps on the
+    service's own tables and statements), ``rounds`` times: CPU ms per image with wait
+    of each, by process, measured minutes apart at most."""
+    from bench import end_to_end
+
+    out = []
+    for _ in range(rounds):
+        service = _scenario(stack, n, lambda: end_to_end.singles(stack, n, CLIENTS, wait=True))
+        glue = glue_floor(stack, n, "schema")
+        out.append(
+            {
+                name: {
+                    "total": run["bookkeeping_ms_per_image"],
+                    **{g: run["cpu_ms_per_image"].get(g, 0.0) for g in BOOKKEEPING_GROUPS},
+                }
+                for name, run in (("service", service), ("glue", glue))
+            }
+        )
+    return out
 
 
 def run(quick: bool = False) -> dict:
@@ -468,7 +496,32 @@ def _breakdown(result: dict) -> list[str]:
         f"against the API's {fmt(plain_api)} per submission fire and forget "
         f"({fmt(floor['requests_per_s'])} requests/s, {floor['failed']} failed).",
     ]
-    return lines + _glue_floor(sc)
+    return lines + _glue_floor(sc) + _paired(sc.get("paired", []))
+
+
+def _paired(rounds: list[dict]) -> list[str]:
+    if not rounds:
+        return []
+    lines = [
+        "",
+        "Side by side: the service with wait, then the glue on the service's tables and "
+        f"statements, {len(rounds)} time(s) one after the other (CPU ms per image with wait; "
+        "API / worker / PostgreSQL / Redis):",
+        "",
+        "| round | the service | the glue on the service's data | service ÷ glue |",
+        "|---|---|---|---|",
+    ]
+
+    def cell(r: dict) -> str:
+        parts = " / ".join(fmt(r[g]) for g in BOOKKEEPING_GROUPS)
+        return f"**{fmt(r['total'])}** ({parts})"
+
+    ratios = []
+    for i, r in enumerate(rounds, 1):
+        ratios.append(r["service"]["total"] / r["glue"]["total"])
+        lines.append(f"| {i} | {cell(r['service'])} | {cell(r['glue'])} | {fmt(ratios[-1], 2)} |")
+    lines.append(f"| median | | | **{fmt(median(ratios), 2)}** |")
+    return lines
 
 
 def _glue_floor(sc: dict) -> list[str]:
@@ -486,6 +539,7 @@ def _glue_floor(sc: dict) -> list[str]:
     floor = sc["glue_floor"]["bookkeeping_ms_per_image"]
     for key, label in (
         ("singles_wait", "the service"),
+        ("schema_glue", "the same on the service's tables and statements"),
         ("batching_glue", "the glue with the guards, batching (celery-batches)"),
         ("guarded_glue", "the glue with the service's rate limit and caps on waits"),
         ("glue_floor", "the glue floor"),

@@ -25,6 +25,13 @@ adds is left out):
   where the service dispatches a job that finds its worker idle at once
   (``BATCH_WAIT_MS=0``); with no images to load, its batch is claimed as it runs, where
   the service claims each message before loading its images.
+- ``schema``: ``batching`` on the service's own data: its ``users``, ``token_ledger``
+  and ``jobs`` tables (their indexes, and the counters' triggers that keep /metrics
+  from counting ``jobs``), through the service's own three statements
+  (``shared.jobs.insert_charged``, ``claim_alone``, ``mark_all_succeeded_rows``, each
+  one round trip on the driver), answering with ``job_to_dict`` of the written row.
+  What it costs over ``batching`` is the price of the service's data model; what the
+  service costs over it is the service's own code.
 
 So what its processes spend per image (the API under the API's gunicorn.conf.py, the
 Celery worker with a threads pool of WORKER_CONCURRENCY, PostgreSQL, Redis) is what
@@ -51,12 +58,16 @@ from celery import Celery
 from celery_batches import Batches
 from flask import Flask, Response, request
 from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.orm import Session, sessionmaker
 
 from api.ratelimit import Limits
 from api.waits import WaitSlots, skipped_headers
 from harness import processes
+from shared import jobs, ledger
 from shared.config import Config
-from shared.errors import RateLimited
+from shared.db import make_engine, make_session_factory
+from shared.errors import InsufficientTokens, RateLimited
+from shared.models import User
 
 
 def glue_queue(config: Config) -> str:
@@ -74,19 +85,24 @@ _CONFIG = Config.from_env()
 QUEUE = glue_queue(_CONFIG)
 TASK = "glue.classify"
 BATCH_TASK = "glue.classify_batch"
+SCHEMA_TASK = "glue.classify_schema"
 #: The batching glue's wait for more jobs: a few ms of a waiting client's latency.
 FLUSH_INTERVAL_S = 0.005
-VARIANTS = ("bare", "guarded", "batching")
+VARIANTS = ("bare", "guarded", "batching", "schema")
+#: The model the ``schema`` variant's jobs name (the service's default).
+MODEL = "mobilenet"
 DONE_CHANNEL = f"{_CONFIG.queue_prefix}:glue:done"
 BATCH_STATS = batch_stats_key(_CONFIG)
 WAIT_S = 60
+TASKS = {"bare": TASK, "guarded": TASK, "batching": BATCH_TASK, "schema": SCHEMA_TASK}
 #: What every job "predicts" (the null model's top 5 has the same shape).
 RESULT = {"predictions": [{"label": f"class {i}", "score": 0.2 - i / 100} for i in range(5)]}
 STORED_RESULT = json.dumps(RESULT)
 
 SCHEMA = (
+    # user_id: the service's user (``schema`` variant), whose tokens are in ``users``.
     "CREATE TABLE IF NOT EXISTS glue_users (id serial PRIMARY KEY, api_key text UNIQUE "
-    "NOT NULL, tokens integer NOT NULL)",
+    "NOT NULL, tokens integer NOT NULL, user_id integer)",
     "CREATE TABLE IF NOT EXISTS glue_jobs (id uuid PRIMARY KEY, user_id integer NOT NULL "
     "REFERENCES glue_users (id), status text NOT NULL, input_url text NOT NULL, result "
     "jsonb, created_at timestamptz NOT NULL DEFAULT now(), completed_at timestamptz)",
@@ -96,7 +112,7 @@ CHARGE_AND_INSERT = text(
     "AND tokens > 0 RETURNING id) INSERT INTO glue_jobs (id, user_id, status, input_url) "
     "SELECT :id, id, 'queued', :url FROM charged RETURNING id"
 )
-USER_BY_KEY = text("SELECT id FROM glue_users WHERE api_key = :key")
+USER_BY_KEY = text("SELECT coalesce(user_id, id) FROM glue_users WHERE api_key = :key")
 CLAIM = text(
     "UPDATE glue_jobs SET status = 'running' WHERE id = :id AND status = 'queued' "
     "RETURNING input_url"
@@ -121,6 +137,12 @@ def _engine() -> Engine:
     return create_engine(
         _CONFIG.database_url, pool_size=10, max_overflow=20, isolation_level="AUTOCOMMIT"
     )
+
+
+@functools.cache
+def _sessions() -> sessionmaker[Session]:
+    """The service's own engine and sessions (``schema`` variant)."""
+    return make_session_factory(make_engine(_CONFIG))
 
 
 @functools.cache
@@ -202,18 +224,14 @@ def _create_job(variant: str):
             _guards()[0].check_submission(user_id)
         except RateLimited as exc:
             return {"error": {"code": exc.code}}, 429, exc.headers
-    job_id = str(uuid.uuid4())
+    row = _new_job(variant, user_id, url)
+    job_id = row["id"]
     listener = _listener()
     slot = listener.expect(job_id)  # before the send: the answer cannot come first
     try:
-        with _engine().connect() as conn:
-            charged = conn.execute(
-                CHARGE_AND_INSERT, {"user_id": user_id, "id": job_id, "url": url}
-            ).first()
-        if charged is None:
+        if not _charged(variant, row):
             return {"error": {"code": "insufficient_tokens"}}, 402
-        task = BATCH_TASK if variant == "batching" else TASK
-        celery.send_task(task, args=[job_id], queue=QUEUE, ignore_result=True)
+        celery.send_task(TASKS[variant], args=[job_id], queue=QUEUE, ignore_result=True)
         with _wait_slot(guarded, user_id) as skipped:
             if skipped:
                 return {"id": job_id, "status": "queued"}, 202, skipped_headers(skipped)
@@ -222,6 +240,25 @@ def _create_job(variant: str):
     finally:
         listener.forget(job_id)
     return Response(slot[1], status=200, mimetype="application/json")
+
+
+def _new_job(variant: str, user_id: int, url: str) -> dict[str, Any]:
+    if variant == "schema":  # the service's row: its id, defaults and created_at
+        return jobs.new_row(user_id=user_id, model=MODEL, top_k=5, input_url=url)
+    return {"id": str(uuid.uuid4()), "user_id": user_id, "url": url}
+
+
+def _charged(variant: str, row: dict[str, Any]) -> bool:
+    """Charge a token and insert the job, in one statement; False if the balance is short."""
+    if variant == "schema":
+        with _sessions()() as session:
+            try:
+                jobs.insert_charged(session, row, alone=True)
+            except InsufficientTokens:
+                return False
+        return True
+    with _engine().connect() as conn:
+        return conn.execute(CHARGE_AND_INSERT, row).first() is not None
 
 
 def _wait_slot(guarded: bool, user_id: int):
@@ -239,7 +276,7 @@ def _app(variant: str) -> Flask:
     return app
 
 
-api, guarded, batching = (_app(variant) for variant in VARIANTS)
+api, guarded, batching, schema = (_app(variant) for variant in VARIANTS)
 
 
 # --- the worker ----------------------------------------------------------------------
@@ -280,17 +317,42 @@ def classify_batch(requests: list) -> None:
         claimed = conn.execute(CLAIM_MANY, {"ids": ids}).scalars().all()
         if claimed:  # the others were claimed already (redeliveries)
             conn.execute(WRITE_MANY, {"ids": claimed, "result": STORED_RESULT})
+    _announce({job_id: _done_body(job_id) for job_id in claimed})
+
+
+@celery.task(
+    name=SCHEMA_TASK,
+    base=Batches,
+    flush_every=_CONFIG.batch_max,
+    flush_interval=FLUSH_INTERVAL_S,
+    acks_late=True,
+)
+def classify_schema(requests: list) -> None:
+    """``classify_batch`` through the service's own statements on its own tables."""
+    ids = [request.args[0] for request in requests]
+    with _sessions()() as session:
+        claimed = jobs.claim_alone(session, ids, "glue")
+        results = {row.id: RESULT for row in claimed}
+        rows = jobs.mark_all_succeeded_rows(session, results, commit_async=True, alone=True)
+    _announce({job_id: json.dumps(jobs.job_to_dict(row)) for job_id, row in rows.items()})
+
+
+def _announce(bodies: dict[str, str]) -> None:
+    """Publish each finished job's answer, in one pipeline with the batch's count."""
     pipe = _redis().pipeline(transaction=False)
     # Counted before any result is out: a client that has its answer finds it counted.
-    pipe.hincrby(BATCH_STATS, "batches", 1).hincrby(BATCH_STATS, "jobs", len(claimed))
-    for job_id in claimed:
-        pipe.publish(DONE_CHANNEL, _done_message(job_id))
+    pipe.hincrby(BATCH_STATS, "batches", 1).hincrby(BATCH_STATS, "jobs", len(bodies))
+    for job_id, body in bodies.items():
+        pipe.publish(DONE_CHANNEL, f"{job_id}\n{body}")
     pipe.execute()
 
 
+def _done_body(job_id: str) -> str:
+    return json.dumps({"id": job_id, "status": "succeeded", "result": RESULT})
+
+
 def _done_message(job_id: str) -> str:
-    body = json.dumps({"id": job_id, "status": "succeeded", "result": RESULT})
-    return f"{job_id}\n{body}"
+    return f"{job_id}\n{_done_body(job_id)}"
 
 
 # --- the driver (bench.bookkeeping) ---------------------------------------------------
@@ -308,19 +370,38 @@ class GlueWorker(processes.WorkerProcess):
         ]  # fmt: skip
 
 
-def create_users(database_url: str, count: int, tokens: int) -> list[dict[str, str]]:
-    """The tables, and ``count`` funded users; their request headers."""
+def create_users(
+    database_url: str, count: int, tokens: int, service: bool = False
+) -> list[dict[str, str]]:
+    """The tables, and ``count`` funded users; their request headers. ``service``: each
+    is also a user of the service, funded in its ledger (the ``schema`` variant)."""
     engine = create_engine(database_url, isolation_level="AUTOCOMMIT")
     keys = [uuid.uuid4().hex for _ in range(count)]
     try:
         with engine.connect() as conn:
             for statement in SCHEMA:
                 conn.execute(text(statement))
+        with engine.connect() as conn:
             for key in keys:
+                user_id = _service_user(engine, tokens) if service else None
                 conn.execute(
-                    text("INSERT INTO glue_users (api_key, tokens) VALUES (:key, :tokens)"),
-                    {"key": key, "tokens": tokens},
+                    text(
+                        "INSERT INTO glue_users (api_key, tokens, user_id) "
+                        "VALUES (:key, :tokens, :user_id)"
+                    ),
+                    {"key": key, "tokens": 0 if service else tokens, "user_id": user_id},
                 )
     finally:
         engine.dispose()
     return [{"X-API-Key": key} for key in keys]
+
+
+def _service_user(engine: Engine, tokens: int) -> int:
+    """A user of the service granted ``tokens`` through its ledger; its id."""
+    with Session(engine) as session:
+        user = User(username=f"glue{uuid.uuid4().hex[:12]}", password_hash="x", tokens=0)
+        session.add(user)
+        session.flush()
+        ledger.grant(session, user.id, tokens, ledger.SIGNUP)
+        session.commit()
+        return user.id

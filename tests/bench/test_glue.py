@@ -19,20 +19,37 @@ JOBS = 32
 LONE = 4
 
 
+#: The ``schema`` variant's jobs and balances are the service's own, of its glue users.
+SERVICE_STATUSES = (
+    "SELECT j.status, count(*) FROM jobs j JOIN glue_users g ON g.user_id = j.user_id GROUP BY 1"
+)
+SERVICE_BALANCES = (
+    "SELECT sum(u.tokens), (SELECT sum(l.delta) FROM token_ledger l JOIN glue_users g "
+    "ON g.user_id = l.user_id) FROM users u JOIN glue_users g ON g.user_id = u.id"
+)
+
+
 @pytest.mark.parametrize("variant", glue.VARIANTS)
 def test_every_waiting_client_gets_its_result_and_each_job_is_charged_once(variant):
     with ServiceStack(worker=False) as stack:
         out = glue_floor(stack, JOBS, variant, lone_count=LONE)
         with psycopg.connect(stack.dsn) as conn:
-            statuses = conn.execute("SELECT status, count(*) FROM glue_jobs GROUP BY 1").fetchall()
-            left = conn.execute("SELECT sum(tokens) FROM glue_users").fetchone()[0]
+            if variant == "schema":
+                statuses = conn.execute(SERVICE_STATUSES).fetchall()
+                left, in_ledger = conn.execute(SERVICE_BALANCES).fetchone()
+                assert left == in_ledger  # every charge is in the ledger
+                assert conn.execute("SELECT count(*) FROM glue_jobs").fetchone()[0] == 0
+            else:
+                statuses = conn.execute("SELECT status, count(*) FROM glue_jobs GROUP BY 1")
+                statuses = statuses.fetchall()
+                left = conn.execute("SELECT sum(tokens) FROM glue_users").fetchone()[0]
     assert (out["images"], out["failed"]) == (JOBS, 0)
     submitted = JOBS + 2 * CLIENTS + LONE  # the measured run, its warm-up, lone requests
     assert statuses == [("succeeded", submitted)]
     assert left == CLIENTS * JOBS - submitted  # each user was funded with JOBS tokens
     assert out["cpu_ms_per_image"]["api"] > 0 and out["cpu_ms_per_image"]["worker"] > 0
     assert out["lone"]["requests"] == LONE and out["lone"]["p50_ms"] > 0
-    if variant == "batching":  # every measured job went through a counted batch
+    if variant in ("batching", "schema"):  # every measured job went through a counted batch
         assert out["batches"]["jobs"] == JOBS and 1 <= out["batches"]["batches"] <= JOBS
     else:
         assert out["batches"] == {}
