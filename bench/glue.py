@@ -304,13 +304,17 @@ def classify(job_id: str) -> None:
     _redis().publish(DONE_CHANNEL, _done_message(job_id))
 
 
-@celery.task(
-    name=BATCH_TASK,
+#: A celery-batches task of the glue: flushed at BATCH_MAX jobs or FLUSH_INTERVAL_S.
+_batch_task = functools.partial(
+    celery.task,
     base=Batches,
     flush_every=_CONFIG.batch_max,
     flush_interval=FLUSH_INTERVAL_S,
     acks_late=True,
 )
+
+
+@_batch_task(name=BATCH_TASK)
 def classify_batch(requests: list) -> None:
     ids = [request.args[0] for request in requests]
     with _engine().connect() as conn:
@@ -320,13 +324,7 @@ def classify_batch(requests: list) -> None:
     _announce({job_id: _done_body(job_id) for job_id in claimed})
 
 
-@celery.task(
-    name=SCHEMA_TASK,
-    base=Batches,
-    flush_every=_CONFIG.batch_max,
-    flush_interval=FLUSH_INTERVAL_S,
-    acks_late=True,
-)
+@_batch_task(name=SCHEMA_TASK)
 def classify_schema(requests: list) -> None:
     """``classify_batch`` through the service's own statements on its own tables."""
     ids = [request.args[0] for request in requests]
@@ -381,7 +379,6 @@ def create_users(
         with engine.connect() as conn:
             for statement in SCHEMA:
                 conn.execute(text(statement))
-        with engine.connect() as conn:
             for key in keys:
                 user_id = _service_user(engine, tokens) if service else None
                 conn.execute(

@@ -108,7 +108,7 @@ def insert_charged(session: Session, row: Mapping[str, Any], alone: bool = False
         # Prefixed names: a parameter named after a users column (id, created_at) would
         # become a SET of the charge's UPDATE.
         params = {f"job_{name}": value for name, value in row.items()}
-        if not _execute(session, _charged_insert(), params, (JOBS.c.id,), alone):
+        if not _execute(session, _charged_insert(), params, alone):
             raise ledger.insufficient(session, row["user_id"], 1)
         return
     ledger.charge_jobs(session, row["user_id"], [row["id"]])
@@ -244,7 +244,7 @@ def _moved(
     )
 
 
-#: The columns a worker reads to process a job (shared.jobs.claim_plain returns these).
+#: The columns a worker reads to process a job (``claim_alone`` returns these).
 WORK_COLUMNS = (
     "id",
     "user_id",
@@ -348,23 +348,18 @@ def claim_alone(session: Session, job_ids: list[str], worker_id: str | None) -> 
     disk (``shared.db.commits_async``; PostgreSQL). Rows carry only ``WORK_COLUMNS``.
     """
     stmt = _claim_statement(session.get_bind().dialect.name, plain=True, commit_async=True)
-    work = tuple(JOBS.c[name] for name in WORK_COLUMNS)
-    return _execute(session, stmt, _claim_params(job_ids, worker_id), work, alone=True)
+    return _execute(session, stmt, _claim_params(job_ids, worker_id), alone=True)
 
 
 def _execute(
-    session: Session,
-    stmt: Update | Insert,
-    params: dict[str, Any],
-    returning: Iterable[ColumnElement[Any]],
-    alone: bool,
+    session: Session, stmt: Update | Insert, params: dict[str, Any], alone: bool
 ) -> list[JobRow]:
     """``stmt``'s rows, run in the session's transaction, or as a statement of its own
     where ``alone`` (``_alone`` says where: on PostgreSQL, on the driver)."""
     engine = _alone(session) if alone else None
     if engine is None:
         return list(session.execute(stmt, params))
-    return _driver_statement(stmt, engine.dialect, tuple(returning)).rows(engine, params)
+    return _driver_statement(stmt, engine.dialect).rows(engine, params)
 
 
 def _alone(session: Session) -> Engine | None:
@@ -382,12 +377,11 @@ def _alone(session: Session) -> Engine | None:
 
 
 @functools.cache
-def _driver_statement(
-    stmt: Update | Insert, dialect: Dialect, returning: tuple[Any, ...]
-) -> DriverStatement:
+def _driver_statement(stmt: Update | Insert, dialect: Dialect) -> DriverStatement:
     # Compiled once per dialect (it holds the JSON serializer the binds use), not per
-    # engine: a cached engine would keep its pool's connections open.
-    return DriverStatement(stmt, dialect, returning)
+    # engine: a cached engine would keep its pool's connections open. Its rows are the
+    # statement's own RETURNING columns, so callers do not name them a second time.
+    return DriverStatement(stmt, dialect, stmt.exported_columns)
 
 
 @functools.cache
@@ -486,7 +480,7 @@ def _mark_succeeded(
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql" or len(results) == 1:
         stmt, params = _succeeded_statement(dialect, results, commit_async, rows)
-        return _execute(session, stmt, params, _returned(rows), alone)
+        return _execute(session, stmt, params, alone)
     # SQLite: the result picked per row by a CASE (no arrays there).
     result = case(
         {
