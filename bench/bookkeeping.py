@@ -37,13 +37,11 @@ STEP_BATCHES = 200  # per size (quick: 20)
 
 def _user_and_jobs(session, n: int) -> tuple[int, list[str]]:
     """A user and ``n`` queued jobs, charged, built and inserted as the service does."""
+    from harness.accounts import add_account
     from shared import jobs, ledger
-    from shared.models import User, new_id, utcnow
+    from shared.models import new_id, utcnow
 
-    user = User(username=f"b{new_id()[-12:]}", password_hash="x", tokens=0)
-    session.add(user)
-    session.flush()
-    ledger.grant(session, user.id, n, ledger.SIGNUP)
+    user = add_account(session, n, prefix="b")
     ids, now = [new_id() for _ in range(n)], utcnow()
     rows = [
         jobs.new_row(

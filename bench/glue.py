@@ -62,12 +62,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.ratelimit import Limits
 from api.waits import WaitSlots, skipped_headers
-from harness import processes
-from shared import jobs, ledger
+from harness import accounts, processes
+from shared import jobs
 from shared.config import Config
 from shared.db import make_engine, make_session_factory
 from shared.errors import InsufficientTokens, RateLimited
-from shared.models import User
 
 
 def glue_queue(config: Config) -> str:
@@ -380,7 +379,11 @@ def create_users(
             for statement in SCHEMA:
                 conn.execute(text(statement))
             for key in keys:
-                user_id = _service_user(engine, tokens) if service else None
+                user_id = (
+                    accounts.new_account(lambda: Session(engine), tokens, prefix="glue")
+                    if service
+                    else None
+                )
                 conn.execute(
                     text(
                         "INSERT INTO glue_users (api_key, tokens, user_id) "
@@ -391,14 +394,3 @@ def create_users(
     finally:
         engine.dispose()
     return [{"X-API-Key": key} for key in keys]
-
-
-def _service_user(engine: Engine, tokens: int) -> int:
-    """A user of the service granted ``tokens`` through its ledger; its id."""
-    with Session(engine) as session:
-        user = User(username=f"glue{uuid.uuid4().hex[:12]}", password_hash="x", tokens=0)
-        session.add(user)
-        session.flush()
-        ledger.grant(session, user.id, tokens, ledger.SIGNUP)
-        session.commit()
-        return user.id
